@@ -1,0 +1,328 @@
+"""Typed configuration of the featurizer; YAML is only how it is written down.
+
+Every stage rebuilds these frozen dataclasses from a plain mapping (``from_mapping``) and
+turns them back into one (``to_mapping``) at a process boundary. Validation happens in
+``__post_init__`` and names the offending field with its dotted path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from attribution_core.errors import ConfigError
+
+T = TypeVar("T")
+
+MEASUREMENTS = ("loss", "square")
+TIMESTEP_STRATEGIES = ("uniform", "random", "fixed")
+GROUP_PRESETS = ("layer", "block", "function", "custom")
+PRECISIONS = ("float32", "bfloat16", "float16")
+TINY_KINDS = ("unet", "unet-class", "text", "text-latent")
+
+
+def _check(condition: bool, field: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{field}: {message}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TimestepConfig:
+    """Which diffusion timesteps each example is measured at."""
+
+    count: int = 10
+    """T: timesteps per example."""
+    strategy: str = "uniform"
+    """'uniform': T evenly spaced over the schedule; 'random': drawn per example from its
+    seeded generator; 'fixed': exactly ``values``."""
+    values: tuple[int, ...] = ()
+    """Timesteps used by the 'fixed' strategy (``count`` must equal their number)."""
+
+    def __post_init__(self) -> None:
+        _check(self.count >= 1, "featurize.timesteps.count", f"must be >= 1, got {self.count}")
+        _check(
+            self.strategy in TIMESTEP_STRATEGIES,
+            "featurize.timesteps.strategy",
+            f"unknown strategy {self.strategy!r}; choose one of {', '.join(TIMESTEP_STRATEGIES)}",
+        )
+        if self.strategy == "fixed":
+            _check(
+                len(self.values) == self.count,
+                "featurize.timesteps.values",
+                f"the 'fixed' strategy needs exactly count={self.count} values, got {len(self.values)}",
+            )
+            _check(all(v >= 0 for v in self.values), "featurize.timesteps.values", "timesteps must be >= 0")
+        else:
+            _check(
+                not self.values,
+                "featurize.timesteps.values",
+                f"values are only read by the 'fixed' strategy, not {self.strategy!r}; remove them",
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class ProjectionConfig:
+    """Kronecker-factored random projection of each tracked layer's weight gradient."""
+
+    k_in: int = 8
+    """Rows of P_in: the projected input side (fan-in, plus one for a bias)."""
+    k_out: int = 8
+    """Rows of P_out: the projected output side (fan-out)."""
+
+    def __post_init__(self) -> None:
+        _check(self.k_in >= 1, "featurize.projection.k_in", f"must be >= 1, got {self.k_in}")
+        _check(self.k_out >= 1, "featurize.projection.k_out", f"must be >= 1, got {self.k_out}")
+
+    @property
+    def dim_per_layer(self) -> int:
+        return self.k_in * self.k_out
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupConfig:
+    """Which layers are tracked and how they are grouped into parameter groups."""
+
+    preset: str = "block"
+    """'layer' (one group per module), 'block' (down_blocks.i / mid_block / up_blocks.i /
+    other), 'function' (self-attention, cross-attention q/k/v, resnet convs, time
+    embedding, ...), or 'custom' (the ``custom`` mapping)."""
+    include: tuple[str, ...] = ("*",)
+    """Glob patterns over module names (``*`` also matches dots): tracked if any matches."""
+    exclude: tuple[str, ...] = ()
+    """Glob patterns over module names removed from the tracked set."""
+    custom: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    """For preset 'custom': ordered (group name, patterns); the first match wins and modules
+    matching no group go to 'other'."""
+
+    def __post_init__(self) -> None:
+        _check(
+            self.preset in GROUP_PRESETS,
+            "featurize.groups.preset",
+            f"unknown preset {self.preset!r}; choose one of {', '.join(GROUP_PRESETS)}",
+        )
+        _check(bool(self.include), "featurize.groups.include", "needs at least one pattern (use '*' for all)")
+        if self.preset == "custom":
+            _check(bool(self.custom), "featurize.groups.custom", "preset 'custom' needs at least one group")
+        else:
+            _check(
+                not self.custom,
+                "featurize.groups.custom",
+                f"custom groups are only read with preset 'custom', not {self.preset!r}",
+            )
+        names = [name for name, _ in self.custom]
+        _check(len(names) == len(set(names)), "featurize.groups.custom", f"duplicate group names in {names}")
+        for name, patterns in self.custom:
+            _check(bool(patterns), f"featurize.groups.custom.{name}", "needs at least one pattern")
+
+
+@dataclasses.dataclass(frozen=True)
+class FeaturizeConfig:
+    """Everything that decides the value of a feature vector; recorded in every manifest."""
+
+    measurement: str = "square"
+    """'loss' (denoising MSE; TRAK / TracIn) or 'square' (squared norm of the model output;
+    D-TRAK)."""
+    timesteps: TimestepConfig = dataclasses.field(default_factory=TimestepConfig)
+    noise_draws: int = 1
+    """Noise samples per timestep: each example is measured on count x noise_draws rows."""
+    projection: ProjectionConfig = dataclasses.field(default_factory=ProjectionConfig)
+    groups: GroupConfig = dataclasses.field(default_factory=GroupConfig)
+    seed: int = 0
+    """Seeds timesteps, noise (with the example id) and projections (with the layer name)."""
+    precision: str = "float32"
+    """Autocast dtype on GPU; the projected sums are always accumulated in float32.
+    On CPU the model always runs in float32."""
+    max_rows_per_pass: int = 256
+    """Largest number of (example x timestep x draw) rows in one forward/backward; a batch
+    is split on example boundaries above it (results do not change, memory does)."""
+
+    def __post_init__(self) -> None:
+        _check(
+            self.measurement in MEASUREMENTS,
+            "featurize.measurement",
+            f"unknown measurement {self.measurement!r}; choose one of {', '.join(MEASUREMENTS)}",
+        )
+        _check(self.noise_draws >= 1, "featurize.noise_draws", f"must be >= 1, got {self.noise_draws}")
+        _check(
+            self.precision in PRECISIONS,
+            "featurize.precision",
+            f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}",
+        )
+        _check(self.seed >= 0, "featurize.seed", f"must be >= 0, got {self.seed}")
+        _check(
+            self.max_rows_per_pass >= 1,
+            "featurize.max_rows_per_pass",
+            f"must be >= 1, got {self.max_rows_per_pass}",
+        )
+
+    @property
+    def rows_per_example(self) -> int:
+        return self.timesteps.count * self.noise_draws
+
+
+# --------------------------------------------------------------------------- mapping <-> dataclass
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    """Convert a YAML value to the annotated type ``tp``, or raise ConfigError at ``where``."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return from_mapping(tp, value, where)
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if isinstance(value, Mapping) and args and typing.get_origin(args[0]) is tuple:
+            # An ordered YAML mapping written for a tuple of (name, value) pairs.
+            value = list(value.items())
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+        if len(args) != len(value):
+            raise ConfigError(f"{where}: expected {len(args)} items, got {len(value)}")
+        return tuple(_coerce(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        return _coerce(non_none[0], value, where)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def from_mapping(cls: type[T], mapping: Mapping[str, Any] | None, where: str = "") -> T:
+    """Build dataclass ``cls`` from a plain mapping; unknown keys are refused by name."""
+    mapping = dict(mapping or {})
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(mapping) - set(fields))
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(
+            f"unknown setting(s) {', '.join(prefix + k for k in unknown)}; "
+            f"known here: {', '.join(sorted(fields))}"
+        )
+    kwargs = {}
+    for name, value in mapping.items():
+        kwargs[name] = _coerce(hints[name], value, f"{where}.{name}" if where else name)
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # a required field is missing
+        raise ConfigError(f"{where or cls.__name__}: {exc}") from exc
+
+
+def to_mapping(obj: Any) -> Any:
+    """Plain (YAML/JSON-ready) form of a config dataclass: tuples become lists."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_mapping(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, tuple):
+        return [to_mapping(v) for v in obj]
+    return obj
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file into a mapping, with a clear error for a missing/bad file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass --config with a file from configs/")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top, got {type(data).__name__}")
+    return data
+
+
+# --------------------------------------------------------------------------- run-level sections
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The diffusion model being attributed."""
+
+    path: str = "artifacts/demo/model"
+    """Diffusers pipeline directory (model_index.json, unet/, scheduler/, ...)."""
+    build: str | None = None
+    """If set and ``path`` holds no model, build a tiny model of this kind there
+    ('unet', 'unet-class', 'text', 'text-latent'); for demos and tests."""
+    resolution: int = 16
+    """Image side of a built tiny model."""
+    widths: tuple[int, ...] = (32, 64)
+    """UNet block widths of a built tiny model (one per resolution level)."""
+    device: str = "auto"
+    """'auto' (CUDA when present), 'cpu' or 'cuda'."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.path), "model.path", "must name a model directory")
+        _check(self.resolution >= 4, "model.resolution", f"must be >= 4, got {self.resolution}")
+        _check(
+            bool(self.widths) and all(w >= 4 and w % 4 == 0 for w in self.widths),
+            "model.widths",
+            f"needs one or more widths, each a multiple of 4, got {list(self.widths)}",
+        )
+        if self.build is not None:
+            _check(self.build in TINY_KINDS, "model.build", f"choose one of {', '.join(TINY_KINDS)}, got {self.build!r}")
+        _check(self.device in DEVICES, "model.device", f"choose one of {', '.join(DEVICES)}, got {self.device!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoConfig:
+    """What ``attribution demo`` does on the embedded default."""
+
+    out: str = "artifacts/demo"
+    """Folder that receives everything the demo writes."""
+    examples: int = 32
+    """Generated training examples to featurize."""
+    queries: int = 2
+    """Generated query images attributed against them."""
+    batch_size: int = 8
+    top_k: int = 3
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("examples", "queries", "batch_size", "top_k"):
+            value = getattr(self, name)
+            _check(value >= 1, f"demo.{name}", f"must be >= 1, got {value}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ProjectConfig:
+    """A whole config file: one section per stage."""
+
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    featurize: FeaturizeConfig = dataclasses.field(default_factory=FeaturizeConfig)
+    demo: DemoConfig = dataclasses.field(default_factory=DemoConfig)
+
+    @classmethod
+    def load(cls, path: str | Path) -> ProjectConfig:
+        return from_mapping(cls, load_yaml(path))

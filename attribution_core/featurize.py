@@ -1,0 +1,164 @@
+"""``featurize``: per-example, per-group projected gradient features of a diffusion model.
+
+The one function every stage uses (index job, learning queries, evaluation, query service),
+so training-side and query-side features match by construction:
+
+    features = featurize(adapter, batch, cfg)      # {group: Tensor[B, k_group]} float32
+
+An example is measured on ``T x noise_draws`` rows (timesteps and noise from its own seeded
+generator, see ``seeding``); its feature is the projected gradient of the mean measurement
+over those rows. Batch size, batch composition and row order do not change any value
+(beyond float rounding of batched kernels).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import weakref
+
+import torch
+
+from attribution_core.adapters import DiffusersAdapter, ExampleBatch
+from attribution_core.capture import KroneckerCapture
+from attribution_core.config import FeaturizeConfig
+from attribution_core.errors import ConfigError
+from attribution_core.groups import GroupLayout, build_layout
+from attribution_core.measurement import get_measurement
+from attribution_core.seeding import generator_for
+
+log = logging.getLogger(__name__)
+
+_AUTOCAST = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclasses.dataclass
+class Rows:
+    """Inputs of one forward pass, example-major: row ``i`` belongs to example ``i // r``."""
+
+    x0: torch.Tensor  # [R, *sample_shape] clean sample (pixels or latents)
+    noise: torch.Tensor  # [R, *sample_shape]
+    t: torch.Tensor  # [R] int64
+    cond: dict[str, torch.Tensor]  # each [R, ...]
+    rows_per_example: int
+
+
+def example_timesteps(cfg: FeaturizeConfig, example_id: str, num_train_timesteps: int) -> list[int]:
+    """The T timesteps of one example under ``cfg.timesteps``."""
+    ts = cfg.timesteps
+    if ts.strategy == "uniform":  # D-TRAK's grid: 0, N/T, 2N/T, ...
+        return [j * num_train_timesteps // ts.count for j in range(ts.count)]
+    if ts.strategy == "fixed":
+        bad = [v for v in ts.values if v >= num_train_timesteps]
+        if bad:
+            raise ConfigError(
+                f"timesteps.values {bad} are outside the scheduler's 0..{num_train_timesteps - 1}"
+            )
+        return list(ts.values)
+    out = []
+    for j in range(ts.count):
+        g = generator_for("timestep", cfg.seed, example_id, j)
+        out.append(int(torch.randint(0, num_train_timesteps, (1,), generator=g).item()))
+    return out
+
+
+def example_noise(cfg: FeaturizeConfig, example_id: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """Noise ``Tensor[T * noise_draws, *shape]`` float32: draw ``j * noise_draws + n`` is the
+    n-th noise sample at the example's j-th timestep, each from its own generator."""
+    draws = []
+    for draw in range(cfg.rows_per_example):
+        g = generator_for("noise", cfg.seed, example_id, draw)
+        draws.append(torch.randn(shape, generator=g, dtype=torch.float32))
+    return torch.stack(draws)
+
+
+def build_rows(adapter: DiffusersAdapter, batch: ExampleBatch, cfg: FeaturizeConfig) -> Rows:
+    """Validate ``batch`` and expand it to its example-major measurement rows."""
+    adapter.check(batch)
+    encoded = adapter.encode(batch)
+    r = cfg.rows_per_example
+    device = encoded.x0.device
+    sample_shape = tuple(encoded.x0.shape[1:])
+    n_steps = adapter.num_train_timesteps
+    t = torch.tensor(
+        [
+            step
+            for eid in batch.example_ids
+            for step in example_timesteps(cfg, eid, n_steps)
+            for _ in range(cfg.noise_draws)
+        ],
+        dtype=torch.long,
+        device=device,
+    )
+    noise = torch.cat([example_noise(cfg, eid, sample_shape) for eid in batch.example_ids]).to(device)
+    x0 = encoded.x0.repeat_interleave(r, dim=0)  # [B, ...] -> [B*r, ...]
+    cond = {k: v.repeat_interleave(r, dim=0) for k, v in encoded.cond.items()}
+    return Rows(x0=x0, noise=noise, t=t, cond=cond, rows_per_example=r)
+
+
+class Featurizer:
+    """Featurizes batches with a fixed adapter and config; projections are built once.
+
+    Pipelines build one per actor in ``__init__`` and call it per batch.
+    """
+
+    def __init__(self, adapter: DiffusersAdapter, cfg: FeaturizeConfig) -> None:
+        self.adapter = adapter
+        self.cfg = cfg
+        self.measure = get_measurement(cfg.measurement)
+        self.layout: GroupLayout = build_layout(adapter.denoiser, cfg.groups, cfg.projection)
+        self.capture = KroneckerCapture(adapter.denoiser, self.layout, cfg.seed, adapter.device)
+
+    def _autocast(self) -> torch.autocast:
+        device = self.adapter.device.type
+        enabled = device == "cuda" and self.cfg.precision in _AUTOCAST
+        return torch.autocast(device, dtype=_AUTOCAST.get(self.cfg.precision), enabled=enabled)
+
+    def flat(self, batch: ExampleBatch) -> torch.Tensor:
+        """Features as one ``Tensor[B, k_total]`` float32 on CPU, in the layout's order."""
+        per_pass = max(1, self.cfg.max_rows_per_pass // self.cfg.rows_per_example)
+        parts = [self._pass(batch.select(i, i + per_pass)) for i in range(0, len(batch), per_pass)]
+        return torch.cat(parts)
+
+    def _pass(self, batch: ExampleBatch) -> torch.Tensor:
+        rows = build_rows(self.adapter, batch, self.cfg)
+        x_t = self.adapter.add_noise(rows.x0, rows.noise, rows.t)
+        target = self.adapter.target(rows.x0, rows.noise, rows.t)
+        with self.capture.capturing(len(batch), rows.rows_per_example), torch.enable_grad():
+            with self._autocast():
+                output = self.adapter.denoise(x_t, rows.t, rows.cond)
+            per_row = self.measure(output, target)  # [R]
+            # Sum over examples of each example's mean over its rows: the backward pass then
+            # delivers each row's share of its own example's gradient.
+            total = per_row.view(len(batch), rows.rows_per_example).mean(1).sum()
+            if total.requires_grad:
+                total.backward()
+        return self.capture.collect().cpu()
+
+    def split(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``Tensor[B, k_total]`` -> ``{group: Tensor[B, k_group]}`` in the layout's order."""
+        return {g.name: flat[:, g.offset : g.offset + g.dim].clone() for g in self.layout.groups}
+
+    def __call__(self, batch: ExampleBatch) -> dict[str, torch.Tensor]:
+        return self.split(self.flat(batch))
+
+
+_FEATURIZERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def featurize(adapter: DiffusersAdapter, batch: ExampleBatch, cfg: FeaturizeConfig) -> dict[str, torch.Tensor]:
+    """Per-group features ``{group: Tensor[B, k_group]}`` (float32, CPU) of ``batch``.
+
+    The featurizer (layout + projections) is built on first use for an (adapter, cfg) pair
+    and reused while the adapter lives.
+    """
+    cache = _FEATURIZERS.setdefault(adapter, {})
+    featurizer = cache.get(cfg)
+    if featurizer is None:
+        featurizer = cache[cfg] = Featurizer(adapter, cfg)
+    return featurizer(batch)
+
+
+def nonfinite_rows(flat: torch.Tensor) -> torch.Tensor:
+    """``Tensor[B]`` bool: rows of a ``Tensor[B, k]`` feature matrix holding NaN or Inf."""
+    return ~torch.isfinite(flat).all(dim=1)

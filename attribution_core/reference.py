@@ -1,0 +1,106 @@
+"""Slow, obviously correct references for the fast featurizer.
+
+- ``per_example_gradients``: exact per-example gradients of the same measurement with
+  ``torch.func.vmap(grad(functional_call))`` over examples (each example's rows form the
+  model's batch inside the vmapped function), for the tracked layers' weights and biases.
+- ``reference_features``: those gradients projected explicitly, ``P_out G P_in^T`` with
+  ``G = [W_grad | b_grad]`` (``fan_out x fan_in``), i.e. ``(P_out (x) P_in) vec(G)``.
+- ``dense_projected_gradients``: the TRAK-style baseline: flatten all tracked parameters'
+  gradients and multiply by a dense seeded Gaussian matrix, regenerated block by block (the
+  full matrix would not fit in memory).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.func import functional_call, grad, vmap
+
+from attribution_core.adapters import DiffusersAdapter, ExampleBatch
+from attribution_core.config import FeaturizeConfig
+from attribution_core.featurize import build_rows
+from attribution_core.groups import GroupLayout
+from attribution_core.measurement import get_measurement
+from attribution_core.seeding import generator_for, projection_matrix
+
+
+def tracked_parameter_names(layout: GroupLayout) -> list[str]:
+    names = []
+    for layer in layout.layers:
+        names.append(f"{layer.name}.weight")
+        if layer.has_bias:
+            names.append(f"{layer.name}.bias")
+    return names
+
+
+def per_example_gradients(
+    adapter: DiffusersAdapter, batch: ExampleBatch, cfg: FeaturizeConfig, layout: GroupLayout
+) -> dict[str, torch.Tensor]:
+    """Exact gradients ``{param name: Tensor[B, *param.shape]}`` of each example's mean
+    measurement over its rows, for every tracked weight and bias."""
+    model = adapter.denoiser
+    measure = get_measurement(cfg.measurement)
+    rows = build_rows(adapter, batch, cfg)
+    b, r = len(batch), rows.rows_per_example
+    x_t = adapter.add_noise(rows.x0, rows.noise, rows.t)
+    target = adapter.target(rows.x0, rows.noise, rows.t)
+    names = tracked_parameter_names(layout)
+    all_params = dict(model.named_parameters())
+    tracked = {n: all_params[n].detach() for n in names}
+    frozen = {n: p.detach() for n, p in all_params.items() if n not in tracked}
+    buffers = dict(model.named_buffers())
+    cond_keys = sorted(rows.cond)
+
+    def example_measure(params, x_t_ex, t_ex, target_ex, *cond_ex):
+        # One example: x_t_ex [r, *sample], t_ex [r], cond_ex each [r, ...].
+        cond = dict(zip(cond_keys, cond_ex))
+        out = functional_call(model, ({**frozen, **params}, buffers), (x_t_ex, t_ex), {**cond, "return_dict": False})[0]
+        return measure(out, target_ex).mean()
+
+    def split(x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(b, r, *x.shape[1:])  # [B*r, ...] -> [B, r, ...]
+
+    cond_args = [split(rows.cond[k]) for k in cond_keys]
+    in_dims = (None, 0, 0, 0) + (0,) * len(cond_args)
+    with torch.enable_grad():
+        grads = vmap(grad(example_measure), in_dims=in_dims)(
+            tracked, split(x_t), split(rows.t), split(target), *cond_args
+        )
+    return grads
+
+
+def reference_features(
+    adapter: DiffusersAdapter, batch: ExampleBatch, cfg: FeaturizeConfig, layout: GroupLayout
+) -> torch.Tensor:
+    """``Tensor[B, k_total]`` float32: exact gradients, explicitly projected per layer."""
+    grads = per_example_gradients(adapter, batch, cfg, layout)
+    b = len(batch)
+    flat = torch.zeros(b, layout.k_total, dtype=torch.float32)
+    for layer in layout.layers:
+        w = grads[f"{layer.name}.weight"].reshape(b, layer.fan_out, -1)  # [B, out, in(*kh*kw)]
+        parts = [w]
+        if layer.has_bias:
+            parts.append(grads[f"{layer.name}.bias"].reshape(b, layer.fan_out, 1))
+        g = torch.cat(parts, dim=2).float().cpu()  # [B, fan_out, fan_in]
+        p_in = projection_matrix(cfg.seed, layer.name, "in", layout.k_in, layer.fan_in)
+        p_out = projection_matrix(cfg.seed, layer.name, "out", layout.k_out, layer.fan_out)
+        proj = p_out @ g @ p_in.T  # [B, k_out, k_in]
+        flat[:, layer.offset : layer.offset + layer.dim] = proj.reshape(b, -1)
+    return flat
+
+
+def dense_projected_gradients(
+    grads: dict[str, torch.Tensor], k: int, seed: int, block_rows: int = 65536
+) -> torch.Tensor:
+    """``Tensor[B, k]``: flattened per-example gradients times a dense Gaussian
+    ``[n_params, k]`` matrix (entries N(0, 1/k)), generated ``block_rows`` rows at a time."""
+    flat = torch.cat([g.reshape(g.shape[0], -1) for g in grads.values()], dim=1).float()  # [B, n]
+    n = flat.shape[1]
+    out = torch.zeros(flat.shape[0], k, dtype=torch.float32)
+    scale = 1.0 / math.sqrt(k)
+    for start in range(0, n, block_rows):
+        stop = min(n, start + block_rows)
+        block = torch.randn((stop - start, k), generator=generator_for("dense", seed, start)) * scale
+        out += flat[:, start:stop] @ block
+    return out

@@ -1,0 +1,107 @@
+"""Attribution scores and exact top-k.
+
+With per-group features ``g(q) = [g_1(q) ... g_M(q)]`` and weights ``w`` (one per group),
+the weighted score is (paper eq. for tau_w with K = I, or after the query side has been
+preconditioned, ``q' = K (w (.) g(q))``, DESIGN 6):
+
+    tau_w(q, x) = sum_j w_j <g_j(q), g_j(x)> = <w_expanded (.) g(q), g(x)>
+
+Weights act on the query side only, so A weightings of Q queries are one GEMM of an
+``[A*Q, k_total]`` matrix against the index. Top-k is exact: the index is scanned in blocks
+and each block's candidates are merged with the running best. The returned scores always
+equal a full sort's; among examples tied exactly at the k-th score, which index is kept
+is unspecified.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from attribution_core.errors import InputError
+from attribution_core.groups import GroupLayout
+
+
+def expand_weights(weights: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
+    """``Tensor[A, M]`` group weights -> ``Tensor[A, k_total]`` per-coordinate weights."""
+    if weights.dim() == 1:
+        weights = weights.unsqueeze(0)
+    if weights.shape[1] != len(layout.groups):
+        raise InputError(
+            f"weights have {weights.shape[1]} entries per weighting but the layout has "
+            f"{len(layout.groups)} groups ({', '.join(layout.group_names)})"
+        )
+    sizes = torch.tensor([g.dim for g in layout.groups])
+    return torch.repeat_interleave(weights, sizes, dim=1)  # [A, M] -> [A, k_total]
+
+
+def group_inner_products(queries: torch.Tensor, examples: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
+    """``Tensor[Q, N, M]``: ``<g_j(q), g_j(x)>`` for every query, example and group.
+
+    ``queries`` is ``Tensor[Q, k_total]``, ``examples`` ``Tensor[N, k_total]``. Materialises
+    Q x N x M numbers: meant for small sets (tests, learning pools), not the whole index.
+    """
+    out = torch.empty(queries.shape[0], examples.shape[0], len(layout.groups), dtype=queries.dtype)
+    for j, g in enumerate(layout.groups):
+        sl = slice(g.offset, g.offset + g.dim)
+        out[:, :, j] = queries[:, sl] @ examples[:, sl].T  # [Q, k_j] @ [k_j, N]
+    return out
+
+
+def weighted_queries(queries: torch.Tensor, weights: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
+    """``Tensor[A, Q, k_total]``: each query scaled per group by each of A weightings."""
+    w = expand_weights(weights.to(queries.dtype), layout)  # [A, k_total]
+    return w[:, None, :] * queries[None, :, :]
+
+
+def weighted_scores(
+    queries: torch.Tensor, examples: torch.Tensor, weights: torch.Tensor, layout: GroupLayout
+) -> torch.Tensor:
+    """``Tensor[A, Q, N]``: ``sum_j w_aj <g_j(q), g_j(x)>`` as one GEMM."""
+    wq = weighted_queries(queries, weights, layout)  # [A, Q, k]
+    a, q, k = wq.shape
+    return (wq.reshape(a * q, k) @ examples.to(wq.dtype).T).reshape(a, q, -1)
+
+
+def _merge(
+    best_v: torch.Tensor, best_i: torch.Tensor, v: torch.Tensor, i: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # [Q, k] running best + [Q, kk] block candidates -> [Q, k]
+    all_v = torch.cat([best_v, v], dim=1)
+    all_i = torch.cat([best_i, i], dim=1)
+    order = torch.sort(all_v, dim=1, descending=True, stable=True).indices[:, :k]
+    return torch.gather(all_v, 1, order), torch.gather(all_i, 1, order)
+
+
+def streaming_topk(
+    queries: torch.Tensor, blocks: Iterable[torch.Tensor], k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k of ``queries @ X^T`` over an index given as consecutive row blocks of X.
+
+    ``queries``: ``Tensor[Q, k_total]`` (already weighted/preconditioned);
+    ``blocks``: iterable of ``Tensor[n_b, k_total]``. Returns scores and global row indices,
+    both ``Tensor[Q, min(k, N)]``, best first. Memory is O(Q * (k + block size)).
+    """
+    if k < 1:
+        raise InputError(f"k must be >= 1, got {k}")
+    q = queries.shape[0]
+    best_v = torch.empty(q, 0, dtype=queries.dtype)
+    best_i = torch.empty(q, 0, dtype=torch.long)
+    start = 0
+    for block in blocks:
+        n = block.shape[0]
+        if n == 0:
+            continue
+        scores = queries @ block.to(queries.dtype).T  # [Q, n_b]
+        kk = min(k, n)
+        v, order = torch.topk(scores, kk, dim=1)  # [Q, kk], O(n_b) per query
+        best_v, best_i = _merge(best_v, best_i, v, order + start, k)
+        start += n
+    return best_v, best_i
+
+
+def topk_reference(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full stable argsort of ``Tensor[Q, N]`` scores: the reference for ``streaming_topk``."""
+    order = torch.argsort(scores, dim=1, descending=True, stable=True)[:, :k]
+    return torch.gather(scores, 1, order), order

@@ -1,0 +1,2 @@
+"""Ray adapters and the command line of the attribution system; the logic lives in
+``attribution_core``."""

@@ -1,0 +1,38 @@
+"""Resolve a ``ModelConfig`` to a loaded adapter (building a tiny model when asked)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from attribution_core.adapters import DiffusersAdapter, load_adapter
+from attribution_core.config import ModelConfig
+from attribution_core.errors import ConfigError
+from attribution_core.tiny_models import build_tiny_pipeline
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("model.device is 'cuda' but no CUDA device is visible; use 'auto' or 'cpu'")
+    return torch.device(device)
+
+
+def ensure_model(cfg: ModelConfig) -> Path:
+    """The model directory of ``cfg``, built first when missing and ``cfg.build`` is set."""
+    path = Path(cfg.path)
+    if (path / "unet" / "config.json").is_file():
+        return path
+    if cfg.build is None:
+        return path  # load_adapter explains what is missing
+    log.info("building a tiny %r model at %s", cfg.build, path)
+    return build_tiny_pipeline(cfg.build, path, resolution=cfg.resolution, widths=tuple(cfg.widths))
+
+
+def load_model(cfg: ModelConfig) -> DiffusersAdapter:
+    return load_adapter(ensure_model(cfg), device=resolve_device(cfg.device))
