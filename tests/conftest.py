@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny diffusers models saved in the pipeline layout, seeded batches.
+
+Tiers: ``tests/core`` (no Ray), ``tests/pipelines`` (command line; local Ray once a stage
+needs it), ``tests/gpu`` (marker ``gpu``, skipped without CUDA).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+
+import pytest
+import torch
+
+from attribution_core.adapters import DiffusersAdapter, ExampleBatch, load_adapter
+from attribution_core.tiny_models import build_tiny_pipeline
+
+warnings.filterwarnings("ignore", message=".*batching rule.*")
+
+KINDS = ("unet", "unet-class", "text", "text-latent")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory) -> dict[str, str]:
+    """One tiny saved model per kind (16x16 images, widths (8, 16))."""
+    root = tmp_path_factory.mktemp("models")
+    return {kind: str(build_tiny_pipeline(kind, root / kind, resolution=16, widths=(8, 16))) for kind in KINDS}
+
+
+@pytest.fixture(scope="session")
+def adapters(model_dirs) -> dict[str, DiffusersAdapter]:
+    return {kind: load_adapter(path) for kind, path in model_dirs.items()}
+
+
+CAPTIONS = ("a red star", "a striped circle on a grid background", "", "a dotted ring", "a blue square", "a cross")
+
+
+def make_batch(adapter: DiffusersAdapter, n: int = 3, seed: int = 0, prefix: str = "ex") -> ExampleBatch:
+    """``n`` seeded random images (and captions/labels as the model needs)."""
+    g = torch.Generator().manual_seed(seed)
+    pixels = torch.rand((n, *adapter.image_shape), generator=g) * 2 - 1
+    captions = tuple(CAPTIONS[i % len(CAPTIONS)] for i in range(n)) if adapter.conditioning == "text" else None
+    labels = torch.arange(n) % 3 if adapter.conditioning == "class" else None
+    return ExampleBatch(tuple(f"{prefix}{i}" for i in range(n)), pixels, captions, labels)

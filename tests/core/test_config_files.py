@@ -1,0 +1,42 @@
+"""Every shipped YAML parses into the typed config; values round-trip."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from attribution_core.config import ProjectConfig, from_mapping, load_yaml, to_mapping
+from attribution_core.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def test_there_are_configs():
+    assert any(p.name == "demo.yaml" for p in CONFIGS)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_config_parses_and_round_trips(path):
+    first_line = path.read_text().splitlines()[0]
+    assert first_line.startswith("# Used by:"), "each config starts with the command that uses it"
+    cfg = ProjectConfig.load(path)
+    assert from_mapping(ProjectConfig, to_mapping(cfg)) == cfg
+
+
+def test_bad_yaml_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_yaml(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_yaml(bad)
+    top = tmp_path / "list.yaml"
+    top.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping at the top"):
+        load_yaml(top)
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("modle: {}\n")
+    with pytest.raises(ConfigError, match="unknown setting.*modle"):
+        ProjectConfig.load(unknown)

@@ -1,0 +1,93 @@
+"""The `attribution` command line, run as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def attribution(*args: str, cwd: Path = ROOT, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", *args], cwd=cwd, capture_output=True,
+                          text=True, env={**env, "PYTHONPATH": str(ROOT)})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+@pytest.mark.parametrize("args", [(), ("demo",), ("groups",), ("model", "build-tiny"), ("bench", "featurize")])
+def test_help_explains(args):
+    out = attribution(*args, "--help").stdout
+    assert "usage: attribution" in out and len(out.splitlines()) > 4
+
+
+def _demo_config(tmp_path: Path, model_dir: str | None = None) -> Path:
+    cfg = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    cfg["model"]["path"] = model_dir or str(tmp_path / "model")
+    cfg["model"]["widths"] = [8, 16]
+    cfg["featurize"]["timesteps"]["count"] = 2
+    cfg["demo"].update(out=str(tmp_path / "demo"), examples=6, queries=2, batch_size=4, top_k=2)
+    path = tmp_path / "demo.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_demo_end_to_end(tmp_path):
+    config = _demo_config(tmp_path)
+    result = json.loads(attribution("demo", "--config", str(config), "--json").stdout)
+    assert result["examples"] == 6 and result["nonfinite_examples"] == 0
+    table = pq.read_table(result["features"])
+    assert table.num_rows == 6
+    group_columns = [c for c in table.column_names if c.startswith("g.")]
+    assert [c[2:] for c in group_columns] == result["groups"]
+    assert sum(table.schema.field(c).type.list_size for c in group_columns) == result["k_total"]
+    assert all(len(a["top"]) == 2 for a in result["attributions"])
+    # A second run reuses the built model and gives the same features.
+    again = json.loads(attribution("demo", "--config", str(config), "--json").stdout)
+    assert pq.read_table(again["features"]).equals(table)
+    text = attribution("demo", "--config", str(config)).stdout
+    assert "k_total=" in text and "query:" in text
+
+
+def test_groups_command(tmp_path, model_dirs):
+    config = _demo_config(tmp_path, model_dirs["text"])
+    out = attribution("groups", "--config", str(config)).stdout
+    assert "tracked layers" in out and "down_blocks.0" in out
+    layout = json.loads(attribution("groups", "--config", str(config), "--json").stdout)
+    assert layout["k_total"] == sum(g["dim"] for g in layout["groups"])
+
+
+def test_errors_are_one_line_with_exit_2(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("featurize: {measurement: gradient}\n")
+    proc = attribution("demo", "--config", str(bad), check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: featurize.measurement: unknown measurement")
+    proc = attribution("groups", "--config", str(_demo_config(tmp_path)), "--model", str(tmp_path / "none"), check=False)
+    assert proc.returncode == 2 and "does not exist" in proc.stderr
+
+
+def test_build_tiny_model(tmp_path):
+    out = tmp_path / "m"
+    attribution("model", "build-tiny", "--kind", "text-latent", "--out", str(out), "--widths", "8,16")
+    assert {p.name for p in out.iterdir()} >= {"model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler"}
+
+
+def test_bench_featurize_prints_the_fields(tmp_path):
+    proc = attribution("bench", "featurize", "--json", "--examples", "2", "--timesteps", "1", "--repeats", "1")
+    result = json.loads(proc.stdout)
+    for key in ("n_params", "k_total", "rows", "featurize_rows_per_s", "train_step_rows_per_s",
+                "ratio_vs_train_step", "dense_rows_per_s", "speedup_vs_dense", "reference_max_rel_err",
+                "peak_rss_mb"):
+        assert result[key] is not None, key
+    assert result["rows"] == 2
+    assert result["reference_max_rel_err"] < 1e-4
