@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import weakref
+import threading
 
 import torch
 
@@ -99,7 +99,9 @@ def build_rows(adapter: DiffusersAdapter, batch: ExampleBatch, cfg: FeaturizeCon
 class Featurizer:
     """Featurizes batches with a fixed adapter and config; projections are built once.
 
-    Pipelines build one per actor in ``__init__`` and call it per batch.
+    Pipelines build one per actor in ``__init__`` and call it per batch. Calls on one
+    model are serialised by a lock (capture hooks hold per-pass state and would see every
+    pass through the model), so featurizers may be shared by the threads of a replica.
     """
 
     def __init__(self, adapter: DiffusersAdapter, cfg: FeaturizeConfig) -> None:
@@ -108,6 +110,8 @@ class Featurizer:
         self.measure = get_measurement(cfg.measurement)
         self.layout: GroupLayout = build_layout(adapter.denoiser, cfg.groups, cfg.projection)
         self.capture = KroneckerCapture(adapter.denoiser, self.layout, cfg.seed, adapter.device)
+        # One lock per model: hooks of any featurizer on it would see every pass.
+        self._lock = adapter.__dict__.setdefault("_featurize_lock", threading.Lock())
 
     def _autocast(self) -> torch.autocast:
         device = self.adapter.device.type
@@ -117,7 +121,8 @@ class Featurizer:
     def flat(self, batch: ExampleBatch) -> torch.Tensor:
         """Features as one ``Tensor[B, k_total]`` float32 on CPU, in the layout's order."""
         per_pass = max(1, self.cfg.max_rows_per_pass // self.cfg.rows_per_example)
-        parts = [self._pass(batch.select(i, i + per_pass)) for i in range(0, len(batch), per_pass)]
+        with self._lock:
+            parts = [self._pass(batch.select(i, i + per_pass)) for i in range(0, len(batch), per_pass)]
         return torch.cat(parts)
 
     def _pass(self, batch: ExampleBatch) -> torch.Tensor:
@@ -143,16 +148,13 @@ class Featurizer:
         return self.split(self.flat(batch))
 
 
-_FEATURIZERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
 def featurize(adapter: DiffusersAdapter, batch: ExampleBatch, cfg: FeaturizeConfig) -> dict[str, torch.Tensor]:
     """Per-group features ``{group: Tensor[B, k_group]}`` (float32, CPU) of ``batch``.
 
     The featurizer (layout + projections) is built on first use for an (adapter, cfg) pair
-    and reused while the adapter lives.
+    and kept on the adapter, so it lives exactly as long as the model does.
     """
-    cache = _FEATURIZERS.setdefault(adapter, {})
+    cache: dict[FeaturizeConfig, Featurizer] = adapter.__dict__.setdefault("_featurizers", {})
     featurizer = cache.get(cfg)
     if featurizer is None:
         featurizer = cache[cfg] = Featurizer(adapter, cfg)
