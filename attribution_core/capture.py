@@ -90,10 +90,8 @@ class KroneckerCapture:
                 g = d_ex.transpose(1, 2) @ a_ex  # [B, k_out, k_in]
             else:
                 d_proj = p_out @ grad.flatten(2)  # [k_out, O] @ [R, O, P] -> [R, k_out, P]
-                k_out, k_in, p = d_proj.shape[1], a_proj.shape[1], d_proj.shape[2]
-                d_ex = d_proj.reshape(b, r, k_out, p).transpose(1, 2).reshape(b, k_out, r * p)
-                a_ex = a_proj.reshape(b, r, k_in, p).transpose(1, 2).reshape(b, k_in, r * p)
-                g = d_ex @ a_ex.transpose(1, 2)  # [B, k_out, k_in]
+                g_rows = d_proj @ a_proj.transpose(1, 2)  # [R, k_out, k_in]
+                g = g_rows.reshape(b, r, *g_rows.shape[1:]).sum(1)  # [B, k_out, k_in]
         prev = self._acc.get(layer.name)
         self._acc[layer.name] = g if prev is None else prev + g  # a module called twice adds up
 
