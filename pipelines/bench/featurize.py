@@ -130,7 +130,7 @@ def _max_rel_err(fast: torch.Tensor, ref: torch.Tensor, featurizer: Featurizer) 
     return worst
 
 
-def run(scale: str = "tiny", examples: int = 8, timesteps: int = 4, k: int = 8, repeats: int = 7,
+def run(scale: str = "tiny", examples: int = 16, timesteps: int = 10, k: int = 8, repeats: int = 7,
         full_dense: bool = False) -> dict[str, Any]:
     torch.manual_seed(0)
     if scale == "tiny":
@@ -182,6 +182,8 @@ def run(scale: str = "tiny", examples: int = 8, timesteps: int = 4, k: int = 8, 
         "dense_projection_timed_fraction": None,
         "reference_max_rel_err": None,
     }
+    # ru_maxrss only grows: read it before the dense baseline's large per-example gradients.
+    result["peak_rss_mb_fast_and_train"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if scale == "tiny":
         start = time.perf_counter()
         grads = per_example_gradients(adapter, batch, cfg, featurizer.layout)
@@ -207,8 +209,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="'tiny': the demo-sized UNet (default, < 60 s on 2 CPUs); 'sd15': a "
                              "denoiser with Stable Diffusion 1.5's shapes and random weights, 64x64 "
                              "latents (minutes on CPU; dense and reference checks skipped)")
-    parser.add_argument("--examples", type=int, default=None, help="examples per batch (tiny: 8, sd15: 1)")
-    parser.add_argument("--timesteps", type=int, default=None, help="timesteps per example (tiny: 4, sd15: 1)")
+    parser.add_argument("--examples", type=int, default=None,
+                        help="examples per batch (tiny: 16, as configs/demo.yaml; sd15: 1)")
+    parser.add_argument("--timesteps", type=int, default=None,
+                        help="timesteps per example (tiny: 10, as configs/demo.yaml; sd15: 1)")
     parser.add_argument("--k", type=int, default=8, help="k_in = k_out per layer (default 8)")
     parser.add_argument("--repeats", type=int, default=7,
                         help="timed rounds after a warm-up, median reported (tiny; sd15 uses 1)")
@@ -218,8 +222,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    examples = args.examples or (8 if args.scale == "tiny" else 1)
-    timesteps = args.timesteps or (4 if args.scale == "tiny" else 1)
+    examples = args.examples or (16 if args.scale == "tiny" else 1)
+    timesteps = args.timesteps or (10 if args.scale == "tiny" else 1)
     if min(examples, timesteps, args.k, args.repeats) < 1:
         print("error: --examples, --timesteps, --k and --repeats must be >= 1", file=sys.stderr)
         return 2
