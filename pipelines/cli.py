@@ -48,7 +48,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_groups(args: argparse.Namespace) -> int:
-    from attribution_core.groups import build_layout
+    from attribution_core.features.groups import build_layout
     from pipelines.models import load_model
 
     cfg = ProjectConfig.load(args.config)
@@ -66,7 +66,7 @@ def _cmd_groups(args: argparse.Namespace) -> int:
 
 
 def _cmd_build_tiny(args: argparse.Namespace) -> int:
-    from attribution_core.tiny_models import build_tiny_pipeline
+    from attribution_core.models.tiny import build_tiny_pipeline
 
     widths = tuple(int(w) for w in args.widths.split(","))
     path = build_tiny_pipeline(args.kind, args.out, resolution=args.resolution, widths=widths, seed=args.seed)

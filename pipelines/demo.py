@@ -18,11 +18,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from attribution_core.adapters import ExampleBatch
+from attribution_core.models.adapters import ExampleBatch
 from attribution_core.config import ProjectConfig, to_mapping
-from attribution_core.featurize import Featurizer, nonfinite_rows
-from attribution_core.scoring import streaming_topk, weighted_queries
-from attribution_core.synthetic import SyntheticExample, draw_example, to_pixels
+from attribution_core.features.featurize import Featurizer, nonfinite_rows
+from attribution_core.index.scoring import streaming_topk, weighted_queries
+from attribution_core.data.synthetic import SyntheticExample, draw_example, to_pixels
 from pipelines.models import load_model
 
 log = logging.getLogger(__name__)

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import torch
 
-from attribution_core.adapters import DiffusersAdapter, load_adapter
+from attribution_core.models.adapters import DiffusersAdapter, load_adapter
 from attribution_core.config import ModelConfig
 from attribution_core.errors import ConfigError
-from attribution_core.tiny_models import build_tiny_pipeline
+from attribution_core.models.tiny import build_tiny_pipeline
 
 log = logging.getLogger(__name__)
 

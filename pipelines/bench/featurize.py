@@ -29,12 +29,12 @@ from typing import Any
 
 import torch
 
-from attribution_core.adapters import DiffusersAdapter, ExampleBatch, load_adapter
+from attribution_core.models.adapters import DiffusersAdapter, ExampleBatch, load_adapter
 from attribution_core.config import FeaturizeConfig, ProjectionConfig, TimestepConfig
-from attribution_core.featurize import Featurizer, build_rows
-from attribution_core.reference import per_example_gradients, reference_features
-from attribution_core.seeding import generator_for
-from attribution_core.tiny_models import build_tiny_pipeline, sd15_unet, word_tokenizer
+from attribution_core.features.featurize import Featurizer, build_rows
+from attribution_core.features.reference import per_example_gradients, reference_features
+from attribution_core.features.seeding import generator_for
+from attribution_core.models.tiny import build_tiny_pipeline, sd15_unet, word_tokenizer
 
 
 def _timed(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:

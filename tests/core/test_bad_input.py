@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attribution_core.adapters import ExampleBatch, load_adapter
+from attribution_core.models.adapters import ExampleBatch, load_adapter
 from attribution_core.config import FeaturizeConfig, GroupConfig, TimestepConfig, from_mapping
 from attribution_core.errors import ConfigError, InputError, ModelLoadError
-from attribution_core.featurize import Featurizer
-from attribution_core.measurement import get_measurement
+from attribution_core.features.featurize import Featurizer
+from attribution_core.features.measurement import get_measurement
 from tests.conftest import make_batch
 
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from attribution_core.config import FeaturizeConfig, GroupConfig, TimestepConfig
-from attribution_core.featurize import Featurizer
-from attribution_core.reference import reference_features
+from attribution_core.features.featurize import Featurizer
+from attribution_core.features.reference import reference_features
 from tests.conftest import KINDS, make_batch
 
 REL_TOL = 1e-4
@@ -57,7 +57,7 @@ def test_reference_covers_the_layer_kinds_the_issue_names(adapters):
 
 
 def test_random_timesteps_and_v_prediction_match_reference(model_dirs):
-    from attribution_core.adapters import load_adapter
+    from attribution_core.models.adapters import load_adapter
 
     adapter = load_adapter(model_dirs["unet"])
     adapter.scheduler.register_to_config(prediction_type="v_prediction")

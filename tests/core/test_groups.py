@@ -6,7 +6,7 @@ import pytest
 
 from attribution_core.config import GroupConfig, ProjectionConfig
 from attribution_core.errors import ConfigError
-from attribution_core.groups import GroupLayout, build_layout, candidate_layers
+from attribution_core.features.groups import GroupLayout, build_layout, candidate_layers
 
 PROJ = ProjectionConfig(k_in=3, k_out=2)
 

@@ -10,7 +10,7 @@ import sys
 import torch
 
 from attribution_core.config import FeaturizeConfig, TimestepConfig
-from attribution_core.featurize import Featurizer, featurize
+from attribution_core.features.featurize import Featurizer, featurize
 from tests.conftest import make_batch
 
 CFG = FeaturizeConfig(timesteps=TimestepConfig(count=3, strategy="random"), noise_draws=2, seed=3)
@@ -73,9 +73,9 @@ def test_featurize_function_matches_featurizer_and_groups(adapters):
 
 SCRIPT = """
 import json, sys, torch
-from attribution_core.adapters import load_adapter, ExampleBatch
+from attribution_core.models.adapters import load_adapter, ExampleBatch
 from attribution_core.config import FeaturizeConfig, TimestepConfig
-from attribution_core.featurize import Featurizer
+from attribution_core.features.featurize import Featurizer
 adapter = load_adapter(sys.argv[1])
 g = torch.Generator().manual_seed(0)
 pixels = torch.rand((3, *adapter.image_shape), generator=g) * 2 - 1

@@ -30,9 +30,9 @@ import pkgutil, importlib, sys, torch
 import attribution_core
 for m in pkgutil.walk_packages(attribution_core.__path__, "attribution_core."):
     importlib.import_module(m.name)
-from attribution_core.adapters import load_adapter, ExampleBatch
+from attribution_core.models.adapters import load_adapter, ExampleBatch
 from attribution_core.config import FeaturizeConfig
-from attribution_core.featurize import featurize
+from attribution_core.features.featurize import featurize
 a = load_adapter({model_dirs['text']!r})
 featurize(a, ExampleBatch(("x",), torch.zeros(1, *a.image_shape), ("a star",)), FeaturizeConfig())
 print(sorted(m for m in ("ray", "s3fs") if m in sys.modules))

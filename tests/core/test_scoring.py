@@ -7,8 +7,8 @@ import torch
 
 from attribution_core.config import GroupConfig, ProjectionConfig
 from attribution_core.errors import InputError
-from attribution_core.groups import build_layout
-from attribution_core.scoring import (expand_weights, group_inner_products, streaming_topk, topk_reference,
+from attribution_core.features.groups import build_layout
+from attribution_core.index.scoring import (expand_weights, group_inner_products, streaming_topk, topk_reference,
                                       weighted_scores)
 
 

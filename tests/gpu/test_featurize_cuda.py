@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attribution_core.adapters import load_adapter
+from attribution_core.models.adapters import load_adapter
 from attribution_core.config import FeaturizeConfig, TimestepConfig
-from attribution_core.featurize import Featurizer
-from attribution_core.reference import reference_features
+from attribution_core.features.featurize import Featurizer
+from attribution_core.features.reference import reference_features
 from tests.conftest import make_batch
 
 pytestmark = pytest.mark.gpu

@@ -20,7 +20,7 @@ from collections.abc import Iterable
 import torch
 
 from attribution_core.errors import InputError
-from attribution_core.groups import GroupLayout
+from attribution_core.features.groups import GroupLayout
 
 
 def expand_weights(weights: torch.Tensor, layout: GroupLayout) -> torch.Tensor:

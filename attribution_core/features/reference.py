@@ -17,12 +17,12 @@ import math
 import torch
 from torch.func import functional_call, grad, vmap
 
-from attribution_core.adapters import DiffusersAdapter, ExampleBatch
+from attribution_core.models.adapters import DiffusersAdapter, ExampleBatch
 from attribution_core.config import FeaturizeConfig
-from attribution_core.featurize import build_rows
-from attribution_core.groups import GroupLayout
-from attribution_core.measurement import get_measurement
-from attribution_core.seeding import generator_for, projection_matrix
+from attribution_core.features.featurize import build_rows
+from attribution_core.features.groups import GroupLayout
+from attribution_core.features.measurement import get_measurement
+from attribution_core.features.seeding import generator_for, projection_matrix
 
 
 def tracked_parameter_names(layout: GroupLayout) -> list[str]:

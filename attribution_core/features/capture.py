@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attribution_core.groups import GroupLayout, TrackedLayer
-from attribution_core.seeding import projection_matrix
+from attribution_core.features.groups import GroupLayout, TrackedLayer
+from attribution_core.features.seeding import projection_matrix
 
 
 class KroneckerCapture:

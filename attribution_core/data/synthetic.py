@@ -11,7 +11,7 @@ import dataclasses
 
 import numpy as np
 
-from attribution_core.seeding import stable_seed
+from attribution_core.features.seeding import stable_seed
 
 SUBJECTS = ("circle", "square", "triangle", "diamond", "cross", "ring")
 STYLES = ("filled", "outlined", "striped", "dotted")

@@ -19,13 +19,13 @@ import threading
 
 import torch
 
-from attribution_core.adapters import DiffusersAdapter, ExampleBatch
-from attribution_core.capture import KroneckerCapture
+from attribution_core.models.adapters import DiffusersAdapter, ExampleBatch
+from attribution_core.features.capture import KroneckerCapture
 from attribution_core.config import FeaturizeConfig
 from attribution_core.errors import ConfigError
-from attribution_core.groups import GroupLayout, build_layout
-from attribution_core.measurement import get_measurement
-from attribution_core.seeding import generator_for
+from attribution_core.features.groups import GroupLayout, build_layout
+from attribution_core.features.measurement import get_measurement
+from attribution_core.features.seeding import generator_for
 
 log = logging.getLogger(__name__)
 
