@@ -261,6 +261,89 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+CONDITIONINGS = ("text", "class", "none")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Recipe of the small diffusion model trained by ``attribution train-model`` (and, with
+    the ``subset_train`` section, by the evaluation on random data subsets)."""
+
+    resolution: int = 16
+    """Training image side; every image is centre-cropped and resized to it."""
+    channels: int = 3
+    """3 (RGB) or 1 (grayscale)."""
+    widths: tuple[int, ...] = (32, 64)
+    """UNet block widths; attention at every level but the first."""
+    layers_per_block: int = 1
+    conditioning: str = "text"
+    """'text' (captions; CLIP text encoder trained jointly), 'class' (``label_column``),
+    or 'none' (unconditional)."""
+    caption_column: str | None = None
+    """Caption column of the dataset (default: the first of caption, text, prompt)."""
+    label_column: str | None = None
+    """Label column for 'class' conditioning."""
+    text_width: int = 64
+    """Hidden size of the CLIP text encoder (= the UNet's cross-attention width)."""
+    text_layers: int = 1
+    max_caption_tokens: int = 16
+    steps: int = 2000
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    warmup_steps: int = 100
+    ema_decay: float = 0.995
+    caption_dropout: float = 0.1
+    """Share of captions replaced by the empty prompt, so classifier-free guidance works."""
+    min_snr_gamma: float = 5.0
+    """Min-SNR loss weighting (Hang et al. 2023); 0 turns it off."""
+    prediction_type: str = "epsilon"
+    beta_schedule: str = "squaredcos_cap_v2"
+    num_train_timesteps: int = 1000
+    seed: int = 0
+    threads: int = 0
+    """torch threads while training (0: leave as is)."""
+
+    def __post_init__(self) -> None:
+        where = "train"
+        _check(self.resolution >= 8 and self.resolution % (2 ** (len(self.widths) - 1)) == 0, f"{where}.resolution",
+               f"must be >= 8 and divisible by {2 ** (len(self.widths) - 1)}, got {self.resolution}")
+        _check(self.channels in (1, 3), f"{where}.channels", f"must be 1 or 3, got {self.channels}")
+        _check(bool(self.widths) and all(w % 4 == 0 for w in self.widths), f"{where}.widths",
+               f"needs widths that are multiples of 4, got {list(self.widths)}")
+        _check(self.conditioning in CONDITIONINGS, f"{where}.conditioning",
+               f"choose one of {', '.join(CONDITIONINGS)}, got {self.conditioning!r}")
+        if self.conditioning == "class":
+            _check(bool(self.label_column), f"{where}.label_column", "class conditioning needs a label column")
+        _check(self.text_width % 4 == 0, f"{where}.text_width", f"must be a multiple of 4, got {self.text_width}")
+        for name in ("steps", "batch_size", "layers_per_block", "text_layers", "max_caption_tokens", "num_train_timesteps"):
+            _check(getattr(self, name) >= 1, f"{where}.{name}", f"must be >= 1, got {getattr(self, name)}")
+        _check(self.learning_rate > 0, f"{where}.learning_rate", "must be > 0")
+        _check(0 <= self.ema_decay < 1, f"{where}.ema_decay", "must be in [0, 1)")
+        _check(0 <= self.caption_dropout < 1, f"{where}.caption_dropout", "must be in [0, 1)")
+        _check(self.prediction_type in PREDICTION_TYPES, f"{where}.prediction_type",
+               f"choose one of {', '.join(PREDICTION_TYPES)}")
+        _check(self.threads >= 0 and self.warmup_steps >= 0 and self.min_snr_gamma >= 0, where,
+               "threads, warmup_steps and min_snr_gamma must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """The training dataset the demo and benchmarks make and use."""
+
+    uri: str = "artifacts/demo/data"
+    """Dataset location (path or s3://); created by ``attribution data synth`` when missing."""
+    synth_n: int = 3072
+    synth_seed: int = 0
+    synth_size: int = 32
+    holdout: tuple[tuple[tuple[str, str], ...], ...] = ()
+    """Attribute combinations never drawn, each a mapping such as {subject: ring, style: striped}."""
+
+    def __post_init__(self) -> None:
+        _check(self.synth_n >= 1, "data.synth_n", f"must be >= 1, got {self.synth_n}")
+        _check(self.synth_size >= 8, "data.synth_size", f"must be >= 8, got {self.synth_size}")
+
+
 # --------------------------------------------------------------------------- run-level sections
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -320,6 +403,9 @@ class ProjectConfig:
     """A whole config file: one section per stage."""
 
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    subset_train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     featurize: FeaturizeConfig = dataclasses.field(default_factory=FeaturizeConfig)
     demo: DemoConfig = dataclasses.field(default_factory=DemoConfig)
 

@@ -1,9 +1,13 @@
 """The ``attribution`` command line.
 
     attribution demo --config configs/demo.yaml        the main job on the embedded default
+    attribution data synth --out URI --n N             the synthetic subject/style/background set
+    attribution train-model --config ... --data URI    train the small text-to-image model
+    attribution generate --model DIR --prompt TEXT     sample images, reproducibly
     attribution groups --config configs/demo.yaml      tracked layers and parameter groups
-    attribution model build-tiny --kind text --out DIR a tiny diffusers model from config
+    attribution model build-tiny --kind text --out DIR a tiny untrained diffusers model
     attribution bench featurize --json                 featurizer throughput and exactness
+    attribution bench model-quality --model DIR        attribute accuracy of generated images
 
 Errors in input or configuration print one line saying what to change and exit with 2.
 """
@@ -117,15 +121,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="weight initialisation seed")
     p.set_defaults(func=_cmd_build_tiny)
 
+    from pipelines.commands import data, generate, train
+
+    data.add_parser(sub)
+    train.add_parser(sub, DEFAULT_CONFIG)
+    generate.add_parser(sub)
+
     bench = sub.add_parser("bench", help="benchmarks that print JSON").add_subparsers(dest="bench_command", required=True)
     p = bench.add_parser("featurize", help="featurizer throughput vs a training step and a dense projection",
                          description="Time the Kronecker-factored featurizer against a plain training "
                          "step and exact per-example gradients with a dense projection, and check "
                          "it against the vmap reference.")
     from pipelines.bench.featurize import add_arguments
+    from pipelines.bench.quality import add_parser as add_quality
 
     add_arguments(p)
     p.set_defaults(func=_cmd_bench_featurize)
+    add_quality(bench)
     return parser
 
 

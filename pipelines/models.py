@@ -36,3 +36,7 @@ def ensure_model(cfg: ModelConfig) -> Path:
 
 def load_model(cfg: ModelConfig) -> DiffusersAdapter:
     return load_adapter(ensure_model(cfg), device=resolve_device(cfg.device))
+
+
+def load_model_dir(path: str, device: str = "auto") -> DiffusersAdapter:
+    return load_adapter(path, device=resolve_device(device))

@@ -55,3 +55,34 @@ def make_batch(adapter: DiffusersAdapter, n: int = 3, seed: int = 0, prefix: str
     captions = tuple(CAPTIONS[i % len(CAPTIONS)] for i in range(n)) if adapter.conditioning == "text" else None
     labels = torch.arange(n) % 3 if adapter.conditioning == "class" else None
     return ExampleBatch(tuple(f"{prefix}{i}" for i in range(n)), pixels, captions, labels)
+
+
+@pytest.fixture(scope="session")
+def s3_base(tmp_path_factory):
+    """A real S3-protocol server (moto's server mode) on 127.0.0.1 and a bucket in it;
+    yields ``s3://bucket``. The standard AWS variables point every client at it."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import boto3
+
+    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1").create_bucket(Bucket="attribution")
+    try:
+        yield "s3://attribution"
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

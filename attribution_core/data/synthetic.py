@@ -85,12 +85,38 @@ def _background(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
     return img
 
 
-def draw_example(seed: int, index: int, size: int = 16) -> SyntheticExample:
-    """The ``index``-th example of the synthetic set of ``seed`` at ``size`` x ``size``."""
-    rng = np.random.default_rng(stable_seed("synthetic", seed, index))
-    subject = SUBJECTS[rng.integers(len(SUBJECTS))]
-    style = STYLES[rng.integers(len(STYLES))]
-    background = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
+Holdout = tuple[tuple[tuple[str, str], ...], ...]
+"""Attribute combinations never drawn: each entry a tuple of (attribute, value) pairs, e.g.
+``((("subject", "ring"), ("style", "striped")),)`` holds out every striped ring."""
+
+
+def is_held_out(attrs: dict[str, str], holdout: Holdout) -> bool:
+    return any(all(attrs.get(k) == v for k, v in entry) for entry in holdout)
+
+
+def check_holdout(holdout: Holdout) -> None:
+    known = {"subject": SUBJECTS, "style": STYLES, "background": BACKGROUNDS}
+    for entry in holdout:
+        if not entry:
+            raise ValueError("an empty holdout entry would hold out everything")
+        for key, value in entry:
+            if key not in known:
+                raise ValueError(f"holdout attribute {key!r} is not one of {', '.join(known)}")
+            if value not in known[key]:
+                raise ValueError(f"holdout {key} {value!r} is not one of {', '.join(known[key])}")
+    combos = [dict(subject=a, style=b, background=c) for a in SUBJECTS for b in STYLES for c in BACKGROUNDS]
+    if all(is_held_out(c, holdout) for c in combos):
+        raise ValueError("the holdout removes every attribute combination")
+
+
+def caption_for(subject: str, style: str, background: str) -> str:
+    article = "an" if style[0] in "aeiou" else "a"
+    return f"{article} {style} {subject} on a {background} background"
+
+
+def render(subject: str, style: str, background: str, size: int, rng: np.random.Generator) -> np.ndarray:
+    """``uint8 [size, size, 3]``: the subject drawn in ``style`` and a random colour, with
+    random position and scale, over ``background``."""
     colour = list(PALETTE.values())[rng.integers(len(PALETTE))]
     img = _background(background, size, rng)
     yy, xx = np.mgrid[0:size, 0:size]
@@ -98,10 +124,26 @@ def draw_example(seed: int, index: int, size: int = 16) -> SyntheticExample:
     cx, cy = size / 2 + rng.uniform(-0.12, 0.12) * size, size / 2 + rng.uniform(-0.12, 0.12) * size
     shape = _style_mask(style, _subject_mask(subject, yy, xx, cx, cy, r), yy, xx, size)
     img[shape] = colour
-    image = np.clip(img, 0, 255).astype(np.uint8)
-    article = "an" if style[0] in "aeiou" else "a"
-    caption = f"{article} {style} {subject} on a {background} background"
-    return SyntheticExample(f"synth-{seed}-{index:07d}", image, caption, subject, style, background)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def draw_example(seed: int, index: int, size: int = 16, holdout: Holdout = ()) -> SyntheticExample:
+    """The ``index``-th example of the synthetic set of ``seed`` at ``size`` x ``size``.
+
+    Attributes are drawn uniformly from the example's own generator, redrawn while they
+    hit a held-out combination.
+    """
+    rng = np.random.default_rng(stable_seed("synthetic", seed, index))
+    while True:
+        attrs = {
+            "subject": SUBJECTS[rng.integers(len(SUBJECTS))],
+            "style": STYLES[rng.integers(len(STYLES))],
+            "background": BACKGROUNDS[rng.integers(len(BACKGROUNDS))],
+        }
+        if not is_held_out(attrs, holdout):
+            break
+    image = render(attrs["subject"], attrs["style"], attrs["background"], size, rng)
+    return SyntheticExample(f"synth-{seed}-{index:07d}", image, caption_for(**attrs), **attrs)
 
 
 def to_pixels(images: list[np.ndarray]) -> "np.ndarray":

@@ -28,7 +28,8 @@ DEFAULT_WORDS = (
 ).split()
 
 
-def _tiny_unet2d(resolution: int, channels: int, num_class_embeds: int | None, widths: tuple[int, ...]):
+def unet2d(resolution: int, channels: int, num_class_embeds: int | None, widths: tuple[int, ...], layers_per_block: int = 1):
+    """A small pixel-space ``UNet2DModel`` (self-attention at every level but the first)."""
     from diffusers import UNet2DModel
 
     return UNet2DModel(
@@ -36,7 +37,7 @@ def _tiny_unet2d(resolution: int, channels: int, num_class_embeds: int | None, w
         in_channels=channels,
         out_channels=channels,
         block_out_channels=widths,
-        layers_per_block=1,
+        layers_per_block=layers_per_block,
         down_block_types=("DownBlock2D",) + ("AttnDownBlock2D",) * (len(widths) - 1),
         up_block_types=("AttnUpBlock2D",) * (len(widths) - 1) + ("UpBlock2D",),
         norm_num_groups=min(4, widths[0]),
@@ -45,7 +46,8 @@ def _tiny_unet2d(resolution: int, channels: int, num_class_embeds: int | None, w
     )
 
 
-def _tiny_unet_cond(sample_size: int, channels: int, cross_dim: int, widths: tuple[int, ...]):
+def unet_cond(sample_size: int, channels: int, cross_dim: int, widths: tuple[int, ...], layers_per_block: int = 1):
+    """A small ``UNet2DConditionModel`` (cross-attention at every level but the first)."""
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
@@ -53,7 +55,7 @@ def _tiny_unet_cond(sample_size: int, channels: int, cross_dim: int, widths: tup
         in_channels=channels,
         out_channels=channels,
         block_out_channels=widths,
-        layers_per_block=1,
+        layers_per_block=layers_per_block,
         down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (len(widths) - 1),
         up_block_types=("CrossAttnUpBlock2D",) * (len(widths) - 1) + ("UpBlock2D",),
         mid_block_type="UNetMidBlock2DCrossAttn",
@@ -63,31 +65,64 @@ def _tiny_unet_cond(sample_size: int, channels: int, cross_dim: int, widths: tup
     )
 
 
-def word_tokenizer(words: Iterable[str], max_length: int = 16):
-    """A ``CLIPTokenizer`` whose BPE merges spell each of ``words`` as one token.
+def text_encoder_for(tokenizer, width: int = 32, layers: int = 2):
+    """A small ``CLIPTextModel`` sized to ``tokenizer``'s vocabulary and length."""
+    from transformers import CLIPTextConfig, CLIPTextModel
 
-    Letters a-z (alone and word-final) are in the vocabulary too, so any lowercase text
-    tokenizes; the listed words become single tokens through left-to-right merges.
-    """
+    return CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer.get_vocab()),
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    ))
+
+
+def _learn_merges(words: Iterable[str]) -> list[tuple[str, str]]:
+    """Byte-pair merges learned on ``words`` until each is one symbol (CLIP's ``</w>`` end
+    marker included). Encoding replays merges in this order, so every learned word comes
+    back as a single token; ties break alphabetically, so the result is deterministic."""
+    symbols = {w: [*w[:-1], w[-1] + "</w>"] for w in words}
+    merges: list[tuple[str, str]] = []
+    while True:
+        counts: dict[tuple[str, str], int] = {}
+        for seq in symbols.values():
+            for pair in zip(seq, seq[1:]):
+                counts[pair] = counts.get(pair, 0) + 1
+        if not counts:
+            return merges
+        best = min(counts, key=lambda p: (-counts[p], p))
+        merges.append(best)
+        for w, seq in symbols.items():
+            out, i = [], 0
+            while i < len(seq):
+                if i + 1 < len(seq) and (seq[i], seq[i + 1]) == best:
+                    out.append(seq[i] + seq[i + 1])
+                    i += 2
+                else:
+                    out.append(seq[i])
+                    i += 1
+            symbols[w] = out
+
+
+def word_tokenizer(words: Iterable[str], max_length: int = 16):
+    """A ``CLIPTokenizer`` (word-level in effect) whose BPE merges spell each of ``words`` as
+    one token; letters and digits alone and word-final are in the vocabulary too, so any
+    lowercase text tokenizes."""
     from transformers import CLIPTokenizer
 
     vocab: dict[str, int] = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for c in "abcdefghijklmnopqrstuvwxyz0123456789":
         vocab.setdefault(c, len(vocab))
         vocab.setdefault(c + "</w>", len(vocab))
-    merges: list[tuple[str, str]] = []
-    seen: set[tuple[str, str]] = set()
-    for word in dict.fromkeys(w.lower() for w in words):
-        if not word.isalnum() or len(word) < 2:
-            continue
-        left = word[0]
-        for i, ch in enumerate(word[1:], start=1):
-            right = ch + ("</w>" if i == len(word) - 1 else "")
-            if (left, right) not in seen:
-                seen.add((left, right))
-                merges.append((left, right))
-            left = left + right
-            vocab.setdefault(left, len(vocab))
+    clean = sorted({w.lower() for w in words if w.isalnum() and w.isascii()})
+    merges = _learn_merges(clean)
+    for left, right in merges:
+        vocab.setdefault(left + right, len(vocab))
     tok = CLIPTokenizer(vocab=vocab, merges=merges)
     tok.model_max_length = max_length
     return tok
@@ -123,24 +158,11 @@ def build_tiny_pipeline(
     components: dict[str, Any] = {"scheduler": scheduler}
     if kind in ("unet", "unet-class"):
         classes = num_classes if kind == "unet-class" else None
-        components["unet"] = _tiny_unet2d(resolution, channels, classes, widths)
+        components["unet"] = unet2d(resolution, channels, classes, widths)
         pipeline_class = "DDPMPipeline"
     else:
-        from transformers import CLIPTextConfig, CLIPTextModel
-
         tokenizer = word_tokenizer(words)
-        text_config = CLIPTextConfig(
-            vocab_size=len(tokenizer.get_vocab()),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=tokenizer.model_max_length,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-        )
-        components["text_encoder"] = CLIPTextModel(text_config)
+        components["text_encoder"] = text_encoder_for(tokenizer, 32, 2)
         components["tokenizer"] = tokenizer
         sample = resolution
         if kind == "text-latent":
@@ -156,7 +178,7 @@ def build_tiny_pipeline(
             )
             sample = resolution // 2
         unet_channels = 4 if kind == "text-latent" else channels
-        components["unet"] = _tiny_unet_cond(sample, unet_channels, 32, widths)
+        components["unet"] = unet_cond(sample, unet_channels, 32, widths)
         pipeline_class = "StableDiffusionPipeline"
     index: dict[str, Any] = {"_class_name": pipeline_class, "_diffusers_version": _diffusers_version()}
     for name, component in components.items():

@@ -32,8 +32,9 @@ def test_help_explains(args):
 
 def _demo_config(tmp_path: Path, model_dir: str | None = None) -> Path:
     cfg = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    cfg["data"].update(uri=str(tmp_path / "data"), synth_n=24, synth_size=16)
     cfg["model"]["path"] = model_dir or str(tmp_path / "model")
-    cfg["model"]["widths"] = [8, 16]
+    cfg["train"].update(resolution=8, widths=[8, 16], text_width=16, batch_size=8, steps=4, warmup_steps=1)
     cfg["featurize"]["timesteps"]["count"] = 2
     cfg["demo"].update(out=str(tmp_path / "demo"), examples=6, queries=2, batch_size=4, top_k=2)
     path = tmp_path / "demo.yaml"
@@ -45,6 +46,7 @@ def test_demo_end_to_end(tmp_path):
     config = _demo_config(tmp_path)
     result = json.loads(attribution("demo", "--config", str(config), "--json").stdout)
     assert result["examples"] == 6 and result["nonfinite_examples"] == 0
+    assert set(result["prepared"]) == {"data", "model"}  # the first run makes both
     table = pq.read_table(result["features"])
     assert table.num_rows == 6
     group_columns = [c for c in table.column_names if c.startswith("g.")]
@@ -53,7 +55,9 @@ def test_demo_end_to_end(tmp_path):
     assert all(len(a["top"]) == 2 for a in result["attributions"])
     # A second run reuses the built model and gives the same features.
     again = json.loads(attribution("demo", "--config", str(config), "--json").stdout)
+    assert again["prepared"] == {}
     assert pq.read_table(again["features"]).equals(table)
+    assert {"subject", "style", "background", "caption"} <= set(table.column_names)
     text = attribution("demo", "--config", str(config)).stdout
     assert "k_total=" in text and "query:" in text
 
