@@ -111,6 +111,7 @@ class DiffusersAdapter:
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
         self.vae = vae
+        self.label_names: list[str] | None = None  # class names of a class-conditional model, if known
         cls = type(denoiser).__name__
         if cls == "UNet2DConditionModel":
             if text_encoder is None or tokenizer is None:
