@@ -144,9 +144,3 @@ def draw_example(seed: int, index: int, size: int = 16, holdout: Holdout = ()) -
             break
     image = render(attrs["subject"], attrs["style"], attrs["background"], size, rng)
     return SyntheticExample(f"synth-{seed}-{index:07d}", image, caption_for(**attrs), **attrs)
-
-
-def to_pixels(images: list[np.ndarray]) -> "np.ndarray":
-    """uint8 ``[H, W, C]`` images -> float32 ``[B, C, H, W]`` in [-1, 1]."""
-    stacked = np.stack(images).astype(np.float32)  # [B, H, W, C]
-    return np.ascontiguousarray(stacked.transpose(0, 3, 1, 2) / 127.5 - 1.0)
