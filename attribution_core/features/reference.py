@@ -91,12 +91,13 @@ def reference_features(
 
 
 def dense_projected_gradients(
-    grads: dict[str, torch.Tensor], k: int, seed: int, block_rows: int = 65536
+    grads: dict[str, torch.Tensor], k: int, seed: int, block_rows: int = 65536, max_blocks: int | None = None
 ) -> torch.Tensor:
     """``Tensor[B, k]``: flattened per-example gradients times a dense Gaussian
-    ``[n_params, k]`` matrix (entries N(0, 1/k)), generated ``block_rows`` rows at a time."""
+    ``[n_params, k]`` matrix (entries N(0, 1/k)), generated ``block_rows`` rows at a time.
+    ``max_blocks`` stops after that many blocks (a partial product, for timing)."""
     flat = torch.cat([g.reshape(g.shape[0], -1) for g in grads.values()], dim=1).float()  # [B, n]
-    n = flat.shape[1]
+    n = flat.shape[1] if max_blocks is None else min(flat.shape[1], max_blocks * block_rows)
     out = torch.zeros(flat.shape[0], k, dtype=torch.float32)
     scale = 1.0 / math.sqrt(k)
     for start in range(0, n, block_rows):

@@ -259,7 +259,27 @@ class DiffusersAdapter:
         return parts
 
 
-# --------------------------------------------------------------------------- loading
+# --------------------------------------------------------------------------- saving and loading
+
+_TRANSFORMERS_COMPONENTS = ("text_encoder", "tokenizer")
+
+
+def save_pipeline(components: dict[str, Any], out_dir: str | Path) -> Path:
+    """Save model components (``unet``, ``scheduler``, optionally ``text_encoder``,
+    ``tokenizer``, ``vae``) as a diffusers pipeline directory with its ``model_index.json``."""
+    import diffusers
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pipeline_class = "StableDiffusionPipeline" if "text_encoder" in components else "DDPMPipeline"
+    index: dict[str, Any] = {"_class_name": pipeline_class, "_diffusers_version": diffusers.__version__}
+    for name, component in components.items():
+        component.save_pretrained(out / name)
+        library = "transformers" if name in _TRANSFORMERS_COMPONENTS else "diffusers"
+        index[name] = [library, type(component).__name__]
+    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return out
+
 
 
 def _read_json(path: Path) -> dict[str, Any]:

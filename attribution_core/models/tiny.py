@@ -8,7 +8,6 @@ scale users run.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ import torch
 
 from attribution_core.config import TINY_KINDS
 from attribution_core.errors import ConfigError
+from attribution_core.models.adapters import save_pipeline
 
 
 # Words the tiny tokenizers know as whole tokens; anything else falls back to letters.
@@ -159,7 +159,6 @@ def build_tiny_pipeline(
     if kind in ("unet", "unet-class"):
         classes = num_classes if kind == "unet-class" else None
         components["unet"] = unet2d(resolution, channels, classes, widths)
-        pipeline_class = "DDPMPipeline"
     else:
         tokenizer = word_tokenizer(words)
         components["text_encoder"] = text_encoder_for(tokenizer, 32, 2)
@@ -179,20 +178,8 @@ def build_tiny_pipeline(
             sample = resolution // 2
         unet_channels = 4 if kind == "text-latent" else channels
         components["unet"] = unet_cond(sample, unet_channels, 32, widths)
-        pipeline_class = "StableDiffusionPipeline"
-    index: dict[str, Any] = {"_class_name": pipeline_class, "_diffusers_version": _diffusers_version()}
-    for name, component in components.items():
-        component.save_pretrained(out / name)
-        library = "transformers" if name in ("text_encoder", "tokenizer") else "diffusers"
-        index[name] = [library, type(component).__name__]
-    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-    return out
+    return save_pipeline(components, out)
 
-
-def _diffusers_version() -> str:
-    import diffusers
-
-    return diffusers.__version__
 
 
 def sd15_unet(sample_size: int = 64):

@@ -30,7 +30,7 @@ from torch import nn
 from attribution_core.config import TrainConfig, to_mapping
 from attribution_core.errors import InputError
 from attribution_core.features.seeding import stable_seed
-from attribution_core.models.adapters import DiffusersAdapter
+from attribution_core.models.adapters import DiffusersAdapter, save_pipeline
 from attribution_core.models.tiny import text_encoder_for, unet2d, unet_cond, word_tokenizer
 
 log = logging.getLogger(__name__)
@@ -206,17 +206,11 @@ def train_model(
 
 def save_model(model: TrainedModel, out_dir: str | Path, extra: dict[str, Any] | None = None) -> Path:
     """Save as a diffusers pipeline directory (+ ``training.json`` describing how it was made)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     adapter = model.adapter
     components: dict[str, Any] = {"unet": adapter.denoiser, "scheduler": adapter.scheduler}
     if adapter.text_encoder is not None:
         components.update(text_encoder=adapter.text_encoder, tokenizer=adapter.tokenizer)
-    index: dict[str, Any] = {"_class_name": "DDPMPipeline" if adapter.text_encoder is None else "StableDiffusionPipeline"}
-    for name, component in components.items():
-        component.save_pretrained(out / name)
-        index[name] = ["transformers" if name in ("text_encoder", "tokenizer") else "diffusers", type(component).__name__]
-    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    out = save_pipeline(components, out_dir)
     info = {
         "recipe": to_mapping(model.cfg),
         "seconds": round(model.seconds, 2),

@@ -32,9 +32,8 @@ import torch
 from attribution_core.models.adapters import DiffusersAdapter, ExampleBatch, load_adapter
 from attribution_core.config import FeaturizeConfig, ProjectionConfig, TimestepConfig
 from attribution_core.features.featurize import Featurizer, build_rows
-from attribution_core.features.reference import per_example_gradients, reference_features
-from attribution_core.features.seeding import generator_for
-from attribution_core.models.tiny import build_tiny_pipeline, sd15_unet, word_tokenizer
+from attribution_core.features.reference import dense_projected_gradients, per_example_gradients, reference_features
+from attribution_core.models.tiny import build_tiny_pipeline, sd15_unet, text_encoder_for, word_tokenizer
 
 
 def _timed(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
@@ -56,16 +55,11 @@ def _timed(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
 
 def _sd15_adapter() -> DiffusersAdapter:
     from diffusers import DDPMScheduler
-    from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(0)
     tokenizer = word_tokenizer(["a", "photo", "of", "cat"], max_length=77)
     # The text encoder is not tracked; one layer with SD 1.5's width gives real-shaped states.
-    text = CLIPTextModel(
-        CLIPTextConfig(vocab_size=len(tokenizer.get_vocab()), hidden_size=768, intermediate_size=3072,
-                       num_hidden_layers=1, num_attention_heads=12, max_position_embeddings=77,
-                       bos_token_id=0, eos_token_id=1, pad_token_id=1)
-    )
+    text = text_encoder_for(tokenizer, width=768, layers=1)
     return DiffusersAdapter(sd15_unet(), DDPMScheduler(), text_encoder=text, tokenizer=tokenizer)
 
 
@@ -103,18 +97,13 @@ def _train_step(adapter: DiffusersAdapter, featurizer: Featurizer, batch: Exampl
 
 
 def _dense_seconds(grads: dict[str, torch.Tensor], k: int, full: bool, block_rows: int = 65536) -> tuple[float, float]:
-    """Seconds to project flattened gradients with a dense Gaussian [n_params, k] matrix, and
-    the fraction of the parameter rows actually timed."""
-    flat = torch.cat([g.reshape(g.shape[0], -1) for g in grads.values()], dim=1)  # [B, n_params]
-    n = flat.shape[1]
+    """Seconds to project flattened gradients with a dense Gaussian [n_params, k] matrix
+    (``dense_projected_gradients``), and the fraction of the parameter rows actually timed."""
+    n = sum(g[0].numel() for g in grads.values())
     blocks = math.ceil(n / block_rows)
     timed = blocks if full else min(blocks, 3)
-    out = torch.zeros(flat.shape[0], k)
     start = time.perf_counter()
-    for b in range(timed):
-        lo, hi = b * block_rows, min(n, (b + 1) * block_rows)
-        mat = torch.randn((hi - lo, k), generator=generator_for("dense", 0, lo)) / math.sqrt(k)
-        out += flat[:, lo:hi] @ mat
+    dense_projected_gradients(grads, k, seed=0, block_rows=block_rows, max_blocks=timed)
     elapsed = time.perf_counter() - start
     covered = min(n, timed * block_rows) / n
     return elapsed / covered, covered
