@@ -277,6 +277,57 @@ class ModelConfig:
         _check(self.device in DEVICES, "model.device", f"choose one of {', '.join(DEVICES)}, got {self.device!r}")
 
 
+KERNELS = ("auto", "full", "block_diagonal")
+FEATURE_DTYPES = ("float16", "float32")
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexConfig:
+    """The index job: featurize a dataset on Ray Data into versioned Parquet shards + stats."""
+
+    out: str = "artifacts/demo/index"
+    """Index root (path or s3://): versions/, latest."""
+    batch_size: int = 64
+    """Examples per actor call; each call writes one feature shard."""
+    actors: int = 0
+    """Featurizing actors; 0 = one per GPU when CUDA is present, else one per 2 CPUs
+    of the cluster (at least 1)."""
+    cpus_per_actor: float = 0.5
+    """CPUs reserved per actor (fractional on small machines so read tasks still get a CPU)."""
+    threads_per_actor: int = 0
+    """torch threads in each actor; 0 = the cluster's CPUs split evenly over the actors."""
+    dtype: str = "float16"
+    """Stored feature dtype: 2 bytes per number by default."""
+    caption_column: str | None = None
+    """Caption column of the dataset (default: caption, text or prompt)."""
+    label_column: str | None = None
+    """Label column for a class-conditional model."""
+    min_image_side: int = 0
+    """Images with a shorter side below this go to errors/ (0 = half the model resolution)."""
+    max_aspect_ratio: float = 4.0
+    """Images more elongated than this go to errors/ (centre-cropping would drop most of them)."""
+    kernel: str = "auto"
+    """'full' K = (C + lambda I)^-1 over all k_total features, 'block_diagonal' one block per
+    group, 'auto' = full when k_total <= max_full_kernel_dim."""
+    max_full_kernel_dim: int = 4096
+    damping: float = 0.01
+    """lambda as a share of the mean diagonal of C (per block for block-diagonal kernels)."""
+    stats_partitions: int = 0
+    """Parallel partial-Gram tasks; 0 = the cluster's CPU count."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.out), "index.out", "must name an index location")
+        for name in ("batch_size", "max_full_kernel_dim"):
+            _check(getattr(self, name) >= 1, f"index.{name}", f"must be >= 1, got {getattr(self, name)}")
+        for name in ("actors", "threads_per_actor", "min_image_side", "stats_partitions"):
+            _check(getattr(self, name) >= 0, f"index.{name}", f"must be >= 0, got {getattr(self, name)}")
+        _check(self.cpus_per_actor > 0, "index.cpus_per_actor", f"must be > 0, got {self.cpus_per_actor}")
+        _check(self.dtype in FEATURE_DTYPES, "index.dtype", f"choose one of {', '.join(FEATURE_DTYPES)}, got {self.dtype!r}")
+        _check(self.kernel in KERNELS, "index.kernel", f"choose one of {', '.join(KERNELS)}, got {self.kernel!r}")
+        _check(self.max_aspect_ratio >= 1, "index.max_aspect_ratio", f"must be >= 1, got {self.max_aspect_ratio}")
+        _check(self.damping > 0, "index.damping", f"must be > 0, got {self.damping}")
+
+
 @dataclasses.dataclass(frozen=True)
 class DemoConfig:
     """What ``attribution demo`` does on the embedded default."""
@@ -306,6 +357,7 @@ class ProjectConfig:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     subset_train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     featurize: FeaturizeConfig = dataclasses.field(default_factory=FeaturizeConfig)
+    index: IndexConfig = dataclasses.field(default_factory=IndexConfig)
     demo: DemoConfig = dataclasses.field(default_factory=DemoConfig)
 
     @classmethod

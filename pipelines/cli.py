@@ -18,29 +18,13 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
 import sys
-import warnings
 from collections.abc import Sequence
 
 from attribution_core.config import TINY_KINDS, ProjectConfig
 from attribution_core.errors import AttributionError
 
 DEFAULT_CONFIG = "configs/demo.yaml"
-
-
-def _quiet_libraries() -> None:
-    """Silence third-party progress bars and advice that would bury our own output."""
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    warnings.filterwarnings("ignore", message=".*batching rule.*")
-    from diffusers.utils import logging as dlog
-    from transformers.utils import logging as tlog
-
-    dlog.set_verbosity_error()
-    tlog.set_verbosity_error()
-    tlog.disable_progress_bar()
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -121,11 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="weight initialisation seed")
     p.set_defaults(func=_cmd_build_tiny)
 
-    from pipelines.commands import data, generate, train
+    from pipelines.commands import data, generate, index, train
 
     data.add_parser(sub)
     train.add_parser(sub, DEFAULT_CONFIG)
     generate.add_parser(sub)
+    index.add_parser(sub, DEFAULT_CONFIG)
 
     bench = sub.add_parser("bench", help="benchmarks that print JSON").add_subparsers(dest="bench_command", required=True)
     p = bench.add_parser("featurize", help="featurizer throughput vs a training step and a dense projection",
@@ -145,7 +130,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
-    _quiet_libraries()
+    from pipelines.models import quiet_libraries
+
+    quiet_libraries()
     try:
         return args.func(args)
     except AttributionError as exc:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -40,3 +42,17 @@ def load_model(cfg: ModelConfig) -> DiffusersAdapter:
 
 def load_model_dir(path: str, device: str = "auto") -> DiffusersAdapter:
     return load_adapter(path, device=resolve_device(device))
+
+
+def quiet_libraries() -> None:
+    """Silence third-party progress bars and advice that would bury our own output."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore", message=".*batching rule.*")
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    dlog.set_verbosity_error()
+    tlog.set_verbosity_error()
+    tlog.disable_progress_bar()

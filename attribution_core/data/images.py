@@ -16,12 +16,18 @@ class ImageDecodeError(InputError):
     """An image could not be decoded or is unusable; the message names the example."""
 
 
-def decode_image(data: bytes, example_id: str, resolution: int, channels: int) -> np.ndarray:
+class ImageShapeError(ImageDecodeError):
+    """An image decoded but its size or aspect ratio is outside what was allowed."""
+
+
+def decode_image(data: bytes, example_id: str, resolution: int, channels: int,
+                 min_side: int = 0, max_aspect: float = 0.0) -> np.ndarray:
     """PNG/JPEG/... bytes -> ``float32 [channels, resolution, resolution]`` in [-1, 1].
 
     Colour images are converted to RGB (``channels=3``) or luminance (``channels=1``);
     a non-square image is centre-cropped to a square first; then it is resized (bilinear,
-    antialiased) to ``resolution``.
+    antialiased) to ``resolution``. ``min_side`` / ``max_aspect`` (0 = no limit) refuse
+    images too small or too elongated for that to keep their content (``ImageShapeError``).
     """
     if channels not in (1, 3):
         raise InputError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
@@ -40,6 +46,10 @@ def decode_image(data: bytes, example_id: str, resolution: int, channels: int) -
         raise ImageDecodeError(f"example {example_id!r}: cannot decode image ({exc})") from exc
     if min(w, h) < 1:
         raise ImageDecodeError(f"example {example_id!r}: image is {w}x{h}")
+    if min(w, h) < min_side:
+        raise ImageShapeError(f"example {example_id!r}: image is {w}x{h}, its shorter side is below {min_side} pixels")
+    if max_aspect and max(w, h) > max_aspect * min(w, h):
+        raise ImageShapeError(f"example {example_id!r}: image is {w}x{h}, more elongated than {max_aspect}:1")
     if w != h:
         side = min(w, h)
         left, top = (w - side) // 2, (h - side) // 2

@@ -324,5 +324,7 @@ def load_adapter(path: str | Path, device: str | torch.device = "cpu") -> Diffus
     if (root / "vae").is_dir():
         vae = AutoencoderKL.from_pretrained(root / "vae")
     adapter = DiffusersAdapter(unet, scheduler, text_encoder, tokenizer, vae)
+    if (root / "training.json").is_file():  # class names of a class-conditional model we trained
+        adapter.label_names = _read_json(root / "training.json").get("label_names")
     log.info("loaded %s (%s conditioning) from %s", unet_class, adapter.conditioning, root)
     return adapter.to(device)

@@ -1,0 +1,76 @@
+"""Preconditioner statistics: Gram ``C = Phi^T Phi`` and kernel ``K = (C + lambda I)^-1``.
+
+``Phi`` is the ``[N, k_total]`` matrix of stored training features (TRAK / D-TRAK use
+``(Phi^T Phi)^-1``; a damping ``lambda`` keeps it well conditioned when N is small or
+features are collinear). C is accumulated in float64 from partial sums over shards, so the
+result does not depend on how the index is split. When ``k_total`` is too large for one
+``k_total x k_total`` matrix, C and K are block-diagonal: one block per parameter group
+(cross-group covariance is dropped; say so in the manifest).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import pyarrow as pa
+
+from attribution_core.features.groups import GroupLayout
+from attribution_core.index.schema import flat_matrix, group_matrix
+
+FULL = "full"
+BLOCK_DIAGONAL = "block_diagonal"
+FULL_BLOCK = "all"  # block name of a full kernel
+
+
+def choose_kernel(mode: str, k_total: int, max_full_dim: int) -> str:
+    """``'full'`` or ``'block_diagonal'`` for the configured ``mode`` ('auto' decides by size)."""
+    if mode == "auto":
+        return FULL if k_total <= max_full_dim else BLOCK_DIAGONAL
+    return mode
+
+
+def blocks(layout: GroupLayout, kind: str) -> list[tuple[str, int, int]]:
+    """``(name, offset, dim)`` of each kernel block."""
+    if kind == FULL:
+        return [(FULL_BLOCK, 0, layout.k_total)]
+    return [(g.name, g.offset, g.dim) for g in layout.groups]
+
+
+def partial_gram(tables: Iterable[pa.Table], layout: GroupLayout, kind: str) -> dict[str, np.ndarray]:
+    """``{block: sum_x g_b(x) g_b(x)^T}`` (float64 ``[d_b, d_b]``) over the rows of ``tables``."""
+    out = {name: np.zeros((dim, dim), dtype=np.float64) for name, _, dim in blocks(layout, kind)}
+    for table in tables:
+        if table.num_rows == 0:
+            continue
+        if kind == FULL:
+            x = flat_matrix(table, layout, np.float64)  # [n, k_total]
+            out[FULL_BLOCK] += x.T @ x
+        else:
+            for g in layout.groups:
+                x = group_matrix(table, g.name).astype(np.float64)  # [n, k_g]
+                out[g.name] += x.T @ x
+    return out
+
+
+def add_grams(total: dict[str, np.ndarray] | None, part: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    total = {} if total is None else total
+    for k, v in part.items():
+        if k in total:
+            total[k] += v
+        else:
+            total[k] = v.copy()
+    return total
+
+
+def kernel_from_gram(gram: np.ndarray, damping: float) -> tuple[np.ndarray, float]:
+    """``(K, lambda)``: ``K = (C + lambda I)^-1`` with ``lambda = damping * trace(C) / d``
+    (``damping`` itself when C is zero), via a symmetric eigendecomposition in float64."""
+    d = gram.shape[0]
+    scale = float(np.trace(gram)) / d if d else 0.0
+    lam = damping * scale if scale > 0 else damping
+    sym = (gram + gram.T) / 2
+    eigvals, eigvecs = np.linalg.eigh(sym)  # C = V diag(e) V^T, e >= 0 up to rounding
+    inv = 1.0 / (np.clip(eigvals, 0.0, None) + lam)
+    kernel = (eigvecs * inv) @ eigvecs.T  # V diag(1/(e + lambda)) V^T
+    return (kernel + kernel.T) / 2, lam

@@ -1,0 +1,84 @@
+"""The end of an index build: exactly-once check, stats pass, manifest, ``latest``."""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+
+from attribution_core.errors import AttributionError
+from attribution_core.features.groups import GroupLayout
+from attribution_core.index.kernel import add_grams, blocks, kernel_from_gram
+from attribution_core.index.store import IndexStore, shard_name
+from pipelines.index.stages import gram_partition
+
+log = logging.getLogger(__name__)
+
+
+class IncompleteBuildError(AttributionError, RuntimeError):
+    """A build ended without every example either featurized or quarantined exactly once."""
+
+
+def dedupe(store: IndexStore, shard_ids: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Keep each example in the first shard (by path) that holds it; rewrite the others
+    without it. Only a task retried with a different batch composition can cause this."""
+    seen: set[str] = set()
+    out: dict[str, list[str]] = {}
+    for path in sorted(shard_ids):
+        ids = shard_ids[path]
+        fresh = [i for i in ids if i not in seen]
+        seen.update(fresh)
+        if len(fresh) == len(ids):
+            out[path] = ids
+            continue
+        log.warning("%s repeats %d examples held by another shard; rewriting it", path, len(ids) - len(fresh))
+        if fresh:
+            table = store.read_table(path)
+            dst = f"{path.rsplit('/', 1)[0]}/{shard_name(fresh)}"
+            store.write_table(dst, table.filter(pc.is_in(table.column("example_id"), value_set=pa.array(fresh))))
+            out[dst] = fresh
+        store.fs.delete_file(store.path(path))
+    return out
+
+
+def check_exactly_once(expected: set[str], features: dict[str, list[str]], errors: dict[str, list[str]]) -> None:
+    counts = Counter(i for ids in list(features.values()) + list(errors.values()) for i in ids)
+    repeated = [i for i, c in counts.items() if c > 1]
+    missing = expected - set(counts)
+    extra = set(counts) - expected
+    if repeated or missing or extra:
+        raise IncompleteBuildError(
+            f"the build is not exactly-once: {len(missing)} examples missing (e.g. {sorted(missing)[:3]}), "
+            f"{len(repeated)} repeated (e.g. {sorted(repeated)[:3]}), {len(extra)} not in the dataset "
+            f"(e.g. {sorted(extra)[:3]}); rerun the same command to finish it")
+
+
+def stats_pass(store: IndexStore, version: str, paths: list[str], layout: GroupLayout, kind: str,
+               damping: float, partitions: int) -> dict[str, Any]:
+    """Gram blocks summed over ``partitions`` Ray Data tasks; kernels on the driver."""
+    total: dict[str, np.ndarray] | None = None
+    if paths:
+        items = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=min(partitions, len(paths)))
+        partials = items.map_batches(gram_partition, batch_size=None, batch_format="pyarrow",
+                                     fn_kwargs={"store_uri": store.uri, "layout": layout.to_manifest(), "kind": kind})
+        for batch in partials.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for name, payload in zip(batch.column("block").to_pylist(), batch.column("gram").to_pylist()):
+                part = {name: np.load(io.BytesIO(payload), allow_pickle=False)}
+                total = add_grams(total, part)
+    out_blocks = []
+    for name, offset, dim in blocks(layout, kind):
+        gram = total[name] if total is not None else np.zeros((dim, dim))
+        kernel, lam = kernel_from_gram(gram, damping)
+        safe = name.replace("/", "_")
+        rel = f"{IndexStore.version_dir(version)}/stats"
+        store.write_array(f"{rel}/gram.{safe}.npy", gram)
+        store.write_array(f"{rel}/kernel.{safe}.npy", kernel)
+        out_blocks.append({"name": name, "offset": offset, "dim": dim, "lambda": lam,
+                           "gram": f"{rel}/gram.{safe}.npy", "kernel": f"{rel}/kernel.{safe}.npy"})
+    return {"kernel": kind, "damping": damping, "dtype": "float64", "blocks": out_blocks}

@@ -1,0 +1,192 @@
+"""``attribution index``: featurize a dataset on Ray Data into a new immutable index version.
+
+Stages (each timed in the summary): scan (ids + content hashes), plan (what to featurize,
+reuse, drop), carry (rewrite previous shards that lost rows), featurize (actors hold the
+model; one shard per batch), verify (exactly once), stats (Gram + kernel), commit (manifest,
+then ``latest``). Rerunning the same command after a crash resumes the same version.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import logging
+import time
+from typing import Any
+
+import ray
+
+from attribution_core.config import ProjectConfig, to_mapping
+from attribution_core.features.groups import build_layout
+from attribution_core.index.kernel import choose_kernel
+from attribution_core.index.manifest import KIND, FeatureSpec, check_same_features
+from attribution_core.index.plan import check_unique, keys_digest, plan_build
+from attribution_core.index.schema import SCHEMA_VERSION, group_column
+from attribution_core.index.source import resolve_source
+from attribution_core.index.store import IndexStore, shard_name
+from attribution_core.models.fingerprint import model_fingerprint
+from pipelines.index.commit import check_exactly_once, dedupe, stats_pass
+from pipelines.index.scan import concat_keys, read_source, scan_keys, shard_keys
+from pipelines.index.stages import IndexActor, rewrite_shard
+from pipelines.models import load_model_dir
+from pipelines.ray_runtime import cluster_cpus, cluster_gpus, ensure_ray
+
+log = logging.getLogger(__name__)
+MODES = ("auto", "incremental", "full")
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexRequest:
+    dataset: str
+    model: str
+    out: str
+    mode: str = "auto"  # auto: incremental when the latest version has the same feature spec
+    ray_address: str | None = None
+
+
+def _choose_base(store: IndexStore, spec: FeatureSpec, mode: str) -> tuple[dict | None, dict | None]:
+    """(previous committed manifest, the one to build on incrementally or None)."""
+    previous = store.latest()
+    if previous is None or mode == "full":
+        return previous, None
+    found = FeatureSpec.from_manifest(previous)
+    if mode == "incremental":
+        check_same_features(spec, found, f"the latest index version {previous['version']}",
+                            "Build a new index with --full (or into another --out); versions never mix features.")
+    elif spec.differences(found):
+        log.info("the latest version %s was built differently (%s): full rebuild", previous["version"],
+                 "; ".join(spec.differences(found)))
+        return previous, None
+    return previous, previous
+
+
+def _actors(cfg: ProjectConfig) -> tuple[int, int, str]:
+    """(actors, torch threads per actor, device)."""
+    gpus, cpus = cluster_gpus(), cluster_cpus()
+    n = cfg.index.actors or (gpus if gpus else max(1, cpus // 2))
+    threads = cfg.index.threads_per_actor or max(1, cpus // n)
+    return n, threads, "cuda" if gpus else "cpu"
+
+
+def run_index(cfg: ProjectConfig, req: IndexRequest) -> dict[str, Any]:
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(stage: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[stage] = round(now - clock, 3)
+        clock = now
+
+    ensure_ray(req.ray_address)
+    started = time.perf_counter()
+    store = IndexStore(req.out)
+    adapter = load_model_dir(req.model, "cpu")  # the driver needs only the fingerprint and the layout
+    layout = build_layout(adapter.denoiser, cfg.featurize.groups, cfg.featurize.projection)
+    spec = FeatureSpec.build(model_fingerprint(adapter), cfg.featurize, layout, cfg.index.dtype)
+    source = resolve_source(req.dataset, cfg.index.caption_column, cfg.index.label_column)
+    lap("load")
+
+    current = scan_keys(source)
+    check_unique(current, f"dataset {req.dataset!r}")
+    lap("scan")
+
+    previous, base = _choose_base(store, spec, req.mode)
+    digest = hashlib.blake2b(f"{spec.key()}|{keys_digest(current)}|{base['version'] if base else ''}".encode(),
+                             digest_size=8).hexdigest()
+    sequence = previous["sequence"] + 1 if previous else 1
+    version = f"v{sequence:05d}-{digest}"
+    vdir = IndexStore.version_dir(version)
+    if store.is_committed(version):
+        return {"version": version, "up_to_date": True, "uri": store.uri, **_counts(store.manifest(version))}
+    base_shards = shard_keys(store, [s["path"] for s in base["shards"]]) if base else None
+    base_errors = shard_keys(store, base["errors"]["shards"]) if base else None
+    removed_tmp = store.remove_temporaries(version)
+    done = concat_keys(shard_keys(store, store.list_shards(version, "features") + store.list_shards(version, "errors")))
+    plan = plan_build(current, base_shards, base_errors, done)
+    if base is not None and plan.is_noop:
+        log.info("index %s is up to date with %s", base["version"], req.dataset)
+        return {"version": base["version"], "up_to_date": True, "uri": store.uri, **_counts(base)}
+    log.info("plan: %d examples, %d to featurize (%d new, %d changed, %d resumed from an interrupted run), "
+             "%d reused, %d removed", plan.n_current, len(plan.todo), plan.n_new, plan.n_changed, plan.n_done,
+             plan.n_reused, plan.n_removed)
+    lap("plan")
+
+    carry = [{"src": r.path, "dst": f"{vdir}/{kind}/{shard_name(r.keep)}", "keep": list(r.keep)}
+             for kind, reuses in (("features", plan.reuse), ("errors", plan.reuse_errors)) for r in reuses if not r.whole]
+    if carry:
+        ray.data.from_items(carry).map(rewrite_shard, fn_kwargs={"store_uri": store.uri}).materialize()
+    lap("carry")
+
+    n_actors, threads, device = _actors(cfg)
+    featurized = errors = 0
+    if len(plan.todo):
+        actor_kwargs = {"model": req.model, "featurize": to_mapping(cfg.featurize), "device": device,
+                        "threads": threads, "store_uri": store.uri, "version": version, "dtype": cfg.index.dtype,
+                        "limits": {"min_side": cfg.index.min_image_side or adapter.image_shape[1] // 2,
+                                   "max_aspect": cfg.index.max_aspect_ratio}}
+        rows_in = read_source(source, plan.todo).repartition(target_num_rows_per_block=cfg.index.batch_size)
+        summaries = rows_in.map_batches(
+            IndexActor, fn_constructor_kwargs=actor_kwargs, batch_size=cfg.index.batch_size,
+            batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=n_actors),
+            num_cpus=cfg.index.cpus_per_actor, num_gpus=1 if device == "cuda" else 0)
+        for row in summaries.iter_rows():
+            featurized += row["rows"]
+            errors += row["errors"]
+    lap("featurize")
+
+    reused_whole = {r.path: list(r.keep) for r in plan.reuse if r.whole}
+    staged = dedupe(store, _ids(store, store.list_shards(version, "features")))
+    staged_errors = {p: ids for p, ids in _ids(store, store.list_shards(version, "errors")).items()}
+    reused_errors = {r.path: list(r.keep) for r in plan.reuse_errors if r.whole}
+    check_exactly_once(set(current.column("example_id").to_pylist()),
+                       {**reused_whole, **staged}, {**reused_errors, **staged_errors})
+    lap("verify")
+
+    shard_paths = sorted(reused_whole) + sorted(staged)
+    kind = choose_kernel(cfg.index.kernel, layout.k_total, cfg.index.max_full_kernel_dim)
+    stats = stats_pass(store, version, shard_paths, layout, kind, cfg.index.damping,
+                       cfg.index.stats_partitions or cluster_cpus())
+    lap("stats")
+
+    sizes = {s["path"]: s["bytes"] for s in base["shards"]} if base else {}
+    shards = [{"path": p, "rows": len(ids), "bytes": sizes.get(p) or store.fs.get_file_info(store.path(p)).size}
+              for p, ids in sorted({**reused_whole, **staged}.items())]
+    rows = sum(s["rows"] for s in shards)
+    manifest = {
+        "kind": KIND, "schema_version": SCHEMA_VERSION, "version": version, "sequence": sequence,
+        "supersedes": previous["version"] if previous else None,
+        "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "model": {"path": req.model, "fingerprint": spec.model_fingerprint, "class": type(adapter.denoiser).__name__,
+                  "conditioning": adapter.conditioning, "image_shape": list(adapter.image_shape)},
+        "featurize": spec.featurize, "layout": spec.layout, "dtype": spec.dtype,
+        "columns": {g.name: group_column(g.name) for g in layout.groups},
+        "dataset": {**source.to_dict(), "rows": current.num_rows, "keys_digest": keys_digest(current)},
+        "rows": rows, "shards": shards,
+        "errors": {"rows": sum(len(v) for v in {**reused_errors, **staged_errors}.values()),
+                   "shards": sorted({**reused_errors, **staged_errors})},
+        "stats": stats,
+        "build": {"mode": "incremental" if base else "full", "base": base["version"] if base else None,
+                  "new": plan.n_new, "changed": plan.n_changed, "removed": plan.n_removed, "reused": plan.n_reused,
+                  "resumed": plan.n_done, "featurized": featurized, "quarantined": errors,
+                  "stale_temporaries_removed": removed_tmp, "actors": n_actors, "threads_per_actor": threads,
+                  "device": device, "batch_size": cfg.index.batch_size, "stage_seconds": timings},
+    }
+    store.commit(version, manifest)
+    lap("commit")
+    seconds = time.perf_counter() - started
+    total_bytes = sum(s["bytes"] for s in shards)
+    return {"version": version, "up_to_date": False, "uri": store.uri, **_counts(manifest),
+            "featurized": featurized, "seconds": round(seconds, 3),
+            "rows_per_s": round(featurized / timings["featurize"], 2) if featurized and timings["featurize"] else 0.0,
+            "bytes_per_example": round(total_bytes / rows, 1) if rows else 0.0,
+            "mode": manifest["build"]["mode"], "stage_seconds": timings}
+
+
+def _counts(manifest: dict[str, Any]) -> dict[str, Any]:
+    return {"rows": manifest["rows"], "errors": manifest["errors"]["rows"]}
+
+
+def _ids(store: IndexStore, paths: list[str]) -> dict[str, list[str]]:
+    return {p: store.read_table(p, columns=["example_id"]).column("example_id").to_pylist() for p in paths}

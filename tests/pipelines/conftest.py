@@ -1,0 +1,64 @@
+"""Tier 2 fixtures: one local Ray per test session (num_cpus=2) and index helpers."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from attribution_core.config import ProjectConfig, from_mapping
+from attribution_core.index.schema import flat_matrix
+from attribution_core.index.store import IndexStore
+from attribution_core.features.groups import GroupLayout
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+FEATURIZE = {"measurement": "square", "timesteps": {"count": 2, "strategy": "uniform"},
+             "projection": {"k_in": 4, "k_out": 4}, "groups": {"preset": "block"}, "seed": 0}
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_base):
+    """A local Ray of 2 CPUs, started after the S3 test server so workers inherit its
+    AWS variables; yields the cluster address for subprocess drivers."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=512 * 2**20,
+             log_to_driver=False)
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+
+
+def project(index: dict | None = None, featurize: dict | None = None) -> ProjectConfig:
+    """A config for tests: tiny featurize settings, small shards, 2 actors."""
+    return from_mapping(ProjectConfig, {
+        "featurize": {**FEATURIZE, **(featurize or {})},
+        "index": {"batch_size": 8, "actors": 2, "threads_per_actor": 1, **(index or {})},
+    })
+
+
+def read_index(uri: str) -> tuple[dict, pa.Table]:
+    """(latest manifest, every feature row of it)."""
+    store = IndexStore(uri)
+    manifest = store.latest()
+    assert manifest is not None, f"{uri} has no committed version"
+    tables = [store.read_table(s["path"]) for s in manifest["shards"]]
+    return manifest, pa.concat_tables(tables)
+
+
+def features_by_id(uri: str) -> tuple[dict, dict[str, np.ndarray]]:
+    manifest, table = read_index(uri)
+    flat = flat_matrix(table, GroupLayout.from_manifest(manifest["layout"]))
+    return manifest, dict(zip(table.column("example_id").to_pylist(), flat))
+
+
+def error_ids(uri: str) -> dict[str, str]:
+    store = IndexStore(uri)
+    manifest = store.latest()
+    rows = [r for p in manifest["errors"]["shards"] for r in store.read_table(p).to_pylist()]
+    return {r["example_id"]: r["reason"] for r in rows}

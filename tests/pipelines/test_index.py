@@ -1,0 +1,201 @@
+"""The index job on a local Ray (num_cpus=2): results joined on example_id, never row order."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from attribution_core.data.images import decode_image, encode_png
+from attribution_core.data.readers import read_examples
+from attribution_core.data.writers import SYNTH_SCHEMA, synthetic_rows, write_parquet_dataset
+from attribution_core.errors import ManifestMismatchError
+from attribution_core.features.featurize import featurize
+from attribution_core.index.kernel import kernel_from_gram
+from attribution_core.index.store import IndexStore
+from attribution_core.models.adapters import ExampleBatch
+from pipelines.index.job import IndexRequest, run_index
+from tests.pipelines.conftest import error_ids, features_by_id, project, read_index
+
+N = 40
+
+
+def bad_rows() -> list[dict]:
+    """Rows the job must quarantine: undecodable, missing caption, too small, too elongated."""
+    tiny = encode_png(np.zeros((2, 2, 3), dtype=np.uint8))
+    long = encode_png(np.zeros((8, 64, 3), dtype=np.uint8))
+    base = {"subject": "circle", "style": "filled", "background": "solid"}
+    return [
+        {"example_id": "bad-bytes", "image": b"not an image", "caption": "a filled circle", **base},
+        {"example_id": "no-caption", "image": tiny, "caption": None, **base},
+        {"example_id": "tiny", "image": tiny, "caption": "a filled circle", **base},
+        {"example_id": "elongated", "image": long, "caption": "a filled circle", **base},
+    ]
+
+
+def write_rows(uri: str, rows: list[dict]) -> str:
+    write_parquet_dataset(uri, rows, SYNTH_SCHEMA, {"kind": "test"}, rows_per_file=16)
+    return uri
+
+
+@pytest.fixture(scope="module")
+def good_rows() -> list[dict]:
+    return list(synthetic_rows(N, seed=5, size=16))
+
+
+@pytest.fixture(scope="module")
+def full_build(tmp_path_factory, ray_cluster, model_dirs, good_rows):
+    root = tmp_path_factory.mktemp("index")
+    data = write_rows(str(root / "data"), good_rows + bad_rows())
+    out = str(root / "index")
+    result = run_index(project(), IndexRequest(dataset=data, model=model_dirs["text"], out=out))
+    return {"data": data, "out": out, "result": result, "root": root}
+
+
+def test_rows_are_the_input_ids_and_bad_rows_are_quarantined(full_build, good_rows):
+    manifest, table = read_index(full_build["out"])
+    ids = table.column("example_id").to_pylist()
+    assert sorted(ids) == sorted(r["example_id"] for r in good_rows)
+    assert len(ids) == len(set(ids)) == manifest["rows"] == full_build["result"]["rows"] == N
+    errors = error_ids(full_build["out"])
+    assert set(errors) == {"bad-bytes", "no-caption", "tiny", "elongated"}
+    assert "cannot decode" in errors["bad-bytes"]
+    assert "missing caption" in errors["no-caption"]
+    assert "shorter side" in errors["tiny"] and "elongated" in errors["elongated"]
+    assert full_build["result"]["errors"] == 4
+    assert IndexStore(full_build["out"]).latest()["version"] == full_build["result"]["version"]
+
+
+def test_features_equal_featurize_on_the_driver(full_build, adapters):
+    cfg = project()
+    manifest, by_id = features_by_id(full_build["out"])
+    sample = {ex.example_id: ex for ex in read_examples(full_build["data"]) if ex.example_id in list(by_id)[::7]}
+    adapter = adapters["text"]
+    ids = tuple(sorted(sample))
+    batch = ExampleBatch(
+        example_ids=ids,
+        pixels=torch.from_numpy(np.stack([decode_image(sample[i].image, i, 16, 3) for i in ids])),
+        captions=tuple(sample[i].caption for i in ids))
+    groups = featurize(adapter, batch, cfg.featurize)
+    ref = torch.cat(list(groups.values()), dim=1).numpy()
+    stored = np.stack([by_id[i] for i in ids])
+    rel = np.linalg.norm(stored - ref, axis=1) / np.linalg.norm(ref, axis=1)
+    assert rel.max() < 2e-3, rel  # float16 storage: ~5e-4 relative per number
+    assert manifest["dtype"] == "float16"
+
+
+def test_shards_are_plain_parquet_for_pyarrow_pandas_duckdb(full_build):
+    manifest, _ = read_index(full_build["out"])
+    path = f"{full_build['out']}/{manifest['shards'][0]['path']}"
+    group = manifest["layout"]["groups"][0]
+    column = manifest["columns"][group["name"]]
+    one_group = pq.read_table(path, columns=["example_id", column])  # reading one group decodes one column
+    assert one_group.column(column).type.list_size == group["dim"]
+    frame = pq.read_table(path).to_pandas()
+    assert len(frame[column].iloc[0]) == group["dim"]
+    duckdb = pytest.importorskip("duckdb")
+    rows = duckdb.sql(f"select example_id, \"{column}\" from '{path}'").fetchall()
+    assert len(rows) == manifest["shards"][0]["rows"] and len(rows[0][1]) == group["dim"]
+
+
+def test_gram_and_kernel_equal_a_direct_computation(full_build):
+    manifest, by_id = features_by_id(full_build["out"])
+    store = IndexStore(full_build["out"])
+    phi = np.stack(list(by_id.values())).astype(np.float64)  # [N, k_total]
+    stats = manifest["stats"]
+    assert stats["kernel"] == "full" and len(stats["blocks"]) == 1  # k_total is small here
+    block = stats["blocks"][0]
+    gram = store.read_array(block["gram"])
+    np.testing.assert_allclose(gram, phi.T @ phi, rtol=1e-10, atol=1e-12)
+    lam = 0.01 * np.trace(gram) / gram.shape[0]
+    direct = np.linalg.inv(phi.T @ phi + lam * np.eye(gram.shape[0]))
+    np.testing.assert_allclose(store.read_array(block["kernel"]), direct, rtol=1e-6, atol=1e-9 * np.abs(direct).max())
+    assert block["lambda"] == pytest.approx(lam)
+
+
+def test_same_results_with_one_actor_and_another_batch_size(full_build, tmp_path, model_dirs):
+    out = str(tmp_path / "one-actor")
+    run_index(project({"actors": 1, "batch_size": 5, "kernel": "block_diagonal"}),
+              IndexRequest(dataset=full_build["data"], model=model_dirs["text"], out=out))
+    _, a = features_by_id(full_build["out"])
+    manifest, b = features_by_id(out)
+    assert a.keys() == b.keys()
+    for eid in a:
+        np.testing.assert_allclose(a[eid], b[eid], rtol=2e-3, atol=1e-6 * np.abs(a[eid]).max())
+    assert manifest["build"]["actors"] == 1 and manifest["build"]["batch_size"] == 5
+    # Block-diagonal stats: one block per group, each the Gram of that group's columns.
+    phi = np.stack(list(b.values())).astype(np.float64)
+    store = IndexStore(out)
+    blocks = manifest["stats"]["blocks"]
+    assert manifest["stats"]["kernel"] == "block_diagonal" and len(blocks) == len(manifest["layout"]["groups"])
+    for blk in blocks:
+        x = phi[:, blk["offset"] : blk["offset"] + blk["dim"]]
+        np.testing.assert_allclose(store.read_array(blk["gram"]), x.T @ x, rtol=1e-10, atol=1e-12)
+        kernel, _ = kernel_from_gram(x.T @ x, 0.01)
+        np.testing.assert_allclose(store.read_array(blk["kernel"]), kernel, rtol=1e-8, atol=1e-12)
+
+
+def test_incremental_update_equals_a_full_rebuild(full_build, tmp_path, model_dirs, good_rows):
+    rows = [dict(r) for r in good_rows[3:]]  # 3 removed
+    rows[0]["caption"] = rows[0]["caption"] + " again"  # changed caption
+    rows[1]["image"] = encode_png(np.full((16, 16, 3), 200, dtype=np.uint8))  # changed image
+    rows += [dict(r, example_id=f"new-{i}") for i, r in enumerate(synthetic_rows(4, seed=9, size=16))]
+    rows += bad_rows()[:1]  # an unchanged quarantined example stays quarantined
+    data = write_rows(str(tmp_path / "data-v2"), rows)
+    # Build on a copy of the first index so the module's other tests keep their version.
+    out = str(tmp_path / "index")
+    base = run_index(project(), IndexRequest(dataset=full_build["data"], model=model_dirs["text"], out=out))
+    update = run_index(project(), IndexRequest(dataset=data, model=model_dirs["text"], out=out))
+    rebuild = str(tmp_path / "rebuild")
+    run_index(project(), IndexRequest(dataset=data, model=model_dirs["text"], out=rebuild))
+
+    manifest, inc = features_by_id(out)
+    _, full = features_by_id(rebuild)
+    build = manifest["build"]
+    assert build["mode"] == "incremental" and build["base"] == base["version"] == manifest["supersedes"]
+    assert (build["new"], build["changed"], build["removed"]) == (4, 2, 3 + 3)  # 3 good + 3 bad rows left
+    assert build["featurized"] == 6 and update["featurized"] == 6
+    assert inc.keys() == full.keys()
+    for eid in full:
+        np.testing.assert_allclose(inc[eid], full[eid], rtol=2e-3, atol=1e-6 * np.abs(full[eid]).max())
+    assert set(error_ids(out)) == set(error_ids(rebuild)) == {"bad-bytes"}
+    # Unchanged shards are referenced from the base version, not copied.
+    assert any(s["path"].startswith(f"versions/{base['version']}/") for s in manifest["shards"])
+    gram = IndexStore(out).read_array(manifest["stats"]["blocks"][0]["gram"])
+    rebuilt = IndexStore(rebuild).read_array(IndexStore(rebuild).latest()["stats"]["blocks"][0]["gram"])
+    np.testing.assert_allclose(gram, rebuilt, rtol=0, atol=1e-4 * np.abs(rebuilt).max())  # float16 last bits
+    again = run_index(project(), IndexRequest(dataset=data, model=model_dirs["text"], out=out))
+    assert again["up_to_date"] and again["version"] == update["version"]
+
+
+def test_other_featurize_settings_are_refused_incrementally_and_rebuilt_fully(full_build, tmp_path, model_dirs):
+    out = str(tmp_path / "index")
+    first = run_index(project(), IndexRequest(dataset=full_build["data"], model=model_dirs["text"], out=out))
+    other = project(featurize={"seed": 1})
+    with pytest.raises(ManifestMismatchError, match=r"featurize\.seed: 0 != 1"):
+        run_index(other, IndexRequest(dataset=full_build["data"], model=model_dirs["text"], out=out, mode="incremental"))
+    with pytest.raises(ManifestMismatchError, match="model fingerprint"):
+        run_index(project(), IndexRequest(dataset=full_build["data"], model=model_dirs["text-latent"], out=out,
+                                          mode="incremental"))
+    rebuilt = run_index(other, IndexRequest(dataset=full_build["data"], model=model_dirs["text"], out=out))
+    manifest = IndexStore(out).latest()
+    assert rebuilt["mode"] == "full" and rebuilt["featurized"] == N
+    assert manifest["supersedes"] == first["version"] and manifest["sequence"] == 2
+    assert all(s["path"].startswith(f"versions/{rebuilt['version']}/") for s in manifest["shards"])
+    # The superseded version is untouched and still readable.
+    assert IndexStore(out).manifest(first["version"])["rows"] == N
+
+
+def test_round_trip_on_s3(s3_base, ray_cluster, model_dirs, good_rows):
+    data = write_rows(f"{s3_base}/datasets/small", good_rows[:12] + bad_rows()[:1])
+    out = f"{s3_base}/indexes/small"
+    result = run_index(project(), IndexRequest(dataset=data, model=model_dirs["text"], out=out))
+    manifest, by_id = features_by_id(out)
+    assert result["uri"] == out and manifest["rows"] == 12 == len(by_id)
+    assert set(error_ids(out)) == {"bad-bytes"}
+    assert IndexStore(out).read_array(manifest["stats"]["blocks"][0]["kernel"]).shape[0] == manifest["layout"]["k_total"]
+    again = run_index(project(), IndexRequest(dataset=data, model=model_dirs["text"], out=out))
+    assert again["up_to_date"]
