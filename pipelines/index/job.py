@@ -18,6 +18,7 @@ from typing import Any
 import ray
 
 from attribution_core.config import ProjectConfig, to_mapping
+from attribution_core.errors import ConfigError
 from attribution_core.features.groups import build_layout
 from attribution_core.index.kernel import choose_kernel
 from attribution_core.index.manifest import KIND, FeatureSpec, check_same_features
@@ -79,13 +80,15 @@ def run_index(cfg: ProjectConfig, req: IndexRequest) -> dict[str, Any]:
         timings[stage] = round(now - clock, 3)
         clock = now
 
-    ensure_ray(req.ray_address)
     started = time.perf_counter()
+    if req.mode not in MODES:
+        raise ConfigError(f"unknown index mode {req.mode!r}; choose one of {', '.join(MODES)}")
+    source = resolve_source(req.dataset, cfg.index.caption_column, cfg.index.label_column)  # fail fast, before Ray
     store = IndexStore(req.out)
     adapter = load_model_dir(req.model, "cpu")  # the driver needs only the fingerprint and the layout
     layout = build_layout(adapter.denoiser, cfg.featurize.groups, cfg.featurize.projection)
     spec = FeatureSpec.build(model_fingerprint(adapter), cfg.featurize, layout, cfg.index.dtype)
-    source = resolve_source(req.dataset, cfg.index.caption_column, cfg.index.label_column)
+    ensure_ray(req.ray_address)
     lap("load")
 
     current = scan_keys(source)

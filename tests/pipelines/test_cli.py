@@ -24,7 +24,8 @@ def attribution(*args: str, cwd: Path = ROOT, check: bool = True) -> subprocess.
     return proc
 
 
-@pytest.mark.parametrize("args", [(), ("demo",), ("groups",), ("model", "build-tiny"), ("bench", "featurize")])
+@pytest.mark.parametrize("args", [(), ("demo",), ("groups",), ("model", "build-tiny"), ("bench", "featurize"),
+                                  ("index",)])
 def test_help_explains(args):
     out = attribution(*args, "--help").stdout
     assert "usage: attribution" in out and len(out.splitlines()) > 4
@@ -95,3 +96,25 @@ def test_bench_featurize_prints_the_fields(tmp_path):
         assert result[key] is not None, key
     assert result["rows"] == 2
     assert result["reference_max_rel_err"] < 1e-4
+
+
+def test_index_command_prints_the_summary_and_explains_errors(tmp_path, ray_cluster, model_dirs):
+    from attribution_core.data.writers import write_synthetic
+
+    write_synthetic(str(tmp_path / "data"), 10, seed=2, size=16)
+    config = tmp_path / "index.yaml"
+    config.write_text(yaml.safe_dump({"featurize": {"timesteps": {"count": 2}, "projection": {"k_in": 4, "k_out": 4}},
+                                      "index": {"batch_size": 4, "actors": 1}}))
+    common = ("--config", str(config), "--model", model_dirs["text"], "--ray-address", ray_cluster)
+    run = attribution("--log-level", "WARNING", "index", *common, "--dataset", str(tmp_path / "data"),
+                      "--out", str(tmp_path / "index"), "--json")
+    result = json.loads(run.stdout)
+    for key in ("version", "rows", "errors", "seconds", "rows_per_s", "bytes_per_example", "uri", "stage_seconds"):
+        assert key in result, key
+    assert result["rows"] == 10 and result["errors"] == 0 and result["bytes_per_example"] > 0
+    again = attribution("--log-level", "WARNING", "index", *common, "--dataset", str(tmp_path / "data"),
+                        "--out", str(tmp_path / "index"))
+    assert "up to date" in again.stdout
+    missing = attribution("index", *common, "--dataset", str(tmp_path / "nowhere"), "--out", str(tmp_path / "i2"),
+                          check=False)
+    assert missing.returncode == 2 and "does not exist" in missing.stderr.splitlines()[-1]
