@@ -334,16 +334,13 @@ class DemoConfig:
 
     out: str = "artifacts/demo"
     """Folder that receives everything the demo writes."""
-    examples: int = 32
-    """Generated training examples to featurize."""
     queries: int = 2
-    """Generated query images attributed against them."""
-    batch_size: int = 8
+    """Generated query images attributed against the index."""
     top_k: int = 3
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("examples", "queries", "batch_size", "top_k"):
+        for name in ("queries", "top_k"):
             value = getattr(self, name)
             _check(value >= 1, f"demo.{name}", f"must be >= 1, got {value}")
 

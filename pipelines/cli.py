@@ -4,10 +4,13 @@
     attribution data synth --out URI --n N             the synthetic subject/style/background set
     attribution train-model --config ... --data URI    train the small text-to-image model
     attribution generate --model DIR --prompt TEXT     sample images, reproducibly
+    attribution index --config ... --dataset URI --model DIR --out URI
+                                                       featurize a dataset into a versioned index (Ray Data)
     attribution groups --config configs/demo.yaml      tracked layers and parameter groups
     attribution model build-tiny --kind text --out DIR a tiny untrained diffusers model
     attribution bench featurize --json                 featurizer throughput and exactness
     attribution bench model-quality --model DIR        attribute accuracy of generated images
+    attribution bench index --json                     index throughput, scaling, bytes/example
 
 Errors in input or configuration print one line saying what to change and exit with 2.
 """
@@ -118,11 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
                          "step and exact per-example gradients with a dense projection, and check "
                          "it against the vmap reference.")
     from pipelines.bench.featurize import add_arguments
+    from pipelines.bench.index import add_parser as add_index
     from pipelines.bench.quality import add_parser as add_quality
 
     add_arguments(p)
     p.set_defaults(func=_cmd_bench_featurize)
     add_quality(bench)
+    add_index(bench, DEFAULT_CONFIG)
     return parser
 
 

@@ -1,36 +1,34 @@
 """``attribution demo``: the main job end to end on the embedded default.
 
 Writes the synthetic training set (once, ``data.uri``), trains the small text-to-image model
-on it (once, ``model.path``), featurizes training examples with the one ``featurize``
-function, writes their features as Parquet, generates a few query images with the model and
-attributes each to its top-k training examples with uniform group weights. Everything lands
-under ``demo.out``.
+on it (once, ``model.path``), builds the attribution index of the whole set on Ray Data
+(``index.out``; a rerun finds it up to date), generates a few query images with the model,
+featurizes them with the same ``featurize`` settings and attributes each to its top-k training
+examples with uniform group weights and the index's kernel.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
-from attribution_core.config import ProjectConfig, to_mapping
+from attribution_core.config import ProjectConfig
 from attribution_core.data.images import decode_image, encode_png
-from attribution_core.data.loading import load_dataset
 from attribution_core.data.synthetic import caption_for
 from attribution_core.data.writers import read_marker, write_synthetic
-from attribution_core.features.featurize import Featurizer, nonfinite_rows
+from attribution_core.features.featurize import Featurizer
 from attribution_core.features.seeding import content_id
+from attribution_core.index.kernel import precondition
+from attribution_core.index.manifest import FeatureSpec, check_same_features
+from attribution_core.index.reader import load_index
 from attribution_core.index.scoring import streaming_topk, weighted_queries
 from attribution_core.models.adapters import ExampleBatch
+from attribution_core.models.fingerprint import model_fingerprint
 from attribution_core.models.sampling import generate
-from attribution_core.models.training import TrainingData
 from pipelines.commands.train import train_to_dir
 from pipelines.models import ensure_model, load_model
 
@@ -39,23 +37,6 @@ SUBJECT_STYLE_BACKGROUND = (("circle", "filled", "grid"), ("triangle", "outlined
                             ("square", "striped", "gradient"), ("ring", "dotted", "noise"))
 
 log = logging.getLogger(__name__)
-
-
-def _batch(data: TrainingData, start: int, stop: int) -> ExampleBatch:
-    return ExampleBatch(
-        example_ids=tuple(data.example_ids[start:stop]),
-        pixels=data.pixels[start:stop],
-        captions=tuple(data.captions[start:stop]) if data.captions is not None else None,
-    )
-
-
-def _featurize_all(featurizer: Featurizer, data: TrainingData, batch_size: int) -> torch.Tensor:
-    parts = []
-    n = len(data.example_ids)
-    for start in range(0, n, batch_size):
-        parts.append(featurizer.flat(_batch(data, start, start + batch_size)))
-        log.info("featurized %d/%d examples", min(start + batch_size, n), n)
-    return torch.cat(parts)
 
 
 def prepare(cfg: ProjectConfig) -> dict[str, Any]:
@@ -76,40 +57,18 @@ def prepare(cfg: ProjectConfig) -> dict[str, Any]:
     return done
 
 
-def _write_features(path: Path, data: TrainingData, flat: torch.Tensor, featurizer: Featurizer) -> None:
-    columns: dict[str, pa.Array] = {"example_id": pa.array(data.example_ids)}
-    if data.captions is not None:
-        columns["caption"] = pa.array(data.captions)
-    for name, values in data.attributes.items():
-        columns[name] = pa.array(values)
-    half = flat.to(torch.float16).numpy()
-    for g in featurizer.layout.groups:  # one fixed-size-list column per group: read one, decode one
-        values = pa.array(half[:, g.offset : g.offset + g.dim].reshape(-1))
-        columns[f"g.{g.name}"] = pa.FixedSizeListArray.from_arrays(values, g.dim)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table(columns), path)
-
-
 def run(cfg: ProjectConfig) -> dict[str, Any]:
-    out = Path(cfg.demo.out)
-    out.mkdir(parents=True, exist_ok=True)
+    from pipelines.index.job import IndexRequest, run_index
+
     prepared = prepare(cfg)
+    built = run_index(cfg, IndexRequest(dataset=cfg.data.uri, model=str(ensure_model(cfg.model)), out=cfg.index.out))
+    index = load_index(cfg.index.out, built["version"])
     adapter = load_model(cfg.model)
     featurizer = Featurizer(adapter, cfg.featurize)
+    query_spec = FeatureSpec.build(model_fingerprint(adapter), cfg.featurize, featurizer.layout, index.manifest["dtype"])
+    check_same_features(FeatureSpec.from_manifest(index.manifest), query_spec, "the query featurizer",
+                        "Rebuild the index with this model and featurize settings.")
     channels, size = adapter.image_shape[0], adapter.image_shape[1]
-    data = load_dataset(cfg.data.uri, size, channels, adapter.conditioning)
-    keep = min(cfg.demo.examples, len(data.example_ids))
-    data = data.subset(torch.arange(keep))
-
-    start = time.perf_counter()
-    flat = _featurize_all(featurizer, data, cfg.demo.batch_size)
-    seconds = time.perf_counter() - start
-    bad = int(nonfinite_rows(flat).sum())
-    features_path = out / "features" / "train.parquet"
-    _write_features(features_path, data, flat, featurizer)
-    (out / "features" / "layout.json").write_text(
-        json.dumps({"featurize": to_mapping(cfg.featurize), "layout": featurizer.layout.to_manifest()}, indent=2)
-    )
 
     prompts = [caption_for(*SUBJECT_STYLE_BACKGROUND[i % len(SUBJECT_STYLE_BACKGROUND)]) for i in range(cfg.demo.queries)]
     queries = generate(adapter, prompts=prompts if adapter.conditioning == "text" else None,
@@ -124,14 +83,14 @@ def run(cfg: ProjectConfig) -> dict[str, Any]:
     q_flat = featurizer.flat(q_batch)
     uniform = torch.ones(len(featurizer.layout.groups))
     wq = weighted_queries(q_flat, uniform, featurizer.layout)[0]  # [Q, k_total]
-    blocks = (flat[i : i + 1024] for i in range(0, flat.shape[0], 1024))
+    wq = precondition(wq.double(), index.kernel).float()  # q' = K (w . g(q)), DESIGN 6
+    blocks = (index.features[i : i + 4096] for i in range(0, index.features.shape[0], 4096))
     scores, idx = streaming_topk(wq, blocks, cfg.demo.top_k)
-    captions = data.captions or [""] * keep
     attributions = [
         {
             "query": prompts[qi],
             "top": [
-                {"example_id": data.example_ids[j], "caption": captions[j], "score": float(s)}
+                {"example_id": index.example_ids[j], "caption": index.captions[j] or "", "score": float(s)}
                 for s, j in zip(scores[qi].tolist(), idx[qi].tolist())
             ],
         }
@@ -148,29 +107,31 @@ def run(cfg: ProjectConfig) -> dict[str, Any]:
         "k_total": featurizer.layout.k_total,
         "measurement": cfg.featurize.measurement,
         "rows_per_example": cfg.featurize.rows_per_example,
-        "examples": keep,
-        "nonfinite_examples": bad,
-        "featurize_seconds": round(seconds, 3),
-        "examples_per_s": round(keep / seconds, 2),
-        "bytes_per_example": 2 * featurizer.layout.k_total,
-        "features": str(features_path),
+        "index": built,
+        "kernel": index.manifest["stats"]["kernel"],
         "attributions": attributions,
     }
 
 
 def summary_text(result: dict[str, Any]) -> str:
+    built = result["index"]
+    if built["up_to_date"]:
+        index_line = f"index            {built['uri']} version {built['version']} is up to date"
+    else:
+        index_line = (f"index            {built['uri']} version {built['version']} ({built['mode']}): featurized "
+                      f"{built['featurized']} examples x {result['rows_per_example']} rows ({result['measurement']}) "
+                      f"in {built['stage_seconds']['featurize']} s = {built['rows_per_s']} examples/s with "
+                      f"{built['actors']} actors; {built['bytes_per_example']} bytes/example")
     lines = [
         f"model            {result['model']} ({result['conditioning']} conditioning, "
         f"{result['n_params']:,} parameters)",
         f"tracked          {result['tracked_layers']} layers in {len(result['groups'])} groups, "
-        f"k_total={result['k_total']} ({result['bytes_per_example']} bytes/example as float16)",
-        f"featurized       {result['examples']} examples x {result['rows_per_example']} rows "
-        f"({result['measurement']}) in {result['featurize_seconds']} s "
-        f"= {result['examples_per_s']} examples/s; non-finite: {result['nonfinite_examples']}",
-        f"features         {result['features']}",
+        f"k_total={result['k_total']}",
+        index_line,
+        f"rows             {built['rows']} indexed, {built['errors']} quarantined; kernel {result['kernel']}",
         "",
-        "generated queries attributed with uniform group weights (learned weights arrive with "
-        "the weight-learning stage):",
+        "generated queries attributed with uniform group weights and the index kernel (learned weights "
+        "arrive with the weight-learning stage):",
     ]
     for a in result["attributions"]:
         lines.append(f"  query: {a['query']}")

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 
 import numpy as np
 import pyarrow as pa
+import torch
 
 from attribution_core.features.groups import GroupLayout
 from attribution_core.index.schema import flat_matrix, group_matrix
@@ -74,3 +75,13 @@ def kernel_from_gram(gram: np.ndarray, damping: float) -> tuple[np.ndarray, floa
     inv = 1.0 / (np.clip(eigvals, 0.0, None) + lam)
     kernel = (eigvecs * inv) @ eigvecs.T  # V diag(1/(e + lambda)) V^T
     return (kernel + kernel.T) / 2, lam
+
+
+def precondition(queries: torch.Tensor, kernel_blocks: list[tuple[int, int, torch.Tensor]]) -> torch.Tensor:
+    """``q' = K q`` for ``Tensor[..., k_total]`` queries and a (block-diagonal) kernel given
+    as ``(offset, dim, K_b)`` blocks (K symmetric, so each block acts as ``q_b @ K_b``)."""
+    out = queries.clone()
+    for offset, dim, block in kernel_blocks:
+        sl = slice(offset, offset + dim)
+        out[..., sl] = queries[..., sl] @ block.to(queries.dtype)  # [..., d_b] @ [d_b, d_b]
+    return out

@@ -18,7 +18,7 @@ from typing import Any
 import ray
 
 from attribution_core.config import ProjectConfig, to_mapping
-from attribution_core.errors import ConfigError
+from attribution_core.errors import ConfigError, InputError
 from attribution_core.features.groups import build_layout
 from attribution_core.index.kernel import choose_kernel
 from attribution_core.index.manifest import KIND, FeatureSpec, check_same_features
@@ -92,6 +92,8 @@ def run_index(cfg: ProjectConfig, req: IndexRequest) -> dict[str, Any]:
     lap("load")
 
     current = scan_keys(source)
+    if current.num_rows == 0:
+        raise InputError(f"dataset {req.dataset!r} holds no examples; nothing to index")
     check_unique(current, f"dataset {req.dataset!r}")
     lap("scan")
 
@@ -124,6 +126,7 @@ def run_index(cfg: ProjectConfig, req: IndexRequest) -> dict[str, Any]:
 
     n_actors, threads, device = _actors(cfg)
     featurized = errors = 0
+    busy = 0.0  # seconds actors spent inside batches (excludes start-up and waiting)
     if len(plan.todo):
         actor_kwargs = {"model": req.model, "featurize": to_mapping(cfg.featurize), "device": device,
                         "threads": threads, "store_uri": store.uri, "version": version, "dtype": cfg.index.dtype,
@@ -137,6 +140,7 @@ def run_index(cfg: ProjectConfig, req: IndexRequest) -> dict[str, Any]:
         for row in summaries.iter_rows():
             featurized += row["rows"]
             errors += row["errors"]
+            busy += row["seconds"]
     lap("featurize")
 
     reused_whole = {r.path: list(r.keep) for r in plan.reuse if r.whole}
@@ -174,7 +178,8 @@ def run_index(cfg: ProjectConfig, req: IndexRequest) -> dict[str, Any]:
                   "new": plan.n_new, "changed": plan.n_changed, "removed": plan.n_removed, "reused": plan.n_reused,
                   "resumed": plan.n_done, "featurized": featurized, "quarantined": errors,
                   "stale_temporaries_removed": removed_tmp, "actors": n_actors, "threads_per_actor": threads,
-                  "device": device, "batch_size": cfg.index.batch_size, "stage_seconds": timings},
+                  "device": device, "batch_size": cfg.index.batch_size, "actor_busy_seconds": round(busy, 3),
+                  "stage_seconds": timings},
     }
     store.commit(version, manifest)
     lap("commit")
@@ -184,7 +189,8 @@ def run_index(cfg: ProjectConfig, req: IndexRequest) -> dict[str, Any]:
             "featurized": featurized, "seconds": round(seconds, 3),
             "rows_per_s": round(featurized / timings["featurize"], 2) if featurized and timings["featurize"] else 0.0,
             "bytes_per_example": round(total_bytes / rows, 1) if rows else 0.0,
-            "mode": manifest["build"]["mode"], "stage_seconds": timings}
+            "mode": manifest["build"]["mode"], "actors": n_actors, "threads_per_actor": threads,
+            "actor_busy_seconds": round(busy, 3), "stage_seconds": timings}
 
 
 def _counts(manifest: dict[str, Any]) -> dict[str, Any]:

@@ -8,15 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def attribution(*args: str, cwd: Path = ROOT, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+def attribution(*args: str, cwd: Path = ROOT, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     proc = subprocess.run([sys.executable, "-m", "pipelines.cli", *args], cwd=cwd, capture_output=True,
                           text=True, env={**env, "PYTHONPATH": str(ROOT)})
     if check and proc.returncode != 0:
@@ -37,30 +36,32 @@ def _demo_config(tmp_path: Path, model_dir: str | None = None) -> Path:
     cfg["model"]["path"] = model_dir or str(tmp_path / "model")
     cfg["train"].update(resolution=8, widths=[8, 16], text_width=16, batch_size=8, steps=4, warmup_steps=1)
     cfg["featurize"]["timesteps"]["count"] = 2
-    cfg["demo"].update(out=str(tmp_path / "demo"), examples=6, queries=2, batch_size=4, top_k=2)
+    cfg["index"].update(out=str(tmp_path / "index"), batch_size=8, actors=2)
+    cfg["demo"].update(out=str(tmp_path / "demo"), queries=2, top_k=2)
     path = tmp_path / "demo.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
 
 
-def test_demo_end_to_end(tmp_path):
+def test_demo_end_to_end(tmp_path, ray_cluster):
+    from attribution_core.index.store import IndexStore
+
     config = _demo_config(tmp_path)
-    result = json.loads(attribution("demo", "--config", str(config), "--json").stdout)
-    assert result["examples"] == 6 and result["nonfinite_examples"] == 0
+    on_cluster = {"RAY_ADDRESS": ray_cluster}  # the session's Ray instead of a second local one
+    result = json.loads(attribution("demo", "--config", str(config), "--json", env=on_cluster).stdout)
     assert set(result["prepared"]) == {"data", "model"}  # the first run makes both
-    table = pq.read_table(result["features"])
-    assert table.num_rows == 6
-    group_columns = [c for c in table.column_names if c.startswith("g.")]
-    assert [c[2:] for c in group_columns] == result["groups"]
-    assert sum(table.schema.field(c).type.list_size for c in group_columns) == result["k_total"]
+    built = result["index"]
+    assert built["rows"] == 24 and built["errors"] == 0 and built["featurized"] == 24 and not built["up_to_date"]
+    manifest = IndexStore(str(tmp_path / "index")).latest()
+    assert manifest["version"] == built["version"] and manifest["layout"]["k_total"] == result["k_total"]
+    assert [g["name"] for g in manifest["layout"]["groups"]] == result["groups"]
     assert all(len(a["top"]) == 2 for a in result["attributions"])
-    # A second run reuses the built model and gives the same features.
-    again = json.loads(attribution("demo", "--config", str(config), "--json").stdout)
-    assert again["prepared"] == {}
-    assert pq.read_table(again["features"]).equals(table)
-    assert {"subject", "style", "background", "caption"} <= set(table.column_names)
-    text = attribution("demo", "--config", str(config)).stdout
-    assert "k_total=" in text and "query:" in text
+    # A second run reuses the model, finds the index up to date and attributes identically.
+    again = json.loads(attribution("demo", "--config", str(config), "--json", env=on_cluster).stdout)
+    assert again["prepared"] == {} and again["index"]["up_to_date"] and again["index"]["version"] == built["version"]
+    assert again["attributions"] == result["attributions"]
+    text = attribution("demo", "--config", str(config), env=on_cluster).stdout
+    assert "k_total=" in text and "query:" in text and "up to date" in text
 
 
 def test_groups_command(tmp_path, model_dirs):

@@ -1,0 +1,53 @@
+"""Reading a committed index version: rows, features and kernel, checked against its manifest."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from attribution_core.errors import ManifestMismatchError
+from attribution_core.features.groups import GroupLayout
+from attribution_core.index.manifest import KIND
+from attribution_core.index.schema import SCHEMA_VERSION, flat_matrix
+from attribution_core.index.store import IndexStore
+
+
+@dataclasses.dataclass
+class LoadedIndex:
+    manifest: dict[str, Any]
+    layout: GroupLayout
+    example_ids: list[str]
+    captions: list[str | None]
+    uris: list[str]
+    features: torch.Tensor  # [N, k_total] float32
+    kernel: list[tuple[int, int, torch.Tensor]]  # (offset, dim, K_b float64) blocks
+
+
+def load_index(uri: str, version: str | None = None) -> LoadedIndex:
+    """The ``latest`` (or a named) committed version of the index at ``uri``, in memory."""
+    store = IndexStore(uri)
+    manifest = store.manifest(version) if version else store.latest()
+    if manifest is None:
+        what = f"version {version!r}" if version else "a committed version"
+        raise ManifestMismatchError(f"{uri!r} holds no {what}; build one with `attribution index`")
+    if manifest.get("kind") != KIND or manifest.get("schema_version") != SCHEMA_VERSION:
+        raise ManifestMismatchError(f"{uri!r} is a {manifest.get('kind')} of schema {manifest.get('schema_version')}; "
+                                    f"this version reads {KIND} schema {SCHEMA_VERSION}")
+    layout = GroupLayout.from_manifest(manifest["layout"])
+    tables = [store.read_table(s["path"]) for s in manifest["shards"]]
+    table = pa.concat_tables(tables) if tables else None
+    ids = table.column("example_id").to_pylist() if table is not None else []
+    if len(ids) != manifest["rows"]:
+        raise ManifestMismatchError(f"{uri!r} version {manifest['version']}: manifest says {manifest['rows']} rows, "
+                                    f"shards hold {len(ids)}")
+    features = torch.from_numpy(flat_matrix(table, layout)) if table is not None else torch.empty(0, layout.k_total)
+    kernel = [(b["offset"], b["dim"], torch.from_numpy(np.ascontiguousarray(store.read_array(b["kernel"]))))
+              for b in manifest["stats"]["blocks"]]
+    return LoadedIndex(manifest=manifest, layout=layout, example_ids=ids,
+                       captions=table.column("caption").to_pylist() if table is not None else [],
+                       uris=table.column("uri").to_pylist() if table is not None else [],
+                       features=features, kernel=kernel)

@@ -1,0 +1,98 @@
+"""``attribution bench index``: throughput and scaling of the index job on this cluster.
+
+Writes a synthetic dataset and a demo-sized text-to-image model (random weights: speed does
+not depend on them), then builds the index with 1 actor and with N actors (same threads per
+actor) and reports rows/s for each, the scaling efficiency ``rps(N) / (N * rps(1))``, bytes
+per example on storage, seconds per stage, and an incremental update after a share of the
+dataset changed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from attribution_core.config import ProjectConfig
+from attribution_core.data.writers import SYNTH_SCHEMA, synthetic_rows, write_parquet_dataset
+from attribution_core.models.tiny import build_tiny_pipeline
+from pipelines.ray_runtime import cluster_cpus, ensure_ray
+
+
+def _build(cfg: ProjectConfig, data: str, model: str, out: str, actors: int, threads: int) -> dict[str, Any]:
+    from pipelines.index.job import IndexRequest, run_index
+
+    cfg = dataclasses.replace(cfg, index=dataclasses.replace(cfg.index, out=out, actors=actors, threads_per_actor=threads))
+    result = run_index(cfg, IndexRequest(dataset=data, model=model, out=out, mode="full"))
+    # Steady throughput: rows over the busiest actor's share of batch time (start-up excluded).
+    steady = result["featurized"] / (result["actor_busy_seconds"] / actors) if result["actor_busy_seconds"] else 0.0
+    return {"actors": actors, "threads_per_actor": threads, "rows": result["rows"],
+            "rows_per_s": result["rows_per_s"], "steady_rows_per_s": round(steady, 2),
+            "seconds": result["seconds"], "stage_seconds": result["stage_seconds"]}
+
+
+def _run(args: argparse.Namespace) -> int:
+    cfg = ProjectConfig.load(args.config)
+    ensure_ray(args.ray_address)
+    cpus = cluster_cpus()
+    actors = args.actors or cpus
+    work = Path(args.work or tempfile.mkdtemp(prefix="bench-index-"))
+    widths = tuple(int(w) for w in args.widths.split(","))
+    model = str(build_tiny_pipeline("text", work / "model", resolution=args.resolution, widths=widths))
+    rows = list(synthetic_rows(args.n, seed=0, size=args.resolution))
+    data = str(work / "data")
+    write_parquet_dataset(data, rows, SYNTH_SCHEMA, {"kind": "synthetic"}, rows_per_file=256)
+    start = time.perf_counter()
+    one = _build(cfg, data, model, str(work / "index-1"), 1, args.threads)
+    many = _build(cfg, data, model, str(work / f"index-{actors}"), actors, args.threads)
+    result: dict[str, Any] = {"examples": args.n, "cluster_cpus": cpus, "model_widths": list(widths),
+                              "rows_per_example": cfg.featurize.rows_per_example, "runs": [one, many]}
+    result["scaling_efficiency"] = round(many["rows_per_s"] / (actors * one["rows_per_s"]), 3)
+    result["steady_scaling_efficiency"] = round(many["steady_rows_per_s"] / (actors * one["steady_rows_per_s"]), 3)
+
+    # Incremental update: change a share of the captions, add as many new examples.
+    changed = max(1, int(args.n * args.change))
+    for row in rows[:changed]:
+        row["caption"] += " again"
+    rows += [dict(r, example_id=f"added-{r['example_id']}") for r in synthetic_rows(changed, seed=1, size=args.resolution)]
+    data2 = str(work / "data-v2")
+    write_parquet_dataset(data2, rows, SYNTH_SCHEMA, {"kind": "synthetic"}, rows_per_file=256)
+    from pipelines.index.job import IndexRequest, run_index
+
+    out = str(work / f"index-{actors}")
+    inc_cfg = dataclasses.replace(cfg, index=dataclasses.replace(cfg.index, actors=actors, threads_per_actor=args.threads))
+    inc = run_index(inc_cfg, IndexRequest(dataset=data2, model=model, out=out))
+    result["incremental"] = {"changed": changed, "added": changed, "featurized": inc["featurized"], "mode": inc["mode"],
+                             "seconds": inc["seconds"], "full_rebuild_seconds": many["seconds"]}
+    manifest = json.loads((Path(out) / "versions" / inc["version"] / "manifest.json").read_text())
+    k_total = manifest["layout"]["k_total"]
+    result["k_total"] = k_total
+    result["bytes_per_example"] = inc["bytes_per_example"]
+    result["bytes_per_example_nominal"] = 2 * k_total if manifest["dtype"] == "float16" else 4 * k_total
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    result["work"] = str(work)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def add_parser(bench: argparse._SubParsersAction, default_config: str) -> None:
+    p = bench.add_parser("index", help="index job throughput with 1 and N actors, bytes/example, stage times",
+                         description="Build the index of a synthetic dataset with 1 actor and with N actors "
+                         "(featurize settings from the config) and print rows/s, scaling efficiency, bytes per "
+                         "example, seconds per stage and an incremental update, as JSON.")
+    p.add_argument("--config", default=default_config, help=f"featurize and index settings (default {default_config})")
+    p.add_argument("--n", type=int, default=512, help="examples in the synthetic dataset (default 512)")
+    p.add_argument("--resolution", type=int, default=16, help="image side of the model (default 16)")
+    p.add_argument("--widths", default="32,64", help="UNet widths of the model (default 32,64: the demo's)")
+    p.add_argument("--actors", type=int, default=0, help="actors of the parallel run (default: the cluster's CPUs)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per actor in both runs (default 1)")
+    p.add_argument("--change", type=float, default=0.05, help="share of examples changed (and added) for the "
+                   "incremental run (default 0.05)")
+    p.add_argument("--work", help="folder for the dataset, model and indexes (default: a new temporary folder)")
+    p.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--json", action="store_true", help="accepted for symmetry; the output is always JSON")
+    p.set_defaults(func=_run)
