@@ -28,10 +28,8 @@ def _build(cfg: ProjectConfig, data: str, model: str, out: str, actors: int, thr
 
     cfg = dataclasses.replace(cfg, index=dataclasses.replace(cfg.index, out=out, actors=actors, threads_per_actor=threads))
     result = run_index(cfg, IndexRequest(dataset=data, model=model, out=out, mode="full"))
-    # Steady throughput: rows over the busiest actor's share of batch time (start-up excluded).
-    steady = result["featurized"] / (result["actor_busy_seconds"] / actors) if result["actor_busy_seconds"] else 0.0
     return {"actors": actors, "threads_per_actor": threads, "rows": result["rows"],
-            "rows_per_s": result["rows_per_s"], "steady_rows_per_s": round(steady, 2),
+            "rows_per_s": result["rows_per_s"], "steady_rows_per_s": result["steady_rows_per_s"],
             "seconds": result["seconds"], "stage_seconds": result["stage_seconds"]}
 
 
@@ -52,7 +50,8 @@ def _run(args: argparse.Namespace) -> int:
     result: dict[str, Any] = {"examples": args.n, "cluster_cpus": cpus, "model_widths": list(widths),
                               "rows_per_example": cfg.featurize.rows_per_example, "runs": [one, many]}
     result["scaling_efficiency"] = round(many["rows_per_s"] / (actors * one["rows_per_s"]), 3)
-    result["steady_scaling_efficiency"] = round(many["steady_rows_per_s"] / (actors * one["steady_rows_per_s"]), 3)
+    if many["steady_rows_per_s"] and one["steady_rows_per_s"]:
+        result["steady_scaling_efficiency"] = round(many["steady_rows_per_s"] / (actors * one["steady_rows_per_s"]), 3)
 
     # Incremental update: change a share of the captions, add as many new examples.
     changed = max(1, int(args.n * args.change))
@@ -85,7 +84,7 @@ def add_parser(bench: argparse._SubParsersAction, default_config: str) -> None:
                          "(featurize settings from the config) and print rows/s, scaling efficiency, bytes per "
                          "example, seconds per stage and an incremental update, as JSON.")
     p.add_argument("--config", default=default_config, help=f"featurize and index settings (default {default_config})")
-    p.add_argument("--n", type=int, default=512, help="examples in the synthetic dataset (default 512)")
+    p.add_argument("--n", type=int, default=1024, help="examples in the synthetic dataset (default 1024)")
     p.add_argument("--resolution", type=int, default=16, help="image side of the model (default 16)")
     p.add_argument("--widths", default="32,64", help="UNet widths of the model (default 32,64: the demo's)")
     p.add_argument("--actors", type=int, default=0, help="actors of the parallel run (default: the cluster's CPUs)")

@@ -25,6 +25,10 @@ class IncompleteBuildError(AttributionError, RuntimeError):
     """A build ended without every example either featurized or quarantined exactly once."""
 
 
+def shard_ids(store: IndexStore, paths: list[str]) -> dict[str, list[str]]:
+    return {p: store.read_table(p, columns=["example_id"]).column("example_id").to_pylist() for p in paths}
+
+
 def dedupe(store: IndexStore, shard_ids: dict[str, list[str]]) -> dict[str, list[str]]:
     """Keep each example in the first shard (by path) that holds it; rewrite the others
     without it. Only a task retried with a different batch composition can cause this."""

@@ -21,14 +21,14 @@ from attribution_core.config import ProjectConfig, to_mapping
 from attribution_core.errors import ConfigError, InputError
 from attribution_core.features.groups import build_layout
 from attribution_core.index.kernel import choose_kernel
-from attribution_core.index.manifest import KIND, FeatureSpec, check_same_features
+from attribution_core.index.manifest import KIND, FeatureSpec
 from attribution_core.index.plan import check_unique, keys_digest, plan_build
 from attribution_core.index.schema import SCHEMA_VERSION, group_column
 from attribution_core.index.source import resolve_source
 from attribution_core.index.store import IndexStore, shard_name
 from attribution_core.models.fingerprint import model_fingerprint
-from pipelines.index.commit import check_exactly_once, dedupe, stats_pass
-from pipelines.index.scan import concat_keys, read_source, scan_keys, shard_keys
+from pipelines.index.commit import check_exactly_once, dedupe, shard_ids, stats_pass
+from pipelines.index.scan import choose_base, concat_keys, read_source, scan_keys, shard_keys
 from pipelines.index.stages import IndexActor, rewrite_shard
 from pipelines.models import load_model_dir
 from pipelines.ray_runtime import cluster_cpus, cluster_gpus, ensure_ray
@@ -44,22 +44,6 @@ class IndexRequest:
     out: str
     mode: str = "auto"  # auto: incremental when the latest version has the same feature spec
     ray_address: str | None = None
-
-
-def _choose_base(store: IndexStore, spec: FeatureSpec, mode: str) -> tuple[dict | None, dict | None]:
-    """(previous committed manifest, the one to build on incrementally or None)."""
-    previous = store.latest()
-    if previous is None or mode == "full":
-        return previous, None
-    found = FeatureSpec.from_manifest(previous)
-    if mode == "incremental":
-        check_same_features(spec, found, f"the latest index version {previous['version']}",
-                            "Build a new index with --full (or into another --out); versions never mix features.")
-    elif spec.differences(found):
-        log.info("the latest version %s was built differently (%s): full rebuild", previous["version"],
-                 "; ".join(spec.differences(found)))
-        return previous, None
-    return previous, previous
 
 
 def _actors(cfg: ProjectConfig) -> tuple[int, int, str]:
@@ -97,7 +81,7 @@ def run_index(cfg: ProjectConfig, req: IndexRequest) -> dict[str, Any]:
     check_unique(current, f"dataset {req.dataset!r}")
     lap("scan")
 
-    previous, base = _choose_base(store, spec, req.mode)
+    previous, base = choose_base(store, spec, req.mode)
     digest = hashlib.blake2b(f"{spec.key()}|{keys_digest(current)}|{base['version'] if base else ''}".encode(),
                              digest_size=8).hexdigest()
     sequence = previous["sequence"] + 1 if previous else 1
@@ -107,6 +91,10 @@ def run_index(cfg: ProjectConfig, req: IndexRequest) -> dict[str, Any]:
         return {"version": version, "up_to_date": True, "uri": store.uri, **_counts(store.manifest(version))}
     base_shards = shard_keys(store, [s["path"] for s in base["shards"]]) if base else None
     base_errors = shard_keys(store, base["errors"]["shards"]) if base else None
+    stale = [v for v in store.list_versions() if v != version and not store.is_committed(v)]
+    if stale:
+        log.warning("uncommitted builds from runs with other inputs are left in %s: %s (no reader uses them; "
+                    "delete them once no job writes there)", store.uri, ", ".join(stale))
     removed_tmp = store.remove_temporaries(version)
     done = concat_keys(shard_keys(store, store.list_shards(version, "features") + store.list_shards(version, "errors")))
     plan = plan_build(current, base_shards, base_errors, done)
@@ -127,6 +115,7 @@ def run_index(cfg: ProjectConfig, req: IndexRequest) -> dict[str, Any]:
     n_actors, threads, device = _actors(cfg)
     featurized = errors = 0
     busy = 0.0  # seconds actors spent inside batches (excludes start-up and waiting)
+    warm_rows, warm_busy = 0, 0.0  # the same without each actor's first batch (warm-up)
     if len(plan.todo):
         actor_kwargs = {"model": req.model, "featurize": to_mapping(cfg.featurize), "device": device,
                         "threads": threads, "store_uri": store.uri, "version": version, "dtype": cfg.index.dtype,
@@ -141,11 +130,14 @@ def run_index(cfg: ProjectConfig, req: IndexRequest) -> dict[str, Any]:
             featurized += row["rows"]
             errors += row["errors"]
             busy += row["seconds"]
+            if row["call"] > 0:
+                warm_rows += row["rows"] + row["errors"]
+                warm_busy += row["seconds"]
     lap("featurize")
 
     reused_whole = {r.path: list(r.keep) for r in plan.reuse if r.whole}
-    staged = dedupe(store, _ids(store, store.list_shards(version, "features")))
-    staged_errors = {p: ids for p, ids in _ids(store, store.list_shards(version, "errors")).items()}
+    staged = dedupe(store, shard_ids(store, store.list_shards(version, "features")))
+    staged_errors = {p: ids for p, ids in shard_ids(store, store.list_shards(version, "errors")).items()}
     reused_errors = {r.path: list(r.keep) for r in plan.reuse_errors if r.whole}
     check_exactly_once(set(current.column("example_id").to_pylist()),
                        {**reused_whole, **staged}, {**reused_errors, **staged_errors})
@@ -179,6 +171,7 @@ def run_index(cfg: ProjectConfig, req: IndexRequest) -> dict[str, Any]:
                   "resumed": plan.n_done, "featurized": featurized, "quarantined": errors,
                   "stale_temporaries_removed": removed_tmp, "actors": n_actors, "threads_per_actor": threads,
                   "device": device, "batch_size": cfg.index.batch_size, "actor_busy_seconds": round(busy, 3),
+                  "steady_rows_per_s": _steady(warm_rows, warm_busy, n_actors),
                   "stage_seconds": timings},
     }
     store.commit(version, manifest)
@@ -190,12 +183,15 @@ def run_index(cfg: ProjectConfig, req: IndexRequest) -> dict[str, Any]:
             "rows_per_s": round(featurized / timings["featurize"], 2) if featurized and timings["featurize"] else 0.0,
             "bytes_per_example": round(total_bytes / rows, 1) if rows else 0.0,
             "mode": manifest["build"]["mode"], "actors": n_actors, "threads_per_actor": threads,
-            "actor_busy_seconds": round(busy, 3), "stage_seconds": timings}
+            "actor_busy_seconds": round(busy, 3), "steady_rows_per_s": manifest["build"]["steady_rows_per_s"],
+            "stage_seconds": timings}
+
+
+def _steady(rows: int, busy: float, actors: int) -> float | None:
+    """Examples/s of ``actors`` actors working in parallel, from batches after each actor's
+    first (which pays for lazy set-up and for other actors starting); None without them."""
+    return round(rows / (busy / actors), 2) if busy > 0 else None
 
 
 def _counts(manifest: dict[str, Any]) -> dict[str, Any]:
     return {"rows": manifest["rows"], "errors": manifest["errors"]["rows"]}
-
-
-def _ids(store: IndexStore, paths: list[str]) -> dict[str, list[str]]:
-    return {p: store.read_table(p, columns=["example_id"]).column("example_id").to_pylist() for p in paths}

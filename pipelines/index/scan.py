@@ -1,4 +1,4 @@
-"""Reading the dataset with Ray Data and the key tables a build is planned from."""
+"""What a build is planned from: the dataset (read with Ray Data), its keys, the previous version."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pyarrow as pa
 import ray
 
 from attribution_core.data.storage import filesystem_for
+from attribution_core.index.manifest import FeatureSpec, check_same_features
 from attribution_core.index.source import SourceSpec, keys_only, read_columns
 from attribution_core.index.store import IndexStore
 from pipelines.index.stages import normalize_batch
@@ -24,7 +25,8 @@ def read_source(spec: SourceSpec, keep: pa.Array | None = None) -> ray.data.Data
     if spec.layout == "parquet":
         raw = ray.data.read_parquet(path, filesystem=fs, columns=read_columns(spec), file_extensions=["parquet"])
     else:
-        raw = ray.data.read_json(f"{path}/metadata.jsonl", filesystem=fs, lines=True)
+        # pyarrow reads newline-delimited JSON natively (lines=True would refuse a filesystem)
+        raw = ray.data.read_json(f"{path}/metadata.jsonl", filesystem=fs)
     kwargs: dict[str, Any] = {"spec": spec.to_dict()}
     if keep is not None:
         kwargs["keep"] = [ray.put(keep)]  # one copy in the object store, fetched by each task
@@ -45,3 +47,19 @@ def shard_keys(store: IndexStore, paths: list[str]) -> dict[str, pa.Table]:
 
 def concat_keys(tables: dict[str, pa.Table]) -> pa.Table | None:
     return pa.concat_tables(list(tables.values())) if tables else None
+
+
+def choose_base(store: IndexStore, spec: FeatureSpec, mode: str) -> tuple[dict | None, dict | None]:
+    """(previous committed manifest, the one to build on incrementally or None)."""
+    previous = store.latest()
+    if previous is None or mode == "full":
+        return previous, None
+    found = FeatureSpec.from_manifest(previous)
+    if mode == "incremental":
+        check_same_features(spec, found, f"the latest index version {previous['version']}",
+                            "Build a new index with --full (or into another --out); versions never mix features.")
+    elif spec.differences(found):
+        log.info("the latest version %s was built differently (%s): full rebuild", previous["version"],
+                 "; ".join(spec.differences(found)))
+        return previous, None
+    return previous, previous

@@ -16,7 +16,7 @@ from attribution_core.index.source import SourceSpec, normalize
 from attribution_core.index.store import IndexStore, shard_name
 
 SUMMARY_SCHEMA = pa.schema([("shard", pa.string()), ("rows", pa.int64()), ("errors", pa.int64()),
-                            ("bytes", pa.int64()), ("seconds", pa.float64())])
+                            ("bytes", pa.int64()), ("seconds", pa.float64()), ("call", pa.int64())])
 
 
 def normalize_batch(batch: pa.Table, spec: dict[str, Any], keep: list | None = None) -> pa.Table:
@@ -49,6 +49,7 @@ class IndexActor:
         self.folder = IndexStore.version_dir(version)
         self.dtype = dtype
         self.limits = ImageLimits(**limits)
+        self.calls = 0  # batches this actor has done; the first one is its warm-up
 
     def __call__(self, rows: pa.Table) -> pa.Table:
         if rows.num_rows == 0:
@@ -61,9 +62,10 @@ class IndexActor:
             size = self.store.write_table(f"{self.folder}/features/{name}", result.features)
         if result.errors.num_rows:
             self.store.write_table(f"{self.folder}/errors/{name}", result.errors)
-        return pa.Table.from_pylist([{"shard": name, "rows": result.features.num_rows,
-                                      "errors": result.errors.num_rows, "bytes": size,
-                                      "seconds": time.perf_counter() - start}], schema=SUMMARY_SCHEMA)
+        summary = {"shard": name, "rows": result.features.num_rows, "errors": result.errors.num_rows,
+                   "bytes": size, "seconds": time.perf_counter() - start, "call": self.calls}
+        self.calls += 1
+        return pa.Table.from_pylist([summary], schema=SUMMARY_SCHEMA)
 
 
 def rewrite_shard(row: dict[str, Any], store_uri: str) -> dict[str, Any]:

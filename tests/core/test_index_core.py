@@ -110,6 +110,22 @@ def test_index_batch_quarantines_each_bad_example_and_keeps_the_rest(adapters):
     assert nothing.features.num_rows == 0 and nothing.errors.num_rows == 1
 
 
+def test_class_labels_are_read_as_integers_or_by_the_models_class_names(adapters):
+    adapter = adapters["unet-class"]
+    good = encode_png(np.full((16, 16, 3), 90, dtype=np.uint8))
+    rows = source_rows(adapter, [("a", good, None), ("b", good, None), ("c", good, None), ("d", good, None)])
+    rows = rows.set_column(5, "label", pa.array(["1", "cat", None, "99"], pa.string()))
+    result = index_batch(Featurizer(adapter, CFG), rows)
+    assert result.features.column("example_id").to_pylist() == ["a"]
+    assert set(result.errors.column("example_id").to_pylist()) == {"b", "c", "d"}
+    adapter.label_names = ["dog", "cat"]
+    try:
+        named = index_batch(Featurizer(adapter, CFG), rows)
+    finally:
+        adapter.label_names = None
+    assert named.features.column("example_id").to_pylist() == ["b"]
+
+
 def test_non_finite_features_are_quarantined(model_dirs, tmp_path):
     adapter = load_adapter(model_dirs["unet"])
     with torch.no_grad():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -198,3 +199,23 @@ def test_round_trip_on_s3(s3_base, ray_cluster, model_dirs, good_rows):
     assert IndexStore(out).read_array(manifest["stats"]["blocks"][0]["kernel"]).shape[0] == manifest["layout"]["k_total"]
     again = run_index(project(), IndexRequest(dataset=data, model=model_dirs["text"], out=out))
     assert again["up_to_date"]
+
+
+def test_image_folder_dataset_with_a_missing_file(tmp_path, ray_cluster, model_dirs, good_rows):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    lines = []
+    for row in good_rows[:6]:
+        (folder / f"{row['example_id']}.png").write_bytes(row["image"])
+        lines.append(json.dumps({"file_name": f"{row['example_id']}.png", "caption": row["caption"],
+                                 "subject": row["subject"]}))
+    lines.append(json.dumps({"file_name": "missing.png", "caption": "a filled circle"}))
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    out = str(tmp_path / "index")
+    result = run_index(project(), IndexRequest(dataset=str(folder), model=model_dirs["text"], out=out))
+    manifest, by_id = features_by_id(out)
+    assert sorted(by_id) == sorted(f"{r['example_id']}.png" for r in good_rows[:6])
+    assert result["errors"] == 1 and "no image bytes" in error_ids(out)["missing.png"]
+    assert manifest["dataset"]["layout"] == "imagefolder"
+    _, table = read_index(out)
+    assert all(u.startswith(str(folder)) for u in table.column("uri").to_pylist())
