@@ -49,7 +49,7 @@ class IndexRequest:
 def _actors(cfg: ProjectConfig) -> tuple[int, int, str]:
     """(actors, torch threads per actor, device)."""
     gpus, cpus = cluster_gpus(), cluster_cpus()
-    n = cfg.index.actors or (gpus if gpus else max(1, cpus // 2))
+    n = cfg.index.actors or (gpus if gpus else cpus)
     threads = cfg.index.threads_per_actor or max(1, cpus // n)
     return n, threads, "cuda" if gpus else "cpu"
 
