@@ -31,10 +31,15 @@ def shard_ids(store: IndexStore, paths: list[str]) -> dict[str, list[str]]:
 
 def dedupe(store: IndexStore, shard_ids: dict[str, list[str]]) -> dict[str, list[str]]:
     """Keep each example in the first shard (by path) that holds it; rewrite the others
-    without it. Only a task retried with a different batch composition can cause this."""
+    without it. Only a task retried with a different batch composition can cause this.
+
+    Shard names are digests of their ids, so a rewrite whose name is already taken finds
+    exactly the rows it wanted in that file; the file is then claimed as it is."""
     seen: set[str] = set()
     out: dict[str, list[str]] = {}
     for path in sorted(shard_ids):
+        if path in out:  # claimed by an earlier rewrite
+            continue
         ids = shard_ids[path]
         fresh = [i for i in ids if i not in seen]
         seen.update(fresh)
@@ -43,9 +48,10 @@ def dedupe(store: IndexStore, shard_ids: dict[str, list[str]]) -> dict[str, list
             continue
         log.warning("%s repeats %d examples held by another shard; rewriting it", path, len(ids) - len(fresh))
         if fresh:
-            table = store.read_table(path)
             dst = f"{path.rsplit('/', 1)[0]}/{shard_name(fresh)}"
-            store.write_table(dst, table.filter(pc.is_in(table.column("example_id"), value_set=pa.array(fresh))))
+            if dst not in shard_ids:
+                table = store.read_table(path)
+                store.write_table(dst, table.filter(pc.is_in(table.column("example_id"), value_set=pa.array(fresh))))
             out[dst] = fresh
         store.fs.delete_file(store.path(path))
     return out

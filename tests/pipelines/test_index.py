@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -15,7 +16,7 @@ from attribution_core.data.writers import SYNTH_SCHEMA, synthetic_rows, write_pa
 from attribution_core.errors import ManifestMismatchError
 from attribution_core.features.featurize import featurize
 from attribution_core.index.kernel import kernel_from_gram
-from attribution_core.index.store import IndexStore
+from attribution_core.index.store import IndexStore, shard_name
 from attribution_core.models.adapters import ExampleBatch
 from pipelines.index.job import IndexRequest, run_index
 from tests.pipelines.conftest import error_ids, features_by_id, project, read_index
@@ -219,3 +220,35 @@ def test_image_folder_dataset_with_a_missing_file(tmp_path, ray_cluster, model_d
     assert manifest["dataset"]["layout"] == "imagefolder"
     _, table = read_index(out)
     assert all(u.startswith(str(folder)) for u in table.column("uri").to_pylist())
+
+
+def test_dedupe_keeps_each_example_once_when_a_retry_regrouped_a_batch(tmp_path):
+    from pipelines.index.commit import IncompleteBuildError, check_exactly_once, dedupe, shard_ids
+
+    store = IndexStore(str(tmp_path / "ix"))
+    for ids in (["a", "b"], ["b", "c"], ["c"]):
+        store.write_table(f"versions/v/features/{shard_name(ids)}", pa.table({"example_id": ids, "x": [1.0] * len(ids)}))
+    paths = store.list_shards("v", "features")
+    with pytest.raises(IncompleteBuildError, match="2 repeated"):
+        check_exactly_once({"a", "b", "c"}, shard_ids(store, paths), {})
+    fixed = dedupe(store, shard_ids(store, paths))
+    check_exactly_once({"a", "b", "c"}, fixed, {})
+    assert sorted(fixed) == store.list_shards("v", "features")
+    assert sorted(i for ids in fixed.values() for i in ids) == ["a", "b", "c"]
+    with pytest.raises(IncompleteBuildError, match="1 examples missing"):
+        check_exactly_once({"a", "b", "c", "d"}, fixed, {})
+
+
+def test_dedupe_claims_an_existing_shard_that_already_holds_the_rewrite(tmp_path):
+    from pipelines.index.commit import check_exactly_once, dedupe, shard_ids
+
+    # Ids chosen so that [p, q] sorts first and [q, r] rewritten without q is named like [r].
+    p, q, r = next((f"p{i}", f"q{i}", f"r{i}") for i in range(1000)
+                   if shard_name([f"p{i}", f"q{i}"]) < shard_name([f"q{i}", f"r{i}"]) < shard_name([f"r{i}"]))
+    store = IndexStore(str(tmp_path / "ix"))
+    for ids in ([p, q], [q, r], [r]):
+        store.write_table(f"versions/v/features/{shard_name(ids)}", pa.table({"example_id": ids}))
+    fixed = dedupe(store, shard_ids(store, store.list_shards("v", "features")))
+    check_exactly_once({p, q, r}, fixed, {})
+    assert sorted(fixed) == store.list_shards("v", "features")
+    assert sorted(fixed.values()) == [[p, q], [r]]
