@@ -329,6 +329,74 @@ class IndexConfig:
         _check(self.damping > 0, "index.damping", f"must be > 0, got {self.damping}")
 
 
+ASPECTS = ("general", "subject", "style", "background")
+
+
+@dataclasses.dataclass(frozen=True)
+class AspectPrompts:
+    """How learning-query prompts of one aspect are written: ``template`` with ``{value}``
+    filled from ``values`` (the attribute's vocabulary)."""
+
+    template: str = "a {value}"
+    values: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check("{value}" in self.template, "weights.prompts.template", f"needs a {{value}} slot, got {self.template!r}")
+
+
+def _default_prompts() -> dict[str, AspectPrompts]:
+    from attribution_core.data.synthetic import BACKGROUNDS, STYLES, SUBJECTS
+
+    return {"subject": AspectPrompts("a {value}", tuple(SUBJECTS)),
+            "style": AspectPrompts("a {value} shape", tuple(STYLES)),
+            "background": AspectPrompts("something on a {value} background", tuple(BACKGROUNDS))}
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightsConfig:
+    """Learning per-group weights (``attribution learn-weights``)."""
+
+    name: str = "learned"
+    """Artifact name: written to <index>/versions/<version>/weights/<name>.json."""
+    aspects: tuple[str, ...] = ASPECTS
+    queries_per_aspect: int = 48
+    """Learning queries generated per aspect ('general' prompts are training captions)."""
+    prompts: dict[str, AspectPrompts] = dataclasses.field(default_factory=_default_prompts)
+    seed: int = 1000
+    """Seeds learning-query generation; keep it apart from any evaluation query seed."""
+    guidance: float = 3.0
+    sample_steps: int = 30
+    top_k: int = 10
+    """k of the objective's signal term (mean of the top-k scores)."""
+    lambda_w: float = 0.01
+    """Weight of the ||w||^2 regulariser."""
+    use_kernel: bool = True
+    """Score with the index's kernel K (TRAK / D-TRAK); False: K = I (TracIn)."""
+    pool_size: int = 64
+    """Candidates kept per query and mining weighting (uniform and each group alone)."""
+    max_rounds: int = 3
+    """Optimise / rescan / grow-pools rounds at most."""
+    steps: int = 300
+    learning_rate: float = 0.05
+    workers: int = 2
+    """Ray Train workers (gloo on CPU); queries are split across them."""
+    report_every: int = 50
+    """Steps between reports (and checkpoints) of the objective."""
+    scan_partitions: int = 0
+    """Parallel scan tasks over the index shards; 0 = the cluster's CPU count."""
+
+    def __post_init__(self) -> None:
+        bad = [a for a in self.aspects if a not in ASPECTS]
+        _check(not bad and bool(self.aspects), "weights.aspects", f"choose from {', '.join(ASPECTS)}, got {list(self.aspects)}")
+        for name in ("queries_per_aspect", "sample_steps", "top_k", "pool_size", "max_rounds", "steps", "workers",
+                     "report_every"):
+            _check(getattr(self, name) >= 1, f"weights.{name}", f"must be >= 1, got {getattr(self, name)}")
+        _check(self.pool_size >= self.top_k, "weights.pool_size", f"must be >= top_k ({self.top_k}), got {self.pool_size}")
+        _check(self.lambda_w >= 0 and self.learning_rate > 0, "weights", "lambda_w must be >= 0 and learning_rate > 0")
+        missing = [a for a in self.aspects if a != "general" and (a not in self.prompts or not self.prompts[a].values)]
+        _check(not missing, "weights.prompts", f"aspects {missing} need a template and values")
+
+
 @dataclasses.dataclass(frozen=True)
 class DemoConfig:
     """What ``attribution demo`` does on the embedded default."""
@@ -356,6 +424,7 @@ class ProjectConfig:
     subset_train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     featurize: FeaturizeConfig = dataclasses.field(default_factory=FeaturizeConfig)
     index: IndexConfig = dataclasses.field(default_factory=IndexConfig)
+    weights: WeightsConfig = dataclasses.field(default_factory=WeightsConfig)
     demo: DemoConfig = dataclasses.field(default_factory=DemoConfig)
 
     @classmethod

@@ -1,0 +1,110 @@
+"""Optimising theta on Ray Train: queries split across workers, gradient all-reduced (DDP).
+
+theta is ``[A, M]``: one row per aspect, each optimised on that aspect's queries only (the
+rows share nothing, so one run trains every aspect). Every worker holds a slice of every
+aspect's queries; its loss is scaled so that DDP's average of the workers' gradients is the
+gradient of the mean over all queries. Rank 0 checkpoints theta and the trajectory with
+``ray.train.report``; a restarted worker group resumes from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from attribution_core.weights.objective import pooled_objective
+
+CHECKPOINT_FILE = "theta.json"
+
+
+class Theta(nn.Module):
+    def __init__(self, init: torch.Tensor) -> None:
+        super().__init__()
+        self.theta = nn.Parameter(init.clone())
+
+    def forward(self) -> torch.Tensor:
+        return self.theta
+
+
+def _local_loss(theta: torch.Tensor, parts: list[dict[str, torch.Tensor]], totals: list[int], world: int,
+                k: int, lambda_w: float) -> torch.Tensor:
+    loss = theta.new_zeros(())
+    for a, part in enumerate(parts):
+        n = part["contrib"].shape[0]
+        if n:
+            # mean over this worker's queries x (its share of the aspect) x world: DDP's mean of
+            # the workers' gradients is then the gradient of the mean over all the aspect's queries.
+            term = pooled_objective(theta[a], part["contrib"], part["valid"], part["noise"], k, 0.0)
+            loss = loss + term * n / totals[a] * world
+        loss = loss + lambda_w * (torch.softmax(theta[a], -1) ** 2).sum()
+    return loss
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    import ray.train
+    import torch.distributed as dist
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(1)
+    parts, totals = [], []
+    for aspect in config["aspects"]:
+        rows = slice(rank, None, world)  # query i goes to worker i mod world
+        parts.append({key: torch.from_numpy(np.asarray(aspect[key])[rows]) for key in ("contrib", "valid", "noise")})
+        totals.append(len(aspect["contrib"]))
+    theta0, start, trajectory = torch.tensor(config["theta"], dtype=torch.float64), 0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            saved = json.loads(open(os.path.join(d, CHECKPOINT_FILE)).read())
+        theta0, start, trajectory = torch.tensor(saved["theta"], dtype=torch.float64), saved["step"], saved["trajectory"]
+    module: nn.Module = Theta(theta0)
+    if world > 1:
+        module = nn.parallel.DistributedDataParallel(module)
+    opt = torch.optim.Adam(module.parameters(), lr=config["learning_rate"])
+    steps, every = config["steps"], config["report_every"]
+    for step in range(start, steps):
+        opt.zero_grad()
+        loss = _local_loss(module(), parts, totals, world, config["k"], config["lambda_w"])
+        loss.backward()
+        opt.step()
+        if (step + 1) % every == 0 or step + 1 == steps:
+            value = loss.detach().clone()
+            if world > 1:
+                dist.all_reduce(value)
+                value /= world
+            trajectory.append({"step": step + 1, "objective": float(value)})
+            theta = module.module.theta if world > 1 else module.theta
+            state = {"theta": theta.detach().tolist(), "step": step + 1, "trajectory": trajectory}
+            with tempfile.TemporaryDirectory() as d:
+                if rank == 0:
+                    with open(os.path.join(d, CHECKPOINT_FILE), "w") as f:
+                        json.dump(state, f)
+                ray.train.report({"step": step + 1, "objective": float(value)},
+                                 checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
+
+
+def optimise(aspects: list[dict[str, np.ndarray]], theta: np.ndarray, k: int, lambda_w: float, steps: int,
+             learning_rate: float, workers: int, report_every: int, storage: str, name: str) -> dict[str, Any]:
+    """Run ``train_loop`` on ``workers`` Ray Train workers; returns theta and the trajectory."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"aspects": aspects, "theta": theta.tolist(), "k": k, "lambda_w": lambda_w,
+                           "steps": steps, "learning_rate": learning_rate, "report_every": report_every},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=False, resources_per_worker={"CPU": 0.5}),
+        torch_config=TorchConfig(backend="gloo"),
+        run_config=RunConfig(storage_path=storage, name=name),
+    )
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as d:
+        saved = json.loads(open(os.path.join(d, CHECKPOINT_FILE)).read())
+    return {"theta": np.asarray(saved["theta"]), "trajectory": saved["trajectory"]}

@@ -1,0 +1,53 @@
+"""Weight learning on Ray: distributed scans and Ray Train optimisation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from attribution_core.weights.objective import group_queries, pooled_objective, weights_from_theta
+from attribution_core.weights.pools import mining_weightings, pools_from_state
+from attribution_core.weights.synthetic import BLOCK, synthetic_layout, synthetic_queries
+from pipelines.weights.scan import scan
+from pipelines.weights.train import optimise
+
+LAYOUT = synthetic_layout(groups=6, dim=32)  # signal strong enough to be found among N = 8k
+N, Q, K = 2 * BLOCK + 100, 24, 5
+SIGNAL = (1, 4)
+
+
+@pytest.fixture(scope="module")
+def pooled(ray_cluster):
+    queries, _ = synthetic_queries(N, Q, LAYOUT, SIGNAL, seed=3)
+    grouped = group_queries(queries, LAYOUT, None)
+    source = {"kind": "synthetic", "n": N, "k_total": LAYOUT.k_total, "seed": 3}
+    state = scan(source, [0, 1, 2], grouped, mining_weightings(len(LAYOUT.groups)), 32, True, partitions=2)
+    pools = pools_from_state(state)
+    return {"contrib": pools.contrib.numpy(), "valid": pools.valid.numpy(), "noise": state.noise.numpy(),
+            "state": state, "grouped": grouped, "source": source}
+
+
+def test_distributed_scan_equals_one_partition(pooled):
+    one = scan(pooled["source"], [0, 1, 2], pooled["grouped"], mining_weightings(len(LAYOUT.groups)), 32, True, 1)
+    torch.testing.assert_close(one.noise, pooled["state"].noise)
+    torch.testing.assert_close(one.scores, pooled["state"].scores)
+
+
+def test_two_workers_equal_one_and_weights_concentrate_on_the_signal_groups(pooled, tmp_path):
+    aspect = {k: pooled[k] for k in ("contrib", "valid", "noise")}
+    theta0 = np.zeros((1, len(LAYOUT.groups)))
+    kwargs = dict(k=K, lambda_w=0.01, steps=150, learning_rate=0.1, report_every=50, storage=str(tmp_path))
+    two = optimise([aspect], theta0, workers=2, name="two", **kwargs)
+    one = optimise([aspect], theta0, workers=1, name="one", **kwargs)
+    np.testing.assert_allclose(two["theta"], one["theta"], rtol=1e-6, atol=1e-9)
+    assert [t["step"] for t in two["trajectory"]] == [50, 100, 150]
+    w = weights_from_theta(torch.from_numpy(two["theta"][0]))
+    assert w[list(SIGNAL)].sum() > 0.8, w  # the groups that carry the signal
+    # The objective went down, and it is the pooled objective of the returned theta.
+    start = pooled_objective(torch.zeros(len(LAYOUT.groups), dtype=torch.float64), torch.from_numpy(aspect["contrib"]),
+                             torch.from_numpy(aspect["valid"]), torch.from_numpy(aspect["noise"]), K, 0.01)
+    end = pooled_objective(torch.from_numpy(two["theta"][0]), torch.from_numpy(aspect["contrib"]),
+                           torch.from_numpy(aspect["valid"]), torch.from_numpy(aspect["noise"]), K, 0.01)
+    assert end < start
+    assert two["trajectory"][-1]["objective"] == pytest.approx(float(end), rel=1e-3)
