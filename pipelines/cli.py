@@ -6,6 +6,7 @@
     attribution generate --model DIR --prompt TEXT     sample images, reproducibly
     attribution index --config ... --dataset URI --model DIR --out URI
                                                        featurize a dataset into a versioned index (Ray Data)
+    attribution learn-weights --config ... --index URI  per-group weights per aspect (Ray Train)
     attribution groups --config configs/demo.yaml      tracked layers and parameter groups
     attribution model build-tiny --kind text --out DIR a tiny untrained diffusers model
     attribution bench featurize --json                 featurizer throughput and exactness
@@ -108,12 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="weight initialisation seed")
     p.set_defaults(func=_cmd_build_tiny)
 
-    from pipelines.commands import data, generate, index, train
+    from pipelines.commands import data, generate, index, train, weights
 
     data.add_parser(sub)
     train.add_parser(sub, DEFAULT_CONFIG)
     generate.add_parser(sub)
     index.add_parser(sub, DEFAULT_CONFIG)
+    weights.add_parser(sub, DEFAULT_CONFIG)
 
     bench = sub.add_parser("bench", help="benchmarks that print JSON").add_subparsers(dest="bench_command", required=True)
     p = bench.add_parser("featurize", help="featurizer throughput vs a training step and a dense projection",

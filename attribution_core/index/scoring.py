@@ -105,3 +105,22 @@ def topk_reference(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Te
     """Full stable argsort of ``Tensor[Q, N]`` scores: the reference for ``streaming_topk``."""
     order = torch.argsort(scores, dim=1, descending=True, stable=True)[:, :k]
     return torch.gather(scores, 1, order), order
+
+
+def attribute(queries: torch.Tensor, weights: torch.Tensor, layout: GroupLayout,
+              kernel: list[tuple[int, int, torch.Tensor]] | None, blocks: Iterable[torch.Tensor], k: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k under A weightings at once (general, aspects, uniform): one GEMM per index block.
+
+    ``queries``: ``Tensor[Q, k_total]`` features; ``weights``: ``Tensor[A, M]``; ``kernel``:
+    ``(offset, dim, K_b)`` blocks or None (K = I). Scores are ``tau_w(q, x) = q'^T g(x)`` with
+    ``q' = K (w . g(q))`` (DESIGN 6). Returns scores and row indices, ``Tensor[A, Q, k]``.
+    """
+    from attribution_core.index.kernel import precondition
+
+    wq = weighted_queries(queries, weights, layout)  # [A, Q, k_total]
+    if kernel:
+        wq = precondition(wq.double(), kernel).float()
+    a, q, k_total = wq.shape
+    scores, idx = streaming_topk(wq.reshape(a * q, k_total), blocks, k)
+    return scores.reshape(a, q, -1), idx.reshape(a, q, -1)

@@ -79,3 +79,21 @@ def test_extend_pools_adds_the_missing_top_k_and_reports_recall():
     _, again = extend_pools(grown, found)
     assert again == [1.0] * Q
     assert all(s >= K for s in grown.sizes)
+
+
+def test_attribute_scores_are_the_objectives_tau_for_every_weighting_at_once():
+    from attribution_core.index.scoring import attribute
+
+    for kernel in (False, True):
+        index, queries, grouped = setup(kernel)
+        blocks = None
+        if kernel:
+            x = index.double()
+            k, _ = kernel_from_gram((x.T @ x).numpy(), 0.05)
+            blocks = [(0, LAYOUT.k_total, torch.from_numpy(k))]
+        w = torch.stack([torch.full((5,), 0.2), torch.tensor([0.0, 0.5, 0.0, 0.5, 0.0]), torch.eye(5)[2]])
+        scores, idx = attribute(queries, w, LAYOUT, blocks, (index[i : i + 70] for i in range(0, N, 70)), K)
+        tau = torch.einsum("qnm,am->aqn", contributions(grouped, index).double(), w.double())  # [A, Q, N]
+        ref = torch.topk(tau, K, dim=2)
+        torch.testing.assert_close(scores.double(), ref.values, rtol=1e-4, atol=1e-5)
+        assert (idx == ref.indices).float().mean() > 0.99  # ties aside, the same examples

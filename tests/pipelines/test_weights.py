@@ -51,3 +51,42 @@ def test_two_workers_equal_one_and_weights_concentrate_on_the_signal_groups(pool
                            torch.from_numpy(aspect["valid"]), torch.from_numpy(aspect["noise"]), K, 0.01)
     assert end < start
     assert two["trajectory"][-1]["objective"] == pytest.approx(float(end), rel=1e-3)
+
+
+def test_learn_weights_end_to_end_grows_pools_and_ties_the_artifact_to_its_version(tmp_path, ray_cluster, model_dirs):
+    from attribution_core.config import ProjectConfig, from_mapping
+    from attribution_core.data.writers import write_synthetic
+    from attribution_core.errors import ManifestMismatchError
+    from attribution_core.index.store import IndexStore
+    from attribution_core.weights.artifact import check_weights, weights_matrix
+    from pipelines.index.job import IndexRequest, run_index
+    from pipelines.weights.job import WeightsRequest, learn_weights
+    from tests.pipelines.conftest import FEATURIZE
+
+    data, out = str(tmp_path / "data"), str(tmp_path / "index")
+    write_synthetic(data, 48, seed=4, size=16)
+    settings = {"featurize": FEATURIZE, "index": {"batch_size": 16, "actors": 2, "kernel": "block_diagonal"},
+                "weights": {"aspects": ["general", "subject"], "queries_per_aspect": 4, "sample_steps": 3,
+                            "top_k": 3, "pool_size": 3, "max_rounds": 4, "steps": 20, "report_every": 10,
+                            "workers": 2}}
+    cfg = from_mapping(ProjectConfig, settings)
+    run_index(cfg, IndexRequest(dataset=data, model=model_dirs["text"], out=out))
+    result = learn_weights(cfg, WeightsRequest(index=out))
+    store = IndexStore(out)
+    manifest = store.latest()
+    document = store.read_json(f"versions/{manifest['version']}/weights/learned.json")
+    assert result["artifact"].endswith(f"versions/{manifest['version']}/weights/learned.json")
+    assert set(document["aspects"]) == {"general", "subject"} and document["k"] == 3
+    assert document["groups"] == [g["name"] for g in manifest["layout"]["groups"]]
+    for info in document["aspects"].values():
+        assert abs(sum(info["weights"]) - 1) < 1e-9 and min(info["weights"]) >= 0 and info["queries"] == 4
+    # Pools of k candidates under the mining weightings miss some top-k of the learned
+    # weights; rescans grow them until none is missed.
+    assert result["recall_by_round"][-1] == {"general": 1.0, "subject": 1.0}
+    assert document["trajectory"][-1]["round"] == result["rounds"]
+    check_weights(document, manifest)
+    assert weights_matrix(document, ["subject", "uniform"]).shape == (2, len(document["groups"]))
+    rebuilt = run_index(from_mapping(ProjectConfig, {**settings, "featurize": {**FEATURIZE, "seed": 7}}),
+                        IndexRequest(dataset=data, model=model_dirs["text"], out=out))
+    with pytest.raises(ManifestMismatchError, match="learned on index version"):
+        check_weights(document, store.manifest(rebuilt["version"]))

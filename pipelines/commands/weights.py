@@ -1,0 +1,47 @@
+"""``attribution learn-weights``: learn per-group weights (general and per aspect) on an index."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from attribution_core.config import ProjectConfig
+
+
+def _run(args: argparse.Namespace) -> int:
+    from pipelines.weights.job import WeightsRequest, learn_weights
+
+    cfg = ProjectConfig.load(args.config)
+    aspects = tuple(a.strip() for a in args.aspects.split(",")) if args.aspects else None
+    req = WeightsRequest(index=args.index or cfg.index.out, version=args.version, model=args.model,
+                         aspects=aspects, ray_address=args.ray_address)
+    result = learn_weights(cfg, req)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"learned weights on {result['index']} version {result['version']} from {result['queries']} queries in "
+          f"{result['rounds']} round(s), {result['seconds']} s; wrote {result['artifact']}")
+    for aspect, info in result["aspects"].items():
+        top = sorted(info["weights"].items(), key=lambda kv: -kv[1])[:4]
+        print(f"  {aspect:10s} pool recall {info['pool_recall']['mean']:.3f}  "
+              + ", ".join(f"{g} {w:.3f}" for g, w in top))
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction, default_config: str) -> None:
+    p = sub.add_parser(
+        "learn-weights", help="learn per-group attribution weights on an index (Ray Data + Ray Train)",
+        description="Generate learning queries with the index's model (training captions for 'general', the "
+        "config's templates for subject/style/background), scan the index for candidate pools and noise "
+        "moments, and minimise the self-supervised objective -mean(top-k tau_w)/||tau_w|| + lambda_w ||w||^2 "
+        "over w = softmax(theta) on Ray Train; rescan to verify the pools and repeat. Writes "
+        "<index>/versions/<version>/weights/<name>.json.",
+    )
+    p.add_argument("--config", default=default_config, help=f"YAML config (default {default_config})")
+    p.add_argument("--index", help="index root (default: index.out of the config)")
+    p.add_argument("--version", help="index version (default: the latest)")
+    p.add_argument("--model", help="model directory (default: the path recorded in the index manifest)")
+    p.add_argument("--aspects", help="comma-separated: general,subject,style,background (default: weights.aspects)")
+    p.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--json", action="store_true", help="print a JSON summary")
+    p.set_defaults(func=_run)

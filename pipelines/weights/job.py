@@ -1,0 +1,152 @@
+"""``attribution learn-weights``: per-group weights for each aspect, learned on an index version.
+
+Rounds of: scan the index once for candidate pools and noise moments (Ray Data), optimise
+theta on Ray Train, rescan under the learned weights and grow any pool that missed a true
+top-k example; stop when every pool holds its query's top-k (or after ``max_rounds``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from attribution_core.config import FeaturizeConfig, ProjectConfig, from_mapping, to_mapping
+from attribution_core.errors import ConfigError, ManifestMismatchError
+from attribution_core.features.featurize import Featurizer
+from attribution_core.features.groups import GroupLayout
+from attribution_core.index.store import IndexStore
+from attribution_core.models.fingerprint import model_fingerprint
+from attribution_core.weights.artifact import artifact_path, weights_document
+from attribution_core.weights.objective import group_queries, weights_from_theta
+from attribution_core.weights.pools import Pools, ScanState, extend_pools, mining_weightings, pools_from_state
+from pipelines.models import load_model_dir
+from pipelines.ray_runtime import cluster_cpus, ensure_ray
+from pipelines.weights.queries import learning_queries, prompts_for
+from pipelines.weights.scan import scan
+from pipelines.weights.train import optimise
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightsRequest:
+    index: str
+    version: str | None = None  # default: the index's latest
+    model: str | None = None  # default: the model path recorded in the index manifest
+    aspects: tuple[str, ...] | None = None  # default: weights.aspects of the config
+    ray_address: str | None = None
+
+
+def _select(state: ScanState, rows: slice, weighting: int) -> ScanState:
+    return ScanState(state.scores[rows, weighting : weighting + 1], state.contrib[rows, weighting : weighting + 1],
+                     state.ids[rows, weighting : weighting + 1], None)
+
+
+def _kernel(store: IndexStore, manifest: dict) -> list[tuple[int, int, torch.Tensor]]:
+    return [(b["offset"], b["dim"], torch.from_numpy(store.read_array(b["kernel"]))) for b in manifest["stats"]["blocks"]]
+
+
+def learn_weights(cfg: ProjectConfig, req: WeightsRequest) -> dict[str, Any]:
+    wcfg = cfg.weights
+    timings: dict[str, float] = {}
+    started = clock = time.perf_counter()
+
+    def lap(stage: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[stage] = round(timings.get(stage, 0.0) + now - clock, 3)
+        clock = now
+
+    store = IndexStore(req.index)
+    manifest = store.manifest(req.version) if req.version else store.latest()
+    if manifest is None:
+        raise ManifestMismatchError(f"{req.index!r} holds no committed index version "
+                                    f"{req.version or ''}; build one with `attribution index`")
+    layout = GroupLayout.from_manifest(manifest["layout"])
+    aspects = list(req.aspects or wcfg.aspects)
+    adapter = load_model_dir(req.model or manifest["model"]["path"])
+    if model_fingerprint(adapter) != manifest["model"]["fingerprint"]:
+        raise ManifestMismatchError(f"the model at {req.model or manifest['model']['path']} is not the one index "
+                                    f"version {manifest['version']} was built with (fingerprints differ)")
+    if adapter.conditioning != "text" and aspects != ["general"]:
+        raise ConfigError(f"aspect weights need prompts; this model is {adapter.conditioning}-conditioned: "
+                          "use --aspects general")
+    fcfg = from_mapping(FeaturizeConfig, {**manifest["featurize"], "max_rows_per_pass": cfg.featurize.max_rows_per_pass})
+    featurizer = Featurizer(adapter, fcfg)  # the index's own featurize settings
+    lap("load")
+
+    prompts = {a: prompts_for(a, wcfg, store, manifest) for a in aspects}
+    queries = torch.cat([learning_queries(featurizer, a, prompts[a], wcfg) for a in aspects])
+    rows = {a: slice(i * wcfg.queries_per_aspect, (i + 1) * wcfg.queries_per_aspect) for i, a in enumerate(aspects)}
+    kernel = _kernel(store, manifest) if wcfg.use_kernel else None
+    grouped = group_queries(queries, layout, kernel)  # [Q, M, k_total]
+    lap("queries")
+
+    ensure_ray(req.ray_address)
+    source = {"kind": "index", "uri": store.uri, "layout": manifest["layout"]}
+    paths = [s["path"] for s in manifest["shards"]]
+    partitions = wcfg.scan_partitions or cluster_cpus()
+    m = len(layout.groups)
+    state = scan(source, paths, grouped, mining_weightings(m), wcfg.pool_size, True, partitions)
+    pools = pools_from_state(state)
+    noise = state.noise.numpy()
+    lap("scan")
+
+    theta = np.zeros((len(aspects), m))
+    trajectory: list[dict[str, Any]] = []
+    recall: dict[str, list[float]] = {}
+    recall_by_round: list[dict[str, float]] = []  # min pool recall per aspect, each round
+    storage = tempfile.mkdtemp(prefix="learn-weights-")
+    for round_ in range(1, wcfg.max_rounds + 1):
+        parts = [{"contrib": pools.contrib[rows[a]].numpy(), "valid": pools.valid[rows[a]].numpy(),
+                  "noise": noise[rows[a]]} for a in aspects]
+        result = optimise(parts, theta, wcfg.top_k, wcfg.lambda_w, wcfg.steps, wcfg.learning_rate, wcfg.workers,
+                          wcfg.report_every, storage, f"round-{round_}")
+        theta = result["theta"]
+        trajectory += [{"round": round_, **t} for t in result["trajectory"]]
+        lap("optimise")
+        w = weights_from_theta(torch.from_numpy(theta)).float()  # [A, M]
+        found = scan(source, paths, grouped, w, wcfg.top_k, False, partitions)
+        grown = []
+        for i, a in enumerate(aspects):
+            extended, recall[a] = extend_pools(
+                Pools(pools.ids[rows[a]], pools.contrib[rows[a]], pools.valid[rows[a]]), _select(found, rows[a], i))
+            grown.append(extended)
+        lap("rescan")
+        recall_by_round.append({a: float(min(r)) for a, r in recall.items()})
+        log.info("round %d: pool recall %s", round_, {a: round(float(np.mean(r)), 4) for a, r in recall.items()})
+        if all(min(r) == 1.0 for r in recall.values()):
+            break
+        width = max(g.contrib.shape[1] for g in grown)  # re-pad the grown pools to one width
+        pools = Pools(
+            ids=np.concatenate([np.pad(g.ids, ((0, 0), (0, width - g.ids.shape[1])), constant_values="") for g in grown]),
+            contrib=torch.cat([torch.nn.functional.pad(g.contrib, (0, 0, 0, width - g.contrib.shape[1])) for g in grown]),
+            valid=torch.cat([torch.nn.functional.pad(g.valid, (0, width - g.valid.shape[1])) for g in grown]))
+
+    weights = weights_from_theta(torch.from_numpy(theta))
+    groups = [g.name for g in layout.groups]
+    per_aspect = {a: {"weights": weights[i].tolist(), "theta": theta[i].tolist(), "queries": wcfg.queries_per_aspect,
+                      "prompts": sorted(set(prompts[a]))[:20],
+                      "pool_recall": {"mean": float(np.mean(recall[a])), "min": float(min(recall[a]))}}
+                  for i, a in enumerate(aspects)}
+    document = weights_document(store.uri, manifest, per_aspect, {
+        "k": wcfg.top_k, "lambda_w": wcfg.lambda_w, "kernel": wcfg.use_kernel, "rounds": round_,
+        "recall_by_round": recall_by_round, "pool_size": wcfg.pool_size, "query_seed": wcfg.seed, "trajectory": trajectory,
+        "settings": to_mapping(wcfg), "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "seconds": round(time.perf_counter() - started, 1), "stage_seconds": timings})
+    path = artifact_path(manifest["version"], wcfg.name)
+    store.write_json(path, document)
+    lap("write")
+    return {"index": store.uri, "version": manifest["version"], "artifact": f"{store.uri}/{path}", "rounds": round_,
+            "recall_by_round": recall_by_round,
+            "queries": len(queries), "aspects": {a: {"weights": dict(zip(groups, per_aspect[a]["weights"])),
+                                                     "pool_recall": per_aspect[a]["pool_recall"]} for a in aspects},
+            "objective": trajectory[-1]["objective"] if trajectory else None,
+            "seconds": round(time.perf_counter() - started, 1), "stage_seconds": timings}
