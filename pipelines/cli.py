@@ -12,6 +12,7 @@
     attribution bench featurize --json                 featurizer throughput and exactness
     attribution bench model-quality --model DIR        attribute accuracy of generated images
     attribution bench index --json                     index throughput, scaling, bytes/example
+    attribution bench weights --json                   weight learning time vs N; aspect Recall@10
 
 Errors in input or configuration print one line saying what to change and exit with 2.
 """
@@ -125,11 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
     from pipelines.bench.featurize import add_arguments
     from pipelines.bench.index import add_parser as add_index
     from pipelines.bench.quality import add_parser as add_quality
+    from pipelines.bench.weights import add_parser as add_weights
 
     add_arguments(p)
     p.set_defaults(func=_cmd_bench_featurize)
     add_quality(bench)
     add_index(bench, DEFAULT_CONFIG)
+    add_weights(bench, DEFAULT_CONFIG)
     return parser
 
 

@@ -50,12 +50,13 @@ def scan_block(state: ScanState, grouped: torch.Tensor, weightings: torch.Tensor
     c = contributions(grouped, features)  # [Q, B, M]
     s = torch.einsum("qbm,am->qab", c, weightings.to(c.dtype))  # [Q, A, B]
     q, a, b = s.shape
-    block_c = c.unsqueeze(1).expand(q, a, b, c.shape[2])  # [Q, A, B, M]
-    block_ids = np.broadcast_to(np.asarray(ids, dtype=object), (q, a, b))
-    scores = torch.cat([state.scores, s], dim=2)
-    contrib = torch.cat([state.contrib, block_c], dim=2)
-    all_ids = np.concatenate([state.ids, block_ids], axis=2)
-    best = _keep_best(scores, contrib, all_ids, r)
+    # The block's own best r per (query, weighting) first: never materialise [Q, A, B, M].
+    top_s, top_i = torch.topk(s, min(r, b), dim=2)  # [Q, A, r']
+    source = c.unsqueeze(1).expand(q, a, b, c.shape[2])  # a view, not a copy
+    top_c = torch.gather(source, 2, top_i.unsqueeze(-1).expand(-1, -1, -1, c.shape[2]))  # [Q, A, r', M]
+    top_ids = np.asarray(ids, dtype=object)[top_i.numpy()]  # [Q, A, r']
+    best = _keep_best(torch.cat([state.scores, top_s], dim=2), torch.cat([state.contrib, top_c], dim=2),
+                      np.concatenate([state.ids, top_ids], axis=2), r)
     noise = state.noise
     if noise is not None:
         cd = c.double()

@@ -24,7 +24,7 @@ def attribution(*args: str, cwd: Path = ROOT, check: bool = True, env: dict | No
 
 
 @pytest.mark.parametrize("args", [(), ("demo",), ("groups",), ("model", "build-tiny"), ("bench", "featurize"),
-                                  ("index",)])
+                                  ("index",), ("learn-weights",), ("bench", "index"), ("bench", "weights")])
 def test_help_explains(args):
     out = attribution(*args, "--help").stdout
     assert "usage: attribution" in out and len(out.splitlines()) > 4
@@ -119,3 +119,14 @@ def test_index_command_prints_the_summary_and_explains_errors(tmp_path, ray_clus
     missing = attribution("index", *common, "--dataset", str(tmp_path / "nowhere"), "--out", str(tmp_path / "i2"),
                           check=False)
     assert missing.returncode == 2 and "does not exist" in missing.stderr.splitlines()[-1]
+
+
+def test_bench_weights_prints_scan_and_optimise_times(tmp_path, ray_cluster):
+    config = tmp_path / "weights.yaml"
+    config.write_text(yaml.safe_dump({"weights": {"steps": 10, "report_every": 5, "workers": 1, "pool_size": 16}}))
+    run = attribution("--log-level", "WARNING", "bench", "weights", "--config", str(config), "--sizes", "3000,9000",
+                      "--queries", "16", "--groups", "4", "--dim", "8", "--json", env={"RAY_ADDRESS": ray_cluster})
+    results = json.loads(run.stdout)["results"]
+    assert [r["n"] for r in results] == [3000, 9000]
+    for r in results:
+        assert r["queries"] == 16 and r["scan_s"] > 0 and r["optimise_s"] > 0 and r["pool_candidates"] >= 10

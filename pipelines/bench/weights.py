@@ -1,0 +1,133 @@
+"""``attribution bench weights``: weight learning's cost against N, and a first aspect recall.
+
+Part 1 (synthetic features, regenerated block by block so N = 10^6 is never held): for each N,
+one mining scan of the index with Ray Data (pools + noise moments; ``scan_s``) and one
+optimisation of theta on Ray Train (``optimise_s``), for the same queries. The optimisation
+sees only pools and M x M moments, so its time should not grow with N.
+
+Part 2 (``--index`` with learned weights, e.g. the demo's): Recall@10 of each aspect's
+attribute for generated evaluation queries of known subject/style/background, under that
+aspect's weights and under uniform weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from attribution_core.config import ProjectConfig
+from attribution_core.weights.objective import group_queries
+from attribution_core.weights.pools import mining_weightings, pools_from_state
+from attribution_core.weights.synthetic import BLOCK, synthetic_layout, synthetic_queries
+from pipelines.ray_runtime import cluster_cpus, ensure_ray
+from pipelines.weights.scan import scan
+from pipelines.weights.train import optimise
+
+
+def scaling(cfg: ProjectConfig, sizes: list[int], queries: int, groups: int, dim: int) -> list[dict[str, Any]]:
+    layout = synthetic_layout(groups, dim)
+    wcfg = cfg.weights
+    out = []
+    for n in sizes:
+        q, _ = synthetic_queries(n, queries, layout, signal=(1, groups // 2), seed=0)
+        grouped = group_queries(q, layout, None)
+        source = {"kind": "synthetic", "n": n, "k_total": layout.k_total, "seed": 0}
+        start = time.perf_counter()
+        state = scan(source, list(range((n + BLOCK - 1) // BLOCK)), grouped, mining_weightings(groups),
+                     wcfg.pool_size, True, wcfg.scan_partitions or cluster_cpus())
+        scan_s = time.perf_counter() - start
+        pools = pools_from_state(state)
+        part = {"contrib": pools.contrib.numpy(), "valid": pools.valid.numpy(), "noise": state.noise.numpy()}
+        start = time.perf_counter()
+        result = optimise([part], np.zeros((1, groups)), wcfg.top_k, wcfg.lambda_w, wcfg.steps, wcfg.learning_rate,
+                          wcfg.workers, wcfg.report_every, tempfile.mkdtemp(prefix="bench-weights-"), f"n{n}")
+        optimise_s = time.perf_counter() - start
+        out.append({"n": n, "queries": queries, "groups": groups, "k_total": layout.k_total,
+                    "pool_candidates": int(pools.valid.shape[1]), "steps": wcfg.steps, "workers": wcfg.workers,
+                    "scan_s": round(scan_s, 2), "optimise_s": round(optimise_s, 2),
+                    "objective": result["trajectory"][-1]["objective"]})
+    return out
+
+
+def aspect_recall(cfg: ProjectConfig, index_uri: str, queries: int, k: int, seed: int) -> dict[str, Any]:
+    """Recall@k of each aspect's attribute: learned aspect weights vs uniform."""
+    from attribution_core.config import FeaturizeConfig, from_mapping
+    from attribution_core.data.readers import read_examples
+    from attribution_core.data.synthetic import BACKGROUNDS, STYLES, SUBJECTS, caption_for
+    from attribution_core.features.featurize import Featurizer
+    from attribution_core.features.groups import GroupLayout
+    from attribution_core.index.reader import load_index
+    from attribution_core.index.scoring import attribute
+    from attribution_core.index.store import IndexStore
+    from attribution_core.weights.artifact import artifact_path, check_weights, weights_matrix
+    from pipelines.models import load_model_dir
+    from pipelines.weights.queries import learning_queries
+
+    index = load_index(index_uri)
+    manifest = index.manifest
+    document = IndexStore(index_uri).read_json(artifact_path(manifest["version"], cfg.weights.name))
+    if document is None:
+        raise FileNotFoundError(f"no weights {cfg.weights.name!r} for {index_uri} {manifest['version']}; "
+                                "run `attribution learn-weights` first")
+    check_weights(document, manifest)
+    attrs = {ex.example_id: ex.attributes for ex in read_examples(manifest["dataset"]["uri"])}
+    rng = np.random.default_rng(seed)
+    combos = [(str(rng.choice(SUBJECTS)), str(rng.choice(STYLES)), str(rng.choice(BACKGROUNDS))) for _ in range(queries)]
+    prompts = [caption_for(*c) for c in combos]
+    adapter = load_model_dir(manifest["model"]["path"])
+    fcfg = from_mapping(FeaturizeConfig, {**manifest["featurize"], "max_rows_per_pass": cfg.featurize.max_rows_per_pass})
+    eval_cfg = cfg.weights.__class__(**{**cfg.weights.__dict__, "seed": seed})  # evaluation seeds, not learning's
+    feats = learning_queries(Featurizer(adapter, fcfg), "evaluation", prompts, eval_cfg)
+    kernel = index.kernel if cfg.weights.use_kernel else None
+    out: dict[str, Any] = {"queries": queries, "k": k, "seed": seed}
+    layout = GroupLayout.from_manifest(manifest["layout"])
+    for i, aspect in enumerate(("subject", "style", "background")):
+        if aspect not in document["aspects"]:
+            continue
+        w = weights_matrix(document, [aspect, "uniform"])
+        blocks = (index.features[j : j + 4096] for j in range(0, index.features.shape[0], 4096))
+        _, idx = attribute(feats, w, layout, kernel, blocks, k)  # [2, Q, k]
+        hits = [[np.mean([attrs[index.example_ids[r]].get(aspect) == combos[qi][i] for r in idx[a, qi].tolist()])
+                 for qi in range(queries)] for a in range(2)]
+        out[aspect] = {"aspect_weights": round(float(np.mean(hits[0])), 4), "uniform": round(float(np.mean(hits[1])), 4)}
+    return out
+
+
+def _run(args: argparse.Namespace) -> int:
+    cfg = ProjectConfig.load(args.config)
+    ensure_ray(args.ray_address)
+    result: dict[str, Any] = {}
+    if not args.skip_scaling:
+        sizes = [int(s) for s in args.sizes.split(",")]
+        result["results"] = scaling(cfg, sizes, args.queries, args.groups, args.dim)
+    if args.index:
+        torch.manual_seed(0)
+        result["recall"] = aspect_recall(cfg, args.index, args.eval_queries, args.k, args.eval_seed)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def add_parser(bench: argparse._SubParsersAction, default_config: str) -> None:
+    p = bench.add_parser("weights", help="weight learning: scan and optimisation time against N; aspect recall",
+                         description="Time one mining scan (Ray Data) and one optimisation (Ray Train) for "
+                         "--queries synthetic queries at each N in --sizes; with --index, measure Recall@k of each "
+                         "aspect's attribute under learned aspect weights vs uniform. Prints JSON.")
+    p.add_argument("--config", default=default_config, help=f"weights settings (default {default_config})")
+    p.add_argument("--sizes", default="10000,100000,1000000", help="index sizes N (default 10000,100000,1000000)")
+    p.add_argument("--queries", type=int, default=1000, help="learning queries (default 1000)")
+    p.add_argument("--groups", type=int, default=8, help="parameter groups of the synthetic features (default 8)")
+    p.add_argument("--dim", type=int, default=32, help="features per group (default 32)")
+    p.add_argument("--skip-scaling", action="store_true", help="only the recall measurement")
+    p.add_argument("--index", help="index with learned weights (e.g. artifacts/demo/index) for Recall@k")
+    p.add_argument("--eval-queries", type=int, default=96, help="evaluation queries for Recall@k (default 96)")
+    p.add_argument("--eval-seed", type=int, default=424242, help="their generation seed (apart from weights.seed)")
+    p.add_argument("--k", type=int, default=10, help="k of Recall@k (default 10)")
+    p.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--json", action="store_true", help="accepted for symmetry; the output is always JSON")
+    p.set_defaults(func=_run)
