@@ -18,7 +18,7 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 help:
 	@echo "make demo   - set up, then run the main job end to end (writes artifacts/demo/)"
 	@echo "make test   - set up, then run the CPU test suite"
-	@echo "make bench  - featurizer and index benchmarks (JSON)"
+	@echo "make bench  - featurizer, index and weight-learning benchmarks (JSON)"
 	@echo "make clean  - remove the virtual environment and artifacts/"
 
 $(PY):
@@ -42,6 +42,7 @@ demo: install
 bench: install
 	$(NETNS) $(VENV)/bin/attribution bench featurize --json
 	$(NETNS) $(VENV)/bin/attribution --log-level WARNING bench index --json
+	$(NETNS) $(VENV)/bin/attribution --log-level WARNING bench weights --json
 
 clean:
 	rm -rf $(VENV) artifacts

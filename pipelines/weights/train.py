@@ -93,7 +93,7 @@ def train_loop(config: dict[str, Any]) -> None:
 def optimise(aspects: list[dict[str, np.ndarray]], theta: np.ndarray, k: int, lambda_w: float, steps: int,
              learning_rate: float, workers: int, report_every: int, storage: str, name: str) -> dict[str, Any]:
     """Run ``train_loop`` on ``workers`` Ray Train workers; returns theta and the trajectory."""
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     trainer = TorchTrainer(
@@ -102,7 +102,8 @@ def optimise(aspects: list[dict[str, np.ndarray]], theta: np.ndarray, k: int, la
                            "steps": steps, "learning_rate": learning_rate, "report_every": report_every},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=False, resources_per_worker={"CPU": 0.5}),
         torch_config=TorchConfig(backend="gloo"),
-        run_config=RunConfig(storage_path=storage, name=name),
+        # A failed worker group restarts from the last checkpoint (train_loop reads it back).
+        run_config=RunConfig(storage_path=storage, name=name, failure_config=FailureConfig(max_failures=2)),
     )
     result = trainer.fit()
     with result.checkpoint.as_directory() as d:
