@@ -67,9 +67,11 @@ def test_demo_end_to_end(tmp_path, ray_cluster):
 def test_groups_command(tmp_path, model_dirs):
     config = _demo_config(tmp_path, model_dirs["text"])
     out = attribution("groups", "--config", str(config)).stdout
-    assert "tracked layers" in out and "down_blocks.0" in out
     layout = json.loads(attribution("groups", "--config", str(config), "--json").stdout)
     assert layout["k_total"] == sum(g["dim"] for g in layout["groups"])
+    assert f"{len(layout['layers'])} tracked layers, {len(layout['groups'])} groups" in out
+    assert all(g["name"] in out for g in layout["groups"])  # the demo groups by function: io, cross_attn_k, ...
+    assert "cross_attn_k" in out
 
 
 def test_errors_are_one_line_with_exit_2(tmp_path):
