@@ -21,6 +21,12 @@ from attribution_core.errors import ConfigError
 T = TypeVar("T")
 
 
+def check(condition: bool, field: str, message: str) -> None:
+    """Raise ``ConfigError`` naming ``field`` unless ``condition`` holds."""
+    if not condition:
+        raise ConfigError(f"{field}: {message}")
+
+
 def _coerce(tp: Any, value: Any, where: str) -> Any:
     """Convert a YAML value to the annotated type ``tp``, or raise ConfigError at ``where``."""
     origin = typing.get_origin(tp)
