@@ -13,6 +13,7 @@ aspect's weights and under uniform weights.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import tempfile
 import time
@@ -82,7 +83,7 @@ def aspect_recall(cfg: ProjectConfig, index_uri: str, queries: int, k: int, seed
     prompts = [caption_for(*c) for c in combos]
     adapter = load_model_dir(manifest["model"]["path"])
     fcfg = from_mapping(FeaturizeConfig, {**manifest["featurize"], "max_rows_per_pass": cfg.featurize.max_rows_per_pass})
-    eval_cfg = cfg.weights.__class__(**{**cfg.weights.__dict__, "seed": seed})  # evaluation seeds, not learning's
+    eval_cfg = dataclasses.replace(cfg.weights, seed=seed)  # evaluation seeds, not learning's
     feats = learning_queries(Featurizer(adapter, fcfg), "evaluation", prompts, eval_cfg)
     kernel = index.kernel if cfg.weights.use_kernel else None
     out: dict[str, Any] = {"queries": queries, "k": k, "seed": seed}
