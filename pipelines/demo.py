@@ -13,24 +13,20 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from attribution_core.config import ProjectConfig
-from attribution_core.data.images import decode_image, encode_png
 from attribution_core.data.synthetic import caption_for
 from attribution_core.data.writers import read_marker, write_synthetic
 from attribution_core.features.featurize import Featurizer
-from attribution_core.features.seeding import content_id
-from attribution_core.index.kernel import precondition
 from attribution_core.index.manifest import FeatureSpec, check_same_features
 from attribution_core.index.reader import load_index
-from attribution_core.index.scoring import streaming_topk, weighted_queries
-from attribution_core.models.adapters import ExampleBatch
+from attribution_core.index.scoring import attribute
 from attribution_core.models.fingerprint import model_fingerprint
 from attribution_core.models.sampling import generate
 from pipelines.commands.train import train_to_dir
 from pipelines.models import ensure_model, load_model
+from pipelines.weights.queries import featurize_generated
 
 # Query prompts of the demo: (subject, style, background).
 SUBJECT_STYLE_BACKGROUND = (("circle", "filled", "grid"), ("triangle", "outlined", "solid"),
@@ -68,24 +64,15 @@ def run(cfg: ProjectConfig) -> dict[str, Any]:
     query_spec = FeatureSpec.build(model_fingerprint(adapter), cfg.featurize, featurizer.layout, index.manifest["dtype"])
     check_same_features(FeatureSpec.from_manifest(index.manifest), query_spec, "the query featurizer",
                         "Rebuild the index with this model and featurize settings.")
-    channels, size = adapter.image_shape[0], adapter.image_shape[1]
 
     prompts = [caption_for(*SUBJECT_STYLE_BACKGROUND[i % len(SUBJECT_STYLE_BACKGROUND)]) for i in range(cfg.demo.queries)]
     queries = generate(adapter, prompts=prompts if adapter.conditioning == "text" else None,
                        labels=[0] if adapter.conditioning == "class" else None, n=cfg.demo.queries, seed=cfg.demo.seed)
-    pngs = [encode_png(q.image) for q in queries]  # queries enter like any image: bytes -> decode_image
-    q_ids = tuple(content_id(png) for png in pngs)  # a query's id is the hash of its content
-    q_batch = ExampleBatch(
-        example_ids=q_ids,
-        pixels=torch.from_numpy(np.stack([decode_image(png, qid, size, channels) for png, qid in zip(pngs, q_ids)])),
-        captions=tuple(prompts) if adapter.conditioning == "text" else None,
-    )
-    q_flat = featurizer.flat(q_batch)
-    uniform = torch.ones(len(featurizer.layout.groups))
-    wq = weighted_queries(q_flat, uniform, featurizer.layout)[0]  # [Q, k_total]
-    wq = precondition(wq.double(), index.kernel).float()  # q' = K (w . g(q)), DESIGN 6
+    q_flat = featurize_generated(featurizer, queries)  # queries enter like any image: bytes -> decode
+    uniform = torch.ones(1, len(featurizer.layout.groups))
     blocks = (index.features[i : i + 4096] for i in range(0, index.features.shape[0], 4096))
-    scores, idx = streaming_topk(wq, blocks, cfg.demo.top_k)
+    scores, idx = attribute(q_flat, uniform, featurizer.layout, index.kernel, blocks, cfg.demo.top_k)
+    scores, idx = scores[0], idx[0]  # the one weighting: [Q, k]
     attributions = [
         {
             "query": prompts[qi],

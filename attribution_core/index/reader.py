@@ -27,6 +27,12 @@ class LoadedIndex:
     kernel: list[tuple[int, int, torch.Tensor]]  # (offset, dim, K_b float64) blocks
 
 
+def read_kernel(store: IndexStore, manifest: dict[str, Any]) -> list[tuple[int, int, torch.Tensor]]:
+    """The version's kernel as ``(offset, dim, K_b)`` blocks (float64)."""
+    return [(b["offset"], b["dim"], torch.from_numpy(np.ascontiguousarray(store.read_array(b["kernel"]))))
+            for b in manifest["stats"]["blocks"]]
+
+
 def load_index(uri: str, version: str | None = None) -> LoadedIndex:
     """The ``latest`` (or a named) committed version of the index at ``uri``, in memory."""
     store = IndexStore(uri)
@@ -45,8 +51,7 @@ def load_index(uri: str, version: str | None = None) -> LoadedIndex:
         raise ManifestMismatchError(f"{uri!r} version {manifest['version']}: manifest says {manifest['rows']} rows, "
                                     f"shards hold {len(ids)}")
     features = torch.from_numpy(flat_matrix(table, layout)) if table is not None else torch.empty(0, layout.k_total)
-    kernel = [(b["offset"], b["dim"], torch.from_numpy(np.ascontiguousarray(store.read_array(b["kernel"]))))
-              for b in manifest["stats"]["blocks"]]
+    kernel = read_kernel(store, manifest)
     return LoadedIndex(manifest=manifest, layout=layout, example_ids=ids,
                        captions=table.column("caption").to_pylist() if table is not None else [],
                        uris=table.column("uri").to_pylist() if table is not None else [],

@@ -21,6 +21,7 @@ from attribution_core.config import FeaturizeConfig, ProjectConfig, from_mapping
 from attribution_core.errors import ConfigError, ManifestMismatchError
 from attribution_core.features.featurize import Featurizer
 from attribution_core.features.groups import GroupLayout
+from attribution_core.index.reader import read_kernel
 from attribution_core.index.store import IndexStore
 from attribution_core.models.fingerprint import model_fingerprint
 from attribution_core.weights.artifact import artifact_path, weights_document
@@ -47,10 +48,6 @@ class WeightsRequest:
 def _select(state: ScanState, rows: slice, weighting: int) -> ScanState:
     return ScanState(state.scores[rows, weighting : weighting + 1], state.contrib[rows, weighting : weighting + 1],
                      state.ids[rows, weighting : weighting + 1], None)
-
-
-def _kernel(store: IndexStore, manifest: dict) -> list[tuple[int, int, torch.Tensor]]:
-    return [(b["offset"], b["dim"], torch.from_numpy(store.read_array(b["kernel"]))) for b in manifest["stats"]["blocks"]]
 
 
 def learn_weights(cfg: ProjectConfig, req: WeightsRequest) -> dict[str, Any]:
@@ -85,7 +82,7 @@ def learn_weights(cfg: ProjectConfig, req: WeightsRequest) -> dict[str, Any]:
     prompts = {a: prompts_for(a, wcfg, store, manifest) for a in aspects}
     queries = torch.cat([learning_queries(featurizer, a, prompts[a], wcfg) for a in aspects])
     rows = {a: slice(i * wcfg.queries_per_aspect, (i + 1) * wcfg.queries_per_aspect) for i, a in enumerate(aspects)}
-    kernel = _kernel(store, manifest) if wcfg.use_kernel else None
+    kernel = read_kernel(store, manifest) if wcfg.use_kernel else None
     grouped = group_queries(queries, layout, kernel)  # [Q, M, k_total]
     lap("queries")
 

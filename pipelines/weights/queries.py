@@ -14,7 +14,7 @@ from attribution_core.features.featurize import Featurizer
 from attribution_core.features.seeding import content_id, stable_seed
 from attribution_core.index.store import IndexStore
 from attribution_core.models.adapters import ExampleBatch
-from attribution_core.models.sampling import generate
+from attribution_core.models.sampling import Generated, generate
 
 
 def prompts_for(aspect: str, cfg: WeightsConfig, store: IndexStore, manifest: dict) -> list[str]:
@@ -42,11 +42,19 @@ def learning_queries(featurizer: Featurizer, aspect: str, prompts: list[str], cf
                       labels=list(range(len(adapter.label_names or [0]))) if adapter.conditioning == "class" else None,
                       n=len(prompts), seed=stable_seed("learning-queries", cfg.seed, aspect),
                       guidance=cfg.guidance, steps=cfg.sample_steps)
+    return featurize_generated(featurizer, images, batch)
+
+
+def featurize_generated(featurizer: Featurizer, images: list[Generated], batch: int = 16) -> torch.Tensor:
+    """Features ``Tensor[len(images), k_total]`` of generated images, entering as any image
+    does (PNG bytes -> ``decode_image``), keyed by the hash of their content."""
+    adapter = featurizer.adapter
+    text = adapter.conditioning == "text"
     c, size = adapter.image_shape[0], adapter.image_shape[1]
     parts = []
     for start in range(0, len(images), batch):
         chunk = images[start : start + batch]
-        pngs = [encode_png(g.image) for g in chunk]  # queries enter like any image: bytes -> decode
+        pngs = [encode_png(g.image) for g in chunk]
         ids = tuple(content_id(p) for p in pngs)
         parts.append(featurizer.flat(ExampleBatch(
             example_ids=ids,
