@@ -13,7 +13,7 @@ from pathlib import Path
 # Re-exported so that callers find the whole config API in one module.
 from attribution_core.config_io import check as _check
 from attribution_core.config_io import from_mapping, load_yaml, to_mapping  # noqa: F401
-from attribution_core.config_stages import IndexConfig, WeightsConfig
+from attribution_core.config_stages import IndexConfig, ServeConfig, WeightsConfig
 
 MEASUREMENTS = ("loss", "square")
 TIMESTEP_STRATEGIES = ("uniform", "random", "fixed")
@@ -302,6 +302,7 @@ class ProjectConfig:
     index: IndexConfig = dataclasses.field(default_factory=IndexConfig)
     weights: WeightsConfig = dataclasses.field(default_factory=WeightsConfig)
     demo: DemoConfig = dataclasses.field(default_factory=DemoConfig)
+    serve: ServeConfig = dataclasses.field(default_factory=ServeConfig)
 
     @classmethod
     def load(cls, path: str | Path) -> ProjectConfig:

@@ -126,3 +126,57 @@ class WeightsConfig:
         _check(self.lambda_w >= 0 and self.learning_rate > 0, "weights", "lambda_w must be >= 0 and learning_rate > 0")
         missing = [a for a in self.aspects if a != "general" and (a not in self.prompts or not self.prompts[a].values)]
         _check(not missing, "weights.prompts", f"aspects {missing} need a template and values")
+
+
+QUERY_ASPECTS = (*ASPECTS, "uniform")
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeConfig:
+    """The query endpoint (``attribution serve``, ``deploy/serve_config.yaml``)."""
+
+    host: str = "127.0.0.1"
+    """Address the HTTP proxy binds; 0.0.0.0 to accept connections from other machines."""
+    port: int = 8000
+    weights: str = "learned"
+    """Weights artifact name under the served index version (<index>/versions/<v>/weights/<name>.json)."""
+    default_aspects: tuple[str, ...] = ("general",)
+    """Aspects answered when a request names none; 'general' falls back to 'uniform' when
+    the index version has no learned weights."""
+    default_k: int = 10
+    max_k: int = 100
+    max_image_bytes: int = 8 * 2**20
+    """Larger uploads are refused with 413."""
+    max_image_pixels: int = 16 * 2**20
+    """Images of more pixels (width x height) are refused with 413 before decoding them."""
+    api_key_env: str | None = None
+    """Name of an environment variable holding the API key; when set, requests must carry
+    it in the X-API-Key header. The key itself never appears in a config file."""
+    partitions: int = 1
+    """Index searcher deployments, each holding 1/partitions of the rows (split the index
+    when it does not fit one replica); top-k is merged exactly."""
+    searcher_replicas: int = 1
+    """Replicas per partition (throughput)."""
+    featurizer_replicas: int = 1
+    """Replicas of the model; each takes a GPU when CUDA is present."""
+    threads: int = 0
+    """torch threads per featurizer / searcher replica; 0 = the machine's CPU count."""
+    cpus_per_replica: float = 0.5
+    """CPUs reserved per featurizer / searcher replica (fractional on small machines)."""
+    max_batch_size: int = 8
+    """Concurrent queries featurized / searched together."""
+    batch_wait_ms: float = 2.0
+    """How long a replica waits to fill a batch once a query has arrived."""
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.port <= 65535, "serve.port", f"must be a TCP port, got {self.port}")
+        bad = [a for a in self.default_aspects if a not in QUERY_ASPECTS]
+        _check(not bad and bool(self.default_aspects), "serve.default_aspects",
+               f"choose from {', '.join(QUERY_ASPECTS)}, got {list(self.default_aspects)}")
+        _check(1 <= self.default_k <= self.max_k, "serve.default_k", f"must be in [1, max_k={self.max_k}], got {self.default_k}")
+        for name in ("max_image_bytes", "max_image_pixels", "partitions", "searcher_replicas", "featurizer_replicas",
+                     "max_batch_size"):
+            _check(getattr(self, name) >= 1, f"serve.{name}", f"must be >= 1, got {getattr(self, name)}")
+        _check(self.threads >= 0, "serve.threads", f"must be >= 0, got {self.threads}")
+        _check(self.cpus_per_replica > 0, "serve.cpus_per_replica", f"must be > 0, got {self.cpus_per_replica}")
+        _check(self.batch_wait_ms >= 0, "serve.batch_wait_ms", f"must be >= 0, got {self.batch_wait_ms}")

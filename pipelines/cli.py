@@ -7,12 +7,14 @@
     attribution index --config ... --dataset URI --model DIR --out URI
                                                        featurize a dataset into a versioned index (Ray Data)
     attribution learn-weights --config ... --index URI  per-group weights per aspect (Ray Train)
+    attribution serve --config ... --index URI         the HTTP query endpoint (Ray Serve), until Ctrl-C
     attribution groups --config configs/demo.yaml      tracked layers and parameter groups
     attribution model build-tiny --kind text --out DIR a tiny untrained diffusers model
     attribution bench featurize --json                 featurizer throughput and exactness
     attribution bench model-quality --model DIR        attribute accuracy of generated images
     attribution bench index --json                     index throughput, scaling, bytes/example
     attribution bench weights --json                   weight learning time vs N; aspect Recall@10
+    attribution bench serve --json                     endpoint latency and throughput vs N and concurrency
 
 Errors in input or configuration print one line saying what to change and exit with 2.
 """
@@ -110,13 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="weight initialisation seed")
     p.set_defaults(func=_cmd_build_tiny)
 
-    from pipelines.commands import data, generate, index, train, weights
+    from pipelines.commands import data, generate, index, serve, train, weights
 
     data.add_parser(sub)
     train.add_parser(sub, DEFAULT_CONFIG)
     generate.add_parser(sub)
     index.add_parser(sub, DEFAULT_CONFIG)
     weights.add_parser(sub, DEFAULT_CONFIG)
+    serve.add_parser(sub, DEFAULT_CONFIG)
 
     bench = sub.add_parser("bench", help="benchmarks that print JSON").add_subparsers(dest="bench_command", required=True)
     p = bench.add_parser("featurize", help="featurizer throughput vs a training step and a dense projection",
@@ -126,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     from pipelines.bench.featurize import add_arguments
     from pipelines.bench.index import add_parser as add_index
     from pipelines.bench.quality import add_parser as add_quality
+    from pipelines.bench.serve import add_parser as add_serve
     from pipelines.bench.weights import add_parser as add_weights
 
     add_arguments(p)
@@ -133,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_quality(bench)
     add_index(bench, DEFAULT_CONFIG)
     add_weights(bench, DEFAULT_CONFIG)
+    add_serve(bench, DEFAULT_CONFIG)
     return parser
 
 

@@ -33,8 +33,28 @@ def read_kernel(store: IndexStore, manifest: dict[str, Any]) -> list[tuple[int, 
             for b in manifest["stats"]["blocks"]]
 
 
-def load_index(uri: str, version: str | None = None) -> LoadedIndex:
-    """The ``latest`` (or a named) committed version of the index at ``uri``, in memory."""
+def partition_shards(shards: list[dict[str, Any]], parts: int) -> list[list[dict[str, Any]]]:
+    """Split a version's shards into ``parts`` lists of near-equal row counts (largest shard
+    first onto the lightest part; deterministic, so every searcher computes the same split)."""
+    if parts < 1:
+        raise ManifestMismatchError(f"parts must be >= 1, got {parts}")
+    out: list[list[dict[str, Any]]] = [[] for _ in range(parts)]
+    rows = [0] * parts
+    for shard in sorted(shards, key=lambda s: (-s["rows"], s["path"])):
+        lightest = min(range(parts), key=lambda p: (rows[p], p))
+        out[lightest].append(shard)
+        rows[lightest] += shard["rows"]
+    return out
+
+
+def load_index(uri: str, version: str | None = None, part: int = 0, parts: int = 1,
+               dtype: np.dtype = np.float32) -> LoadedIndex:
+    """The ``latest`` (or a named) committed version of the index at ``uri``, in memory.
+
+    ``part`` of ``parts``: only that partition's shards (``partition_shards``), for
+    searchers that split an index too large for one process. ``dtype``: of ``features``
+    (float16 keeps the stored values in half the memory).
+    """
     store = IndexStore(uri)
     manifest = store.manifest(version) if version else store.latest()
     if manifest is None:
@@ -44,13 +64,16 @@ def load_index(uri: str, version: str | None = None) -> LoadedIndex:
         raise ManifestMismatchError(f"{uri!r} is a {manifest.get('kind')} of schema {manifest.get('schema_version')}; "
                                     f"this version reads {KIND} schema {SCHEMA_VERSION}")
     layout = GroupLayout.from_manifest(manifest["layout"])
-    tables = [store.read_table(s["path"]) for s in manifest["shards"]]
+    shards = partition_shards(manifest["shards"], parts)[part] if parts > 1 else manifest["shards"]
+    tables = [store.read_table(s["path"]) for s in shards]
     table = pa.concat_tables(tables) if tables else None
     ids = table.column("example_id").to_pylist() if table is not None else []
-    if len(ids) != manifest["rows"]:
-        raise ManifestMismatchError(f"{uri!r} version {manifest['version']}: manifest says {manifest['rows']} rows, "
+    expected = sum(s["rows"] for s in shards)
+    if len(ids) != expected or (parts == 1 and expected != manifest["rows"]):
+        raise ManifestMismatchError(f"{uri!r} version {manifest['version']}: manifest says {expected} rows, "
                                     f"shards hold {len(ids)}")
-    features = torch.from_numpy(flat_matrix(table, layout)) if table is not None else torch.empty(0, layout.k_total)
+    features = (torch.from_numpy(flat_matrix(table, layout, dtype)) if table is not None
+                else torch.empty(0, layout.k_total, dtype=torch.from_numpy(np.empty(0, dtype)).dtype))
     kernel = read_kernel(store, manifest)
     return LoadedIndex(manifest=manifest, layout=layout, example_ids=ids,
                        captions=table.column("caption").to_pylist() if table is not None else [],

@@ -74,6 +74,26 @@ def _merge(
     return torch.gather(all_v, 1, order), torch.gather(all_i, 1, order)
 
 
+def merged_topk(score_blocks: Iterable[torch.Tensor], k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k over scores given as consecutive column blocks ``Tensor[Q, n_b]`` of a
+    ``[Q, N]`` score matrix. Returns scores and global column indices, ``Tensor[Q, min(k, N)]``."""
+    if k < 1:
+        raise InputError(f"k must be >= 1, got {k}")
+    best_v = best_i = None
+    start = 0
+    for scores in score_blocks:
+        n = scores.shape[1]
+        if best_v is None:
+            best_v = scores.new_empty(scores.shape[0], 0)
+            best_i = torch.empty(scores.shape[0], 0, dtype=torch.long, device=scores.device)
+        if n == 0:
+            continue
+        v, order = torch.topk(scores, min(k, n), dim=1)  # [Q, kk], O(n_b) per query
+        best_v, best_i = _merge(best_v, best_i, v, order + start, k)
+        start += n
+    return best_v, best_i
+
+
 def streaming_topk(
     queries: torch.Tensor, blocks: Iterable[torch.Tensor], k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,21 +103,9 @@ def streaming_topk(
     ``blocks``: iterable of ``Tensor[n_b, k_total]``. Returns scores and global row indices,
     both ``Tensor[Q, min(k, N)]``, best first. Memory is O(Q * (k + block size)).
     """
-    if k < 1:
-        raise InputError(f"k must be >= 1, got {k}")
-    q = queries.shape[0]
-    best_v = torch.empty(q, 0, dtype=queries.dtype)
-    best_i = torch.empty(q, 0, dtype=torch.long)
-    start = 0
-    for block in blocks:
-        n = block.shape[0]
-        if n == 0:
-            continue
-        scores = queries @ block.to(queries.dtype).T  # [Q, n_b]
-        kk = min(k, n)
-        v, order = torch.topk(scores, kk, dim=1)  # [Q, kk], O(n_b) per query
-        best_v, best_i = _merge(best_v, best_i, v, order + start, k)
-        start += n
+    best_v, best_i = merged_topk((queries @ block.to(queries.dtype).T for block in blocks), k)  # [Q, n_b] each
+    if best_v is None:  # no blocks at all
+        return queries.new_empty(queries.shape[0], 0), torch.empty(queries.shape[0], 0, dtype=torch.long)
     return best_v, best_i
 
 
@@ -105,6 +113,38 @@ def topk_reference(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Te
     """Full stable argsort of ``Tensor[Q, N]`` scores: the reference for ``streaming_topk``."""
     order = torch.argsort(scores, dim=1, descending=True, stable=True)[:, :k]
     return torch.gather(scores, 1, order), order
+
+
+def preconditioned_queries(queries: torch.Tensor, weights: torch.Tensor, layout: GroupLayout,
+                           kernel: list[tuple[int, int, torch.Tensor]] | None) -> torch.Tensor:
+    """``Tensor[A, Q, k_total]`` float32: ``q'_a = K (w_a . g(q))`` for A weightings at once.
+
+    K is linear, so ``K (w_a . g) = sum_j w_aj K (e_j . g)``: each kernel block is applied
+    once per query and per group it overlaps (together one matvec of K), then combined per
+    weighting. Applying K per weighting would cost A matvecs. Computed in float64.
+    """
+    w = weights.double()
+    if w.dim() == 1:
+        w = w.unsqueeze(0)
+    expand_weights(w, layout)  # validates the shape against the layout
+    g = queries.double()
+    if not kernel:
+        return weighted_queries(g, w, layout).float()
+    out = torch.zeros(w.shape[0], g.shape[0], layout.k_total, dtype=torch.float64)
+    covered = torch.zeros(layout.k_total, dtype=torch.bool)
+    for offset, dim, block in kernel:
+        b_end = offset + dim
+        covered[offset:b_end] = True
+        for j, grp in enumerate(layout.groups):
+            lo, hi = max(offset, grp.offset), min(b_end, grp.offset + grp.dim)
+            if lo >= hi:
+                continue
+            part = g[:, lo:hi] @ block[lo - offset : hi - offset].to(torch.float64)  # [Q, dim]: K (e_j . g)
+            out[:, :, offset:b_end] += w[:, j, None, None] * part[None]
+    if not bool(covered.all()):  # coordinates outside every kernel block: K acts as I there
+        outside = ~covered
+        out[:, :, outside] = weighted_queries(g, w, layout)[:, :, outside]
+    return out.float()
 
 
 def attribute(queries: torch.Tensor, weights: torch.Tensor, layout: GroupLayout,
@@ -116,11 +156,7 @@ def attribute(queries: torch.Tensor, weights: torch.Tensor, layout: GroupLayout,
     ``(offset, dim, K_b)`` blocks or None (K = I). Scores are ``tau_w(q, x) = q'^T g(x)`` with
     ``q' = K (w . g(q))`` (DESIGN 6). Returns scores and row indices, ``Tensor[A, Q, k]``.
     """
-    from attribution_core.index.kernel import precondition
-
-    wq = weighted_queries(queries, weights, layout)  # [A, Q, k_total]
-    if kernel:
-        wq = precondition(wq.double(), kernel).float()
+    wq = preconditioned_queries(queries, weights, layout, kernel)  # [A, Q, k_total]
     a, q, k_total = wq.shape
     scores, idx = streaming_topk(wq.reshape(a * q, k_total), blocks, k)
     return scores.reshape(a, q, -1), idx.reshape(a, q, -1)

@@ -13,6 +13,7 @@ import torch
 
 from attribution_core.errors import ManifestMismatchError
 from attribution_core.index.manifest import FeatureSpec
+from attribution_core.index.store import IndexStore
 
 KIND = "attribution-weights"
 SCHEMA_VERSION = 1
@@ -35,13 +36,18 @@ def weights_document(index_uri: str, manifest: dict[str, Any], aspects: dict[str
     }
 
 
-def check_weights(document: dict[str, Any], manifest: dict[str, Any]) -> None:
-    """Raise ``ManifestMismatchError`` unless ``document`` was learned on this index version."""
+def check_weights(document: dict[str, Any], manifest: dict[str, Any], same_version: bool = True) -> None:
+    """Raise ``ManifestMismatchError`` unless ``document`` fits this index version.
+
+    ``same_version``: learned on exactly this version. Otherwise a version with the same
+    feature spec and groups is enough (weights of an earlier version serving an index that
+    grew incrementally, until they are re-learned).
+    """
     if document.get("kind") != KIND:
         raise ManifestMismatchError(f"not a weights artifact (kind {document.get('kind')!r})")
     learned = document["index"]
     spec = FeatureSpec.from_manifest(manifest).key()
-    if learned["version"] != manifest["version"] or learned["feature_spec"] != spec:
+    if learned["feature_spec"] != spec or (same_version and learned["version"] != manifest["version"]):
         raise ManifestMismatchError(
             f"these weights were learned on index version {learned['version']} (feature spec "
             f"{learned['feature_spec']}), not on {manifest['version']} (feature spec {spec}); "
@@ -49,6 +55,25 @@ def check_weights(document: dict[str, Any], manifest: dict[str, Any]) -> None:
     groups = [g["name"] for g in manifest["layout"]["groups"]]
     if document["groups"] != groups:
         raise ManifestMismatchError(f"weights cover groups {document['groups']}, the index has {groups}")
+
+
+def find_weights(store: IndexStore, manifest: dict[str, Any], name: str) -> dict[str, Any] | None:
+    """The weights ``name`` of this version, else of the nearest earlier version it
+    supersedes with the same feature spec; None when there are none."""
+    version: str | None = manifest["version"]
+    seen = set()
+    while version and version not in seen:
+        seen.add(version)
+        document = store.read_json(artifact_path(version, name))
+        if document is not None:
+            try:
+                check_weights(document, manifest, same_version=False)
+            except ManifestMismatchError:
+                return None  # an earlier feature spec: older weights cannot fit either
+            return document
+        older = store.manifest(version) if version != manifest["version"] else manifest
+        version = older.get("supersedes") if older else None
+    return None
 
 
 def weights_matrix(document: dict[str, Any], aspects: list[str]) -> torch.Tensor:

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import random
 
-import numpy as np
 import torch
 
 from attribution_core.config import WeightsConfig
-from attribution_core.data.images import decode_image, encode_png
+from attribution_core.data.images import encode_png
 from attribution_core.errors import ConfigError
 from attribution_core.features.featurize import Featurizer
-from attribution_core.features.seeding import content_id, stable_seed
+from attribution_core.features.query import featurize_images
+from attribution_core.features.seeding import stable_seed
 from attribution_core.index.store import IndexStore
-from attribution_core.models.adapters import ExampleBatch
 from attribution_core.models.sampling import Generated, generate
 
 
@@ -47,18 +46,10 @@ def learning_queries(featurizer: Featurizer, aspect: str, prompts: list[str], cf
 
 def featurize_generated(featurizer: Featurizer, images: list[Generated], batch: int = 16) -> torch.Tensor:
     """Features ``Tensor[len(images), k_total]`` of generated images, entering as any image
-    does (PNG bytes -> ``decode_image``), keyed by the hash of their content."""
-    adapter = featurizer.adapter
-    text = adapter.conditioning == "text"
-    c, size = adapter.image_shape[0], adapter.image_shape[1]
+    does (PNG bytes -> ``featurize_images``), keyed by the hash of their content."""
     parts = []
     for start in range(0, len(images), batch):
         chunk = images[start : start + batch]
-        pngs = [encode_png(g.image) for g in chunk]
-        ids = tuple(content_id(p) for p in pngs)
-        parts.append(featurizer.flat(ExampleBatch(
-            example_ids=ids,
-            pixels=torch.from_numpy(np.stack([decode_image(p, i, size, c) for p, i in zip(pngs, ids)])),
-            captions=tuple(g.prompt or "" for g in chunk) if text else None,
-            labels=torch.tensor([g.label for g in chunk]) if adapter.conditioning == "class" else None)))
+        parts.append(featurize_images(featurizer, [encode_png(g.image) for g in chunk], [g.prompt for g in chunk],
+                                      [g.label for g in chunk] if featurizer.adapter.conditioning == "class" else None))
     return torch.cat(parts)

@@ -1,0 +1,145 @@
+"""An index version as a query service holds it: one partition of the rows packed for
+search, the kernel, and the weights of every aspect it can answer."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from attribution_core.data.storage import filesystem_for
+from attribution_core.errors import AttributionError, ManifestMismatchError
+from attribution_core.features.groups import GroupLayout
+from attribution_core.index.manifest import FeatureSpec
+from attribution_core.index.reader import load_index
+from attribution_core.index.scoring import preconditioned_queries
+from attribution_core.index.search import SearchIndex
+from attribution_core.index.store import IndexStore
+from attribution_core.weights.artifact import UNIFORM, check_weights, find_weights, weights_matrix
+
+
+class MissingWeightsError(AttributionError):
+    """Aspects were asked for that this index version has no learned weights for."""
+
+    def __init__(self, message: str, aspects: list[str]) -> None:
+        super().__init__(message)
+        self.aspects = aspects
+
+
+def read_weights_uri(uri: str) -> dict[str, Any]:
+    fs, path = filesystem_for(uri)
+    try:
+        with fs.open_input_stream(path) as f:
+            return json.loads(f.read())
+    except (FileNotFoundError, OSError) as exc:
+        raise ManifestMismatchError(f"no weights artifact at {uri!r}; write one with `attribution learn-weights`") from exc
+
+
+@dataclasses.dataclass
+class ServedIndex:
+    uri: str
+    manifest: dict[str, Any]
+    layout: GroupLayout
+    kernel: list[tuple[int, int, torch.Tensor]]
+    weights: dict[str, Any] | None
+    weights_source: str | None
+    weights_name: str
+    example_ids: list[str]
+    uris: list[str]
+    captions: list[str | None]
+    search_index: SearchIndex
+    part: int
+    parts: int
+    load_seconds: float
+
+    @classmethod
+    def load(cls, uri: str, version: str | None = None, weights_uri: str | None = None, weights_name: str = "learned",
+             part: int = 0, parts: int = 1, device: str = "cpu") -> ServedIndex:
+        """Version ``version`` (default: latest) of the index at ``uri``, partition ``part`` of
+        ``parts``. Weights: ``weights_uri`` if given (same feature spec and groups required),
+        else ``<uri>/versions/<v>/weights/<weights_name>.json`` or that of the nearest earlier
+        version with the same feature spec; none is fine (only 'uniform' is answered then)."""
+        started = time.perf_counter()
+        loaded = load_index(uri, version, part=part, parts=parts, dtype=np.float16)
+        store = IndexStore(uri)
+        if weights_uri:
+            weights = read_weights_uri(weights_uri)
+            check_weights(weights, loaded.manifest, same_version=False)
+            source = weights_uri
+        else:
+            weights = find_weights(store, loaded.manifest, weights_name)
+            source = (f"{uri.rstrip('/')}/versions/{weights['index']['version']}/weights/{weights_name}.json"
+                      if weights else None)
+        # float16 rows stay as stored; the kernel is kept in float64 like the offline path.
+        search_index = SearchIndex(loaded.features, device=device)
+        return cls(uri=uri, manifest=loaded.manifest, layout=loaded.layout, kernel=loaded.kernel, weights=weights,
+                   weights_source=source, weights_name=weights_name, example_ids=loaded.example_ids, uris=loaded.uris,
+                   captions=loaded.captions, search_index=search_index, part=part, parts=parts,
+                   load_seconds=round(time.perf_counter() - started, 3))
+
+    @property
+    def version(self) -> str:
+        return self.manifest["version"]
+
+    @property
+    def feature_spec(self) -> str:
+        return FeatureSpec.from_manifest(self.manifest).key()
+
+    @property
+    def key(self) -> str:
+        """Identity of what answers: index version + weights. Partitions agree on it."""
+        w = hashlib.blake2b(json.dumps(self.weights.get("aspects") if self.weights else None, sort_keys=True).encode(),
+                            digest_size=6).hexdigest()
+        return f"{self.version}+{w}"
+
+    @property
+    def aspects(self) -> list[str]:
+        return [*(self.weights["aspects"] if self.weights else []), UNIFORM]
+
+    def resolve_aspects(self, aspects: tuple[str, ...], fallback_uniform: bool) -> dict[str, str]:
+        """Requested aspect -> the weighting that answers it. Without learned weights for an
+        aspect: 'uniform' when the client did not choose aspects, else ``MissingWeightsError``."""
+        have = set(self.aspects)
+        missing = [a for a in aspects if a not in have]
+        if missing and not fallback_uniform:
+            name = self.weights_source or f"{self.uri.rstrip('/')}/versions/{self.version}/weights/{self.weights_name}.json"
+            raise MissingWeightsError(
+                f"index version {self.version} has no learned weights for aspect(s) {', '.join(missing)} "
+                f"(looked for {name}); create them with `attribution learn-weights --config <config> --index "
+                f"{self.uri} --version {self.version} --aspects {','.join(missing)}`, or ask for 'uniform'", missing)
+        return {a: (a if a in have else UNIFORM) for a in aspects}
+
+    def search(self, features: torch.Tensor, weightings: list[list[str]], ks: list[int]) -> list[dict[str, list[dict]]]:
+        """Top-k rows of this partition for each query ``features[i]`` under each weighting
+        in ``weightings[i]`` (names from ``resolve_aspects``), ``ks[i]`` rows each."""
+        names = sorted({w for ws in weightings for w in ws})
+        matrix = weights_matrix(self.weights or {"groups": list(self.layout.group_names), "aspects": {}}, names)
+        wq = preconditioned_queries(features, matrix, self.layout, self.kernel)  # [A, Q, D]
+        pairs = [(names.index(w), q) for q, ws in enumerate(weightings) for w in ws]
+        rows = torch.stack([wq[a, q] for a, q in pairs]) if pairs else torch.empty(0, self.layout.k_total)
+        k_max = max(ks) if ks else 1
+        scores, idx = self.search_index.topk(rows, k_max)  # [P, k]
+        out: list[dict[str, list[dict]]] = [{} for _ in weightings]
+        for p, (a, q) in enumerate(pairs):
+            k = min(ks[q], scores.shape[1])
+            out[q][names[a]] = [{"example_id": self.example_ids[j], "score": float(s), "uri": self.uris[j],
+                                 "caption": self.captions[j] or ""}
+                                for s, j in zip(scores[p, :k].tolist(), idx[p, :k].tolist())]
+        return out
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "uri": self.uri, "version": self.version, "key": self.key, "rows": self.manifest["rows"],
+            "partition_rows": len(self.example_ids), "part": self.part, "parts": self.parts,
+            "groups": list(self.layout.group_names), "aspects": self.aspects,
+            "weights": ({"source": self.weights_source, "learned_on": self.weights["index"]["version"]}
+                        if self.weights else None),
+            "kernel": self.manifest["stats"]["kernel"], "search_kernel": self.search_index.kernel,
+            "feature_spec": self.feature_spec, "model_fingerprint": self.manifest["model"]["fingerprint"],
+            "created_at": self.manifest.get("created_at"), "load_seconds": self.load_seconds,
+        }

@@ -1,0 +1,208 @@
+"""``attribution bench serve``: latency and throughput of the query endpoint over HTTP.
+
+Builds a real index of ``--base`` examples with the config's model (the trained demo model
+when it exists, else one of the same architecture with random weights: speed does not
+depend on the weights), then for each N an index version of N rows whose features are
+synthetic: convex mixtures of two real rows plus Gaussian noise at each coordinate's
+spread, stored, versioned and loaded like any index (same feature spec, the base's kernel
+and learned weights when the base has them). The endpoint serves each version in turn;
+clients send real images over HTTP on 127.0.0.1 at each concurrency and the latency is
+measured at the client. ``featurize_share`` is featurize time / (featurize + search time)
+as the replicas report them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import dataclasses
+import json
+import socket
+import statistics
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from attribution_core.config import ProjectConfig, to_mapping
+from attribution_core.data.writers import SYNTH_SCHEMA, synthetic_rows, write_parquet_dataset
+from attribution_core.index.reader import load_index
+from attribution_core.index.schema import features_table
+from attribution_core.index.store import IndexStore, shard_name
+from attribution_core.weights.artifact import artifact_path, find_weights
+
+SHARD_ROWS = 8192
+
+
+def synthetic_version(base_uri: str, out_uri: str, n: int, seed: int) -> dict[str, Any]:
+    """Commit an index version of ``n`` synthetic rows at ``out_uri`` with the base's spec."""
+    import pyarrow as pa
+
+    base = load_index(base_uri)
+    store = IndexStore(out_uri)
+    version = f"v00001-synthetic{n}"
+    gen = torch.Generator().manual_seed(seed)
+    x = base.features
+    spread = x.std(dim=0)
+    shards = []
+    for start in range(0, n, SHARD_ROWS):
+        b = min(SHARD_ROWS, n - start)
+        a = torch.randint(0, x.shape[0], (b,), generator=gen)
+        c = torch.randint(0, x.shape[0], (b,), generator=gen)
+        lam = torch.rand(b, 1, generator=gen)
+        rows = lam * x[a] + (1 - lam) * x[c] + 0.3 * spread * torch.randn(b, x.shape[1], generator=gen)
+        ids = [f"synthetic-{i:08d}" for i in range(start, start + b)]
+        keys = pa.table({"example_id": ids, "content_hash": ids, "uri": [f"synthetic://{i}" for i in ids],
+                         "caption": [base.captions[j] for j in a.tolist()]})
+        path = f"{store.version_dir(version)}/features/{shard_name(ids)}"
+        size = store.write_table(path, features_table(keys, rows, base.layout, base.manifest["dtype"]))
+        shards.append({"path": path, "rows": b, "bytes": size})
+    blocks = []
+    for block in base.manifest["stats"]["blocks"]:  # the base's kernel: a preconditioner of the same features
+        rel = f"{store.version_dir(version)}/stats/kernel.{block['offset']}.npy"
+        store.write_array(rel, IndexStore(base_uri).read_array(block["kernel"]))
+        blocks.append({**block, "kernel": rel, "gram": None})
+    manifest = {**base.manifest, "version": version, "sequence": 1, "supersedes": None, "rows": n, "shards": shards,
+                "errors": {"rows": 0, "shards": []}, "stats": {**base.manifest["stats"], "blocks": blocks},
+                "dataset": {"kind": "synthetic-mixture", "base": base_uri, "base_version": base.manifest["version"],
+                            "seed": seed}}
+    base_store = IndexStore(base_uri)
+    weights = find_weights(base_store, base_store.latest(), "learned")
+    if weights is not None:
+        store.write_json(artifact_path(version, "learned"), weights)
+    store.commit(version, manifest)
+    return {"version": version, "weights": weights is not None}
+
+
+def _post(url: str, body: bytes) -> tuple[int, float, dict]:
+    started = time.perf_counter()
+    req = urllib.request.Request(f"{url}/v1/attributions", data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            answer = json.loads(r.read())
+            status = r.status
+    except urllib.error.HTTPError as e:
+        answer, status = json.loads(e.read()), e.code
+    return status, (time.perf_counter() - started) * 1000, answer
+
+
+def measure(url: str, bodies: list[bytes], concurrency: int, warmup: int = 4) -> dict[str, Any]:
+    for body in bodies[:warmup]:
+        _post(url, body)
+    started = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        results = list(pool.map(lambda b: _post(url, b), bodies))
+    wall = time.perf_counter() - started
+    ok = [(ms, a) for status, ms, a in results if status == 200]
+    latencies = sorted(ms for ms, _ in ok)
+    featurize = sum(a["timing_ms"]["featurize"] for _, a in ok)
+    search = sum(a["timing_ms"]["search"] for _, a in ok)
+    return {
+        "concurrency": concurrency, "requests": len(bodies), "errors": len(results) - len(ok),
+        "p50_ms": round(statistics.median(latencies), 1),
+        "p99_ms": round(float(np.percentile(latencies, 99)), 1),
+        "rps": round(len(ok) / wall, 2),
+        "featurize_share": round(featurize / (featurize + search), 3) if featurize + search else None,
+        "featurize_ms_mean": round(featurize / len(ok), 1), "search_ms_mean": round(search / len(ok), 1),
+        "server_ms_mean": round(statistics.fmean(a["timing_ms"]["total"] for _, a in ok), 1),
+        "featurize_batch_mean": round(statistics.fmean(a["timing_ms"]["featurize_batch"] for _, a in ok), 2),
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(args: argparse.Namespace) -> int:
+    from pipelines.index.job import IndexRequest, run_index
+    from pipelines.ray_runtime import ensure_ray
+    from pipelines.serve.app import ServeArgs
+    from pipelines.serve.runner import deploy, start, stop, wait_ready
+
+    cfg = ProjectConfig.load(args.config)
+    ensure_ray(args.ray_address)
+    work = Path(args.work or tempfile.mkdtemp(prefix="bench-serve-"))
+    model_dir = Path(cfg.model.path)
+    trained = (model_dir / "unet" / "config.json").is_file()
+    if not trained:
+        from attribution_core.models.tiny import build_tiny_pipeline
+
+        t = cfg.train
+        model_dir = build_tiny_pipeline("text", work / "model", resolution=t.resolution, widths=tuple(t.widths))
+    rows = list(synthetic_rows(args.base, seed=3, size=cfg.data.synth_size))
+    data = str(work / "data")
+    write_parquet_dataset(data, rows, SYNTH_SCHEMA, {"kind": "synthetic"}, rows_per_file=256)
+    base_uri = str(work / "base-index")
+    run_index(cfg, IndexRequest(dataset=data, model=str(model_dir), out=base_uri, mode="full"))
+    if args.weights_from:  # learned weights of another index with the same features (e.g. the demo's)
+        src = IndexStore(args.weights_from)
+        doc = find_weights(src, src.latest(), cfg.weights.name)
+        if doc is not None:
+            base_store = IndexStore(base_uri)
+            base_store.write_json(artifact_path(base_store.latest()["version"], "learned"), doc)
+
+    # Query images: examples the index was not built from, with their captions.
+    queries = list(synthetic_rows(max(args.requests), seed=77, size=cfg.data.synth_size))
+    aspects = [a.strip() for a in args.aspects.split(",")] if args.aspects else None
+    bodies = [json.dumps({"image": base64.b64encode(r["image"]).decode(), "prompt": r["caption"], "k": args.k,
+                          **({"aspects": aspects} if aspects else {})}).encode() for r in queries]
+
+    serve_cfg = dataclasses.replace(cfg.serve, threads=args.threads, cpus_per_replica=0.5)
+    port = _free_port()
+    results, url = [], None
+    try:
+        for n in args.n:
+            index_uri = str(work / f"index-{n}")
+            version = synthetic_version(base_uri, index_uri, n, seed=n)
+            config = work / f"serve-{n}.yaml"
+            settings = {**to_mapping(cfg), "serve": {**to_mapping(serve_cfg), "host": "127.0.0.1", "port": port},
+                        "index": {**to_mapping(cfg.index), "out": index_uri},
+                        "model": {**to_mapping(cfg.model), "path": str(model_dir)}}
+            config.write_text(yaml.safe_dump(settings))
+            sargs = ServeArgs(config=str(config))
+            if url is None:
+                url, _ = start(sargs, timeout_s=600)
+            else:
+                deploy(sargs, "127.0.0.1", port)
+                wait_ready(url, 600, version=version["version"])
+            info = json.loads(urllib.request.urlopen(f"{url}/v1/index", timeout=30).read())
+            for concurrency, count in zip(args.concurrency, args.requests):
+                row = measure(url, bodies[:count], concurrency)
+                results.append({"n_rows": n, **row, "aspects": aspects or list(cfg.serve.default_aspects),
+                                "search_kernel": info["search_kernel"], "weights": info["weights"] is not None})
+                print(json.dumps(results[-1]), flush=True)
+    finally:
+        stop()
+    out = {"results": results, "model": str(model_dir), "model_trained": trained, "base_examples": args.base,
+           "k": args.k, "threads_per_replica": serve_cfg.threads, "k_total": load_index(base_uri).layout.k_total,
+           "work": str(work)}
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction, default_config: str) -> None:
+    p = sub.add_parser("serve", help="query endpoint latency and throughput vs N and concurrency",
+                       description=__doc__.split("\n\n")[1].replace("\n", " "))
+    p.add_argument("--config", default=default_config, help=f"YAML config (default {default_config})")
+    p.add_argument("--n", type=int, nargs="+", default=[10_000, 100_000], help="indexed rows per run")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8], help="client concurrency levels")
+    p.add_argument("--requests", type=int, nargs="+", default=[60, 160], help="requests per concurrency level")
+    p.add_argument("--base", type=int, default=256, help="real examples indexed to draw synthetic rows from")
+    p.add_argument("--aspects", help="comma-separated aspects per request (default: serve.default_aspects)")
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--threads", type=int, default=0, help="torch threads per replica (0 = all CPUs)")
+    p.add_argument("--weights-from", help="index whose learned weights to serve with (same features), "
+                                          "e.g. artifacts/demo/index")
+    p.add_argument("--work", help="folder for the indexes (default: a temporary one)")
+    p.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--json", action="store_true", help="print JSON (always on; accepted for symmetry)")
+    p.set_defaults(func=_run)

@@ -1,0 +1,212 @@
+"""The Serve deployments: a featurizer holding the model, index searchers holding rows.
+
+Both batch concurrent requests (``serve.batch``) and run the work in a thread so the
+replica's event loop keeps answering health checks and ``reconfigure``. ``reconfigure``
+takes ``{"index", "version", "weights", "weights_name", ...}``: a new index version or new
+weights are loaded next to the current ones and swapped in when ready; requests already
+running finish on the state they started with, and searchers keep the previous state so
+partitions that swap at different moments still answer one consistent version.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from typing import Any
+
+import numpy as np
+from ray import serve
+
+log = logging.getLogger("ray.serve")
+
+
+def _threads(requested: int) -> int:
+    return requested or os.cpu_count() or 1
+
+
+def _batch_settings(method: Any, user_config: dict[str, Any]) -> None:
+    method.set_max_batch_size(int(user_config.get("max_batch_size", 8)))
+    method.set_batch_wait_timeout_s(float(user_config.get("batch_wait_ms", 2.0)) / 1000)
+
+
+@serve.deployment(max_ongoing_requests=64, graceful_shutdown_timeout_s=30)
+class QueryFeaturizer:
+    """Holds the model; featurizes query images with the served index's own featurize settings
+    through the same ``featurize`` code as the index job (GPU when the replica has one)."""
+
+    def __init__(self, config_path: str, model_dir: str | None, threads: int) -> None:
+        import torch
+
+        from attribution_core.config import ProjectConfig
+        from attribution_core.models.fingerprint import model_fingerprint
+        from pipelines.models import load_model_dir, quiet_libraries
+
+        quiet_libraries()
+        torch.set_num_threads(_threads(threads))
+        self.cfg = ProjectConfig.load(config_path)
+        self.model_dir = model_dir or self.cfg.model.path
+        self.adapter = load_model_dir(self.model_dir, self.cfg.model.device)
+        self.fingerprint = model_fingerprint(self.adapter)
+        self.featurizers: dict[str, Any] = {}  # feature spec key -> Featurizer
+        self.spec: str | None = None
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        from attribution_core.config import FeaturizeConfig, from_mapping
+        from attribution_core.errors import ManifestMismatchError
+        from attribution_core.features.featurize import Featurizer
+        from attribution_core.index.manifest import FeatureSpec
+        from attribution_core.index.store import IndexStore
+
+        _batch_settings(self.featurize, user_config)
+        store = IndexStore(user_config["index"])
+        manifest = store.manifest(user_config["version"]) if user_config.get("version") else store.latest()
+        if manifest is None:
+            raise ManifestMismatchError(f"{user_config['index']!r} holds no committed version "
+                                        f"{user_config.get('version') or ''}; build one with `attribution index`")
+        if manifest["model"]["fingerprint"] != self.fingerprint:
+            raise ManifestMismatchError(
+                f"the model at {self.model_dir} is not the one index version {manifest['version']} was built with "
+                f"(fingerprints differ; the index was built from {manifest['model'].get('path')}); serve it with "
+                "that model (--model) or rebuild the index")
+        spec = FeatureSpec.from_manifest(manifest).key()
+        if spec not in self.featurizers:
+            fcfg = from_mapping(FeaturizeConfig, {**manifest["featurize"],
+                                                  "max_rows_per_pass": self.cfg.featurize.max_rows_per_pass})
+            self.featurizers[spec] = Featurizer(self.adapter, fcfg)
+        self.spec = spec
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
+    async def featurize(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return await asyncio.to_thread(self._featurize, items)
+
+    def _featurize(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        import torch
+
+        from attribution_core.data.images import ImageDecodeError
+        from attribution_core.errors import InputError
+        from attribution_core.features.query import query_batch
+        from attribution_core.models.adapters import ExampleBatch
+
+        spec = self.spec
+        featurizer = self.featurizers[spec]
+        out: list[dict[str, Any]] = [{} for _ in items]
+        good, batches = [], []
+        for i, item in enumerate(items):  # decode one by one: a bad image fails only its own request
+            try:
+                batches.append(query_batch(self.adapter, [item["image"]], [item.get("prompt")], [item.get("label")]))
+                good.append(i)
+            except InputError as exc:
+                out[i] = {"error": {"status": 400 if isinstance(exc, ImageDecodeError) else 422, "detail": str(exc)}}
+        if not good:
+            return out
+        batch = ExampleBatch(
+            example_ids=tuple(i for b in batches for i in b.example_ids),
+            pixels=torch.cat([b.pixels for b in batches]),
+            captions=tuple(c for b in batches for c in b.captions) if batches[0].captions is not None else None,
+            labels=torch.cat([b.labels for b in batches]) if batches[0].labels is not None else None)
+        started = time.perf_counter()
+        try:
+            features = featurizer.flat(batch)
+        except Exception as exc:  # a model failure must not take the replica down
+            log.exception("featurizing a batch of %d failed", len(good))
+            for i in good:
+                out[i] = {"error": {"status": 500, "detail": f"featurizing failed: {exc}"}}
+            return out
+        elapsed = (time.perf_counter() - started) * 1000
+        for row, i in enumerate(good):
+            out[i] = {"features": features[row].numpy().astype(np.float32), "spec": spec, "query_id": batch.example_ids[row],
+                      "featurize_ms": elapsed, "batch": len(good)}
+        return out
+
+
+@serve.deployment(max_ongoing_requests=64, graceful_shutdown_timeout_s=30)
+class IndexSearcher:
+    """Holds partition ``part`` of ``parts`` of an index version in memory and answers exact
+    top-k for preconditioned, weighted queries (``ServedIndex.search``)."""
+
+    def __init__(self, part: int, parts: int, threads: int) -> None:
+        import torch
+
+        torch.set_num_threads(_threads(threads))
+        self.part, self.parts = part, parts
+        self.current = None  # ServedIndex
+        self.previous = None
+        self._loading = asyncio.Lock()
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        from attribution_core.index.served import ServedIndex
+
+        _batch_settings(self.search, user_config)
+        async with self._loading:
+            loaded = await asyncio.to_thread(
+                ServedIndex.load, user_config["index"], user_config.get("version"), user_config.get("weights"),
+                user_config.get("weights_name", "learned"), self.part, self.parts, "cpu")
+            if self.current is not None and loaded.key == self.current.key:
+                return
+            self.previous, self.current = self.current, loaded  # one assignment: requests see old or new
+            log.info("searcher %d/%d now serves %s (%d rows, loaded in %.1f s)", self.part, self.parts, loaded.key,
+                     len(loaded.example_ids), loaded.load_seconds)
+
+    def info(self) -> dict[str, Any]:
+        info = self.current.info()
+        info["held"] = [s.key for s in (self.current, self.previous) if s is not None]
+        return info
+
+    def _state(self, key: str | None):
+        for state in (self.current, self.previous):
+            if state is not None and (key is None or state.key == key):
+                return state
+        return None
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
+    async def search(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return await asyncio.to_thread(self._search, items)
+
+    def _search(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        import torch
+
+        from attribution_core.index.served import MissingWeightsError
+
+        out: list[dict[str, Any]] = [{} for _ in items]
+        by_state: dict[int, tuple[Any, list[int], list[list[str]]]] = {}
+        held = [s.key for s in (self.current, self.previous) if s is not None]
+        for i, item in enumerate(items):
+            state = self._state(item.get("key"))
+            if state is None:
+                out[i] = {"error": {"status": 503, "detail": f"index state {item.get('key')} is no longer held; retry"},
+                          "held": held}
+                continue
+            if state.feature_spec != item["spec"]:
+                out[i] = {"error": {"status": 503, "detail": (
+                    f"the featurizer's feature spec ({item['spec']}) differs from index version {state.version}'s "
+                    f"({state.feature_spec}): model and index are being swapped, or were deployed apart; retry")},
+                    "held": held}
+                continue
+            try:
+                resolved = state.resolve_aspects(tuple(item["aspects"]), item.get("fallback", False))
+            except MissingWeightsError as exc:
+                out[i] = {"error": {"status": 409, "detail": str(exc)}, "held": held}
+                continue
+            entry = by_state.setdefault(id(state), (state, [], []))
+            entry[1].append(i)
+            entry[2].append(sorted(set(resolved.values())))
+            out[i] = {"resolved": resolved}
+        for state, rows, weightings in by_state.values():
+            started = time.perf_counter()
+            try:
+                features = torch.from_numpy(np.stack([items[i]["features"] for i in rows]))
+                found = state.search(features, weightings, [items[i]["k"] for i in rows])
+            except Exception as exc:  # keep the replica serving whatever one batch did
+                log.exception("search of a batch of %d failed", len(rows))
+                for i in rows:
+                    out[i] = {"error": {"status": 500, "detail": f"search failed: {exc}"}, "held": held}
+                continue
+            elapsed = (time.perf_counter() - started) * 1000
+            for i, result in zip(rows, found):
+                resolved = out[i]["resolved"]
+                out[i] = {"key": state.key, "version": state.version, "held": held, "search_ms": elapsed,
+                          "batch": len(rows), "resolved": resolved,
+                          "results": {asked: result[used] for asked, used in resolved.items()}}
+        return out

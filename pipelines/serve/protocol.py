@@ -1,0 +1,124 @@
+"""What travels over HTTP and between deployments: request checks, errors with a status,
+the merged answer. No Ray or FastAPI here, so all of it is testable in-process."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import io
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+
+from attribution_core.config_stages import QUERY_ASPECTS, ServeConfig
+
+
+class RequestError(Exception):
+    """A request the endpoint refuses: ``status`` is the HTTP code, ``detail`` what to fix."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"status": self.status, "detail": self.detail}
+
+
+@dataclasses.dataclass(frozen=True)
+class Query:
+    """One checked request: image bytes, optional prompt / label, aspects, k."""
+
+    image: bytes
+    prompt: str | None
+    label: str | int | None
+    aspects: tuple[str, ...]
+    k: int
+
+
+def decode_base64(data: str) -> bytes:
+    if "," in data[:100] and data.startswith("data:"):  # a data URL: data:image/png;base64,....
+        data = data.split(",", 1)[1]
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise RequestError(400, f"'image' is not valid base64 ({exc}); send the PNG/JPEG bytes base64-encoded "
+                                "or upload them as multipart/form-data") from exc
+
+
+def check_image(data: bytes, cfg: ServeConfig) -> None:
+    """Size limits (413) and a header check (400) before anything decodes pixels."""
+    if not data:
+        raise RequestError(400, "the image is empty; send PNG or JPEG bytes")
+    if len(data) > cfg.max_image_bytes:
+        raise RequestError(413, f"the image is {len(data):,} bytes; the limit is {cfg.max_image_bytes:,} "
+                                "(serve.max_image_bytes). Send a smaller or recompressed image")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+            kind = img.format
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise RequestError(400, f"the upload is not an image PIL can read ({exc}); send PNG or JPEG bytes") from exc
+    if width * height > cfg.max_image_pixels:
+        raise RequestError(413, f"the image is {width}x{height} = {width * height:,} pixels; the limit is "
+                                f"{cfg.max_image_pixels:,} (serve.max_image_pixels). Downscale it first")
+    if kind not in ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF"):
+        raise RequestError(400, f"the image is {kind}; send PNG or JPEG")
+
+
+def parse_aspects(raw: list[str] | str | None, cfg: ServeConfig) -> tuple[str, ...]:
+    if raw is None or raw == [] or raw == "":
+        return tuple(cfg.default_aspects)
+    items = raw.split(",") if isinstance(raw, str) else [a for part in raw for a in str(part).split(",")]
+    aspects = tuple(dict.fromkeys(a.strip() for a in items if a.strip()))
+    unknown = [a for a in aspects if a not in QUERY_ASPECTS]
+    if unknown or not aspects:
+        raise RequestError(422, f"unknown aspect(s) {unknown or raw!r}; choose from {', '.join(QUERY_ASPECTS)}")
+    return aspects
+
+
+def parse_k(raw: Any, cfg: ServeConfig) -> int:
+    if raw is None or raw == "":
+        return cfg.default_k
+    try:
+        k = int(raw)
+    except (TypeError, ValueError) as exc:
+        raise RequestError(422, f"k must be an integer in [1, {cfg.max_k}], got {raw!r}") from exc
+    if isinstance(raw, float) and raw != k or not 1 <= k <= cfg.max_k:
+        raise RequestError(422, f"k must be an integer in [1, {cfg.max_k}] (serve.max_k), got {raw!r}")
+    return k
+
+
+def parse_label(raw: Any) -> str | int | None:
+    if raw is None or raw == "":
+        return None
+    if isinstance(raw, bool):
+        raise RequestError(422, f"label must be a class name or index, got {raw!r}")
+    if isinstance(raw, int):
+        return raw
+    text = str(raw).strip()
+    return int(text) if text.lstrip("-").isdigit() else text
+
+
+def build_query(image: bytes, prompt: str | None, label: Any, aspects: Any, k: Any, cfg: ServeConfig) -> Query:
+    check_image(image, cfg)
+    return Query(image=image, prompt=(prompt or None), label=parse_label(label), aspects=parse_aspects(aspects, cfg),
+                 k=parse_k(k, cfg))
+
+
+def merge_partitions(answers: list[dict[str, Any]], aspects: tuple[str, ...], k: int) -> dict[str, list[dict[str, Any]]]:
+    """Exact top-k per aspect over the partitions' own top-k lists (each partition's top-k
+    holds every one of its rows that can be in the global top-k), with each result's share
+    of the top-k score mass: ``max(score, 0) / sum of max(score, 0)`` over the k returned."""
+    merged: dict[str, list[dict[str, Any]]] = {}
+    for aspect in aspects:
+        rows = [r for answer in answers for r in answer["results"][aspect]]
+        rows.sort(key=lambda r: (-r["score"], r["example_id"]))
+        top = rows[:k]
+        mass = sum(max(r["score"], 0.0) for r in top)
+        merged[aspect] = [{"rank": i + 1, "example_id": r["example_id"], "score": r["score"],
+                           "share": (max(r["score"], 0.0) / mass) if mass > 0 else 0.0,
+                           "uri": r["uri"], "caption": r["caption"]}
+                          for i, r in enumerate(top)]
+    return merged

@@ -1,0 +1,266 @@
+"""The query endpoint over real HTTP on 127.0.0.1: answers, errors, load, hot swap, API key."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from attribution_core.config import FeaturizeConfig, ProjectConfig, from_mapping
+from attribution_core.data.images import encode_png
+from attribution_core.data.writers import SYNTH_SCHEMA, synthetic_rows, write_parquet_dataset
+from attribution_core.features.featurize import Featurizer
+from attribution_core.features.query import featurize_images
+from attribution_core.index.reader import load_index
+from attribution_core.index.scoring import attribute
+from attribution_core.index.store import IndexStore
+from attribution_core.weights.artifact import artifact_path, weights_document, weights_matrix
+from pipelines.index.job import IndexRequest, run_index
+from pipelines.models import load_model_dir
+from pipelines.serve.app import ServeArgs
+from tests.pipelines.conftest import FEATURIZE
+
+N = 40
+API_KEY_ENV = "ATTRIBUTION_TEST_API_KEY"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_config(path, model: str, index: str, port: int, **serve) -> str:
+    settings = {"model": {"path": model, "device": "cpu"}, "featurize": FEATURIZE, "index": {"out": index},
+                "serve": {"host": "127.0.0.1", "port": port, "max_image_bytes": 50_000, "max_image_pixels": 1_000_000,
+                          "max_k": 20, "partitions": 2, "cpus_per_replica": 0.25, "threads": 1, **serve}}
+    path.write_text(yaml.safe_dump(settings))
+    return str(path)
+
+
+def post(url: str, body: dict | bytes, headers: dict | None = None, timeout: float = 60) -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(f"{url}/v1/attributions", data=data,
+                                 headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def get(url: str, path: str, headers: dict | None = None) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(urllib.request.Request(f"{url}{path}", headers=headers or {}), timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, ray_cluster, model_dirs):
+    from pipelines.serve.runner import start, stop
+
+    root = tmp_path_factory.mktemp("serve")
+    rows = list(synthetic_rows(N, seed=11, size=16))
+    data = str(root / "data")
+    write_parquet_dataset(data, rows, SYNTH_SCHEMA, {"kind": "test"}, rows_per_file=16)
+    index = str(root / "index")
+    cfg = from_mapping(ProjectConfig, {"featurize": FEATURIZE, "index": {"batch_size": 8, "actors": 2,
+                                                                         "kernel": "block_diagonal"}})
+    built = run_index(cfg, IndexRequest(dataset=data, model=model_dirs["text"], out=index))
+    store = IndexStore(index)
+    manifest = store.latest()
+    m = len(manifest["layout"]["groups"])
+    gen = np.random.default_rng(0)
+    aspects = {a: {"weights": list(w / w.sum())} for a, w in (("general", gen.random(m)), ("subject", gen.random(m)))}
+    store.write_json(artifact_path(manifest["version"], "learned"), weights_document(index, manifest, aspects, {}))
+    # The next version (6 images added) is built before serving starts: on 2 CPUs the index
+    # job and the endpoint's replicas would compete for CPUs. Serving pins the first one.
+    added = [dict(r, example_id=f"added-{i}") for i, r in enumerate(synthetic_rows(6, seed=99, size=16))]
+    data2 = str(root / "data2")
+    write_parquet_dataset(data2, rows + added, SYNTH_SCHEMA, {"kind": "test"}, rows_per_file=16)
+    grown = run_index(cfg, IndexRequest(dataset=data2, model=model_dirs["text"], out=index))
+    assert grown["mode"] == "incremental" and grown["rows"] == N + len(added)
+    port = free_port()
+    config = write_config(root / "serve.yaml", model_dirs["text"], index, port)
+    url, info = start(ServeArgs(config=config, version=built["version"]), timeout_s=240)
+    try:
+        yield {"url": url, "info": info, "index": index, "data": data, "rows": rows, "config": config,
+               "version": built["version"], "next_version": grown["version"], "added": added, "root": root,
+               "model": model_dirs["text"], "port": port}
+    finally:
+        stop()
+
+
+def test_index_info_and_openapi(served):
+    status, info = get(served["url"], "/v1/index")
+    assert status == 200 and info["version"] == served["version"] and info["rows"] == N
+    assert info["aspects"] == ["general", "subject", "uniform"]
+    assert sum(p["rows"] for p in info["partitions"]) == N and len(info["partitions"]) == 2
+    assert get(served["url"], "/healthz") == (200, {"status": "ok", "version": served["version"]})
+    status, spec = get(served["url"], "/openapi.json")
+    assert status == 200 and "/v1/attributions" in spec["paths"]
+
+
+def test_answers_equal_offline_scoring_of_the_same_image(served):
+    adapter = load_model_dir(served["model"], "cpu")
+    loaded = load_index(served["index"], served["version"])
+    fcfg = from_mapping(FeaturizeConfig, loaded.manifest["featurize"])
+    featurizer = Featurizer(adapter, fcfg)
+    store = IndexStore(served["index"])
+    document = store.read_json(artifact_path(loaded.manifest["version"], "learned"))
+    aspects = ["general", "subject", "uniform"]
+    for row in served["rows"][:2] + [dict(served["rows"][5], image=encode_png(np.full((20, 24, 3), 90, np.uint8)))]:
+        status, answer = post(served["url"], {"image": b64(row["image"]), "prompt": row["caption"],
+                                              "aspects": aspects, "k": 6})
+        assert status == 200, answer
+        q = featurize_images(featurizer, [row["image"]], [row["caption"]])
+        blocks = [loaded.features[i : i + 16] for i in range(0, N, 16)]
+        scores, idx = attribute(q, weights_matrix(document, aspects), loaded.layout, loaded.kernel, blocks, 6)
+        for a, aspect in enumerate(aspects):
+            got = answer["aspects"][aspect]
+            assert [r["example_id"] for r in got] == [loaded.example_ids[j] for j in idx[a, 0].tolist()]
+            np.testing.assert_allclose([r["score"] for r in got], scores[a, 0].numpy(), rtol=1e-4, atol=1e-7)
+            assert sum(r["share"] for r in got) == pytest.approx(1.0)
+            assert all(r["caption"] and r["uri"] for r in got)
+        assert answer["index"]["version"] == served["version"] and answer["timing_ms"]["total"] > 0
+
+
+def test_multipart_upload_gives_the_same_answer_as_base64(served):
+    row = served["rows"][3]
+    boundary = "----attribution-test"
+    parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="q.png"\r\n'
+        "Content-Type: image/png\r\n\r\n".encode() + row["image"] + b"\r\n",
+        f'--{boundary}\r\nContent-Disposition: form-data; name="prompt"\r\n\r\n{row["caption"]}\r\n'.encode(),
+        f'--{boundary}\r\nContent-Disposition: form-data; name="aspects"\r\n\r\nsubject,uniform\r\n'.encode(),
+        f'--{boundary}\r\nContent-Disposition: form-data; name="k"\r\n\r\n4\r\n--{boundary}--\r\n'.encode(),
+    ]
+    status, multipart = post(served["url"], b"".join(parts), {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert status == 200, multipart
+    _, as_json = post(served["url"], {"image": b64(row["image"]), "prompt": row["caption"],
+                                      "aspects": ["subject", "uniform"], "k": 4})
+    assert multipart["aspects"] == as_json["aspects"]
+
+
+def big_png(side: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (side, side), (10, 20, 30)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_bad_requests_get_a_status_and_a_reason(served):
+    url, image = served["url"], b64(served["rows"][0]["image"])
+    cases = [
+        ({"image": b64(b"certainly not an image")}, 400, "not an image"),
+        ({"image": "%%%"}, 400, "base64"),
+        ({"prompt": "no image"}, 400, "'image'"),
+        ({"image": b64(b"\x89PNG" + bytes(60_000))}, 413, "limit"),
+        ({"image": b64(big_png(1200))}, 413, "pixels"),
+        ({"image": image, "aspects": ["colour"]}, 422, "unknown aspect"),
+        ({"image": image, "k": 0}, 422, "k must be"),
+        ({"image": image, "k": 21}, 422, "k must be"),
+        ({"image": image, "aspects": ["style"]}, 409, "attribution learn-weights"),
+    ]
+    for body, code, words in cases:
+        status, answer = post(url, body)
+        assert status == code, (body.keys(), answer)
+        assert words in answer["error"]["detail"], answer
+    status, answer = post(url, b"{not json")
+    assert status == 400 and "not JSON" in answer["error"]["detail"]
+    # Aspects left to the default: 'general' has learned weights, so nothing is substituted.
+    status, answer = post(url, {"image": image})
+    assert status == 200 and list(answer["aspects"]) == ["general"] and answer["substituted"] == {}
+    # The replicas took all of that without failing: a good request still works.
+    assert post(url, {"image": image, "aspects": ["uniform"], "k": 2})[0] == 200
+
+
+def fire(url: str, bodies: list[dict], concurrency: int) -> list[tuple[int, dict]]:
+    with ThreadPoolExecutor(concurrency) as pool:
+        return list(pool.map(lambda b: post(url, b), bodies))
+
+
+def test_200_requests_at_concurrency_8_all_succeed(served):
+    bodies = [{"image": b64(r["image"]), "prompt": r["caption"], "aspects": ["general", "uniform"], "k": 5}
+              for r in (served["rows"][i % N] for i in range(200))]
+    results = fire(served["url"], bodies, 8)
+    assert [s for s, _ in results] == [200] * 200
+    # Answers under load (batched with others) equal answers alone, up to float32 rounding.
+    alone = post(served["url"], bodies[7])[1]
+    for aspect, rows in alone["aspects"].items():
+        loaded = results[7][1]["aspects"][aspect]
+        assert [r["example_id"] for r in loaded] == [r["example_id"] for r in rows]
+        np.testing.assert_allclose([r["score"] for r in loaded], [r["score"] for r in rows], rtol=1e-4)
+    assert max(a["timing_ms"]["featurize_batch"] for _, a in results) > 1  # concurrent queries were batched
+
+
+def test_hot_swap_to_a_new_version_under_load_drops_nothing(served):
+    from pipelines.serve.runner import deploy, wait_ready
+
+    added, new_version = served["added"], served["next_version"]
+
+    query = {"image": b64(added[0]["image"]), "prompt": added[0]["caption"], "aspects": ["uniform"], "k": 3}
+    results: list[tuple[int, dict]] = []
+    stop = threading.Event()
+
+    def load():
+        while not stop.is_set():
+            results.append(post(served["url"], query))
+
+    threads = [threading.Thread(target=load) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1.0)
+        deploy(ServeArgs(config=served["config"]), "127.0.0.1", served["port"], version=new_version)
+        wait_ready(served["url"], 180, version=new_version)
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert results and [s for s, _ in results if s != 200] == [], [a for s, a in results if s != 200][:3]
+    versions = [a["index"]["version"] for _, a in results]
+    assert versions[0] == served["version"] and versions[-1] == new_version
+    # The new version answers with the added image itself first; the old one could not.
+    assert results[-1][1]["aspects"]["uniform"][0]["example_id"] == "added-0"
+    # Weights of the earlier version (same features) still serve the grown index.
+    status, info = get(served["url"], "/v1/index")
+    assert info["version"] == new_version and info["weights"]["learned_on"] == served["version"]
+
+
+def test_api_key_is_enforced_when_configured(served, monkeypatch, tmp_path):
+    from pipelines.serve.runner import deploy, wait_ready
+
+    monkeypatch.setenv(API_KEY_ENV, "s3cret-key")
+    config = write_config(tmp_path / "keyed.yaml", served["model"], served["index"], served["port"],
+                          api_key_env=API_KEY_ENV)
+    deploy(ServeArgs(config=config), "127.0.0.1", served["port"])
+    deadline = time.monotonic() + 240
+    while get(served["url"], "/v1/index")[0] != 401:  # the keyed application has replaced the open one
+        assert time.monotonic() < deadline, "the keyed application did not come up"
+        time.sleep(0.5)
+    wait_ready(served["url"], 240, api_key="s3cret-key")
+    body = {"image": b64(served["rows"][0]["image"]), "aspects": ["uniform"], "k": 2}
+    assert post(served["url"], body)[0] == 401
+    assert post(served["url"], body, {"X-API-Key": "wrong"})[0] == 401
+    assert post(served["url"], body, {"X-API-Key": "s3cret-key"})[0] == 200
+    assert get(served["url"], "/v1/index")[0] == 401
+    assert get(served["url"], "/healthz")[0] == 200
