@@ -43,6 +43,7 @@ bench: install
 	$(NETNS) $(VENV)/bin/attribution bench featurize --json
 	$(NETNS) $(VENV)/bin/attribution --log-level WARNING bench index --json
 	$(NETNS) $(VENV)/bin/attribution --log-level WARNING bench weights --json
+	$(NETNS) $(VENV)/bin/attribution --log-level WARNING bench serve --json
 
 clean:
 	rm -rf $(VENV) artifacts

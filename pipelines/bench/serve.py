@@ -156,7 +156,7 @@ def _run(args: argparse.Namespace) -> int:
     bodies = [json.dumps({"image": base64.b64encode(r["image"]).decode(), "prompt": r["caption"], "k": args.k,
                           **({"aspects": aspects} if aspects else {})}).encode() for r in queries]
 
-    serve_cfg = dataclasses.replace(cfg.serve, threads=args.threads, cpus_per_replica=0.5)
+    serve_cfg = dataclasses.replace(cfg.serve, threads=cfg.serve.threads if args.threads is None else args.threads)
     port = _free_port()
     results, url = [], None
     try:
@@ -199,7 +199,7 @@ def add_parser(sub: argparse._SubParsersAction, default_config: str) -> None:
     p.add_argument("--base", type=int, default=256, help="real examples indexed to draw synthetic rows from")
     p.add_argument("--aspects", help="comma-separated aspects per request (default: serve.default_aspects)")
     p.add_argument("--k", type=int, default=10)
-    p.add_argument("--threads", type=int, default=0, help="torch threads per replica (0 = all CPUs)")
+    p.add_argument("--threads", type=int, help="torch threads of the featurizer (default: serve.threads; 0 = all CPUs)")
     p.add_argument("--weights-from", help="index whose learned weights to serve with (same features), "
                                           "e.g. artifacts/demo/index")
     p.add_argument("--work", help="folder for the indexes (default: a temporary one)")

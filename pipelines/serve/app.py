@@ -105,7 +105,7 @@ def build_app(args: ServeArgs | dict[str, Any]):
         IndexSearcher.options(
             name=f"IndexSearcher{part}", num_replicas=scfg.searcher_replicas, user_config=user_config,
             ray_actor_options={"num_cpus": scfg.cpus_per_replica},
-        ).bind(part, scfg.partitions, scfg.threads)
+        ).bind(part, scfg.partitions, scfg.searcher_threads)
         for part in range(scfg.partitions)
     ]
     serve_settings = to_mapping(scfg)
@@ -148,8 +148,11 @@ def make_ingress() -> type:
             return hmac.compare_digest(given.encode(), self.api_key.encode())
 
         @app.get("/healthz", summary="Liveness and the served version")
-        async def healthz(self) -> dict[str, Any]:
-            info = await self.searchers[0].info.remote()
+        async def healthz(self):
+            try:
+                info = await self.searchers[0].info.remote()
+            except Exception as exc:
+                return error(503, f"the index searchers are not answering ({type(exc).__name__})")
             return {"status": "ok", "version": info["version"]}
 
         @app.get("/v1/index", summary="The served index: version, rows, groups, aspects with weights")

@@ -21,6 +21,8 @@ from ray import serve
 
 log = logging.getLogger("ray.serve")
 
+PREVIOUS_GRACE_S = 120.0  # how long a searcher keeps the state it swapped out
+
 
 def _threads(requested: int) -> int:
     return requested or os.cpu_count() or 1
@@ -28,7 +30,7 @@ def _threads(requested: int) -> int:
 
 def _batch_settings(method: Any, user_config: dict[str, Any]) -> None:
     method.set_max_batch_size(int(user_config.get("max_batch_size", 8)))
-    method.set_batch_wait_timeout_s(float(user_config.get("batch_wait_ms", 2.0)) / 1000)
+    method.set_batch_wait_timeout_s(float(user_config.get("batch_wait_ms", 0.0)) / 1000)
 
 
 @serve.deployment(max_ongoing_requests=64, graceful_shutdown_timeout_s=30)
@@ -77,7 +79,7 @@ class QueryFeaturizer:
             self.featurizers[spec] = Featurizer(self.adapter, fcfg)
         self.spec = spec
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
     async def featurize(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return await asyncio.to_thread(self._featurize, items)
 
@@ -146,8 +148,15 @@ class IndexSearcher:
             if self.current is not None and loaded.key == self.current.key:
                 return
             self.previous, self.current = self.current, loaded  # one assignment: requests see old or new
+            if self.previous is not None:  # kept while other partitions may still answer from it
+                key = self.previous.key
+                asyncio.get_running_loop().call_later(PREVIOUS_GRACE_S, self._drop_previous, key)
             log.info("searcher %d/%d now serves %s (%d rows, loaded in %.1f s)", self.part, self.parts, loaded.key,
                      len(loaded.example_ids), loaded.load_seconds)
+
+    def _drop_previous(self, key: str) -> None:
+        if self.previous is not None and self.previous.key == key:
+            self.previous = None  # frees its rows
 
     def info(self) -> dict[str, Any]:
         info = self.current.info()
@@ -160,7 +169,7 @@ class IndexSearcher:
                 return state
         return None
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
     async def search(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return await asyncio.to_thread(self._search, items)
 
