@@ -61,6 +61,7 @@ def aspect_recall(cfg: ProjectConfig, index_uri: str, queries: int, k: int, seed
     from attribution_core.config import FeaturizeConfig, from_mapping
     from attribution_core.data.readers import read_examples
     from attribution_core.data.synthetic import BACKGROUNDS, STYLES, SUBJECTS, caption_for
+    from attribution_core.evaluation.metrics import recall_at_k
     from attribution_core.features.featurize import Featurizer
     from attribution_core.features.groups import GroupLayout
     from attribution_core.index.reader import load_index
@@ -94,9 +95,10 @@ def aspect_recall(cfg: ProjectConfig, index_uri: str, queries: int, k: int, seed
         w = weights_matrix(document, [aspect, "uniform"])
         blocks = (index.features[j : j + 4096] for j in range(0, index.features.shape[0], 4096))
         _, idx = attribute(feats, w, layout, kernel, blocks, k)  # [2, Q, k]
-        hits = [[np.mean([attrs[index.example_ids[r]].get(aspect) == combos[qi][i] for r in idx[a, qi].tolist()])
-                 for qi in range(queries)] for a in range(2)]
-        out[aspect] = {"aspect_weights": round(float(np.mean(hits[0])), 4), "uniform": round(float(np.mean(hits[1])), 4)}
+        truth = [attrs[eid].get(aspect) for eid in index.example_ids]
+        asked = [c[i] for c in combos]
+        out[aspect] = {"aspect_weights": round(recall_at_k(idx[0].numpy(), asked, truth), 4),
+                       "uniform": round(recall_at_k(idx[1].numpy(), asked, truth), 4)}
     return out
 
 
