@@ -117,8 +117,8 @@ def summary_text(result: dict[str, Any]) -> str:
         index_line,
         f"rows             {built['rows']} indexed, {built['errors']} quarantined; kernel {result['kernel']}",
         "",
-        "generated queries attributed with uniform group weights and the index kernel (learned weights "
-        "arrive with the weight-learning stage):",
+        "generated queries attributed with uniform group weights and the index kernel "
+        "(`attribution learn-weights` learns aspect weights; `attribution serve` answers queries over HTTP):",
     ]
     for a in result["attributions"]:
         lines.append(f"  query: {a['query']}")
