@@ -57,17 +57,16 @@ def scaling(cfg: ProjectConfig, sizes: list[int], queries: int, groups: int, dim
 
 
 def aspect_recall(cfg: ProjectConfig, index_uri: str, queries: int, k: int, seed: int) -> dict[str, Any]:
-    """Recall@k of each aspect's attribute: learned aspect weights vs uniform."""
+    """Recall@k of each aspect's attribute: its learned weights vs general vs uniform weights."""
     from attribution_core.config import FeaturizeConfig, from_mapping
     from attribution_core.data.readers import read_examples
     from attribution_core.data.synthetic import BACKGROUNDS, STYLES, SUBJECTS, caption_for
-    from attribution_core.evaluation.metrics import recall_at_k
+    from attribution_core.evaluation.recall import aspect_recall_table
     from attribution_core.features.featurize import Featurizer
     from attribution_core.features.groups import GroupLayout
     from attribution_core.index.reader import load_index
-    from attribution_core.index.scoring import attribute
     from attribution_core.index.store import IndexStore
-    from attribution_core.weights.artifact import artifact_path, check_weights, weights_matrix
+    from attribution_core.weights.artifact import artifact_path, check_weights
     from pipelines.models import load_model_dir
     from pipelines.weights.queries import learning_queries
 
@@ -88,17 +87,11 @@ def aspect_recall(cfg: ProjectConfig, index_uri: str, queries: int, k: int, seed
     feats = learning_queries(Featurizer(adapter, fcfg), "evaluation", prompts, eval_cfg)
     kernel = index.kernel if cfg.weights.use_kernel else None
     out: dict[str, Any] = {"queries": queries, "k": k, "seed": seed}
-    layout = GroupLayout.from_manifest(manifest["layout"])
-    for i, aspect in enumerate(("subject", "style", "background")):
-        if aspect not in document["aspects"]:
-            continue
-        w = weights_matrix(document, [aspect, "uniform"])
-        blocks = (index.features[j : j + 4096] for j in range(0, index.features.shape[0], 4096))
-        _, idx = attribute(feats, w, layout, kernel, blocks, k)  # [2, Q, k]
-        truth = [attrs[eid].get(aspect) for eid in index.example_ids]
-        asked = [c[i] for c in combos]
-        out[aspect] = {"aspect_weights": round(recall_at_k(idx[0].numpy(), asked, truth), 4),
-                       "uniform": round(recall_at_k(idx[1].numpy(), asked, truth), 4)}
+    aspects = ("subject", "style", "background")
+    train_attrs = {a: [attrs[eid].get(a) for eid in index.example_ids] for a in aspects}
+    table = aspect_recall_table(feats, GroupLayout.from_manifest(manifest["layout"]), kernel, index.features, document,
+                                {a: [c[i] for c in combos] for i, a in enumerate(aspects)}, train_attrs, k=k)
+    out.update({a: {name: round(v, 4) for name, v in row.items()} for a, row in table.items()})
     return out
 
 

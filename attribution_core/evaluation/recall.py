@@ -1,0 +1,52 @@
+"""Aspect Recall@K side by side (DESIGN 9): for queries with known attributes, the share of
+their top-K training examples sharing each attribute, under the aspect's own weights, the
+general weights, uniform weights, and pixel-space nearest neighbours."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from attribution_core.evaluation.metrics import pixel_knn, recall_at_k
+from attribution_core.features.groups import GroupLayout
+from attribution_core.index.scoring import attribute
+from attribution_core.weights.artifact import UNIFORM, weights_matrix
+
+
+def aspect_recall_table(
+    features: torch.Tensor,
+    layout: GroupLayout,
+    kernel: list[tuple[int, int, torch.Tensor]] | None,
+    index_rows: torch.Tensor,
+    weights: dict[str, Any] | None,
+    query_attributes: dict[str, Sequence[Any]],
+    train_attributes: dict[str, Sequence[Any]],
+    k: int = 10,
+    query_pixels: np.ndarray | None = None,
+    train_pixels: np.ndarray | None = None,
+    block: int = 4096,
+) -> dict[str, dict[str, float]]:
+    """``{aspect: {"aspect", "general", "uniform", "pixel_knn"}}`` Recall@k for every aspect
+    present in both attribute tables. ``features [Q, D]`` are the queries', ``index_rows
+    [N, D]`` the training set's; weightings without learned weights are left out."""
+    learned = set(weights["aspects"]) if weights else set()
+    aspects = [a for a in query_attributes if a in train_attributes]
+    names = sorted({a for a in aspects if a in learned} | ({"general"} & learned) | {UNIFORM})
+    doc = weights or {"groups": list(layout.group_names), "aspects": {}}
+    blocks = [index_rows[i : i + block] for i in range(0, index_rows.shape[0], block)]
+    _, top = attribute(features, weights_matrix(doc, names), layout, kernel, blocks, k)  # [A, Q, k]
+    knn = pixel_knn(query_pixels, train_pixels, k) if query_pixels is not None and train_pixels is not None else None
+    table: dict[str, dict[str, float]] = {}
+    for aspect in aspects:
+        truth, asked = list(train_attributes[aspect]), list(query_attributes[aspect])
+        row: dict[str, float] = {}
+        for label, name in (("aspect", aspect), ("general", "general"), ("uniform", UNIFORM)):
+            if name in names:
+                row[label] = recall_at_k(top[names.index(name)].numpy(), asked, truth)
+        if knn is not None:
+            row["pixel_knn"] = recall_at_k(knn, asked, truth)
+        table[aspect] = row
+    return table
