@@ -73,7 +73,8 @@ class AttributionResponse(BaseModel):
     timing_ms: dict[str, float]
 
 
-def _user_config(cfg: ProjectConfig, args: ServeArgs) -> dict[str, Any]:
+def user_config(cfg: ProjectConfig, args: ServeArgs) -> dict[str, Any]:
+    """What each deployment may swap while serving: index, version, weights (+ batching)."""
     return {"index": args.index or cfg.index.out, "version": args.version, "weights": args.weights,
             "weights_name": cfg.serve.weights, "max_batch_size": cfg.serve.max_batch_size,
             "batch_wait_ms": cfg.serve.batch_wait_ms}
@@ -95,15 +96,15 @@ def build_app(args: ServeArgs | dict[str, Any]):
         args = ServeArgs(**args)
     cfg = ProjectConfig.load(args.config)
     scfg = cfg.serve
-    user_config = _user_config(cfg, args)
+    swap = user_config(cfg, args)
     gpu = _gpus_available()
     featurizer_opts = {"num_cpus": scfg.cpus_per_replica, "num_gpus": 1 if gpu else 0}
     featurizer = QueryFeaturizer.options(
-        num_replicas=scfg.featurizer_replicas, ray_actor_options=featurizer_opts, user_config=user_config,
+        num_replicas=scfg.featurizer_replicas, ray_actor_options=featurizer_opts, user_config=swap,
     ).bind(args.config, args.model, scfg.threads)
     searchers = [
         IndexSearcher.options(
-            name=f"IndexSearcher{part}", num_replicas=scfg.searcher_replicas, user_config=user_config,
+            name=f"IndexSearcher{part}", num_replicas=scfg.searcher_replicas, user_config=swap,
             ray_actor_options={"num_cpus": scfg.cpus_per_replica},
         ).bind(part, scfg.partitions, scfg.searcher_threads)
         for part in range(scfg.partitions)

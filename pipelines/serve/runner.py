@@ -12,7 +12,7 @@ import urllib.request
 from typing import Any
 
 from attribution_core.config import ProjectConfig
-from pipelines.serve.app import APP_NAME, IMPORT_PATH, ServeArgs
+from pipelines.serve.app import APP_NAME, IMPORT_PATH, ServeArgs, user_config
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +30,9 @@ def application_config(args: ServeArgs, version: str | None = None, weights: str
     cfg = ProjectConfig.load(args.config)
     build_args = {"config": _local(args.config), "index": _local(args.index or cfg.index.out),
                   "model": _local(args.model or cfg.model.path)}
-    swap = {"index": build_args["index"], "version": version if version is not None else args.version,
-            "weights": _local(weights if weights is not None else args.weights), "weights_name": cfg.serve.weights,
-            "max_batch_size": cfg.serve.max_batch_size, "batch_wait_ms": cfg.serve.batch_wait_ms}
+    swap = user_config(cfg, ServeArgs(config=build_args["config"], index=build_args["index"],
+                                      version=version if version is not None else args.version,
+                                      weights=_local(weights if weights is not None else args.weights)))
     names = ["QueryFeaturizer", *(f"IndexSearcher{p}" for p in range(cfg.serve.partitions))]
     app = {"name": APP_NAME, "route_prefix": "/", "import_path": IMPORT_PATH, "args": build_args,
            "deployments": [{"name": n, "user_config": swap} for n in names]}
