@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="weight initialisation seed")
     p.set_defaults(func=_cmd_build_tiny)
 
-    from pipelines.commands import data, generate, index, serve, train, weights
+    from pipelines.commands import data, evaluate, generate, index, serve, train, weights
 
     data.add_parser(sub)
     train.add_parser(sub, DEFAULT_CONFIG)
@@ -120,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_parser(sub, DEFAULT_CONFIG)
     weights.add_parser(sub, DEFAULT_CONFIG)
     serve.add_parser(sub, DEFAULT_CONFIG)
+    evaluate.add_parser(sub, DEFAULT_CONFIG)
 
     bench = sub.add_parser("bench", help="benchmarks that print JSON").add_subparsers(dest="bench_command", required=True)
     p = bench.add_parser("featurize", help="featurizer throughput vs a training step and a dense projection",

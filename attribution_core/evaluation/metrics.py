@@ -84,11 +84,12 @@ def bootstrap_ci(values: np.ndarray, resamples: int = 2000, level: float = 0.95,
     return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
 
 
-def lds(attributions: np.ndarray, masks: np.ndarray, actual: np.ndarray, seed: int = 0) -> dict[str, Any]:
+def lds(attributions: np.ndarray, masks: np.ndarray, actual: np.ndarray, seed: int = 0,
+        resamples: int = 2000) -> dict[str, Any]:
     """LDS of ``attributions [Q, N]`` against retrained outputs ``actual [Q, S]`` on subsets
     ``masks [S, N]``: mean, bootstrap interval over queries, and the per-query values."""
     per_query = lds_per_query(subset_predictions(attributions, masks), actual)
-    lo, hi = bootstrap_ci(per_query, seed=seed)
+    lo, hi = bootstrap_ci(per_query, resamples=resamples, seed=seed)
     valid = per_query[~np.isnan(per_query)]
     return {"lds": float(valid.mean()) if len(valid) else float("nan"), "ci": [lo, hi],
             "queries": int(len(valid)), "per_query": per_query.tolist()}

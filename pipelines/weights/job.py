@@ -79,7 +79,7 @@ def learn_weights(cfg: ProjectConfig, req: WeightsRequest) -> dict[str, Any]:
     featurizer = Featurizer(adapter, fcfg)  # the index's own featurize settings
     lap("load")
 
-    prompts = {a: prompts_for(a, wcfg, store, manifest) for a in aspects}
+    prompts = {a: prompts_for(a, wcfg, store, manifest, adapter.conditioning) for a in aspects}
     queries = torch.cat([learning_queries(featurizer, a, prompts[a], wcfg) for a in aspects])
     rows = {a: slice(i * wcfg.queries_per_aspect, (i + 1) * wcfg.queries_per_aspect) for i, a in enumerate(aspects)}
     kernel = read_kernel(store, manifest) if wcfg.use_kernel else None
@@ -130,7 +130,7 @@ def learn_weights(cfg: ProjectConfig, req: WeightsRequest) -> dict[str, Any]:
     weights = weights_from_theta(torch.from_numpy(theta))
     groups = [g.name for g in layout.groups]
     per_aspect = {a: {"weights": weights[i].tolist(), "theta": theta[i].tolist(), "queries": wcfg.queries_per_aspect,
-                      "prompts": sorted(set(prompts[a]))[:20],
+                      "prompts": sorted({p for p in prompts[a] if p})[:20],
                       "pool_recall": {"mean": float(np.mean(recall[a])), "min": float(min(recall[a]))}}
                   for i, a in enumerate(aspects)}
     document = weights_document(store.uri, manifest, per_aspect, {

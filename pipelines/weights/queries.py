@@ -16,10 +16,14 @@ from attribution_core.index.store import IndexStore
 from attribution_core.models.sampling import Generated, generate
 
 
-def prompts_for(aspect: str, cfg: WeightsConfig, store: IndexStore, manifest: dict) -> list[str]:
+def prompts_for(aspect: str, cfg: WeightsConfig, store: IndexStore, manifest: dict,
+                conditioning: str = "text") -> list[str | None]:
     """``cfg.queries_per_aspect`` prompts: training captions for 'general' (sampled with the
-    seed), the aspect's template over its values (cycled) otherwise."""
+    seed), the aspect's template over its values (cycled) otherwise. Models without text
+    conditioning get no prompts (unconditional or class-conditional samples)."""
     n = cfg.queries_per_aspect
+    if conditioning != "text":
+        return [None] * n
     if aspect == "general":
         captions = sorted({c for s in manifest["shards"]
                            for c in store.read_table(s["path"], columns=["caption"]).column("caption").to_pylist() if c})
@@ -31,7 +35,7 @@ def prompts_for(aspect: str, cfg: WeightsConfig, store: IndexStore, manifest: di
     return [spec.template.format(value=spec.values[i % len(spec.values)]) for i in range(n)]
 
 
-def learning_queries(featurizer: Featurizer, aspect: str, prompts: list[str], cfg: WeightsConfig,
+def learning_queries(featurizer: Featurizer, aspect: str, prompts: list[str | None], cfg: WeightsConfig,
                      batch: int = 16) -> torch.Tensor:
     """Generate one image per prompt (seeds keyed by (weights.seed, aspect)) and featurize it
     exactly as index rows are: ``Tensor[len(prompts), k_total]``."""

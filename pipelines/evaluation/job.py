@@ -1,0 +1,125 @@
+"""``attribution evaluate``: the numbers that say whether learned weights attribute better.
+
+Runs (or finds done) the main job's steps — dataset, model, index, learned weights — then
+measures, side by side in one run, LDS of TracIn / TRAK / D-TRAK with uniform and learned
+weights (``lds.py``) and aspect Recall@K with aspect / general / uniform weights and pixel
+kNN (``aspects.py``), and writes ``metrics.json``, ``lds_per_query.json`` and a
+self-contained ``report.html`` under ``evaluate.out``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from attribution_core.config import ProjectConfig
+from attribution_core.evaluation.report import render_report
+from attribution_core.index.reader import load_index
+from pipelines.evaluation.aspects import run_recall
+from pipelines.evaluation.lds import run_lds
+from pipelines.ray_runtime import ensure_ray
+from pipelines.steps import build_index, ensure_weights, prepare
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateRequest:
+    ray_address: str | None = None
+    lds: bool = True
+    recall: bool = True
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.rename(path)  # readers never see half a file
+
+
+def evaluate(cfg: ProjectConfig, req: EvaluateRequest = EvaluateRequest()) -> dict[str, Any]:
+    ecfg = cfg.evaluate
+    out = Path(ecfg.out)
+    if "://" in ecfg.out:
+        raise ValueError(f"evaluate.out must be a local folder (it caches retrained models' outputs), got {ecfg.out!r}")
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    started = clock = time.perf_counter()
+
+    def lap(stage: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[stage] = round(now - clock, 1)
+        clock = now
+
+    prepared = prepare(cfg)
+    lap("prepare")
+    ensure_ray(req.ray_address)
+    built = build_index(cfg, req.ray_address)
+    lap("index")
+    document, learned = ensure_weights(cfg, cfg.index.out, built["version"], ray_address=req.ray_address)
+    lap("weights")
+
+    info: dict[str, Any] = {"index": built["uri"], "version": built["version"], "weights": cfg.weights.name,
+                            "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                            "subset_fraction": ecfg.subset_fraction, "recall_k": ecfg.recall_k}
+    metrics: dict[str, Any] = {"lds": {}, f"recall_at_{ecfg.recall_k}": {}, "n_subsets": 0, "n_queries": 0}
+    gallery: list[dict[str, Any]] = []
+    if req.recall:
+        recall = run_recall(cfg, load_index(cfg.index.out, built["version"]), document)
+        metrics[f"recall_at_{ecfg.recall_k}"] = {a: {k: round(v, 4) for k, v in row.items()}
+                                                 for a, row in recall["table"].items()}
+        gallery = recall["gallery"]
+        info.update(recall_queries=recall.get("queries", 0), recall_skipped=recall.get("skipped"))
+        lap("recall")
+    per_query: dict[str, Any] = {}
+    if req.lds:
+        result = run_lds(cfg, req.ray_address)
+        metrics["lds"] = {b: {"uniform": round(r["uniform"], 4), "learned": round(r["learned"], 4),
+                              "uniform_ci": [round(v, 4) for v in r["uniform_ci"]],
+                              "learned_ci": [round(v, 4) for v in r["learned_ci"]],
+                              "weights": {g: round(w, 4) for g, w in r["weights"].items()}}
+                          for b, r in result["table"].items()}
+        metrics.update(n_subsets=result["n_subsets"], n_queries=result["n_queries"])
+        kinds = [q["kind"] for q in result["queries"]]
+        info.update(n_train=result["n_train"], output=result["output"], recipe=result["recipe"],
+                    query_mix=f"{kinds.count('generated')} generated, {kinds.count('heldout')} held-out real",
+                    lds_indexes=result["indexes"], universe_model=result["universe_model"],
+                    ground_truth=result["ground_truth"], lds_stage_seconds=result["stage_seconds"])
+        per_query = {"queries": result["queries"], "lds": result["per_query"]}
+        lap("lds")
+    info.update(prepared=prepared, index_up_to_date=built["up_to_date"], weights_learned_now=learned is not None)
+    timings["total"] = round(time.perf_counter() - started, 1)
+    metrics["info"] = info
+    metrics["stage_seconds"] = timings
+    metrics["report"] = str(out / "report.html")
+    _write(out / "lds_per_query.json", json.dumps(per_query, indent=2) + "\n")
+    _write(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    _write(out / "report.html", render_report(metrics, gallery))
+    log.info("evaluation written to %s", out)
+    return metrics
+
+
+def summary_text(metrics: dict[str, Any]) -> str:
+    """The tables of ``metrics`` as plain text."""
+    lines = []
+    if metrics["lds"]:
+        lines.append(f"LDS ({metrics['n_subsets']} subsets, {metrics['n_queries']} queries; 95% bootstrap CI)")
+        lines.append(f"  {'basis':<8} {'uniform':>8} {'CI':>17}  {'learned':>8} {'CI':>17}")
+        for basis, r in metrics["lds"].items():
+            lines.append(f"  {basis:<8} {r['uniform']:>8.4f} [{r['uniform_ci'][0]:+.3f}, {r['uniform_ci'][1]:+.3f}]  "
+                         f"{r['learned']:>8.4f} [{r['learned_ci'][0]:+.3f}, {r['learned_ci'][1]:+.3f}]")
+    recall_key = next(k for k in metrics if k.startswith("recall_at_"))
+    if metrics[recall_key]:
+        lines.append(f"Recall@{recall_key.rsplit('_', 1)[1]} (aspect / general / uniform weights / pixel kNN)")
+        for aspect, r in metrics[recall_key].items():
+            cells = " ".join(f"{r.get(k, float('nan')):>8.4f}" for k in ("aspect", "general", "uniform", "pixel_knn"))
+            lines.append(f"  {aspect:<11} {cells}")
+    elif metrics["info"].get("recall_skipped"):
+        lines.append(f"Recall not measured: {metrics['info']['recall_skipped']}")
+    lines.append(f"report: {metrics['report']}")
+    return "\n".join(lines)

@@ -1,0 +1,264 @@
+"""LDS of the attribution bases, uniform vs learned weights (DESIGN 9, the D-TRAK protocol).
+
+The attributed model and the models retrained on subsets share one recipe
+(``subset_train``), so the universe is trained once in full by that recipe and indexed
+under each basis' measurement; every basis then scores the same evaluation queries against
+it, and the same retrained models give the ground truth for all of them:
+
+- universe: the training set (or a seeded sample, ``evaluate.lds_examples``) minus the real
+  images held out as queries; written as a dataset under ``<out>/lds/data``;
+- the universe model: ``subset_train`` on the whole universe (``<out>/lds/model``);
+- an index per measurement (``<out>/lds/index-loss``, ``index-square``) and learned
+  'general' weights per basis (artifacts ``tracin``, ``trak``, ``dtrak``);
+- queries: images the universe model generates from training captions, plus the held-out
+  real images; never the weight-learning queries (other seeds);
+- truth: the negative loss of each subset model on each query, averaged over fixed
+  timesteps and noise (``groundtruth.py``, cached);
+- LDS: Spearman across subsets of ``sum_{n in s} tau(q, n)`` against that truth, averaged
+  over queries, with a bootstrap interval.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from attribution_core.config import FeaturizeConfig, ProjectConfig, from_mapping, to_mapping
+from attribution_core.data.images import encode_png
+from attribution_core.data.loading import load_dataset
+from attribution_core.data.readers import RawExample, read_examples
+from attribution_core.data.writers import read_marker, write_parquet_dataset
+from attribution_core.errors import ConfigError, InputError
+from attribution_core.evaluation.metrics import lds, subset_masks
+from attribution_core.features.featurize import Featurizer
+from attribution_core.features.query import query_batch
+from attribution_core.features.seeding import stable_seed
+from attribution_core.index.reader import load_index
+from attribution_core.index.scoring import preconditioned_queries
+from attribution_core.models.adapters import ExampleBatch
+from attribution_core.models.sampling import generate
+from attribution_core.weights.artifact import UNIFORM, weights_matrix
+from pipelines.evaluation.groundtruth import ground_truth
+from pipelines.models import load_model_dir
+from pipelines.ray_runtime import cluster_gpus
+from pipelines.steps import ensure_weights
+
+log = logging.getLogger(__name__)
+
+# basis -> (measurement of the features, scored with the index kernel)
+BASIS_SPEC = {"tracin": ("loss", False), "trak": ("loss", True), "dtrak": ("square", True)}
+
+@dataclasses.dataclass
+class Universe:
+    uri: str  # the universe written as a dataset
+    examples: list[RawExample]  # in the dataset's order
+    heldout: list[RawExample]  # real query images, never trained on
+
+    @property
+    def digest(self) -> str:
+        return hashlib.blake2b("\n".join(e.example_id for e in self.examples).encode(), digest_size=8).hexdigest()
+
+
+def split_universe(cfg: ProjectConfig, folder: Path) -> Universe:
+    """Seeded choice of the held-out query images and of the universe; the universe is
+    written under ``folder/data`` unless the same one is there."""
+    ecfg, recipe = cfg.evaluate, cfg.subset_train
+    examples = list(read_examples(cfg.data.uri, recipe.caption_column))
+    if recipe.conditioning == "text":
+        examples = [e for e in examples if isinstance(e.caption, str)]
+    order = np.random.default_rng(stable_seed("lds-universe", ecfg.seed)).permutation(len(examples))
+    held = sorted(order[: ecfg.heldout_queries].tolist())
+    rest = order[ecfg.heldout_queries :]
+    if ecfg.lds_examples:
+        rest = rest[: ecfg.lds_examples]
+    if len(rest) < max(4, ecfg.lds_examples):
+        raise ConfigError(f"evaluate.lds_examples={ecfg.lds_examples} and heldout_queries={ecfg.heldout_queries} need "
+                          f"{ecfg.lds_examples + ecfg.heldout_queries} examples; {cfg.data.uri} has {len(examples)} usable")
+    universe = Universe(uri=str(folder / "data"), examples=[examples[i] for i in sorted(rest.tolist())],
+                        heldout=[examples[i] for i in held])
+    marker = read_marker(universe.uri)
+    if marker is not None and marker.get("universe") == universe.digest:
+        return universe
+    if marker is not None or Path(universe.uri).exists():
+        shutil.rmtree(universe.uri)
+    columns = sorted({k for e in universe.examples for k in e.attributes})
+    schema = pa.schema([("example_id", pa.string()), ("image", pa.binary()), ("caption", pa.string()),
+                        *((c, pa.string()) for c in columns)])
+    rows = ({"example_id": e.example_id, "image": e.image, "caption": e.caption,
+             **{c: None if e.attributes.get(c) is None else str(e.attributes[c]) for c in columns}}
+            for e in universe.examples)
+    write_parquet_dataset(universe.uri, rows, schema, {"kind": "lds-universe", "source": cfg.data.uri,
+                                                       "universe": universe.digest})
+    return universe
+
+
+def universe_model(cfg: ProjectConfig, universe: Universe, folder: Path) -> tuple[str, dict[str, Any] | None]:
+    """The ``subset_train`` model of the whole universe (the attributed model), trained unless there."""
+    import json
+
+    from pipelines.commands.train import train_to_dir
+
+    path = folder / "model"
+    info_file = path / "training.json"
+    if info_file.is_file():
+        info = json.loads(info_file.read_text())
+        if info.get("recipe") == json.loads(json.dumps(to_mapping(cfg.subset_train))) and info.get("data") == universe.uri:
+            return str(path), None
+        shutil.rmtree(path)
+    log.info("training the LDS universe model (%d examples, %d steps)", len(universe.examples), cfg.subset_train.steps)
+    return str(path), train_to_dir(universe.uri, cfg.subset_train, path)
+
+
+def basis_config(cfg: ProjectConfig, basis: str, index_out: str) -> ProjectConfig:
+    """The config a basis is indexed and learned with: its measurement, kernel and weights name."""
+    measurement, kernel = BASIS_SPEC[basis]
+    ecfg = cfg.evaluate
+    return dataclasses.replace(
+        cfg, featurize=dataclasses.replace(cfg.featurize, measurement=measurement),
+        index=dataclasses.replace(cfg.index, out=index_out),
+        weights=dataclasses.replace(cfg.weights, name=basis, use_kernel=kernel, aspects=("general",),
+                                    queries_per_aspect=ecfg.weights_queries))
+
+
+def lds_queries(cfg: ProjectConfig, adapter, universe: Universe) -> tuple[ExampleBatch, list[dict[str, Any]]]:
+    """The evaluation queries: generated by the universe model (prompted with universe
+    captions, or unprompted / per class) and the held-out real images."""
+    ecfg = cfg.evaluate
+    n = ecfg.generated_queries
+    images: list[bytes] = []
+    prompts: list[str | None] = []
+    labels: list[Any] = []
+    kinds: list[dict[str, Any]] = []
+    if n:
+        text = adapter.conditioning == "text"
+        captions = sorted({e.caption for e in universe.examples if e.caption})
+        rng = random.Random(stable_seed("lds-query-prompts", ecfg.seed))
+        asked = [rng.choice(captions) for _ in range(n)] if text else None
+        generated = generate(adapter, prompts=asked,
+                             labels=list(range(len(adapter.label_names or [0]))) if adapter.conditioning == "class" else None,
+                             n=n, seed=stable_seed("evaluation-queries", ecfg.seed, "lds"),
+                             guidance=cfg.weights.guidance, steps=cfg.weights.sample_steps)
+        for g in generated:
+            images.append(encode_png(g.image))
+            prompts.append(g.prompt)
+            labels.append(g.label)
+            kinds.append({"kind": "generated", "prompt": g.prompt})
+    label_column = cfg.subset_train.label_column
+    for e in universe.heldout:
+        images.append(e.image)
+        prompts.append(e.caption)
+        labels.append(str(e.attributes.get(label_column)) if label_column else None)
+        kinds.append({"kind": "heldout", "example_id": e.example_id, "prompt": e.caption})
+    batch = query_batch(adapter, images, prompts, labels if adapter.conditioning == "class" else None)
+    if len(set(batch.example_ids)) != len(batch.example_ids):
+        raise InputError("two evaluation queries are the same image; raise generation steps or change evaluate.seed")
+    return batch, kinds
+
+
+def output_config(cfg: ProjectConfig) -> FeaturizeConfig:
+    """The model output's rows: the loss at fixed timesteps and noise draws per query."""
+    ecfg = cfg.evaluate
+    return dataclasses.replace(cfg.featurize, measurement="loss", noise_draws=ecfg.output_noise_draws,
+                               timesteps=dataclasses.replace(cfg.featurize.timesteps, count=ecfg.output_timesteps,
+                                                             strategy="uniform", values=()))
+
+
+def full_scores(queries: torch.Tensor, weights: torch.Tensor, index, kernel, order: list[str]) -> np.ndarray:
+    """``[A, Q, N]`` scores of every universe example (dataset order; quarantined rows 0)."""
+    wq = preconditioned_queries(queries, weights, index.layout, kernel)  # [A, Q, k_total]
+    scores = (wq.reshape(-1, wq.shape[-1]) @ index.features.T).reshape(wq.shape[0], wq.shape[1], -1)
+    out = np.zeros((wq.shape[0], wq.shape[1], len(order)))
+    position = {eid: i for i, eid in enumerate(order)}
+    cols = [position[eid] for eid in index.example_ids]
+    out[:, :, cols] = scores.double().numpy()
+    return out
+
+
+def run_lds(cfg: ProjectConfig, ray_address: str | None = None) -> dict[str, Any]:
+    from pipelines.index.job import IndexRequest, run_index
+
+    ecfg = cfg.evaluate
+    folder = Path(ecfg.out) / "lds"
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(stage: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[stage] = round(timings.get(stage, 0.0) + now - clock, 1)
+        clock = now
+
+    universe = split_universe(cfg, folder)
+    model_dir, trained = universe_model(cfg, universe, folder)
+    lap("universe_model")
+
+    indexes: dict[str, dict[str, Any]] = {}
+    documents: dict[str, dict[str, Any]] = {}
+    for basis in ecfg.bases:
+        measurement = BASIS_SPEC[basis][0]
+        bcfg = basis_config(cfg, basis, str(folder / f"index-{measurement}"))
+        if measurement not in indexes:
+            indexes[measurement] = run_index(bcfg, IndexRequest(dataset=universe.uri, model=model_dir,
+                                                                 out=bcfg.index.out, ray_address=ray_address))
+            lap("index")
+        documents[basis], _ = ensure_weights(bcfg, bcfg.index.out, indexes[measurement]["version"], model_dir,
+                                             ray_address)
+        lap("weights")
+
+    adapter = load_model_dir(model_dir)
+    batch, kinds = lds_queries(cfg, adapter, universe)
+    order = [e.example_id for e in universe.examples]
+    scores: dict[str, np.ndarray] = {}
+    for measurement, built in indexes.items():
+        index = load_index(str(folder / f"index-{measurement}"), built["version"])
+        fcfg = from_mapping(FeaturizeConfig, {**index.manifest["featurize"],
+                                              "max_rows_per_pass": cfg.featurize.max_rows_per_pass})
+        features = Featurizer(adapter, fcfg).flat(batch)
+        for basis in ecfg.bases:
+            if BASIS_SPEC[basis][0] == measurement:
+                kernel = index.kernel if BASIS_SPEC[basis][1] else None
+                scores[basis] = full_scores(features, weights_matrix(documents[basis], [UNIFORM, "general"]), index,
+                                            kernel, order)
+    lap("attribute")
+
+    data = load_dataset(universe.uri, cfg.subset_train.resolution, cfg.subset_train.channels,
+                        cfg.subset_train.conditioning, cfg.subset_train.caption_column, cfg.subset_train.label_column)
+    if data.example_ids != order:
+        raise RuntimeError("the universe dataset does not read back in its written order")
+    masks = subset_masks(len(order), ecfg.subsets, ecfg.subset_fraction, stable_seed("lds-subsets", ecfg.seed))
+    gpus = ecfg.gpus_per_task if ecfg.gpus_per_task >= 0 else (1.0 if cluster_gpus() else 0.0)
+    truth = ground_truth(data, masks, cfg.subset_train, batch, output_config(cfg), folder, gpus)
+    lap("ground_truth")
+    actual = -truth["outputs"]  # fit = -loss: an example that helps lowers the query's loss
+    table: dict[str, dict[str, Any]] = {}
+    detail: dict[str, dict[str, Any]] = {}
+    for basis in ecfg.bases:
+        row: dict[str, Any] = {}
+        for i, name in enumerate(("uniform", "learned")):
+            result = lds(scores[basis][i], masks, actual, seed=ecfg.seed, resamples=ecfg.bootstrap)
+            row[name], row[f"{name}_ci"] = result["lds"], result["ci"]
+            detail.setdefault(basis, {})[name] = result["per_query"]
+        row["weights"] = dict(zip(documents[basis]["groups"], documents[basis]["aspects"]["general"]["weights"]))
+        table[basis] = row
+    lap("lds")
+    return {
+        "table": table, "per_query": detail, "queries": kinds,
+        "n_subsets": int(ecfg.subsets), "n_queries": len(batch), "n_train": len(order),
+        "universe_model": model_dir, "trained_universe_model": trained is not None,
+        "indexes": {m: {"uri": str(folder / f"index-{m}"), "version": b["version"]} for m, b in indexes.items()},
+        "recipe": to_mapping(cfg.subset_train),
+        "output": f"negative loss averaged over {ecfg.output_timesteps} timesteps x {ecfg.output_noise_draws} noise draws",
+        "ground_truth": {k: truth[k] for k in ("key", "trained", "cached", "seconds", "folder")},
+        "stage_seconds": timings,
+    }
+

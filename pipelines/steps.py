@@ -1,0 +1,68 @@
+"""The main job's steps, each skipped when its result is already there: dataset, model,
+index, learned weights. ``attribution demo`` and ``attribution evaluate`` run them in order."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from attribution_core.config import ProjectConfig, to_mapping
+from attribution_core.data.writers import read_marker, write_synthetic
+from attribution_core.errors import ManifestMismatchError
+from attribution_core.index.store import IndexStore
+from attribution_core.weights.artifact import artifact_path, check_weights
+from pipelines.commands.train import train_to_dir
+from pipelines.models import ensure_model
+
+log = logging.getLogger(__name__)
+
+
+def prepare(cfg: ProjectConfig) -> dict[str, Any]:
+    """Write the synthetic dataset and train the model when they are not there yet; say what was done."""
+    done: dict[str, Any] = {}
+    if read_marker(cfg.data.uri) is None:
+        log.info("writing the synthetic dataset to %s", cfg.data.uri)
+        write_synthetic(cfg.data.uri, cfg.data.synth_n, cfg.data.synth_seed, cfg.data.synth_size, cfg.data.holdout)
+        done["data"] = "written"
+    path = Path(cfg.model.path)
+    if not (path / "unet" / "config.json").is_file():
+        if cfg.model.build:
+            ensure_model(cfg.model)
+            done["model"] = f"built untrained ({cfg.model.build})"
+        else:
+            log.info("training the model (%d steps) into %s", cfg.train.steps, path)
+            done["model"] = train_to_dir(cfg.data.uri, cfg.train, path)
+    return done
+
+
+def build_index(cfg: ProjectConfig, ray_address: str | None = None) -> dict[str, Any]:
+    """The index of ``data.uri`` under ``index.out`` (incremental; "up to date" when nothing changed)."""
+    from pipelines.index.job import IndexRequest, run_index
+
+    return run_index(cfg, IndexRequest(dataset=cfg.data.uri, model=str(ensure_model(cfg.model)), out=cfg.index.out,
+                                       ray_address=ray_address))
+
+
+def ensure_weights(cfg: ProjectConfig, index: str, version: str, model: str | None = None,
+                   ray_address: str | None = None) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The weights document ``weights.name`` of an index version, learned first unless one
+    learned with the same settings is there. Returns (document, the learning summary or None)."""
+    from pipelines.weights.job import WeightsRequest, learn_weights
+
+    store = IndexStore(index)
+    path = artifact_path(version, cfg.weights.name)
+    document = store.read_json(path)
+    if document is not None:
+        try:
+            check_weights(document, store.manifest(version))
+            if document.get("settings") == json.loads(json.dumps(to_mapping(cfg.weights), default=str)):
+                return document, None
+            log.info("weights %s were learned with other settings; learning them again", path)
+        except ManifestMismatchError as exc:
+            log.info("weights %s do not fit this version (%s); learning them again", path, exc)
+    summary = learn_weights(cfg, WeightsRequest(index=index, version=version, model=model, ray_address=ray_address))
+    document = store.read_json(path)
+    assert document is not None, f"learn-weights wrote no {path}"
+    return document, summary
