@@ -13,7 +13,7 @@ export AWS_EC2_METADATA_DISABLED := true
 export HF_HUB_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: install test demo bench clean help
+.PHONY: install browser test demo bench clean help
 
 help:
 	@echo "make demo   - set up, then run the main job end to end (writes artifacts/demo/)"
@@ -33,7 +33,17 @@ $(STAMP): $(PY) pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-test: install
+# Headless Chromium renders the evaluation report in a test: Debian's package, as root.
+browser:
+	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  echo "installing Debian's chromium (the report test renders the evaluation report headless)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; \
+	else \
+	  echo "warning: no chromium, and no root apt-get to install it: the report rendering test will be skipped"; \
+	fi
+
+test: install browser
 	$(NETNS) $(PY) -m pytest $(PYTEST_ARGS)
 
 demo: install

@@ -37,7 +37,7 @@ DEFAULT_CONFIG = "configs/demo.yaml"
 def _cmd_demo(args: argparse.Namespace) -> int:
     from pipelines import demo
 
-    result = demo.run(ProjectConfig.load(args.config))
+    result = demo.run(ProjectConfig.load(args.config), args.config)
     print(json.dumps(result, indent=2) if args.json else demo.summary_text(result))
     return 0
 
@@ -85,8 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("demo", help="run the main job end to end on the embedded default",
-                       description="Build a tiny model (once), featurize a generated training set, "
-                       "write the features under demo.out and attribute a few generated queries.")
+                       description="Synthesize the dataset, train the small text-to-image model, index the set "
+                       "on Ray Data, learn general and aspect weights on Ray Train, evaluate (LDS on retrained subset "
+                       "models, aspect Recall@K, HTML report under evaluate.out), then start the query endpoint on "
+                       "Ray Serve, send it a generated image, print the answer and shut it down. Steps whose result "
+                       "is already there are skipped, so a rerun takes about a minute.")
     p.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML config (default {DEFAULT_CONFIG})")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=_cmd_demo)

@@ -1,32 +1,30 @@
 """``attribution demo``: the main job end to end on the embedded default.
 
-Writes the synthetic training set (once, ``data.uri``), trains the small text-to-image model
-on it (once, ``model.path``), builds the attribution index of the whole set on Ray Data
-(``index.out``; a rerun finds it up to date), generates a few query images with the model,
-featurizes them with the same ``featurize`` settings and attributes each to its top-k training
-examples with uniform group weights and the index's kernel.
+Synthetic dataset -> train the small text-to-image model -> index the whole set on Ray
+Data -> learn general and aspect weights on Ray Train -> evaluate (LDS with retrained
+subset models, aspect Recall@K, HTML report) -> start the query endpoint on Ray Serve,
+send it a generated image, print the answer -> shut the endpoint down. Every step whose
+result is already there (dataset, model, index version, weights, ground truth) is skipped.
 """
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
+import socket
+import urllib.request
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from attribution_core.config import ProjectConfig
+from attribution_core.data.images import encode_png
 from attribution_core.data.synthetic import caption_for
-from attribution_core.data.writers import read_marker, write_synthetic
-from attribution_core.features.featurize import Featurizer
-from attribution_core.index.manifest import FeatureSpec, check_same_features
-from attribution_core.index.reader import load_index
-from attribution_core.index.scoring import attribute
-from attribution_core.models.fingerprint import model_fingerprint
+from attribution_core.features.seeding import stable_seed
 from attribution_core.models.sampling import generate
-from pipelines.commands.train import train_to_dir
-from pipelines.models import ensure_model, load_model
-from pipelines.weights.queries import featurize_generated
+from pipelines.evaluation.job import EvaluateRequest, evaluate
+from pipelines.evaluation.job import summary_text as evaluation_text
+from pipelines.models import load_model
 
 # Query prompts of the demo: (subject, style, background).
 SUBJECT_STYLE_BACKGROUND = (("circle", "filled", "grid"), ("triangle", "outlined", "solid"),
@@ -35,93 +33,87 @@ SUBJECT_STYLE_BACKGROUND = (("circle", "filled", "grid"), ("triangle", "outlined
 log = logging.getLogger(__name__)
 
 
-def prepare(cfg: ProjectConfig) -> dict[str, Any]:
-    """Make the demo's dataset and model if they are not there yet; say what was done."""
-    done: dict[str, Any] = {}
-    if read_marker(cfg.data.uri) is None:
-        log.info("writing the synthetic dataset to %s", cfg.data.uri)
-        write_synthetic(cfg.data.uri, cfg.data.synth_n, cfg.data.synth_seed, cfg.data.synth_size, cfg.data.holdout)
-        done["data"] = "written"
-    path = Path(cfg.model.path)
-    if not (path / "unet" / "config.json").is_file():
-        if cfg.model.build:
-            ensure_model(cfg.model)
-            done["model"] = f"built untrained ({cfg.model.build})"
-        else:
-            log.info("training the model (%d steps) into %s", cfg.train.steps, path)
-            done["model"] = train_to_dir(cfg.data.uri, cfg.train, path)
-    return done
+def _port(host: str, wanted: int) -> int:
+    """``wanted`` when it is free, else any free port (a demo should not fail on a busy 8000)."""
+    with socket.socket() as s:
+        try:
+            s.bind((host, wanted))
+            return wanted
+        except OSError:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+    log.warning("port %d is taken; the demo endpoint listens on %d", wanted, port)
+    return port
 
 
-def run(cfg: ProjectConfig) -> dict[str, Any]:
-    from pipelines.index.job import IndexRequest, run_index
+def query_endpoint(cfg: ProjectConfig, config_path: str, aspects: list[str]) -> dict[str, Any]:
+    """Start the endpoint, send ``demo.queries`` generated images, stop it; the answers."""
+    from pipelines.serve.app import ServeArgs
+    from pipelines.serve.runner import start, stop
 
-    prepared = prepare(cfg)
-    built = run_index(cfg, IndexRequest(dataset=cfg.data.uri, model=str(ensure_model(cfg.model)), out=cfg.index.out))
-    index = load_index(cfg.index.out, built["version"])
     adapter = load_model(cfg.model)
-    featurizer = Featurizer(adapter, cfg.featurize)
-    query_spec = FeatureSpec.build(model_fingerprint(adapter), cfg.featurize, featurizer.layout, index.manifest["dtype"])
-    check_same_features(FeatureSpec.from_manifest(index.manifest), query_spec, "the query featurizer",
-                        "Rebuild the index with this model and featurize settings.")
-
     prompts = [caption_for(*SUBJECT_STYLE_BACKGROUND[i % len(SUBJECT_STYLE_BACKGROUND)]) for i in range(cfg.demo.queries)]
-    queries = generate(adapter, prompts=prompts if adapter.conditioning == "text" else None,
-                       labels=[0] if adapter.conditioning == "class" else None, n=cfg.demo.queries, seed=cfg.demo.seed)
-    q_flat = featurize_generated(featurizer, queries)  # queries enter like any image: bytes -> decode
-    uniform = torch.ones(1, len(featurizer.layout.groups))
-    blocks = (index.features[i : i + 4096] for i in range(0, index.features.shape[0], 4096))
-    scores, idx = attribute(q_flat, uniform, featurizer.layout, index.kernel, blocks, cfg.demo.top_k)
-    scores, idx = scores[0], idx[0]  # the one weighting: [Q, k]
-    attributions = [
-        {
-            "query": prompts[qi],
-            "top": [
-                {"example_id": index.example_ids[j], "caption": index.captions[j] or "", "score": float(s)}
-                for s, j in zip(scores[qi].tolist(), idx[qi].tolist())
-            ],
-        }
-        for qi in range(len(queries))
-    ]
-    return {
-        "prepared": prepared,
-        "model": str(cfg.model.path),
-        "data": cfg.data.uri,
-        "conditioning": adapter.conditioning,
-        "n_params": sum(p.numel() for p in adapter.denoiser.parameters()),
-        "tracked_layers": len(featurizer.layout.layers),
-        "groups": list(featurizer.layout.group_names),
-        "k_total": featurizer.layout.k_total,
-        "measurement": cfg.featurize.measurement,
-        "rows_per_example": cfg.featurize.rows_per_example,
-        "index": built,
-        "kernel": index.manifest["stats"]["kernel"],
-        "attributions": attributions,
-    }
+    text = adapter.conditioning == "text"
+    images = generate(adapter, prompts=prompts if text else None,
+                      labels=[0] if adapter.conditioning == "class" else None, n=cfg.demo.queries,
+                      seed=stable_seed("demo-queries", cfg.demo.seed))
+    host = cfg.serve.host if cfg.serve.host not in ("0.0.0.0", "::") else "127.0.0.1"
+    url, info = start(ServeArgs(config=config_path), host=host, port=_port(host, cfg.serve.port))
+    answers = []
+    try:
+        for g in images:
+            body: dict[str, Any] = {"image": base64.b64encode(encode_png(g.image)).decode(), "aspects": aspects,
+                                    "k": cfg.demo.top_k}
+            if text:
+                body["prompt"] = g.prompt
+            if adapter.conditioning == "class":
+                body["label"] = g.label
+            request = urllib.request.Request(f"{url}/v1/attributions", data=json.dumps(body).encode(),
+                                             headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=120) as r:
+                answer = json.loads(r.read())
+            answers.append({"prompt": g.prompt, "answer": answer})
+    finally:
+        stop()
+    return {"url": url, "version": info["version"], "rows": info["rows"], "answers": answers}
+
+
+def run(cfg: ProjectConfig, config_path: str) -> dict[str, Any]:
+    metrics = evaluate(cfg, EvaluateRequest())
+    learned = metrics["info"].get("aspects_learned", [])
+    aspects = [a for a in ("general", "subject", "style", "background") if a in learned] or ["uniform"]
+    served = query_endpoint(cfg, str(Path(config_path).resolve()), aspects)
+    return {"evaluation": metrics, "served": served}
 
 
 def summary_text(result: dict[str, Any]) -> str:
-    built = result["index"]
-    if built["up_to_date"]:
-        index_line = f"index            {built['uri']} version {built['version']} is up to date"
-    else:
-        index_line = (f"index            {built['uri']} version {built['version']} ({built['mode']}): featurized "
-                      f"{built['featurized']} examples x {result['rows_per_example']} rows ({result['measurement']}) "
-                      f"in {built['stage_seconds']['featurize']} s = {built['rows_per_s']} examples/s with "
-                      f"{built['actors']} actors; {built['bytes_per_example']} bytes/example")
+    metrics, served = result["evaluation"], result["served"]
+    info = metrics["info"]
+    built = info["index_build"]
+    steps = metrics["stage_seconds"]
+    prepared = info["prepared"]
     lines = [
-        f"model            {result['model']} ({result['conditioning']} conditioning, "
-        f"{result['n_params']:,} parameters)",
-        f"tracked          {result['tracked_layers']} layers in {len(result['groups'])} groups, "
-        f"k_total={result['k_total']}",
-        index_line,
-        f"rows             {built['rows']} indexed, {built['errors']} quarantined; kernel {result['kernel']}",
+        f"data             {info['data']} ({'written' if 'data' in prepared else 'present'})",
+        f"model            {info['model']} ({'trained now' if 'model' in prepared else 'present'})",
+        f"index            {built['uri']} version {built['version']}: "
+        + ("up to date" if built["up_to_date"] else
+           f"{built['mode']} build, {built['featurized']} examples featurized")
+        + f"; {built['rows']} rows, {built['errors']} quarantined ({steps['index']} s)",
+        f"weights          {', '.join(info['aspects_learned'])} "
+        f"({'learned now' if info['weights_learned_now'] else 'present'}, {steps['weights']} s)",
+        f"evaluation       LDS {steps.get('lds', 0)} s, recall {steps.get('recall', 0)} s",
         "",
-        "generated queries attributed with uniform group weights and the index kernel "
-        "(`attribution learn-weights` learns aspect weights; `attribution serve` answers queries over HTTP):",
+        evaluation_text(metrics),
+        "",
+        f"endpoint         {served['url']} served version {served['version']} ({served['rows']} rows); "
+        "one query sent, then shut down:",
     ]
-    for a in result["attributions"]:
-        lines.append(f"  query: {a['query']}")
-        for rank, t in enumerate(a["top"], start=1):
-            lines.append(f"    {rank}. {t['score']:+.3e}  {t['example_id']}  {t['caption']}")
+    for a in served["answers"]:
+        lines.append(f"  query: {a['prompt']}")
+        for aspect, top in a["answer"]["aspects"].items():
+            lines.append(f"    {aspect}:")
+            for t in top:
+                lines.append(f"      {t['rank']}. {t['score']:+.3e}  share {t['share']:.2f}  {t['example_id']}  "
+                             f"{t.get('caption') or ''}")
+    lines.append(f"\nreport           {Path(metrics['report']).resolve()}")
     return "\n".join(lines)

@@ -19,15 +19,16 @@ from pipelines.models import ensure_model
 log = logging.getLogger(__name__)
 
 
-def prepare(cfg: ProjectConfig) -> dict[str, Any]:
-    """Write the synthetic dataset and train the model when they are not there yet; say what was done."""
+def prepare(cfg: ProjectConfig, model: bool = True) -> dict[str, Any]:
+    """Write the synthetic dataset and (``model``) train the model when they are not there
+    yet; say what was done."""
     done: dict[str, Any] = {}
     if read_marker(cfg.data.uri) is None:
         log.info("writing the synthetic dataset to %s", cfg.data.uri)
         write_synthetic(cfg.data.uri, cfg.data.synth_n, cfg.data.synth_seed, cfg.data.synth_size, cfg.data.holdout)
         done["data"] = "written"
     path = Path(cfg.model.path)
-    if not (path / "unet" / "config.json").is_file():
+    if model and not (path / "unet" / "config.json").is_file():
         if cfg.model.build:
             ensure_model(cfg.model)
             done["model"] = f"built untrained ({cfg.model.build})"

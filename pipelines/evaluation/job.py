@@ -56,20 +56,23 @@ def evaluate(cfg: ProjectConfig, req: EvaluateRequest = EvaluateRequest()) -> di
         timings[stage] = round(now - clock, 1)
         clock = now
 
-    prepared = prepare(cfg)
+    prepared = prepare(cfg, model=req.recall)  # LDS trains its own model; only Recall uses the main one
     lap("prepare")
     ensure_ray(req.ray_address)
-    built = build_index(cfg, req.ray_address)
-    lap("index")
-    document, learned = ensure_weights(cfg, cfg.index.out, built["version"], ray_address=req.ray_address)
-    lap("weights")
-
-    info: dict[str, Any] = {"index": built["uri"], "version": built["version"], "weights": cfg.weights.name,
-                            "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                            "subset_fraction": ecfg.subset_fraction, "recall_k": ecfg.recall_k}
     metrics: dict[str, Any] = {"lds": {}, f"recall_at_{ecfg.recall_k}": {}, "n_subsets": 0, "n_queries": 0}
     gallery: list[dict[str, Any]] = []
+    info: dict[str, Any] = {"created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                            "data": cfg.data.uri, "subset_fraction": ecfg.subset_fraction, "recall_k": ecfg.recall_k,
+                            "prepared": prepared}
     if req.recall:
+        built = build_index(cfg, req.ray_address)
+        lap("index")
+        document, learned = ensure_weights(cfg, cfg.index.out, built["version"], ray_address=req.ray_address)
+        lap("weights")
+        info.update(index=built["uri"], version=built["version"], model=cfg.model.path, weights=cfg.weights.name,
+                    weights_learned_now=learned is not None, aspects_learned=sorted(document["aspects"]),
+                    index_build={k: built.get(k) for k in ("uri", "version", "mode", "up_to_date", "featurized",
+                                                           "rows", "errors", "rows_per_s", "actors")})
         recall = run_recall(cfg, load_index(cfg.index.out, built["version"]), document)
         metrics[f"recall_at_{ecfg.recall_k}"] = {a: {k: round(v, 4) for k, v in row.items()}
                                                  for a, row in recall["table"].items()}
@@ -89,10 +92,10 @@ def evaluate(cfg: ProjectConfig, req: EvaluateRequest = EvaluateRequest()) -> di
         info.update(n_train=result["n_train"], output=result["output"], recipe=result["recipe"],
                     query_mix=f"{kinds.count('generated')} generated, {kinds.count('heldout')} held-out real",
                     lds_indexes=result["indexes"], universe_model=result["universe_model"],
+                    universe_model_trained_now=result["trained_universe_model"],
                     ground_truth=result["ground_truth"], lds_stage_seconds=result["stage_seconds"])
         per_query = {"queries": result["queries"], "lds": result["per_query"]}
         lap("lds")
-    info.update(prepared=prepared, index_up_to_date=built["up_to_date"], weights_learned_now=learned is not None)
     timings["total"] = round(time.perf_counter() - started, 1)
     metrics["info"] = info
     metrics["stage_seconds"] = timings

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pytest
+import yaml
 
 from attribution_core.config import ProjectConfig, from_mapping
 from attribution_core.index.schema import flat_matrix
@@ -62,3 +64,25 @@ def error_ids(uri: str) -> dict[str, str]:
     manifest = store.latest()
     rows = [r for p in manifest["errors"]["shards"] for r in store.read_table(p).to_pylist()]
     return {r["example_id"]: r["reason"] for r in rows}
+
+
+def tiny_main_job(tmp_path: Path, **sections: dict) -> dict:
+    """configs/demo.yaml scaled to seconds: a 48-example dataset, 8x8 models, a few steps
+    everywhere, an LDS of 4 subsets over 24 examples; ``sections`` update its sections."""
+    cfg = yaml.safe_load((Path(__file__).resolve().parents[2] / "configs" / "demo.yaml").read_text())
+    recipe = {"resolution": 8, "widths": [8, 16], "text_width": 16, "batch_size": 8, "warmup_steps": 1, "threads": 1}
+    cfg["data"].update(uri=str(tmp_path / "data"), synth_n=48, synth_size=16)
+    cfg["model"]["path"] = str(tmp_path / "model")
+    cfg["train"].update(recipe, steps=6)
+    cfg["subset_train"].update(recipe, steps=4)
+    cfg["featurize"]["timesteps"]["count"] = 2
+    cfg["index"].update(out=str(tmp_path / "index"), batch_size=16, actors=2)
+    cfg["weights"].update(queries_per_aspect=4, steps=10, sample_steps=3, max_rounds=1, workers=1, pool_size=12)
+    cfg["demo"].update(out=str(tmp_path / "demo"), queries=1, top_k=2)
+    cfg["serve"].update(partitions=1, cpus_per_replica=0.25)
+    cfg["evaluate"].update(out=str(tmp_path / "eval"), lds_examples=24, subsets=4, generated_queries=3,
+                           heldout_queries=2, output_timesteps=2, weights_queries=4, recall_queries=6, gallery=2,
+                           gallery_k=3, bootstrap=200)
+    for name, values in sections.items():
+        cfg.setdefault(name, {}).update(values)
+    return cfg

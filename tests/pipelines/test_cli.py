@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,44 +25,71 @@ def attribution(*args: str, cwd: Path = ROOT, check: bool = True, env: dict | No
 
 
 @pytest.mark.parametrize("args", [(), ("demo",), ("groups",), ("model", "build-tiny"), ("bench", "featurize"),
-                                  ("index",), ("learn-weights",), ("bench", "index"), ("bench", "weights")])
+                                  ("index",), ("learn-weights",), ("evaluate",), ("serve",), ("bench", "index"),
+                                  ("bench", "weights")])
 def test_help_explains(args):
     out = attribution(*args, "--help").stdout
     assert "usage: attribution" in out and len(out.splitlines()) > 4
 
 
 def _demo_config(tmp_path: Path, model_dir: str | None = None) -> Path:
-    cfg = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
-    cfg["data"].update(uri=str(tmp_path / "data"), synth_n=24, synth_size=16)
-    cfg["model"]["path"] = model_dir or str(tmp_path / "model")
-    cfg["train"].update(resolution=8, widths=[8, 16], text_width=16, batch_size=8, steps=4, warmup_steps=1)
-    cfg["featurize"]["timesteps"]["count"] = 2
-    cfg["index"].update(out=str(tmp_path / "index"), batch_size=8, actors=2)
-    cfg["demo"].update(out=str(tmp_path / "demo"), queries=2, top_k=2)
+    from tests.pipelines.conftest import tiny_main_job
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = tiny_main_job(tmp_path, serve={"port": port})
+    if model_dir:
+        cfg["model"]["path"] = model_dir
     path = tmp_path / "demo.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
 
 
 def test_demo_end_to_end(tmp_path, ray_cluster):
+    """synth -> train -> index -> learn weights -> evaluate -> endpoint answers one query;
+    a rerun skips every cached step and measures the same numbers."""
     from attribution_core.index.store import IndexStore
 
     config = _demo_config(tmp_path)
     on_cluster = {"RAY_ADDRESS": ray_cluster}  # the session's Ray instead of a second local one
     result = json.loads(attribution("demo", "--config", str(config), "--json", env=on_cluster).stdout)
-    assert set(result["prepared"]) == {"data", "model"}  # the first run makes both
-    built = result["index"]
-    assert built["rows"] == 24 and built["errors"] == 0 and built["featurized"] == 24 and not built["up_to_date"]
-    manifest = IndexStore(str(tmp_path / "index")).latest()
-    assert manifest["version"] == built["version"] and manifest["layout"]["k_total"] == result["k_total"]
-    assert [g["name"] for g in manifest["layout"]["groups"]] == result["groups"]
-    assert all(len(a["top"]) == 2 for a in result["attributions"])
-    # A second run reuses the model, finds the index up to date and attributes identically.
-    again = json.loads(attribution("demo", "--config", str(config), "--json", env=on_cluster).stdout)
-    assert again["prepared"] == {} and again["index"]["up_to_date"] and again["index"]["version"] == built["version"]
-    assert again["attributions"] == result["attributions"]
+    metrics, served = result["evaluation"], result["served"]
+    info = metrics["info"]
+    assert set(info["prepared"]) == {"data", "model"}  # the first run makes both
+    built = info["index_build"]
+    assert built["rows"] == 48 and built["errors"] == 0 and built["featurized"] == 48 and not built["up_to_date"]
+    assert IndexStore(str(tmp_path / "index")).latest()["version"] == built["version"]
+    assert info["weights_learned_now"] and info["aspects_learned"] == ["background", "general", "style", "subject"]
+    # The evaluation: every basis with uniform and learned weights, CIs around their means.
+    assert set(metrics["lds"]) == {"tracin", "trak", "dtrak"}
+    for row in metrics["lds"].values():
+        for name in ("uniform", "learned"):
+            lo, hi = row[f"{name}_ci"]
+            assert -1 <= lo <= row[name] <= hi <= 1
+    assert metrics["n_subsets"] == 4 and metrics["n_queries"] == 5
+    assert set(metrics["recall_at_10"]) == {"subject", "style", "background"}
+    for row in metrics["recall_at_10"].values():
+        assert set(row) == {"aspect", "general", "uniform", "pixel_knn"} and all(0 <= v <= 1 for v in row.values())
+    assert info["ground_truth"]["trained"] == 4
+    on_disk = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert on_disk["lds"] == metrics["lds"] and on_disk["recall_at_10"] == metrics["recall_at_10"]
+    report = (tmp_path / "eval" / "report.html").read_text()
+    assert "Linear datamodeling score" in report and report.count("data:image/png;base64,") >= 2 * (1 + 3)
+    # The endpoint answered the generated query for every learned aspect.
+    answer = served["answers"][0]["answer"]
+    assert set(answer["aspects"]) == {"general", "subject", "style", "background"} and not answer["substituted"]
+    assert all(len(top) == 2 for top in answer["aspects"].values()) and answer["index"]["version"] == built["version"]
+
+    # A second run trains, indexes, learns and retrains nothing, and measures the same numbers.
     text = attribution("demo", "--config", str(config), env=on_cluster).stdout
-    assert "k_total=" in text and "query:" in text and "up to date" in text
+    again = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert again["info"]["prepared"] == {} and again["info"]["index_build"]["up_to_date"]
+    assert not again["info"]["weights_learned_now"] and again["info"]["ground_truth"]["trained"] == 0
+    assert info["universe_model_trained_now"] and not again["info"]["universe_model_trained_now"]
+    assert again["lds"] == metrics["lds"] and again["recall_at_10"] == metrics["recall_at_10"]
+    assert "up to date" in text and "LDS (4 subsets, 5 queries" in text and "query:" in text
+    assert f"report           {(tmp_path / 'eval' / 'report.html').resolve()}" in text
 
 
 def test_groups_command(tmp_path, model_dirs):

@@ -1,0 +1,64 @@
+"""``attribution evaluate`` on a dataset that is not the synthetic one: no captions, no
+attribute columns, an unconditional model. LDS is still measured; Recall says why not; the
+ground truth is reused when only the weights change."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+
+from attribution_core.config import ProjectConfig, from_mapping
+from attribution_core.data.writers import synthetic_rows, write_parquet_dataset
+from pipelines.evaluation.job import EvaluateRequest, evaluate
+from tests.pipelines.conftest import tiny_main_job
+
+
+def _plain_images(uri: str, n: int) -> None:
+    """Images only: no caption column, no attribute columns, ids from the content hash."""
+    schema = pa.schema([("image", pa.binary())])
+    write_parquet_dataset(uri, ({"image": r["image"]} for r in synthetic_rows(n, 7, 16)), schema, {"kind": "plain"})
+
+
+def test_unconditional_dataset_without_captions_or_attributes(tmp_path, ray_cluster):
+    settings = tiny_main_job(tmp_path, train={"conditioning": "none"}, subset_train={"conditioning": "none"},
+                             weights={"aspects": ["general"]}, evaluate={"bases": ["tracin", "dtrak"]})
+    _plain_images(settings["data"]["uri"], 48)
+    cfg = from_mapping(ProjectConfig, settings)
+    metrics = evaluate(cfg, EvaluateRequest())
+
+    assert set(metrics["lds"]) == {"tracin", "dtrak"} and metrics["n_subsets"] == 4 and metrics["n_queries"] == 5
+    assert metrics["recall_at_10"] == {} and "none-conditioned" in metrics["info"]["recall_skipped"]
+    assert metrics["info"]["query_mix"] == "3 generated, 2 held-out real"
+    report = (tmp_path / "eval" / "report.html").read_text()
+    assert "Not measured: the model is none-conditioned" in report
+
+    # The held-out real queries are outside the universe the subset models trained on.
+    detail = json.loads((tmp_path / "eval" / "lds_per_query.json").read_text())
+    universe = {r["example_id"] for r in _read(tmp_path / "eval" / "lds" / "data")}
+    held = [q["example_id"] for q in detail["queries"] if q["kind"] == "heldout"]
+    assert len(held) == 2 and not set(held) & universe and len(universe) == 24
+
+    # LDS recomputed from the cached ground truth and the per-query values agree.
+    gt = metrics["info"]["ground_truth"]
+    outputs = np.stack([np.load(f"{gt['folder']}/subset-{s:04d}.npy") for s in range(4)], axis=1)  # [Q, S]
+    assert outputs.shape == (5, 4) and np.isfinite(outputs).all()
+    assert len({tuple(np.round(outputs[:, s], 12)) for s in range(4)}) == 4  # every subset model differs
+    per_query = np.array(detail["lds"]["dtrak"]["uniform"], dtype=float)
+    assert abs(np.nanmean(per_query) - metrics["lds"]["dtrak"]["uniform"]) < 1e-4  # metrics round to 4 places
+
+    # Other weight settings: the weights are learned again, the retrained models are reused,
+    # and uniform-weight LDS (which does not depend on them) is unchanged.
+    changed = from_mapping(ProjectConfig, {**settings, "weights": {**settings["weights"], "lambda_w": 0.5}})
+    again = evaluate(changed, EvaluateRequest())
+    assert again["info"]["ground_truth"]["trained"] == 0 and again["info"]["ground_truth"]["key"] == gt["key"]
+    assert again["info"]["weights_learned_now"]
+    for basis in ("tracin", "dtrak"):
+        assert again["lds"][basis]["uniform"] == metrics["lds"][basis]["uniform"]
+
+
+def _read(uri) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(str(uri), columns=["example_id"]).to_pylist()
