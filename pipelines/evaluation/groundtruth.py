@@ -37,11 +37,13 @@ def ground_truth(data: TrainingData, masks: np.ndarray, recipe: TrainConfig, que
                  featurize: FeaturizeConfig, cache: str | Path, gpus_per_task: float = 0.0) -> dict[str, Any]:
     """``[Q, S]`` outputs of the models retrained on each subset (``masks [S, N]``), cached."""
     recipe_map, featurize_map = to_mapping(recipe), to_mapping(featurize)
-    key = ground_truth_key({"recipe": recipe_map, "featurize": featurize_map, "examples": data.example_ids},
+    # Only what changes the outputs keys the cache (not groups or projection of the features).
+    output = {k: featurize_map[k] for k in ("measurement", "timesteps", "noise_draws", "seed")}
+    key = ground_truth_key({"recipe": recipe_map, "output": output, "examples": data.example_ids},
                            masks, list(queries.example_ids))
     folder = Path(cache) / "ground_truth" / key
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "key.json").write_text(json.dumps({"recipe": recipe_map, "featurize": featurize_map,
+    (folder / "key.json").write_text(json.dumps({"recipe": recipe_map, "output": output,
                                                  "subsets": int(masks.shape[0]), "queries": len(queries)}, indent=2))
     started = time.perf_counter()
     missing = [s for s in range(masks.shape[0]) if not (folder / f"subset-{s:04d}.npy").is_file()]
