@@ -7,7 +7,8 @@ sees only pools and M x M moments, so its time should not grow with N.
 
 Part 2 (``--index`` with learned weights, e.g. the demo's): Recall@10 of each aspect's
 attribute for generated evaluation queries of known subject/style/background, under that
-aspect's weights and under uniform weights.
+aspect's weights, the general weights, uniform weights and pixel kNN (``attribution evaluate``
+measures the same at the config's settings).
 """
 
 from __future__ import annotations
@@ -57,18 +58,12 @@ def scaling(cfg: ProjectConfig, sizes: list[int], queries: int, groups: int, dim
 
 
 def aspect_recall(cfg: ProjectConfig, index_uri: str, queries: int, k: int, seed: int) -> dict[str, Any]:
-    """Recall@k of each aspect's attribute: its learned weights vs general vs uniform weights."""
-    from attribution_core.config import FeaturizeConfig, from_mapping
-    from attribution_core.data.readers import read_examples
-    from attribution_core.data.synthetic import BACKGROUNDS, STYLES, SUBJECTS, caption_for
-    from attribution_core.evaluation.recall import aspect_recall_table
-    from attribution_core.features.featurize import Featurizer
-    from attribution_core.features.groups import GroupLayout
+    """Recall@k of each aspect's attribute: its learned weights vs general vs uniform weights
+    vs pixel kNN, for generated queries of known attributes (the evaluation's Recall@K)."""
     from attribution_core.index.reader import load_index
     from attribution_core.index.store import IndexStore
     from attribution_core.weights.artifact import artifact_path, check_weights
-    from pipelines.models import load_model_dir
-    from pipelines.weights.queries import learning_queries
+    from pipelines.evaluation.aspects import run_recall
 
     index = load_index(index_uri)
     manifest = index.manifest
@@ -77,21 +72,10 @@ def aspect_recall(cfg: ProjectConfig, index_uri: str, queries: int, k: int, seed
         raise FileNotFoundError(f"no weights {cfg.weights.name!r} for {index_uri} {manifest['version']}; "
                                 "run `attribution learn-weights` first")
     check_weights(document, manifest)
-    attrs = {ex.example_id: ex.attributes for ex in read_examples(manifest["dataset"]["uri"])}
-    rng = np.random.default_rng(seed)
-    combos = [(str(rng.choice(SUBJECTS)), str(rng.choice(STYLES)), str(rng.choice(BACKGROUNDS))) for _ in range(queries)]
-    prompts = [caption_for(*c) for c in combos]
-    adapter = load_model_dir(manifest["model"]["path"])
-    fcfg = from_mapping(FeaturizeConfig, {**manifest["featurize"], "max_rows_per_pass": cfg.featurize.max_rows_per_pass})
-    eval_cfg = dataclasses.replace(cfg.weights, seed=seed)  # evaluation seeds, not learning's
-    feats = learning_queries(Featurizer(adapter, fcfg), "evaluation", prompts, eval_cfg)
-    kernel = index.kernel if cfg.weights.use_kernel else None
+    ecfg = dataclasses.replace(cfg.evaluate, recall_queries=queries, recall_k=k, seed=seed, gallery=0)
+    result = run_recall(dataclasses.replace(cfg, evaluate=ecfg), index, document)
     out: dict[str, Any] = {"queries": queries, "k": k, "seed": seed}
-    aspects = ("subject", "style", "background")
-    train_attrs = {a: [attrs[eid].get(a) for eid in index.example_ids] for a in aspects}
-    table = aspect_recall_table(feats, GroupLayout.from_manifest(manifest["layout"]), kernel, index.features, document,
-                                {a: [c[i] for c in combos] for i, a in enumerate(aspects)}, train_attrs, k=k)
-    out.update({a: {name: round(v, 4) for name, v in row.items()} for a, row in table.items()})
+    out.update({a: {name: round(v, 4) for name, v in row.items()} for a, row in result["table"].items()})
     return out
 
 
