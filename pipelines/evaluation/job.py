@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from attribution_core.config import ProjectConfig
+from attribution_core.errors import ConfigError
 from attribution_core.evaluation.report import render_report
 from attribution_core.index.reader import load_index
 from pipelines.evaluation.aspects import run_recall
@@ -45,7 +46,7 @@ def evaluate(cfg: ProjectConfig, req: EvaluateRequest = EvaluateRequest()) -> di
     ecfg = cfg.evaluate
     out = Path(ecfg.out)
     if "://" in ecfg.out:
-        raise ValueError(f"evaluate.out must be a local folder (it caches retrained models' outputs), got {ecfg.out!r}")
+        raise ConfigError(f"evaluate.out must be a local folder (it caches retrained models' outputs), got {ecfg.out!r}")
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     started = clock = time.perf_counter()
