@@ -40,3 +40,14 @@ def test_bad_yaml_files(tmp_path):
     unknown.write_text("modle: {}\n")
     with pytest.raises(ConfigError, match="unknown setting.*modle"):
         ProjectConfig.load(unknown)
+
+
+def test_evaluation_settings_are_checked():
+    with pytest.raises(ConfigError, match="evaluate.seed: must differ from weights.seed"):
+        from_mapping(ProjectConfig, {"weights": {"seed": 7}, "evaluate": {"seed": 7}})
+    with pytest.raises(ConfigError, match="evaluate.bases: choose from tracin, trak, dtrak"):
+        from_mapping(ProjectConfig, {"evaluate": {"bases": ["trak", "influence"]}})
+    with pytest.raises(ConfigError, match="evaluate.subsets: LDS needs at least 2 subsets"):
+        from_mapping(ProjectConfig, {"evaluate": {"subsets": 1}})
+    with pytest.raises(ConfigError, match="evaluate.subset_fraction"):
+        from_mapping(ProjectConfig, {"evaluate": {"subset_fraction": 1.0}})
