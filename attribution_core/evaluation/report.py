@@ -31,7 +31,12 @@ img.all { border-color: #12b76a; } img.some { border-color: #fdb022; }
 def _num(value: Any, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
-    return f"{value:.{digits}f}"
+    return f"{value:.{digits}f}".replace("-0.000", "0.000")
+
+
+def _signed(value: Any) -> str:
+    text = _num(value)
+    return text if text == "n/a" or text.startswith("-") else f"+{text}"
 
 
 def _img(data: bytes, css: str = "", alt: str = "") -> str:
@@ -42,7 +47,7 @@ def _img(data: bytes, css: str = "", alt: str = "") -> str:
 
 def lds_table(lds: dict[str, Any]) -> str:
     rows = ["<tr><th class=name>basis</th><th>uniform weights</th><th>95% CI</th><th>learned weights</th>"
-            "<th>95% CI</th><th>difference</th></tr>"]
+            "<th>95% CI</th><th>learned &minus; uniform</th><th>paired 95% CI</th></tr>"]
     for basis, row in lds.items():
         u, w = row.get("uniform"), row.get("learned")
         better = "learned" if (u is not None and w is not None and w > u) else "uniform"
@@ -51,7 +56,8 @@ def lds_table(lds: dict[str, Any]) -> str:
             f"<tr><td class=name>{html.escape(BASIS_LABEL.get(basis, basis))}</td>"
             f"<td class='{'best' if better == 'uniform' else ''}'>{_num(u)}</td><td>{ci('uniform_ci')}</td>"
             f"<td class='{'best' if better == 'learned' else ''}'>{_num(w)}</td><td>{ci('learned_ci')}</td>"
-            f"<td>{'+' if (w or 0) - (u or 0) >= 0 else ''}{_num((w or 0) - (u or 0))}</td></tr>")
+            f"<td>{_signed(row.get('difference', (w or 0) - (u or 0)))}</td>"
+            f"<td>{ci('difference_ci') if 'difference_ci' in row else 'n/a'}</td></tr>")
     return "<table>" + "".join(rows) + "</table>"
 
 
@@ -119,7 +125,8 @@ def render_report(metrics: dict[str, Any], gallery: list[dict[str, Any]]) -> str
             f"{info.get('n_train')} training examples, one model retrained on each; "
             f"{metrics.get('n_queries')} evaluation queries ({html.escape(str(info.get('query_mix', '')))}). "
             f"Model output: {html.escape(str(info.get('output', '')))}. Mean Spearman correlation over queries, "
-            "95% bootstrap intervals over queries. Higher is better.</p>",
+            "95% bootstrap intervals over queries; the paired interval of learned &minus; uniform resamples "
+            "the per-query differences. Higher is better.</p>",
             lds_table(lds),
             "<h3>Learned group weights (general)</h3>", weights_table(lds),
         ]

@@ -86,6 +86,8 @@ def evaluate(cfg: ProjectConfig, req: EvaluateRequest = EvaluateRequest()) -> di
         metrics["lds"] = {b: {"uniform": round(r["uniform"], 4), "learned": round(r["learned"], 4),
                               "uniform_ci": [round(v, 4) for v in r["uniform_ci"]],
                               "learned_ci": [round(v, 4) for v in r["learned_ci"]],
+                              "difference": round(r["difference"], 4),
+                              "difference_ci": [round(v, 4) for v in r["difference_ci"]],
                               "weights": {g: round(w, 4) for g, w in r["weights"].items()}}
                           for b, r in result["table"].items()}
         metrics.update(n_subsets=result["n_subsets"], n_queries=result["n_queries"])
@@ -113,10 +115,11 @@ def summary_text(metrics: dict[str, Any]) -> str:
     lines = []
     if metrics["lds"]:
         lines.append(f"LDS ({metrics['n_subsets']} subsets, {metrics['n_queries']} queries; 95% bootstrap CI)")
-        lines.append(f"  {'basis':<8} {'uniform':>8} {'CI':>17}  {'learned':>8} {'CI':>17}")
+        lines.append(f"  {'basis':<8} {'uniform':>8} {'CI':>17}  {'learned':>8} {'CI':>17}  {'learned-uniform (paired CI)':>28}")
         for basis, r in metrics["lds"].items():
             lines.append(f"  {basis:<8} {r['uniform']:>8.4f} [{r['uniform_ci'][0]:+.3f}, {r['uniform_ci'][1]:+.3f}]  "
-                         f"{r['learned']:>8.4f} [{r['learned_ci'][0]:+.3f}, {r['learned_ci'][1]:+.3f}]")
+                         f"{r['learned']:>8.4f} [{r['learned_ci'][0]:+.3f}, {r['learned_ci'][1]:+.3f}]  "
+                         f"{r['difference']:>+8.4f} [{r['difference_ci'][0]:+.3f}, {r['difference_ci'][1]:+.3f}]")
     recall_key = next(k for k in metrics if k.startswith("recall_at_"))
     if metrics[recall_key]:
         lines.append(f"Recall@{recall_key.rsplit('_', 1)[1]} (aspect / general / uniform weights / pixel kNN)")

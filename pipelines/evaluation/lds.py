@@ -39,7 +39,7 @@ from attribution_core.data.loading import load_dataset
 from attribution_core.data.readers import RawExample, read_examples
 from attribution_core.data.writers import read_marker, write_parquet_dataset
 from attribution_core.errors import ConfigError, InputError
-from attribution_core.evaluation.metrics import lds, subset_masks
+from attribution_core.evaluation.metrics import bootstrap_ci, lds, subset_masks
 from attribution_core.features.featurize import Featurizer
 from attribution_core.features.query import query_batch
 from attribution_core.features.seeding import stable_seed
@@ -248,6 +248,10 @@ def run_lds(cfg: ProjectConfig, ray_address: str | None = None) -> dict[str, Any
             result = lds(scores[basis][i], masks, actual, seed=ecfg.seed, resamples=ecfg.bootstrap)
             row[name], row[f"{name}_ci"] = result["lds"], result["ci"]
             detail.setdefault(basis, {})[name] = result["per_query"]
+        # Paired over queries: the interval of mean(learned - uniform), the test of "learned beats uniform".
+        diff = np.array(detail[basis]["learned"], dtype=float) - np.array(detail[basis]["uniform"], dtype=float)
+        row["difference"] = float(np.nanmean(diff)) if np.isfinite(diff).any() else float("nan")
+        row["difference_ci"] = list(bootstrap_ci(diff, resamples=ecfg.bootstrap, seed=ecfg.seed))
         row["weights"] = dict(zip(documents[basis]["groups"], documents[basis]["aspects"]["general"]["weights"]))
         table[basis] = row
     lap("lds")
