@@ -65,5 +65,6 @@ def ensure_weights(cfg: ProjectConfig, index: str, version: str, model: str | No
             log.info("weights %s do not fit this version (%s); learning them again", path, exc)
     summary = learn_weights(cfg, WeightsRequest(index=index, version=version, model=model, ray_address=ray_address))
     document = store.read_json(path)
-    assert document is not None, f"learn-weights wrote no {path}"
+    if document is None:
+        raise ManifestMismatchError(f"learning weights wrote no {store.uri}/{path}; is the index root writable?")
     return document, summary

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import random
 import shutil
@@ -104,8 +105,6 @@ def split_universe(cfg: ProjectConfig, folder: Path) -> Universe:
 
 def universe_model(cfg: ProjectConfig, universe: Universe, folder: Path) -> tuple[str, dict[str, Any] | None]:
     """The ``subset_train`` model of the whole universe (the attributed model), trained unless there."""
-    import json
-
     from pipelines.commands.train import train_to_dir
 
     path = folder / "model"
