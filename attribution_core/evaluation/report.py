@@ -112,7 +112,7 @@ def render_report(metrics: dict[str, Any], gallery: list[dict[str, Any]]) -> str
     """The whole report as one HTML string."""
     info = metrics.get("info", {})
     lds = metrics.get("lds", {})
-    recall = metrics.get("recall_at_10") or metrics.get("recall", {})
+    recall = metrics.get(f"recall_at_{info.get('recall_k', 10)}", {})  # the job keys it by evaluate.recall_k
     sections = [
         "<h1>Attribution evaluation</h1>",
         f"<p class=muted>index {html.escape(str(info.get('index', '')))} version "
