@@ -13,7 +13,7 @@ from pathlib import Path
 # Re-exported so that callers find the whole config API in one module.
 from attribution_core.config_io import check as _check
 from attribution_core.config_io import from_mapping, load_yaml, to_mapping  # noqa: F401
-from attribution_core.config_stages import EvaluateConfig, IndexConfig, ServeConfig, WeightsConfig
+from attribution_core.config_stages import EvaluateConfig, IndexConfig, ReindexConfig, ServeConfig, WeightsConfig
 
 MEASUREMENTS = ("loss", "square")
 TIMESTEP_STRATEGIES = ("uniform", "random", "fixed")
@@ -304,6 +304,7 @@ class ProjectConfig:
     demo: DemoConfig = dataclasses.field(default_factory=DemoConfig)
     serve: ServeConfig = dataclasses.field(default_factory=ServeConfig)
     evaluate: EvaluateConfig = dataclasses.field(default_factory=EvaluateConfig)
+    reindex: ReindexConfig = dataclasses.field(default_factory=ReindexConfig)
 
     def __post_init__(self) -> None:
         _check(self.evaluate.seed != self.weights.seed, "evaluate.seed",

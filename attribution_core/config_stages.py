@@ -175,6 +175,10 @@ class ServeConfig:
     """How long a replica waits to fill a batch once a query has arrived. Queries that
     arrive while a batch runs form the next batch anyway; waiting only adds latency when
     batching does not pay (on CPU, featurizing 2 images costs about 2x one)."""
+    refresh_s: float = 30.0
+    """Replicas serving the index's latest version (no version pinned) look at its
+    ``latest`` pointer this often and hot-swap when ``attribution reindex`` (or
+    ``attribution index``) moves it; 0 = only on redeploy."""
 
     def __post_init__(self) -> None:
         _check(1 <= self.port <= 65535, "serve.port", f"must be a TCP port, got {self.port}")
@@ -189,6 +193,38 @@ class ServeConfig:
                f"threads and searcher_threads must be >= 0, got {self.threads}, {self.searcher_threads}")
         _check(self.cpus_per_replica > 0, "serve.cpus_per_replica", f"must be > 0, got {self.cpus_per_replica}")
         _check(self.batch_wait_ms >= 0, "serve.batch_wait_ms", f"must be >= 0, got {self.batch_wait_ms}")
+        _check(self.refresh_s >= 0, "serve.refresh_s", f"must be >= 0 (0 = only on redeploy), got {self.refresh_s}")
+
+
+RELEARN = ("always", "changed")
+
+
+@dataclasses.dataclass(frozen=True)
+class ReindexConfig:
+    """The scheduled update (``attribution reindex``): incremental index, weights, publish."""
+
+    relearn: str = "changed"
+    """'always': learn weights for every new index version; 'changed': only when more than
+    ``relearn_fraction`` of the rows were added, changed or removed since the published
+    version (or when no earlier weights fit the new version); otherwise the endpoint keeps
+    using the weights of the nearest earlier version."""
+    relearn_fraction: float = 0.05
+    lease_ttl_s: float = 3600.0
+    """The run's lease on the index root expires this long after its last renewal (the run
+    renews it every third of this); a run that died is taken over after it."""
+    endpoint: str | None = None
+    """Base URL of a running endpoint (e.g. http://attribution-serve:8000): after publishing,
+    wait until it answers from the new version and report how long that took."""
+    endpoint_timeout_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        _check(self.relearn in RELEARN, "reindex.relearn", f"choose one of {', '.join(RELEARN)}, got {self.relearn!r}")
+        _check(0 <= self.relearn_fraction <= 1, "reindex.relearn_fraction",
+               f"must be in [0, 1], got {self.relearn_fraction}")
+        _check(self.lease_ttl_s >= 10, "reindex.lease_ttl_s", f"must be >= 10 seconds, got {self.lease_ttl_s}")
+        _check(self.endpoint is None or self.endpoint.startswith(("http://", "https://")), "reindex.endpoint",
+               f"must be an http(s):// URL or null, got {self.endpoint!r}")
+        _check(self.endpoint_timeout_s > 0, "reindex.endpoint_timeout_s", f"must be > 0, got {self.endpoint_timeout_s}")
 
 
 BASES = ("tracin", "trak", "dtrak")

@@ -8,6 +8,7 @@
                                                        featurize a dataset into a versioned index (Ray Data)
     attribution learn-weights --config ... --index URI  per-group weights per aspect (Ray Train)
     attribution serve --config ... --index URI         the HTTP query endpoint (Ray Serve), until Ctrl-C
+    attribution reindex --config ...                   scheduled update: incremental index, weights, publish
     attribution groups --config configs/demo.yaml      tracked layers and parameter groups
     attribution model build-tiny --kind text --out DIR a tiny untrained diffusers model
     attribution bench featurize --json                 featurizer throughput and exactness
@@ -115,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="weight initialisation seed")
     p.set_defaults(func=_cmd_build_tiny)
 
-    from pipelines.commands import data, evaluate, generate, index, serve, train, weights
+    from pipelines.commands import data, evaluate, generate, index, reindex, serve, train, weights
 
     data.add_parser(sub)
     train.add_parser(sub, DEFAULT_CONFIG)
@@ -124,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     weights.add_parser(sub, DEFAULT_CONFIG)
     serve.add_parser(sub, DEFAULT_CONFIG)
     evaluate.add_parser(sub, DEFAULT_CONFIG)
+    reindex.add_parser(sub, DEFAULT_CONFIG)
 
     bench = sub.add_parser("bench", help="benchmarks that print JSON").add_subparsers(dest="bench_command", required=True)
     p = bench.add_parser("featurize", help="featurizer throughput vs a training step and a dense projection",

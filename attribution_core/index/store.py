@@ -144,8 +144,21 @@ class IndexStore:
         pointer = self.read_json(LATEST)
         return None if pointer is None else self.manifest(pointer["version"])
 
-    def commit(self, version: str, manifest: dict[str, Any]) -> None:
-        """Write the manifest (the commit marker), then move ``latest`` to it."""
+    def latest_version(self) -> str | None:
+        """The version the ``latest`` pointer names (one small read), or None."""
+        pointer = self.read_json(LATEST)
+        return None if pointer is None else pointer["version"]
+
+    def commit(self, version: str, manifest: dict[str, Any], publish: bool = True) -> None:
+        """Write the manifest (the commit marker), then (``publish``) move ``latest`` to it."""
         self.write_json(f"{self.version_dir(version)}/{MANIFEST}", manifest)
+        if publish:
+            self.publish(version)
+
+    def publish(self, version: str) -> None:
+        """Move ``latest`` to a committed version (one atomic object write)."""
+        manifest = self.manifest(version)
+        if manifest is None:
+            raise FileNotFoundError(f"{self.uri}: version {version} is not committed; nothing to publish")
         self.write_json(LATEST, {"version": version, "manifest": f"{self.version_dir(version)}/{MANIFEST}",
                                  "committed_at": manifest.get("created_at")})

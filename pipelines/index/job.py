@@ -44,6 +44,7 @@ class IndexRequest:
     out: str
     mode: str = "auto"  # auto: incremental when the latest version has the same feature spec
     ray_address: str | None = None
+    publish: bool = True  # move `latest` at commit; `attribution reindex` moves it after the weights
 
 
 def _actors(cfg: ProjectConfig) -> tuple[int, int, str]:
@@ -87,7 +88,9 @@ def run_index(cfg: ProjectConfig, req: IndexRequest) -> dict[str, Any]:
     sequence = previous["sequence"] + 1 if previous else 1
     version = f"v{sequence:05d}-{digest}"
     vdir = IndexStore.version_dir(version)
-    if store.is_committed(version):
+    if store.is_committed(version):  # built before (a run that stopped before publishing, or a rerun)
+        if req.publish and (previous is None or previous["version"] != version):
+            store.publish(version)
         return {"version": version, "up_to_date": True, "uri": store.uri, **_counts(store.manifest(version))}
     base_shards = shard_keys(store, [s["path"] for s in base["shards"]]) if base else None
     base_errors = shard_keys(store, base["errors"]["shards"]) if base else None
@@ -174,7 +177,7 @@ def run_index(cfg: ProjectConfig, req: IndexRequest) -> dict[str, Any]:
                   "steady_rows_per_s": _steady(warm_rows, warm_busy, n_actors),
                   "stage_seconds": timings},
     }
-    store.commit(version, manifest)
+    store.commit(version, manifest, publish=req.publish)
     lap("commit")
     seconds = time.perf_counter() - started
     total_bytes = sum(s["bytes"] for s in shards)

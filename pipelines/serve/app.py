@@ -74,10 +74,11 @@ class AttributionResponse(BaseModel):
 
 
 def user_config(cfg: ProjectConfig, args: ServeArgs) -> dict[str, Any]:
-    """What each deployment may swap while serving: index, version, weights (+ batching)."""
+    """What each deployment may swap while serving: index, version, weights (+ batching, and
+    how often to follow the index's ``latest`` when no version is pinned)."""
     return {"index": args.index or cfg.index.out, "version": args.version, "weights": args.weights,
             "weights_name": cfg.serve.weights, "max_batch_size": cfg.serve.max_batch_size,
-            "batch_wait_ms": cfg.serve.batch_wait_ms}
+            "batch_wait_ms": cfg.serve.batch_wait_ms, "refresh_s": cfg.serve.refresh_s}
 
 
 def _gpus_available() -> bool:

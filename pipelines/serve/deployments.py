@@ -33,6 +33,52 @@ def _batch_settings(method: Any, user_config: dict[str, Any]) -> None:
     method.set_batch_wait_timeout_s(float(user_config.get("batch_wait_ms", 0.0)) / 1000)
 
 
+class FollowLatest:
+    """While no version is pinned (``version: null``), look at the index's ``latest`` pointer
+    every ``refresh_s`` seconds and call ``swap(user_config)`` when it names another version
+    than ``current()``, so that a published reindex reaches the replica without a redeploy.
+    A version built with another model is not followed (the featurizer cannot swap models):
+    it is logged once, and the endpoint keeps answering from what it holds."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._task: asyncio.Task | None = None
+
+    def restart(self, user_config: dict[str, Any], current, fingerprint, swap) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+        period = float(user_config.get("refresh_s") or 0)
+        if user_config.get("version") is None and period > 0:
+            self._task = asyncio.get_running_loop().create_task(
+                self._loop(user_config, period, current, fingerprint, swap))
+
+    async def _loop(self, user_config: dict[str, Any], period: float, current, fingerprint, swap) -> None:
+        from attribution_core.index.store import IndexStore
+
+        store = IndexStore(user_config["index"])
+        refused: set[str] = set()
+        while True:
+            await asyncio.sleep(period)
+            try:
+                latest = await asyncio.to_thread(store.latest_version)
+                if latest is None or latest == current() or latest in refused:
+                    continue
+                manifest = await asyncio.to_thread(store.manifest, latest)
+                if manifest["model"]["fingerprint"] != fingerprint():
+                    refused.add(latest)
+                    log.error("%s: %s's latest is now %s, built with another model (%s); not following it. "
+                              "Redeploy the endpoint with that model.", self.name, store.uri, latest,
+                              manifest["model"].get("path"))
+                    continue
+                log.info("%s: %s's latest moved to %s; swapping", self.name, store.uri, latest)
+                await swap(user_config)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # storage hiccup or a bad version: keep serving, try at the next tick
+                log.exception("%s: following %s's latest failed; still serving %s", self.name, store.uri, current())
+
+
 @serve.deployment(max_ongoing_requests=64, graceful_shutdown_timeout_s=30)
 class QueryFeaturizer:
     """Holds the model; featurizes query images with the served index's own featurize settings
@@ -53,15 +99,24 @@ class QueryFeaturizer:
         self.fingerprint = model_fingerprint(self.adapter)
         self.featurizers: dict[str, Any] = {}  # feature spec key -> Featurizer
         self.spec: str | None = None
+        self.version: str | None = None
+        self.follow = FollowLatest("featurizer")
 
-    def reconfigure(self, user_config: dict[str, Any]) -> None:
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        _batch_settings(self.featurize, user_config)
+        await self._swap(user_config)
+        self.follow.restart(user_config, lambda: self.version, lambda: self.fingerprint, self._swap)
+
+    async def _swap(self, user_config: dict[str, Any]) -> None:
+        await asyncio.to_thread(self._load, user_config)
+
+    def _load(self, user_config: dict[str, Any]) -> None:
         from attribution_core.config import FeaturizeConfig, from_mapping
         from attribution_core.errors import ManifestMismatchError
         from attribution_core.features.featurize import Featurizer
         from attribution_core.index.manifest import FeatureSpec
         from attribution_core.index.store import IndexStore
 
-        _batch_settings(self.featurize, user_config)
         store = IndexStore(user_config["index"])
         manifest = store.manifest(user_config["version"]) if user_config.get("version") else store.latest()
         if manifest is None:
@@ -77,7 +132,7 @@ class QueryFeaturizer:
             fcfg = from_mapping(FeaturizeConfig, {**manifest["featurize"],
                                                   "max_rows_per_pass": self.cfg.featurize.max_rows_per_pass})
             self.featurizers[spec] = Featurizer(self.adapter, fcfg)
-        self.spec = spec
+        self.spec, self.version = spec, manifest["version"]
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
     async def featurize(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -136,11 +191,17 @@ class IndexSearcher:
         self.current = None  # ServedIndex
         self.previous = None
         self._loading = asyncio.Lock()
+        self.follow = FollowLatest(f"searcher {part}/{parts}")
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        _batch_settings(self.search, user_config)
+        await self._swap(user_config)
+        self.follow.restart(user_config, lambda: self.current.version,
+                            lambda: self.current.manifest["model"]["fingerprint"], self._swap)
+
+    async def _swap(self, user_config: dict[str, Any]) -> None:
         from attribution_core.index.served import ServedIndex
 
-        _batch_settings(self.search, user_config)
         async with self._loading:
             loaded = await asyncio.to_thread(
                 ServedIndex.load, user_config["index"], user_config.get("version"), user_config.get("weights"),

@@ -1,0 +1,231 @@
+"""``attribution reindex``: the one command a scheduler runs to keep the index current.
+
+Under a lease on the index root (a second, overlapping run exits at once and says who holds
+it): incremental index of the dataset (only new and changed examples are featurized; the
+stats pass runs as part of it) into a new version that is committed but not yet published,
+then weights (learned again when ``reindex.relearn`` says so), then publish: ``latest`` moves
+to the new version. Endpoints that serve the latest version (no version pinned) hot-swap to
+it within ``serve.refresh_s``; with ``reindex.endpoint`` the run waits until one does.
+
+Every step is idempotent: a run that stopped anywhere is finished by the next one (the
+committed version is found again, learned weights are reused), and a run with nothing new
+changes nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import threading
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+from attribution_core.config import ProjectConfig
+from attribution_core.errors import AttributionError
+from attribution_core.index.store import IndexStore
+from attribution_core.weights.artifact import artifact_path, find_weights
+from pipelines.reindex.lease import Lease, LeaseHeldError, LeaseLostError
+
+log = logging.getLogger(__name__)
+
+
+class EndpointTimeoutError(AttributionError, TimeoutError):
+    """The endpoint named by ``reindex.endpoint`` did not start answering from the new version."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ReindexRequest:
+    dataset: str | None = None  # default: data.uri of the config
+    model: str | None = None  # default: model.path of the config
+    index: str | None = None  # default: index.out of the config
+    ray_address: str | None = None
+    owner: str | None = None  # names this run in the lease (default: host, pid, a random token)
+
+
+class KeepAlive:
+    """Renews a held lease every third of its ttl from a daemon thread; ``check()`` renews
+    once more and raises ``LeaseLostError`` if the lease was taken over meanwhile."""
+
+    def __init__(self, lease: Lease) -> None:
+        self.lease = lease
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._lost: LeaseLostError | None = None
+        self._thread = threading.Thread(target=self._run, name="reindex-lease", daemon=True)
+
+    def __enter__(self) -> KeepAlive:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.lease.ttl_s / 3):
+            try:
+                self.check()
+            except LeaseLostError:
+                log.error("the reindex lease %s was lost; this run will not publish", self.lease.uri)
+                return
+            except Exception:  # storage hiccup: try again at the next tick, the ttl leaves room
+                log.warning("renewing the reindex lease %s failed; retrying", self.lease.uri, exc_info=True)
+
+    def check(self) -> None:
+        with self._lock:
+            if self._lost is not None:
+                raise self._lost
+            try:
+                self.lease.renew()
+            except LeaseLostError as exc:
+                self._lost = exc
+                raise
+
+
+class Stages:
+    """Seconds per stage, in the order they ran."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._clock = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.seconds[stage] = round(now - self._clock, 3)
+        self._clock = now
+
+
+def reindex(cfg: ProjectConfig, req: ReindexRequest) -> dict[str, Any]:
+    """Run one scheduled update; returns the summary (``status``: published, up_to_date or
+    skipped when another run holds the lease)."""
+    started = time.perf_counter()
+    stages = Stages()
+    root = req.index or cfg.index.out
+    store = IndexStore(root)
+    lease = Lease(root, ttl_s=cfg.reindex.lease_ttl_s, owner=req.owner)
+    try:
+        lease.acquire()
+    except LeaseHeldError as exc:
+        log.warning("%s", exc)
+        return {"status": "skipped", "index": store.uri, "reason": str(exc), "holder": exc.holder,
+                "seconds": round(time.perf_counter() - started, 3)}
+    stages.lap("lease")
+    try:
+        with KeepAlive(lease) as keepalive:
+            summary = _update(cfg, req, store, root, stages, keepalive)
+    finally:
+        lease.release()
+    summary["stage_seconds"] = stages.seconds
+    summary["seconds"] = round(time.perf_counter() - started, 3)
+    return summary
+
+
+def _update(cfg: ProjectConfig, req: ReindexRequest, store: IndexStore, root: str, stages: Stages,
+            keepalive: KeepAlive) -> dict[str, Any]:
+    from pipelines.index.job import IndexRequest, run_index
+
+    before = store.latest()
+    before_version = before["version"] if before else None
+    built = run_index(cfg, IndexRequest(dataset=req.dataset or cfg.data.uri, model=req.model or cfg.model.path,
+                                        out=root, ray_address=req.ray_address, publish=False))
+    version = built["version"]
+    manifest = store.manifest(version)
+    stages.lap("index")
+    changes = _changes(before, manifest)
+    weights = _weights(cfg, req, store, root, manifest, changes)
+    stages.lap("weights")
+    keepalive.check()  # never publish after another run has taken the lease over
+    published = store.latest_version() != version
+    if published:
+        store.publish(version)
+        log.info("published %s: `latest` moved from %s", version, before_version)
+    stages.lap("publish")
+    summary: dict[str, Any] = {
+        "status": "published" if published else "up_to_date", "index": store.uri,
+        "version_before": before_version, "version_after": version, "rows": manifest["rows"],
+        "errors": manifest["errors"]["rows"], **changes, "weights": weights,
+        "index_stage_seconds": built.get("stage_seconds", {}),
+        "featurized": built.get("featurized", 0), "mode": manifest["build"]["mode"] if published else None,
+    }
+    if cfg.reindex.endpoint and published:
+        summary["endpoint"] = wait_for_endpoint(cfg, version)
+        stages.lap("endpoint")
+    return summary
+
+
+def _changes(before: dict[str, Any] | None, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Rows added / changed / removed between the published version and ``manifest``."""
+    if before is not None and before["version"] == manifest["version"]:
+        return {"rows_added": 0, "rows_changed": 0, "rows_removed": 0, "changed_fraction": 0.0}
+    build = manifest["build"]
+    if build.get("base") is None:  # a full build: everything is new, the old rows are all gone
+        added, changed, removed = manifest["rows"] + manifest["errors"]["rows"], 0, before["rows"] if before else 0
+    else:
+        added, changed, removed = build["new"], build["changed"], build["removed"]
+    base_rows = (before["rows"] + before["errors"]["rows"]) if before else 0
+    fraction = (added + changed + removed) / base_rows if base_rows else 1.0
+    return {"rows_added": added, "rows_changed": changed, "rows_removed": removed,
+            "changed_fraction": round(fraction, 6)}
+
+
+def _weights(cfg: ProjectConfig, req: ReindexRequest, store: IndexStore, root: str, manifest: dict[str, Any],
+             changes: dict[str, Any]) -> dict[str, Any]:
+    """Learn weights for the new version when ``reindex.relearn`` asks for it; say why (not)."""
+    from pipelines.steps import ensure_weights
+
+    rcfg, name = cfg.reindex, cfg.weights.name
+    version = manifest["version"]
+    existing = find_weights(store, manifest, name)
+    if rcfg.relearn == "always":
+        reason = "reindex.relearn is 'always'"
+    elif existing is None:
+        reason = "no learned weights fit this version (first build, or the features changed)"
+    elif existing["index"]["version"] == version:
+        reason = None  # learned for this version already (an earlier run stopped before publishing)
+    elif changes["changed_fraction"] > rcfg.relearn_fraction:
+        reason = (f"{changes['changed_fraction']:.1%} of the rows changed, more than reindex.relearn_fraction "
+                  f"({rcfg.relearn_fraction:.1%})")
+    else:
+        learned_on = existing["index"]["version"]
+        return {"learned": False, "artifact": f"{store.uri}/{artifact_path(learned_on, name)}",
+                "learned_on": learned_on,
+                "reason": f"{changes['changed_fraction']:.1%} of the rows changed, not more than "
+                          f"reindex.relearn_fraction ({rcfg.relearn_fraction:.1%}): weights learned on {learned_on} "
+                          "still serve"}
+    if reason is None:
+        return {"learned": False, "artifact": f"{store.uri}/{artifact_path(version, name)}", "learned_on": version,
+                "reason": "already learned for this version"}
+    log.info("learning weights for %s: %s", version, reason)
+    _, learning = ensure_weights(cfg, root, version, req.model or cfg.model.path, req.ray_address)
+    return {"learned": learning is not None, "artifact": f"{store.uri}/{artifact_path(version, name)}",
+            "learned_on": version,
+            "reason": reason if learning is not None else f"{reason}; weights with the same settings were there",
+            "seconds": learning.get("seconds") if learning else None}
+
+
+def wait_for_endpoint(cfg: ProjectConfig, version: str) -> dict[str, Any]:
+    """Poll ``<reindex.endpoint>/v1/index`` until every partition answers from ``version``."""
+    url = cfg.reindex.endpoint.rstrip("/")
+    key = os.environ.get(cfg.serve.api_key_env) if cfg.serve.api_key_env else None
+    request = urllib.request.Request(f"{url}/v1/index", headers={"X-API-Key": key} if key else {})
+    started = time.monotonic()
+    last: Any = None
+    while time.monotonic() - started < cfg.reindex.endpoint_timeout_s:
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                info = json.loads(response.read())
+            served = {p["version"] for p in info["partitions"]}
+            if served == {version}:
+                return {"url": url, "serving": version, "swapped_after_s": round(time.monotonic() - started, 3)}
+            last = f"serving {', '.join(sorted(served))}"
+        except (urllib.error.URLError, OSError, ValueError, KeyError) as exc:
+            last = exc
+        time.sleep(0.5)
+    raise EndpointTimeoutError(
+        f"{version} is published, but the endpoint at {url} did not answer from it within "
+        f"{cfg.reindex.endpoint_timeout_s:.0f} s (last: {last}); is it deployed with `version: null` and "
+        "serve.refresh_s > 0, and can it read the index root?")
