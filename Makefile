@@ -13,13 +13,14 @@ export AWS_EC2_METADATA_DISABLED := true
 export HF_HUB_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: install browser test demo bench clean help
+.PHONY: install browser test demo bench clean help image-cpu image-gpu
 
 help:
 	@echo "make demo   - set up, then run the main job end to end (writes artifacts/demo/)"
 	@echo "make test   - set up, then run the CPU test suite"
 	@echo "make bench  - featurizer, index and weight-learning benchmarks (JSON)"
 	@echo "make clean  - remove the virtual environment and artifacts/"
+	@echo "make image-cpu / image-gpu - the container image for a Ray cluster (deploy/Dockerfile; needs docker)"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +55,20 @@ bench: install
 	$(NETNS) $(VENV)/bin/attribution --log-level WARNING bench index --json
 	$(NETNS) $(VENV)/bin/attribution --log-level WARNING bench weights --json
 	$(NETNS) $(VENV)/bin/attribution --log-level WARNING bench serve --json
+
+# Container images for a Ray cluster (deploy/README.md): the official Ray image of the pinned
+# Ray version with the project installed. The KubeRay manifests in deploy/kuberay name these tags.
+IMAGE     ?= attribution-ray
+IMAGE_TAG ?= 0.1.0
+RAY_IMAGE ?= rayproject/ray:2.60.0-py311
+
+image-cpu:
+	docker build -f deploy/Dockerfile --build-arg RAY_IMAGE=$(RAY_IMAGE)-cpu \
+	  --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cpu -t $(IMAGE):$(IMAGE_TAG)-cpu .
+
+image-gpu:
+	docker build -f deploy/Dockerfile --build-arg RAY_IMAGE=$(RAY_IMAGE)-gpu \
+	  --build-arg TORCH_INDEX=https://pypi.org/simple -t $(IMAGE):$(IMAGE_TAG)-gpu .
 
 clean:
 	rm -rf $(VENV) artifacts

@@ -18,7 +18,7 @@ def _run(args: argparse.Namespace) -> int:
     if overrides:
         cfg = dataclasses.replace(cfg, reindex=dataclasses.replace(cfg.reindex, **overrides))
     summary = reindex(cfg, ReindexRequest(dataset=args.dataset, model=args.model, index=args.index,
-                                          ray_address=args.ray_address))
+                                          ray_address=args.ray_address, full=args.full))
     if args.json:
         print(json.dumps(summary, indent=2), flush=True)
     else:
@@ -57,6 +57,9 @@ def add_parser(sub: argparse._SubParsersAction, default_config: str) -> None:
     p.add_argument("--dataset", help="dataset URI (default: data.uri of the config)")
     p.add_argument("--model", help="diffusers pipeline directory (default: model.path of the config)")
     p.add_argument("--index", help="index root, a path or s3://bucket/prefix (default: index.out of the config)")
+    p.add_argument("--full", action="store_true",
+                   help="featurize every example again instead of only new and changed ones (the full build; "
+                   "needed only to start over, a model change is detected by itself)")
     p.add_argument("--relearn", choices=("always", "changed"),
                    help="learn weights for every new version, or only past --relearn-fraction (default: reindex.relearn)")
     p.add_argument("--relearn-fraction", type=float,

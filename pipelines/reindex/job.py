@@ -43,6 +43,7 @@ class ReindexRequest:
     model: str | None = None  # default: model.path of the config
     index: str | None = None  # default: index.out of the config
     ray_address: str | None = None
+    full: bool = False  # featurize every example again (a new model, or a first build from scratch)
     owner: str | None = None  # names this run in the lease (default: host, pid, a random token)
 
 
@@ -131,7 +132,8 @@ def _update(cfg: ProjectConfig, req: ReindexRequest, store: IndexStore, root: st
     before = store.latest()
     before_version = before["version"] if before else None
     built = run_index(cfg, IndexRequest(dataset=req.dataset or cfg.data.uri, model=req.model or cfg.model.path,
-                                        out=root, ray_address=req.ray_address, publish=False))
+                                        out=root, mode="full" if req.full else "auto",
+                                        ray_address=req.ray_address, publish=False))
     version = built["version"]
     manifest = store.manifest(version)
     stages.lap("index")
