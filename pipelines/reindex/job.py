@@ -25,6 +25,7 @@ import urllib.request
 from typing import Any
 
 from attribution_core.config import ProjectConfig
+from attribution_core.config_stages import ReindexConfig
 from attribution_core.errors import AttributionError
 from attribution_core.index.store import IndexStore
 from attribution_core.weights.artifact import artifact_path, find_weights
@@ -179,34 +180,37 @@ def _weights(cfg: ProjectConfig, req: ReindexRequest, store: IndexStore, root: s
     """Learn weights for the new version when ``reindex.relearn`` asks for it; say why (not)."""
     from pipelines.steps import ensure_weights
 
-    rcfg, name = cfg.reindex, cfg.weights.name
+    name = cfg.weights.name
     version = manifest["version"]
     existing = find_weights(store, manifest, name)
-    if rcfg.relearn == "always":
-        reason = "reindex.relearn is 'always'"
-    elif existing is None:
-        reason = "no learned weights fit this version (first build, or the features changed)"
-    elif existing["index"]["version"] == version:
-        reason = None  # learned for this version already (an earlier run stopped before publishing)
-    elif changes["changed_fraction"] > rcfg.relearn_fraction:
-        reason = (f"{changes['changed_fraction']:.1%} of the rows changed, more than reindex.relearn_fraction "
-                  f"({rcfg.relearn_fraction:.1%})")
-    else:
-        learned_on = existing["index"]["version"]
+    learned_on = existing["index"]["version"] if existing else None
+    learn, reason = relearn_decision(cfg.reindex, version, learned_on, changes["changed_fraction"])
+    if not learn:
         return {"learned": False, "artifact": f"{store.uri}/{artifact_path(learned_on, name)}",
-                "learned_on": learned_on,
-                "reason": f"{changes['changed_fraction']:.1%} of the rows changed, not more than "
-                          f"reindex.relearn_fraction ({rcfg.relearn_fraction:.1%}): weights learned on {learned_on} "
-                          "still serve"}
-    if reason is None:
-        return {"learned": False, "artifact": f"{store.uri}/{artifact_path(version, name)}", "learned_on": version,
-                "reason": "already learned for this version"}
+                "learned_on": learned_on, "reason": reason}
     log.info("learning weights for %s: %s", version, reason)
     _, learning = ensure_weights(cfg, root, version, req.model or cfg.model.path, req.ray_address)
     return {"learned": learning is not None, "artifact": f"{store.uri}/{artifact_path(version, name)}",
             "learned_on": version,
             "reason": reason if learning is not None else f"{reason}; weights with the same settings were there",
             "seconds": learning.get("seconds") if learning else None}
+
+
+def relearn_decision(rcfg: ReindexConfig, version: str, learned_on: str | None,
+                     changed_fraction: float) -> tuple[bool, str]:
+    """(learn weights for ``version``?, why) given the version the nearest fitting weights were
+    learned on (None: none fit) and the share of rows changed since the published version."""
+    if rcfg.relearn == "always":  # (weights already learned for it with the same settings are reused)
+        return True, "reindex.relearn is 'always'"
+    if learned_on == version:  # an earlier run learned them, then stopped before publishing
+        return False, "already learned for this version"
+    if learned_on is None:
+        return True, "no learned weights fit this version (a first build, or the features changed)"
+    if changed_fraction > rcfg.relearn_fraction:
+        return True, (f"{changed_fraction:.1%} of the rows changed, more than reindex.relearn_fraction "
+                      f"({rcfg.relearn_fraction:.1%})")
+    return False, (f"{changed_fraction:.1%} of the rows changed, not more than reindex.relearn_fraction "
+                   f"({rcfg.relearn_fraction:.1%}): the weights learned on {learned_on} still serve")
 
 
 def wait_for_endpoint(cfg: ProjectConfig, version: str) -> dict[str, Any]:

@@ -51,3 +51,17 @@ def test_evaluation_settings_are_checked():
         from_mapping(ProjectConfig, {"evaluate": {"subsets": 1}})
     with pytest.raises(ConfigError, match="evaluate.subset_fraction"):
         from_mapping(ProjectConfig, {"evaluate": {"subset_fraction": 1.0}})
+
+
+def test_reindex_and_refresh_settings_are_checked():
+    with pytest.raises(ConfigError, match="reindex.relearn: choose one of always, changed"):
+        from_mapping(ProjectConfig, {"reindex": {"relearn": "sometimes"}})
+    with pytest.raises(ConfigError, match=r"reindex.relearn_fraction: must be in \[0, 1\]"):
+        from_mapping(ProjectConfig, {"reindex": {"relearn_fraction": 5}})
+    with pytest.raises(ConfigError, match="reindex.lease_ttl_s"):
+        from_mapping(ProjectConfig, {"reindex": {"lease_ttl_s": 1}})
+    with pytest.raises(ConfigError, match="reindex.endpoint: must be an http"):
+        from_mapping(ProjectConfig, {"reindex": {"endpoint": "attribution-serve-svc:8000"}})
+    with pytest.raises(ConfigError, match="serve.refresh_s"):
+        from_mapping(ProjectConfig, {"serve": {"refresh_s": -1}})
+

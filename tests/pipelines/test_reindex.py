@@ -22,7 +22,8 @@ import yaml
 from attribution_core.config import ProjectConfig
 from attribution_core.data.writers import SYNTH_SCHEMA, synthetic_rows, write_parquet_dataset
 from attribution_core.index.store import IndexStore
-from pipelines.reindex.job import ReindexRequest, reindex
+from attribution_core.config_stages import ReindexConfig
+from pipelines.reindex.job import ReindexRequest, reindex, relearn_decision
 from pipelines.serve.app import ServeArgs
 from tests.pipelines.conftest import FEATURIZE
 from tests.pipelines.test_serve import b64, free_port, get, post
@@ -162,7 +163,7 @@ def ray_head():
     finally:
         head.send_signal(signal.SIGTERM)  # --block: stops the head's processes with it
         try:
-            head.wait(timeout=10)
+            head.wait(timeout=5)
         except subprocess.TimeoutExpired:  # workers still winding down: end the head's whole session
             os.killpg(head.pid, signal.SIGKILL)
             head.wait(timeout=30)
@@ -235,3 +236,36 @@ def test_reindex_as_a_ray_job_hot_swaps_a_running_endpoint(project_dir, first_ru
         assert "general" in served["aspects"]
     finally:
         stop()
+
+
+def test_a_run_stopped_before_publishing_is_finished_by_the_next(project_dir, first_run):
+    """The crash window between committing a version and moving `latest`: nothing serves the
+    committed version, and the next run publishes it without featurizing anything again."""
+    from pipelines.index.job import IndexRequest, run_index
+
+    cfg = ProjectConfig.load(project_dir["config"])
+    store = IndexStore(project_dir["index"])
+    before = store.latest_version()
+    write_dataset(project_dir["data"], added=ADDED + 2)
+    built = run_index(cfg, IndexRequest(dataset=cfg.data.uri, model=cfg.model.path, out=cfg.index.out,
+                                        publish=False))
+    assert built["featurized"] > 0 and store.is_committed(built["version"])
+    assert store.latest_version() == before  # committed, not published
+    summary = reindex(cfg, ReindexRequest())
+    assert summary["status"] == "published" and summary["version_after"] == built["version"]
+    assert summary["version_before"] == before and summary["featurized"] == 0
+    assert summary["rows_added"] + summary["rows_changed"] == built["featurized"]
+    assert summary["rows"] == N + ADDED + 2
+    assert store.latest_version() == built["version"]
+
+
+def test_reindex_learns_weights_again_only_when_asked_or_needed():
+    changed = ReindexConfig(relearn="changed", relearn_fraction=0.1)
+    assert relearn_decision(changed, "v2", None, 0.0)[0]  # nothing fits: a first build or new features
+    assert relearn_decision(changed, "v2", "v1", 0.25) == (
+        True, "25.0% of the rows changed, more than reindex.relearn_fraction (10.0%)")
+    learn, why = relearn_decision(changed, "v2", "v1", 0.1)
+    assert not learn and "the weights learned on v1 still serve" in why
+    assert relearn_decision(changed, "v2", "v2", 0.9) == (False, "already learned for this version")
+    always = ReindexConfig(relearn="always")
+    assert all(relearn_decision(always, "v2", seen, 0.0)[0] for seen in (None, "v1", "v2"))
