@@ -31,6 +31,7 @@ from collections.abc import Sequence
 
 from attribution_core.config import TINY_KINDS, ProjectConfig
 from attribution_core.errors import AttributionError
+from pipelines.output import print_result, stdout_for_result
 
 DEFAULT_CONFIG = "configs/demo.yaml"
 
@@ -39,7 +40,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from pipelines import demo
 
     result = demo.run(ProjectConfig.load(args.config), args.config)
-    print(json.dumps(result, indent=2) if args.json else demo.summary_text(result))
+    print_result(json.dumps(result, indent=2) if args.json else demo.summary_text(result))
     return 0
 
 
@@ -53,7 +54,7 @@ def _cmd_groups(args: argparse.Namespace) -> int:
     adapter = load_model(cfg.model)
     layout = build_layout(adapter.denoiser, cfg.featurize.groups, cfg.featurize.projection)
     if args.json:
-        print(json.dumps(layout.to_manifest(), indent=2))
+        print_result(json.dumps(layout.to_manifest(), indent=2))
         return 0
     print(f"{len(layout.layers)} tracked layers, {len(layout.groups)} groups, k_total={layout.k_total}")
     for g in layout.groups:
@@ -155,6 +156,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     quiet_libraries()
     try:
+        if getattr(args, "json", False):  # the result alone on stdout, even when Ray forwards cluster logs
+            with stdout_for_result():
+                return args.func(args)
         return args.func(args)
     except AttributionError as exc:
         print(f"error: {exc}", file=sys.stderr)

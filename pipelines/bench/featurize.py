@@ -34,6 +34,7 @@ from attribution_core.config import FeaturizeConfig, ProjectionConfig, TimestepC
 from attribution_core.features.featurize import Featurizer, build_rows
 from attribution_core.features.reference import dense_projected_gradients, per_example_gradients, reference_features
 from attribution_core.models.tiny import build_tiny_pipeline, sd15_unet, text_encoder_for, word_tokenizer
+from pipelines.output import print_result
 
 
 def _timed(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
@@ -218,7 +219,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
     result = run(args.scale, examples, timesteps, args.k, args.repeats, args.full_dense)
     if args.json:
-        print(json.dumps(result, indent=2))
+        print_result(json.dumps(result, indent=2))
     else:
         for key, value in result.items():
             print(f"{key:32s} {value:.4g}" if isinstance(value, float) else f"{key:32s} {value}")

@@ -21,6 +21,7 @@ from attribution_core.config import ProjectConfig
 from attribution_core.data.writers import SYNTH_SCHEMA, synthetic_rows, write_parquet_dataset
 from attribution_core.models.tiny import build_tiny_pipeline
 from pipelines.ray_runtime import cluster_cpus, ensure_ray
+from pipelines.output import print_result
 
 
 def _build(cfg: ProjectConfig, data: str, model: str, out: str, actors: int, threads: int) -> dict[str, Any]:
@@ -74,7 +75,7 @@ def _run(args: argparse.Namespace) -> int:
     result["bytes_per_example_nominal"] = 2 * k_total if manifest["dtype"] == "float16" else 4 * k_total
     result["seconds"] = round(time.perf_counter() - start, 1)
     result["work"] = str(work)
-    print(json.dumps(result, indent=2))
+    print_result(json.dumps(result, indent=2))
     return 0
 
 

@@ -20,6 +20,7 @@ from attribution_core.data.writers import read_marker
 from attribution_core.errors import ConfigError
 from attribution_core.evaluation.quality import ATTRIBUTES, model_quality, train_classifier
 from pipelines.models import load_model_dir
+from pipelines.output import print_result
 
 
 def _combos(uri: str, attrs: dict[str, list], max_combos: int, seed: int) -> tuple[list[dict], list[dict]]:
@@ -57,7 +58,7 @@ def _run(args: argparse.Namespace) -> int:
     result["seconds"] = round(time.perf_counter() - start, 1)
     result["model"] = str(args.model)
     if args.json:
-        print(json.dumps(result, indent=2))
+        print_result(json.dumps(result, indent=2))
     else:
         print(f"n={result['n']}  " + "  ".join(f"{a}={result[a]:.3f}" for a in ATTRIBUTES)
               + f"  (classifier on real images: {result['classifier_real_accuracy']})")

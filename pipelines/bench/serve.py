@@ -37,6 +37,7 @@ from attribution_core.index.reader import load_index
 from attribution_core.index.schema import features_table
 from attribution_core.index.store import IndexStore, shard_name
 from attribution_core.weights.artifact import artifact_path, find_weights
+from pipelines.output import print_result
 
 SHARD_ROWS = 8192
 
@@ -179,13 +180,13 @@ def _run(args: argparse.Namespace) -> int:
                 row = measure(url, bodies[:count], concurrency)
                 results.append({"n_rows": n, **row, "aspects": aspects or list(cfg.serve.default_aspects),
                                 "search_kernel": info["search_kernel"], "weights": info["weights"] is not None})
-                print(json.dumps(results[-1]), flush=True)
+                print_result(json.dumps(results[-1]))
     finally:
         stop()
     out = {"results": results, "model": str(model_dir), "model_trained": trained, "base_examples": args.base,
            "k": args.k, "threads_per_replica": serve_cfg.threads, "k_total": load_index(base_uri).layout.k_total,
            "work": str(work)}
-    print(json.dumps(out, indent=2))
+    print_result(json.dumps(out, indent=2))
     return 0
 
 

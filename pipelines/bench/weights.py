@@ -30,6 +30,7 @@ from attribution_core.weights.synthetic import BLOCK, synthetic_layout, syntheti
 from pipelines.ray_runtime import cluster_cpus, ensure_ray
 from pipelines.weights.scan import scan
 from pipelines.weights.train import optimise
+from pipelines.output import print_result
 
 
 def scaling(cfg: ProjectConfig, sizes: list[int], queries: int, groups: int, dim: int) -> list[dict[str, Any]]:
@@ -89,7 +90,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.index:
         torch.manual_seed(0)
         result["recall"] = aspect_recall(cfg, args.index, args.eval_queries, args.k, args.eval_seed)
-    print(json.dumps(result, indent=2))
+    print_result(json.dumps(result, indent=2))
     return 0
 
 

@@ -8,6 +8,7 @@ import json
 from attribution_core.data.synthetic import BACKGROUNDS, STYLES, SUBJECTS
 from attribution_core.data.writers import write_synthetic
 from attribution_core.errors import ConfigError
+from pipelines.output import print_result
 
 
 def parse_holdout(specs: list[str]) -> tuple[tuple[tuple[str, str], ...], ...]:
@@ -28,7 +29,7 @@ def parse_holdout(specs: list[str]) -> tuple[tuple[tuple[str, str], ...], ...]:
 def _run(args: argparse.Namespace) -> int:
     result = write_synthetic(args.out, args.n, args.seed, args.size, parse_holdout(args.holdout), args.rows_per_file)
     if args.json:
-        print(json.dumps(result, indent=2))
+        print_result(json.dumps(result, indent=2))
     else:
         print(f"wrote {result['rows']} examples ({args.size}x{args.size}) to {args.out}")
     return 0

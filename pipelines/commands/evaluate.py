@@ -6,6 +6,7 @@ import argparse
 import json
 
 from attribution_core.config import ProjectConfig
+from pipelines.output import print_result
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -14,7 +15,7 @@ def _run(args: argparse.Namespace) -> int:
     cfg = ProjectConfig.load(args.config)
     metrics = evaluate(cfg, EvaluateRequest(ray_address=args.ray_address, lds=not args.skip_lds,
                                             recall=not args.skip_recall))
-    print(json.dumps(metrics, indent=2) if args.json else summary_text(metrics))
+    print_result(json.dumps(metrics, indent=2) if args.json else summary_text(metrics))
     return 0
 
 

@@ -12,6 +12,7 @@ from attribution_core.data.writers import write_parquet_dataset
 from attribution_core.features.seeding import content_id
 from attribution_core.models.sampling import SCHEDULERS, generate
 from pipelines.models import load_model_dir
+from pipelines.output import print_result
 
 SCHEMA = pa.schema([
     ("example_id", pa.string()), ("image", pa.binary()), ("prompt", pa.string()), ("label", pa.int64()),
@@ -33,7 +34,7 @@ def _run(args: argparse.Namespace) -> int:
     meta = {"kind": "generated", "model": str(args.model), "seed": args.seed, "n": args.n}
     count = write_parquet_dataset(args.out, rows, SCHEMA, meta)
     summary = {"out": args.out, "images": count, "prompts": args.prompt, "seed": args.seed}
-    print(json.dumps(summary, indent=2) if args.json else f"wrote {count} images to {args.out}")
+    print_result(json.dumps(summary, indent=2) if args.json else f"wrote {count} images to {args.out}")
     return 0
 
 

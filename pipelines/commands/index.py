@@ -7,6 +7,7 @@ import dataclasses
 import json
 
 from attribution_core.config import ProjectConfig
+from pipelines.output import print_result
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -21,7 +22,7 @@ def _run(args: argparse.Namespace) -> int:
                        out=args.out or cfg.index.out, mode=mode, ray_address=args.ray_address)
     result = run_index(cfg, req)
     if args.json:
-        print(json.dumps(result, indent=2))
+        print_result(json.dumps(result, indent=2))
     elif result["up_to_date"]:
         print(f"index {result['uri']} is up to date: version {result['version']}, {result['rows']} rows, "
               f"{result['errors']} quarantined")

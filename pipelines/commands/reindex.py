@@ -7,6 +7,7 @@ import dataclasses
 import json
 
 from attribution_core.config import ProjectConfig
+from pipelines.output import print_result
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -20,7 +21,7 @@ def _run(args: argparse.Namespace) -> int:
     summary = reindex(cfg, ReindexRequest(dataset=args.dataset, model=args.model, index=args.index,
                                           ray_address=args.ray_address, full=args.full))
     if args.json:
-        print(json.dumps(summary, indent=2), flush=True)
+        print_result(json.dumps(summary, indent=2))
     else:
         print(summary_text(summary), flush=True)
     return 0

@@ -14,6 +14,7 @@ from attribution_core.config import ProjectConfig, TrainConfig
 from attribution_core.data.loading import load_training_data
 from attribution_core.errors import ConfigError
 from attribution_core.models.training import save_model, train_model
+from pipelines.output import print_result
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ def _run(args: argparse.Namespace) -> int:
             raise ConfigError(f"{out} already exists; pass --overwrite to replace it or choose another --out")
         shutil.rmtree(out)
     result = train_to_dir(args.data or project.data.uri, cfg, out)
-    print(json.dumps(result, indent=2) if args.json else
+    print_result(json.dumps(result, indent=2) if args.json else
           f"trained {result['steps']} steps in {result['seconds']} s ({result['steps_per_s']} steps/s), "
           f"final loss {result['final_loss']}; saved to {result['out']}")
     return 0

@@ -6,6 +6,7 @@ import argparse
 import json
 
 from attribution_core.config import ProjectConfig
+from pipelines.output import print_result
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -17,7 +18,7 @@ def _run(args: argparse.Namespace) -> int:
                          aspects=aspects, ray_address=args.ray_address)
     result = learn_weights(cfg, req)
     if args.json:
-        print(json.dumps(result, indent=2))
+        print_result(json.dumps(result, indent=2))
         return 0
     print(f"learned weights on {result['index']} version {result['version']} from {result['queries']} queries in "
           f"{result['rounds']} round(s), {result['seconds']} s; wrote {result['artifact']}")

@@ -42,7 +42,7 @@ def write_dataset(uri: str, added: int = 0) -> list[dict]:
 
 
 def first_json(text: str) -> dict:
-    """The JSON summary in a command's output (a driver on a cluster may print log lines too)."""
+    """The JSON summary in a Ray Job's log (which holds the entrypoint's stderr as well)."""
     start = text.index('{\n  "status"')
     return json.JSONDecoder().raw_decode(text[start:])[0]
 
@@ -86,7 +86,7 @@ def test_overlapping_runs_exactly_one_does_the_work(project_dir, first_run):
     summary = first_run["summary"]
     rc, out, err = first_run["other"]
     assert rc == 0, err[-2000:]
-    skipped = first_json(out)
+    skipped = json.loads(out)  # stdout is the JSON summary alone
     # The second run found the first one's lease, named it, and did nothing.
     assert skipped["status"] == "skipped" and skipped["holder"]["owner"] == "scheduled-run-a"
     assert "scheduled-run-a" in skipped["reason"]
@@ -199,7 +199,7 @@ def test_reindex_as_a_ray_job_hot_swaps_a_running_endpoint(project_dir, first_ru
         loader.start()
         try:
             job = client.submit_job(
-                entrypoint="attribution --log-level WARNING reindex --config reindex.yaml --json",
+                entrypoint=f"attribution --log-level WARNING reindex --config reindex.yaml --endpoint {url} --json",
                 runtime_env={"working_dir": project_dir["job_dir"],
                              "env_vars": {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "HF_HUB_OFFLINE": "1"}})
             deadline = time.monotonic() + 400
@@ -222,6 +222,9 @@ def test_reindex_as_a_ray_job_hot_swaps_a_running_endpoint(project_dir, first_ru
         assert summary["rows_added"] == ADDED and summary["rows_changed"] == summary["rows_removed"] == 0
         assert summary["featurized"] == ADDED and summary["rows"] == N + ADDED
         assert not summary["weights"]["learned"] and summary["weights"]["learned_on"] == v1
+        # The job waited until the endpoint answered from what it published.
+        assert summary["endpoint"]["url"] == url and summary["endpoint"]["serving"] == summary["version_after"]
+        assert 0 <= summary["endpoint"]["swapped_after_s"] <= summary["stage_seconds"]["endpoint"] + 0.01
         # Not one failed request while the replicas swapped; the answers moved from v1 to v2.
         assert [s for s, _ in results if s != 200] == [], [a for s, a in results if s != 200][:3]
         versions = [a["index"]["version"] for _, a in results]
