@@ -141,8 +141,8 @@ class IndexStore:
 
     def latest(self) -> dict[str, Any] | None:
         """The committed manifest the ``latest`` pointer names, or None for an empty root."""
-        pointer = self.read_json(LATEST)
-        return None if pointer is None else self.manifest(pointer["version"])
+        version = self.latest_version()
+        return None if version is None else self.manifest(version)
 
     def latest_version(self) -> str | None:
         """The version the ``latest`` pointer names (one small read), or None."""

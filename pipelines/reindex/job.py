@@ -15,12 +15,9 @@ changes nothing.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import time
-import urllib.error
-import urllib.request
 from typing import Any
 
 from attribution_core.config import ProjectConfig
@@ -174,24 +171,16 @@ def relearn_decision(rcfg: ReindexConfig, version: str, learned_on: str | None,
 
 
 def wait_for_endpoint(cfg: ProjectConfig, version: str) -> dict[str, Any]:
-    """Poll ``<reindex.endpoint>/v1/index`` until every partition answers from ``version``."""
+    """Wait until ``<reindex.endpoint>/v1/index`` answers from ``version`` on every partition."""
+    from pipelines.serve.runner import wait_ready
+
     url = cfg.reindex.endpoint.rstrip("/")
     key = os.environ.get(cfg.serve.api_key_env) if cfg.serve.api_key_env else None
-    request = urllib.request.Request(f"{url}/v1/index", headers={"X-API-Key": key} if key else {})
     started = time.monotonic()
-    last: Any = None
-    while time.monotonic() - started < cfg.reindex.endpoint_timeout_s:
-        try:
-            with urllib.request.urlopen(request, timeout=10) as response:
-                info = json.loads(response.read())
-            served = {p["version"] for p in info["partitions"]}
-            if served == {version}:
-                return {"url": url, "serving": version, "swapped_after_s": round(time.monotonic() - started, 3)}
-            last = f"serving {', '.join(sorted(served))}"
-        except (urllib.error.URLError, OSError, ValueError, KeyError) as exc:
-            last = exc
-        time.sleep(0.5)
-    raise EndpointTimeoutError(
-        f"{version} is published, but the endpoint at {url} did not answer from it within "
-        f"{cfg.reindex.endpoint_timeout_s:.0f} s (last: {last}); is it deployed with `version: null` and "
-        "serve.refresh_s > 0, and can it read the index root?")
+    try:
+        wait_ready(url, cfg.reindex.endpoint_timeout_s, version=version, api_key=key, watch_app=False)
+    except TimeoutError as exc:
+        raise EndpointTimeoutError(
+            f"{version} is published, but {exc}; is the endpoint deployed with `version: null` and "
+            "serve.refresh_s > 0, and can it read the index root?") from exc
+    return {"url": url, "serving": version, "swapped_after_s": round(time.monotonic() - started, 3)}

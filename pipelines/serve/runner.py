@@ -75,14 +75,16 @@ def app_status() -> tuple[str, str]:
     return (str(app.status.value if hasattr(app.status, "value") else app.status), app.message) if app else ("NONE", "")
 
 
-def wait_ready(url: str, timeout_s: float, version: str | None = None, api_key: str | None = None) -> dict[str, Any]:
-    """Wait until ``/v1/index`` answers (with ``version`` when given); raise with Serve's
-    message if the application fails to deploy."""
+def wait_ready(url: str, timeout_s: float, version: str | None = None, api_key: str | None = None,
+               watch_app: bool = True) -> dict[str, Any]:
+    """Wait until ``/v1/index`` answers (from ``version`` on every partition when given). With
+    ``watch_app`` (this process is connected to the endpoint's Ray), raise with Serve's message
+    if the application fails to deploy; without it, only HTTP is used."""
     deadline = time.monotonic() + timeout_s
     last: Any = None
     headers = {"X-API-Key": api_key} if api_key else {}
     while time.monotonic() < deadline:
-        status, message = app_status()
+        status, message = app_status() if watch_app else ("", "")
         if status == "DEPLOY_FAILED":
             raise RuntimeError(f"the endpoint failed to deploy:\n{message}")
         try:
