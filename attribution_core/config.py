@@ -8,6 +8,7 @@ turns them back into one (``to_mapping``) at a process boundary. Validation happ
 from __future__ import annotations
 
 import dataclasses
+import typing
 from pathlib import Path
 
 # Re-exported so that callers find the whole config API in one module.
@@ -176,9 +177,11 @@ class TrainConfig:
     """'text' (captions; CLIP text encoder trained jointly), 'class' (``label_column``),
     or 'none' (unconditional)."""
     caption_column: str | None = None
-    """Caption column of the dataset (default: the first of caption, text, prompt)."""
+    """Caption column of the dataset (default: the first of caption, text, prompt). The
+    model records the column it used; the index and every query read the same one."""
     label_column: str | None = None
-    """Label column for 'class' conditioning."""
+    """Label column for 'class' conditioning (default: the first of label, labels, class);
+    integer or string labels, recorded with the class names in the model."""
     text_width: int = 64
     """Hidden size of the CLIP text encoder (= the UNet's cross-attention width)."""
     text_layers: int = 1
@@ -208,8 +211,6 @@ class TrainConfig:
                f"needs widths that are multiples of 4, got {list(self.widths)}")
         _check(self.conditioning in CONDITIONINGS, f"{where}.conditioning",
                f"choose one of {', '.join(CONDITIONINGS)}, got {self.conditioning!r}")
-        if self.conditioning == "class":
-            _check(bool(self.label_column), f"{where}.label_column", "class conditioning needs a label column")
         _check(self.text_width % 4 == 0, f"{where}.text_width", f"must be a multiple of 4, got {self.text_width}")
         for name in ("steps", "batch_size", "layers_per_block", "text_layers", "max_caption_tokens", "num_train_timesteps"):
             _check(getattr(self, name) >= 1, f"{where}.{name}", f"must be >= 1, got {getattr(self, name)}")
@@ -223,20 +224,38 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class DataConfig:
-    """The training dataset the demo and benchmarks make and use."""
+class SyntheticDataConfig:
+    """The synthetic subject/style/background set, drawn at ``data.uri`` when nothing is there."""
 
-    uri: str = "artifacts/demo/data"
-    """Dataset location (path or s3://); created by ``attribution data synth`` when missing."""
-    synth_n: int = 3072
-    synth_seed: int = 0
-    synth_size: int = 32
+    n: int = 3072
+    seed: int = 0
+    size: int = 32
+    """Image side in pixels."""
     holdout: tuple[tuple[tuple[str, str], ...], ...] = ()
     """Attribute combinations never drawn, each a mapping such as {subject: ring, style: striped}."""
 
     def __post_init__(self) -> None:
-        _check(self.synth_n >= 1, "data.synth_n", f"must be >= 1, got {self.synth_n}")
-        _check(self.synth_size >= 8, "data.synth_size", f"must be >= 8, got {self.synth_size}")
+        _check(self.n >= 1, "data.synthetic.n", f"must be >= 1, got {self.n}")
+        _check(self.size >= 8, "data.synthetic.size", f"must be >= 8, got {self.size}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """The training dataset: the user's own (any supported layout), or a synthetic set drawn
+    there when ``synthetic`` is given and nothing is there yet."""
+
+    uri: str = "artifacts/demo/data"
+    """Dataset location, a path or s3://: Parquet with image bytes, an image folder with
+    metadata.jsonl, or an image folder with one sub-folder per class."""
+    synthetic: SyntheticDataConfig | None = None
+    """When set and ``uri`` holds no dataset, the synthetic set is written there first; when
+    unset, ``uri`` must already hold the dataset."""
+
+    MOVED: typing.ClassVar[dict[str, str]] = {"synth_n": "data.synthetic.n", "synth_seed": "data.synthetic.seed",
+                                              "synth_size": "data.synthetic.size", "holdout": "data.synthetic.holdout"}
+
+    def __post_init__(self) -> None:
+        _check(bool(self.uri), "data.uri", "must name the dataset (a path or s3://)")
 
 
 # --------------------------------------------------------------------------- run-level sections
@@ -297,7 +316,9 @@ class ProjectConfig:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
-    subset_train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    subset_train: TrainConfig | None = None
+    """The LDS recipe (the universe model and one model per subset). Unset: the attributed
+    model's own recipe (its training.json); a model without one needs this section for LDS."""
     featurize: FeaturizeConfig = dataclasses.field(default_factory=FeaturizeConfig)
     index: IndexConfig = dataclasses.field(default_factory=IndexConfig)
     weights: WeightsConfig = dataclasses.field(default_factory=WeightsConfig)

@@ -86,6 +86,9 @@ def from_mapping(cls: type[T], mapping: Mapping[str, Any] | None, where: str = "
     unknown = sorted(set(mapping) - set(fields))
     if unknown:
         prefix = f"{where}." if where else ""
+        moved = [f"{prefix}{k} is now {cls.MOVED[k]}" for k in unknown if k in getattr(cls, "MOVED", {})]
+        if moved:
+            raise ConfigError(f"{'; '.join(moved)}: rename it in the config file")
         raise ConfigError(
             f"unknown setting(s) {', '.join(prefix + k for k in unknown)}; "
             f"known here: {', '.join(sorted(fields))}"

@@ -31,9 +31,15 @@ class IndexConfig:
     dtype: str = "float16"
     """Stored feature dtype: 2 bytes per number by default."""
     caption_column: str | None = None
-    """Caption column of the dataset (default: caption, text or prompt)."""
+    """Caption column of the dataset. Normally left unset: the model's recipe names it
+    (``train.caption_column``, kept in the model's training.json); set, it must agree with
+    the recipe. Unset everywhere: the first of caption, text, prompt."""
     label_column: str | None = None
-    """Label column for a class-conditional model."""
+    """Label column for a class-conditional model; like ``caption_column``, taken from the
+    model's recipe. Unset everywhere: the first of label, labels, class."""
+    max_quarantine_fraction: float = 0.5
+    """A build that quarantines more than this share of the dataset's examples is not
+    committed: it fails with the reasons, since such a version would answer nothing useful."""
     min_image_side: int = 0
     """Images with a shorter side below this go to errors/ (0 = half the model resolution)."""
     max_aspect_ratio: float = 4.0
@@ -58,6 +64,8 @@ class IndexConfig:
         _check(self.kernel in KERNELS, "index.kernel", f"choose one of {', '.join(KERNELS)}, got {self.kernel!r}")
         _check(self.max_aspect_ratio >= 1, "index.max_aspect_ratio", f"must be >= 1, got {self.max_aspect_ratio}")
         _check(self.damping > 0, "index.damping", f"must be > 0, got {self.damping}")
+        _check(0 <= self.max_quarantine_fraction <= 1, "index.max_quarantine_fraction",
+               f"must be in [0, 1], got {self.max_quarantine_fraction}")
 
 
 ASPECTS = ("general", "subject", "style", "background")

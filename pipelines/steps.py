@@ -8,9 +8,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from attribution_core.config import ProjectConfig, to_mapping
+from attribution_core.config import DataConfig, ProjectConfig, to_mapping
+from attribution_core.data.readers import dataset_present
 from attribution_core.data.writers import read_marker, write_synthetic
-from attribution_core.errors import ManifestMismatchError
+from attribution_core.errors import ConfigError, ManifestMismatchError
 from attribution_core.index.store import IndexStore
 from attribution_core.weights.artifact import artifact_path, check_weights
 from pipelines.commands.train import train_to_dir
@@ -19,13 +20,33 @@ from pipelines.models import ensure_model
 log = logging.getLogger(__name__)
 
 
+def ensure_dataset(data: DataConfig) -> bool:
+    """The dataset at ``data.uri``: the user's own when anything is there (any layout the
+    readers know), else the synthetic set written there when ``data.synthetic`` asks for it.
+    True when it was written now."""
+    if dataset_present(data.uri):
+        marker = read_marker(data.uri)
+        wanted = data.synthetic
+        if marker and marker.get("kind") == "synthetic" and wanted and (
+                marker.get("n"), marker.get("seed"), marker.get("size")) != (wanted.n, wanted.seed, wanted.size):
+            log.warning("%s holds a synthetic set drawn with other settings than data.synthetic; using it as it is",
+                        data.uri)
+        return False
+    if data.synthetic is None:
+        raise ConfigError(f"data.uri: {data.uri!r} holds no dataset; point it at yours (Parquet with an 'image' "
+                          "column, an image folder with metadata.jsonl, or one sub-folder of images per class) or "
+                          "add a data.synthetic section to have the synthetic set drawn there")
+    s = data.synthetic
+    log.info("writing the synthetic dataset (%d images) to %s", s.n, data.uri)
+    write_synthetic(data.uri, s.n, s.seed, s.size, s.holdout)
+    return True
+
+
 def prepare(cfg: ProjectConfig, model: bool = True) -> dict[str, Any]:
-    """Write the synthetic dataset and (``model``) train the model when they are not there
-    yet; say what was done."""
+    """Write the synthetic dataset (when asked for and absent) and (``model``) train the model
+    when it is not there yet; say what was done."""
     done: dict[str, Any] = {}
-    if read_marker(cfg.data.uri) is None:
-        log.info("writing the synthetic dataset to %s", cfg.data.uri)
-        write_synthetic(cfg.data.uri, cfg.data.synth_n, cfg.data.synth_seed, cfg.data.synth_size, cfg.data.holdout)
+    if ensure_dataset(cfg.data):
         done["data"] = "written"
     path = Path(cfg.model.path)
     if model and not (path / "unet" / "config.json").is_file():

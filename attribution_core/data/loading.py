@@ -9,7 +9,7 @@ import torch
 
 from attribution_core.config import TrainConfig
 from attribution_core.data.images import decode_image
-from attribution_core.data.readers import read_examples
+from attribution_core.data.readers import LABEL_COLUMNS, caption_column_of, label_text, read_examples
 from attribution_core.errors import InputError
 from attribution_core.models.training import TrainingData
 
@@ -21,13 +21,24 @@ def load_training_data(uri: str, cfg: TrainConfig) -> TrainingData:
     return load_dataset(uri, cfg.resolution, cfg.channels, cfg.conditioning, cfg.caption_column, cfg.label_column)
 
 
+def class_names(labels: list[str]) -> list[str]:
+    """Class names in class-index order: integer labels by value (label 3 is class 3 when the
+    labels are 0..N-1), any other labels alphabetically."""
+    distinct = set(labels)
+    if all(v.lstrip("-").isdigit() for v in distinct):
+        return sorted(distinct, key=int)
+    return sorted(distinct)
+
+
 def load_dataset(uri: str, resolution: int, channels: int, conditioning: str = "none",
                  caption_column: str | None = None, label_column: str | None = None) -> TrainingData:
     """Every example of ``uri`` decoded to ``resolution`` and ``channels``, with captions
-    (``conditioning='text'``) or integer labels (``'class'``). A bad image raises
-    ``ImageDecodeError`` naming its example."""
+    (``conditioning='text'``) or integer labels (``'class'``; the column ``label_column``,
+    or the first of ``LABEL_COLUMNS`` the dataset has). A bad image raises
+    ``ImageDecodeError`` naming its example. ``data.columns`` says which columns were read."""
     ids, pixels, captions, raw_labels = [], [], [], []
     attributes: dict[str, list] = {}
+    caption_used: str | None = None
     for ex in read_examples(uri, caption_column):
         ids.append(ex.example_id)
         for key, value in ex.attributes.items():
@@ -39,9 +50,16 @@ def load_dataset(uri: str, resolution: int, channels: int, conditioning: str = "
                                  "(set train.caption_column, or train with conditioning 'none')")
             captions.append(ex.caption)
         if conditioning == "class":
-            if label_column not in ex.attributes:
-                raise InputError(f"example {ex.example_id!r} has no label column {label_column!r}")
-            raw_labels.append(str(ex.attributes[label_column]))
+            if label_column is None:
+                label_column = next((c for c in LABEL_COLUMNS if c in ex.attributes), None)
+                if label_column is None:
+                    raise InputError(f"dataset {uri!r} has none of the label columns {', '.join(LABEL_COLUMNS)}; "
+                                     f"set train.label_column (columns: {', '.join(ex.attributes) or 'none'})")
+            label = label_text(ex.attributes.get(label_column))
+            if label is None:
+                raise InputError(f"example {ex.example_id!r} has no label in column {label_column!r}; "
+                                 "a class-conditional model needs one per image (set train.label_column)")
+            raw_labels.append(label)
     if not ids:
         raise InputError(f"dataset {uri!r} holds no examples")
     if len(set(ids)) != len(ids):
@@ -51,9 +69,11 @@ def load_dataset(uri: str, resolution: int, channels: int, conditioning: str = "
     if conditioning == "text":
         data.captions = captions
     if conditioning == "class":
-        names = sorted(set(raw_labels))
+        names = class_names(raw_labels)
         lookup = {name: i for i, name in enumerate(names)}
         data.labels = torch.tensor([lookup[v] for v in raw_labels], dtype=torch.long)
         data.label_names = names
+    data.columns = {"caption": caption_column_of(uri, caption_column) if conditioning == "text" else None,
+                    "label": label_column if conditioning == "class" else None}
     log.info("loaded %d examples from %s", len(ids), uri)
     return data

@@ -7,6 +7,7 @@ as the commit marker that says what the folder holds.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -32,7 +33,9 @@ def write_parquet_dataset(
     uri: str, rows: Iterable[dict[str, Any]], schema: pa.Schema, metadata: dict[str, Any], rows_per_file: int = 4096
 ) -> int:
     """Write ``rows`` (dicts matching ``schema``) as part files, then the marker; returns the
-    row count. Refuses a folder that already holds a different dataset."""
+    row count. Refuses a folder that already holds anything. A local folder appears only
+    when complete (written under a temporary name, then renamed), so an interrupted write
+    never leaves a partial dataset where a later run would take it for a whole one."""
     fs, path = filesystem_for(uri)
     if exists(fs, path):
         previous = read_marker(uri)
@@ -41,6 +44,11 @@ def write_parquet_dataset(
             raise ConfigError(f"{uri!r} exists and is not a dataset written by this tool; choose an empty --out")
         if previous is not None:
             raise ConfigError(f"{uri!r} already holds a dataset ({previous.get('kind')}); choose another --out or delete it")
+    local = isinstance(fs, pa.fs.LocalFileSystem)
+    target = path
+    if local:
+        path = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.tmp-{os.getpid()}")
+        fs.delete_dir_contents(path, missing_dir_ok=True)
     fs.create_dir(path, recursive=True)
     count, part = 0, 0
     buffer: list[dict[str, Any]] = []
@@ -60,6 +68,10 @@ def write_parquet_dataset(
     if buffer or part == 0:
         flush()
     write_bytes(fs, f"{path}/{MARKER}", json.dumps({**metadata, "rows": count, "files": part}, indent=2).encode())
+    if local:
+        if exists(fs, target):  # an empty folder (checked above)
+            os.rmdir(target)
+        os.rename(path, target)
     return count
 
 

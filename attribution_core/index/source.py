@@ -1,7 +1,8 @@
 """Source rows for the index: any dataset layout -> ``SOURCE_SCHEMA`` batches.
 
-The index job reads a dataset in parallel (Parquet files, or an image folder's
-``metadata.jsonl``) and maps every batch through ``normalize`` so later steps see one shape:
+The index job reads a dataset in parallel (Parquet files, an image folder's
+``metadata.jsonl``, or the listing of a class-folder dataset) and maps every batch through
+``normalize`` so later steps see one shape:
 ``example_id``, ``content_hash``, ``uri``, ``image`` bytes, ``caption``, ``label``. The
 content hash covers everything that changes an example's feature (image bytes, caption,
 label), so an incremental reindex featurizes exactly the examples whose hash changed.
@@ -11,13 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 
-from attribution_core.data.readers import CAPTION_COLUMNS, IMAGE_COLUMN, detect_layout
+from attribution_core.data.readers import (CAPTION_COLUMNS, IMAGE_COLUMN, LABEL_COLUMNS, dataset_columns,
+                                           detect_layout, label_text)
 from attribution_core.data.storage import filesystem_for, read_bytes
 from attribution_core.errors import InputError
 from attribution_core.features.seeding import content_id
@@ -29,7 +29,7 @@ class SourceSpec:
     """A dataset resolved once on the driver: its layout and which columns mean what."""
 
     uri: str
-    layout: str  # "parquet" | "imagefolder"
+    layout: str  # "parquet" | "imagefolder" | "classfolder"
     caption_column: str | None
     label_column: str | None
     has_example_id: bool
@@ -48,46 +48,36 @@ def content_hash(image: bytes, caption: str | None, label: str | None) -> str:
     return h.hexdigest()
 
 
-def _first_jsonl_record(uri: str) -> dict[str, object]:
-    fs, path = filesystem_for(uri)
-    with fs.open_input_stream(f"{path}/metadata.jsonl") as f:
-        head = f.read(1 << 20).decode("utf-8", errors="replace")
-    for line in head.splitlines():
-        if line.strip():
-            try:
-                return json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{uri}/metadata.jsonl: first record is not JSON: {exc}") from exc
-    raise InputError(f"{uri}/metadata.jsonl holds no records")
-
-
-def resolve_source(uri: str, caption_column: str | None, label_column: str | None) -> SourceSpec:
-    """Inspect the dataset at ``uri`` (schema only) and say which columns to use."""
+def resolve_source(uri: str, caption_column: str | None, label_column: str | None,
+                   conditioning: str = "none") -> SourceSpec:
+    """Inspect the dataset at ``uri`` (schema only) and say which columns to use for a model
+    of ``conditioning``; a column named but missing, or none where the model needs one, is
+    an ``InputError`` saying which setting to change."""
     layout = detect_layout(uri)
-    if layout == "parquet":
-        fs, path = filesystem_for(uri)
-        try:
-            names = pads.dataset(path, filesystem=fs, format="parquet").schema.names
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise InputError(f"cannot read Parquet dataset {uri!r}: {exc}") from exc
-        if IMAGE_COLUMN not in names:
-            raise InputError(f"Parquet dataset {uri!r} has no {IMAGE_COLUMN!r} column (columns: {', '.join(names)})")
-        has_id = "example_id" in names
-    else:
-        names = list(_first_jsonl_record(uri))
-        if "file_name" not in names:
-            raise InputError(f"{uri}/metadata.jsonl records need a 'file_name' field (found: {', '.join(names)})")
-        has_id = True
-    caption = caption_column if caption_column else next((c for c in CAPTION_COLUMNS if c in names), None)
+    names = dataset_columns(uri, layout)
+    if layout == "parquet" and IMAGE_COLUMN not in names:
+        raise InputError(f"Parquet dataset {uri!r} has no {IMAGE_COLUMN!r} column (columns: {', '.join(names)})")
+    if layout == "imagefolder" and "file_name" not in names:
+        raise InputError(f"{uri}/metadata.jsonl records need a 'file_name' field (found: {', '.join(names)})")
+    has_id = layout != "parquet" or "example_id" in names
     for wanted, what in ((caption_column, "caption"), (label_column, "label")):
         if wanted and wanted not in names:
             raise InputError(f"dataset {uri!r} has no {what} column {wanted!r} (columns: {', '.join(names)}); "
-                             f"set index.{what}_column")
-    return SourceSpec(uri=uri, layout=layout, caption_column=caption, label_column=label_column, has_example_id=has_id)
+                             f"set train.{what}_column to the dataset's {what} column")
+    caption = caption_column or next((c for c in CAPTION_COLUMNS if c in names), None)
+    label = label_column or (next((c for c in LABEL_COLUMNS if c in names), None) if conditioning == "class" else None)
+    if conditioning == "text" and caption is None:
+        raise InputError(f"the model is text-conditioned but dataset {uri!r} has none of the caption columns "
+                         f"{', '.join(CAPTION_COLUMNS)} (columns: {', '.join(names)}); set train.caption_column")
+    if conditioning == "class" and label is None:
+        raise InputError(f"the model is class-conditional but dataset {uri!r} has none of the label columns "
+                         f"{', '.join(LABEL_COLUMNS)} (columns: {', '.join(names)}); set train.label_column")
+    return SourceSpec(uri=uri, layout=layout, caption_column=caption,
+                      label_column=label, has_example_id=has_id)
 
 
 def read_columns(spec: SourceSpec) -> list[str]:
-    """Columns to read from each source file."""
+    """Columns to read from each source file (or listing row, for class folders)."""
     wanted = ["example_id", IMAGE_COLUMN] if spec.layout == "parquet" else ["file_name"]
     if not spec.has_example_id and "example_id" in wanted:
         wanted.remove("example_id")
@@ -109,7 +99,7 @@ def normalize(batch: pa.Table, spec: SourceSpec, keep: pa.Array | None = None) -
 
     With ``keep`` (string ids), rows whose example id is not in it are dropped, before an
     image folder's file is read."""
-    if keep is not None and spec.layout == "imagefolder":
+    if keep is not None and spec.layout != "parquet":
         batch = batch.filter(pc.is_in(batch.column("file_name").cast(pa.string()), value_set=keep))
     elif keep is not None and spec.has_example_id:
         batch = batch.filter(pc.is_in(batch.column("example_id").cast(pa.string()), value_set=keep))
@@ -119,7 +109,7 @@ def normalize(batch: pa.Table, spec: SourceSpec, keep: pa.Array | None = None) -
     out: dict[str, list] = {name: [] for name in SOURCE_SCHEMA.names}
     for row in rows:
         caption = _text(row.get(spec.caption_column)) if spec.caption_column else None
-        label = _text(row.get(spec.label_column)) if spec.label_column else None
+        label = label_text(row.get(spec.label_column)) if spec.label_column else None
         if spec.layout == "parquet":
             image = _image_bytes(row.get(IMAGE_COLUMN))
             eid = row.get("example_id")

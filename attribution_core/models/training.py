@@ -48,6 +48,8 @@ class TrainingData:
     label_names: list[str] | None = None
     attributes: dict[str, list] = dataclasses.field(default_factory=dict)
     """Other dataset columns per example (e.g. subject, style, background)."""
+    columns: dict[str, str | None] = dataclasses.field(default_factory=dict)
+    """The dataset columns the captions and labels were read from (``caption``, ``label``)."""
 
     def subset(self, index: torch.Tensor) -> TrainingData:
         idx = index.tolist()
@@ -58,6 +60,7 @@ class TrainingData:
             labels=None if self.labels is None else self.labels[index],
             label_names=self.label_names,
             attributes={k: [v[i] for i in idx] for k, v in self.attributes.items()},
+            columns=self.columns,
         )
 
 

@@ -139,7 +139,7 @@ def _run(args: argparse.Namespace) -> int:
 
         t = cfg.train
         model_dir = build_tiny_pipeline("text", work / "model", resolution=t.resolution, widths=tuple(t.widths))
-    rows = list(synthetic_rows(args.base, seed=3, size=cfg.data.synth_size))
+    rows = list(synthetic_rows(args.base, seed=3, size=cfg.data.synthetic.size if cfg.data.synthetic else 32))
     data = str(work / "data")
     write_parquet_dataset(data, rows, SYNTH_SCHEMA, {"kind": "synthetic"}, rows_per_file=256)
     base_uri = str(work / "base-index")
@@ -152,7 +152,7 @@ def _run(args: argparse.Namespace) -> int:
             base_store.write_json(artifact_path(base_store.latest()["version"], "learned"), doc)
 
     # Query images: examples the index was not built from, with their captions.
-    queries = list(synthetic_rows(max(args.requests), seed=77, size=cfg.data.synth_size))
+    queries = list(synthetic_rows(max(args.requests), seed=77, size=cfg.data.synthetic.size if cfg.data.synthetic else 32))
     aspects = [a.strip() for a in args.aspects.split(",")] if args.aspects else None
     bodies = [json.dumps({"image": base64.b64encode(r["image"]).decode(), "prompt": r["caption"], "k": args.k,
                           **({"aspects": aspects} if aspects else {})}).encode() for r in queries]

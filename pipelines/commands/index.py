@@ -36,12 +36,16 @@ def _run(args: argparse.Namespace) -> int:
 def add_parser(sub: argparse._SubParsersAction, default_config: str) -> None:
     p = sub.add_parser(
         "index", help="featurize a dataset into a versioned attribution index (Ray Data)",
-        description="Read a dataset (Parquet with image bytes, or an image folder with metadata.jsonl; a "
-        "path or s3:// URI), featurize every example with the model on Ray Data actors, and write a new "
+        description="Read a dataset (Parquet with image bytes, an image folder with metadata.jsonl, or one "
+        "sub-folder of images per class; a path or s3:// URI), featurize every example with the model on Ray "
+        "Data actors, and write a new "
         "immutable index version: Parquet feature shards, an errors/ table of quarantined examples, the "
         "Gram matrix and kernel, and the manifest (last), then move the index's `latest` pointer. "
         "A crashed run resumes when the same command is run again. When the latest version used the "
-        "same model and featurize settings, only new and changed examples are featurized.",
+        "same model and featurize settings, only new and changed examples are featurized. Captions and "
+        "labels are read from the columns the model's recipe names (its training.json, else the train "
+        "section); a build that quarantines more than index.max_quarantine_fraction of the dataset is "
+        "not committed and says why.",
     )
     p.add_argument("--config", default=default_config, help=f"YAML config (default {default_config})")
     p.add_argument("--dataset", help="dataset URI (default: data.uri of the config)")

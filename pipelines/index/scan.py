@@ -8,6 +8,7 @@ from typing import Any
 import pyarrow as pa
 import ray
 
+from attribution_core.data.readers import FOLDER_LABEL, list_class_folder
 from attribution_core.data.storage import filesystem_for
 from attribution_core.index.manifest import FeatureSpec, check_same_features
 from attribution_core.index.source import SourceSpec, keys_only, read_columns
@@ -24,6 +25,11 @@ def read_source(spec: SourceSpec, keep: pa.Array | None = None) -> ray.data.Data
     fs, path = filesystem_for(spec.uri)
     if spec.layout == "parquet":
         raw = ray.data.read_parquet(path, filesystem=fs, columns=read_columns(spec), file_extensions=["parquet"])
+    elif spec.layout == "classfolder":
+        # The listing (paths and folder names, no image bytes) is made once here; the images
+        # are read in parallel by normalize_batch, as an image folder's are.
+        listing = list_class_folder(spec.uri)
+        raw = ray.data.from_items([{"file_name": rel, FOLDER_LABEL: label} for rel, label in listing])
     else:
         # pyarrow reads newline-delimited JSON natively (lines=True would refuse a filesystem)
         raw = ray.data.read_json(f"{path}/metadata.jsonl", filesystem=fs)

@@ -71,7 +71,8 @@ def tiny_main_job(tmp_path: Path, **sections: dict) -> dict:
     everywhere, an LDS of 4 subsets over 24 examples; ``sections`` update its sections."""
     cfg = yaml.safe_load((Path(__file__).resolve().parents[2] / "configs" / "demo.yaml").read_text())
     recipe = {"resolution": 8, "widths": [8, 16], "text_width": 16, "batch_size": 8, "warmup_steps": 1, "threads": 1}
-    cfg["data"].update(uri=str(tmp_path / "data"), synth_n=48, synth_size=16)
+    cfg["data"]["uri"] = str(tmp_path / "data")
+    cfg["data"]["synthetic"].update(n=48, size=16)
     cfg["model"]["path"] = str(tmp_path / "model")
     cfg["train"].update(recipe, steps=6)
     cfg["subset_train"].update(recipe, steps=4)
