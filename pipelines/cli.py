@@ -163,6 +163,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AttributionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # one of ours, wrapped by Ray on its way from a worker?
+        from pipelines.failures import error_in_traceback, user_error
+
+        found = user_error(exc) or error_in_traceback(str(exc))
+        if found is None:
+            raise
+        print(f"error: {found}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

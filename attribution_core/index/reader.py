@@ -11,8 +11,8 @@ import torch
 
 from attribution_core.errors import ManifestMismatchError
 from attribution_core.features.groups import GroupLayout
-from attribution_core.index.manifest import KIND
-from attribution_core.index.schema import SCHEMA_VERSION, flat_matrix
+from attribution_core.index.opening import open_version
+from attribution_core.index.schema import flat_matrix
 from attribution_core.index.store import IndexStore
 
 
@@ -56,13 +56,7 @@ def load_index(uri: str, version: str | None = None, part: int = 0, parts: int =
     (float16 keeps the stored values in half the memory).
     """
     store = IndexStore(uri)
-    manifest = store.manifest(version) if version else store.latest()
-    if manifest is None:
-        what = f"version {version!r}" if version else "a committed version"
-        raise ManifestMismatchError(f"{uri!r} holds no {what}; build one with `attribution index`")
-    if manifest.get("kind") != KIND or manifest.get("schema_version") != SCHEMA_VERSION:
-        raise ManifestMismatchError(f"{uri!r} is a {manifest.get('kind')} of schema {manifest.get('schema_version')}; "
-                                    f"this version reads {KIND} schema {SCHEMA_VERSION}")
+    manifest = open_version(store, version)
     layout = GroupLayout.from_manifest(manifest["layout"])
     shards = partition_shards(manifest["shards"], parts)[part] if parts > 1 else manifest["shards"]
     tables = [store.read_table(s["path"]) for s in shards]

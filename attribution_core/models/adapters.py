@@ -246,6 +246,11 @@ class DiffusersAdapter:
         return self.scheduler.add_noise(x0, noise, t)
 
     @property
+    def num_classes(self) -> int:
+        """Classes of a class-conditional model (0 for others)."""
+        return int(getattr(self.denoiser.config, "num_class_embeds", None) or 0) if self.conditioning == "class" else 0
+
+    @property
     def num_train_timesteps(self) -> int:
         return int(self.scheduler.config.num_train_timesteps)
 

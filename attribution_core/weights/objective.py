@@ -52,6 +52,13 @@ def contributions(grouped: torch.Tensor, examples: torch.Tensor) -> torch.Tensor
     return c.reshape(q, m, -1).transpose(1, 2)  # [Q, N, M]
 
 
+def check_pools(width: int, k: int) -> None:
+    """Refuse pools narrower than the top-k they are searched for."""
+    if k > width:
+        raise InputError(f"top-k of {k} needs pools of at least {k} candidates, got {width}; lower weights.top_k "
+                         "or index more examples")
+
+
 def pooled_objective(theta: torch.Tensor, pools: torch.Tensor, valid: torch.Tensor, noise: torch.Tensor,
                      k: int, lambda_w: float) -> torch.Tensor:
     """The objective from pools (the scalable form).
@@ -60,8 +67,7 @@ def pooled_objective(theta: torch.Tensor, pools: torch.Tensor, valid: torch.Tens
     ``Tensor[Q, R]`` bool (pools are padded to a common R); ``noise``: ``Tensor[Q, M, M]``
     moment matrices. Returns the mean over the Q queries plus the regulariser.
     """
-    if k > pools.shape[1]:
-        raise InputError(f"top-k of {k} needs pools of at least {k} candidates, got {pools.shape[1]}")
+    check_pools(pools.shape[1], k)
     w = weights_from_theta(theta)
     scores = pools @ w.to(pools.dtype)  # [Q, R]
     scores = scores.masked_fill(~valid, float("-inf"))

@@ -32,7 +32,7 @@ def train_to_dir(data_uri: str, cfg: TrainConfig, out: Path) -> dict:
     model = train_model(data, cfg, progress)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_model(model, tmp, {"data": data_uri, "examples": len(data.example_ids)})
+    save_model(model, tmp, {"data": data_uri, "examples": len(data.example_ids), "columns": data.columns})
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp.rename(out)
     return {"out": str(out), "examples": len(data.example_ids), "steps": cfg.steps, "seconds": round(model.seconds, 1),
@@ -43,6 +43,8 @@ def train_to_dir(data_uri: str, cfg: TrainConfig, out: Path) -> dict:
 def _run(args: argparse.Namespace) -> int:
     project = ProjectConfig.load(args.config)
     cfg = project.subset_train if args.recipe == "subset" else project.train
+    if cfg is None:
+        raise ConfigError(f"{args.config} has no subset_train section; add one (see configs/demo.yaml) or use --recipe train")
     if args.steps is not None:
         cfg = dataclasses.replace(cfg, steps=args.steps)
     if args.seed is not None:

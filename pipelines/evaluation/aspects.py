@@ -15,13 +15,13 @@ from typing import Any
 
 import numpy as np
 
-from attribution_core.config import FeaturizeConfig, ProjectConfig, from_mapping
+from attribution_core.config import ProjectConfig
 from attribution_core.config_stages import ASPECTS
 from attribution_core.data.images import decode_image, encode_png
 from attribution_core.data.readers import read_examples
 from attribution_core.evaluation.recall import aspect_recall_table
-from attribution_core.features.featurize import Featurizer
 from attribution_core.features.seeding import stable_seed
+from attribution_core.index.opening import version_featurizer
 from attribution_core.index.reader import LoadedIndex
 from attribution_core.index.scoring import attribute
 from attribution_core.models.sampling import generate
@@ -41,7 +41,7 @@ def run_recall(cfg: ProjectConfig, index: LoadedIndex, document: dict[str, Any] 
     if adapter.conditioning != "text":
         return {"table": {}, "gallery": [], "skipped": f"the model is {adapter.conditioning}-conditioned; "
                 "queries of known attributes are prompted with captions"}
-    raw = {e.example_id: e for e in read_examples(manifest["dataset"]["uri"])}
+    raw = {e.example_id: e for e in read_examples(manifest["dataset"]["uri"], manifest["dataset"].get("caption_column"))}
     rows = [raw[eid] for eid in index.example_ids]
     aspects = [a for a in ASPECTS if a != "general" and all(e.attributes.get(a) is not None for e in rows)]
     if not aspects or ecfg.recall_queries == 0:
@@ -52,8 +52,8 @@ def run_recall(cfg: ProjectConfig, index: LoadedIndex, document: dict[str, Any] 
     generated = generate(adapter, prompts=[e.caption for e in sources], n=len(sources),
                          seed=stable_seed("evaluation-queries", ecfg.seed, "recall"),
                          guidance=cfg.weights.guidance, steps=cfg.weights.sample_steps)
-    fcfg = from_mapping(FeaturizeConfig, {**manifest["featurize"], "max_rows_per_pass": cfg.featurize.max_rows_per_pass})
-    features = featurize_generated(Featurizer(adapter, fcfg), generated)
+    featurizer = version_featurizer(adapter, manifest, cfg.featurize.max_rows_per_pass)
+    features = featurize_generated(featurizer, generated)
     kernel = index.kernel if cfg.weights.use_kernel else None
     channels, size = adapter.image_shape[0], adapter.image_shape[1]
     train_pixels = np.stack([decode_image(e.image, e.example_id, size, channels) for e in rows])

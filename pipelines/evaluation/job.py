@@ -22,7 +22,7 @@ from attribution_core.errors import ConfigError
 from attribution_core.evaluation.report import render_report
 from attribution_core.index.reader import load_index
 from pipelines.evaluation.aspects import run_recall
-from pipelines.evaluation.lds import run_lds
+from pipelines.evaluation.lds import lds_recipe, run_lds
 from pipelines.ray_runtime import ensure_ray
 from pipelines.steps import build_index, ensure_weights, prepare
 
@@ -57,6 +57,8 @@ def evaluate(cfg: ProjectConfig, req: EvaluateRequest = EvaluateRequest()) -> di
         timings[stage] = round(now - clock, 1)
         clock = now
 
+    if req.lds:
+        lds_recipe(cfg)  # a model brought without its recipe cannot be retrained: say so before any work
     prepared = prepare(cfg, model=req.recall)  # LDS trains its own model; only Recall uses the main one
     lap("prepare")
     ensure_ray(req.ray_address)

@@ -15,6 +15,7 @@ import ray
 from attribution_core.errors import AttributionError
 from attribution_core.features.groups import GroupLayout
 from attribution_core.index.kernel import add_grams, blocks, kernel_from_gram
+from attribution_core.index.quarantine import check_quarantine, too_many_quarantined
 from attribution_core.index.store import IndexStore, shard_name
 from pipelines.index.stages import gram_partition
 
@@ -67,6 +68,22 @@ def check_exactly_once(expected: set[str], features: dict[str, list[str]], error
             f"the build is not exactly-once: {len(missing)} examples missing (e.g. {sorted(missing)[:3]}), "
             f"{len(repeated)} repeated (e.g. {sorted(repeated)[:3]}), {len(extra)} not in the dataset "
             f"(e.g. {sorted(extra)[:3]}); rerun the same command to finish it")
+
+
+def refuse_if_quarantined(store: IndexStore, reused: dict[str, list[str]], staged: dict[str, list[str]],
+                          total: int, max_fraction: float) -> None:
+    """Raise ``QuarantineError`` (nothing committed) when more than ``max_fraction`` of the
+    ``total`` examples are quarantined. This build's own error shards are removed first, so
+    that a rerun after the fix looks at those examples again instead of resuming their errors."""
+    if not too_many_quarantined(sum(len(ids) for ids in {**reused, **staged}.values()), total, max_fraction):
+        return
+    errors: list[tuple[str, str]] = []
+    for path in sorted({**reused, **staged}):
+        table = store.read_table(path, columns=["example_id", "reason"])
+        errors += zip(table.column("example_id").to_pylist(), table.column("reason").to_pylist())
+    for path in staged:
+        store.fs.delete_file(store.path(path))
+    check_quarantine(errors, total, max_fraction)
 
 
 def stats_pass(store: IndexStore, version: str, paths: list[str], layout: GroupLayout, kind: str,

@@ -27,7 +27,8 @@ from attribution_core.index.schema import SCHEMA_VERSION, group_column
 from attribution_core.index.source import resolve_source
 from attribution_core.index.store import IndexStore, shard_name
 from attribution_core.models.fingerprint import model_fingerprint
-from pipelines.index.commit import check_exactly_once, dedupe, shard_ids, stats_pass
+from attribution_core.models.recipe import resolve_columns
+from pipelines.index.commit import check_exactly_once, dedupe, refuse_if_quarantined, shard_ids, stats_pass
 from pipelines.index.scan import choose_base, concat_keys, read_source, scan_keys, shard_keys
 from pipelines.index.stages import IndexActor, rewrite_shard
 from pipelines.models import load_model_dir
@@ -68,9 +69,10 @@ def run_index(cfg: ProjectConfig, req: IndexRequest) -> dict[str, Any]:
     started = time.perf_counter()
     if req.mode not in MODES:
         raise ConfigError(f"unknown index mode {req.mode!r}; choose one of {', '.join(MODES)}")
-    source = resolve_source(req.dataset, cfg.index.caption_column, cfg.index.label_column)  # fail fast, before Ray
-    store = IndexStore(req.out)
     adapter = load_model_dir(req.model, "cpu")  # the driver needs only the fingerprint and the layout
+    columns = resolve_columns(req.model, cfg.train, cfg.index)  # the columns the model learned from
+    source = resolve_source(req.dataset, columns.caption, columns.label, adapter.conditioning)  # fail fast, before Ray
+    store = IndexStore(req.out)
     layout = build_layout(adapter.denoiser, cfg.featurize.groups, cfg.featurize.projection)
     spec = FeatureSpec.build(model_fingerprint(adapter), cfg.featurize, layout, cfg.index.dtype)
     ensure_ray(req.ray_address)
@@ -144,6 +146,7 @@ def run_index(cfg: ProjectConfig, req: IndexRequest) -> dict[str, Any]:
     reused_errors = {r.path: list(r.keep) for r in plan.reuse_errors if r.whole}
     check_exactly_once(set(current.column("example_id").to_pylist()),
                        {**reused_whole, **staged}, {**reused_errors, **staged_errors})
+    refuse_if_quarantined(store, reused_errors, staged_errors, current.num_rows, cfg.index.max_quarantine_fraction)
     lap("verify")
 
     shard_paths = sorted(reused_whole) + sorted(staged)

@@ -68,27 +68,15 @@ class QueryFeaturizer:
         await asyncio.to_thread(self._load, user_config)
 
     def _load(self, user_config: dict[str, Any]) -> None:
-        from attribution_core.config import FeaturizeConfig, from_mapping
-        from attribution_core.errors import ManifestMismatchError
-        from attribution_core.features.featurize import Featurizer
         from attribution_core.index.manifest import FeatureSpec
+        from attribution_core.index.opening import check_model, open_version, version_featurizer
         from attribution_core.index.store import IndexStore
 
-        store = IndexStore(user_config["index"])
-        manifest = store.manifest(user_config["version"]) if user_config.get("version") else store.latest()
-        if manifest is None:
-            raise ManifestMismatchError(f"{user_config['index']!r} holds no committed version "
-                                        f"{user_config.get('version') or ''}; build one with `attribution index`")
-        if manifest["model"]["fingerprint"] != self.fingerprint:
-            raise ManifestMismatchError(
-                f"the model at {self.model_dir} is not the one index version {manifest['version']} was built with "
-                f"(fingerprints differ; the index was built from {manifest['model'].get('path')}); serve it with "
-                "that model (--model) or rebuild the index")
+        manifest = open_version(IndexStore(user_config["index"]), user_config.get("version"))
+        check_model(self.fingerprint, manifest, self.model_dir)
         spec = FeatureSpec.from_manifest(manifest).key()
         if spec not in self.featurizers:
-            fcfg = from_mapping(FeaturizeConfig, {**manifest["featurize"],
-                                                  "max_rows_per_pass": self.cfg.featurize.max_rows_per_pass})
-            self.featurizers[spec] = Featurizer(self.adapter, fcfg)
+            self.featurizers[spec] = version_featurizer(self.adapter, manifest, self.cfg.featurize.max_rows_per_pass)
         self.spec, self.version = spec, manifest["version"]
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)

@@ -12,6 +12,9 @@ import urllib.request
 from typing import Any
 
 from attribution_core.config import ProjectConfig
+from attribution_core.index.opening import open_version
+from attribution_core.index.store import IndexStore
+from pipelines.failures import error_in_traceback
 from pipelines.serve.app import APP_NAME, IMPORT_PATH, ServeArgs, user_config
 
 log = logging.getLogger(__name__)
@@ -61,6 +64,7 @@ def start(args: ServeArgs, host: str | None = None, port: int | None = None, ray
     cfg = ProjectConfig.load(args.config)
     host = host or cfg.serve.host
     port = port or cfg.serve.port
+    open_version(IndexStore(args.index or cfg.index.out), args.version)  # missing or empty: refused here, not in a replica
     ensure_ray(ray_address)
     deploy(args, host, port)
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
@@ -86,7 +90,7 @@ def wait_ready(url: str, timeout_s: float, version: str | None = None, api_key: 
     while time.monotonic() < deadline:
         status, message = app_status() if watch_app else ("", "")
         if status == "DEPLOY_FAILED":
-            raise RuntimeError(f"the endpoint failed to deploy:\n{message}")
+            raise error_in_traceback(message) or RuntimeError(f"the endpoint failed to deploy:\n{message}")
         try:
             with urllib.request.urlopen(urllib.request.Request(f"{url}/v1/index", headers=headers), timeout=10) as r:
                 info = json.loads(r.read())

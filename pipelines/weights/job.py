@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from attribution_core.config import FeaturizeConfig, ProjectConfig, from_mapping, to_mapping
-from attribution_core.errors import ConfigError, ManifestMismatchError
-from attribution_core.features.featurize import Featurizer
+from attribution_core.config import ProjectConfig, to_mapping
+from attribution_core.errors import ConfigError
 from attribution_core.features.groups import GroupLayout
+from attribution_core.index.opening import check_model, open_version, version_featurizer
 from attribution_core.index.reader import read_kernel
 from attribution_core.index.store import IndexStore
 from attribution_core.models.fingerprint import model_fingerprint
@@ -62,21 +62,19 @@ def learn_weights(cfg: ProjectConfig, req: WeightsRequest) -> dict[str, Any]:
         clock = now
 
     store = IndexStore(req.index)
-    manifest = store.manifest(req.version) if req.version else store.latest()
-    if manifest is None:
-        raise ManifestMismatchError(f"{req.index!r} holds no committed index version "
-                                    f"{req.version or ''}; build one with `attribution index`")
+    manifest = open_version(store, req.version)  # refuses an empty version here, not in a Ray Train worker
     layout = GroupLayout.from_manifest(manifest["layout"])
     aspects = list(req.aspects or wcfg.aspects)
-    adapter = load_model_dir(req.model or manifest["model"]["path"])
-    if model_fingerprint(adapter) != manifest["model"]["fingerprint"]:
-        raise ManifestMismatchError(f"the model at {req.model or manifest['model']['path']} is not the one index "
-                                    f"version {manifest['version']} was built with (fingerprints differ)")
+    if manifest["rows"] < wcfg.top_k:
+        raise ConfigError(f"weights.top_k is {wcfg.top_k} but index version {manifest['version']} has only "
+                          f"{manifest['rows']} rows; lower weights.top_k (and weights.pool_size) or index more examples")
+    model_path = req.model or manifest["model"]["path"]
+    adapter = load_model_dir(model_path)
+    check_model(model_fingerprint(adapter), manifest, model_path)
     if adapter.conditioning != "text" and aspects != ["general"]:
         raise ConfigError(f"aspect weights need prompts; this model is {adapter.conditioning}-conditioned: "
                           "use --aspects general")
-    fcfg = from_mapping(FeaturizeConfig, {**manifest["featurize"], "max_rows_per_pass": cfg.featurize.max_rows_per_pass})
-    featurizer = Featurizer(adapter, fcfg)  # the index's own featurize settings
+    featurizer = version_featurizer(adapter, manifest, cfg.featurize.max_rows_per_pass)
     lap("load")
 
     prompts = {a: prompts_for(a, wcfg, store, manifest, adapter.conditioning) for a in aspects}

@@ -42,7 +42,7 @@ def learning_queries(featurizer: Featurizer, aspect: str, prompts: list[str | No
     adapter = featurizer.adapter
     text = adapter.conditioning == "text"
     images = generate(adapter, prompts=prompts if text else None,
-                      labels=list(range(len(adapter.label_names or [0]))) if adapter.conditioning == "class" else None,
+                      labels=list(range(adapter.num_classes)) or None,
                       n=len(prompts), seed=stable_seed("learning-queries", cfg.seed, aspect),
                       guidance=cfg.guidance, steps=cfg.sample_steps)
     return featurize_generated(featurizer, images, batch)

@@ -18,7 +18,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from attribution_core.weights.objective import pooled_objective
+from attribution_core.errors import AttributionError
+from attribution_core.weights.objective import check_pools, pooled_objective
+from pipelines.failures import decode_error, encode_error
 
 CHECKPOINT_FILE = "theta.json"
 
@@ -46,7 +48,20 @@ def _local_loss(theta: torch.Tensor, parts: list[dict[str, torch.Tensor]], total
     return loss
 
 
-def train_loop(config: dict[str, Any]) -> None:
+def train_loop(config: dict[str, Any]) -> dict[str, Any] | None:
+    """Ray Train's training function. An ``AttributionError`` (bad input, the same on every
+    worker since every worker checks the whole config first) is returned, not raised: Ray
+    Train would retry the run, which cannot help; ``optimise`` raises it on the driver."""
+    try:
+        for aspect in config["aspects"]:
+            check_pools(np.asarray(aspect["contrib"]).shape[1], config["k"])
+        _optimise_theta(config)
+    except AttributionError as exc:
+        return {"error": encode_error(exc)}
+    return None
+
+
+def _optimise_theta(config: dict[str, Any]) -> None:
     import ray.train
     import torch.distributed as dist
 
@@ -106,6 +121,8 @@ def optimise(aspects: list[dict[str, np.ndarray]], theta: np.ndarray, k: int, la
         run_config=RunConfig(storage_path=storage, name=name, failure_config=FailureConfig(max_failures=2)),
     )
     result = trainer.fit()
+    if isinstance(result.return_value, dict) and "error" in result.return_value:
+        raise decode_error(result.return_value["error"])
     with result.checkpoint.as_directory() as d:
         saved = json.loads(open(os.path.join(d, CHECKPOINT_FILE)).read())
     return {"theta": np.asarray(saved["theta"]), "trajectory": saved["trajectory"]}

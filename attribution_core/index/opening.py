@@ -1,0 +1,58 @@
+"""Opening an index version for use, the one way every reader of an index does it.
+
+Weight learning, the endpoint and the evaluation all need the same three things before any
+work starts: a committed version of a schema this code reads, with rows in it; the model it
+was built with (checked by fingerprint); and a featurizer with that version's own featurize
+settings, so query features match the stored rows by construction.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from attribution_core.config import FeaturizeConfig, from_mapping
+from attribution_core.errors import InputError, ManifestMismatchError
+from attribution_core.features.featurize import Featurizer
+from attribution_core.index.manifest import KIND
+from attribution_core.index.schema import SCHEMA_VERSION
+from attribution_core.index.store import IndexStore
+from attribution_core.models.adapters import DiffusersAdapter
+
+
+class EmptyIndexError(InputError):
+    """An index version holds no rows: every example was quarantined, or the dataset was empty."""
+
+
+def open_version(store: IndexStore, version: str | None = None, need_rows: bool = True) -> dict[str, Any]:
+    """The manifest of ``version`` (default: the one ``latest`` names), refused with a named
+    error when it is missing, of another schema, or (``need_rows``) empty."""
+    manifest = store.manifest(version) if version else store.latest()
+    if manifest is None:
+        what = f"committed version {version!r}" if version else "committed version"
+        raise ManifestMismatchError(f"{store.uri!r} holds no {what}; build one with `attribution index`")
+    if manifest.get("kind") != KIND or manifest.get("schema_version") != SCHEMA_VERSION:
+        raise ManifestMismatchError(f"{store.uri!r} is a {manifest.get('kind')} of schema "
+                                    f"{manifest.get('schema_version')}; this version reads {KIND} schema {SCHEMA_VERSION}")
+    if need_rows and not manifest.get("rows"):
+        errors = manifest.get("errors", {}).get("rows", 0)
+        raise EmptyIndexError(
+            f"index version {manifest['version']} at {store.uri} has no rows ({errors:,} examples quarantined: its "
+            "errors/ table says why); fix the dataset or its settings and build the index again with `attribution index`")
+    return manifest
+
+
+def check_model(fingerprint: str, manifest: dict[str, Any], model_path: str) -> None:
+    """Refuse a model (by its ``model_fingerprint``) other than the one ``manifest``'s
+    version was built with."""
+    if fingerprint != manifest["model"]["fingerprint"]:
+        raise ManifestMismatchError(
+            f"the model at {model_path} is not the one index version {manifest['version']} was built with "
+            f"(fingerprints differ; the index was built from {manifest['model'].get('path')}); use that model "
+            "(--model) or rebuild the index")
+
+
+def version_featurizer(adapter: DiffusersAdapter, manifest: dict[str, Any], max_rows_per_pass: int) -> Featurizer:
+    """A featurizer with the version's own featurize settings (``max_rows_per_pass`` changes
+    memory, not values, so the caller's is kept)."""
+    fcfg = from_mapping(FeaturizeConfig, {**manifest["featurize"], "max_rows_per_pass": max_rows_per_pass})
+    return Featurizer(adapter, fcfg)
