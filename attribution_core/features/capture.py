@@ -54,6 +54,7 @@ class KroneckerCapture:
         self._acc: dict[str, torch.Tensor] = {}
         self._examples = 0
         self._rows_per_example = 0
+        self._per_row = False
 
     def _conv_kernel(self, layer: TrackedLayer, conv: nn.Conv2d) -> torch.Tensor:
         # P_in[:, :C*kh*kw] as a conv weight [k_in, C, kh, kw]; unfold order is (C, kh, kw).
@@ -79,19 +80,20 @@ class KroneckerCapture:
         return out.flatten(2)  # [R, k_in, H', W'] -> [R, k_in, P]
 
     def _accumulate(self, layer: TrackedLayer, a_proj: torch.Tensor, grad: torch.Tensor) -> None:
-        b, r = self._examples, self._rows_per_example
+        # Per example (rows summed) or, with per_row, per row: b "units" of r rows each.
+        b, r = (self._examples * self._rows_per_example, 1) if self._per_row else (self._examples, self._rows_per_example)
         p_out = self.p_out[layer.name]
         with torch.autocast(grad.device.type, enabled=False):
             grad = grad.float()
             if layer.kind == "linear":
                 d_proj = grad @ p_out.T  # [R, ..., k_out] without copying a strided grad
-                d_ex = d_proj.reshape(b, -1, d_proj.shape[-1])  # [B, r*S, k_out]
-                a_ex = a_proj.reshape(b, -1, a_proj.shape[-1])  # [B, r*S, k_in]
-                g = d_ex.transpose(1, 2) @ a_ex  # [B, k_out, k_in]
+                d_ex = d_proj.reshape(b, -1, d_proj.shape[-1])  # [b, r*S, k_out]
+                a_ex = a_proj.reshape(b, -1, a_proj.shape[-1])  # [b, r*S, k_in]
+                g = d_ex.transpose(1, 2) @ a_ex  # [b, k_out, k_in]
             else:
                 d_proj = p_out @ grad.flatten(2)  # [k_out, O] @ [R, O, P] -> [R, k_out, P]
                 g_rows = d_proj @ a_proj.transpose(1, 2)  # [R, k_out, k_in]
-                g = g_rows.reshape(b, r, *g_rows.shape[1:]).sum(1)  # [B, k_out, k_in]
+                g = g_rows.reshape(b, r, *g_rows.shape[1:]).sum(1)  # [b, k_out, k_in]
         prev = self._acc.get(layer.name)
         self._acc[layer.name] = g if prev is None else prev + g  # a module called twice adds up
 
@@ -115,10 +117,11 @@ class KroneckerCapture:
         return forward_hook
 
     @contextlib.contextmanager
-    def capturing(self, examples: int, rows_per_example: int) -> Iterator[None]:
-        """Hooks installed for one forward/backward over ``examples * rows_per_example`` rows."""
+    def capturing(self, examples: int, rows_per_example: int, per_row: bool = False) -> Iterator[None]:
+        """Hooks installed for one forward/backward over ``examples * rows_per_example`` rows;
+        ``per_row`` keeps each row's projected gradient instead of each example's sum."""
         self._acc = {}
-        self._examples, self._rows_per_example = examples, rows_per_example
+        self._examples, self._rows_per_example, self._per_row = examples, rows_per_example, per_row
         handles = [module.register_forward_hook(self._hook(layer)) for layer, module in self.layers]
         try:
             yield
@@ -127,9 +130,10 @@ class KroneckerCapture:
                 h.remove()
 
     def collect(self) -> torch.Tensor:
-        """Projected gradients ``Tensor[B, k_total]`` (float32) in the layout's order; a layer
-        that never received a gradient (unused for this input) contributes zeros."""
-        b = self._examples
+        """Projected gradients ``Tensor[B, k_total]`` (``Tensor[B * rows_per_example, k_total]``
+        when capturing per row; float32) in the layout's order; a layer that never received a
+        gradient (unused for this input) contributes zeros."""
+        b = self._examples * self._rows_per_example if self._per_row else self._examples
         device = next(iter(self.p_in.values())).device
         flat = torch.zeros(b, self.layout.k_total, dtype=torch.float32, device=device)
         for layer in self.layout.layers:

@@ -24,7 +24,7 @@ from attribution_core.features.capture import KroneckerCapture
 from attribution_core.config import FeaturizeConfig
 from attribution_core.errors import ConfigError
 from attribution_core.features.groups import GroupLayout, build_layout
-from attribution_core.features.measurement import get_measurement
+from attribution_core.features.measurement import contrast_measurement, get_measurement
 from attribution_core.features.seeding import generator_for
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,7 @@ class Rows:
     t: torch.Tensor  # [R] int64
     cond: dict[str, torch.Tensor]  # each [R, ...]
     rows_per_example: int
+    contrast_cond: dict[str, torch.Tensor] | None = None  # the conditioning without the concept, [R, ...]
 
 
 def example_timesteps(cfg: FeaturizeConfig, example_id: str, num_train_timesteps: int) -> list[int]:
@@ -93,7 +94,10 @@ def build_rows(adapter: DiffusersAdapter, batch: ExampleBatch, cfg: FeaturizeCon
     noise = torch.cat([example_noise(cfg, eid, sample_shape) for eid in batch.example_ids]).to(device)
     x0 = encoded.x0.repeat_interleave(r, dim=0)  # [B, ...] -> [B*r, ...]
     cond = {k: v.repeat_interleave(r, dim=0) for k, v in encoded.cond.items()}
-    return Rows(x0=x0, noise=noise, t=t, cond=cond, rows_per_example=r)
+    contrast = None
+    if batch.contrast_captions is not None:
+        contrast = {"encoder_hidden_states": adapter.encode_text(list(batch.contrast_captions)).repeat_interleave(r, 0)}
+    return Rows(x0=x0, noise=noise, t=t, cond=cond, rows_per_example=r, contrast_cond=contrast)
 
 
 class Featurizer:
@@ -129,16 +133,25 @@ class Featurizer:
         rows = build_rows(self.adapter, batch, self.cfg)
         x_t = self.adapter.add_noise(rows.x0, rows.noise, rows.t)
         target = self.adapter.target(rows.x0, rows.noise, rows.t)
-        with self.capture.capturing(len(batch), rows.rows_per_example), torch.enable_grad():
+        measure = self.measure
+        if rows.contrast_cond is not None:  # before the hooks: this pass is not differentiated
+            with torch.no_grad(), self._autocast():
+                without = self.adapter.denoise(x_t, rows.t, rows.contrast_cond)
+            target, measure = without, contrast_measurement
+        per_row = self.cfg.normalize == "timestep"
+        with self.capture.capturing(len(batch), rows.rows_per_example, per_row), torch.enable_grad():
             with self._autocast():
                 output = self.adapter.denoise(x_t, rows.t, rows.cond)
-            per_row = self.measure(output, target)  # [R]
+            measured = measure(output, target)  # [R]
             # Sum over examples of each example's mean over its rows: the backward pass then
             # delivers each row's share of its own example's gradient.
-            total = per_row.view(len(batch), rows.rows_per_example).mean(1).sum()
+            total = measured.view(len(batch), rows.rows_per_example).mean(1).sum()
             if total.requires_grad:
                 total.backward()
-        return self.capture.collect().cpu()
+        flat = self.capture.collect()
+        if per_row:
+            flat = mean_of_unit_rows(flat, rows.rows_per_example)
+        return flat.cpu()
 
     def split(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """``Tensor[B, k_total]`` -> ``{group: Tensor[B, k_group]}`` in the layout's order."""
@@ -159,6 +172,13 @@ def featurize(adapter: DiffusersAdapter, batch: ExampleBatch, cfg: FeaturizeConf
     if featurizer is None:
         featurizer = cache[cfg] = Featurizer(adapter, cfg)
     return featurizer(batch)
+
+
+def mean_of_unit_rows(rows: torch.Tensor, rows_per_example: int) -> torch.Tensor:
+    """``Tensor[B * r, k]`` -> ``Tensor[B, k]``: each row scaled to unit L2 norm (a zero row
+    stays zero), then the r rows of each example averaged."""
+    unit = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-30)  # [B*r, k]
+    return unit.view(-1, rows_per_example, rows.shape[1]).mean(1)  # [B, r, k] -> [B, k]
 
 
 def nonfinite_rows(flat: torch.Tensor) -> torch.Tensor:

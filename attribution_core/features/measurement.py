@@ -33,6 +33,16 @@ def square_measurement(output: torch.Tensor, target: torch.Tensor) -> torch.Tens
     return output.float().pow(2).flatten(1).mean(1)
 
 
+def contrast_measurement(output: torch.Tensor, without: torch.Tensor) -> torch.Tensor:
+    """Concept-TRAK's query measurement (arXiv 2507.06547): ``mean(eps_c * sg(eps_c - eps_c-))``
+    with ``eps_c`` the output under the full prompt and ``without`` (``eps_c-``) the output
+    under the prompt without the concept. Its gradient is ``J_c^T (eps_c - eps_c-) / d``:
+    the direction in which the concept moves the prediction, in place of D-TRAK's
+    ``J^T eps``. [R, ...] x [R, ...] -> [R]."""
+    out = output.float()
+    return (out * (out.detach() - without.float())).flatten(1).mean(1)
+
+
 _REGISTRY: dict[str, Measurement] = {"loss": loss_measurement, "square": square_measurement}
 if tuple(_REGISTRY) != MEASUREMENTS:  # the config's list of names and this registry agree
     raise RuntimeError("measurement registry and config.MEASUREMENTS disagree")

@@ -14,6 +14,7 @@ from attribution_core.errors import InputError
 from attribution_core.features.featurize import Featurizer
 from attribution_core.features.seeding import content_id
 from attribution_core.models.adapters import DiffusersAdapter, ExampleBatch
+from attribution_core.models.vocabulary import check_prompts
 
 
 def resolve_label(adapter: DiffusersAdapter, label: str | int | None) -> int:
@@ -32,10 +33,13 @@ def resolve_label(adapter: DiffusersAdapter, label: str | int | None) -> int:
 
 
 def query_batch(adapter: DiffusersAdapter, images: list[bytes], prompts: list[str | None] | None = None,
-                labels: list[str | int | None] | None = None) -> ExampleBatch:
+                labels: list[str | int | None] | None = None, contrast: list[str] | None = None) -> ExampleBatch:
     """Decode ``images`` (``ImageDecodeError`` names the bad one) into a batch for ``adapter``;
-    text models get ``prompts`` (missing -> the empty prompt, i.e. unconditional)."""
+    text models get ``prompts`` (missing -> the empty prompt, i.e. unconditional) and, for
+    Concept-TRAK's contrastive features, ``contrast``: each prompt without its concept."""
     c, size = adapter.image_shape[0], adapter.image_shape[1]
+    if adapter.conditioning == "text":
+        check_prompts(prompts or [], adapter.vocabulary, "prompt")
     ids = tuple(content_id(data) for data in images)
     pixels = torch.from_numpy(np.stack([decode_image(data, i, size, c) for data, i in zip(images, ids)]))
     prompts = prompts or [None] * len(images)
@@ -43,10 +47,11 @@ def query_batch(adapter: DiffusersAdapter, images: list[bytes], prompts: list[st
         example_ids=ids, pixels=pixels,
         captions=tuple(p or "" for p in prompts) if adapter.conditioning == "text" else None,
         labels=(torch.tensor([resolve_label(adapter, lab) for lab in (labels or [None] * len(images))])
-                if adapter.conditioning == "class" else None))
+                if adapter.conditioning == "class" else None),
+        contrast_captions=tuple(contrast) if contrast is not None else None)
 
 
 def featurize_images(featurizer: Featurizer, images: list[bytes], prompts: list[str | None] | None = None,
-                     labels: list[str | int | None] | None = None) -> torch.Tensor:
+                     labels: list[str | int | None] | None = None, contrast: list[str] | None = None) -> torch.Tensor:
     """``Tensor[len(images), k_total]`` float32 features of encoded images."""
-    return featurizer.flat(query_batch(featurizer.adapter, images, prompts, labels))
+    return featurizer.flat(query_batch(featurizer.adapter, images, prompts, labels, contrast))

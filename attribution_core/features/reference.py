@@ -21,7 +21,7 @@ from attribution_core.models.adapters import DiffusersAdapter, ExampleBatch
 from attribution_core.config import FeaturizeConfig
 from attribution_core.features.featurize import build_rows
 from attribution_core.features.groups import GroupLayout
-from attribution_core.features.measurement import get_measurement
+from attribution_core.features.measurement import contrast_measurement, get_measurement
 from attribution_core.features.seeding import generator_for, projection_matrix
 
 
@@ -35,16 +35,24 @@ def tracked_parameter_names(layout: GroupLayout) -> list[str]:
 
 
 def per_example_gradients(
-    adapter: DiffusersAdapter, batch: ExampleBatch, cfg: FeaturizeConfig, layout: GroupLayout
+    adapter: DiffusersAdapter, batch: ExampleBatch, cfg: FeaturizeConfig, layout: GroupLayout,
+    per_row: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Exact gradients ``{param name: Tensor[B, *param.shape]}`` of each example's mean
-    measurement over its rows, for every tracked weight and bias."""
+    measurement over its rows, for every tracked weight and bias (``per_row``:
+    ``Tensor[B * r, ...]``, the gradient of each row's own measurement)."""
     model = adapter.denoiser
     measure = get_measurement(cfg.measurement)
     rows = build_rows(adapter, batch, cfg)
     b, r = len(batch), rows.rows_per_example
+    if per_row:
+        b, r = b * r, 1
     x_t = adapter.add_noise(rows.x0, rows.noise, rows.t)
     target = adapter.target(rows.x0, rows.noise, rows.t)
+    if rows.contrast_cond is not None:  # Concept-TRAK: the output without the concept plays the target
+        with torch.no_grad():
+            target = adapter.denoise(x_t, rows.t, rows.contrast_cond)
+        measure = contrast_measurement
     names = tracked_parameter_names(layout)
     all_params = dict(model.named_parameters())
     tracked = {n: all_params[n].detach() for n in names}
@@ -73,9 +81,11 @@ def per_example_gradients(
 def reference_features(
     adapter: DiffusersAdapter, batch: ExampleBatch, cfg: FeaturizeConfig, layout: GroupLayout
 ) -> torch.Tensor:
-    """``Tensor[B, k_total]`` float32: exact gradients, explicitly projected per layer."""
-    grads = per_example_gradients(adapter, batch, cfg, layout)
-    b = len(batch)
+    """``Tensor[B, k_total]`` float32: exact gradients, explicitly projected per layer (with
+    ``normalize: timestep``: each row's, scaled to unit norm over all layers, then averaged)."""
+    per_row = cfg.normalize == "timestep"
+    grads = per_example_gradients(adapter, batch, cfg, layout, per_row)
+    b = len(batch) * (cfg.rows_per_example if per_row else 1)
     flat = torch.zeros(b, layout.k_total, dtype=torch.float32)
     for layer in layout.layers:
         w = grads[f"{layer.name}.weight"].reshape(b, layer.fan_out, -1)  # [B, out, in(*kh*kw)]
@@ -87,6 +97,9 @@ def reference_features(
         p_out = projection_matrix(cfg.seed, layer.name, "out", layout.k_out, layer.fan_out)
         proj = p_out @ g @ p_in.T  # [B, k_out, k_in]
         flat[:, layer.offset : layer.offset + layer.dim] = proj.reshape(b, -1)
+    if per_row:
+        unit = flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-30)  # [B*r, k_total]
+        return unit.reshape(len(batch), -1, layout.k_total).mean(1)  # mean of the r unit rows
     return flat
 
 

@@ -46,11 +46,16 @@ def unet2d(resolution: int, channels: int, num_class_embeds: int | None, widths:
     )
 
 
-def unet_cond(sample_size: int, channels: int, cross_dim: int, widths: tuple[int, ...], layers_per_block: int = 1):
-    """A small ``UNet2DConditionModel`` (cross-attention at every level but the first)."""
+def unet_cond(sample_size: int, channels: int, cross_dim: int, widths: tuple[int, ...], layers_per_block: int = 1,
+              text_in_time: bool = False):
+    """A small ``UNet2DConditionModel`` (cross-attention at every level but the first).
+    ``text_in_time``: a pooled text embedding is added to the time embedding as well
+    (diffusers' ``addition_embed_type="text"``), so every resnet block sees the prompt."""
     from diffusers import UNet2DConditionModel
 
+    extra = {"addition_embed_type": "text", "addition_embed_type_num_heads": min(4, cross_dim // 4)} if text_in_time else {}
     return UNet2DConditionModel(
+        **extra,
         sample_size=sample_size,
         in_channels=channels,
         out_channels=channels,

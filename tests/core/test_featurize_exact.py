@@ -80,3 +80,72 @@ def test_excluded_upstream_layer_does_not_change_the_others(adapters):
     assert "conv_in" not in f_part
     for name, value in f_part.items():
         torch.testing.assert_close(value, f_full[name], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", ["text", "unet-class"])
+def test_timestep_normalisation_equals_the_reference(adapters, kind):
+    """featurize.normalize 'timestep': each row's projected gradient at unit norm, then the
+    rows averaged; exact against per-row vmap gradients normalised the same way."""
+    adapter = adapters[kind]
+    cfg = FeaturizeConfig(measurement="loss", timesteps=TimestepConfig(count=3), noise_draws=2,
+                          groups=GroupConfig(preset="layer"), normalize="timestep")
+    featurizer = Featurizer(adapter, cfg)
+    batch = make_batch(adapter, n=3)
+    fast = featurizer.flat(batch)
+    ref = reference_features(adapter, batch, cfg, featurizer.layout)
+    errors = per_layer_rel_errors(fast, ref, featurizer.layout)
+    worst = max(errors, key=errors.get)
+    assert errors[worst] <= REL_TOL, f"{worst}: relative error {errors[worst]:.2e}"
+    # A mean of 6 unit vectors: norm at most 1, and not the plain feature rescaled.
+    assert bool((fast.norm(dim=1) <= 1 + 1e-5).all())
+    plain = Featurizer(adapter, FeaturizeConfig(measurement="loss", timesteps=TimestepConfig(count=3), noise_draws=2,
+                                                groups=GroupConfig(preset="layer"))).flat(batch)
+    cosine = torch.nn.functional.cosine_similarity(fast, plain, dim=1)
+    assert bool((cosine < 0.9999).all()), "normalising each row changed nothing"
+
+
+@pytest.mark.parametrize("kind", ["text", "text-latent"])
+def test_contrastive_query_features_equal_the_reference(adapters, kind):
+    """Concept-TRAK's query side: gradient of mean(eps_c * sg(eps_c - eps_c-)), exact against
+    vmap(grad) of the same measurement, and different from the plain query feature."""
+    import dataclasses
+
+    adapter = adapters[kind]
+    cfg = FeaturizeConfig(measurement="square", timesteps=TimestepConfig(count=3), noise_draws=1,
+                          groups=GroupConfig(preset="layer"))
+    featurizer = Featurizer(adapter, cfg)
+    plain = make_batch(adapter, n=3)
+    batch = dataclasses.replace(plain, captions=("a striped circle", "a dotted ring", "a blue square"),
+                                contrast_captions=("a striped shape", "a ring", "a square"))
+    fast = featurizer.flat(batch)
+    ref = reference_features(adapter, batch, cfg, featurizer.layout)
+    errors = per_layer_rel_errors(fast, ref, featurizer.layout)
+    worst = max(errors, key=errors.get)
+    assert errors[worst] <= REL_TOL, f"{worst}: relative error {errors[worst]:.2e}"
+    same = featurizer.flat(dataclasses.replace(batch, contrast_captions=None))
+    assert not torch.allclose(fast, same)
+    # Removing nothing leaves nothing to contrast: the feature is zero.
+    none = featurizer.flat(dataclasses.replace(batch, contrast_captions=batch.captions))
+    assert float(none.abs().max()) == 0.0
+
+
+def test_a_pooled_text_embedding_in_the_time_embedding_is_featurized_exactly():
+    """train.text_in_time adds diffusers' text time-embedding (an attention pooling of the
+    prompt): its Linears see only text states and must still get their gradients."""
+    from diffusers import DDPMScheduler
+
+    from attribution_core.models.adapters import DiffusersAdapter
+    from attribution_core.models.tiny import text_encoder_for, unet_cond, word_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = word_tokenizer(["a", "striped", "circle", "dotted", "ring", "blue", "square", "red", "star", "cross"])
+    adapter = DiffusersAdapter(unet_cond(8, 3, 16, (8, 16), 1, text_in_time=True), DDPMScheduler(),
+                               text_encoder_for(tokenizer, 16, 1), tokenizer)
+    cfg = FeaturizeConfig(measurement="loss", timesteps=TimestepConfig(count=2), groups=GroupConfig(preset="layer"))
+    featurizer = Featurizer(adapter, cfg)
+    assert any(ly.name.startswith("add_embedding.pool") for ly in featurizer.layout.layers)
+    batch = make_batch(adapter, n=2)
+    errors = per_layer_rel_errors(featurizer.flat(batch), reference_features(adapter, batch, cfg, featurizer.layout),
+                                  featurizer.layout)
+    worst = max(errors, key=errors.get)
+    assert errors[worst] <= REL_TOL, f"{worst}: relative error {errors[worst]:.2e}"
