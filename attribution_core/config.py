@@ -17,6 +17,7 @@ from attribution_core.config_io import from_mapping, load_yaml, to_mapping  # no
 from attribution_core.config_stages import EvaluateConfig, IndexConfig, ReindexConfig, ServeConfig, WeightsConfig
 
 MEASUREMENTS = ("loss", "square")
+NORMALIZATIONS = ("none", "timestep")
 TIMESTEP_STRATEGIES = ("uniform", "random", "fixed")
 GROUP_PRESETS = ("layer", "block", "function", "custom")
 PRECISIONS = ("float32", "bfloat16", "float16")
@@ -132,6 +133,11 @@ class FeaturizeConfig:
     max_rows_per_pass: int = 256
     """Largest number of (example x timestep x draw) rows in one forward/backward; a batch
     is split on example boundaries above it (results do not change, memory does)."""
+    normalize: str = "none"
+    """'none': an example's feature is the projected gradient of its mean measurement over
+    its rows; 'timestep': each row's (timestep x noise draw) projected gradient is scaled to
+    unit L2 norm over all tracked groups first, then the rows are averaged, so no timestep
+    dominates by gradient size (Diffusion-ReTrac, arXiv 2401.09031; Concept-TRAK)."""
 
     def __post_init__(self) -> None:
         _check(
@@ -150,6 +156,11 @@ class FeaturizeConfig:
             self.max_rows_per_pass >= 1,
             "featurize.max_rows_per_pass",
             f"must be >= 1, got {self.max_rows_per_pass}",
+        )
+        _check(
+            self.normalize in NORMALIZATIONS,
+            "featurize.normalize",
+            f"unknown normalisation {self.normalize!r}; choose one of {', '.join(NORMALIZATIONS)}",
         )
 
     @property
@@ -185,6 +196,10 @@ class TrainConfig:
     text_width: int = 64
     """Hidden size of the CLIP text encoder (= the UNet's cross-attention width)."""
     text_layers: int = 1
+    text_in_time: bool = False
+    """Add a pooled text embedding to the time embedding too (diffusers'
+    ``addition_embed_type="text"``): every resnet block then sees the prompt, not only the
+    attention layers; meant to help the model draw the prompted subject."""
     max_caption_tokens: int = 16
     steps: int = 2000
     batch_size: int = 64
@@ -193,6 +208,15 @@ class TrainConfig:
     ema_decay: float = 0.995
     caption_dropout: float = 0.1
     """Share of captions replaced by the empty prompt, so classifier-free guidance works."""
+    attribute_dropout: float = 0.0
+    """Each attribute phrase of a caption is dropped with this probability (independently)
+    while training, so prompts naming any subset of the attributes are captions the model
+    learned (aspect prompts among them). 0 = captions as they are."""
+    caption_template: str | None = None
+    """The caption grammar over the dataset's attribute columns that ``attribute_dropout``
+    drops phrases from, e.g. "a {style} {subject|shape}[ on a {background} background]"
+    ({name|word}: word when name is dropped; [...]: left out when its attributes are). Unset:
+    captions are comma-separated tags, each one a phrase."""
     min_snr_gamma: float = 5.0
     """Min-SNR loss weighting (Hang et al. 2023); 0 turns it off."""
     prediction_type: str = "epsilon"
@@ -217,6 +241,11 @@ class TrainConfig:
         _check(self.learning_rate > 0, f"{where}.learning_rate", "must be > 0")
         _check(0 <= self.ema_decay < 1, f"{where}.ema_decay", "must be in [0, 1)")
         _check(0 <= self.caption_dropout < 1, f"{where}.caption_dropout", "must be in [0, 1)")
+        _check(0 <= self.attribute_dropout < 1, f"{where}.attribute_dropout", "must be in [0, 1)")
+        if self.caption_template is not None:
+            from attribution_core.data.captions import check_template
+
+            check_template(self.caption_template, f"{where}.caption_template")
         _check(self.prediction_type in PREDICTION_TYPES, f"{where}.prediction_type",
                f"choose one of {', '.join(PREDICTION_TYPES)}")
         _check(self.threads >= 0 and self.warmup_steps >= 0 and self.min_snr_gamma >= 0, where,

@@ -74,7 +74,9 @@ ASPECTS = ("general", "subject", "style", "background")
 @dataclasses.dataclass(frozen=True)
 class AspectPrompts:
     """How learning-query prompts of one aspect are written: ``template`` with ``{value}``
-    filled from ``values`` (the attribute's vocabulary)."""
+    filled from ``values`` (the attribute's vocabulary), in the grammar of the training
+    captions with only this aspect named (e.g. "a {value} shape" for the synthetic set's
+    "a {style} {subject|shape}[ on a {background} background]"); "a"/"an" follow the value."""
 
     template: str = "a {value}"
     values: tuple[str, ...] = ()
@@ -88,7 +90,7 @@ def _default_prompts() -> dict[str, AspectPrompts]:
 
     return {"subject": AspectPrompts("a {value}", tuple(SUBJECTS)),
             "style": AspectPrompts("a {value} shape", tuple(STYLES)),
-            "background": AspectPrompts("something on a {value} background", tuple(BACKGROUNDS))}
+            "background": AspectPrompts("a shape on a {value} background", tuple(BACKGROUNDS))}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,12 +125,19 @@ class WeightsConfig:
     """Steps between reports (and checkpoints) of the objective."""
     scan_partitions: int = 0
     """Parallel scan tasks over the index shards; 0 = the cluster's CPU count."""
+    check_queries: bool = True
+    """Where the dataset has a column per learned aspect (subject, style, background), read
+    each aspect's learning-query images with an attribute classifier trained on the real
+    images and report the share that shows the prompted value (``shown``), so a query set
+    the model cannot draw is visible before its weights are used."""
+    check_epochs: int = 8
+    """Training epochs of that classifier."""
 
     def __post_init__(self) -> None:
         bad = [a for a in self.aspects if a not in ASPECTS]
         _check(not bad and bool(self.aspects), "weights.aspects", f"choose from {', '.join(ASPECTS)}, got {list(self.aspects)}")
         for name in ("queries_per_aspect", "sample_steps", "top_k", "pool_size", "max_rounds", "steps", "workers",
-                     "report_every"):
+                     "report_every", "check_epochs"):
             _check(getattr(self, name) >= 1, f"weights.{name}", f"must be >= 1, got {getattr(self, name)}")
         _check(self.pool_size >= self.top_k, "weights.pool_size", f"must be >= top_k ({self.top_k}), got {self.pool_size}")
         _check(self.lambda_w >= 0 and self.learning_rate > 0, "weights", "lambda_w must be >= 0 and learning_rate > 0")
@@ -137,6 +146,7 @@ class WeightsConfig:
 
 
 QUERY_ASPECTS = (*ASPECTS, "uniform")
+ASPECT_QUERIES = ("weighted", "contrastive", "both")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,6 +193,12 @@ class ServeConfig:
     """How long a replica waits to fill a batch once a query has arrived. Queries that
     arrive while a batch runs form the next batch anyway; waiting only adds latency when
     batching does not pay (on CPU, featurizing 2 images costs about 2x one)."""
+    aspect_query: str = "weighted"
+    """How subject / style / background are answered for a request with a prompt:
+    'weighted' (the query's feature under the aspect's learned weights, the paper's method),
+    'contrastive' (Concept-TRAK's feature of the prompt against the prompt without that
+    aspect, uniform weights) or 'both' (that feature under the aspect's weights). Requests
+    without a prompt are answered 'weighted'."""
     refresh_s: float = 30.0
     """Replicas serving the index's latest version (no version pinned) look at its
     ``latest`` pointer this often and hot-swap when ``attribution reindex`` (or
@@ -201,6 +217,8 @@ class ServeConfig:
                f"threads and searcher_threads must be >= 0, got {self.threads}, {self.searcher_threads}")
         _check(self.cpus_per_replica > 0, "serve.cpus_per_replica", f"must be > 0, got {self.cpus_per_replica}")
         _check(self.batch_wait_ms >= 0, "serve.batch_wait_ms", f"must be >= 0, got {self.batch_wait_ms}")
+        _check(self.aspect_query in ASPECT_QUERIES, "serve.aspect_query",
+               f"choose one of {', '.join(ASPECT_QUERIES)}, got {self.aspect_query!r}")
         _check(self.refresh_s >= 0, "serve.refresh_s", f"must be >= 0 (0 = only on redeploy), got {self.refresh_s}")
 
 

@@ -15,6 +15,13 @@ from attribution_core.features.groups import GroupLayout
 from attribution_core.index.scoring import attribute
 from attribution_core.weights.artifact import UNIFORM, weights_matrix
 
+RECALL_COLUMNS = (("aspect", "aspect weights"), ("general", "general weights"), ("uniform", "uniform weights"),
+                  ("contrastive", "contrastive query"), ("contrastive_aspect", "contrastive + aspect weights"),
+                  ("pixel_knn", "pixel kNN"))
+"""Recall@K columns, in the order tables show them: (key, label). 'contrastive' scores the
+Concept-TRAK query feature (the prompt against the prompt without the aspect) with uniform
+weights, 'contrastive_aspect' the same feature with the aspect's learned weights."""
+
 
 def aspect_recall_table(
     features: torch.Tensor,
@@ -50,3 +57,19 @@ def aspect_recall_table(
             row["pixel_knn"] = recall_at_k(knn, asked, truth)
         table[aspect] = row
     return table
+
+
+def contrastive_recall(features: torch.Tensor, layout: GroupLayout, kernel: list[tuple[int, int, torch.Tensor]] | None,
+                       index_rows: torch.Tensor, weights: dict[str, Any] | None, aspect: str,
+                       asked: Sequence[Any], truth: Sequence[Any], k: int = 10, block: int = 4096) -> dict[str, float]:
+    """Recall@k of one aspect's contrastive query features ``[Q, D]``: with uniform weights
+    (``contrastive``) and, when learned, the aspect's weights (``contrastive_aspect``)."""
+    learned = bool(weights) and aspect in weights["aspects"]
+    names = [UNIFORM, aspect] if learned else [UNIFORM]
+    doc = weights or {"groups": list(layout.group_names), "aspects": {}}
+    blocks = [index_rows[i : i + block] for i in range(0, index_rows.shape[0], block)]
+    _, top = attribute(features, weights_matrix(doc, names), layout, kernel, blocks, k)  # [A, Q, k]
+    out = {"contrastive": recall_at_k(top[0].numpy(), list(asked), list(truth))}
+    if learned:
+        out["contrastive_aspect"] = recall_at_k(top[1].numpy(), list(asked), list(truth))
+    return out

@@ -8,6 +8,8 @@ import html
 import math
 from typing import Any
 
+from attribution_core.evaluation.recall import RECALL_COLUMNS
+
 BASIS_LABEL = {"tracin": "TracIn (loss, K = I)", "trak": "TRAK (loss, kernel)", "dtrak": "D-TRAK (square, kernel)"}
 
 STYLE = """
@@ -62,8 +64,7 @@ def lds_table(lds: dict[str, Any]) -> str:
 
 
 def recall_table(recall: dict[str, dict[str, float]]) -> str:
-    columns = [("aspect", "aspect weights"), ("general", "general weights"), ("uniform", "uniform weights"),
-               ("pixel_knn", "pixel kNN")]
+    columns = [c for c in RECALL_COLUMNS if any(c[0] in row for row in recall.values())]
     head = "<tr><th class=name>attribute</th>" + "".join(f"<th>{label}</th>" for _, label in columns) + "</tr>"
     rows = [head]
     for aspect, row in recall.items():
@@ -137,6 +138,11 @@ def render_report(metrics: dict[str, Any], gallery: list[dict[str, Any]]) -> str
             f"top-{info.get('recall_k', 10)} training examples sharing the attribute.</p>",
             recall_table(recall),
         ]
+        heldout = metrics.get(f"recall_heldout_at_{info.get('recall_k', 10)}", {})
+        if heldout:
+            sections += [
+                f"<h3>Held-out attribute combinations</h3><p>{info.get('recall_heldout_queries')} queries prompted "
+                "with combinations no training image has.</p>", recall_table(heldout)]
     elif info.get("recall_skipped"):
         sections.append(f"<h2>Aspect Recall</h2><p class=muted>Not measured: {html.escape(info['recall_skipped'])}</p>")
     if gallery:

@@ -44,6 +44,9 @@ class ExampleBatch:
     pixels: torch.Tensor
     captions: tuple[str | None, ...] | None = None
     labels: torch.Tensor | None = None
+    contrast_captions: tuple[str, ...] | None = None
+    """Query side only (text models): each example's prompt with one concept's words removed.
+    When given, the measurement becomes Concept-TRAK's contrast (``measurement.contrast``)."""
 
     def __len__(self) -> int:
         return len(self.example_ids)
@@ -54,6 +57,7 @@ class ExampleBatch:
             pixels=self.pixels[start:stop],
             captions=None if self.captions is None else self.captions[start:stop],
             labels=None if self.labels is None else self.labels[start:stop],
+            contrast_captions=None if self.contrast_captions is None else self.contrast_captions[start:stop],
         )
 
 
@@ -112,6 +116,8 @@ class DiffusersAdapter:
         self.tokenizer = tokenizer
         self.vae = vae
         self.label_names: list[str] | None = None  # class names of a class-conditional model, if known
+        self.vocabulary: frozenset[str] | None = None  # words of a text model's training captions, if known
+        self.caption_template: str | None = None  # the grammar of its partial training captions, if any
         cls = type(denoiser).__name__
         if cls == "UNet2DConditionModel":
             if text_encoder is None or tokenizer is None:
@@ -191,6 +197,8 @@ class DiffusersAdapter:
             missing = [i for i, c in zip(batch.example_ids, batch.captions) if not isinstance(c, str)]
             if missing:
                 raise InputError(f"missing caption for examples {missing} of a text-conditioned model")
+        if batch.contrast_captions is not None and (self.conditioning != "text" or len(batch.contrast_captions) != n):
+            raise InputError("contrast captions need a text-conditioned model and one per example")
         if self.conditioning == "class":
             if batch.labels is None:
                 raise InputError(
@@ -219,17 +227,17 @@ class DiffusersAdapter:
             x0 = pixels
         cond: dict[str, torch.Tensor] = {}
         if self.conditioning == "text":
-            tokens = self.tokenizer(
-                list(batch.captions),
-                padding="max_length",
-                max_length=self.tokenizer.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            )
-            cond["encoder_hidden_states"] = self.text_encoder(tokens.input_ids.to(device))[0]  # [B, S, D]
+            cond["encoder_hidden_states"] = self.encode_text(list(batch.captions))  # [B, S, D]
         elif self.conditioning == "class":
             cond["class_labels"] = batch.labels.to(device)  # [B]
         return Encoded(x0=x0, cond=cond)
+
+    @torch.no_grad()
+    def encode_text(self, captions: list[str]) -> torch.Tensor:
+        """Text encoder states ``Tensor[B, S, D]`` of ``captions``."""
+        tokens = self.tokenizer(captions, padding="max_length", max_length=self.tokenizer.model_max_length,
+                                truncation=True, return_tensors="pt")
+        return self.text_encoder(tokens.input_ids.to(self.device))[0]
 
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.denoiser(x_t, t, **cond, return_dict=False)[0]
@@ -329,7 +337,11 @@ def load_adapter(path: str | Path, device: str | torch.device = "cpu") -> Diffus
     if (root / "vae").is_dir():
         vae = AutoencoderKL.from_pretrained(root / "vae")
     adapter = DiffusersAdapter(unet, scheduler, text_encoder, tokenizer, vae)
-    if (root / "training.json").is_file():  # class names of a class-conditional model we trained
-        adapter.label_names = _read_json(root / "training.json").get("label_names")
+    if (root / "training.json").is_file():  # class names and caption words of a model we trained
+        record = _read_json(root / "training.json")
+        adapter.label_names = record.get("label_names")
+        if adapter.conditioning == "text" and record.get("words") is not None:
+            adapter.vocabulary = frozenset(record["words"])
+        adapter.caption_template = (record.get("recipe") or {}).get("caption_template")
     log.info("loaded %s (%s conditioning) from %s", unet_class, adapter.conditioning, root)
     return adapter.to(device)

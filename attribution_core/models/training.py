@@ -32,6 +32,8 @@ from attribution_core.errors import InputError
 from attribution_core.features.seeding import stable_seed
 from attribution_core.models.adapters import DiffusersAdapter, save_pipeline
 from attribution_core.models.tiny import text_encoder_for, unet2d, unet_cond, word_tokenizer
+from attribution_core.data.captions import PartialCaptions, template_words
+from attribution_core.models.vocabulary import caption_vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -87,10 +89,11 @@ def build_untrained(data: TrainingData, cfg: TrainConfig) -> DiffusersAdapter:
         if data.captions is None:
             raise InputError("train.conditioning is 'text' but the dataset has no caption column; "
                              "set train.caption_column or use conditioning 'none' / 'class'")
-        words = sorted({w for c in data.captions for w in c.lower().split()})
+        words = caption_vocabulary([*data.captions, template_words(cfg.caption_template or "")])
         tokenizer = word_tokenizer(words, max_length=cfg.max_caption_tokens)
         text_encoder = text_encoder_for(tokenizer, cfg.text_width, cfg.text_layers)
-        unet = unet_cond(cfg.resolution, cfg.channels, cfg.text_width, tuple(cfg.widths), cfg.layers_per_block)
+        unet = unet_cond(cfg.resolution, cfg.channels, cfg.text_width, tuple(cfg.widths), cfg.layers_per_block,
+                         cfg.text_in_time)
         adapter = DiffusersAdapter(unet, scheduler, text_encoder=text_encoder, tokenizer=tokenizer)
     else:
         classes = None
@@ -101,6 +104,8 @@ def build_untrained(data: TrainingData, cfg: TrainConfig) -> DiffusersAdapter:
         unet = unet2d(cfg.resolution, cfg.channels, classes, tuple(cfg.widths), cfg.layers_per_block)
         adapter = DiffusersAdapter(unet, scheduler)
     adapter.label_names = data.label_names
+    if cfg.conditioning == "text":
+        adapter.vocabulary = frozenset(words)
     return adapter
 
 
@@ -151,12 +156,15 @@ def train_model(
     scheduler = adapter.scheduler
     g = torch.Generator().manual_seed(stable_seed("train", cfg.seed))
 
-    ids = empty = None
+    ids = empty = partial = None
     if cfg.conditioning == "text":
         tok = adapter.tokenizer
         ids = tok(data.captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
                   return_tensors="pt").input_ids  # [N, L]
         empty = tok([""], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
+        if cfg.attribute_dropout > 0:
+            partial = PartialCaptions(data.captions, data.attributes, cfg.caption_template, cfg.attribute_dropout)
+            token_cache: dict[str, torch.Tensor] = {}
 
     losses: list[float] = []
     start = time.perf_counter()
@@ -176,6 +184,12 @@ def train_model(
         kwargs: dict[str, Any] = {}
         if ids is not None:
             batch_ids = ids[idx].clone()
+            if partial is not None:  # attribute phrases dropped: [B, L] token ids of the partial captions
+                captions = partial.draw(idx.tolist(), g)
+                for c in set(captions) - set(token_cache):
+                    token_cache[c] = tok([c], padding="max_length", max_length=tok.model_max_length, truncation=True,
+                                         return_tensors="pt").input_ids[0]
+                batch_ids = torch.stack([token_cache[c] for c in captions])
             drop = torch.rand(b, generator=g) < cfg.caption_dropout
             batch_ids[drop] = empty[0]
             kwargs["encoder_hidden_states"] = text(batch_ids)[0]
@@ -203,7 +217,8 @@ def train_model(
     for m, e in zip(modules, ema):
         m.load_state_dict(e.state_dict())
     final = DiffusersAdapter(unet, scheduler, text_encoder=text, tokenizer=adapter.tokenizer)
-    final.label_names = data.label_names
+    final.label_names, final.vocabulary = data.label_names, adapter.vocabulary
+    final.caption_template = cfg.caption_template
     return TrainedModel(adapter=final, losses=losses, seconds=seconds, cfg=cfg)
 
 
@@ -220,6 +235,7 @@ def save_model(model: TrainedModel, out_dir: str | Path, extra: dict[str, Any] |
         "steps": len(model.losses),
         "final_loss": sum(model.losses[-50:]) / max(1, len(model.losses[-50:])),
         "label_names": adapter.label_names,
+        "words": sorted(adapter.vocabulary) if adapter.vocabulary is not None else None,
         **(extra or {}),
     }
     (out / "training.json").write_text(json.dumps(info, indent=2) + "\n")

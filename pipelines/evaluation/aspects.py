@@ -9,6 +9,7 @@ weights, the general weights, uniform weights, and pixel-space nearest neighbour
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 from typing import Any
@@ -19,7 +20,11 @@ from attribution_core.config import ProjectConfig
 from attribution_core.config_stages import ASPECTS
 from attribution_core.data.images import decode_image, encode_png
 from attribution_core.data.readers import read_examples
-from attribution_core.evaluation.recall import aspect_recall_table
+from attribution_core.data.synthetic import BACKGROUNDS, STYLES, SUBJECTS, caption_for, is_held_out
+from attribution_core.data.writers import read_marker
+from attribution_core.errors import InputError
+from attribution_core.data.captions import without_concept
+from attribution_core.evaluation.recall import aspect_recall_table, contrastive_recall
 from attribution_core.features.seeding import stable_seed
 from attribution_core.index.opening import version_featurizer
 from attribution_core.index.reader import LoadedIndex
@@ -49,23 +54,73 @@ def run_recall(cfg: ProjectConfig, index: LoadedIndex, document: dict[str, Any] 
                 if not aspects else "evaluate.recall_queries is 0"}
     rng = random.Random(stable_seed("recall-query-prompts", ecfg.seed))
     sources = [rng.choice([e for e in rows if e.caption]) for _ in range(ecfg.recall_queries)]
-    generated = generate(adapter, prompts=[e.caption for e in sources], n=len(sources),
-                         seed=stable_seed("evaluation-queries", ecfg.seed, "recall"),
-                         guidance=cfg.weights.guidance, steps=cfg.weights.sample_steps)
     featurizer = version_featurizer(adapter, manifest, cfg.featurize.max_rows_per_pass)
-    features = featurize_generated(featurizer, generated)
     kernel = index.kernel if cfg.weights.use_kernel else None
     channels, size = adapter.image_shape[0], adapter.image_shape[1]
     train_pixels = np.stack([decode_image(e.image, e.example_id, size, channels) for e in rows])
+    train_attrs = {a: [e.attributes[a] for e in rows] for a in aspects}
+    vocabulary = {a: list(cfg.weights.prompts[a].values) for a in aspects if a in cfg.weights.prompts}
+    seen = QuerySet([e.caption for e in sources], {a: [e.attributes[a] for e in sources] for a in aspects}, "recall")
+    table, generated, features = _recall(cfg, adapter, featurizer, index, kernel, document, seen, train_attrs,
+                                         train_pixels, vocabulary)
+    unseen = heldout_queries(manifest["dataset"]["uri"], aspects, ecfg.recall_queries, ecfg.seed)
+    heldout_table = (_recall(cfg, adapter, featurizer, index, kernel, document, unseen, train_attrs, train_pixels,
+                             vocabulary)[0] if unseen else {})
+    gallery = _gallery(ecfg.gallery, ecfg.gallery_k, features, generated, sources, rows, aspects, index, kernel, document)
+    return {"table": table, "heldout_table": heldout_table, "heldout_queries": len(unseen.prompts) if unseen else 0,
+            "gallery": gallery, "aspects": aspects, "queries": len(sources), "k": ecfg.recall_k,
+            "weights": sorted(document["aspects"]) if document else []}
+
+
+@dataclasses.dataclass(frozen=True)
+class QuerySet:
+    """Prompts of generated Recall queries and the attributes each one asks for."""
+
+    prompts: list[str]
+    attributes: dict[str, list[Any]]
+    name: str  # keys the generation seed
+
+
+def heldout_queries(dataset_uri: str, aspects: list[str], n: int, seed: int) -> QuerySet | None:
+    """Queries prompted with the attribute combinations the synthetic set held out of training
+    (its marker's ``holdout``), so no training image matches a query exactly; None for other
+    datasets."""
+    holdout = tuple(tuple(entry.items()) for entry in (read_marker(dataset_uri) or {}).get("holdout", []))
+    combos = [dict(subject=s, style=t, background=b) for s in SUBJECTS for t in STYLES for b in BACKGROUNDS]
+    combos = [c for c in combos if is_held_out(c, holdout)]
+    if not combos or n == 0:
+        return None
+    rng = random.Random(stable_seed("recall-heldout-prompts", seed))
+    chosen = [rng.choice(combos) for _ in range(n)]
+    return QuerySet([caption_for(c["subject"], c["style"], c["background"]) for c in chosen],
+                    {a: [c[a] for c in chosen] for a in aspects}, "recall-heldout")
+
+
+def _recall(cfg: ProjectConfig, adapter, featurizer, index: LoadedIndex, kernel, document: dict[str, Any] | None,
+            queries: QuerySet, train_attrs: dict[str, list[Any]], train_pixels: np.ndarray,
+            vocabulary: dict[str, list[str]]) -> tuple[dict[str, dict[str, float]], list, Any]:
+    """The Recall@K table of one query set: every weighting, the contrastive rows and pixel
+    kNN; also the generated images and their features (for the gallery)."""
+    ecfg = cfg.evaluate
+    generated = generate(adapter, prompts=queries.prompts, n=len(queries.prompts),
+                         seed=stable_seed("evaluation-queries", ecfg.seed, queries.name),
+                         guidance=cfg.weights.guidance, steps=cfg.weights.sample_steps)
+    features = featurize_generated(featurizer, generated)
+    channels, size = adapter.image_shape[0], adapter.image_shape[1]
     query_pixels = np.stack([decode_image(encode_png(g.image), f"query {i}", size, channels)
                              for i, g in enumerate(generated)])
-    query_attrs = {a: [e.attributes[a] for e in sources] for a in aspects}
-    train_attrs = {a: [e.attributes[a] for e in rows] for a in aspects}
-    table = aspect_recall_table(features, index.layout, kernel, index.features, document, query_attrs, train_attrs,
-                                ecfg.recall_k, query_pixels, train_pixels)
-    gallery = _gallery(ecfg.gallery, ecfg.gallery_k, features, generated, sources, rows, aspects, index, kernel, document)
-    return {"table": table, "gallery": gallery, "aspects": aspects, "queries": len(sources), "k": ecfg.recall_k,
-            "weights": sorted(document["aspects"]) if document else []}
+    table = aspect_recall_table(features, index.layout, kernel, index.features, document, queries.attributes,
+                                train_attrs, ecfg.recall_k, query_pixels, train_pixels)
+    for a in vocabulary:  # Concept-TRAK: each query's prompt against the prompt without aspect a
+        try:
+            contrast = [without_concept(g.prompt, a, vocabulary, adapter.caption_template) for g in generated]
+        except InputError as exc:
+            log.warning("no contrastive %s queries: %s (weights.prompts.%s.values name the values)", a, exc, a)
+            continue
+        contrastive = featurize_generated(featurizer, generated, contrast=contrast)
+        table[a].update(contrastive_recall(contrastive, index.layout, kernel, index.features, document, a,
+                                           queries.attributes[a], train_attrs[a], ecfg.recall_k))
+    return table, generated, features
 
 
 def _gallery(n: int, k: int, features, generated, sources, rows, aspects, index: LoadedIndex, kernel,

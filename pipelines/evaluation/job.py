@@ -19,6 +19,7 @@ from typing import Any
 
 from attribution_core.config import ProjectConfig
 from attribution_core.errors import ConfigError
+from attribution_core.evaluation.recall import RECALL_COLUMNS
 from attribution_core.evaluation.report import render_report
 from attribution_core.index.reader import load_index
 from pipelines.evaluation.aspects import run_recall
@@ -79,8 +80,11 @@ def evaluate(cfg: ProjectConfig, req: EvaluateRequest = EvaluateRequest()) -> di
         recall = run_recall(cfg, load_index(cfg.index.out, built["version"]), document)
         metrics[f"recall_at_{ecfg.recall_k}"] = {a: {k: round(v, 4) for k, v in row.items()}
                                                  for a, row in recall["table"].items()}
+        metrics[f"recall_heldout_at_{ecfg.recall_k}"] = {a: {k: round(v, 4) for k, v in row.items()}
+                                                         for a, row in recall.get("heldout_table", {}).items()}
         gallery = recall["gallery"]
-        info.update(recall_queries=recall.get("queries", 0), recall_skipped=recall.get("skipped"))
+        info.update(recall_queries=recall.get("queries", 0), recall_skipped=recall.get("skipped"),
+                    recall_heldout_queries=recall.get("heldout_queries", 0))
         lap("recall")
     per_query: dict[str, Any] = {}
     if req.lds:
@@ -123,12 +127,16 @@ def summary_text(metrics: dict[str, Any]) -> str:
                          f"{r['learned']:>8.4f} [{r['learned_ci'][0]:+.3f}, {r['learned_ci'][1]:+.3f}]  "
                          f"{r['difference']:>+8.4f} [{r['difference_ci'][0]:+.3f}, {r['difference_ci'][1]:+.3f}]")
     recall_key = next(k for k in metrics if k.startswith("recall_at_"))
-    if metrics[recall_key]:
-        lines.append(f"Recall@{recall_key.rsplit('_', 1)[1]} (aspect / general / uniform weights / pixel kNN)")
-        for aspect, r in metrics[recall_key].items():
-            cells = " ".join(f"{r.get(k, float('nan')):>8.4f}" for k in ("aspect", "general", "uniform", "pixel_knn"))
+    for key, what in ((recall_key, "queries prompted with training captions"),
+                      (recall_key.replace("recall_at_", "recall_heldout_at_"), "held-out attribute combinations")):
+        if not metrics.get(key):
+            continue
+        columns = [c for c in RECALL_COLUMNS if any(c[0] in r for r in metrics[key].values())]
+        lines.append(f"Recall@{recall_key.rsplit('_', 1)[1]}, {what} ({' / '.join(label for _, label in columns)})")
+        for aspect, r in metrics[key].items():
+            cells = " ".join(f"{r.get(k, float('nan')):>8.4f}" for k, _ in columns)
             lines.append(f"  {aspect:<11} {cells}")
-    elif metrics["info"].get("recall_skipped"):
+    if not metrics[recall_key] and metrics["info"].get("recall_skipped"):
         lines.append(f"Recall not measured: {metrics['info']['recall_skipped']}")
     lines.append(f"report: {metrics['report']}")
     return "\n".join(lines)

@@ -70,6 +70,9 @@ class AttributionResponse(BaseModel):
     aspects: dict[str, list[Attribution]]
     substituted: dict[str, str] = Field(default_factory=dict,
                                         description="Default aspects answered with uniform weights (none learned).")
+    aspect_queries: dict[str, str] = Field(default_factory=dict, description=(
+        "Aspects answered from Concept-TRAK's contrastive query feature (serve.aspect_query): 'contrastive' "
+        "(uniform weights) or 'contrastive+aspect' (the aspect's weights)."))
     timing_ms: dict[str, float]
 
 
@@ -122,7 +125,7 @@ def make_ingress() -> type:
     from ray import serve
 
     from attribution_core.config import ServeConfig, from_mapping
-    from pipelines.serve.protocol import RequestError, build_query, decode_base64, merge_partitions
+    from pipelines.serve.protocol import UNIFORM, RequestError, build_query, decode_base64, merge_partitions, plan_queries
 
     app = FastAPI(title="Training-data attribution for diffusion models",
                   description="Which training images did a generated image draw on: overall (general) and for "
@@ -227,29 +230,44 @@ def make_ingress() -> type:
             query = build_query(data, fields["prompt"], fields["label"], aspects, fields["k"], self.cfg)
             return query, not aspects
 
-        async def _answer(self, query, defaulted: bool, started: float) -> dict[str, Any]:
+        async def _featurize(self, item: dict[str, Any]) -> dict[str, Any]:
             try:
-                feat = await self.featurizer.featurize.remote(
-                    {"image": query.image, "prompt": query.prompt, "label": query.label})
+                feat = await self.featurizer.featurize.remote(item)
             except Exception as exc:
                 log.exception("featurizer call failed")
                 raise RequestError(503, f"the featurizer is unavailable ({type(exc).__name__}); retry") from exc
             if "error" in feat:
                 raise RequestError(feat["error"]["status"], feat["error"]["detail"])
-            item = {"features": feat["features"], "spec": feat["spec"], "aspects": list(query.aspects), "k": query.k,
-                    "fallback": defaulted, "key": None}
-            answers = await self._search(item)
-            merged = merge_partitions(answers, query.aspects, query.k)
-            resolved = answers[0]["resolved"]
-            search_ms = max(a["search_ms"] for a in answers)
+            return feat
+
+        async def _answer(self, query, defaulted: bool, started: float) -> dict[str, Any]:
+            plain, contrast = plan_queries(query.aspects, query.prompt, self.cfg.aspect_query)
+            request = {"image": query.image, "prompt": query.prompt, "label": query.label}
+            asks = ([request] if plain else []) + [{**request, "contrast_aspect": a} for a in contrast]
+            feats = await asyncio.gather(*(self._featurize(r) for r in asks))
+            searches = ([(feats[0], plain, plain)] if plain else []) + [
+                (f, (weighting,), (a,)) for f, (a, weighting) in zip(feats[len(feats) - len(contrast):], contrast.items())]
+            merged: dict[str, Any] = {}
+            resolved: dict[str, str] = {}
+            search_ms, answers = 0.0, []
+            for feat, weightings, names in searches:
+                item = {"features": feat["features"], "spec": feat["spec"], "aspects": list(weightings), "k": query.k,
+                        "fallback": defaulted, "key": None}
+                answers = await self._search(item)
+                for name, part in zip(names, merge_partitions(answers, weightings, query.k).values()):
+                    merged[name] = part
+                if names == weightings:
+                    resolved.update(answers[0]["resolved"])
+                search_ms += max(a["search_ms"] for a in answers)
             return {
                 "index": {"version": answers[0]["version"], "state": answers[0]["key"]},
-                "query": {"id": feat["query_id"], "prompt": query.prompt, "label": query.label},
-                "k": query.k, "aspects": merged,
+                "query": {"id": feats[0]["query_id"], "prompt": query.prompt, "label": query.label},
+                "k": query.k, "aspects": {a: merged[a] for a in query.aspects},
                 "substituted": {a: used for a, used in resolved.items() if used != a},
-                "timing_ms": {"featurize": round(feat["featurize_ms"], 2), "search": round(search_ms, 2),
+                "aspect_queries": {a: "contrastive" if w == UNIFORM else "contrastive+aspect" for a, w in contrast.items()},
+                "timing_ms": {"featurize": round(max(f["featurize_ms"] for f in feats), 2), "search": round(search_ms, 2),
                               "total": round((time.perf_counter() - started) * 1000, 2),
-                              "featurize_batch": feat["batch"]},
+                              "featurize_batch": feats[0]["batch"]},
             }
 
         async def _search(self, item: dict[str, Any]) -> list[dict[str, Any]]:

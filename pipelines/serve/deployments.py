@@ -84,30 +84,48 @@ class QueryFeaturizer:
         return await asyncio.to_thread(self._featurize, items)
 
     def _featurize(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        import torch
-
+        """Each item: image, prompt, label and, for a contrastive query, ``contrast_aspect``
+        (its prompt is then contrasted with the prompt without that aspect)."""
+        from attribution_core.data.captions import without_concept
         from attribution_core.data.images import ImageDecodeError
         from attribution_core.errors import InputError
         from attribution_core.features.query import query_batch
-        from attribution_core.models.adapters import ExampleBatch
 
         spec = self.spec
         featurizer = self.featurizers[spec]
+        vocabulary = {a: list(p.values) for a, p in self.cfg.weights.prompts.items()}
         out: list[dict[str, Any]] = [{} for _ in items]
-        good, batches = [], []
+        groups: dict[bool, tuple[list[int], list[Any]]] = {False: ([], []), True: ([], [])}  # contrastive?
         for i, item in enumerate(items):  # decode one by one: a bad image fails only its own request
             try:
-                batches.append(query_batch(self.adapter, [item["image"]], [item.get("prompt")], [item.get("label")]))
-                good.append(i)
+                aspect = item.get("contrast_aspect")
+                contrast = ([without_concept(item.get("prompt") or "", aspect, vocabulary, self.adapter.caption_template)]
+                            if aspect else None)
+                one = query_batch(self.adapter, [item["image"]], [item.get("prompt")], [item.get("label")], contrast)
             except InputError as exc:
                 out[i] = {"error": {"status": 400 if isinstance(exc, ImageDecodeError) else 422, "detail": str(exc)}}
-        if not good:
-            return out
+                continue
+            groups[contrast is not None][0].append(i)
+            groups[contrast is not None][1].append(one)
+        for good, batches in groups.values():  # plain and contrastive queries featurize apart
+            if good:
+                self._featurize_group(featurizer, spec, good, batches, out)
+        return out
+
+    def _featurize_group(self, featurizer: Any, spec: str, good: list[int], batches: list[Any],
+                         out: list[dict[str, Any]]) -> None:
+        import torch
+
+        from attribution_core.models.adapters import ExampleBatch
+
+        first = batches[0]
         batch = ExampleBatch(
             example_ids=tuple(i for b in batches for i in b.example_ids),
             pixels=torch.cat([b.pixels for b in batches]),
-            captions=tuple(c for b in batches for c in b.captions) if batches[0].captions is not None else None,
-            labels=torch.cat([b.labels for b in batches]) if batches[0].labels is not None else None)
+            captions=tuple(c for b in batches for c in b.captions) if first.captions is not None else None,
+            labels=torch.cat([b.labels for b in batches]) if first.labels is not None else None,
+            contrast_captions=(tuple(c for b in batches for c in b.contrast_captions)
+                               if first.contrast_captions is not None else None))
         started = time.perf_counter()
         try:
             features = featurizer.flat(batch)
@@ -115,12 +133,11 @@ class QueryFeaturizer:
             log.exception("featurizing a batch of %d failed", len(good))
             for i in good:
                 out[i] = {"error": {"status": 500, "detail": f"featurizing failed: {exc}"}}
-            return out
+            return
         elapsed = (time.perf_counter() - started) * 1000
         for row, i in enumerate(good):
             out[i] = {"features": features[row].numpy().astype(np.float32), "spec": spec, "query_id": batch.example_ids[row],
                       "featurize_ms": elapsed, "batch": len(good)}
-        return out
 
 
 @serve.deployment(max_ongoing_requests=64, graceful_shutdown_timeout_s=30)

@@ -11,7 +11,9 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from attribution_core.config_stages import QUERY_ASPECTS, ServeConfig
+from attribution_core.config_stages import ASPECTS, QUERY_ASPECTS, ServeConfig
+
+UNIFORM = "uniform"
 
 
 class RequestError(Exception):
@@ -105,6 +107,16 @@ def build_query(image: bytes, prompt: str | None, label: Any, aspects: Any, k: A
     check_image(image, cfg)
     return Query(image=image, prompt=(prompt or None), label=parse_label(label), aspects=parse_aspects(aspects, cfg),
                  k=parse_k(k, cfg))
+
+
+def plan_queries(aspects: tuple[str, ...], prompt: str | None, mode: str) -> tuple[tuple[str, ...], dict[str, str]]:
+    """Which aspects the query's own feature answers, and for the others (``mode`` contrastive
+    or both, with a prompt) ``{aspect: weighting}`` of its contrastive feature: uniform
+    ('contrastive') or the aspect's own weights ('both')."""
+    if mode == "weighted" or not prompt:
+        return aspects, {}
+    contrast = {a: UNIFORM if mode == "contrastive" else a for a in aspects if a in ASPECTS and a != "general"}
+    return tuple(a for a in aspects if a not in contrast), contrast
 
 
 def merge_partitions(answers: list[dict[str, Any]], aspects: tuple[str, ...], k: int) -> dict[str, list[dict[str, Any]]]:

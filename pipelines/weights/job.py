@@ -24,12 +24,13 @@ from attribution_core.index.opening import check_model, open_version, version_fe
 from attribution_core.index.reader import read_kernel
 from attribution_core.index.store import IndexStore
 from attribution_core.models.fingerprint import model_fingerprint
+from attribution_core.models.vocabulary import check_prompts
 from attribution_core.weights.artifact import artifact_path, weights_document
 from attribution_core.weights.objective import group_queries, weights_from_theta
 from attribution_core.weights.pools import Pools, ScanState, extend_pools, mining_weightings, pools_from_state
 from pipelines.models import load_model_dir
 from pipelines.ray_runtime import cluster_cpus, ensure_ray
-from pipelines.weights.queries import learning_queries, prompts_for
+from pipelines.weights.queries import learning_queries, prompts_for, shown_shares
 from pipelines.weights.scan import scan
 from pipelines.weights.train import optimise
 
@@ -78,7 +79,14 @@ def learn_weights(cfg: ProjectConfig, req: WeightsRequest) -> dict[str, Any]:
     lap("load")
 
     prompts = {a: prompts_for(a, wcfg, store, manifest, adapter.conditioning) for a in aspects}
-    queries = torch.cat([learning_queries(featurizer, a, prompts[a], wcfg) for a in aspects])
+    for a in aspects:  # before generating anything: a prompt the model cannot read teaches the weights noise
+        check_prompts(prompts[a], adapter.vocabulary, f"weights.prompts.{a}" if a != "general" else "training captions")
+    made = {a: learning_queries(featurizer, a, prompts[a], wcfg) for a in aspects}
+    queries = torch.cat([made[a][0] for a in aspects])
+    shown = (shown_shares(manifest["dataset"]["uri"], manifest["dataset"].get("caption_column"), adapter,
+                          {a: made[a][1] for a in aspects}, wcfg) if wcfg.check_queries else None)
+    if shown:
+        log.info("learning-query images showing the prompted attribute: %s", {a: round(v, 3) for a, v in shown.items()})
     rows = {a: slice(i * wcfg.queries_per_aspect, (i + 1) * wcfg.queries_per_aspect) for i, a in enumerate(aspects)}
     kernel = read_kernel(store, manifest) if wcfg.use_kernel else None
     grouped = group_queries(queries, layout, kernel)  # [Q, M, k_total]
@@ -129,7 +137,8 @@ def learn_weights(cfg: ProjectConfig, req: WeightsRequest) -> dict[str, Any]:
     groups = [g.name for g in layout.groups]
     per_aspect = {a: {"weights": weights[i].tolist(), "theta": theta[i].tolist(), "queries": wcfg.queries_per_aspect,
                       "prompts": sorted({p for p in prompts[a] if p})[:20],
-                      "pool_recall": {"mean": float(np.mean(recall[a])), "min": float(min(recall[a]))}}
+                      "pool_recall": {"mean": float(np.mean(recall[a])), "min": float(min(recall[a]))},
+                      "shown": (shown or {}).get(a)}
                   for i, a in enumerate(aspects)}
     document = weights_document(store.uri, manifest, per_aspect, {
         "k": wcfg.top_k, "lambda_w": wcfg.lambda_w, "kernel": wcfg.use_kernel, "rounds": round_,
@@ -142,6 +151,7 @@ def learn_weights(cfg: ProjectConfig, req: WeightsRequest) -> dict[str, Any]:
     return {"index": store.uri, "version": manifest["version"], "artifact": f"{store.uri}/{path}", "rounds": round_,
             "recall_by_round": recall_by_round,
             "queries": len(queries), "aspects": {a: {"weights": dict(zip(groups, per_aspect[a]["weights"])),
-                                                     "pool_recall": per_aspect[a]["pool_recall"]} for a in aspects},
+                                                     "pool_recall": per_aspect[a]["pool_recall"],
+                                                     "shown": per_aspect[a]["shown"]} for a in aspects},
             "objective": trajectory[-1]["objective"] if trajectory else None,
             "seconds": round(time.perf_counter() - started, 1), "stage_seconds": timings}

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import torch
 
 from attribution_core.config import WeightsConfig
-from attribution_core.data.images import encode_png
+from attribution_core.data.captions import fix_articles
+from attribution_core.data.images import decode_image, encode_png
+from attribution_core.data.readers import read_examples
+from attribution_core.evaluation.quality import train_classifier
 from attribution_core.errors import ConfigError
 from attribution_core.features.featurize import Featurizer
 from attribution_core.features.query import featurize_images
 from attribution_core.features.seeding import stable_seed
 from attribution_core.index.store import IndexStore
+from attribution_core.models.adapters import DiffusersAdapter
 from attribution_core.models.sampling import Generated, generate
 
 
@@ -32,28 +37,62 @@ def prompts_for(aspect: str, cfg: WeightsConfig, store: IndexStore, manifest: di
         rng = random.Random(stable_seed("general-prompts", cfg.seed))
         return [rng.choice(captions) for _ in range(n)]
     spec = cfg.prompts[aspect]
-    return [spec.template.format(value=spec.values[i % len(spec.values)]) for i in range(n)]
+    return [fix_articles(spec.template.format(value=spec.values[i % len(spec.values)])) for i in range(n)]
 
 
 def learning_queries(featurizer: Featurizer, aspect: str, prompts: list[str | None], cfg: WeightsConfig,
-                     batch: int = 16) -> torch.Tensor:
+                     batch: int = 16) -> tuple[torch.Tensor, list[Generated]]:
     """Generate one image per prompt (seeds keyed by (weights.seed, aspect)) and featurize it
-    exactly as index rows are: ``Tensor[len(prompts), k_total]``."""
+    exactly as index rows are: (``Tensor[len(prompts), k_total]``, the images)."""
     adapter = featurizer.adapter
     text = adapter.conditioning == "text"
     images = generate(adapter, prompts=prompts if text else None,
                       labels=list(range(adapter.num_classes)) or None,
                       n=len(prompts), seed=stable_seed("learning-queries", cfg.seed, aspect),
                       guidance=cfg.guidance, steps=cfg.sample_steps)
-    return featurize_generated(featurizer, images, batch)
+    return featurize_generated(featurizer, images, batch), images
 
 
-def featurize_generated(featurizer: Featurizer, images: list[Generated], batch: int = 16) -> torch.Tensor:
+def prompted_values(aspect: str, cfg: WeightsConfig) -> list[str]:
+    """The attribute value each of an aspect's learning prompts names (as ``prompts_for``)."""
+    values = cfg.prompts[aspect].values
+    return [values[i % len(values)] for i in range(cfg.queries_per_aspect)]
+
+
+def shown_shares(dataset_uri: str, caption_column: str | None, adapter: DiffusersAdapter,
+                 images: dict[str, list[Generated]], cfg: WeightsConfig) -> dict[str, float] | None:
+    """Per aspect, the share of its learning-query images that show the prompted value, read
+    by an attribute classifier trained on the dataset's real images; None when the dataset
+    has no column for the aspects (nothing to read the images with)."""
+    aspects = [a for a in images if a != "general"]
+    if not aspects:
+        return None
+    rows = list(read_examples(dataset_uri, caption_column))
+    if not rows or any(rows[0].attributes.get(a) is None for a in aspects):
+        return None
+    channels, size = adapter.image_shape[0], adapter.image_shape[1]
+    pixels = torch.from_numpy(np.stack([decode_image(e.image, e.example_id, size, channels) for e in rows]))
+    classifier = train_classifier(pixels, {a: [str(e.attributes[a]) for e in rows] for a in aspects},
+                                  epochs=cfg.check_epochs, seed=cfg.seed)
+    shares = {}
+    for a in aspects:
+        generated = torch.from_numpy(np.stack([decode_image(encode_png(g.image), f"query-{g.index}", size, channels)
+                                               for g in images[a]]))
+        read = classifier.predict(generated)[a]
+        asked = prompted_values(a, cfg)
+        shares[a] = sum(r == w for r, w in zip(read, asked)) / len(asked)
+    return shares
+
+
+def featurize_generated(featurizer: Featurizer, images: list[Generated], batch: int = 16,
+                        contrast: list[str] | None = None) -> torch.Tensor:
     """Features ``Tensor[len(images), k_total]`` of generated images, entering as any image
-    does (PNG bytes -> ``featurize_images``), keyed by the hash of their content."""
+    does (PNG bytes -> ``featurize_images``), keyed by the hash of their content; with
+    ``contrast`` (one prompt without its concept per image), Concept-TRAK's query features."""
     parts = []
     for start in range(0, len(images), batch):
         chunk = images[start : start + batch]
         parts.append(featurize_images(featurizer, [encode_png(g.image) for g in chunk], [g.prompt for g in chunk],
-                                      [g.label for g in chunk] if featurizer.adapter.conditioning == "class" else None))
+                                      [g.label for g in chunk] if featurizer.adapter.conditioning == "class" else None,
+                                      contrast[start : start + batch] if contrast is not None else None))
     return torch.cat(parts)

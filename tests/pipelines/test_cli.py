@@ -70,14 +70,23 @@ def test_demo_end_to_end(tmp_path, ray_cluster):
             lo, hi = row[f"{name}_ci"]
             assert -1 <= lo <= row[name] <= hi <= 1
     assert metrics["n_subsets"] == 4 and metrics["n_queries"] == 5
-    assert set(metrics["recall_at_10"]) == {"subject", "style", "background"}
-    for row in metrics["recall_at_10"].values():
-        assert set(row) == {"aspect", "general", "uniform", "pixel_knn"} and all(0 <= v <= 1 for v in row.values())
+    columns = {"aspect", "general", "uniform", "contrastive", "contrastive_aspect", "pixel_knn"}
+    for key in ("recall_at_10", "recall_heldout_at_10"):  # captions seen in training, and held-out combinations
+        assert set(metrics[key]) == {"subject", "style", "background"}
+        for row in metrics[key].values():
+            assert set(row) == columns and all(0 <= v <= 1 for v in row.values())
+    assert info["recall_heldout_queries"] == 6
+    # Each aspect's learning queries were read back by an attribute classifier of the real images.
+    learned = IndexStore(str(tmp_path / "index")).read_json(f"versions/{built['version']}/weights/learned.json")
+    for aspect in ("subject", "style", "background"):
+        assert 0.0 <= learned["aspects"][aspect]["shown"] <= 1.0
+    assert learned["aspects"]["general"]["shown"] is None
     assert info["ground_truth"]["trained"] == 4
     on_disk = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert on_disk["lds"] == metrics["lds"] and on_disk["recall_at_10"] == metrics["recall_at_10"]
     report = (tmp_path / "eval" / "report.html").read_text()
     assert "Linear datamodeling score" in report and report.count("data:image/png;base64,") >= 2 * (1 + 3)
+    assert "Held-out attribute combinations" in report and "contrastive + aspect weights" in report
     # The endpoint answered the generated query for every learned aspect.
     answer = served["answers"][0]["answer"]
     assert set(answer["aspects"]) == {"general", "subject", "style", "background"} and not answer["substituted"]

@@ -263,3 +263,44 @@ def test_api_key_is_enforced_when_configured(served, monkeypatch, tmp_path):
     assert post(served["url"], body, {"X-API-Key": "s3cret-key"})[0] == 200
     assert get(served["url"], "/v1/index")[0] == 401
     assert get(served["url"], "/healthz")[0] == 200
+
+
+def test_contrastive_aspect_queries_equal_offline_scoring(served, tmp_path):
+    """serve.aspect_query 'both': subject is answered from Concept-TRAK's feature of the
+    prompt against the prompt without its subject, under the subject weights; general still
+    from the plain feature."""
+    from attribution_core.data.captions import without_concept
+    from pipelines.serve.runner import deploy
+
+    config = write_config(tmp_path / "contrast.yaml", served["model"], served["index"], served["port"],
+                          aspect_query="both")
+    deploy(ServeArgs(config=config), "127.0.0.1", served["port"])
+    row = served["rows"][2]
+    body = {"image": b64(row["image"]), "prompt": row["caption"], "aspects": ["general", "subject"], "k": 5}
+    deadline, status, answer = time.monotonic() + 240, 0, {}
+    while not (status == 200 and answer.get("aspect_queries")):  # until the new application answers
+        assert time.monotonic() < deadline, (status, answer)
+        time.sleep(0.5)
+        try:
+            status, answer = post(served["url"], body)
+        except OSError:  # the proxy is between applications
+            status, answer = 0, {}
+    assert answer["aspect_queries"] == {"subject": "contrastive+aspect"}
+    loaded = load_index(served["index"], answer["index"]["version"])
+    featurizer = Featurizer(load_model_dir(served["model"], "cpu"), from_mapping(FeaturizeConfig, loaded.manifest["featurize"]))
+    values = {a: list(p.values) for a, p in ProjectConfig().weights.prompts.items()}
+    without = without_concept(row["caption"], "subject", values)
+    assert without != row["caption"]
+    q = featurize_images(featurizer, [row["image"]], [row["caption"]], contrast=[without])
+    document = IndexStore(served["index"]).read_json(artifact_path(served["version"], "learned"))
+    blocks = [loaded.features[i : i + 16] for i in range(0, loaded.features.shape[0], 16)]
+    scores, idx = attribute(q, weights_matrix(document, ["subject"]), loaded.layout, loaded.kernel, blocks, 5)
+    got = answer["aspects"]["subject"]
+    assert [r["example_id"] for r in got] == [loaded.example_ids[j] for j in idx[0, 0].tolist()]
+    np.testing.assert_allclose([r["score"] for r in got], scores[0, 0].numpy(), rtol=1e-4, atol=1e-7)
+    plain = featurize_images(featurizer, [row["image"]], [row["caption"]])
+    _, general = attribute(plain, weights_matrix(document, ["general"]), loaded.layout, loaded.kernel, blocks, 5)
+    assert [r["example_id"] for r in answer["aspects"]["general"]] == [loaded.example_ids[j] for j in general[0, 0].tolist()]
+    # A prompt that names no subject cannot be contrasted: 422 saying so.
+    status, refused = post(served["url"], {**body, "prompt": "a striped shape"})
+    assert status == 422 and "names no subject" in refused["error"]["detail"]
