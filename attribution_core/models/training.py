@@ -128,6 +128,14 @@ def _snr_weights(scheduler, t: torch.Tensor, gamma: float, prediction_type: str)
     return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
 
 
+def _token_ids(tokenizer, captions: list[str], cache: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``Tensor[B, L]`` token ids of ``captions``, each caption tokenized once per run."""
+    for c in set(captions) - set(cache):
+        cache[c] = tokenizer([c], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                             return_tensors="pt").input_ids[0]
+    return torch.stack([cache[c] for c in captions])
+
+
 def train_model(
     data: TrainingData,
     cfg: TrainConfig,
@@ -157,6 +165,7 @@ def train_model(
     g = torch.Generator().manual_seed(stable_seed("train", cfg.seed))
 
     ids = empty = partial = None
+    token_cache: dict[str, torch.Tensor] = {}
     if cfg.conditioning == "text":
         tok = adapter.tokenizer
         ids = tok(data.captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
@@ -164,7 +173,6 @@ def train_model(
         empty = tok([""], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
         if cfg.attribute_dropout > 0:
             partial = PartialCaptions(data.captions, data.attributes, cfg.caption_template, cfg.attribute_dropout)
-            token_cache: dict[str, torch.Tensor] = {}
 
     losses: list[float] = []
     start = time.perf_counter()
@@ -183,13 +191,8 @@ def train_model(
         x_t = scheduler.add_noise(x0, noise, t)
         kwargs: dict[str, Any] = {}
         if ids is not None:
-            batch_ids = ids[idx].clone()
-            if partial is not None:  # attribute phrases dropped: [B, L] token ids of the partial captions
-                captions = partial.draw(idx.tolist(), g)
-                for c in set(captions) - set(token_cache):
-                    token_cache[c] = tok([c], padding="max_length", max_length=tok.model_max_length, truncation=True,
-                                         return_tensors="pt").input_ids[0]
-                batch_ids = torch.stack([token_cache[c] for c in captions])
+            # [B, L] token ids; with attribute dropout those of this step's partial captions.
+            batch_ids = ids[idx].clone() if partial is None else _token_ids(tok, partial.draw(idx.tolist(), g), token_cache)
             drop = torch.rand(b, generator=g) < cfg.caption_dropout
             batch_ids[drop] = empty[0]
             kwargs["encoder_hidden_states"] = text(batch_ids)[0]

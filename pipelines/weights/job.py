@@ -51,6 +51,18 @@ def _select(state: ScanState, rows: slice, weighting: int) -> ScanState:
                      state.ids[rows, weighting : weighting + 1], None)
 
 
+def _queries(featurizer, manifest: dict[str, Any], aspects: list[str], prompts: dict[str, list[str | None]],
+             wcfg) -> tuple[torch.Tensor, dict[str, float] | None]:
+    """Features ``[Q, k_total]`` of every aspect's learning queries, and (``check_queries``)
+    the share of each aspect's images that show the prompted value."""
+    made = {a: learning_queries(featurizer, a, prompts[a], wcfg) for a in aspects}
+    shown = (shown_shares(manifest["dataset"]["uri"], manifest["dataset"].get("caption_column"), featurizer.adapter,
+                          {a: made[a][1] for a in aspects}, wcfg) if wcfg.check_queries else None)
+    if shown:
+        log.info("learning-query images showing the prompted attribute: %s", {a: round(v, 3) for a, v in shown.items()})
+    return torch.cat([made[a][0] for a in aspects]), shown
+
+
 def learn_weights(cfg: ProjectConfig, req: WeightsRequest) -> dict[str, Any]:
     wcfg = cfg.weights
     timings: dict[str, float] = {}
@@ -81,12 +93,7 @@ def learn_weights(cfg: ProjectConfig, req: WeightsRequest) -> dict[str, Any]:
     prompts = {a: prompts_for(a, wcfg, store, manifest, adapter.conditioning) for a in aspects}
     for a in aspects:  # before generating anything: a prompt the model cannot read teaches the weights noise
         check_prompts(prompts[a], adapter.vocabulary, f"weights.prompts.{a}" if a != "general" else "training captions")
-    made = {a: learning_queries(featurizer, a, prompts[a], wcfg) for a in aspects}
-    queries = torch.cat([made[a][0] for a in aspects])
-    shown = (shown_shares(manifest["dataset"]["uri"], manifest["dataset"].get("caption_column"), adapter,
-                          {a: made[a][1] for a in aspects}, wcfg) if wcfg.check_queries else None)
-    if shown:
-        log.info("learning-query images showing the prompted attribute: %s", {a: round(v, 3) for a, v in shown.items()})
+    queries, shown = _queries(featurizer, manifest, aspects, prompts, wcfg)
     rows = {a: slice(i * wcfg.queries_per_aspect, (i + 1) * wcfg.queries_per_aspect) for i, a in enumerate(aspects)}
     kernel = read_kernel(store, manifest) if wcfg.use_kernel else None
     grouped = group_queries(queries, layout, kernel)  # [Q, M, k_total]

@@ -14,6 +14,12 @@ from tests.conftest import KINDS, make_batch
 REL_TOL = 1e-4
 
 
+def assert_exact(fast: torch.Tensor, ref: torch.Tensor, layout) -> None:
+    errors = per_layer_rel_errors(fast, ref, layout)
+    worst = max(errors, key=errors.get)
+    assert errors[worst] <= REL_TOL, f"{worst}: relative error {errors[worst]:.2e}"
+
+
 def per_layer_rel_errors(fast: torch.Tensor, ref: torch.Tensor, layout) -> dict[str, float]:
     errors = {}
     for layer in layout.layers:
@@ -36,9 +42,7 @@ def test_fast_equals_reference_for_every_layer(adapters, kind, measurement):
     batch = make_batch(adapter, n=3)
     fast = featurizer.flat(batch)
     ref = reference_features(adapter, batch, cfg, featurizer.layout)
-    errors = per_layer_rel_errors(fast, ref, featurizer.layout)
-    worst = max(errors, key=errors.get)
-    assert errors[worst] <= REL_TOL, f"{worst}: relative error {errors[worst]:.2e}"
+    assert_exact(fast, ref, featurizer.layout)
 
 
 def test_reference_covers_the_layer_kinds_the_issue_names(adapters):
@@ -93,9 +97,7 @@ def test_timestep_normalisation_equals_the_reference(adapters, kind):
     batch = make_batch(adapter, n=3)
     fast = featurizer.flat(batch)
     ref = reference_features(adapter, batch, cfg, featurizer.layout)
-    errors = per_layer_rel_errors(fast, ref, featurizer.layout)
-    worst = max(errors, key=errors.get)
-    assert errors[worst] <= REL_TOL, f"{worst}: relative error {errors[worst]:.2e}"
+    assert_exact(fast, ref, featurizer.layout)
     # A mean of 6 unit vectors: norm at most 1, and not the plain feature rescaled.
     assert bool((fast.norm(dim=1) <= 1 + 1e-5).all())
     plain = Featurizer(adapter, FeaturizeConfig(measurement="loss", timesteps=TimestepConfig(count=3), noise_draws=2,
@@ -119,9 +121,7 @@ def test_contrastive_query_features_equal_the_reference(adapters, kind):
                                 contrast_captions=("a striped shape", "a ring", "a square"))
     fast = featurizer.flat(batch)
     ref = reference_features(adapter, batch, cfg, featurizer.layout)
-    errors = per_layer_rel_errors(fast, ref, featurizer.layout)
-    worst = max(errors, key=errors.get)
-    assert errors[worst] <= REL_TOL, f"{worst}: relative error {errors[worst]:.2e}"
+    assert_exact(fast, ref, featurizer.layout)
     same = featurizer.flat(dataclasses.replace(batch, contrast_captions=None))
     assert not torch.allclose(fast, same)
     # Removing nothing leaves nothing to contrast: the feature is zero.
@@ -145,7 +145,4 @@ def test_a_pooled_text_embedding_in_the_time_embedding_is_featurized_exactly():
     featurizer = Featurizer(adapter, cfg)
     assert any(ly.name.startswith("add_embedding.pool") for ly in featurizer.layout.layers)
     batch = make_batch(adapter, n=2)
-    errors = per_layer_rel_errors(featurizer.flat(batch), reference_features(adapter, batch, cfg, featurizer.layout),
-                                  featurizer.layout)
-    worst = max(errors, key=errors.get)
-    assert errors[worst] <= REL_TOL, f"{worst}: relative error {errors[worst]:.2e}"
+    assert_exact(featurizer.flat(batch), reference_features(adapter, batch, cfg, featurizer.layout), featurizer.layout)
