@@ -95,13 +95,35 @@ def lds(attributions: np.ndarray, masks: np.ndarray, actual: np.ndarray, seed: i
             "queries": int(len(valid)), "per_query": per_query.tolist()}
 
 
-def recall_at_k(top: np.ndarray, query_values: list[Any], train_values: list[Any]) -> float:
-    """Mean over queries of the fraction of their top-k training rows (``top [Q, k]``, row
+def recall_hits(top: np.ndarray, query_values: list[Any], train_values: list[Any]) -> np.ndarray:
+    """``[Q]``: per query, the fraction of its top-k training rows (``top [Q, k]``, row
     indices) whose attribute equals the query's."""
     if len(top) != len(query_values):
         raise InputError(f"{len(top)} top-k lists for {len(query_values)} queries")
-    hits = [np.mean([train_values[j] == query_values[q] for j in row]) for q, row in enumerate(np.asarray(top))]
-    return float(np.mean(hits)) if hits else float("nan")
+    return np.array([np.mean([train_values[j] == query_values[q] for j in row]) for q, row in enumerate(np.asarray(top))])
+
+
+def recall_at_k(top: np.ndarray, query_values: list[Any], train_values: list[Any]) -> float:
+    """Mean over queries of ``recall_hits``."""
+    hits = recall_hits(top, query_values, train_values)
+    return float(np.mean(hits)) if len(hits) else float("nan")
+
+
+def recall_intervals(hits: dict[str, dict[str, np.ndarray]], resamples: int = 2000,
+                     seed: int = 0) -> dict[str, dict[str, Any]]:
+    """Per aspect and column, the 95 % bootstrap interval of Recall over queries, and for every
+    column but uniform the paired interval of (column - uniform), the test of a win."""
+    out: dict[str, dict[str, Any]] = {}
+    for aspect, columns in hits.items():
+        row: dict[str, Any] = {}
+        for name, values in columns.items():
+            row[name] = [round(v, 4) for v in bootstrap_ci(values, resamples, seed=seed)]
+            if name != "uniform" and "uniform" in columns:
+                diff = np.asarray(values, dtype=np.float64) - np.asarray(columns["uniform"], dtype=np.float64)
+                row[f"{name}-uniform"] = [round(float(diff.mean()), 4),
+                                          *(round(v, 4) for v in bootstrap_ci(diff, resamples, seed=seed))]
+        out[aspect] = row
+    return out
 
 
 def pixel_knn(queries: np.ndarray, train: np.ndarray, k: int, block: int = 4096) -> np.ndarray:

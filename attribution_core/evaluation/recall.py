@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from attribution_core.evaluation.metrics import pixel_knn, recall_at_k
+from attribution_core.evaluation.metrics import pixel_knn, recall_hits
 from attribution_core.features.groups import GroupLayout
 from attribution_core.index.scoring import attribute
 from attribution_core.weights.artifact import UNIFORM, weights_matrix
@@ -35,10 +35,12 @@ def aspect_recall_table(
     query_pixels: np.ndarray | None = None,
     train_pixels: np.ndarray | None = None,
     block: int = 4096,
+    hits: dict[str, dict[str, np.ndarray]] | None = None,
 ) -> dict[str, dict[str, float]]:
     """``{aspect: {"aspect", "general", "uniform", "pixel_knn"}}`` Recall@k for every aspect
     present in both attribute tables. ``features [Q, D]`` are the queries', ``index_rows
-    [N, D]`` the training set's; weightings without learned weights are left out."""
+    [N, D]`` the training set's; weightings without learned weights are left out. ``hits``,
+    when given, receives the per-query values ``[Q]`` of every cell (for intervals)."""
     learned = set(weights["aspects"]) if weights else set()
     aspects = [a for a in query_attributes if a in train_attributes]
     names = sorted({a for a in aspects if a in learned} | ({"general"} & learned) | {UNIFORM})
@@ -49,19 +51,22 @@ def aspect_recall_table(
     table: dict[str, dict[str, float]] = {}
     for aspect in aspects:
         truth, asked = list(train_attributes[aspect]), list(query_attributes[aspect])
-        row: dict[str, float] = {}
+        per_query: dict[str, np.ndarray] = {}
         for label, name in (("aspect", aspect), ("general", "general"), ("uniform", UNIFORM)):
             if name in names:
-                row[label] = recall_at_k(top[names.index(name)].numpy(), asked, truth)
+                per_query[label] = recall_hits(top[names.index(name)].numpy(), asked, truth)
         if knn is not None:
-            row["pixel_knn"] = recall_at_k(knn, asked, truth)
-        table[aspect] = row
+            per_query["pixel_knn"] = recall_hits(knn, asked, truth)
+        table[aspect] = {label: float(np.mean(v)) for label, v in per_query.items()}
+        if hits is not None:
+            hits.setdefault(aspect, {}).update(per_query)
     return table
 
 
 def contrastive_recall(features: torch.Tensor, layout: GroupLayout, kernel: list[tuple[int, int, torch.Tensor]] | None,
                        index_rows: torch.Tensor, weights: dict[str, Any] | None, aspect: str,
-                       asked: Sequence[Any], truth: Sequence[Any], k: int = 10, block: int = 4096) -> dict[str, float]:
+                       asked: Sequence[Any], truth: Sequence[Any], k: int = 10, block: int = 4096,
+                       hits: dict[str, dict[str, np.ndarray]] | None = None) -> dict[str, float]:
     """Recall@k of one aspect's contrastive query features ``[Q, D]``: with uniform weights
     (``contrastive``) and, when learned, the aspect's weights (``contrastive_aspect``)."""
     learned = bool(weights) and aspect in weights["aspects"]
@@ -69,7 +74,9 @@ def contrastive_recall(features: torch.Tensor, layout: GroupLayout, kernel: list
     doc = weights or {"groups": list(layout.group_names), "aspects": {}}
     blocks = [index_rows[i : i + block] for i in range(0, index_rows.shape[0], block)]
     _, top = attribute(features, weights_matrix(doc, names), layout, kernel, blocks, k)  # [A, Q, k]
-    out = {"contrastive": recall_at_k(top[0].numpy(), list(asked), list(truth))}
+    per_query = {"contrastive": recall_hits(top[0].numpy(), list(asked), list(truth))}
     if learned:
-        out["contrastive_aspect"] = recall_at_k(top[1].numpy(), list(asked), list(truth))
-    return out
+        per_query["contrastive_aspect"] = recall_hits(top[1].numpy(), list(asked), list(truth))
+    if hits is not None:
+        hits.setdefault(aspect, {}).update(per_query)
+    return {name: float(np.mean(v)) for name, v in per_query.items()}

@@ -63,14 +63,20 @@ def lds_table(lds: dict[str, Any]) -> str:
     return "<table>" + "".join(rows) + "</table>"
 
 
-def recall_table(recall: dict[str, dict[str, float]]) -> str:
+def recall_table(recall: dict[str, dict[str, float]], intervals: dict[str, dict[str, Any]] | None = None) -> str:
+    """Recall per aspect and column, with its 95 % interval over queries when known."""
     columns = [c for c in RECALL_COLUMNS if any(c[0] in row for row in recall.values())]
     head = "<tr><th class=name>attribute</th>" + "".join(f"<th>{label}</th>" for _, label in columns) + "</tr>"
     rows = [head]
+
+    def interval(aspect: str, key: str) -> str:
+        lo_hi = (intervals or {}).get(aspect, {}).get(key)
+        return f"<br><small>[{_num(lo_hi[0])}, {_num(lo_hi[1])}]</small>" if lo_hi else ""
+
     for aspect, row in recall.items():
         best = max((v for v in row.values() if v is not None), default=None)
-        cells = "".join(f"<td class='{'best' if row.get(key) == best else ''}'>{_num(row.get(key))}</td>"
-                        for key, _ in columns)
+        cells = "".join(f"<td class='{'best' if row.get(key) == best else ''}'>{_num(row.get(key))}"
+                        f"{interval(aspect, key)}</td>" for key, _ in columns)
         rows.append(f"<tr><td class=name>{html.escape(aspect)}</td>{cells}</tr>")
     return "<table>" + "".join(rows) + "</table>"
 
@@ -136,13 +142,14 @@ def render_report(metrics: dict[str, Any], gallery: list[dict[str, Any]]) -> str
             f"<h2>Aspect Recall@{info.get('recall_k', 10)}</h2>",
             f"<p>{info.get('recall_queries')} generated queries of known attributes; the share of each query's "
             f"top-{info.get('recall_k', 10)} training examples sharing the attribute.</p>",
-            recall_table(recall),
+            recall_table(recall, metrics.get("recall_intervals", {}).get("seen")),
         ]
         heldout = metrics.get(f"recall_heldout_at_{info.get('recall_k', 10)}", {})
         if heldout:
             sections += [
                 f"<h3>Held-out attribute combinations</h3><p>{info.get('recall_heldout_queries')} queries prompted "
-                "with combinations no training image has.</p>", recall_table(heldout)]
+                "with combinations no training image has.</p>",
+                recall_table(heldout, metrics.get("recall_intervals", {}).get("heldout"))]
     elif info.get("recall_skipped"):
         sections.append(f"<h2>Aspect Recall</h2><p class=muted>Not measured: {html.escape(info['recall_skipped'])}</p>")
     if gallery:

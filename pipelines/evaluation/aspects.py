@@ -24,6 +24,7 @@ from attribution_core.data.synthetic import BACKGROUNDS, STYLES, SUBJECTS, capti
 from attribution_core.data.writers import read_marker
 from attribution_core.errors import InputError
 from attribution_core.data.captions import without_concept
+from attribution_core.evaluation.metrics import recall_intervals
 from attribution_core.evaluation.recall import aspect_recall_table, contrastive_recall
 from attribution_core.features.seeding import stable_seed
 from attribution_core.index.opening import version_featurizer
@@ -61,13 +62,14 @@ def run_recall(cfg: ProjectConfig, index: LoadedIndex, document: dict[str, Any] 
     train_attrs = {a: [e.attributes[a] for e in rows] for a in aspects}
     vocabulary = {a: list(cfg.weights.prompts[a].values) for a in aspects if a in cfg.weights.prompts}
     seen = QuerySet([e.caption for e in sources], {a: [e.attributes[a] for e in sources] for a in aspects}, "recall")
-    table, generated, features = _recall(cfg, adapter, featurizer, index, kernel, document, seen, train_attrs,
-                                         train_pixels, vocabulary)
+    table, intervals, generated, features = _recall(cfg, adapter, featurizer, index, kernel, document, seen,
+                                                    train_attrs, train_pixels, vocabulary)
     unseen = heldout_queries(manifest["dataset"]["uri"], aspects, ecfg.recall_queries, ecfg.seed)
-    heldout_table = (_recall(cfg, adapter, featurizer, index, kernel, document, unseen, train_attrs, train_pixels,
-                             vocabulary)[0] if unseen else {})
+    heldout_table, heldout_intervals = (_recall(cfg, adapter, featurizer, index, kernel, document, unseen, train_attrs,
+                                                train_pixels, vocabulary)[:2] if unseen else ({}, {}))
     gallery = _gallery(ecfg.gallery, ecfg.gallery_k, features, generated, sources, rows, aspects, index, kernel, document)
-    return {"table": table, "heldout_table": heldout_table, "heldout_queries": len(unseen.prompts) if unseen else 0,
+    return {"table": table, "intervals": intervals, "heldout_table": heldout_table,
+            "heldout_intervals": heldout_intervals, "heldout_queries": len(unseen.prompts) if unseen else 0,
             "gallery": gallery, "aspects": aspects, "queries": len(sources), "k": ecfg.recall_k,
             "weights": sorted(document["aspects"]) if document else []}
 
@@ -98,9 +100,10 @@ def heldout_queries(dataset_uri: str, aspects: list[str], n: int, seed: int) -> 
 
 def _recall(cfg: ProjectConfig, adapter, featurizer, index: LoadedIndex, kernel, document: dict[str, Any] | None,
             queries: QuerySet, train_attrs: dict[str, list[Any]], train_pixels: np.ndarray,
-            vocabulary: dict[str, list[str]]) -> tuple[dict[str, dict[str, float]], list, Any]:
-    """The Recall@K table of one query set: every weighting, the contrastive rows and pixel
-    kNN; also the generated images and their features (for the gallery)."""
+            vocabulary: dict[str, list[str]]) -> tuple[dict[str, dict[str, float]], dict[str, Any], list, Any]:
+    """The Recall@K table of one query set (every weighting, the contrastive rows and pixel
+    kNN), its bootstrap intervals over queries, and the generated images and their features
+    (for the gallery)."""
     ecfg = cfg.evaluate
     generated = generate(adapter, prompts=queries.prompts, n=len(queries.prompts),
                          seed=stable_seed("evaluation-queries", ecfg.seed, queries.name),
@@ -109,8 +112,9 @@ def _recall(cfg: ProjectConfig, adapter, featurizer, index: LoadedIndex, kernel,
     channels, size = adapter.image_shape[0], adapter.image_shape[1]
     query_pixels = np.stack([decode_image(encode_png(g.image), f"query {i}", size, channels)
                              for i, g in enumerate(generated)])
+    hits: dict[str, dict[str, np.ndarray]] = {}
     table = aspect_recall_table(features, index.layout, kernel, index.features, document, queries.attributes,
-                                train_attrs, ecfg.recall_k, query_pixels, train_pixels)
+                                train_attrs, ecfg.recall_k, query_pixels, train_pixels, hits=hits)
     for a in vocabulary:  # Concept-TRAK: each query's prompt against the prompt without aspect a
         try:
             contrast = [without_concept(g.prompt, a, vocabulary, adapter.caption_template) for g in generated]
@@ -119,8 +123,8 @@ def _recall(cfg: ProjectConfig, adapter, featurizer, index: LoadedIndex, kernel,
             continue
         contrastive = featurize_generated(featurizer, generated, contrast=contrast)
         table[a].update(contrastive_recall(contrastive, index.layout, kernel, index.features, document, a,
-                                           queries.attributes[a], train_attrs[a], ecfg.recall_k))
-    return table, generated, features
+                                           queries.attributes[a], train_attrs[a], ecfg.recall_k, hits=hits))
+    return table, recall_intervals(hits, ecfg.bootstrap, ecfg.seed), generated, features
 
 
 def _gallery(n: int, k: int, features, generated, sources, rows, aspects, index: LoadedIndex, kernel,

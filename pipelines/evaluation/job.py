@@ -82,6 +82,7 @@ def evaluate(cfg: ProjectConfig, req: EvaluateRequest = EvaluateRequest()) -> di
                                                  for a, row in recall["table"].items()}
         metrics[f"recall_heldout_at_{ecfg.recall_k}"] = {a: {k: round(v, 4) for k, v in row.items()}
                                                          for a, row in recall.get("heldout_table", {}).items()}
+        metrics["recall_intervals"] = {"seen": recall.get("intervals", {}), "heldout": recall.get("heldout_intervals", {})}
         gallery = recall["gallery"]
         info.update(recall_queries=recall.get("queries", 0), recall_skipped=recall.get("skipped"),
                     recall_heldout_queries=recall.get("heldout_queries", 0))
@@ -127,8 +128,10 @@ def summary_text(metrics: dict[str, Any]) -> str:
                          f"{r['learned']:>8.4f} [{r['learned_ci'][0]:+.3f}, {r['learned_ci'][1]:+.3f}]  "
                          f"{r['difference']:>+8.4f} [{r['difference_ci'][0]:+.3f}, {r['difference_ci'][1]:+.3f}]")
     recall_key = next(k for k in metrics if k.startswith("recall_at_"))
-    for key, what in ((recall_key, "queries prompted with training captions"),
-                      (recall_key.replace("recall_at_", "recall_heldout_at_"), "held-out attribute combinations")):
+    intervals = metrics.get("recall_intervals", {})
+    for key, what, ci in ((recall_key, "queries prompted with training captions", intervals.get("seen", {})),
+                          (recall_key.replace("recall_at_", "recall_heldout_at_"), "held-out attribute combinations",
+                           intervals.get("heldout", {}))):
         if not metrics.get(key):
             continue
         columns = [c for c in RECALL_COLUMNS if any(c[0] in r for r in metrics[key].values())]
@@ -136,6 +139,10 @@ def summary_text(metrics: dict[str, Any]) -> str:
         for aspect, r in metrics[key].items():
             cells = " ".join(f"{r.get(k, float('nan')):>8.4f}" for k, _ in columns)
             lines.append(f"  {aspect:<11} {cells}")
+            wins = [f"{k} {d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]" for k, _ in columns
+                    if (d := ci.get(aspect, {}).get(f"{k}-uniform"))]
+            if wins:
+                lines.append(f"  {'':<11} vs uniform (paired 95% CI): {'; '.join(wins)}")
     if not metrics[recall_key] and metrics["info"].get("recall_skipped"):
         lines.append(f"Recall not measured: {metrics['info']['recall_skipped']}")
     lines.append(f"report: {metrics['report']}")

@@ -38,3 +38,17 @@ def test_aspect_weights_on_the_attribute_group_beat_uniform_and_pixels():
     plain = aspect_recall_table(rows(query_shape), layout, None, rows(train_shape), None,
                                 {"subject": list(query_shape)}, {"subject": list(train_shape)}, k=10)
     assert set(plain["subject"]) == {"uniform"}
+
+
+def test_recall_intervals_are_over_queries_and_paired_against_uniform():
+    import numpy as np
+
+    from attribution_core.evaluation.metrics import recall_hits, recall_intervals
+
+    top = np.array([[0, 1], [2, 3], [0, 2]])
+    assert recall_hits(top, ["a", "b", "a"], ["a", "b", "b", "b"]).tolist() == [0.5, 1.0, 0.5]
+    hits = {"subject": {"uniform": np.array([0.0, 0.2, 0.4, 0.6]), "aspect": np.array([0.1, 0.3, 0.5, 0.7])}}
+    ci = recall_intervals(hits, resamples=500, seed=0)["subject"]
+    assert ci["uniform"][0] <= 0.3 <= ci["uniform"][1] and ci["uniform"][0] < ci["uniform"][1]
+    assert ci["aspect-uniform"] == [0.1, 0.1, 0.1]  # the same +0.1 for every query: no spread
+    assert "uniform-uniform" not in ci

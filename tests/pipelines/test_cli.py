@@ -76,6 +76,11 @@ def test_demo_end_to_end(tmp_path, ray_cluster):
         for row in metrics[key].values():
             assert set(row) == columns and all(0 <= v <= 1 for v in row.values())
     assert info["recall_heldout_queries"] == 6
+    for kind, key in (("seen", "recall_at_10"), ("heldout", "recall_heldout_at_10")):  # intervals over queries
+        for aspect, row in metrics[key].items():
+            ci = metrics["recall_intervals"][kind][aspect]
+            assert all(ci[c][0] - 1e-4 <= row[c] <= ci[c][1] + 1e-4 for c in row)
+            assert ci["aspect-uniform"][0] == pytest.approx(row["aspect"] - row["uniform"], abs=2e-4)
     # Each aspect's learning queries were read back by an attribute classifier of the real images.
     learned = IndexStore(str(tmp_path / "index")).read_json(f"versions/{built['version']}/weights/learned.json")
     for aspect in ("subject", "style", "background"):
