@@ -159,7 +159,7 @@ def dataset_columns(uri: str, layout: str | None = None) -> list[str]:
 def caption_column_of(uri: str, wanted: str | None = None) -> str | None:
     """The caption column the readers use for ``uri``: ``wanted``, else the first of
     ``CAPTION_COLUMNS`` the dataset has (None: no captions)."""
-    return _caption_column(dataset_columns(uri), wanted) if wanted is None else wanted
+    return wanted or _caption_column(dataset_columns(uri), None)
 
 
 def _caption_column(names: list[str], wanted: str | None) -> str | None:

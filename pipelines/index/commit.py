@@ -75,10 +75,11 @@ def refuse_if_quarantined(store: IndexStore, reused: dict[str, list[str]], stage
     """Raise ``QuarantineError`` (nothing committed) when more than ``max_fraction`` of the
     ``total`` examples are quarantined. This build's own error shards are removed first, so
     that a rerun after the fix looks at those examples again instead of resuming their errors."""
-    if not too_many_quarantined(sum(len(ids) for ids in {**reused, **staged}.values()), total, max_fraction):
+    shards = {**reused, **staged}
+    if not too_many_quarantined(sum(len(ids) for ids in shards.values()), total, max_fraction):
         return
     errors: list[tuple[str, str]] = []
-    for path in sorted({**reused, **staged}):
+    for path in sorted(shards):
         table = store.read_table(path, columns=["example_id", "reason"])
         errors += zip(table.column("example_id").to_pylist(), table.column("reason").to_pylist())
     for path in staged:

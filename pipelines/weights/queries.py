@@ -36,8 +36,8 @@ def prompts_for(aspect: str, cfg: WeightsConfig, store: IndexStore, manifest: di
             raise ConfigError("general learning queries are prompted with training captions, and this index has none")
         rng = random.Random(stable_seed("general-prompts", cfg.seed))
         return [rng.choice(captions) for _ in range(n)]
-    spec = cfg.prompts[aspect]
-    return [fix_articles(spec.template.format(value=spec.values[i % len(spec.values)])) for i in range(n)]
+    template = cfg.prompts[aspect].template
+    return [fix_articles(template.format(value=value)) for value in prompted_values(aspect, cfg)]
 
 
 def learning_queries(featurizer: Featurizer, aspect: str, prompts: list[str | None], cfg: WeightsConfig,
@@ -54,7 +54,7 @@ def learning_queries(featurizer: Featurizer, aspect: str, prompts: list[str | No
 
 
 def prompted_values(aspect: str, cfg: WeightsConfig) -> list[str]:
-    """The attribute value each of an aspect's learning prompts names (as ``prompts_for``)."""
+    """The attribute value each of an aspect's learning prompts names: its values, cycled."""
     values = cfg.prompts[aspect].values
     return [values[i % len(values)] for i in range(cfg.queries_per_aspect)]
 
