@@ -24,6 +24,14 @@ def attribution(*args: str, cwd: Path = ROOT, check: bool = True, env: dict | No
     return proc
 
 
+def error_line(proc: subprocess.CompletedProcess) -> str:
+    """The one `error: ...` line a failed command prints. Ray forwards its workers' log lines to
+    the driver's stderr asynchronously, so one may land after it: look for it, not at the end."""
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, proc.stderr
+    return errors[0]
+
+
 @pytest.mark.parametrize("args", [(), ("demo",), ("groups",), ("model", "build-tiny"), ("bench", "featurize"),
                                   ("index",), ("learn-weights",), ("evaluate",), ("serve",), ("bench", "index"),
                                   ("bench", "weights")])
@@ -164,7 +172,7 @@ def test_index_command_prints_the_summary_and_explains_errors(tmp_path, ray_clus
     assert "up to date" in again.stdout
     missing = attribution("index", *common, "--dataset", str(tmp_path / "nowhere"), "--out", str(tmp_path / "i2"),
                           check=False)
-    assert missing.returncode == 2 and "does not exist" in missing.stderr.splitlines()[-1]
+    assert missing.returncode == 2 and "does not exist" in error_line(missing)
 
 
 def test_bench_weights_prints_scan_and_optimise_times(tmp_path, ray_cluster):

@@ -19,7 +19,7 @@ from attribution_core.index.store import IndexStore
 from attribution_core.models.tiny import build_tiny_pipeline
 from pipelines.commands.train import train_to_dir
 from tests.pipelines.conftest import tiny_main_job
-from tests.pipelines.test_cli import attribution
+from tests.pipelines.test_cli import attribution, error_line
 
 CLASSES = ("bar", "column", "dot")
 
@@ -139,7 +139,7 @@ def test_too_many_quarantined_is_not_committed(tmp_path, ray_cluster, class_mode
     config = class_config(tmp_path, data, model={"path": class_model["model"]})
     proc = attribution("index", "--config", str(config), env={"RAY_ADDRESS": ray_cluster}, check=False)
     assert proc.returncode == 2, proc.stderr
-    last = proc.stderr.strip().splitlines()[-1]
+    last = error_line(proc)
     assert last.startswith("error: 12 of 12 examples quarantined: missing or unknown class label (12; e.g. digit-00000)"
                            " — set train.label_column"), last
     assert "index.max_quarantine_fraction=0.5" in last
@@ -148,7 +148,7 @@ def test_too_many_quarantined_is_not_committed(tmp_path, ray_cluster, class_mode
     # Nothing to learn from: refused before any Ray Train worker starts, in one line.
     proc = attribution("learn-weights", "--config", str(config), env={"RAY_ADDRESS": ray_cluster}, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1] == (
+    assert error_line(proc) == (
         f"error: {str(tmp_path / 'index')!r} holds no committed version; build one with `attribution index`")
 
 
@@ -165,7 +165,7 @@ def test_a_pipeline_directory_without_training_json(tmp_path, ray_cluster):
     env = {"RAY_ADDRESS": ray_cluster}
 
     proc = attribution("evaluate", "--config", str(config), env=env, check=False)
-    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+    assert proc.returncode == 2 and error_line(proc) == (
         f"error: LDS retrains the model on data subsets and needs its training recipe: {model} has no training.json "
         "and the config has no subset_train section; add one (see configs/demo.yaml) or run "
         "`attribution evaluate --skip-lds`")
@@ -185,6 +185,6 @@ def test_missing_dataset_without_a_synthetic_section(tmp_path):
     config.write_text(yaml.safe_dump(settings))
     proc = attribution("evaluate", "--config", str(config), "--skip-lds", check=False)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].startswith(
+    assert error_line(proc).startswith(
         f"error: data.uri: {str(tmp_path / 'nowhere')!r} holds no dataset; point it at yours")
     assert not (tmp_path / "nowhere").exists()
