@@ -132,6 +132,12 @@ class WeightsConfig:
     the model cannot draw is visible before its weights are used."""
     check_epochs: int = 8
     """Training epochs of that classifier."""
+    validation_queries: int = 32
+    """Where the dataset has a column per learned aspect: images generated from this many
+    training captions (seeds apart from learning and evaluation queries) on which each aspect's
+    Recall@top_k is measured under its own weights, the general weights and uniform ones; the
+    best answers the aspect (``answered_by`` in the artifact). 0: each aspect answers with its
+    own weights, unchecked."""
 
     def __post_init__(self) -> None:
         bad = [a for a in self.aspects if a not in ASPECTS]
@@ -139,6 +145,8 @@ class WeightsConfig:
         for name in ("queries_per_aspect", "sample_steps", "top_k", "pool_size", "max_rounds", "steps", "workers",
                      "report_every", "check_epochs"):
             _check(getattr(self, name) >= 1, f"weights.{name}", f"must be >= 1, got {getattr(self, name)}")
+        _check(self.validation_queries >= 0, "weights.validation_queries",
+               f"must be >= 0 (0: no validation), got {self.validation_queries}")
         _check(self.pool_size >= self.top_k, "weights.pool_size", f"must be >= top_k ({self.top_k}), got {self.pool_size}")
         _check(self.lambda_w >= 0 and self.learning_rate > 0, "weights", "lambda_w must be >= 0 and learning_rate > 0")
         missing = [a for a in self.aspects if a != "general" and (a not in self.prompts or not self.prompts[a].values)]

@@ -15,12 +15,15 @@ from attribution_core.features.groups import GroupLayout
 from attribution_core.index.scoring import attribute
 from attribution_core.weights.artifact import UNIFORM, weights_matrix
 
-RECALL_COLUMNS = (("aspect", "aspect weights"), ("general", "general weights"), ("uniform", "uniform weights"),
+RECALL_COLUMNS = (("aspect", "aspect weights"), ("validated", "validated choice"), ("general", "general weights"),
+                  ("uniform", "uniform weights"),
                   ("contrastive", "contrastive query"), ("contrastive_aspect", "contrastive + aspect weights"),
                   ("pixel_knn", "pixel kNN"))
 """Recall@K columns, in the order tables show them: (key, label). 'contrastive' scores the
 Concept-TRAK query feature (the prompt against the prompt without the aspect) with uniform
-weights, 'contrastive_aspect' the same feature with the aspect's learned weights."""
+weights, 'contrastive_aspect' the same feature with the aspect's learned weights. 'validated'
+repeats the column of the weighting that ``learn-weights`` chose to answer the aspect with on
+its validation queries (``answered_by``): what the endpoint answers."""
 
 
 def aspect_recall_table(
@@ -37,7 +40,7 @@ def aspect_recall_table(
     block: int = 4096,
     hits: dict[str, dict[str, np.ndarray]] | None = None,
 ) -> dict[str, dict[str, float]]:
-    """``{aspect: {"aspect", "general", "uniform", "pixel_knn"}}`` Recall@k for every aspect
+    """``{aspect: {"aspect", "validated", "general", "uniform", "pixel_knn"}}`` Recall@k for every aspect
     present in both attribute tables. ``features [Q, D]`` are the queries', ``index_rows
     [N, D]`` the training set's; weightings without learned weights are left out. ``hits``,
     when given, receives the per-query values ``[Q]`` of every cell (for intervals)."""
@@ -55,6 +58,10 @@ def aspect_recall_table(
         for label, name in (("aspect", aspect), ("general", "general"), ("uniform", UNIFORM)):
             if name in names:
                 per_query[label] = recall_hits(top[names.index(name)].numpy(), asked, truth)
+        chosen = (weights or {}).get("aspects", {}).get(aspect, {})
+        if chosen.get("validation"):
+            label = {aspect: "aspect", "general": "general", UNIFORM: "uniform"}[chosen["answered_by"]]
+            per_query["validated"] = per_query[label]
         if knn is not None:
             per_query["pixel_knn"] = recall_hits(knn, asked, truth)
         table[aspect] = {label: float(np.mean(v)) for label, v in per_query.items()}

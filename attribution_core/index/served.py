@@ -102,8 +102,10 @@ class ServedIndex:
         return [*(self.weights["aspects"] if self.weights else []), UNIFORM]
 
     def resolve_aspects(self, aspects: tuple[str, ...], fallback_uniform: bool) -> dict[str, str]:
-        """Requested aspect -> the weighting that answers it. Without learned weights for an
-        aspect: 'uniform' when the client did not choose aspects, else ``MissingWeightsError``."""
+        """Requested aspect -> the weighting that answers it: the one its validation chose
+        (``answered_by`` in the artifact; the aspect's own weights when unvalidated). Without
+        learned weights for an aspect: 'uniform' when the client did not choose aspects, else
+        ``MissingWeightsError``."""
         have = set(self.aspects)
         missing = [a for a in aspects if a not in have]
         if missing and not fallback_uniform:
@@ -112,7 +114,12 @@ class ServedIndex:
                 f"index version {self.version} has no learned weights for aspect(s) {', '.join(missing)} "
                 f"(looked for {name}); create them with `attribution learn-weights --config <config> --index "
                 f"{self.uri} --version {self.version} --aspects {','.join(missing)}`, or ask for 'uniform'", missing)
-        return {a: (a if a in have else UNIFORM) for a in aspects}
+        return {a: (self.answered_by(a) if a in have else UNIFORM) for a in aspects}
+
+    def answered_by(self, aspect: str) -> str:
+        learned = (self.weights or {}).get("aspects", {}).get(aspect, {})
+        chosen = learned.get("answered_by", aspect)
+        return chosen if chosen in self.aspects else aspect
 
     def search(self, features: torch.Tensor, weightings: list[list[str]], ks: list[int]) -> list[dict[str, list[dict]]]:
         """Top-k rows of this partition for each query ``features[i]`` under each weighting

@@ -62,12 +62,13 @@ def run_recall(cfg: ProjectConfig, index: LoadedIndex, document: dict[str, Any] 
     train_attrs = {a: [e.attributes[a] for e in rows] for a in aspects}
     vocabulary = {a: list(cfg.weights.prompts[a].values) for a in aspects if a in cfg.weights.prompts}
     seen = QuerySet([e.caption for e in sources], {a: [e.attributes[a] for e in sources] for a in aspects}, "recall")
-    table, intervals, generated, features = _recall(cfg, adapter, featurizer, index, kernel, document, seen,
+    table, intervals, generated, features, contrasts = _recall(cfg, adapter, featurizer, index, kernel, document, seen,
                                                     train_attrs, train_pixels, vocabulary)
     unseen = heldout_queries(manifest["dataset"]["uri"], aspects, ecfg.recall_queries, ecfg.seed)
     heldout_table, heldout_intervals = (_recall(cfg, adapter, featurizer, index, kernel, document, unseen, train_attrs,
                                                 train_pixels, vocabulary)[:2] if unseen else ({}, {}))
-    gallery = _gallery(ecfg.gallery, ecfg.gallery_k, features, generated, sources, rows, aspects, index, kernel, document)
+    gallery = _gallery(ecfg.gallery, ecfg.gallery_k, features, contrasts, generated, sources, rows, aspects, index,
+                       kernel, document)
     return {"table": table, "intervals": intervals, "heldout_table": heldout_table,
             "heldout_intervals": heldout_intervals, "heldout_queries": len(unseen.prompts) if unseen else 0,
             "gallery": gallery, "aspects": aspects, "queries": len(sources), "k": ecfg.recall_k,
@@ -100,10 +101,10 @@ def heldout_queries(dataset_uri: str, aspects: list[str], n: int, seed: int) -> 
 
 def _recall(cfg: ProjectConfig, adapter, featurizer, index: LoadedIndex, kernel, document: dict[str, Any] | None,
             queries: QuerySet, train_attrs: dict[str, list[Any]], train_pixels: np.ndarray,
-            vocabulary: dict[str, list[str]]) -> tuple[dict[str, dict[str, float]], dict[str, Any], list, Any]:
+            vocabulary: dict[str, list[str]]) -> tuple[dict[str, dict[str, float]], dict[str, Any], list, Any, dict]:
     """The Recall@K table of one query set (every weighting, the contrastive rows and pixel
-    kNN), its bootstrap intervals over queries, and the generated images and their features
-    (for the gallery)."""
+    kNN), its bootstrap intervals over queries, and the generated images, their features and
+    their contrastive features per aspect (for the gallery)."""
     ecfg = cfg.evaluate
     generated = generate(adapter, prompts=queries.prompts, n=len(queries.prompts),
                          seed=stable_seed("evaluation-queries", ecfg.seed, queries.name),
@@ -113,6 +114,7 @@ def _recall(cfg: ProjectConfig, adapter, featurizer, index: LoadedIndex, kernel,
     query_pixels = np.stack([decode_image(encode_png(g.image), f"query {i}", size, channels)
                              for i, g in enumerate(generated)])
     hits: dict[str, dict[str, np.ndarray]] = {}
+    contrasts: dict[str, Any] = {}
     table = aspect_recall_table(features, index.layout, kernel, index.features, document, queries.attributes,
                                 train_attrs, ecfg.recall_k, query_pixels, train_pixels, hits=hits)
     for a in vocabulary:  # Concept-TRAK: each query's prompt against the prompt without aspect a
@@ -121,23 +123,29 @@ def _recall(cfg: ProjectConfig, adapter, featurizer, index: LoadedIndex, kernel,
         except InputError as exc:
             log.warning("no contrastive %s queries: %s (weights.prompts.%s.values name the values)", a, exc, a)
             continue
-        contrastive = featurize_generated(featurizer, generated, contrast=contrast)
+        contrastive = contrasts[a] = featurize_generated(featurizer, generated, contrast=contrast)
         table[a].update(contrastive_recall(contrastive, index.layout, kernel, index.features, document, a,
                                            queries.attributes[a], train_attrs[a], ecfg.recall_k, hits=hits))
-    return table, recall_intervals(hits, ecfg.bootstrap, ecfg.seed), generated, features
+    return table, recall_intervals(hits, ecfg.bootstrap, ecfg.seed), generated, features, contrasts
 
 
-def _gallery(n: int, k: int, features, generated, sources, rows, aspects, index: LoadedIndex, kernel,
-             document: dict[str, Any] | None) -> list[dict[str, Any]]:
+def _gallery(n: int, k: int, features, contrasts: dict[str, Any], generated, sources, rows, aspects,
+             index: LoadedIndex, kernel, document: dict[str, Any] | None) -> list[dict[str, Any]]:
     """The first ``n`` queries with their top-``k`` training examples under each learned
-    weighting (and uniform), each marked with the attributes it shares with the query."""
+    weighting, uniform weights and each aspect's contrastive query (``subject, contrastive``),
+    each example marked with the attributes it shares with the query."""
     if n == 0:
         return []
     learned = [a for a in ("general", *aspects) if document and a in document["aspects"]]
-    names = [*learned, UNIFORM]
     doc = document or {"groups": list(index.layout.group_names), "aspects": {}}
     blocks = [index.features[i : i + 4096] for i in range(0, index.features.shape[0], 4096)]
+    rankings: dict[str, tuple[Any, Any]] = {}
+    names = [*learned, UNIFORM]
     scores, top = attribute(features[:n], weights_matrix(doc, names), index.layout, kernel, blocks, k)
+    rankings.update({name: (scores[i], top[i]) for i, name in enumerate(names)})
+    for a, contrastive in contrasts.items():
+        scores, top = attribute(contrastive[:n], weights_matrix(doc, [UNIFORM]), index.layout, kernel, blocks, k)
+        rankings[f"{a}, contrastive"] = (scores[0], top[0])
     out = []
     for q in range(min(n, len(generated))):
         asked = {a: sources[q].attributes[a] for a in aspects}
@@ -146,7 +154,7 @@ def _gallery(n: int, k: int, features, generated, sources, rows, aspects, index:
             "rankings": {name: [{"example_id": rows[j].example_id, "caption": rows[j].caption,
                                  "score": float(s), "image": rows[j].image,
                                  "shares": [a for a in aspects if rows[j].attributes[a] == asked[a]]}
-                                for s, j in zip(scores[i, q].tolist(), top[i, q].tolist())]
-                         for i, name in enumerate(names)},
+                                for s, j in zip(scores[q].tolist(), top[q].tolist())]
+                         for name, (scores, top) in rankings.items()},
         })
     return out

@@ -33,6 +33,7 @@ from pipelines.ray_runtime import cluster_cpus, ensure_ray
 from pipelines.weights.queries import learning_queries, prompts_for, shown_shares
 from pipelines.weights.scan import scan
 from pipelines.weights.train import optimise
+from pipelines.weights.validation import validate_aspects
 
 log = logging.getLogger(__name__)
 
@@ -142,10 +143,14 @@ def learn_weights(cfg: ProjectConfig, req: WeightsRequest) -> dict[str, Any]:
 
     weights = weights_from_theta(torch.from_numpy(theta))
     groups = [g.name for g in layout.groups]
+    validation = validate_aspects(featurizer, manifest, layout, kernel, dict(zip(aspects, weights)), wcfg, source,
+                                  paths, partitions) if adapter.conditioning == "text" else {}
+    lap("validate")
     per_aspect = {a: {"weights": weights[i].tolist(), "theta": theta[i].tolist(), "queries": wcfg.queries_per_aspect,
                       "prompts": sorted({p for p in prompts[a] if p})[:20],
                       "pool_recall": {"mean": float(np.mean(recall[a])), "min": float(min(recall[a]))},
-                      "shown": (shown or {}).get(a)}
+                      "shown": (shown or {}).get(a), "answered_by": validation.get(a, {}).get("answered_by", a),
+                      "validation": validation.get(a)}
                   for i, a in enumerate(aspects)}
     document = weights_document(store.uri, manifest, per_aspect, {
         "k": wcfg.top_k, "lambda_w": wcfg.lambda_w, "kernel": wcfg.use_kernel, "rounds": round_,
@@ -159,6 +164,8 @@ def learn_weights(cfg: ProjectConfig, req: WeightsRequest) -> dict[str, Any]:
             "recall_by_round": recall_by_round,
             "queries": len(queries), "aspects": {a: {"weights": dict(zip(groups, per_aspect[a]["weights"])),
                                                      "pool_recall": per_aspect[a]["pool_recall"],
-                                                     "shown": per_aspect[a]["shown"]} for a in aspects},
+                                                     "shown": per_aspect[a]["shown"],
+                                                     "answered_by": per_aspect[a]["answered_by"],
+                                                     "validation": per_aspect[a]["validation"]} for a in aspects},
             "objective": trajectory[-1]["objective"] if trajectory else None,
             "seconds": round(time.perf_counter() - started, 1), "stage_seconds": timings}

@@ -78,7 +78,7 @@ def test_demo_end_to_end(tmp_path, ray_cluster):
             lo, hi = row[f"{name}_ci"]
             assert -1 <= lo <= row[name] <= hi <= 1
     assert metrics["n_subsets"] == 4 and metrics["n_queries"] == 5
-    columns = {"aspect", "general", "uniform", "contrastive", "contrastive_aspect", "pixel_knn"}
+    columns = {"aspect", "validated", "general", "uniform", "contrastive", "contrastive_aspect", "pixel_knn"}
     for key in ("recall_at_10", "recall_heldout_at_10"):  # captions seen in training, and held-out combinations
         assert set(metrics[key]) == {"subject", "style", "background"}
         for row in metrics[key].values():
@@ -94,15 +94,21 @@ def test_demo_end_to_end(tmp_path, ray_cluster):
     for aspect in ("subject", "style", "background"):
         assert 0.0 <= learned["aspects"][aspect]["shown"] <= 1.0
     assert learned["aspects"]["general"]["shown"] is None
+    for aspect, row in metrics["recall_at_10"].items():  # what the endpoint answers the aspect with
+        assert row["validated"] == row[{aspect: "aspect"}.get(learned["aspects"][aspect]["answered_by"],
+                                           learned["aspects"][aspect]["answered_by"])]
     assert info["ground_truth"]["trained"] == 4
     on_disk = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert on_disk["lds"] == metrics["lds"] and on_disk["recall_at_10"] == metrics["recall_at_10"]
     report = (tmp_path / "eval" / "report.html").read_text()
     assert "Linear datamodeling score" in report and report.count("data:image/png;base64,") >= 2 * (1 + 3)
     assert "Held-out attribute combinations" in report and "contrastive + aspect weights" in report
+    assert "<div class=label>subject, contrastive</div>" in report  # the gallery ranks by each contrastive query too
     # The endpoint answered the generated query for every learned aspect.
     answer = served["answers"][0]["answer"]
-    assert set(answer["aspects"]) == {"general", "subject", "style", "background"} and not answer["substituted"]
+    assert set(answer["aspects"]) == {"general", "subject", "style", "background"}
+    chosen = {a: info["answered_by"] for a, info in learned["aspects"].items()}  # by their validation
+    assert answer["substituted"] == {a: used for a, used in chosen.items() if used != a}
     assert all(len(top) == 2 for top in answer["aspects"].values()) and answer["index"]["version"] == built["version"]
 
     # A second run trains, indexes, learns and retrains nothing, and measures the same numbers.

@@ -68,7 +68,7 @@ def test_learn_weights_end_to_end_grows_pools_and_ties_the_artifact_to_its_versi
     settings = {"featurize": FEATURIZE, "index": {"batch_size": 16, "actors": 2, "kernel": "block_diagonal"},
                 "weights": {"aspects": ["general", "subject"], "queries_per_aspect": 4, "sample_steps": 3,
                             "top_k": 3, "pool_size": 3, "max_rounds": 4, "steps": 20, "report_every": 10,
-                            "workers": 2}}
+                            "workers": 2, "validation_queries": 6}}
     cfg = from_mapping(ProjectConfig, settings)
     run_index(cfg, IndexRequest(dataset=data, model=model_dirs["text"], out=out))
     result = learn_weights(cfg, WeightsRequest(index=out))
@@ -86,7 +86,41 @@ def test_learn_weights_end_to_end_grows_pools_and_ties_the_artifact_to_its_versi
     assert document["trajectory"][-1]["round"] == result["rounds"]
     check_weights(document, manifest)
     assert weights_matrix(document, ["subject", "uniform"]).shape == (2, len(document["groups"]))
+    _validation_equals_offline_recall(cfg, out, manifest, document, model_dirs["text"])
     rebuilt = run_index(from_mapping(ProjectConfig, {**settings, "featurize": {**FEATURIZE, "seed": 7}}),
                         IndexRequest(dataset=data, model=model_dirs["text"], out=out))
     with pytest.raises(ManifestMismatchError, match="learned on index version"):
         check_weights(document, store.manifest(rebuilt["version"]))
+
+
+def _validation_equals_offline_recall(cfg, out: str, manifest: dict, document: dict, model: str) -> None:
+    """The subject's validation Recall (one distributed scan of the index) equals the
+    Recall table computed offline from the same queries over the index in memory, and the
+    weighting that answers the subject is the best of them."""
+    from attribution_core.evaluation.recall import aspect_recall_table
+    from attribution_core.features.seeding import stable_seed
+    from attribution_core.index.opening import version_featurizer
+    from attribution_core.index.reader import load_index
+    from attribution_core.models.sampling import generate
+    from attribution_core.weights.validation import choose
+    from pipelines.models import load_model_dir
+    from pipelines.weights.queries import featurize_generated
+    from pipelines.weights.validation import validation_set
+
+    found = document["aspects"]["subject"]["validation"]
+    assert document["aspects"]["general"]["validation"] is None  # no column says what a general query asks for
+    assert found["queries"] == 6 and found["k"] == 3 and set(found["recall"]) == {"subject", "general", "uniform"}
+    assert document["aspects"]["subject"]["answered_by"] == choose(found["recall"], ["subject", "general", "uniform"])
+    wcfg = cfg.weights
+    prompts, asked, values = validation_set(manifest["dataset"]["uri"], None, ["subject"], 6, wcfg.seed)
+    adapter = load_model_dir(model)
+    images = generate(adapter, prompts=prompts, n=6, seed=stable_seed("validation-queries", wcfg.seed),
+                      guidance=wcfg.guidance, steps=wcfg.sample_steps)
+    index = load_index(out)
+    features = featurize_generated(version_featurizer(adapter, manifest, cfg.featurize.max_rows_per_pass), images)
+    table = aspect_recall_table(features, index.layout, index.kernel, index.features, document, asked,
+                                {"subject": [values["subject"][i] for i in index.example_ids]}, k=3)
+    offline = {"subject": table["subject"]["aspect"], "general": table["subject"]["general"],
+               "uniform": table["subject"]["uniform"]}
+    assert found["recall"] == pytest.approx(offline, abs=1e-4)
+    assert table["subject"]["validated"] == offline[document["aspects"]["subject"]["answered_by"]]
