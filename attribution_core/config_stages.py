@@ -298,6 +298,9 @@ class EvaluateConfig:
     gallery_k: int = 5
     bootstrap: int = 2000
     """Bootstrap resamples of the queries for the confidence intervals."""
+    headroom: bool = True
+    """Add LDS's evaluation-only headroom row: group weights fitted to the retrained outputs on
+    half the subsets and queries, scored on the other halves (needs >= 4 of each)."""
     seed: int = 5000
     """Seeds evaluation queries, subsets and the universe; must differ from weights.seed."""
     gpus_per_task: float = -1.0

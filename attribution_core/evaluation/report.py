@@ -63,6 +63,19 @@ def lds_table(lds: dict[str, Any]) -> str:
     return "<table>" + "".join(rows) + "</table>"
 
 
+def headroom_table(lds: dict[str, Any]) -> str:
+    """LDS on the held-out halves: uniform, learned and weights fitted to LDS itself."""
+    rows = ["<tr><th class=name>basis</th><th>uniform weights</th><th>learned weights</th>"
+            "<th>fitted to LDS (headroom)</th><th>95% CI</th></tr>"]
+    for basis, row in lds.items():
+        h = row.get("headroom")
+        if h:
+            rows.append(f"<tr><td class=name>{html.escape(BASIS_LABEL.get(basis, basis))}</td><td>{_num(h['uniform'])}</td>"
+                        f"<td>{_num(h['learned'])}</td><td>{_num(h['lds'])}</td>"
+                        f"<td>[{_num(h['ci'][0])}, {_num(h['ci'][1])}]</td></tr>")
+    return "<table>" + "".join(rows) + "</table>" if len(rows) > 1 else ""
+
+
 def recall_table(recall: dict[str, dict[str, float]], intervals: dict[str, dict[str, Any]] | None = None) -> str:
     """Recall per aspect and column, with its 95 % interval over queries when known."""
     columns = [c for c in RECALL_COLUMNS if any(c[0] in row for row in recall.values())]
@@ -137,6 +150,14 @@ def render_report(metrics: dict[str, Any], gallery: list[dict[str, Any]]) -> str
             lds_table(lds),
             "<h3>Learned group weights (general)</h3>", weights_table(lds),
         ]
+        if any("headroom" in row for row in lds.values()):
+            sections += [
+                "<h3>Headroom of group weighting</h3>",
+                "<p>Evaluation only, never a default: group weights fitted to the retrained outputs on half of the "
+                "subsets and half of the queries, LDS measured on the other halves, then the halves swapped. "
+                "Uniform and learned weights are scored on the same halves (fewer subsets per query, so lower "
+                "than the table above). A learned row far below the fitted one means the weight objective misses "
+                "what the features hold.</p>", headroom_table(lds)]
     if recall:
         sections += [
             f"<h2>Aspect Recall@{info.get('recall_k', 10)}</h2>",

@@ -75,6 +75,8 @@ def evaluate(cfg: ProjectConfig, req: EvaluateRequest = EvaluateRequest()) -> di
         lap("weights")
         info.update(index=built["uri"], version=built["version"], model=cfg.model.path, weights=cfg.weights.name,
                     weights_learned_now=learned is not None, aspects_learned=sorted(document["aspects"]),
+                    answered_by={a: w.get("answered_by", a) for a, w in document["aspects"].items()},
+                    validation={a: w["validation"] for a, w in document["aspects"].items() if w.get("validation")},
                     index_build={k: built.get(k) for k in ("uri", "version", "mode", "up_to_date", "featurized",
                                                            "rows", "errors", "rows_per_s", "actors")})
         recall = run_recall(cfg, load_index(cfg.index.out, built["version"]), document)
@@ -95,7 +97,8 @@ def evaluate(cfg: ProjectConfig, req: EvaluateRequest = EvaluateRequest()) -> di
                               "learned_ci": [round(v, 4) for v in r["learned_ci"]],
                               "difference": round(r["difference"], 4),
                               "difference_ci": [round(v, 4) for v in r["difference_ci"]],
-                              "weights": {g: round(w, 4) for g, w in r["weights"].items()}}
+                              "weights": {g: round(w, 4) for g, w in r["weights"].items()},
+                              **({"headroom": r["headroom"]} if "headroom" in r else {})}
                           for b, r in result["table"].items()}
         metrics.update(n_subsets=result["n_subsets"], n_queries=result["n_queries"])
         kinds = [q["kind"] for q in result["queries"]]
@@ -127,6 +130,13 @@ def summary_text(metrics: dict[str, Any]) -> str:
             lines.append(f"  {basis:<8} {r['uniform']:>8.4f} [{r['uniform_ci'][0]:+.3f}, {r['uniform_ci'][1]:+.3f}]  "
                          f"{r['learned']:>8.4f} [{r['learned_ci'][0]:+.3f}, {r['learned_ci'][1]:+.3f}]  "
                          f"{r['difference']:>+8.4f} [{r['difference_ci'][0]:+.3f}, {r['difference_ci'][1]:+.3f}]")
+        rooms = {b: r["headroom"] for b, r in metrics["lds"].items() if "headroom" in r}
+        if rooms:
+            lines.append("  headroom (evaluation only: weights fitted to LDS on half the subsets and queries, scored "
+                         "on the other halves; uniform / learned / fitted on those halves)")
+            for basis, h in rooms.items():
+                lines.append(f"  {basis:<8} {h['uniform']:>8.4f} {h['learned']:>8.4f} {h['lds']:>8.4f} "
+                             f"[{h['ci'][0]:+.3f}, {h['ci'][1]:+.3f}]")
     recall_key = next(k for k in metrics if k.startswith("recall_at_"))
     intervals = metrics.get("recall_intervals", {})
     for key, what, ci in ((recall_key, "queries prompted with training captions", intervals.get("seen", {})),
@@ -143,6 +153,11 @@ def summary_text(metrics: dict[str, Any]) -> str:
                     if (d := ci.get(aspect, {}).get(f"{k}-uniform"))]
             if wins:
                 lines.append(f"  {'':<11} vs uniform (paired 95% CI): {'; '.join(wins)}")
+    validation = metrics["info"].get("validation")
+    if validation:
+        lines.append("Validated choice (learn-weights' own queries, Recall@top_k): " + "; ".join(
+            f"{a} answered by {metrics['info']['answered_by'][a]} ("
+            + ", ".join(f"{w} {r:.3f}" for w, r in v["recall"].items()) + ")" for a, v in validation.items()))
     if not metrics[recall_key] and metrics["info"].get("recall_skipped"):
         lines.append(f"Recall not measured: {metrics['info']['recall_skipped']}")
     lines.append(f"report: {metrics['report']}")

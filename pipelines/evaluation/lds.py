@@ -40,6 +40,7 @@ from attribution_core.data.loading import load_training_data
 from attribution_core.data.readers import RawExample, label_text, read_examples
 from attribution_core.data.writers import read_marker, write_parquet_dataset
 from attribution_core.errors import ConfigError, InputError
+from attribution_core.evaluation.headroom import headroom
 from attribution_core.evaluation.metrics import bootstrap_ci, lds, subset_masks
 from attribution_core.features.query import query_batch
 from attribution_core.features.seeding import stable_seed
@@ -209,6 +210,21 @@ def full_scores(queries: torch.Tensor, weights: torch.Tensor, index, kernel, ord
     return out
 
 
+def _headroom(per_group: np.ndarray, masks: np.ndarray, actual: np.ndarray, document: dict[str, Any],
+              ecfg) -> dict[str, Any]:
+    """The evaluation-only headroom row of one basis: group weights fitted to the retrained
+    outputs on half the subsets and queries, scored on the other halves (both ways), beside
+    uniform and the learned weights on the same halves."""
+    m = per_group.shape[0]
+    found = headroom(per_group, masks, actual, {"uniform": np.full(m, 1.0 / m),
+                                                "learned": np.array(document["aspects"]["general"]["weights"])},
+                     seed=stable_seed("lds-headroom", ecfg.seed), resamples=ecfg.bootstrap)
+    return {"lds": round(found["headroom"]["lds"], 4), "ci": [round(v, 4) for v in found["headroom"]["ci"]],
+            "uniform": round(found["uniform"]["lds"], 4), "learned": round(found["learned"]["lds"], 4),
+            "weights": dict(zip(document["groups"], np.mean(found["weights"], axis=0).round(4).tolist())),
+            "per_query": {name: found[name]["per_query"] for name in ("headroom", "uniform", "learned")}}
+
+
 def run_lds(cfg: ProjectConfig, ray_address: str | None = None) -> dict[str, Any]:
     from pipelines.index.job import IndexRequest, run_index
 
@@ -245,6 +261,7 @@ def run_lds(cfg: ProjectConfig, ray_address: str | None = None) -> dict[str, Any
     batch, kinds = lds_queries(cfg, adapter, model_dir, universe)
     order = [e.example_id for e in universe.examples]
     scores: dict[str, np.ndarray] = {}
+    per_group: dict[str, np.ndarray] = {}  # [M, Q, N]: the scores under each group alone, for the headroom
     for measurement, built in indexes.items():
         index = load_index(str(folder / f"index-{measurement}"), built["version"])
         features = version_featurizer(adapter, index.manifest, cfg.featurize.max_rows_per_pass).flat(batch)
@@ -253,6 +270,8 @@ def run_lds(cfg: ProjectConfig, ray_address: str | None = None) -> dict[str, Any
                 kernel = index.kernel if BASIS_SPEC[basis][1] else None
                 scores[basis] = full_scores(features, weights_matrix(documents[basis], [UNIFORM, "general"]), index,
                                             kernel, order)
+                if ecfg.headroom and ecfg.subsets >= 4 and len(batch) >= 4:
+                    per_group[basis] = full_scores(features, torch.eye(len(index.layout.groups)), index, kernel, order)
     lap("attribute")
 
     data = load_training_data(universe.uri, cfg.subset_train)
@@ -276,6 +295,9 @@ def run_lds(cfg: ProjectConfig, ray_address: str | None = None) -> dict[str, Any
         row["difference"] = float(np.nanmean(diff)) if np.isfinite(diff).any() else float("nan")
         row["difference_ci"] = list(bootstrap_ci(diff, resamples=ecfg.bootstrap, seed=ecfg.seed))
         row["weights"] = dict(zip(documents[basis]["groups"], documents[basis]["aspects"]["general"]["weights"]))
+        if basis in per_group:
+            row["headroom"] = _headroom(per_group[basis], masks, actual, documents[basis], ecfg)
+            detail[basis]["headroom"] = row["headroom"].pop("per_query")
         table[basis] = row
     lap("lds")
     return {

@@ -77,6 +77,8 @@ def test_demo_end_to_end(tmp_path, ray_cluster):
         for name in ("uniform", "learned"):
             lo, hi = row[f"{name}_ci"]
             assert -1 <= lo <= row[name] <= hi <= 1
+        room = row["headroom"]  # weights fitted to LDS on halves: evaluation only, beside uniform / learned
+        assert all(-1 <= room[k] <= 1 for k in ("uniform", "learned", "lds")) and set(room["weights"]) == set(row["weights"])
     assert metrics["n_subsets"] == 4 and metrics["n_queries"] == 5
     columns = {"aspect", "validated", "general", "uniform", "contrastive", "contrastive_aspect", "pixel_knn"}
     for key in ("recall_at_10", "recall_heldout_at_10"):  # captions seen in training, and held-out combinations
@@ -103,11 +105,13 @@ def test_demo_end_to_end(tmp_path, ray_cluster):
     report = (tmp_path / "eval" / "report.html").read_text()
     assert "Linear datamodeling score" in report and report.count("data:image/png;base64,") >= 2 * (1 + 3)
     assert "Held-out attribute combinations" in report and "contrastive + aspect weights" in report
+    assert "Headroom of group weighting" in report
     assert "<div class=label>subject, contrastive</div>" in report  # the gallery ranks by each contrastive query too
     # The endpoint answered the generated query for every learned aspect.
     answer = served["answers"][0]["answer"]
     assert set(answer["aspects"]) == {"general", "subject", "style", "background"}
-    chosen = {a: info["answered_by"] for a, info in learned["aspects"].items()}  # by their validation
+    chosen = {a: w["answered_by"] for a, w in learned["aspects"].items()}  # by their validation
+    assert info["answered_by"] == chosen and set(info["validation"]) == {"subject", "style", "background"}
     assert answer["substituted"] == {a: used for a, used in chosen.items() if used != a}
     assert all(len(top) == 2 for top in answer["aspects"].values()) and answer["index"]["version"] == built["version"]
 
@@ -119,6 +123,7 @@ def test_demo_end_to_end(tmp_path, ray_cluster):
     assert info["universe_model_trained_now"] and not again["info"]["universe_model_trained_now"]
     assert again["lds"] == metrics["lds"] and again["recall_at_10"] == metrics["recall_at_10"]
     assert "up to date" in text and "LDS (4 subsets, 5 queries" in text and "query:" in text
+    assert f"subject answered by {chosen['subject']} (" in text
     assert f"report           {(tmp_path / 'eval' / 'report.html').resolve()}" in text
 
 

@@ -1,0 +1,84 @@
+"""Headroom of group weighting on an LDS benchmark: the most any weights could gain.
+
+Scores are linear in the weights, ``tau_w(q, x) = sum_m w_m c_m(q, x)``, so a subset's
+predicted output under ``w`` is ``sum_m w_m P_m(q, s)`` with ``P_m(q, s) = sum_{x in s}
+c_m(q, x)``. Weights ``w = softmax(theta)`` are fitted to the retrained outputs directly
+(Pearson correlation across subsets, the differentiable stand-in for LDS's Spearman) on half
+of the subsets and half of the queries, and LDS is measured on the other half of both; then
+the halves swap, and each query keeps the LDS of the fold that held it out. Uniform and the
+learned weights are scored on exactly the same held-out halves, so the three compare.
+
+An evaluation-only upper reference: it reads the ground truth, so it is never a default and
+never feeds the learned weights. A learned row far under it means the objective misses what
+the features hold; a headroom near uniform means no group weighting can help these features.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from attribution_core.errors import InputError
+from attribution_core.evaluation.metrics import bootstrap_ci, lds_per_query
+
+
+def subset_sums(contributions: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """``[M, Q, S]``: each group's summed contribution over each subset's examples, from
+    ``contributions [M, Q, N]`` and ``masks bool [S, N]``."""
+    return np.einsum("mqn,sn->mqs", contributions, masks.astype(contributions.dtype))
+
+
+def fit_weights(sums: np.ndarray, actual: np.ndarray, steps: int = 400, learning_rate: float = 0.05) -> np.ndarray:
+    """``w [M]`` (non-negative, summing to 1) maximising the mean over queries of the Pearson
+    correlation between ``sum_m w_m sums[m, q, :]`` and ``actual [Q, S]``."""
+    p = torch.from_numpy(sums).double()  # [M, Q, S]
+    y = torch.from_numpy(actual).double()
+    y = y - y.mean(dim=1, keepdim=True)
+    y = y / y.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    theta = torch.zeros(p.shape[0], dtype=torch.float64, requires_grad=True)
+    optimiser = torch.optim.Adam([theta], lr=learning_rate)
+    for _ in range(steps):
+        optimiser.zero_grad()
+        pred = torch.einsum("m,mqs->qs", torch.softmax(theta, 0), p)
+        pred = pred - pred.mean(dim=1, keepdim=True)
+        pred = pred / pred.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        loss = -(pred * y).sum(dim=1).mean()
+        loss.backward()
+        optimiser.step()
+    return torch.softmax(theta.detach(), 0).numpy()
+
+
+def headroom(contributions: np.ndarray, masks: np.ndarray, actual: np.ndarray, weights: dict[str, np.ndarray],
+             seed: int = 0, resamples: int = 2000, steps: int = 400) -> dict[str, Any]:
+    """Two-fold headroom over halves of subsets and queries.
+
+    ``contributions [M, Q, N]`` per-group scores of every query and universe example;
+    ``masks [S, N]``; ``actual [Q, S]`` retrained outputs; ``weights``: named ``[M]`` vectors
+    (uniform, learned) scored on the same held-out halves. Returns ``{"headroom": {"lds",
+    "ci", "per_query"}, name: {...}, ..., "weights": [w of fold 1, w of fold 2]}``.
+    """
+    m, q, _ = contributions.shape
+    s = masks.shape[0]
+    if q < 4 or s < 4:
+        raise InputError(f"the headroom needs at least 4 queries and 4 subsets (2 per half), got {q} and {s}")
+    rng = np.random.default_rng(seed)
+    query_half, subset_half = rng.permutation(q) % 2, rng.permutation(s) % 2
+    sums = subset_sums(contributions, masks)
+    per_query = {name: np.full(q, np.nan) for name in ("headroom", *weights)}
+    fitted = []
+    for fold in (0, 1):
+        fit_q, fit_s = query_half == fold, subset_half == fold
+        test_q, test_s = ~fit_q, ~fit_s
+        w = fit_weights(sums[:, fit_q][:, :, fit_s], actual[fit_q][:, fit_s], steps=steps)
+        fitted.append(w.tolist())
+        for name, vector in (("headroom", w), *weights.items()):
+            predicted = np.einsum("m,mqs->qs", vector, sums[:, test_q][:, :, test_s])
+            per_query[name][test_q] = lds_per_query(predicted, actual[test_q][:, test_s])
+    out: dict[str, Any] = {"weights": fitted, "queries": q, "subsets_per_half": int(s // 2)}
+    for name, values in per_query.items():
+        valid = values[~np.isnan(values)]
+        out[name] = {"lds": float(valid.mean()) if len(valid) else float("nan"),
+                     "ci": list(bootstrap_ci(values, resamples, seed=seed)), "per_query": values.tolist()}
+    return out
