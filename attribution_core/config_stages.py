@@ -298,6 +298,10 @@ class EvaluateConfig:
     gallery_k: int = 5
     bootstrap: int = 2000
     """Bootstrap resamples of the queries for the confidence intervals."""
+    damping_grid: tuple[float, ...] = ()
+    """LDS of the kernel bases (TRAK, D-TRAK) again with the kernel rebuilt at each of these
+    ``index.damping`` values (uniform weights, and the weights learned at the index's own
+    damping); empty: no sweep."""
     headroom: bool = True
     """Add LDS's evaluation-only headroom row: group weights fitted to the retrained outputs on
     half the subsets and queries, scored on the other halves (needs >= 4 of each)."""
@@ -319,5 +323,7 @@ class EvaluateConfig:
             _check(getattr(self, name) >= 0, f"evaluate.{name}", f"must be >= 0, got {getattr(self, name)}")
         for name in ("output_timesteps", "output_noise_draws", "weights_queries", "recall_k", "gallery_k", "bootstrap"):
             _check(getattr(self, name) >= 1, f"evaluate.{name}", f"must be >= 1, got {getattr(self, name)}")
+        _check(all(d > 0 for d in self.damping_grid), "evaluate.damping_grid",
+               f"dampings must be > 0, got {list(self.damping_grid)}")
         _check(self.gpus_per_task == -1 or self.gpus_per_task >= 0, "evaluate.gpus_per_task",
                f"must be -1 (auto) or >= 0, got {self.gpus_per_task}")

@@ -76,6 +76,19 @@ def headroom_table(lds: dict[str, Any]) -> str:
     return "<table>" + "".join(rows) + "</table>" if len(rows) > 1 else ""
 
 
+def damping_table(lds: dict[str, Any]) -> str:
+    """LDS of each kernel basis by the kernel's damping."""
+    swept = {b: row["damping"] for b, row in lds.items() if row.get("damping")}
+    if not swept:
+        return ""
+    rows = ["<tr><th class=name>basis</th><th>index.damping</th><th>uniform weights</th>"
+            "<th>learned weights (at the index's damping)</th></tr>"]
+    for basis, entries in swept.items():
+        rows += [f"<tr><td class=name>{html.escape(BASIS_LABEL.get(basis, basis))}</td><td>{e['damping']:g}</td>"
+                 f"<td>{_num(e['uniform'])}</td><td>{_num(e['learned'])}</td></tr>" for e in entries]
+    return "<table>" + "".join(rows) + "</table>"
+
+
 def recall_table(recall: dict[str, dict[str, float]], intervals: dict[str, dict[str, Any]] | None = None) -> str:
     """Recall per aspect and column, with its 95 % interval over queries when known."""
     columns = [c for c in RECALL_COLUMNS if any(c[0] in row for row in recall.values())]
@@ -158,6 +171,11 @@ def render_report(metrics: dict[str, Any], gallery: list[dict[str, Any]]) -> str
                 "Uniform and learned weights are scored on the same halves (fewer subsets per query, so lower "
                 "than the table above). A learned row far below the fitted one means the weight objective misses "
                 "what the features hold.</p>", headroom_table(lds)]
+        if any(row.get("damping") for row in lds.values()):
+            sections += ["<h3>LDS by kernel damping</h3>",
+                         "<p>The kernel K = (C + &lambda;I)<sup>&minus;1</sup> rebuilt with &lambda; = damping &times; "
+                         "mean diagonal of C; the learned weights are those learned with the index's own damping.</p>",
+                         damping_table(lds)]
     if recall:
         sections += [
             f"<h2>Aspect Recall@{info.get('recall_k', 10)}</h2>",

@@ -77,6 +77,18 @@ def kernel_from_gram(gram: np.ndarray, damping: float) -> tuple[np.ndarray, floa
     return (kernel + kernel.T) / 2, lam
 
 
+def damped_kernel(features: torch.Tensor, kernel_blocks: list[tuple[int, int, torch.Tensor]],
+                  damping: float) -> list[tuple[int, int, torch.Tensor]]:
+    """The kernel of the same blocks as ``kernel_blocks`` rebuilt from the rows ``features
+    [N, k_total]`` with another ``damping`` (the index's own when it is the same number)."""
+    rows = features.double().numpy()
+    out = []
+    for offset, dim, _ in kernel_blocks:
+        x = rows[:, offset : offset + dim]
+        out.append((offset, dim, torch.from_numpy(kernel_from_gram(x.T @ x, damping)[0])))
+    return out
+
+
 def precondition(queries: torch.Tensor, kernel_blocks: list[tuple[int, int, torch.Tensor]]) -> torch.Tensor:
     """``q' = K q`` for ``Tensor[..., k_total]`` queries and a (block-diagonal) kernel given
     as ``(offset, dim, K_b)`` blocks (K symmetric, so each block acts as ``q_b @ K_b``)."""

@@ -98,7 +98,7 @@ def evaluate(cfg: ProjectConfig, req: EvaluateRequest = EvaluateRequest()) -> di
                               "difference": round(r["difference"], 4),
                               "difference_ci": [round(v, 4) for v in r["difference_ci"]],
                               "weights": {g: round(w, 4) for g, w in r["weights"].items()},
-                              **({"headroom": r["headroom"]} if "headroom" in r else {})}
+                              **{k: r[k] for k in ("headroom", "damping") if k in r}}
                           for b, r in result["table"].items()}
         metrics.update(n_subsets=result["n_subsets"], n_queries=result["n_queries"])
         kinds = [q["kind"] for q in result["queries"]]
@@ -137,6 +137,10 @@ def summary_text(metrics: dict[str, Any]) -> str:
             for basis, h in rooms.items():
                 lines.append(f"  {basis:<8} {h['uniform']:>8.4f} {h['learned']:>8.4f} {h['lds']:>8.4f} "
                              f"[{h['ci'][0]:+.3f}, {h['ci'][1]:+.3f}]")
+        for basis, r in metrics["lds"].items():
+            if r.get("damping"):
+                lines.append(f"  {basis} by index.damping (uniform / learned at the index's damping): " + "; ".join(
+                    f"{d['damping']:g}: {d['uniform']:.4f} / {d['learned']:.4f}" for d in r["damping"]))
     recall_key = next(k for k in metrics if k.startswith("recall_at_"))
     intervals = metrics.get("recall_intervals", {})
     for key, what, ci in ((recall_key, "queries prompted with training captions", intervals.get("seen", {})),

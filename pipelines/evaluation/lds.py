@@ -44,6 +44,7 @@ from attribution_core.evaluation.headroom import headroom
 from attribution_core.evaluation.metrics import bootstrap_ci, lds, subset_masks
 from attribution_core.features.query import query_batch
 from attribution_core.features.seeding import stable_seed
+from attribution_core.index.kernel import damped_kernel
 from attribution_core.index.opening import version_featurizer
 from attribution_core.index.reader import load_index
 from attribution_core.index.scoring import preconditioned_queries
@@ -262,6 +263,7 @@ def run_lds(cfg: ProjectConfig, ray_address: str | None = None) -> dict[str, Any
     order = [e.example_id for e in universe.examples]
     scores: dict[str, np.ndarray] = {}
     per_group: dict[str, np.ndarray] = {}  # [M, Q, N]: the scores under each group alone, for the headroom
+    swept: dict[str, dict[float, np.ndarray]] = {b: {} for b in ecfg.bases}  # damping -> [2, Q, N]
     for measurement, built in indexes.items():
         index = load_index(str(folder / f"index-{measurement}"), built["version"])
         features = version_featurizer(adapter, index.manifest, cfg.featurize.max_rows_per_pass).flat(batch)
@@ -270,6 +272,9 @@ def run_lds(cfg: ProjectConfig, ray_address: str | None = None) -> dict[str, Any
                 kernel = index.kernel if BASIS_SPEC[basis][1] else None
                 scores[basis] = full_scores(features, weights_matrix(documents[basis], [UNIFORM, "general"]), index,
                                             kernel, order)
+                for damping in ecfg.damping_grid if BASIS_SPEC[basis][1] else ():
+                    swept[basis][damping] = full_scores(features, weights_matrix(documents[basis], [UNIFORM, "general"]),
+                                                        index, damped_kernel(index.features, index.kernel, damping), order)
                 if ecfg.headroom and ecfg.subsets >= 4 and len(batch) >= 4:
                     per_group[basis] = full_scores(features, torch.eye(len(index.layout.groups)), index, kernel, order)
     lap("attribute")
@@ -295,6 +300,10 @@ def run_lds(cfg: ProjectConfig, ray_address: str | None = None) -> dict[str, Any
         row["difference"] = float(np.nanmean(diff)) if np.isfinite(diff).any() else float("nan")
         row["difference_ci"] = list(bootstrap_ci(diff, resamples=ecfg.bootstrap, seed=ecfg.seed))
         row["weights"] = dict(zip(documents[basis]["groups"], documents[basis]["aspects"]["general"]["weights"]))
+        if swept[basis]:
+            row["damping"] = [{"damping": d, **{name: round(lds(sc[i], masks, actual, seed=ecfg.seed, resamples=ecfg.bootstrap)
+                                                            ["lds"], 4) for i, name in enumerate(("uniform", "learned"))}}
+                              for d, sc in sorted(swept[basis].items())]
         if basis in per_group:
             row["headroom"] = _headroom(per_group[basis], masks, actual, documents[basis], ecfg)
             detail[basis]["headroom"] = row["headroom"].pop("per_query")

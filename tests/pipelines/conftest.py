@@ -84,7 +84,7 @@ def tiny_main_job(tmp_path: Path, **sections: dict) -> dict:
     cfg["serve"].update(partitions=1, cpus_per_replica=0.25)
     cfg["evaluate"].update(out=str(tmp_path / "eval"), lds_examples=24, subsets=4, generated_queries=3,
                            heldout_queries=2, output_timesteps=2, weights_queries=4, recall_queries=6, gallery=2,
-                           gallery_k=3, bootstrap=200)
+                           gallery_k=3, bootstrap=200, damping_grid=[0.01, 1.0])
     for name, values in sections.items():
         cfg.setdefault(name, {}).update(values)
     return cfg

@@ -73,10 +73,14 @@ def test_demo_end_to_end(tmp_path, ray_cluster):
     assert info["weights_learned_now"] and info["aspects_learned"] == ["background", "general", "style", "subject"]
     # The evaluation: every basis with uniform and learned weights, CIs around their means.
     assert set(metrics["lds"]) == {"tracin", "trak", "dtrak"}
-    for row in metrics["lds"].values():
+    for basis, row in metrics["lds"].items():
         for name in ("uniform", "learned"):
             lo, hi = row[f"{name}_ci"]
             assert -1 <= lo <= row[name] <= hi <= 1
+        if basis in ("trak", "dtrak"):  # the sweep rebuilds the kernel; at the index's own damping it is the same
+            sweep = {d["damping"]: d for d in row["damping"]}
+            assert set(sweep) == {0.01, 1.0} and sweep[0.01]["uniform"] == pytest.approx(row["uniform"], abs=1e-3)
+            assert sweep[0.01]["learned"] == pytest.approx(row["learned"], abs=1e-3)
         room = row["headroom"]  # weights fitted to LDS on halves: evaluation only, beside uniform / learned
         assert all(-1 <= room[k] <= 1 for k in ("uniform", "learned", "lds")) and set(room["weights"]) == set(row["weights"])
     assert metrics["n_subsets"] == 4 and metrics["n_queries"] == 5
@@ -105,7 +109,7 @@ def test_demo_end_to_end(tmp_path, ray_cluster):
     report = (tmp_path / "eval" / "report.html").read_text()
     assert "Linear datamodeling score" in report and report.count("data:image/png;base64,") >= 2 * (1 + 3)
     assert "Held-out attribute combinations" in report and "contrastive + aspect weights" in report
-    assert "Headroom of group weighting" in report
+    assert "Headroom of group weighting" in report and "LDS by kernel damping" in report
     assert "<div class=label>subject, contrastive</div>" in report  # the gallery ranks by each contrastive query too
     # The endpoint answered the generated query for every learned aspect.
     answer = served["answers"][0]["answer"]
