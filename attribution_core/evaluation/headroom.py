@@ -4,7 +4,8 @@ Scores are linear in the weights, ``tau_w(q, x) = sum_m w_m c_m(q, x)``, so a su
 predicted output under ``w`` is ``sum_m w_m P_m(q, s)`` with ``P_m(q, s) = sum_{x in s}
 c_m(q, x)``. Weights ``w = softmax(theta)`` are fitted to the retrained outputs directly
 (Pearson correlation across subsets, the differentiable stand-in for LDS's Spearman) on half
-of the subsets and half of the queries, and LDS is measured on the other half of both; then
+of the subsets and half of the queries -- moved from uniform only as far as a split of those
+subsets says it generalises -- and LDS is measured on the other half of both; then
 the halves swap, and each query keeps the LDS of the fold that held it out. Uniform and the
 learned weights are scored on exactly the same held-out halves, so the three compare.
 
@@ -50,6 +51,28 @@ def fit_weights(sums: np.ndarray, actual: np.ndarray, steps: int = 400, learning
     return torch.softmax(theta.detach(), 0).numpy()
 
 
+SHRINKAGE = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def fit_shrunk(sums: np.ndarray, actual: np.ndarray, rng: np.random.Generator, steps: int = 400) -> tuple[np.ndarray, float]:
+    """Fitted weights moved from uniform only as far as helps on subsets the fit did not see:
+    ``(1 - a) uniform + a w`` with ``a`` chosen by LDS on half of these subsets after fitting
+    on the other half (ties: the smaller move), then ``w`` refitted on all of them.
+    Returns the weights and ``a``."""
+    m, _, s = sums.shape
+    inner = rng.permutation(s) % 2 == 0
+    uniform = np.full(m, 1.0 / m)
+    w = fit_weights(sums[:, :, inner], actual[:, inner], steps=steps)
+
+    def held_out(a: float) -> float:
+        predicted = np.einsum("m,mqs->qs", (1 - a) * uniform + a * w, sums[:, :, ~inner])
+        return float(np.nanmean(lds_per_query(predicted, actual[:, ~inner])))
+
+    scores = [held_out(a) for a in SHRINKAGE]
+    a = SHRINKAGE[int(np.argmax(scores))]
+    return (1 - a) * uniform + a * fit_weights(sums, actual, steps=steps), a
+
+
 def headroom(contributions: np.ndarray, masks: np.ndarray, actual: np.ndarray, weights: dict[str, np.ndarray],
              seed: int = 0, resamples: int = 2000, steps: int = 400) -> dict[str, Any]:
     """Two-fold headroom over halves of subsets and queries.
@@ -67,16 +90,17 @@ def headroom(contributions: np.ndarray, masks: np.ndarray, actual: np.ndarray, w
     query_half, subset_half = rng.permutation(q) % 2, rng.permutation(s) % 2
     sums = subset_sums(contributions, masks)
     per_query = {name: np.full(q, np.nan) for name in ("headroom", *weights)}
-    fitted = []
+    fitted, moves = [], []
     for fold in (0, 1):
         fit_q, fit_s = query_half == fold, subset_half == fold
         test_q, test_s = ~fit_q, ~fit_s
-        w = fit_weights(sums[:, fit_q][:, :, fit_s], actual[fit_q][:, fit_s], steps=steps)
+        w, a = fit_shrunk(sums[:, fit_q][:, :, fit_s], actual[fit_q][:, fit_s], rng, steps=steps)
         fitted.append(w.tolist())
+        moves.append(a)
         for name, vector in (("headroom", w), *weights.items()):
             predicted = np.einsum("m,mqs->qs", vector, sums[:, test_q][:, :, test_s])
             per_query[name][test_q] = lds_per_query(predicted, actual[test_q][:, test_s])
-    out: dict[str, Any] = {"weights": fitted, "queries": q, "subsets_per_half": int(s // 2)}
+    out: dict[str, Any] = {"weights": fitted, "shrinkage": moves, "queries": q, "subsets_per_half": int(s // 2)}
     for name, values in per_query.items():
         valid = values[~np.isnan(values)]
         out[name] = {"lds": float(valid.mean()) if len(valid) else float("nan"),

@@ -223,6 +223,7 @@ def _headroom(per_group: np.ndarray, masks: np.ndarray, actual: np.ndarray, docu
     return {"lds": round(found["headroom"]["lds"], 4), "ci": [round(v, 4) for v in found["headroom"]["ci"]],
             "uniform": round(found["uniform"]["lds"], 4), "learned": round(found["learned"]["lds"], 4),
             "weights": dict(zip(document["groups"], np.mean(found["weights"], axis=0).round(4).tolist())),
+            "shrinkage": found["shrinkage"],
             "per_query": {name: found[name]["per_query"] for name in ("headroom", "uniform", "learned")}}
 
 

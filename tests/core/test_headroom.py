@@ -35,6 +35,7 @@ def test_fitted_weights_find_the_group_that_predicts_retraining_and_beat_uniform
                      resamples=200)
     assert found["headroom"]["lds"] > found["uniform"]["lds"] + 0.2 > found["learned"]["lds"] + 0.2
     assert found["subsets_per_half"] == 12 and len(found["weights"]) == 2
+    assert found["shrinkage"] == [1.0, 1.0]  # a signal this clear generalises: no pull back toward uniform
     assert not np.isnan(found["headroom"]["per_query"]).any()  # every query scored by the fold that held it out
     # Each held-out LDS is the plain LDS of that weighting on those halves: recompute one query by hand.
     rng = np.random.default_rng(0)
