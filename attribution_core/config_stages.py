@@ -132,6 +132,11 @@ class WeightsConfig:
     the model cannot draw is visible before its weights are used."""
     check_epochs: int = 8
     """Training epochs of that classifier."""
+    holdout_queries: int = 16
+    """Learning queries per aspect made apart from the learning ones (seeds of their own, never
+    evaluation queries); the weight objective on them chooses how far each aspect's weights
+    move from uniform, ``(1 - a) uniform + a w`` for a in 0, 0.25, ..., 1 (``shrinkage`` in
+    the artifact). 0: the learned weights as they are."""
     validation_queries: int = 32
     """Where the dataset has a column per learned aspect: images generated from this many
     training captions (seeds apart from learning and evaluation queries) on which each aspect's
@@ -145,6 +150,8 @@ class WeightsConfig:
         for name in ("queries_per_aspect", "sample_steps", "top_k", "pool_size", "max_rounds", "steps", "workers",
                      "report_every", "check_epochs"):
             _check(getattr(self, name) >= 1, f"weights.{name}", f"must be >= 1, got {getattr(self, name)}")
+        _check(self.holdout_queries >= 0, "weights.holdout_queries",
+               f"must be >= 0 (0: no shrinkage toward uniform), got {self.holdout_queries}")
         _check(self.validation_queries >= 0, "weights.validation_queries",
                f"must be >= 0 (0: no validation), got {self.validation_queries}")
         _check(self.pool_size >= self.top_k, "weights.pool_size", f"must be >= top_k ({self.top_k}), got {self.pool_size}")

@@ -23,6 +23,7 @@ import torch
 
 from attribution_core.errors import InputError
 from attribution_core.evaluation.metrics import bootstrap_ci, lds_per_query
+from attribution_core.weights.shrinkage import SHRINKAGE
 
 
 def subset_sums(contributions: np.ndarray, masks: np.ndarray) -> np.ndarray:
@@ -49,9 +50,6 @@ def fit_weights(sums: np.ndarray, actual: np.ndarray, steps: int = 400, learning
         loss.backward()
         optimiser.step()
     return torch.softmax(theta.detach(), 0).numpy()
-
-
-SHRINKAGE = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 def fit_shrunk(sums: np.ndarray, actual: np.ndarray, rng: np.random.Generator, steps: int = 400) -> tuple[np.ndarray, float]:

@@ -137,6 +137,15 @@ def extend_pools(pools: Pools, found: ScanState) -> tuple[Pools, list[float]]:
     return _pad(rows, pools.contrib.shape[2]), recall
 
 
+def stack_pools(parts: list[Pools]) -> Pools:
+    """One ``Pools`` of the queries of ``parts`` (in order), each padded to the widest."""
+    width = max(p.contrib.shape[1] for p in parts)
+    return Pools(
+        ids=np.concatenate([np.pad(p.ids, ((0, 0), (0, width - p.ids.shape[1])), constant_values="") for p in parts]),
+        contrib=torch.cat([torch.nn.functional.pad(p.contrib, (0, 0, 0, width - p.contrib.shape[1])) for p in parts]),
+        valid=torch.cat([torch.nn.functional.pad(p.valid, (0, width - p.valid.shape[1])) for p in parts]))
+
+
 def mining_weightings(m: int, extra: list[torch.Tensor] | None = None) -> torch.Tensor:
     """``[A, M]``: uniform, each group alone, and any ``extra`` weightings."""
     rows = [torch.full((m,), 1.0 / m)] + [torch.eye(m)[j] for j in range(m)] + list(extra or [])

@@ -26,6 +26,11 @@ def _run(args: argparse.Namespace) -> int:
         top = sorted(info["weights"].items(), key=lambda kv: -kv[1])[:4]
         print(f"  {aspect:10s} pool recall {info['pool_recall']['mean']:.3f}  "
               + ", ".join(f"{g} {w:.3f}" for g, w in top))
+        if info["shrinkage"]:
+            moved = info["shrinkage"]
+            print(f"  {'':10s} moved {moved['a']:g} of the way from uniform (held-out objective over "
+                  f"{moved['queries']} queries: " + ", ".join(f"{a:g}: {v:.4f}" for a, v in moved["objective"].items())
+                  + ")")
         if info["validation"]:
             v = info["validation"]
             print(f"  {'':10s} validation Recall@{v['k']} over {v['queries']} queries: "
@@ -42,7 +47,8 @@ def add_parser(sub: argparse._SubParsersAction, default_config: str) -> None:
         "moments, and minimise the self-supervised objective -mean(top-k tau_w)/||tau_w|| + lambda_w ||w||^2 "
         "over w = softmax(theta) on Ray Train; rescan to verify the pools and repeat. Where the dataset has a "
         "column per aspect, validation queries (weights.validation_queries) choose which weighting answers each "
-        "aspect: its own weights, the general ones or uniform. Writes <index>/versions/<version>/weights/<name>.json.",
+        "aspect: its own weights, the general ones or uniform; before that, held-out learning queries "
+        "(weights.holdout_queries) choose how far each aspect's weights move from uniform. Writes <index>/versions/<version>/weights/<name>.json.",
     )
     p.add_argument("--config", default=default_config, help=f"YAML config (default {default_config})")
     p.add_argument("--index", help="index root (default: index.out of the config)")

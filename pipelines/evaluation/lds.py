@@ -227,6 +227,54 @@ def _headroom(per_group: np.ndarray, masks: np.ndarray, actual: np.ndarray, docu
             "per_query": {name: found[name]["per_query"] for name in ("headroom", "uniform", "learned")}}
 
 
+@dataclasses.dataclass
+class BasisScores:
+    """Scores ``[2, Q, N]`` of one basis's LDS queries over the universe (uniform, learned), the
+    same at each swept kernel damping, and ``[M, Q, N]`` under each group alone (headroom)."""
+
+    pair: np.ndarray
+    by_damping: dict[float, np.ndarray]
+    per_group: np.ndarray | None
+
+
+def basis_scores(features: torch.Tensor, index, document: dict[str, Any], with_kernel: bool, order: list[str],
+                 ecfg) -> BasisScores:
+    weights = weights_matrix(document, [UNIFORM, "general"])
+    kernel = index.kernel if with_kernel else None
+    swept = {d: full_scores(features, weights, index, damped_kernel(index.features, index.kernel, d), order)
+             for d in (ecfg.damping_grid if with_kernel else ())}
+    headroom_possible = ecfg.headroom and ecfg.subsets >= 4 and features.shape[0] >= 4
+    per_group = (full_scores(features, torch.eye(len(index.layout.groups)), index, kernel, order)
+                 if headroom_possible else None)
+    return BasisScores(full_scores(features, weights, index, kernel, order), swept, per_group)
+
+
+def lds_row(scored: BasisScores, document: dict[str, Any], masks: np.ndarray, actual: np.ndarray,
+            ecfg) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One basis's LDS table row (uniform, learned, their paired difference, the damping sweep
+    and the headroom) and its per-query values."""
+    row: dict[str, Any] = {}
+    detail: dict[str, Any] = {}
+    for i, name in enumerate(("uniform", "learned")):
+        result = lds(scored.pair[i], masks, actual, seed=ecfg.seed, resamples=ecfg.bootstrap)
+        row[name], row[f"{name}_ci"] = result["lds"], result["ci"]
+        detail[name] = result["per_query"]
+    # Paired over queries: the interval of mean(learned - uniform), the test of "learned beats uniform".
+    diff = np.array(detail["learned"], dtype=float) - np.array(detail["uniform"], dtype=float)
+    row["difference"] = float(np.nanmean(diff)) if np.isfinite(diff).any() else float("nan")
+    row["difference_ci"] = list(bootstrap_ci(diff, resamples=ecfg.bootstrap, seed=ecfg.seed))
+    row["weights"] = dict(zip(document["groups"], document["aspects"]["general"]["weights"]))
+    if scored.by_damping:
+        row["damping"] = [{"damping": d, **{name: round(lds(sc[i], masks, actual, seed=ecfg.seed,
+                                                           resamples=ecfg.bootstrap)["lds"], 4)
+                                            for i, name in enumerate(("uniform", "learned"))}}
+                          for d, sc in sorted(scored.by_damping.items())]
+    if scored.per_group is not None:
+        row["headroom"] = _headroom(scored.per_group, masks, actual, document, ecfg)
+        detail["headroom"] = row["headroom"].pop("per_query")
+    return row, detail
+
+
 def run_lds(cfg: ProjectConfig, ray_address: str | None = None) -> dict[str, Any]:
     from pipelines.index.job import IndexRequest, run_index
 
@@ -262,22 +310,13 @@ def run_lds(cfg: ProjectConfig, ray_address: str | None = None) -> dict[str, Any
     adapter = load_model_dir(model_dir)
     batch, kinds = lds_queries(cfg, adapter, model_dir, universe)
     order = [e.example_id for e in universe.examples]
-    scores: dict[str, np.ndarray] = {}
-    per_group: dict[str, np.ndarray] = {}  # [M, Q, N]: the scores under each group alone, for the headroom
-    swept: dict[str, dict[float, np.ndarray]] = {b: {} for b in ecfg.bases}  # damping -> [2, Q, N]
+    scored: dict[str, BasisScores] = {}
     for measurement, built in indexes.items():
         index = load_index(str(folder / f"index-{measurement}"), built["version"])
         features = version_featurizer(adapter, index.manifest, cfg.featurize.max_rows_per_pass).flat(batch)
         for basis in ecfg.bases:
             if BASIS_SPEC[basis][0] == measurement:
-                kernel = index.kernel if BASIS_SPEC[basis][1] else None
-                scores[basis] = full_scores(features, weights_matrix(documents[basis], [UNIFORM, "general"]), index,
-                                            kernel, order)
-                for damping in ecfg.damping_grid if BASIS_SPEC[basis][1] else ():
-                    swept[basis][damping] = full_scores(features, weights_matrix(documents[basis], [UNIFORM, "general"]),
-                                                        index, damped_kernel(index.features, index.kernel, damping), order)
-                if ecfg.headroom and ecfg.subsets >= 4 and len(batch) >= 4:
-                    per_group[basis] = full_scores(features, torch.eye(len(index.layout.groups)), index, kernel, order)
+                scored[basis] = basis_scores(features, index, documents[basis], BASIS_SPEC[basis][1], order, ecfg)
     lap("attribute")
 
     data = load_training_data(universe.uri, cfg.subset_train)
@@ -291,24 +330,7 @@ def run_lds(cfg: ProjectConfig, ray_address: str | None = None) -> dict[str, Any
     table: dict[str, dict[str, Any]] = {}
     detail: dict[str, dict[str, Any]] = {}
     for basis in ecfg.bases:
-        row: dict[str, Any] = {}
-        for i, name in enumerate(("uniform", "learned")):
-            result = lds(scores[basis][i], masks, actual, seed=ecfg.seed, resamples=ecfg.bootstrap)
-            row[name], row[f"{name}_ci"] = result["lds"], result["ci"]
-            detail.setdefault(basis, {})[name] = result["per_query"]
-        # Paired over queries: the interval of mean(learned - uniform), the test of "learned beats uniform".
-        diff = np.array(detail[basis]["learned"], dtype=float) - np.array(detail[basis]["uniform"], dtype=float)
-        row["difference"] = float(np.nanmean(diff)) if np.isfinite(diff).any() else float("nan")
-        row["difference_ci"] = list(bootstrap_ci(diff, resamples=ecfg.bootstrap, seed=ecfg.seed))
-        row["weights"] = dict(zip(documents[basis]["groups"], documents[basis]["aspects"]["general"]["weights"]))
-        if swept[basis]:
-            row["damping"] = [{"damping": d, **{name: round(lds(sc[i], masks, actual, seed=ecfg.seed, resamples=ecfg.bootstrap)
-                                                            ["lds"], 4) for i, name in enumerate(("uniform", "learned"))}}
-                              for d, sc in sorted(swept[basis].items())]
-        if basis in per_group:
-            row["headroom"] = _headroom(per_group[basis], masks, actual, documents[basis], ecfg)
-            detail[basis]["headroom"] = row["headroom"].pop("per_query")
-        table[basis] = row
+        table[basis], detail[basis] = lds_row(scored[basis], documents[basis], masks, actual, ecfg)
     lap("lds")
     return {
         "table": table, "per_query": detail, "queries": kinds,

@@ -27,11 +27,14 @@ from attribution_core.models.fingerprint import model_fingerprint
 from attribution_core.models.vocabulary import check_prompts
 from attribution_core.weights.artifact import artifact_path, weights_document
 from attribution_core.weights.objective import group_queries, weights_from_theta
-from attribution_core.weights.pools import Pools, ScanState, extend_pools, mining_weightings, pools_from_state
+from attribution_core.weights.shrinkage import shrunk
+from attribution_core.weights.pools import (Pools, ScanState, extend_pools, mining_weightings, pools_from_state,
+                                           stack_pools)
 from pipelines.models import load_model_dir
 from pipelines.ray_runtime import cluster_cpus, ensure_ray
 from pipelines.weights.queries import learning_queries, prompts_for, shown_shares
 from pipelines.weights.scan import scan
+from pipelines.weights.holdout import shrink_toward_uniform
 from pipelines.weights.train import optimise
 from pipelines.weights.validation import validate_aspects
 
@@ -62,6 +65,17 @@ def _queries(featurizer, manifest: dict[str, Any], aspects: list[str], prompts: 
     if shown:
         log.info("learning-query images showing the prompted attribute: %s", {a: round(v, 3) for a, v in shown.items()})
     return torch.cat([made[a][0] for a in aspects]), shown
+
+
+def _aspect_entry(aspect: str, weights: torch.Tensor, theta: np.ndarray, prompts: list[str | None],
+                  recall: list[float], shown: dict[str, float] | None, validation: dict[str, dict[str, Any]],
+                  wcfg) -> dict[str, Any]:
+    """The artifact's record of one aspect."""
+    return {"weights": weights.tolist(), "theta": theta.tolist(), "queries": wcfg.queries_per_aspect,
+            "prompts": sorted({p for p in prompts if p})[:20],
+            "pool_recall": {"mean": float(np.mean(recall)), "min": float(min(recall))},
+            "shown": (shown or {}).get(aspect), "answered_by": validation.get(aspect, {}).get("answered_by", aspect),
+            "validation": validation.get(aspect)}
 
 
 def learn_weights(cfg: ProjectConfig, req: WeightsRequest) -> dict[str, Any]:
@@ -135,22 +149,19 @@ def learn_weights(cfg: ProjectConfig, req: WeightsRequest) -> dict[str, Any]:
         log.info("round %d: pool recall %s", round_, {a: round(float(np.mean(r)), 4) for a, r in recall.items()})
         if all(min(r) == 1.0 for r in recall.values()):
             break
-        width = max(g.contrib.shape[1] for g in grown)  # re-pad the grown pools to one width
-        pools = Pools(
-            ids=np.concatenate([np.pad(g.ids, ((0, 0), (0, width - g.ids.shape[1])), constant_values="") for g in grown]),
-            contrib=torch.cat([torch.nn.functional.pad(g.contrib, (0, 0, 0, width - g.contrib.shape[1])) for g in grown]),
-            valid=torch.cat([torch.nn.functional.pad(g.valid, (0, width - g.valid.shape[1])) for g in grown]))
+        pools = stack_pools(grown)
 
-    weights = weights_from_theta(torch.from_numpy(theta))
+    learned = dict(zip(aspects, weights_from_theta(torch.from_numpy(theta))))
     groups = [g.name for g in layout.groups]
-    validation = validate_aspects(featurizer, manifest, layout, kernel, dict(zip(aspects, weights)), wcfg, source,
+    shrinkage = shrink_toward_uniform(featurizer, store, manifest, layout, kernel, learned, wcfg, source, paths,
+                                      partitions)
+    weights = {a: shrunk(w, shrinkage[a]["a"]) if a in shrinkage else w for a, w in learned.items()}
+    lap("shrink")
+    validation = validate_aspects(featurizer, manifest, layout, kernel, weights, wcfg, source,
                                   paths, partitions) if adapter.conditioning == "text" else {}
     lap("validate")
-    per_aspect = {a: {"weights": weights[i].tolist(), "theta": theta[i].tolist(), "queries": wcfg.queries_per_aspect,
-                      "prompts": sorted({p for p in prompts[a] if p})[:20],
-                      "pool_recall": {"mean": float(np.mean(recall[a])), "min": float(min(recall[a]))},
-                      "shown": (shown or {}).get(a), "answered_by": validation.get(a, {}).get("answered_by", a),
-                      "validation": validation.get(a)}
+    per_aspect = {a: {**_aspect_entry(a, weights[a], theta[i], prompts[a], recall[a], shown, validation, wcfg),
+                      "learned": learned[a].tolist(), "shrinkage": shrinkage.get(a)}
                   for i, a in enumerate(aspects)}
     document = weights_document(store.uri, manifest, per_aspect, {
         "k": wcfg.top_k, "lambda_w": wcfg.lambda_w, "kernel": wcfg.use_kernel, "rounds": round_,
@@ -166,6 +177,7 @@ def learn_weights(cfg: ProjectConfig, req: WeightsRequest) -> dict[str, Any]:
                                                      "pool_recall": per_aspect[a]["pool_recall"],
                                                      "shown": per_aspect[a]["shown"],
                                                      "answered_by": per_aspect[a]["answered_by"],
+                                                     "shrinkage": per_aspect[a]["shrinkage"],
                                                      "validation": per_aspect[a]["validation"]} for a in aspects},
             "objective": trajectory[-1]["objective"] if trajectory else None,
             "seconds": round(time.perf_counter() - started, 1), "stage_seconds": timings}

@@ -22,10 +22,10 @@ from attribution_core.models.sampling import Generated, generate
 
 
 def prompts_for(aspect: str, cfg: WeightsConfig, store: IndexStore, manifest: dict,
-                conditioning: str = "text") -> list[str | None]:
+                conditioning: str = "text", stream: str = "general-prompts") -> list[str | None]:
     """``cfg.queries_per_aspect`` prompts: training captions for 'general' (sampled with the
-    seed), the aspect's template over its values (cycled) otherwise. Models without text
-    conditioning get no prompts (unconditional or class-conditional samples)."""
+    seed of ``stream``), the aspect's template over its values (cycled) otherwise. Models
+    without text conditioning get no prompts (unconditional or class-conditional samples)."""
     n = cfg.queries_per_aspect
     if conditioning != "text":
         return [None] * n
@@ -34,21 +34,21 @@ def prompts_for(aspect: str, cfg: WeightsConfig, store: IndexStore, manifest: di
                            for c in store.read_table(s["path"], columns=["caption"]).column("caption").to_pylist() if c})
         if not captions:
             raise ConfigError("general learning queries are prompted with training captions, and this index has none")
-        rng = random.Random(stable_seed("general-prompts", cfg.seed))
+        rng = random.Random(stable_seed(stream, cfg.seed))
         return [rng.choice(captions) for _ in range(n)]
     template = cfg.prompts[aspect].template
     return [fix_articles(template.format(value=value)) for value in prompted_values(aspect, cfg)]
 
 
 def learning_queries(featurizer: Featurizer, aspect: str, prompts: list[str | None], cfg: WeightsConfig,
-                     batch: int = 16) -> tuple[torch.Tensor, list[Generated]]:
-    """Generate one image per prompt (seeds keyed by (weights.seed, aspect)) and featurize it
-    exactly as index rows are: (``Tensor[len(prompts), k_total]``, the images)."""
+                     batch: int = 16, stream: str = "learning-queries") -> tuple[torch.Tensor, list[Generated]]:
+    """Generate one image per prompt (seeds keyed by (``stream``, weights.seed, aspect)) and
+    featurize it exactly as index rows are: (``Tensor[len(prompts), k_total]``, the images)."""
     adapter = featurizer.adapter
     text = adapter.conditioning == "text"
     images = generate(adapter, prompts=prompts if text else None,
                       labels=list(range(adapter.num_classes)) or None,
-                      n=len(prompts), seed=stable_seed("learning-queries", cfg.seed, aspect),
+                      n=len(prompts), seed=stable_seed(stream, cfg.seed, aspect),
                       guidance=cfg.guidance, steps=cfg.sample_steps)
     return featurize_generated(featurizer, images, batch), images
 

@@ -79,7 +79,7 @@ def tiny_main_job(tmp_path: Path, **sections: dict) -> dict:
     cfg["featurize"]["timesteps"]["count"] = 2
     cfg["index"].update(out=str(tmp_path / "index"), batch_size=16, actors=2)
     cfg["weights"].update(queries_per_aspect=4, steps=10, sample_steps=3, max_rounds=1, workers=1, pool_size=12,
-                          validation_queries=6)
+                          validation_queries=6, holdout_queries=3)
     cfg["demo"].update(out=str(tmp_path / "demo"), queries=1, top_k=2)
     cfg["serve"].update(partitions=1, cpus_per_replica=0.25)
     cfg["evaluate"].update(out=str(tmp_path / "eval"), lds_examples=24, subsets=4, generated_queries=3,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -68,7 +70,7 @@ def test_learn_weights_end_to_end_grows_pools_and_ties_the_artifact_to_its_versi
     settings = {"featurize": FEATURIZE, "index": {"batch_size": 16, "actors": 2, "kernel": "block_diagonal"},
                 "weights": {"aspects": ["general", "subject"], "queries_per_aspect": 4, "sample_steps": 3,
                             "top_k": 3, "pool_size": 3, "max_rounds": 4, "steps": 20, "report_every": 10,
-                            "workers": 2, "validation_queries": 6}}
+                            "workers": 2, "validation_queries": 6, "holdout_queries": 3}}
     cfg = from_mapping(ProjectConfig, settings)
     run_index(cfg, IndexRequest(dataset=data, model=model_dirs["text"], out=out))
     result = learn_weights(cfg, WeightsRequest(index=out))
@@ -87,6 +89,7 @@ def test_learn_weights_end_to_end_grows_pools_and_ties_the_artifact_to_its_versi
     check_weights(document, manifest)
     assert weights_matrix(document, ["subject", "uniform"]).shape == (2, len(document["groups"]))
     _validation_equals_offline_recall(cfg, out, manifest, document, model_dirs["text"])
+    _shrinkage_is_the_objective_on_held_out_queries(cfg, store, manifest, document, model_dirs["text"])
     rebuilt = run_index(from_mapping(ProjectConfig, {**settings, "featurize": {**FEATURIZE, "seed": 7}}),
                         IndexRequest(dataset=data, model=model_dirs["text"], out=out))
     with pytest.raises(ManifestMismatchError, match="learned on index version"):
@@ -124,3 +127,33 @@ def _validation_equals_offline_recall(cfg, out: str, manifest: dict, document: d
                "uniform": table["subject"]["uniform"]}
     assert found["recall"] == pytest.approx(offline, abs=1e-4)
     assert table["subject"]["validated"] == offline[document["aspects"]["subject"]["answered_by"]]
+
+
+def _shrinkage_is_the_objective_on_held_out_queries(cfg, store, manifest: dict, document: dict, model: str) -> None:
+    """Each aspect's stored weights are its learned ones moved toward uniform by the recorded
+    amount, the one of the lowest held-out objective, and that objective (from one scan of the
+    index) equals the paper's objective computed over the whole index in memory."""
+    from attribution_core.index.opening import version_featurizer
+    from attribution_core.index.reader import load_index
+    from attribution_core.weights.objective import contributions, group_queries
+    from attribution_core.weights.shrinkage import choose_shrinkage, shrunk
+    from pipelines.models import load_model_dir
+    from pipelines.weights.queries import learning_queries, prompts_for
+
+    wcfg = dataclasses.replace(cfg.weights, queries_per_aspect=3)
+    featurizer = version_featurizer(load_model_dir(model), manifest, cfg.featurize.max_rows_per_pass)
+    index = load_index(store.uri)
+    for aspect, info in document["aspects"].items():
+        found = info["shrinkage"]
+        objective = {float(a): v for a, v in found["objective"].items()}
+        assert found["queries"] == 3 and found["a"] == choose_shrinkage(objective)
+        learned = torch.tensor(info["learned"], dtype=torch.float64)
+        torch.testing.assert_close(torch.tensor(info["weights"], dtype=torch.float64), shrunk(learned, found["a"]))
+        prompts = prompts_for(aspect, wcfg, store, manifest, stream="holdout-prompts")
+        features, _ = learning_queries(featurizer, aspect, prompts, wcfg, stream="holdout-queries")
+        cache = contributions(group_queries(features, index.layout, index.kernel), index.features).double()  # [Q, N, M]
+        for a, value in objective.items():
+            w = shrunk(learned, a)
+            scores = cache @ w
+            full = (-torch.topk(scores, wcfg.top_k, dim=1).values.mean(1) / scores.norm(dim=1)).mean() + wcfg.lambda_w * (w**2).sum()
+            assert value == pytest.approx(float(full), rel=1e-3, abs=1e-5), (aspect, a)

@@ -1,0 +1,35 @@
+"""Do no harm: how far learned weights move from uniform, chosen on held-out learning queries.
+
+The learned ``w`` minimises the weight objective on its learning queries; on queries it did
+not see, a point between uniform and ``w`` can be better. For each ``a`` in ``SHRINKAGE``
+the objective of ``w_a = (1 - a) uniform + a w`` is measured on held-out learning queries
+(generated like the learning ones, with seeds of their own -- never evaluation queries),
+and the ``a`` of the lowest value is kept; on a tie, the smaller move.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+SHRINKAGE = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def shrunk(weights: torch.Tensor, a: float) -> torch.Tensor:
+    """``(1 - a) uniform + a weights`` for ``weights [M]``."""
+    m = weights.shape[-1]
+    return (1 - a) * torch.full_like(weights, 1.0 / m) + a * weights
+
+
+def heldout_objective(top_scores: torch.Tensor, noise: torch.Tensor, weights: torch.Tensor, lambda_w: float) -> float:
+    """The weight objective of ``weights [M]`` on queries whose top-k scores under them are
+    ``top_scores [Q, k]`` and whose moment matrices are ``noise [Q, M, M]``:
+    ``mean_q(-mean(top-k) / sqrt(w^T G_q w)) + lambda_w ||w||^2``."""
+    w = weights.double()
+    norm = torch.sqrt(torch.einsum("m,qmn,n->q", w, noise.double(), w).clamp_min(1e-30))
+    return float((-top_scores.double().mean(dim=1) / norm).mean() + lambda_w * (w**2).sum())
+
+
+def choose_shrinkage(objective: dict[float, float]) -> float:
+    """The move of the lowest held-out objective; the smallest such move on a tie."""
+    return min(sorted(objective), key=lambda a: objective[a])
