@@ -27,14 +27,14 @@ from attribution_core.models.fingerprint import model_fingerprint
 from attribution_core.models.vocabulary import check_prompts
 from attribution_core.weights.artifact import artifact_path, weights_document
 from attribution_core.weights.objective import group_queries, weights_from_theta
-from attribution_core.weights.shrinkage import shrunk
 from attribution_core.weights.pools import (Pools, ScanState, extend_pools, mining_weightings, pools_from_state,
                                            stack_pools)
+from attribution_core.weights.shrinkage import shrunk
 from pipelines.models import load_model_dir
 from pipelines.ray_runtime import cluster_cpus, ensure_ray
+from pipelines.weights.holdout import shrink_toward_uniform
 from pipelines.weights.queries import learning_queries, prompts_for, shown_shares
 from pipelines.weights.scan import scan
-from pipelines.weights.holdout import shrink_toward_uniform
 from pipelines.weights.train import optimise
 from pipelines.weights.validation import validate_aspects
 
