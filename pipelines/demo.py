@@ -110,8 +110,10 @@ def summary_text(result: dict[str, Any]) -> str:
     ]
     for a in served["answers"]:
         lines.append(f"  query: {a['prompt']}")
+        substituted = a["answer"].get("substituted", {})
         for aspect, top in a["answer"]["aspects"].items():
-            lines.append(f"    {aspect}:")
+            used = substituted.get(aspect)
+            lines.append(f"    {aspect}:" + (f" (answered with the {used} weights)" if used else ""))
             for t in top:
                 lines.append(f"      {t['rank']}. {t['score']:+.3e}  share {t['share']:.2f}  {t['example_id']}  "
                              f"{t.get('caption') or ''}")

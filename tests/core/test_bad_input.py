@@ -78,6 +78,14 @@ def test_config_errors_name_the_field():
         TimestepConfig(count=2, strategy="fixed", values=(1,))
     with pytest.raises(ConfigError, match="featurize.noise_draws: must be >= 1"):
         FeaturizeConfig(noise_draws=0)
+    from attribution_core.config import EvaluateConfig, WeightsConfig
+
+    with pytest.raises(ConfigError, match=r"weights.holdout_queries: must be >= 0 \(0: no shrinkage"):
+        WeightsConfig(holdout_queries=-1)
+    with pytest.raises(ConfigError, match=r"weights.validation_queries: must be >= 0 \(0: no validation\)"):
+        WeightsConfig(validation_queries=-2)
+    with pytest.raises(ConfigError, match=r"evaluate.damping_grid: dampings must be > 0, got \[0.1, 0.0\]"):
+        EvaluateConfig(damping_grid=(0.1, 0.0))
 
 
 def test_fixed_timesteps_beyond_schedule(adapters):

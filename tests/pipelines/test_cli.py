@@ -128,6 +128,8 @@ def test_demo_end_to_end(tmp_path, ray_cluster):
     assert again["lds"] == metrics["lds"] and again["recall_at_10"] == metrics["recall_at_10"]
     assert "up to date" in text and "LDS (4 subsets, 5 queries" in text and "query:" in text
     assert f"subject answered by {chosen['subject']} (" in text
+    for aspect, used in chosen.items():  # the printed answer says which weights answered each aspect
+        assert (f"    {aspect}: (answered with the {used} weights)\n" if used != aspect else f"    {aspect}:\n") in text
     assert f"report           {(tmp_path / 'eval' / 'report.html').resolve()}" in text
 
 
