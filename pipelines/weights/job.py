@@ -67,12 +67,27 @@ def _queries(featurizer, manifest: dict[str, Any], aspects: list[str], prompts: 
     return torch.cat([made[a][0] for a in aspects]), shown
 
 
-def _aspect_entry(aspect: str, weights: torch.Tensor, theta: np.ndarray, prompts: list[str | None],
-                  recall: list[float], shown: dict[str, float] | None, validation: dict[str, dict[str, Any]],
-                  wcfg) -> dict[str, Any]:
-    """The artifact's record of one aspect."""
-    return {"weights": weights.tolist(), "theta": theta.tolist(), "queries": wcfg.queries_per_aspect,
-            "prompts": sorted({p for p in prompts if p})[:20],
+def _shrink_and_validate(featurizer, store: IndexStore, manifest: dict[str, Any], layout: GroupLayout, kernel,
+                         learned: dict[str, torch.Tensor], wcfg, source: dict[str, Any], paths: list[str],
+                         partitions: int) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """How far each aspect's weights move from uniform (held-out learning queries), then which
+    weighting answers each aspect (validation queries, text models only)."""
+    shrinkage = shrink_toward_uniform(featurizer, store, manifest, layout, kernel, learned, wcfg, source, paths,
+                                      partitions)
+    moved = {a: shrunk(w, shrinkage[a]["a"]) if a in shrinkage else w for a, w in learned.items()}
+    validation = (validate_aspects(featurizer, manifest, layout, kernel, moved, wcfg, source, paths, partitions)
+                  if featurizer.adapter.conditioning == "text" else {})
+    return shrinkage, validation
+
+
+def _aspect_entry(aspect: str, learned: torch.Tensor, shrinkage: dict[str, Any] | None, theta: np.ndarray,
+                  prompts: list[str | None], recall: list[float], shown: dict[str, float] | None,
+                  validation: dict[str, dict[str, Any]], wcfg) -> dict[str, Any]:
+    """The artifact's record of one aspect: its weights after the shrinkage toward uniform,
+    the learned ones, and how they were chosen and checked."""
+    weights = shrunk(learned, shrinkage["a"]) if shrinkage else learned
+    return {"weights": weights.tolist(), "learned": learned.tolist(), "shrinkage": shrinkage, "theta": theta.tolist(),
+            "queries": wcfg.queries_per_aspect, "prompts": sorted({p for p in prompts if p})[:20],
             "pool_recall": {"mean": float(np.mean(recall)), "min": float(min(recall))},
             "shown": (shown or {}).get(aspect), "answered_by": validation.get(aspect, {}).get("answered_by", aspect),
             "validation": validation.get(aspect)}
@@ -153,15 +168,11 @@ def learn_weights(cfg: ProjectConfig, req: WeightsRequest) -> dict[str, Any]:
 
     learned = dict(zip(aspects, weights_from_theta(torch.from_numpy(theta))))
     groups = [g.name for g in layout.groups]
-    shrinkage = shrink_toward_uniform(featurizer, store, manifest, layout, kernel, learned, wcfg, source, paths,
-                                      partitions)
-    weights = {a: shrunk(w, shrinkage[a]["a"]) if a in shrinkage else w for a, w in learned.items()}
-    lap("shrink")
-    validation = validate_aspects(featurizer, manifest, layout, kernel, weights, wcfg, source,
-                                  paths, partitions) if adapter.conditioning == "text" else {}
-    lap("validate")
-    per_aspect = {a: {**_aspect_entry(a, weights[a], theta[i], prompts[a], recall[a], shown, validation, wcfg),
-                      "learned": learned[a].tolist(), "shrinkage": shrinkage.get(a)}
+    shrinkage, validation = _shrink_and_validate(featurizer, store, manifest, layout, kernel, learned, wcfg, source,
+                                                 paths, partitions)
+    lap("shrink_validate")
+    per_aspect = {a: _aspect_entry(a, learned[a], shrinkage.get(a), theta[i], prompts[a], recall[a], shown,
+                                   validation, wcfg)
                   for i, a in enumerate(aspects)}
     document = weights_document(store.uri, manifest, per_aspect, {
         "k": wcfg.top_k, "lambda_w": wcfg.lambda_w, "kernel": wcfg.use_kernel, "rounds": round_,
