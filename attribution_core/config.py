@@ -16,7 +16,7 @@ from attribution_core.config_io import check as _check
 from attribution_core.config_io import from_mapping, load_yaml, to_mapping  # noqa: F401
 from attribution_core.config_stages import EvaluateConfig, IndexConfig, ReindexConfig, ServeConfig, WeightsConfig
 
-MEASUREMENTS = ("loss", "square")
+MEASUREMENTS = ("loss", "square", "das")
 NORMALIZATIONS = ("none", "timestep")
 TIMESTEP_STRATEGIES = ("uniform", "random", "fixed")
 GROUP_PRESETS = ("layer", "block", "function", "custom")
@@ -118,8 +118,9 @@ class FeaturizeConfig:
     """Everything that decides the value of a feature vector; recorded in every manifest."""
 
     measurement: str = "square"
-    """'loss' (denoising MSE; TRAK / TracIn) or 'square' (squared norm of the model output;
-    D-TRAK)."""
+    """'loss' (denoising MSE; TRAK / TracIn), 'square' (squared norm of the model output;
+    D-TRAK) or 'das' (mean of the model output, with each training example's score scaled by
+    its denoising-error profile; DAS, arXiv 2410.18639)."""
     timesteps: TimestepConfig = dataclasses.field(default_factory=TimestepConfig)
     noise_draws: int = 1
     """Noise samples per timestep: each example is measured on count x noise_draws rows."""

@@ -268,9 +268,10 @@ class ReindexConfig:
         _check(self.endpoint_timeout_s > 0, "reindex.endpoint_timeout_s", f"must be > 0, got {self.endpoint_timeout_s}")
 
 
-BASES = ("tracin", "trak", "dtrak")
-"""Attribution bases the evaluation compares: TracIn (loss gradients, K = I), TRAK (loss
-gradients, kernel), D-TRAK (square-norm gradients, kernel)."""
+BASES = ("tracin", "trak", "dtrak", "das")
+"""Attribution bases the evaluation can compare: TracIn (loss gradients, K = I), TRAK (loss
+gradients, kernel), D-TRAK (square-norm gradients, kernel), DAS (output-mean gradients,
+kernel, each training example's score scaled by its denoising-error profile)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -280,7 +281,7 @@ class EvaluateConfig:
 
     out: str = "artifacts/demo/eval"
     """Local folder receiving metrics.json, report.html and the cached LDS work."""
-    bases: tuple[str, ...] = BASES
+    bases: tuple[str, ...] = ("tracin", "trak", "dtrak")
     lds_examples: int = 0
     """Training examples in the LDS universe (a seeded sample of the dataset); 0 = every
     example except the held-out query images. Models are retrained on halves of it."""

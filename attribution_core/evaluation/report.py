@@ -10,7 +10,8 @@ from typing import Any
 
 from attribution_core.evaluation.recall import RECALL_COLUMNS
 
-BASIS_LABEL = {"tracin": "TracIn (loss, K = I)", "trak": "TRAK (loss, kernel)", "dtrak": "D-TRAK (square, kernel)"}
+BASIS_LABEL = {"tracin": "TracIn (loss, K = I)", "trak": "TRAK (loss, kernel)", "dtrak": "D-TRAK (square, kernel)",
+               "das": "DAS (output mean, kernel, residual scale)"}
 
 STYLE = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 24px auto; max-width: 1180px; color: #1d2330; }

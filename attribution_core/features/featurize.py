@@ -24,7 +24,7 @@ from attribution_core.features.capture import KroneckerCapture
 from attribution_core.config import FeaturizeConfig
 from attribution_core.errors import ConfigError
 from attribution_core.features.groups import GroupLayout, build_layout
-from attribution_core.features.measurement import contrast_measurement, get_measurement
+from attribution_core.features.measurement import ROW_SCALED, contrast_measurement, get_measurement, residual_scale
 from attribution_core.features.seeding import generator_for
 
 log = logging.getLogger(__name__)
@@ -122,17 +122,30 @@ class Featurizer:
         enabled = device == "cuda" and self.cfg.precision in _AUTOCAST
         return torch.autocast(device, dtype=_AUTOCAST.get(self.cfg.precision), enabled=enabled)
 
+    @property
+    def row_scaled(self) -> bool:
+        """Whether training examples carry a score scale (``flat_and_scale``) under this measurement."""
+        return self.cfg.measurement in ROW_SCALED
+
     def flat(self, batch: ExampleBatch) -> torch.Tensor:
-        """Features as one ``Tensor[B, k_total]`` float32 on CPU, in the layout's order."""
+        """Features as one ``Tensor[B, k_total]`` float32 on CPU, in the layout's order (the
+        query side: no row scale)."""
+        return self.flat_and_scale(batch)[0]
+
+    def flat_and_scale(self, batch: ExampleBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(features Tensor[B, k_total], scale Tensor[B] | None)`` float32 on CPU: the
+        training side, whose scores are multiplied by ``scale`` under a row-scaled measurement
+        (DAS's residual profile; None for the others)."""
         per_pass = max(1, self.cfg.max_rows_per_pass // self.cfg.rows_per_example)
         with self._lock:
             parts = [self._pass(batch.select(i, i + per_pass)) for i in range(0, len(batch), per_pass)]
-        return torch.cat(parts)
+        scales = [scale for _, scale in parts]
+        return torch.cat([flat for flat, _ in parts]), torch.cat(scales) if self.row_scaled else None
 
-    def _pass(self, batch: ExampleBatch) -> torch.Tensor:
+    def _pass(self, batch: ExampleBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
         rows = build_rows(self.adapter, batch, self.cfg)
         x_t = self.adapter.add_noise(rows.x0, rows.noise, rows.t)
-        target = self.adapter.target(rows.x0, rows.noise, rows.t)
+        target = denoising_target = self.adapter.target(rows.x0, rows.noise, rows.t)
         measure = self.measure
         if rows.contrast_cond is not None:  # before the hooks: this pass is not differentiated
             with torch.no_grad(), self._autocast():
@@ -143,6 +156,7 @@ class Featurizer:
             with self._autocast():
                 output = self.adapter.denoise(x_t, rows.t, rows.cond)
             measured = measure(output, target)  # [R]
+            scale = residual_scale(output, denoising_target, rows.rows_per_example).cpu() if self.row_scaled else None
             # Sum over examples of each example's mean over its rows: the backward pass then
             # delivers each row's share of its own example's gradient.
             total = measured.view(len(batch), rows.rows_per_example).mean(1).sum()
@@ -151,7 +165,7 @@ class Featurizer:
         flat = self.capture.collect()
         if per_row:
             flat = mean_of_unit_rows(flat, rows.rows_per_example)
-        return flat.cpu()
+        return flat.cpu(), scale
 
     def split(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """``Tensor[B, k_total]`` -> ``{group: Tensor[B, k_group]}`` in the layout's order."""

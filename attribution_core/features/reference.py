@@ -5,6 +5,7 @@
   model's batch inside the vmapped function), for the tracked layers' weights and biases.
 - ``reference_features``: those gradients projected explicitly, ``P_out G P_in^T`` with
   ``G = [W_grad | b_grad]`` (``fan_out x fan_in``), i.e. ``(P_out (x) P_in) vec(G)``.
+- ``reference_row_scale``: DAS's training-side scalar, one example and one row at a time.
 - ``dense_projected_gradients``: the TRAK-style baseline: flatten all tracked parameters'
   gradients and multiply by a dense seeded Gaussian matrix, regenerated block by block (the
   full matrix would not fit in memory).
@@ -101,6 +102,24 @@ def reference_features(
         unit = flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-30)  # [B*r, k_total]
         return unit.reshape(len(batch), -1, layout.k_total).mean(1)  # mean of the r unit rows
     return flat
+
+
+def reference_row_scale(adapter: DiffusersAdapter, batch: ExampleBatch, cfg: FeaturizeConfig) -> torch.Tensor:
+    """``Tensor[B]`` float64: ``mean_t e(t) / sqrt(sum_t e(t)^2)`` with ``e(t)`` the RMS of the
+    denoising error of each of an example's rows, each row through the model on its own."""
+    rows = build_rows(adapter, batch, cfg)
+    x_t = adapter.add_noise(rows.x0, rows.noise, rows.t)
+    target = adapter.target(rows.x0, rows.noise, rows.t)
+    out = []
+    with torch.no_grad():
+        for i in range(len(batch)):
+            errors = []
+            for j in range(i * rows.rows_per_example, (i + 1) * rows.rows_per_example):
+                cond = {k: v[j : j + 1] for k, v in rows.cond.items()}
+                pred = adapter.denoise(x_t[j : j + 1], rows.t[j : j + 1], cond)
+                errors.append(math.sqrt(float(((target[j : j + 1].double() - pred.double()) ** 2).mean())))
+            out.append(sum(errors) / len(errors) / math.sqrt(sum(e * e for e in errors)))
+    return torch.tensor(out, dtype=torch.float64)
 
 
 def dense_projected_gradients(

@@ -91,21 +91,25 @@ def _batch(rows: pa.Table, good: list[int], pixels: list, adapter_conditioning: 
 
 
 def _featurize_isolating(featurizer: Featurizer, batch: ExampleBatch, reasons: list[str],
-                         good: list[int]) -> tuple[list[int], torch.Tensor]:
-    """Features of ``batch``; if the batch as a whole is refused, each example alone, so the
-    one at fault is quarantined (features do not depend on batch composition)."""
+                         good: list[int]) -> tuple[list[int], torch.Tensor, torch.Tensor | None]:
+    """Features (and row scales) of ``batch``; if the batch as a whole is refused, each
+    example alone, so the one at fault is quarantined (features do not depend on batch
+    composition)."""
     try:
-        return good, featurizer.flat(batch)
+        return good, *featurizer.flat_and_scale(batch)
     except InputError:
         kept, parts = [], []
         for j, i in enumerate(good):
             try:
-                parts.append(featurizer.flat(batch.select(j, j + 1)))
+                parts.append(featurizer.flat_and_scale(batch.select(j, j + 1)))
                 kept.append(i)
             except InputError as exc:
                 reasons[i] = str(exc)
-        empty = torch.empty(0, featurizer.layout.k_total)
-        return kept, torch.cat(parts) if parts else empty
+        flat = torch.cat([f for f, _ in parts]) if parts else torch.empty(0, featurizer.layout.k_total)
+        scale = None
+        if featurizer.row_scaled:
+            scale = torch.cat([s for _, s in parts]) if parts else torch.empty(0)
+        return kept, flat, scale
 
 
 def index_batch(featurizer: Featurizer, rows: pa.Table, dtype: str = "float16",
@@ -115,16 +119,20 @@ def index_batch(featurizer: Featurizer, rows: pa.Table, dtype: str = "float16",
     good, pixels, reasons, labels = _prepare(featurizer, rows, limits)
     kept: list[int] = []
     flat = torch.empty(0, featurizer.layout.k_total)
+    scale = torch.empty(0) if featurizer.row_scaled else None
     if good:
         batch = _batch(rows, good, pixels, adapter.conditioning, labels)
-        kept, flat = _featurize_isolating(featurizer, batch, reasons, good)
+        kept, flat, scale = _featurize_isolating(featurizer, batch, reasons, good)
     finite = ~nonfinite_rows(flat) if len(kept) else torch.ones(0, dtype=torch.bool)
+    if scale is not None and len(kept):
+        finite &= torch.isfinite(scale)
     for i, ok in zip(kept, finite.tolist()):
         if not ok:
             reasons[i] = "non-finite feature (NaN or Inf in the gradient)"
     final = [i for i, ok in zip(kept, finite.tolist()) if ok]
     keep_rows = torch.tensor([j for j, ok in enumerate(finite.tolist()) if ok], dtype=torch.long)
-    features = features_table(rows.take(pa.array(final, type=pa.int64())), flat[keep_rows], featurizer.layout, dtype)
+    features = features_table(rows.take(pa.array(final, type=pa.int64())), flat[keep_rows], featurizer.layout, dtype,
+                              scale[keep_rows] if scale is not None else None)
     bad = [i for i, r in enumerate(reasons) if r]
     errors = errors_table([
         {"example_id": rows.column("example_id")[i].as_py(), "content_hash": rows.column("content_hash")[i].as_py(),

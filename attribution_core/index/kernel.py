@@ -45,7 +45,7 @@ def partial_gram(tables: Iterable[pa.Table], layout: GroupLayout, kind: str) -> 
         if table.num_rows == 0:
             continue
         if kind == FULL:
-            x = flat_matrix(table, layout, np.float64)  # [n, k_total]
+            x = flat_matrix(table, layout, np.float64, scaled=False)  # [n, k_total]
             out[FULL_BLOCK] += x.T @ x
         else:
             for g in layout.groups:
@@ -79,8 +79,9 @@ def kernel_from_gram(gram: np.ndarray, damping: float) -> tuple[np.ndarray, floa
 
 def damped_kernel(features: torch.Tensor, kernel_blocks: list[tuple[int, int, torch.Tensor]],
                   damping: float) -> list[tuple[int, int, torch.Tensor]]:
-    """The kernel of the same blocks as ``kernel_blocks`` rebuilt from the rows ``features
-    [N, k_total]`` with another ``damping`` (the index's own when it is the same number)."""
+    """The kernel of the same blocks as ``kernel_blocks`` rebuilt from the stored (unscaled)
+    rows ``features [N, k_total]`` with another ``damping`` (the index's own when it is the
+    same number)."""
     rows = features.double().numpy()
     out = []
     for offset, dim, _ in kernel_blocks:

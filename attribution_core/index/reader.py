@@ -12,7 +12,7 @@ import torch
 from attribution_core.errors import ManifestMismatchError
 from attribution_core.features.groups import GroupLayout
 from attribution_core.index.opening import open_version
-from attribution_core.index.schema import flat_matrix
+from attribution_core.index.schema import flat_matrix, row_scale
 from attribution_core.index.store import IndexStore
 
 
@@ -23,8 +23,15 @@ class LoadedIndex:
     example_ids: list[str]
     captions: list[str | None]
     uris: list[str]
-    features: torch.Tensor  # [N, k_total] float32
+    features: torch.Tensor  # [N, k_total] float32, each row times its row scale (what scores are taken against)
     kernel: list[tuple[int, int, torch.Tensor]]  # (offset, dim, K_b float64) blocks
+    row_scale: torch.Tensor | None = None  # [N] float32 under a row-scaled measurement (DAS)
+
+    def stored_features(self) -> torch.Tensor:
+        """``[N, k_total]`` float64: the features as stored, before the row scale (the kernel's rows)."""
+        if self.row_scale is None:
+            return self.features.double()
+        return self.features.double() / self.row_scale.double().clamp_min(1e-30)[:, None]
 
 
 def read_kernel(store: IndexStore, manifest: dict[str, Any]) -> list[tuple[int, int, torch.Tensor]]:
@@ -69,7 +76,9 @@ def load_index(uri: str, version: str | None = None, part: int = 0, parts: int =
     features = (torch.from_numpy(flat_matrix(table, layout, dtype)) if table is not None
                 else torch.empty(0, layout.k_total, dtype=torch.from_numpy(np.empty(0, dtype)).dtype))
     kernel = read_kernel(store, manifest)
+    scale = row_scale(table) if table is not None else None
     return LoadedIndex(manifest=manifest, layout=layout, example_ids=ids,
                        captions=table.column("caption").to_pylist() if table is not None else [],
                        uris=table.column("uri").to_pylist() if table is not None else [],
-                       features=features, kernel=kernel)
+                       features=features, kernel=kernel,
+                       row_scale=torch.from_numpy(scale) if scale is not None else None)

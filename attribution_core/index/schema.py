@@ -3,6 +3,9 @@
 A feature shard holds one row per example: ``example_id``, ``content_hash``, source ``uri``,
 ``caption`` (null for models without text) and one ``fixed_size_list<float16>[k_g]`` column
 per parameter group named ``g.<group>``, so reading one group decodes only that group.
+Under a row-scaled measurement (DAS) a float32 ``row_scale`` column holds each example's
+score scale: its score is ``s(x) * q'^T g(x)``. The group columns stay unscaled (the kernel is
+built from them); ``flat_matrix`` applies the scale for scoring.
 Plain pyarrow, pandas and DuckDB read these files.
 """
 
@@ -17,6 +20,7 @@ from attribution_core.features.groups import GroupLayout
 SCHEMA_VERSION = 1
 KEY_COLUMNS = ("example_id", "content_hash", "uri", "caption")
 GROUP_PREFIX = "g."
+ROW_SCALE = "row_scale"
 ARROW_DTYPES = {"float16": pa.float16(), "float32": pa.float32()}
 NUMPY_DTYPES = {"float16": np.float16, "float32": np.float32}
 
@@ -42,22 +46,28 @@ def group_column(group: str) -> str:
     return f"{GROUP_PREFIX}{group}"
 
 
-def feature_schema(layout: GroupLayout, dtype: str) -> pa.Schema:
+def feature_schema(layout: GroupLayout, dtype: str, row_scaled: bool = False) -> pa.Schema:
     value = ARROW_DTYPES[dtype]
     fields = [pa.field(name, pa.string()) for name in KEY_COLUMNS]
     fields += [pa.field(group_column(g.name), pa.list_(value, g.dim)) for g in layout.groups]
+    if row_scaled:
+        fields.append(pa.field(ROW_SCALE, pa.float32()))
     return pa.schema(fields)
 
 
-def features_table(keys: pa.Table, flat: torch.Tensor, layout: GroupLayout, dtype: str) -> pa.Table:
+def features_table(keys: pa.Table, flat: torch.Tensor, layout: GroupLayout, dtype: str,
+                   scale: torch.Tensor | None = None) -> pa.Table:
     """Key columns of ``keys`` (one row per example) + ``flat`` ``Tensor[B, k_total]`` split
-    into one fixed-size-list column per group, cast to ``dtype``."""
+    into one fixed-size-list column per group, cast to ``dtype`` (+ ``row_scale`` from
+    ``scale`` ``Tensor[B]``, when given)."""
     values = flat.detach().cpu().numpy().astype(NUMPY_DTYPES[dtype], copy=False)
     columns = [keys.column(name).cast(pa.string()) for name in KEY_COLUMNS]
     for g in layout.groups:
         block = np.ascontiguousarray(values[:, g.offset : g.offset + g.dim]).reshape(-1)  # [B, k_g] -> [B*k_g]
         columns.append(pa.FixedSizeListArray.from_arrays(pa.array(block, type=ARROW_DTYPES[dtype]), g.dim))
-    return pa.Table.from_arrays(columns, schema=feature_schema(layout, dtype))
+    if scale is not None:
+        columns.append(pa.array(scale.detach().cpu().numpy().astype(np.float32), type=pa.float32()))
+    return pa.Table.from_arrays(columns, schema=feature_schema(layout, dtype, scale is not None))
 
 
 def group_matrix(table: pa.Table, group: str) -> np.ndarray:
@@ -67,11 +77,23 @@ def group_matrix(table: pa.Table, group: str) -> np.ndarray:
     return column.values.to_numpy(zero_copy_only=False).reshape(len(column), width)
 
 
-def flat_matrix(table: pa.Table, layout: GroupLayout, dtype: np.dtype = np.float32) -> np.ndarray:
-    """``[rows, k_total]`` array in the layout's order."""
+def row_scale(table: pa.Table) -> np.ndarray | None:
+    """``[rows]`` float32 score scales of a row-scaled index's shard (None for the others)."""
+    if ROW_SCALE not in table.column_names:
+        return None
+    return table.column(ROW_SCALE).to_numpy(zero_copy_only=False).astype(np.float32)
+
+
+def flat_matrix(table: pa.Table, layout: GroupLayout, dtype: np.dtype = np.float32, scaled: bool = True) -> np.ndarray:
+    """``[rows, k_total]`` array in the layout's order: the rows scores are taken against
+    (each multiplied by its ``row_scale`` if the shard has one), or the stored features
+    themselves with ``scaled=False`` (what the kernel is built from)."""
     out = np.empty((table.num_rows, layout.k_total), dtype=dtype)
     for g in layout.groups:
         out[:, g.offset : g.offset + g.dim] = group_matrix(table, g.name)
+    scale = row_scale(table) if scaled else None
+    if scale is not None:
+        out *= scale[:, None].astype(dtype)
     return out
 
 

@@ -8,8 +8,8 @@ it, and the same retrained models give the ground truth for all of them:
 - universe: the training set (or a seeded sample, ``evaluate.lds_examples``) minus the real
   images held out as queries; written as a dataset under ``<out>/lds/data``;
 - the universe model: ``subset_train`` on the whole universe (``<out>/lds/model``);
-- an index per measurement (``<out>/lds/index-loss``, ``index-square``) and learned
-  'general' weights per basis (artifacts ``tracin``, ``trak``, ``dtrak``);
+- an index per measurement (``<out>/lds/index-loss``, ``index-square``, ``index-das``) and
+  learned 'general' weights per basis (artifacts ``tracin``, ``trak``, ``dtrak``, ``das``);
 - queries: images the universe model generates from training captions, plus the held-out
   real images; never the weight-learning queries (other seeds);
 - truth: the negative loss of each subset model on each query, averaged over fixed
@@ -60,7 +60,7 @@ from pipelines.steps import ensure_weights
 log = logging.getLogger(__name__)
 
 # basis -> (measurement of the features, scored with the index kernel)
-BASIS_SPEC = {"tracin": ("loss", False), "trak": ("loss", True), "dtrak": ("square", True)}
+BASIS_SPEC = {"tracin": ("loss", False), "trak": ("loss", True), "dtrak": ("square", True), "das": ("das", True)}
 
 @dataclasses.dataclass
 class Universe:
@@ -241,7 +241,7 @@ def basis_scores(features: torch.Tensor, index, document: dict[str, Any], with_k
                  ecfg) -> BasisScores:
     weights = weights_matrix(document, [UNIFORM, "general"])
     kernel = index.kernel if with_kernel else None
-    swept = {d: full_scores(features, weights, index, damped_kernel(index.features, index.kernel, d), order)
+    swept = {d: full_scores(features, weights, index, damped_kernel(index.stored_features(), index.kernel, d), order)
              for d in (ecfg.damping_grid if with_kernel else ())}
     headroom_possible = ecfg.headroom and ecfg.subsets >= 4 and features.shape[0] >= 4
     per_group = (full_scores(features, torch.eye(len(index.layout.groups)), index, kernel, order)

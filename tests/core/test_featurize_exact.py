@@ -8,7 +8,7 @@ import torch
 
 from attribution_core.config import FeaturizeConfig, GroupConfig, TimestepConfig
 from attribution_core.features.featurize import Featurizer
-from attribution_core.features.reference import reference_features
+from attribution_core.features.reference import reference_features, reference_row_scale
 from tests.conftest import KINDS, make_batch
 
 REL_TOL = 1e-4
@@ -30,7 +30,7 @@ def per_layer_rel_errors(fast: torch.Tensor, ref: torch.Tensor, layout) -> dict[
     return errors
 
 
-@pytest.mark.parametrize("measurement", ["loss", "square"])
+@pytest.mark.parametrize("measurement", ["loss", "square", "das"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_fast_equals_reference_for_every_layer(adapters, kind, measurement):
     adapter = adapters[kind]
@@ -43,6 +43,26 @@ def test_fast_equals_reference_for_every_layer(adapters, kind, measurement):
     fast = featurizer.flat(batch)
     ref = reference_features(adapter, batch, cfg, featurizer.layout)
     assert_exact(fast, ref, featurizer.layout)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_das_row_scale_equals_the_reference(adapters, kind):
+    """DAS's training-side scale from the featurizing pass equals the error profile measured
+    one row at a time; batch composition does not change it; the query side has none."""
+    adapter = adapters[kind]
+    cfg = FeaturizeConfig(measurement="das", timesteps=TimestepConfig(count=4), noise_draws=1, seed=3)
+    featurizer = Featurizer(adapter, cfg)
+    batch = make_batch(adapter, n=3)
+    flat, scale = featurizer.flat_and_scale(batch)
+    ref = reference_row_scale(adapter, batch, cfg)
+    assert scale.shape == (3,)
+    torch.testing.assert_close(scale.double(), ref, rtol=1e-4, atol=0)
+    # scale-free: at most 1/sqrt(rows) (equal errors), and above 0
+    assert bool(((scale > 0) & (scale <= 0.5 + 1e-6)).all())
+    alone, alone_scale = featurizer.flat_and_scale(batch.select(1, 2))
+    torch.testing.assert_close(alone_scale, scale[1:2], rtol=1e-4, atol=0)
+    torch.testing.assert_close(alone, flat[1:2], rtol=1e-4, atol=1e-7)
+    assert Featurizer(adapter, FeaturizeConfig(measurement="square")).flat_and_scale(batch)[1] is None
 
 
 def test_reference_covers_the_layer_kinds_the_issue_names(adapters):

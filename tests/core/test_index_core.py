@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from attribution_core.config import FeaturizeConfig, ProjectionConfig
-from attribution_core.data.images import encode_png
+from attribution_core.data.images import decode_image, encode_png
 from attribution_core.features.featurize import Featurizer
 from attribution_core.features.groups import build_layout
 from attribution_core.index.batch import ImageLimits, index_batch
@@ -21,7 +21,7 @@ from attribution_core.index.plan import check_unique, plan_build
 from attribution_core.index.schema import SOURCE_SCHEMA, features_table, flat_matrix
 from attribution_core.index.source import content_hash, normalize, resolve_source
 from attribution_core.index.store import IndexStore, shard_name
-from attribution_core.models.adapters import load_adapter, save_pipeline
+from attribution_core.models.adapters import ExampleBatch, load_adapter, save_pipeline
 from attribution_core.models.fingerprint import model_fingerprint
 
 CFG = FeaturizeConfig(projection=ProjectionConfig(k_in=2, k_out=2))
@@ -185,3 +185,28 @@ def test_fingerprint_ignores_where_a_model_is_saved_and_sees_any_weight(model_di
     with torch.no_grad():
         next(changed.text_encoder.parameters()).view(-1)[0] += 1e-3
     assert model_fingerprint(changed) != model_fingerprint(adapter)
+
+
+def test_das_shards_keep_unscaled_features_and_score_with_the_row_scale(adapters):
+    """A DAS index batch stores g(x) and s(x) apart: the kernel's Gram is of the stored g,
+    scoring rows are s(x) g(x), and an all-bad batch still has the row_scale column."""
+    adapter = adapters["text"]
+    cfg = FeaturizeConfig(measurement="das", projection=ProjectionConfig(k_in=2, k_out=2))
+    featurizer = Featurizer(adapter, cfg)
+    images = [encode_png(np.full((16, 16, 3), v, dtype=np.uint8)) for v in (30, 120, 220)]
+    rows = source_rows(adapter, [(f"e{i}", img, "a cross") for i, img in enumerate(images)])
+    result = index_batch(featurizer, rows, "float32")
+    table = result.features
+    assert "row_scale" in table.column_names
+    g, s = featurizer.flat_and_scale(ExampleBatch(example_ids=("e0", "e1", "e2"),
+                                                  pixels=torch.stack([torch.from_numpy(decode_image(b, "x", 16, 3))
+                                                                      for b in images]),
+                                                  captions=("a cross",) * 3))
+    layout = featurizer.layout
+    np.testing.assert_allclose(flat_matrix(table, layout, scaled=False), g.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(flat_matrix(table, layout), (g * s[:, None]).numpy(), rtol=1e-6)
+    assert not np.allclose(s.numpy(), s.numpy()[0])  # the scale differs between examples
+    gram = partial_gram([table], layout, FULL)["all"]
+    np.testing.assert_allclose(gram, g.double().numpy().T @ g.double().numpy(), rtol=1e-5)
+    empty = index_batch(featurizer, source_rows(adapter, [("bad", b"\x89PNG broken", "x")]), "float32")
+    assert empty.features.schema == table.schema and empty.features.num_rows == 0

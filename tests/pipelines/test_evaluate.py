@@ -23,12 +23,12 @@ def _plain_images(uri: str, n: int) -> None:
 
 def test_unconditional_dataset_without_captions_or_attributes(tmp_path, ray_cluster):
     settings = tiny_main_job(tmp_path, train={"conditioning": "none"}, subset_train={"conditioning": "none"},
-                             weights={"aspects": ["general"]}, evaluate={"bases": ["tracin", "dtrak"]})
+                             weights={"aspects": ["general"]}, evaluate={"bases": ["tracin", "dtrak", "das"]})
     _plain_images(settings["data"]["uri"], 48)
     cfg = from_mapping(ProjectConfig, settings)
     metrics = evaluate(cfg, EvaluateRequest())
 
-    assert set(metrics["lds"]) == {"tracin", "dtrak"} and metrics["n_subsets"] == 4 and metrics["n_queries"] == 5
+    assert set(metrics["lds"]) == {"tracin", "dtrak", "das"} and metrics["n_subsets"] == 4 and metrics["n_queries"] == 5
     assert metrics["recall_at_10"] == {} and "none-conditioned" in metrics["info"]["recall_skipped"]
     assert metrics["info"]["query_mix"] == "3 generated, 2 held-out real"
     report = (tmp_path / "eval" / "report.html").read_text()
@@ -54,8 +54,60 @@ def test_unconditional_dataset_without_captions_or_attributes(tmp_path, ray_clus
     again = evaluate(changed, EvaluateRequest())
     assert again["info"]["ground_truth"]["trained"] == 0 and again["info"]["ground_truth"]["key"] == gt["key"]
     assert again["info"]["weights_learned_now"]
-    for basis in ("tracin", "dtrak"):
+    for basis in ("tracin", "dtrak", "das"):
         assert again["lds"][basis]["uniform"] == metrics["lds"][basis]["uniform"]
+    _das_index_serves_its_formula(str(tmp_path / "eval" / "lds"))
+
+
+def _das_index_serves_its_formula(folder: str) -> None:
+    """The DAS index the evaluation built answers through the serving path with
+    ``tau(q, x) = (K g(q))^T g(x) * s(x)``: K from the stored (unscaled) features, s(x) the
+    stored row scale, the query without one."""
+    import torch
+
+    from attribution_core.features.query import featurize_images
+    from attribution_core.index.opening import version_featurizer
+    from attribution_core.index.reader import load_index
+    from attribution_core.index.schema import flat_matrix, row_scale
+    from attribution_core.index.served import ServedIndex
+    from pipelines.models import load_model_dir
+
+    index = load_index(f"{folder}/index-das")
+    assert index.manifest["featurize"]["measurement"] == "das" and index.row_scale is not None
+    table = pa.concat_tables([pq_read(f"{folder}/index-das/{s['path']}") for s in index.manifest["shards"]])
+    stored = flat_matrix(table, index.layout, np.float64, scaled=False)  # [N, D]
+    scale = row_scale(table).astype(np.float64)  # [N]
+    assert np.ptp(scale) > 0 and (scale > 0).all()
+    featurizer = version_featurizer(load_model_dir(f"{folder}/model"), index.manifest, 64)
+    query = featurize_images(featurizer, _read_images(f"{folder}/data", 1)).double().numpy()[0]  # [D]
+    preconditioned = np.zeros_like(query)
+    for block in index.manifest["stats"]["blocks"]:  # K = (G^T G + lambda I)^-1 per block
+        sl = slice(block["offset"], block["offset"] + block["dim"])
+        gram = stored[:, sl].T @ stored[:, sl]
+        preconditioned[sl] = np.linalg.solve(gram + block["lambda"] * np.eye(block["dim"]), query[sl])
+    expected = (preconditioned @ stored.T) * scale / len(index.layout.groups)  # uniform weights: 1/M per group
+    found = ServedIndex.load(f"{folder}/index-das").search(torch.from_numpy(query).float()[None],
+                                                           [["uniform"]], [5])[0]["uniform"]
+    by_id = dict(zip(table.column("example_id").to_pylist(), expected))
+    scores = [r["score"] for r in found]
+    # each answer's score is its formula value (float16 storage: ~1e-3), best first, and no
+    # example outside the answers scores clearly above the fifth
+    np.testing.assert_allclose(scores, [by_id[r["example_id"]] for r in found], rtol=1e-2, atol=1e-3 * abs(scores[0]))
+    assert scores == sorted(scores, reverse=True)
+    assert np.sort(expected)[-5] <= scores[-1] + 1e-2 * abs(scores[0])
+    assert not np.allclose(expected, (preconditioned @ stored.T) / len(index.layout.groups))  # the scale matters
+
+
+def pq_read(path: str) -> pa.Table:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path)
+
+
+def _read_images(uri: str, n: int) -> list[bytes]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(uri, columns=["image"]).column("image").to_pylist()[:n]
 
 
 def _read(uri) -> list[dict]:
