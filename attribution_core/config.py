@@ -255,8 +255,12 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SyntheticDataConfig:
-    """The synthetic subject/style/background set, drawn at ``data.uri`` when nothing is there."""
+    """A synthetic set, drawn at ``data.uri`` when nothing is there."""
 
+    kind: str = "shapes"
+    """'shapes': the subject/style/background set with captions; 'textures': class-labelled
+    texture photographs (stripes, checks, dots, rings, waves, marble) with lighting and noise,
+    for a class-conditional model (a benchmark unlike the shapes)."""
     n: int = 3072
     seed: int = 0
     size: int = 32
@@ -265,6 +269,10 @@ class SyntheticDataConfig:
     """Attribute combinations never drawn, each a mapping such as {subject: ring, style: striped}."""
 
     def __post_init__(self) -> None:
+        _check(self.kind in ("shapes", "textures"), "data.synthetic.kind",
+               f"choose shapes or textures, got {self.kind!r}")
+        _check(self.kind == "shapes" or not self.holdout, "data.synthetic.holdout",
+               "names attribute combinations of the shapes set; remove it for textures")
         _check(self.n >= 1, "data.synthetic.n", f"must be >= 1, got {self.n}")
         _check(self.size >= 8, "data.synthetic.size", f"must be >= 8, got {self.size}")
 

@@ -28,7 +28,8 @@ def ensure_dataset(data: DataConfig) -> bool:
         marker = read_marker(data.uri)
         wanted = data.synthetic
         if marker and marker.get("kind") == "synthetic" and wanted and (
-                marker.get("n"), marker.get("seed"), marker.get("size")) != (wanted.n, wanted.seed, wanted.size):
+                marker.get("set", "shapes"), marker.get("n"), marker.get("seed"), marker.get("size")
+        ) != (wanted.kind, wanted.n, wanted.seed, wanted.size):
             log.warning("%s holds a synthetic set drawn with other settings than data.synthetic; using it as it is",
                         data.uri)
         return False
@@ -37,8 +38,8 @@ def ensure_dataset(data: DataConfig) -> bool:
                           "column, an image folder with metadata.jsonl, or one sub-folder of images per class) or "
                           "add a data.synthetic section to have the synthetic set drawn there")
     s = data.synthetic
-    log.info("writing the synthetic dataset (%d images) to %s", s.n, data.uri)
-    write_synthetic(data.uri, s.n, s.seed, s.size, s.holdout)
+    log.info("writing the synthetic %s dataset (%d images) to %s", s.kind, s.n, data.uri)
+    write_synthetic(data.uri, s.n, s.seed, s.size, s.holdout, kind=s.kind)
     return True
 
 

@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 from attribution_core.data.images import encode_png
 from attribution_core.data.storage import exists, filesystem_for, read_bytes, write_bytes
 from attribution_core.data.synthetic import Holdout, check_holdout, draw_example
+from attribution_core.data.textures import draw_texture
 from attribution_core.errors import ConfigError
 
 MARKER = "_dataset.json"
@@ -92,8 +93,26 @@ def synthetic_rows(n: int, seed: int, size: int, holdout: Holdout = ()) -> Itera
                "subject": ex.subject, "style": ex.style, "background": ex.background}
 
 
-def write_synthetic(uri: str, n: int, seed: int, size: int = 32, holdout: Holdout = (), rows_per_file: int = 4096) -> dict[str, Any]:
-    """Write the synthetic subject/style/background set; deterministic from ``seed``."""
+TEXTURE_SCHEMA = pa.schema([("example_id", pa.string()), ("image", pa.binary()), ("label", pa.string())])
+
+
+def texture_rows(n: int, seed: int, size: int) -> Iterator[dict[str, Any]]:
+    for i in range(n):
+        ex = draw_texture(seed, i, size)
+        yield {"example_id": ex.example_id, "image": encode_png(ex.image), "label": ex.label}
+
+
+SYNTHETIC_KINDS = ("shapes", "textures")
+
+
+def write_synthetic(uri: str, n: int, seed: int, size: int = 32, holdout: Holdout = (), rows_per_file: int = 4096,
+                    kind: str = "shapes") -> dict[str, Any]:
+    """Write a synthetic set, deterministic from ``seed``: ``shapes`` (subject / style /
+    background with captions) or ``textures`` (class-labelled texture photographs)."""
+    if kind not in SYNTHETIC_KINDS:
+        raise ConfigError(f"unknown synthetic set {kind!r}; choose one of {', '.join(SYNTHETIC_KINDS)}")
+    if kind == "textures" and holdout:
+        raise ConfigError("a holdout names attribute combinations of the shapes set; the textures set has none")
     if n < 1:
         raise ConfigError(f"--n must be >= 1, got {n}")
     if size < 8:
@@ -102,7 +121,10 @@ def write_synthetic(uri: str, n: int, seed: int, size: int = 32, holdout: Holdou
         check_holdout(holdout)
     except ValueError as exc:
         raise ConfigError(f"data.holdout: {exc}") from exc
-    metadata = {"kind": "synthetic", "n": n, "seed": seed, "size": size,
+    metadata = {"kind": "synthetic", "set": kind, "n": n, "seed": seed, "size": size,
                 "holdout": [dict(entry) for entry in holdout]}
-    rows = write_parquet_dataset(uri, synthetic_rows(n, seed, size, holdout), SYNTH_SCHEMA, metadata, rows_per_file)
+    if kind == "textures":
+        rows = write_parquet_dataset(uri, texture_rows(n, seed, size), TEXTURE_SCHEMA, metadata, rows_per_file)
+    else:
+        rows = write_parquet_dataset(uri, synthetic_rows(n, seed, size, holdout), SYNTH_SCHEMA, metadata, rows_per_file)
     return {**metadata, "rows": rows, "uri": uri}

@@ -1,4 +1,4 @@
-"""``attribution data synth``: write the synthetic subject/style/background dataset."""
+"""``attribution data synth``: write a synthetic dataset (shapes with captions, or textures with labels)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import json
 
 from attribution_core.data.synthetic import BACKGROUNDS, STYLES, SUBJECTS
+from attribution_core.data.textures import TEXTURES
 from attribution_core.data.writers import write_synthetic
 from attribution_core.errors import ConfigError
 from pipelines.output import print_result
@@ -27,7 +28,8 @@ def parse_holdout(specs: list[str]) -> tuple[tuple[tuple[str, str], ...], ...]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    result = write_synthetic(args.out, args.n, args.seed, args.size, parse_holdout(args.holdout), args.rows_per_file)
+    result = write_synthetic(args.out, args.n, args.seed, args.size, parse_holdout(args.holdout), args.rows_per_file,
+                             kind=args.kind)
     if args.json:
         print_result(json.dumps(result, indent=2))
     else:
@@ -38,11 +40,15 @@ def _run(args: argparse.Namespace) -> int:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True, metavar="COMMAND")
     p = data.add_parser(
-        "synth", help="write the synthetic subject/style/background dataset",
-        description=f"Draw N images with known subject ({', '.join(SUBJECTS)}), style ({', '.join(STYLES)}) and "
-        f"background ({', '.join(BACKGROUNDS)}), each with random colour, position and scale, and write them as "
-        "Parquet (example_id, image PNG bytes, caption, subject, style, background). Deterministic from --seed.",
+        "synth", help="write a synthetic dataset (shapes with captions, or labelled textures)",
+        description=f"--kind shapes (default): draw N images with known subject ({', '.join(SUBJECTS)}), style "
+        f"({', '.join(STYLES)}) and background ({', '.join(BACKGROUNDS)}), each with random colour, position and "
+        "scale, written as Parquet (example_id, image PNG bytes, caption, subject, style, background). "
+        f"--kind textures: N texture photographs in classes ({', '.join(TEXTURES)}) at random orientation, "
+        "frequency and colours under uneven light and noise, written as Parquet (example_id, image, label), for a "
+        "class-conditional model. Deterministic from --seed.",
     )
+    p.add_argument("--kind", choices=("shapes", "textures"), default="shapes", help="which set (default shapes)")
     p.add_argument("--out", required=True, help="output folder: a path or s3://bucket/prefix")
     p.add_argument("--n", type=int, required=True, help="number of images")
     p.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")
