@@ -12,6 +12,9 @@ KERNELS = ("auto", "full", "block_diagonal")
 FEATURE_DTYPES = ("float16", "float32")
 
 
+DAMPING_RULES = ("objective", "fixed")
+
+
 @dataclasses.dataclass(frozen=True)
 class IndexConfig:
     """The index job: featurize a dataset on Ray Data into versioned Parquet shards + stats."""
@@ -49,7 +52,16 @@ class IndexConfig:
     group, 'auto' = full when k_total <= max_full_kernel_dim."""
     max_full_kernel_dim: int = 4096
     damping: float = 0.01
-    """lambda as a share of the mean diagonal of C (per block for block-diagonal kernels)."""
+    """lambda as a share of the mean diagonal of C (per block for block-diagonal kernels):
+    the kernel's damping under ``damping_rule: fixed``."""
+    damping_rule: str = "objective"
+    """'objective': the damping of ``damping_grid`` under which ``damping_queries`` images the
+    model generates (seeds of their own, never evaluation queries) score their top-k training
+    examples most sharply: the weight objective at uniform weights, -mean(top-k)/||scores||,
+    lowest wins (no retraining; measured on the benchmark to pick the best or near-best LDS
+    damping per basis). 'fixed': ``damping`` as it is."""
+    damping_grid: tuple[float, ...] = (0.001, 0.01, 0.1, 1.0)
+    damping_queries: int = 16
     stats_partitions: int = 0
     """Parallel partial-Gram tasks; 0 = the cluster's CPU count."""
 
@@ -64,6 +76,11 @@ class IndexConfig:
         _check(self.kernel in KERNELS, "index.kernel", f"choose one of {', '.join(KERNELS)}, got {self.kernel!r}")
         _check(self.max_aspect_ratio >= 1, "index.max_aspect_ratio", f"must be >= 1, got {self.max_aspect_ratio}")
         _check(self.damping > 0, "index.damping", f"must be > 0, got {self.damping}")
+        _check(self.damping_rule in DAMPING_RULES, "index.damping_rule",
+               f"choose one of {', '.join(DAMPING_RULES)}, got {self.damping_rule!r}")
+        _check(bool(self.damping_grid) and all(d > 0 for d in self.damping_grid), "index.damping_grid",
+               f"needs one or more dampings > 0, got {list(self.damping_grid)}")
+        _check(self.damping_queries >= 1, "index.damping_queries", f"must be >= 1, got {self.damping_queries}")
         _check(0 <= self.max_quarantine_fraction <= 1, "index.max_quarantine_fraction",
                f"must be in [0, 1], got {self.max_quarantine_fraction}")
 

@@ -139,8 +139,10 @@ def summary_text(metrics: dict[str, Any]) -> str:
                              f"[{h['ci'][0]:+.3f}, {h['ci'][1]:+.3f}]")
         for basis, r in metrics["lds"].items():
             if r.get("damping"):
-                lines.append(f"  {basis} by index.damping (uniform / learned at the index's damping): " + "; ".join(
-                    f"{d['damping']:g}: {d['uniform']:.4f} / {d['learned']:.4f}" for d in r["damping"]))
+                chosen = r.get("kernel_damping") or {}
+                lines.append(f"  {basis} by index.damping (uniform / learned at the index's damping "
+                             f"{chosen.get('damping', 0):g}, {chosen.get('rule', 'fixed')}): " + "; ".join(
+                                 f"{d['damping']:g}: {d['uniform']:.4f} / {d['learned']:.4f}" for d in r["damping"]))
     recall_key = next(k for k in metrics if k.startswith("recall_at_"))
     intervals = metrics.get("recall_intervals", {})
     for key, what, ci in ((recall_key, "queries prompted with training captions", intervals.get("seen", {})),

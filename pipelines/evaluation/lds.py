@@ -235,6 +235,7 @@ class BasisScores:
     pair: np.ndarray
     by_damping: dict[float, np.ndarray]
     per_group: np.ndarray | None
+    kernel_damping: dict[str, Any] | None = None  # the index's damping and how it was chosen (kernel bases)
 
 
 def basis_scores(features: torch.Tensor, index, document: dict[str, Any], with_kernel: bool, order: list[str],
@@ -246,7 +247,9 @@ def basis_scores(features: torch.Tensor, index, document: dict[str, Any], with_k
     headroom_possible = ecfg.headroom and ecfg.subsets >= 4 and features.shape[0] >= 4
     per_group = (full_scores(features, torch.eye(len(index.layout.groups)), index, kernel, order)
                  if headroom_possible else None)
-    return BasisScores(full_scores(features, weights, index, kernel, order), swept, per_group)
+    stats = index.manifest["stats"]
+    chosen = (stats.get("damping_choice") or {"rule": "fixed", "damping": stats["damping"]}) if with_kernel else None
+    return BasisScores(full_scores(features, weights, index, kernel, order), swept, per_group, chosen)
 
 
 def lds_row(scored: BasisScores, document: dict[str, Any], masks: np.ndarray, actual: np.ndarray,
@@ -264,6 +267,8 @@ def lds_row(scored: BasisScores, document: dict[str, Any], masks: np.ndarray, ac
     row["difference"] = float(np.nanmean(diff)) if np.isfinite(diff).any() else float("nan")
     row["difference_ci"] = list(bootstrap_ci(diff, resamples=ecfg.bootstrap, seed=ecfg.seed))
     row["weights"] = dict(zip(document["groups"], document["aspects"]["general"]["weights"]))
+    if scored.kernel_damping is not None:
+        row["kernel_damping"] = scored.kernel_damping
     if scored.by_damping:
         row["damping"] = [{"damping": d, **{name: round(lds(sc[i], masks, actual, seed=ecfg.seed,
                                                            resamples=ecfg.bootstrap)["lds"], 4)

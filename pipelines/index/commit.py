@@ -87,9 +87,10 @@ def refuse_if_quarantined(store: IndexStore, reused: dict[str, list[str]], stage
     check_quarantine(errors, total, max_fraction)
 
 
-def stats_pass(store: IndexStore, version: str, paths: list[str], layout: GroupLayout, kind: str,
-               damping: float, partitions: int) -> dict[str, Any]:
-    """Gram blocks summed over ``partitions`` Ray Data tasks; kernels on the driver."""
+def gram_pass(store: IndexStore, paths: list[str], layout: GroupLayout, kind: str,
+              partitions: int) -> list[tuple[str, int, int, np.ndarray]]:
+    """``(block, offset, dim, C_b)`` Gram blocks of the stored features, summed over
+    ``partitions`` Ray Data tasks."""
     total: dict[str, np.ndarray] | None = None
     if paths:
         items = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=min(partitions, len(paths)))
@@ -99,9 +100,15 @@ def stats_pass(store: IndexStore, version: str, paths: list[str], layout: GroupL
             for name, payload in zip(batch.column("block").to_pylist(), batch.column("gram").to_pylist()):
                 part = {name: np.load(io.BytesIO(payload), allow_pickle=False)}
                 total = add_grams(total, part)
+    return [(name, offset, dim, total[name] if total is not None else np.zeros((dim, dim)))
+            for name, offset, dim in blocks(layout, kind)]
+
+
+def write_stats(store: IndexStore, version: str, grams: list[tuple[str, int, int, np.ndarray]], kind: str,
+                damping: float) -> dict[str, Any]:
+    """Write each Gram block and its kernel at ``damping``; the manifest's ``stats``."""
     out_blocks = []
-    for name, offset, dim in blocks(layout, kind):
-        gram = total[name] if total is not None else np.zeros((dim, dim))
+    for name, offset, dim, gram in grams:
         kernel, lam = kernel_from_gram(gram, damping)
         safe = name.replace("/", "_")
         rel = f"{IndexStore.version_dir(version)}/stats"

@@ -28,7 +28,8 @@ from attribution_core.index.source import resolve_source
 from attribution_core.index.store import IndexStore, shard_name
 from attribution_core.models.fingerprint import model_fingerprint
 from attribution_core.models.recipe import resolve_columns
-from pipelines.index.commit import check_exactly_once, dedupe, refuse_if_quarantined, shard_ids, stats_pass
+from pipelines.index.commit import check_exactly_once, dedupe, gram_pass, refuse_if_quarantined, shard_ids, write_stats
+from pipelines.index.damping import choose_kernel_damping
 from pipelines.index.scan import choose_base, concat_keys, read_source, scan_keys, shard_keys
 from pipelines.index.stages import IndexActor, rewrite_shard
 from pipelines.models import load_model_dir
@@ -151,9 +152,16 @@ def run_index(cfg: ProjectConfig, req: IndexRequest) -> dict[str, Any]:
 
     shard_paths = sorted(reused_whole) + sorted(staged)
     kind = choose_kernel(cfg.index.kernel, layout.k_total, cfg.index.max_full_kernel_dim)
-    stats = stats_pass(store, version, shard_paths, layout, kind, cfg.index.damping,
-                       cfg.index.stats_partitions or cluster_cpus())
+    partitions = cfg.index.stats_partitions or cluster_cpus()
+    grams = gram_pass(store, shard_paths, layout, kind, partitions)
     lap("stats")
+    choice = None
+    if cfg.index.damping_rule == "objective" and shard_paths:
+        choice = choose_kernel_damping(cfg, req.model, adapter.conditioning, device, store, shard_paths, layout, grams,
+                                       partitions)
+        lap("damping")
+    stats = write_stats(store, version, grams, kind, choice["damping"] if choice else cfg.index.damping)
+    stats["damping_choice"] = choice or {"rule": "fixed", "damping": cfg.index.damping}
 
     sizes = {s["path"]: s["bytes"] for s in base["shards"]} if base else {}
     shards = [{"path": p, "rows": len(ids), "bytes": sizes.get(p) or store.fs.get_file_info(store.path(p)).size}

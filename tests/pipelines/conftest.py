@@ -36,11 +36,13 @@ def ray_cluster(s3_base):
         ray.shutdown()
 
 
-def project(index: dict | None = None, featurize: dict | None = None) -> ProjectConfig:
-    """A config for tests: tiny featurize settings, small shards, 2 actors."""
+def project(index: dict | None = None, featurize: dict | None = None, weights: dict | None = None) -> ProjectConfig:
+    """A config for tests: tiny featurize settings, small shards, 2 actors, the kernel's
+    damping fixed (the objective rule has tests of its own)."""
     return from_mapping(ProjectConfig, {
         "featurize": {**FEATURIZE, **(featurize or {})},
-        "index": {"batch_size": 8, "actors": 2, "threads_per_actor": 1, **(index or {})},
+        "index": {"batch_size": 8, "actors": 2, "threads_per_actor": 1, "damping_rule": "fixed", **(index or {})},
+        "weights": weights or {},
     })
 
 
@@ -77,7 +79,7 @@ def tiny_main_job(tmp_path: Path, **sections: dict) -> dict:
     cfg["train"].update(recipe, steps=6)
     cfg["subset_train"].update(recipe, steps=4)
     cfg["featurize"]["timesteps"]["count"] = 2
-    cfg["index"].update(out=str(tmp_path / "index"), batch_size=16, actors=2)
+    cfg["index"].update(out=str(tmp_path / "index"), batch_size=16, actors=2, damping_queries=3)
     cfg["weights"].update(queries_per_aspect=4, steps=10, sample_steps=3, max_rounds=1, workers=1, pool_size=12,
                           validation_queries=6, holdout_queries=3)
     cfg["demo"].update(out=str(tmp_path / "demo"), queries=1, top_k=2)
