@@ -22,6 +22,19 @@ from pipelines.weights.scan import scan
 log = logging.getLogger(__name__)
 
 
+def kernel_settings(cfg: ProjectConfig) -> dict[str, Any]:
+    """What the kernel of a build depends on beyond the features: a version built under other
+    settings is not up to date even when no example changed."""
+    icfg, wcfg = cfg.index, cfg.weights
+    out: dict[str, Any] = {"kernel": icfg.kernel, "max_full_kernel_dim": icfg.max_full_kernel_dim,
+                           "rule": icfg.damping_rule}
+    if icfg.damping_rule == "fixed":
+        return {**out, "damping": icfg.damping}
+    return {**out, "grid": sorted(icfg.damping_grid), "queries": icfg.damping_queries,
+            "query_settings": {"seed": wcfg.seed, "top_k": wcfg.top_k, "guidance": wcfg.guidance,
+                               "sample_steps": wcfg.sample_steps}}
+
+
 def _featurized_queries(model: str, device: str, featurize: dict[str, Any], weights: dict[str, Any],
                         prompts: list[str | None]) -> np.ndarray:
     """``[n, k_total]`` query-side features of images the model generates (one per prompt)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import hashlib
+import json
 import logging
 import time
 from typing import Any
@@ -29,7 +30,7 @@ from attribution_core.index.store import IndexStore, shard_name
 from attribution_core.models.fingerprint import model_fingerprint
 from attribution_core.models.recipe import resolve_columns
 from pipelines.index.commit import check_exactly_once, dedupe, gram_pass, refuse_if_quarantined, shard_ids, write_stats
-from pipelines.index.damping import choose_kernel_damping
+from pipelines.index.damping import choose_kernel_damping, kernel_settings
 from pipelines.index.scan import choose_base, concat_keys, read_source, scan_keys, shard_keys
 from pipelines.index.stages import IndexActor, rewrite_shard
 from pipelines.models import load_model_dir
@@ -86,8 +87,9 @@ def run_index(cfg: ProjectConfig, req: IndexRequest) -> dict[str, Any]:
     lap("scan")
 
     previous, base = choose_base(store, spec, req.mode)
-    digest = hashlib.blake2b(f"{spec.key()}|{keys_digest(current)}|{base['version'] if base else ''}".encode(),
-                             digest_size=8).hexdigest()
+    settings = kernel_settings(cfg)
+    digest = hashlib.blake2b(f"{spec.key()}|{keys_digest(current)}|{base['version'] if base else ''}|"
+                             f"{json.dumps(settings, sort_keys=True)}".encode(), digest_size=8).hexdigest()
     sequence = previous["sequence"] + 1 if previous else 1
     version = f"v{sequence:05d}-{digest}"
     vdir = IndexStore.version_dir(version)
@@ -104,7 +106,7 @@ def run_index(cfg: ProjectConfig, req: IndexRequest) -> dict[str, Any]:
     removed_tmp = store.remove_temporaries(version)
     done = concat_keys(shard_keys(store, store.list_shards(version, "features") + store.list_shards(version, "errors")))
     plan = plan_build(current, base_shards, base_errors, done)
-    if base is not None and plan.is_noop:
+    if base is not None and plan.is_noop and base["stats"].get("settings") == settings:
         log.info("index %s is up to date with %s", base["version"], req.dataset)
         return {"version": base["version"], "up_to_date": True, "uri": store.uri, **_counts(base)}
     log.info("plan: %d examples, %d to featurize (%d new, %d changed, %d resumed from an interrupted run), "
@@ -162,6 +164,7 @@ def run_index(cfg: ProjectConfig, req: IndexRequest) -> dict[str, Any]:
         lap("damping")
     stats = write_stats(store, version, grams, kind, choice["damping"] if choice else cfg.index.damping)
     stats["damping_choice"] = choice or {"rule": "fixed", "damping": cfg.index.damping}
+    stats["settings"] = settings
 
     sizes = {s["path"]: s["bytes"] for s in base["shards"]} if base else {}
     shards = [{"path": p, "rows": len(ids), "bytes": sizes.get(p) or store.fs.get_file_info(store.path(p)).size}

@@ -300,3 +300,23 @@ def test_damping_chosen_by_the_objective_equals_a_direct_computation(tmp_path, r
     np.testing.assert_allclose(gram, stored.T @ stored, rtol=1e-8, atol=1e-10)
     expected = kernel_from_gram(gram, choice["damping"])[0]
     np.testing.assert_allclose(store.read_array(manifest["stats"]["blocks"][0]["kernel"]), expected, rtol=1e-10)
+
+
+def test_other_kernel_settings_make_a_new_version_over_the_same_shards(full_build, tmp_path, model_dirs):
+    """Only the kernel's damping changes: a new version that reuses every shard and rebuilds
+    the kernel; the same settings again are up to date."""
+    import shutil
+
+    out = str(tmp_path / "index")
+    shutil.copytree(full_build["out"], out)
+    before, _ = read_index(out)
+    changed = run_index(project(index={"damping": 0.5}), IndexRequest(dataset=full_build["data"],
+                                                                       model=model_dirs["text"], out=out))
+    after, _ = read_index(out)
+    assert not changed["up_to_date"] and after["version"] != before["version"] and changed["featurized"] == 0
+    assert [s["path"] for s in after["shards"]] == [s["path"] for s in before["shards"]]
+    assert after["stats"]["damping"] == 0.5 and after["stats"]["settings"]["damping"] == 0.5
+    assert after["stats"]["blocks"][0]["lambda"] == pytest.approx(50 * before["stats"]["blocks"][0]["lambda"])
+    again = run_index(project(index={"damping": 0.5}), IndexRequest(dataset=full_build["data"],
+                                                                     model=model_dirs["text"], out=out))
+    assert again["up_to_date"] and again["version"] == after["version"]
