@@ -45,7 +45,7 @@ def test_bad_yaml_files(tmp_path):
 def test_evaluation_settings_are_checked():
     with pytest.raises(ConfigError, match="evaluate.seed: must differ from weights.seed"):
         from_mapping(ProjectConfig, {"weights": {"seed": 7}, "evaluate": {"seed": 7}})
-    with pytest.raises(ConfigError, match="evaluate.bases: choose from tracin, trak, dtrak"):
+    with pytest.raises(ConfigError, match="evaluate.bases: choose from tracin, trak, dtrak, das"):
         from_mapping(ProjectConfig, {"evaluate": {"bases": ["trak", "influence"]}})
     with pytest.raises(ConfigError, match="evaluate.subsets: LDS needs at least 2 subsets"):
         from_mapping(ProjectConfig, {"evaluate": {"subsets": 1}})

@@ -115,3 +115,27 @@ def test_s3_round_trip_both_layouts(tmp_path, s3_base):
     assert detect_layout(f"{s3_base}/folder") == "imagefolder"
     got = [(r.example_id, r.image, r.caption) for r in read_examples(f"{s3_base}/folder")]
     assert got == [(r.example_id, r.image, r.caption) for r in read_examples(str(root))]
+
+
+def test_texture_set_is_deterministic_labelled_and_unlike_the_shapes(tmp_path):
+    """The second benchmark's data: same seed, same bytes; every class drawn; a label and no
+    caption; pixel statistics the shapes set does not have (many distinct colours per image)."""
+    from attribution_core.config import ProjectConfig, from_mapping
+    from attribution_core.data.textures import TEXTURES, draw_texture
+    from attribution_core.data.synthetic import draw_example
+
+    a = write_synthetic(str(tmp_path / "a"), 60, seed=2, size=16, kind="textures")
+    write_synthetic(str(tmp_path / "b"), 60, seed=2, size=16, kind="textures")
+    ta, tb = pq.read_table(str(tmp_path / "a")), pq.read_table(str(tmp_path / "b"))
+    assert ta.equals(tb) and a["set"] == "textures" and read_marker(str(tmp_path / "a"))["set"] == "textures"
+    assert ta.column_names == ["example_id", "image", "label"]
+    assert set(ta.column("label").to_pylist()) == set(TEXTURES)
+    examples = list(read_examples(str(tmp_path / "a")))
+    assert len(examples) == 60 and all(e.caption is None for e in examples)
+    colours = np.mean([len(np.unique(draw_texture(2, i, 16).image.reshape(-1, 3), axis=0)) for i in range(20)])
+    shapes = np.mean([len(np.unique(draw_example(2, i, 16).image.reshape(-1, 3), axis=0)) for i in range(20)])
+    assert colours > 100 > shapes
+    with pytest.raises(ConfigError, match="textures set has none"):
+        write_synthetic(str(tmp_path / "c"), 4, seed=0, holdout=((("subject", "ring"),),), kind="textures")
+    with pytest.raises(ConfigError, match="data.synthetic.kind"):
+        from_mapping(ProjectConfig, {"data": {"synthetic": {"kind": "faces"}}})
