@@ -8,7 +8,7 @@ import dataclasses
 from attribution_core.config_io import check as _check
 
 
-KERNELS = ("auto", "full", "block_diagonal")
+KERNELS = ("auto", "full", "block_diagonal", "layer_block", "objective")
 FEATURE_DTYPES = ("float16", "float32")
 
 
@@ -47,9 +47,12 @@ class IndexConfig:
     """Images with a shorter side below this go to errors/ (0 = half the model resolution)."""
     max_aspect_ratio: float = 4.0
     """Images more elongated than this go to errors/ (centre-cropping would drop most of them)."""
-    kernel: str = "auto"
+    kernel: str = "objective"
     """'full' K = (C + lambda I)^-1 over all k_total features, 'block_diagonal' one block per
-    group, 'auto' = full when k_total <= max_full_kernel_dim."""
+    group, 'layer_block' one block per tracked layer (the kernel then does not change with the
+    grouping), 'auto' = full when k_total <= max_full_kernel_dim, else block_diagonal;
+    'objective': group- or layer-blocked (or full, when it fits), chosen together with the
+    damping by the rule of ``damping_rule`` (at ``damping`` alone under 'fixed')."""
     max_full_kernel_dim: int = 4096
     damping: float = 0.01
     """lambda as a share of the mean diagonal of C (per block for block-diagonal kernels):

@@ -85,10 +85,11 @@ def damping_table(lds: dict[str, Any]) -> str:
     rows = ["<tr><th class=name>basis</th><th>index.damping</th><th>uniform weights</th>"
             "<th>learned weights (at the index's damping)</th></tr>"]
     for basis, entries in swept.items():
-        chosen = lds[basis].get("kernel_damping") or {}
+        chosen = lds[basis].get("kernel_choice") or {}
 
         def mark(d: float) -> str:
-            return f" (the index's, {html.escape(chosen.get('rule', 'fixed'))})" if d == chosen.get("damping") else ""
+            return (f" (the index's: {html.escape(str(chosen.get('kernel')))} kernel, {html.escape(chosen.get('rule', 'fixed'))})"
+                    if d == chosen.get("damping") else "")
 
         rows += [f"<tr><td class=name>{html.escape(BASIS_LABEL.get(basis, basis))}</td><td>{e['damping']:g}"
                  f"{mark(e['damping'])}</td><td>{_num(e['uniform'])}</td><td>{_num(e['learned'])}</td></tr>"

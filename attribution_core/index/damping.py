@@ -1,13 +1,15 @@
-"""The kernel's damping chosen without retraining (``index.damping_rule: objective``).
+"""The kernel's damping (and structure) chosen without retraining (``index.damping_rule:
+objective``, ``index.kernel: objective``).
 
 TRAK-style kernels ``K = (C + lambda I)^-1`` need a damping, and the best one differs by
 basis and dataset (on the benchmark: 1.0 for TRAK, 0.01 for D-TRAK). Retraining to measure
 LDS is what a user cannot afford, so the index job picks, from a grid, the damping under
 which images the model generates attribute most sharply: the paper's weight objective at
 uniform weights, ``mean_q -mean(top-k_x tau(q, x)) / ||tau(q, .)||_2`` (lower is sharper).
-One scan of the index scores every query under every candidate at once: the candidates'
-preconditioned queries are stacked as rows with one group (``M = 1``), so the scan's top-k
-and moment matrix (``||tau(q, .)||^2``) are exactly what the objective needs.
+The same objective chooses the kernel's block structure (group blocks, layer blocks, full)
+when asked. One scan of the index scores every query under every candidate at once: the
+candidates' preconditioned queries are stacked as rows with one group (``M = 1``), so the
+scan's top-k and moment matrix (``||tau(q, .)||^2``) are exactly what the objective needs.
 """
 
 from __future__ import annotations
@@ -26,25 +28,33 @@ def kernel_blocks(grams: list[tuple[int, int, np.ndarray]], damping: float) -> l
     return [(offset, dim, torch.from_numpy(kernel_from_gram(gram, damping)[0])) for offset, dim, gram in grams]
 
 
-def candidate_queries(queries: torch.Tensor, layout: GroupLayout, grams: list[tuple[int, int, np.ndarray]],
-                      grid: tuple[float, ...]) -> torch.Tensor:
-    """``Tensor[D * Q, 1, k_total]``: ``K_d (w . g(q))`` at uniform w for each damping ``d`` of
-    ``grid`` (damping-major), shaped as single-group queries for the index scan."""
+Candidate = tuple[str, float]
+"""(kernel structure, damping)."""
+
+
+def candidate_queries(queries: torch.Tensor, layout: GroupLayout,
+                      grams: dict[str, list[tuple[int, int, np.ndarray]]], candidates: list[Candidate]) -> torch.Tensor:
+    """``Tensor[C * Q, 1, k_total]``: ``K_c (w . g(q))`` at uniform w for each candidate ``c``
+    (kernel structure, damping), candidate-major, shaped as single-group queries for the
+    index scan. ``grams``: each structure's ``(offset, dim, C_b)`` blocks."""
     m = len(layout.groups)
     uniform = torch.full((1, m), 1.0 / m)
-    rows = [preconditioned_queries(queries, uniform, layout, kernel_blocks(grams, d))[0] for d in grid]  # [Q, k] each
+    rows = [preconditioned_queries(queries, uniform, layout, kernel_blocks(grams[kind], d))[0]  # [Q, k] each
+            for kind, d in candidates]
     return torch.cat(rows).unsqueeze(1)
 
 
-def damping_objectives(top_scores: torch.Tensor, sq_norms: torch.Tensor, grid: tuple[float, ...]) -> dict[float, float]:
-    """``{damping: objective}`` from the scan of ``candidate_queries``: ``top_scores [D * Q, k]``
-    and ``sq_norms [D * Q, 1, 1]`` (each query's ``||tau(q, .)||^2``)."""
-    q = top_scores.shape[0] // len(grid)
+def candidate_objectives(top_scores: torch.Tensor, sq_norms: torch.Tensor,
+                         candidates: list[Candidate]) -> dict[Candidate, float]:
+    """``{candidate: objective}`` from the scan of ``candidate_queries``: ``top_scores [C * Q, k]``
+    and ``sq_norms [C * Q, 1, 1]`` (each query's ``||tau(q, .)||^2``)."""
+    q = top_scores.shape[0] // len(candidates)
     one = torch.ones(1, dtype=torch.float64)
-    return {d: heldout_objective(top_scores[i * q : (i + 1) * q], sq_norms[i * q : (i + 1) * q], one, 0.0)
-            for i, d in enumerate(grid)}
+    return {c: heldout_objective(top_scores[i * q : (i + 1) * q], sq_norms[i * q : (i + 1) * q], one, 0.0)
+            for i, c in enumerate(candidates)}
 
 
-def choose_damping(objective: dict[float, float]) -> float:
-    """The damping of the lowest objective; the smallest such damping on a tie."""
-    return min(sorted(objective), key=lambda d: objective[d])
+def choose_candidate(objective: dict[Candidate, float]) -> Candidate:
+    """The candidate of the lowest objective; on a tie the first in ``objective``'s order
+    (the callers list structures coarse to fine, each with its dampings ascending)."""
+    return min(objective, key=lambda c: objective[c])

@@ -20,22 +20,49 @@ from attribution_core.features.groups import GroupLayout
 from attribution_core.index.schema import flat_matrix, group_matrix
 
 FULL = "full"
-BLOCK_DIAGONAL = "block_diagonal"
+BLOCK_DIAGONAL = "block_diagonal"  # one block per parameter group
+LAYER_BLOCK = "layer_block"  # one block per tracked layer, whatever the grouping
 FULL_BLOCK = "all"  # block name of a full kernel
+OBJECTIVE = "objective"  # the structure chosen with the damping (attribution_core.index.damping)
 
 
-def choose_kernel(mode: str, k_total: int, max_full_dim: int) -> str:
-    """``'full'`` or ``'block_diagonal'`` for the configured ``mode`` ('auto' decides by size)."""
+def kernel_candidates(mode: str, k_total: int, max_full_dim: int) -> list[str]:
+    """The kernel structures ``mode`` leaves open: one, or under ``'objective'`` the group- and
+    layer-blocked kernels (and the full one when ``k_total <= max_full_dim``). 'auto' is the
+    full kernel when it fits, else block-diagonal."""
     if mode == "auto":
-        return FULL if k_total <= max_full_dim else BLOCK_DIAGONAL
-    return mode
+        return [FULL if k_total <= max_full_dim else BLOCK_DIAGONAL]
+    if mode == OBJECTIVE:
+        return ([FULL] if k_total <= max_full_dim else []) + [BLOCK_DIAGONAL, LAYER_BLOCK]
+    return [mode]
 
 
 def blocks(layout: GroupLayout, kind: str) -> list[tuple[str, int, int]]:
     """``(name, offset, dim)`` of each kernel block."""
     if kind == FULL:
         return [(FULL_BLOCK, 0, layout.k_total)]
+    if kind == LAYER_BLOCK:
+        return [(layer.name, layer.offset, layer.dim) for layer in layout.layers]
     return [(g.name, g.offset, g.dim) for g in layout.groups]
+
+
+def coarsest(kinds: list[str]) -> str:
+    """The kernel structure whose Gram blocks contain every other's of ``kinds``: full, then
+    group blocks (each holds its layers), then layer blocks."""
+    return next(k for k in (FULL, BLOCK_DIAGONAL, LAYER_BLOCK) if k in kinds)
+
+
+def sub_grams(grams: list[tuple[str, int, int, np.ndarray]], layout: GroupLayout,
+              kind: str) -> list[tuple[str, int, int, np.ndarray]]:
+    """The ``(name, offset, dim, C_b)`` Gram blocks of ``kind``, sliced out of coarser ones."""
+    out = []
+    for name, offset, dim in blocks(layout, kind):
+        outer = next((g for g in grams if g[1] <= offset and offset + dim <= g[1] + g[2]), None)
+        if outer is None:
+            raise ValueError(f"kernel block {name} [{offset}, {offset + dim}) lies in no Gram block given")
+        lo = offset - outer[1]
+        out.append((name, offset, dim, outer[3][lo : lo + dim, lo : lo + dim]))
+    return out
 
 
 def partial_gram(tables: Iterable[pa.Table], layout: GroupLayout, kind: str) -> dict[str, np.ndarray]:
@@ -47,6 +74,10 @@ def partial_gram(tables: Iterable[pa.Table], layout: GroupLayout, kind: str) -> 
         if kind == FULL:
             x = flat_matrix(table, layout, np.float64, scaled=False)  # [n, k_total]
             out[FULL_BLOCK] += x.T @ x
+        elif kind == LAYER_BLOCK:
+            x = flat_matrix(table, layout, np.float64, scaled=False)
+            for name, offset, dim in blocks(layout, kind):
+                out[name] += x[:, offset : offset + dim].T @ x[:, offset : offset + dim]
         else:
             for g in layout.groups:
                 x = group_matrix(table, g.name).astype(np.float64)  # [n, k_g]

@@ -98,7 +98,7 @@ def evaluate(cfg: ProjectConfig, req: EvaluateRequest = EvaluateRequest()) -> di
                               "difference": round(r["difference"], 4),
                               "difference_ci": [round(v, 4) for v in r["difference_ci"]],
                               "weights": {g: round(w, 4) for g, w in r["weights"].items()},
-                              **{k: r[k] for k in ("headroom", "damping", "kernel_damping") if k in r}}
+                              **{k: r[k] for k in ("headroom", "damping", "kernel_choice") if k in r}}
                           for b, r in result["table"].items()}
         metrics.update(n_subsets=result["n_subsets"], n_queries=result["n_queries"])
         kinds = [q["kind"] for q in result["queries"]]
@@ -139,9 +139,9 @@ def summary_text(metrics: dict[str, Any]) -> str:
                              f"[{h['ci'][0]:+.3f}, {h['ci'][1]:+.3f}]")
         for basis, r in metrics["lds"].items():
             if r.get("damping"):
-                chosen = r["kernel_damping"]
-                lines.append(f"  {basis} by index.damping (uniform / learned at the index's damping "
-                             f"{chosen['damping']:g}, {chosen['rule']}): " + "; ".join(
+                chosen = r["kernel_choice"]
+                lines.append(f"  {basis} by index.damping (uniform / learned at the index's {chosen['kernel']} kernel, "
+                             f"damping {chosen['damping']:g}, {chosen['rule']}): " + "; ".join(
                                  f"{d['damping']:g}: {d['uniform']:.4f} / {d['learned']:.4f}" for d in r["damping"]))
     recall_key = next(k for k in metrics if k.startswith("recall_at_"))
     intervals = metrics.get("recall_intervals", {})

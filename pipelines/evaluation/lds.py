@@ -235,7 +235,7 @@ class BasisScores:
     pair: np.ndarray
     by_damping: dict[float, np.ndarray]
     per_group: np.ndarray | None
-    kernel_damping: dict[str, Any] | None = None  # the index's damping and how it was chosen (kernel bases)
+    kernel_choice: dict[str, Any] | None = None  # the index's kernel, its damping and how they were chosen
 
 
 def basis_scores(features: torch.Tensor, index, document: dict[str, Any], with_kernel: bool, order: list[str],
@@ -248,7 +248,8 @@ def basis_scores(features: torch.Tensor, index, document: dict[str, Any], with_k
     per_group = (full_scores(features, torch.eye(len(index.layout.groups)), index, kernel, order)
                  if headroom_possible else None)
     stats = index.manifest["stats"]
-    chosen = (stats.get("damping_choice") or {"rule": "fixed", "damping": stats["damping"]}) if with_kernel else None
+    chosen = (stats.get("kernel_choice") or {"rule": "fixed", "kernel": stats["kernel"], "damping": stats["damping"]}
+              if with_kernel else None)
     return BasisScores(full_scores(features, weights, index, kernel, order), swept, per_group, chosen)
 
 
@@ -267,8 +268,8 @@ def lds_row(scored: BasisScores, document: dict[str, Any], masks: np.ndarray, ac
     row["difference"] = float(np.nanmean(diff)) if np.isfinite(diff).any() else float("nan")
     row["difference_ci"] = list(bootstrap_ci(diff, resamples=ecfg.bootstrap, seed=ecfg.seed))
     row["weights"] = dict(zip(document["groups"], document["aspects"]["general"]["weights"]))
-    if scored.kernel_damping is not None:
-        row["kernel_damping"] = scored.kernel_damping
+    if scored.kernel_choice is not None:
+        row["kernel_choice"] = scored.kernel_choice
     if scored.by_damping:
         row["damping"] = [{"damping": d, **{name: round(lds(sc[i], masks, actual, seed=ecfg.seed,
                                                            resamples=ecfg.bootstrap)["lds"], 4)

@@ -14,7 +14,7 @@ import torch
 
 from attribution_core.config import FeaturizeConfig, ProjectConfig, WeightsConfig, from_mapping, to_mapping
 from attribution_core.features.groups import GroupLayout
-from attribution_core.index.damping import candidate_queries, choose_damping, damping_objectives
+from attribution_core.index.damping import candidate_objectives, candidate_queries, choose_candidate
 from attribution_core.index.store import IndexStore
 from pipelines.weights.queries import prompts_for
 from pipelines.weights.scan import scan
@@ -49,10 +49,12 @@ def _featurized_queries(model: str, device: str, featurize: dict[str, Any], weig
     return features.numpy()
 
 
-def choose_kernel_damping(cfg: ProjectConfig, model: str, conditioning: str, device: str, store: IndexStore,
-                          paths: list[str], layout: GroupLayout, grams: list[tuple[str, int, int, np.ndarray]],
-                          partitions: int) -> dict[str, Any]:
-    """``{"rule", "damping", "objective": {damping: value}, "queries"}`` for the shards ``paths``."""
+def choose_kernel(cfg: ProjectConfig, model: str, conditioning: str, device: str, store: IndexStore,
+                          paths: list[str], layout: GroupLayout,
+                          grams: dict[str, list[tuple[str, int, int, np.ndarray]]], partitions: int) -> dict[str, Any]:
+    """``{"rule", "kernel", "damping", "objective": {kernel: {damping: value}}, "queries", "top_k"}``
+    for the shards ``paths``: every kernel structure of ``grams`` at every damping the rule
+    leaves open (``index.damping_grid``, or ``index.damping`` alone under 'fixed')."""
     icfg = cfg.index
     wcfg = dataclasses.replace(cfg.weights, queries_per_aspect=icfg.damping_queries)
     prompts = prompts_for("general", wcfg, store, {"shards": [{"path": p} for p in paths]}, conditioning,
@@ -60,12 +62,18 @@ def choose_kernel_damping(cfg: ProjectConfig, model: str, conditioning: str, dev
     task = ray.remote(_featurized_queries).options(num_cpus=1, num_gpus=1 if device == "cuda" else 0)
     queries = torch.from_numpy(np.array(ray.get(task.remote(model, device, to_mapping(cfg.featurize),
                                                             to_mapping(wcfg), prompts))))  # a writable copy
-    grid = tuple(sorted(icfg.damping_grid))
-    stacked = candidate_queries(queries, layout, [(offset, dim, gram) for _, offset, dim, gram in grams], grid)
+    dampings = sorted(icfg.damping_grid) if icfg.damping_rule == "objective" else [icfg.damping]
+    candidates = [(kind, d) for kind in grams for d in dampings]
+    blocks = {kind: [(offset, dim, gram) for _, offset, dim, gram in found] for kind, found in grams.items()}
+    stacked = candidate_queries(queries, layout, blocks, candidates)
     source = {"kind": "index", "uri": store.uri, "layout": layout.to_manifest()}
     state = scan(source, paths, stacked, torch.ones(1, 1), cfg.weights.top_k, True, partitions)
-    objective = {d: round(v, 6) for d, v in damping_objectives(state.scores[:, 0], state.noise, grid).items()}
-    chosen = choose_damping(objective)
-    log.info("kernel damping by the objective on %d generated queries %s -> %g", len(prompts), objective, chosen)
-    return {"rule": "objective", "damping": chosen, "objective": {str(d): v for d, v in objective.items()},
+    objective = {c: round(v, 6) for c, v in candidate_objectives(state.scores[:, 0], state.noise, candidates).items()}
+    kind, damping = choose_candidate(objective)
+    log.info("kernel by the objective on %d generated queries %s -> %s at damping %g", len(prompts),
+             {f"{k} {d:g}": v for (k, d), v in objective.items()}, kind, damping)
+    table: dict[str, dict[str, float]] = {}
+    for (k, d), v in objective.items():
+        table.setdefault(k, {})[str(d)] = v
+    return {"rule": icfg.damping_rule, "kernel": kind, "damping": damping, "objective": table,
             "queries": len(prompts), "top_k": cfg.weights.top_k}

@@ -14,7 +14,7 @@ from attribution_core.data.images import decode_image, encode_png
 from attribution_core.features.featurize import Featurizer
 from attribution_core.features.groups import build_layout
 from attribution_core.index.batch import ImageLimits, index_batch
-from attribution_core.index.kernel import BLOCK_DIAGONAL, FULL, choose_kernel, kernel_from_gram, partial_gram
+from attribution_core.index.kernel import BLOCK_DIAGONAL, FULL, LAYER_BLOCK, kernel_from_gram, partial_gram
 from attribution_core.index.manifest import FeatureSpec, check_same_features
 from attribution_core.errors import InputError, ManifestMismatchError
 from attribution_core.index.plan import check_unique, plan_build
@@ -66,10 +66,14 @@ def test_kernel_is_the_damped_inverse_and_blocks_are_slices_of_the_full_gram(ada
     for g in layout.groups:
         sl = slice(g.offset, g.offset + g.dim)
         np.testing.assert_allclose(blocks[g.name], full[sl, sl], rtol=1e-12)
+    by_layer = partial_gram(tables, layout, LAYER_BLOCK)
+    assert len(by_layer) == len(layout.layers) > len(layout.groups)
+    for layer in layout.layers:
+        sl = slice(layer.offset, layer.offset + layer.dim)
+        np.testing.assert_allclose(by_layer[layer.name], full[sl, sl], rtol=1e-12)
     kernel, lam = kernel_from_gram(full, 0.1)
     assert lam == pytest.approx(0.1 * np.trace(full) / full.shape[0])
     np.testing.assert_allclose(kernel @ (full + lam * np.eye(len(full))), np.eye(len(full)), atol=1e-8)
-    assert choose_kernel("auto", 100, 50) == BLOCK_DIAGONAL and choose_kernel("auto", 50, 50) == FULL
     assert np.array_equal(flat_matrix(pa.concat_tables(tables), layout), flat.numpy())
 
 

@@ -38,10 +38,11 @@ def ray_cluster(s3_base):
 
 def project(index: dict | None = None, featurize: dict | None = None, weights: dict | None = None) -> ProjectConfig:
     """A config for tests: tiny featurize settings, small shards, 2 actors, the kernel's
-    damping fixed (the objective rule has tests of its own)."""
+    structure and damping fixed (the objective rule has tests of its own)."""
     return from_mapping(ProjectConfig, {
         "featurize": {**FEATURIZE, **(featurize or {})},
-        "index": {"batch_size": 8, "actors": 2, "threads_per_actor": 1, "damping_rule": "fixed", **(index or {})},
+        "index": {"batch_size": 8, "actors": 2, "threads_per_actor": 1, "kernel": "auto", "damping_rule": "fixed",
+                  **(index or {})},
         "weights": weights or {},
     })
 

@@ -31,10 +31,11 @@ def test_unconditional_dataset_without_captions_or_attributes(tmp_path, ray_clus
     assert set(metrics["lds"]) == {"tracin", "dtrak", "das"} and metrics["n_subsets"] == 4 and metrics["n_queries"] == 5
     # the kernel bases' indexes chose their damping by the objective rule, and say so; TracIn has no kernel
     for basis in ("dtrak", "das"):
-        chosen = metrics["lds"][basis]["kernel_damping"]
+        chosen = metrics["lds"][basis]["kernel_choice"]
         assert chosen["rule"] == "objective" and chosen["damping"] in (0.001, 0.01, 0.1, 1.0)
-        assert min(chosen["objective"].values()) == chosen["objective"][str(chosen["damping"])]
-    assert "kernel_damping" not in metrics["lds"]["tracin"]
+        values = [v for by_damping in chosen["objective"].values() for v in by_damping.values()]
+        assert min(values) == chosen["objective"][chosen["kernel"]][str(chosen["damping"])]
+    assert "kernel_choice" not in metrics["lds"]["tracin"]
     assert metrics["recall_at_10"] == {} and "none-conditioned" in metrics["info"]["recall_skipped"]
     assert metrics["info"]["query_mix"] == "3 generated, 2 held-out real"
     report = (tmp_path / "eval" / "report.html").read_text()

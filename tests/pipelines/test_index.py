@@ -255,28 +255,31 @@ def test_dedupe_claims_an_existing_shard_that_already_holds_the_rewrite(tmp_path
     assert sorted(fixed.values()) == [[p, q], [r]]
 
 
-def test_damping_chosen_by_the_objective_equals_a_direct_computation(tmp_path, ray_cluster, model_dirs, good_rows):
-    """``damping_rule: objective`` on a DAS index: the recorded objective of each damping is
-    the weight objective at uniform weights over every stored row (scores against the row-
-    scaled features, K from the unscaled Gram), the chosen damping is its argmin, and the
-    kernel written is that damping's."""
+def test_kernel_chosen_by_the_objective_equals_a_direct_computation(tmp_path, ray_cluster, model_dirs, good_rows):
+    """``kernel: objective`` with ``damping_rule: objective`` on a DAS index: the recorded
+    objective of each (structure, damping) is the weight objective at uniform weights over
+    every stored row (scores against the row-scaled features, K from the unscaled Gram), the
+    choice is its argmin, and the kernel written is the chosen one."""
     from attribution_core.config import to_mapping
-    from attribution_core.index.damping import kernel_blocks
-    from attribution_core.index.schema import flat_matrix
     from attribution_core.features.groups import GroupLayout
+    from attribution_core.index.damping import kernel_blocks
+    from attribution_core.index.kernel import blocks
+    from attribution_core.index.schema import flat_matrix
     from pipelines.index.damping import _featurized_queries
     from pipelines.weights.queries import prompts_for
 
     data = write_rows(str(tmp_path / "data"), good_rows)
     grid = [0.001, 0.1, 10.0]
-    cfg = project(index={"damping_rule": "objective", "damping_grid": grid, "damping_queries": 3},
-                  featurize={"measurement": "das"}, weights={"sample_steps": 2, "top_k": 4})
+    cfg = project(index={"kernel": "objective", "damping_rule": "objective", "damping_grid": grid,
+                         "damping_queries": 3}, featurize={"measurement": "das"}, weights={"sample_steps": 2, "top_k": 4})
     out = str(tmp_path / "index")
     run_index(cfg, IndexRequest(dataset=data, model=model_dirs["text"], out=out))
     manifest, table = read_index(out)
     store = IndexStore(out)
-    choice = manifest["stats"]["damping_choice"]
-    assert choice["rule"] == "objective" and choice["queries"] == 3 and set(choice["objective"]) == {str(d) for d in grid}
+    choice = manifest["stats"]["kernel_choice"]
+    assert choice["rule"] == "objective" and choice["queries"] == 3
+    assert set(choice["objective"]) == {"full", "block_diagonal", "layer_block"}  # k_total fits a full kernel here
+    assert all(set(v) == {str(d) for d in grid} for v in choice["objective"].values())
 
     layout = GroupLayout.from_manifest(manifest["layout"])
     stored = flat_matrix(table, layout, np.float64, scaled=False)
@@ -285,21 +288,29 @@ def test_damping_chosen_by_the_objective_equals_a_direct_computation(tmp_path, r
     wcfg = dataclasses.replace(cfg.weights, queries_per_aspect=3)
     prompts = prompts_for("general", wcfg, store, manifest, "text", stream="damping-prompts")
     queries = torch.from_numpy(_featurized_queries(model_dirs["text"], "cpu", to_mapping(cfg.featurize),
-                                                   to_mapping(wcfg), prompts))
-    m = len(layout.groups)
+                                                   to_mapping(wcfg), prompts)).double() / len(layout.groups)
     direct = {}
-    for d in grid:
-        (_, _, kernel), = kernel_blocks([(0, layout.k_total, stored.T @ stored)], d)
-        scores = (queries.double() / m) @ kernel @ torch.from_numpy(scored).T  # [Q, N]
-        top = torch.topk(scores, 4, dim=1).values.mean(1)
-        direct[d] = float((-top / scores.norm(dim=1)).mean())
-    for d in grid:
-        assert choice["objective"][str(d)] == pytest.approx(direct[d], rel=1e-3, abs=1e-5)
-    assert choice["damping"] == min(grid, key=lambda d: direct[d]) == manifest["stats"]["damping"]
-    gram = store.read_array(manifest["stats"]["blocks"][0]["gram"])
-    np.testing.assert_allclose(gram, stored.T @ stored, rtol=1e-8, atol=1e-10)
-    expected = kernel_from_gram(gram, choice["damping"])[0]
-    np.testing.assert_allclose(store.read_array(manifest["stats"]["blocks"][0]["kernel"]), expected, rtol=1e-10)
+    for kind in choice["objective"]:
+        spans = [(offset, dim, stored[:, offset : offset + dim].T @ stored[:, offset : offset + dim])
+                 for _, offset, dim in blocks(layout, kind)]
+        for d in grid:
+            preconditioned = torch.zeros_like(queries)
+            for offset, dim, kernel in kernel_blocks(spans, d):
+                preconditioned[:, offset : offset + dim] = queries[:, offset : offset + dim] @ kernel
+            scores = preconditioned @ torch.from_numpy(scored).T  # [Q, N]
+            top = torch.topk(scores, 4, dim=1).values.mean(1)
+            direct[(kind, d)] = float((-top / scores.norm(dim=1)).mean())
+            assert choice["objective"][kind][str(d)] == pytest.approx(direct[(kind, d)], rel=1e-3, abs=1e-5)
+    best = min(direct, key=direct.get)
+    assert (choice["kernel"], choice["damping"]) == best
+    assert (manifest["stats"]["kernel"], manifest["stats"]["damping"]) == best
+    written = manifest["stats"]["blocks"]
+    assert [(b["offset"], b["dim"]) for b in written] == [(o, n) for _, o, n in blocks(layout, best[0])]
+    for b in written:
+        sl = slice(b["offset"], b["offset"] + b["dim"])
+        np.testing.assert_allclose(store.read_array(b["gram"]), stored[:, sl].T @ stored[:, sl], rtol=1e-8, atol=1e-10)
+        np.testing.assert_allclose(store.read_array(b["kernel"]), kernel_from_gram(stored[:, sl].T @ stored[:, sl],
+                                                                                    best[1])[0], rtol=1e-6, atol=1e-9)
 
 
 def test_other_kernel_settings_make_a_new_version_over_the_same_shards(full_build, tmp_path, model_dirs):
