@@ -80,7 +80,8 @@ def tiny_main_job(tmp_path: Path, **sections: dict) -> dict:
     cfg["train"].update(recipe, steps=6)
     cfg["subset_train"].update(recipe, steps=4)
     cfg["featurize"]["timesteps"]["count"] = 2
-    cfg["index"].update(out=str(tmp_path / "index"), batch_size=16, actors=2, damping_queries=3)
+    cfg["index"].update(out=str(tmp_path / "index"), batch_size=16, actors=2, damping_queries=3,
+                        damping_grid=[0.01, 1.0])  # the evaluation's sweep holds the index's choice
     cfg["weights"].update(queries_per_aspect=4, steps=10, sample_steps=3, max_rounds=1, workers=1, pool_size=12,
                           validation_queries=6, holdout_queries=3)
     cfg["demo"].update(out=str(tmp_path / "demo"), queries=1, top_k=2)

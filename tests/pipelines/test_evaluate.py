@@ -32,7 +32,7 @@ def test_unconditional_dataset_without_captions_or_attributes(tmp_path, ray_clus
     # the kernel bases' indexes chose their damping by the objective rule, and say so; TracIn has no kernel
     for basis in ("dtrak", "das"):
         chosen = metrics["lds"][basis]["kernel_choice"]
-        assert chosen["rule"] == "objective" and chosen["damping"] in (0.001, 0.01, 0.1, 1.0)
+        assert chosen["rule"] == "objective" and chosen["damping"] in (0.01, 1.0)  # the index grid of tiny_main_job
         values = [v for by_damping in chosen["objective"].values() for v in by_damping.values()]
         assert min(values) == chosen["objective"][chosen["kernel"]][str(chosen["damping"])]
     assert "kernel_choice" not in metrics["lds"]["tracin"]
