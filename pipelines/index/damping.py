@@ -1,11 +1,13 @@
-"""The index job's damping choice (``index.damping_rule: objective``, see
-``attribution_core.index.damping``): generate and featurize the damping queries in one Ray
-task (on a GPU when the index actors use one), then one Ray Data scan of the new shards."""
+"""The index job's kernel: Gram blocks, then the structure and damping chosen by the objective
+(``index.kernel`` / ``index.damping_rule: objective``, see ``attribution_core.index.damping``):
+generate and featurize the queries in one Ray task (on a GPU when the index actors use one),
+then one Ray Data scan of the new shards."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -15,7 +17,10 @@ import torch
 from attribution_core.config import FeaturizeConfig, ProjectConfig, WeightsConfig, from_mapping, to_mapping
 from attribution_core.features.groups import GroupLayout
 from attribution_core.index.damping import candidate_objectives, candidate_queries, choose_candidate
+from attribution_core.index.kernel import coarsest, kernel_candidates, sub_grams
 from attribution_core.index.store import IndexStore
+from pipelines.index.commit import gram_pass, write_stats
+from pipelines.ray_runtime import cluster_cpus
 from pipelines.weights.queries import prompts_for
 from pipelines.weights.scan import scan
 
@@ -77,3 +82,23 @@ def choose_kernel(cfg: ProjectConfig, model: str, conditioning: str, device: str
         table.setdefault(k, {})[str(d)] = v
     return {"rule": icfg.damping_rule, "kernel": kind, "damping": damping, "objective": table,
             "queries": len(prompts), "top_k": cfg.weights.top_k}
+
+
+def kernel_stats(cfg: ProjectConfig, model: str, conditioning: str, device: str, store: IndexStore, version: str,
+                 paths: list[str], layout: GroupLayout, lap: Callable[[str], None]) -> dict[str, Any]:
+    """The manifest's ``stats`` of a build over the shards ``paths``: one Gram pass at the
+    coarsest candidate structure (the others' blocks are slices of it), the kernel chosen by
+    the objective when the settings leave a choice, the chosen Gram and kernel written."""
+    icfg = cfg.index
+    kinds = kernel_candidates(icfg.kernel, layout.k_total, icfg.max_full_kernel_dim)
+    partitions = icfg.stats_partitions or cluster_cpus()
+    measured = gram_pass(store, paths, layout, coarsest(kinds), partitions)
+    grams = {kind: sub_grams(measured, layout, kind) for kind in kinds}
+    lap("stats")
+    choice = {"rule": "fixed", "kernel": kinds[0], "damping": icfg.damping}
+    if (icfg.damping_rule == "objective" or len(kinds) > 1) and paths:
+        choice = choose_kernel(cfg, model, conditioning, device, store, paths, layout, grams, partitions)
+        lap("damping")
+    stats = write_stats(store, version, grams[choice["kernel"]], choice["kernel"], choice["damping"])
+    stats["kernel_choice"] = choice
+    return stats

@@ -21,7 +21,6 @@ import ray
 from attribution_core.config import ProjectConfig, to_mapping
 from attribution_core.errors import ConfigError, InputError
 from attribution_core.features.groups import build_layout
-from attribution_core.index.kernel import coarsest, kernel_candidates, sub_grams
 from attribution_core.index.manifest import KIND, FeatureSpec
 from attribution_core.index.plan import check_unique, keys_digest, plan_build
 from attribution_core.index.schema import SCHEMA_VERSION, group_column
@@ -29,8 +28,8 @@ from attribution_core.index.source import resolve_source
 from attribution_core.index.store import IndexStore, shard_name
 from attribution_core.models.fingerprint import model_fingerprint
 from attribution_core.models.recipe import resolve_columns
-from pipelines.index.commit import check_exactly_once, dedupe, gram_pass, refuse_if_quarantined, shard_ids, write_stats
-from pipelines.index.damping import choose_kernel, kernel_settings
+from pipelines.index.commit import check_exactly_once, dedupe, refuse_if_quarantined, shard_ids
+from pipelines.index.damping import kernel_settings, kernel_stats
 from pipelines.index.scan import choose_base, concat_keys, read_source, scan_keys, shard_keys
 from pipelines.index.stages import IndexActor, rewrite_shard
 from pipelines.models import load_model_dir
@@ -153,18 +152,7 @@ def run_index(cfg: ProjectConfig, req: IndexRequest) -> dict[str, Any]:
     lap("verify")
 
     shard_paths = sorted(reused_whole) + sorted(staged)
-    kinds = kernel_candidates(cfg.index.kernel, layout.k_total, cfg.index.max_full_kernel_dim)
-    partitions = cfg.index.stats_partitions or cluster_cpus()
-    measured = gram_pass(store, shard_paths, layout, coarsest(kinds), partitions)  # every candidate's blocks lie in these
-    grams = {kind: sub_grams(measured, layout, kind) for kind in kinds}
-    lap("stats")
-    choice = {"rule": "fixed", "kernel": kinds[0], "damping": cfg.index.damping}
-    if (cfg.index.damping_rule == "objective" or len(kinds) > 1) and shard_paths:
-        choice = choose_kernel(cfg, req.model, adapter.conditioning, device, store, shard_paths, layout, grams,
-                                       partitions)
-        lap("damping")
-    stats = write_stats(store, version, grams[choice["kernel"]], choice["kernel"], choice["damping"])
-    stats["kernel_choice"] = choice
+    stats = kernel_stats(cfg, req.model, adapter.conditioning, device, store, version, shard_paths, layout, lap)
     stats["settings"] = settings
 
     sizes = {s["path"]: s["bytes"] for s in base["shards"]} if base else {}
