@@ -13,11 +13,12 @@ export AWS_EC2_METADATA_DISABLED := true
 export HF_HUB_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: install browser test demo bench clean help image-cpu image-gpu
+.PHONY: install browser test test-fast demo bench clean help image-cpu image-gpu
 
 help:
 	@echo "make demo   - set up, then run the main job end to end (writes artifacts/demo/)"
 	@echo "make test   - set up, then run the CPU test suite"
+	@echo "make test-fast - the tests that need no Ray (the core, deploy files): the edit-run loop"
 	@echo "make bench  - featurizer, index and weight-learning benchmarks (JSON)"
 	@echo "make clean  - remove the virtual environment and artifacts/"
 	@echo "make image-cpu / image-gpu - the container image for a Ray cluster (deploy/Dockerfile; needs docker)"
@@ -46,6 +47,10 @@ browser:
 
 test: install browser
 	$(NETNS) $(PY) -m pytest $(PYTEST_ARGS)
+
+# The edit-run loop: everything that starts no Ray, Serve or retraining job.
+test-fast: install
+	$(NETNS) $(PY) -m pytest tests/core tests/pipelines/test_deploy_files.py $(PYTEST_ARGS)
 
 demo: install
 	$(NETNS) $(VENV)/bin/attribution demo --config configs/demo.yaml
