@@ -91,6 +91,10 @@ class GroupConfig:
     custom: tuple[tuple[str, tuple[str, ...]], ...] = ()
     """For preset 'custom': ordered (group name, patterns); the first match wins and modules
     matching no group go to 'other'."""
+    lora_only: bool = True
+    """On a LoRA fine-tune: track only the adapters' down/up projections (``X.lora_A.*``,
+    ``X.lora_B.*``), grouped as their target ``X`` would be; false tracks the frozen base
+    layers too. No effect on a model without adapters."""
 
     def __post_init__(self) -> None:
         _check(
@@ -226,9 +230,29 @@ class TrainConfig:
     seed: int = 0
     threads: int = 0
     """torch threads while training (0: leave as is)."""
+    base: str | None = None
+    """A pipeline directory to fine-tune with LoRA adapters instead of training from scratch
+    (then the architecture settings above are the base's: resolution and channels must
+    match it, widths and text settings are not read)."""
+    lora_rank: int = 0
+    """Rank of the LoRA adapters trained on ``base`` (0: no LoRA; needs ``base``)."""
+    lora_alpha: float = 0.0
+    """LoRA alpha: the update is scaled by alpha / rank (0: alpha = rank, a scale of 1)."""
+    lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    """Module-name suffixes of the denoiser that get adapters (diffusers' LoRA scripts'
+    attention projections by default)."""
+
+    @property
+    def lora(self) -> bool:
+        return self.lora_rank > 0
 
     def __post_init__(self) -> None:
         where = "train"
+        _check(self.lora_rank >= 0 and self.lora_alpha >= 0, f"{where}.lora_rank", "lora_rank and lora_alpha must be >= 0")
+        _check((self.base is None) == (self.lora_rank == 0), f"{where}.base",
+               "a LoRA fine-tune needs both base (the pipeline directory to fine-tune) and lora_rank >= 1; "
+               "remove both to train from scratch")
+        _check(not self.lora or bool(self.lora_targets), f"{where}.lora_targets", "needs at least one module suffix")
         _check(self.resolution >= 8 and self.resolution % (2 ** (len(self.widths) - 1)) == 0, f"{where}.resolution",
                f"must be >= 8 and divisible by {2 ** (len(self.widths) - 1)}, got {self.resolution}")
         _check(self.channels in (1, 3), f"{where}.channels", f"must be 1 or 3, got {self.channels}")
@@ -331,6 +355,23 @@ class ModelConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class BaseModelConfig:
+    """The base model that the LoRA recipes (``train`` / ``subset_train`` with ``lora_rank``)
+    fine-tune, trained once on its own dataset when ``path`` holds no model yet."""
+
+    path: str = "artifacts/lora/base"
+    """Its pipeline directory; the LoRA recipes' ``base`` must name it."""
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    """The dataset it is trained on (drawn from ``data.synthetic`` when missing)."""
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    """Its recipe (from scratch: no ``base`` / ``lora_rank`` here)."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.path), "base.path", "must name a model directory")
+        _check(not self.train.lora, "base.train", "the base is trained from scratch: remove base and lora_rank there")
+
+
+@dataclasses.dataclass(frozen=True)
 class DemoConfig:
     """What ``attribution demo`` does on the embedded default."""
 
@@ -364,10 +405,18 @@ class ProjectConfig:
     serve: ServeConfig = dataclasses.field(default_factory=ServeConfig)
     evaluate: EvaluateConfig = dataclasses.field(default_factory=EvaluateConfig)
     reindex: ReindexConfig = dataclasses.field(default_factory=ReindexConfig)
+    base: BaseModelConfig | None = None
+    """The base model of LoRA fine-tunes, trained here when missing (see configs/lora.yaml).
+    Unset: a LoRA recipe's ``base`` must already hold a model."""
 
     def __post_init__(self) -> None:
         _check(self.evaluate.seed != self.weights.seed, "evaluate.seed",
                f"must differ from weights.seed ({self.weights.seed}): evaluation queries must not be learning queries")
+        if self.base is not None:
+            for name, recipe in (("train", self.train), ("subset_train", self.subset_train)):
+                if recipe is not None and recipe.lora:
+                    _check(Path(recipe.base) == Path(self.base.path), f"{name}.base",
+                           f"is {recipe.base!r} but the base section trains {self.base.path!r}; name the same directory")
 
     @classmethod
     def load(cls, path: str | Path) -> ProjectConfig:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from attribution_core.models.adapters import DiffusersAdapter, load_adapter
+from attribution_core.models.adapters import DiffusersAdapter, is_model_dir, load_adapter
 from attribution_core.config import ModelConfig
 from attribution_core.errors import ConfigError
 from attribution_core.models.tiny import build_tiny_pipeline
@@ -28,7 +28,7 @@ def resolve_device(device: str) -> torch.device:
 def ensure_model(cfg: ModelConfig) -> Path:
     """The model directory of ``cfg``, built first when missing and ``cfg.build`` is set."""
     path = Path(cfg.path)
-    if (path / "unet" / "config.json").is_file():
+    if is_model_dir(path):
         return path
     if cfg.build is None:
         return path  # load_adapter explains what is missing

@@ -13,6 +13,7 @@ from attribution_core.data.readers import dataset_present
 from attribution_core.data.writers import read_marker, write_synthetic
 from attribution_core.errors import ConfigError, ManifestMismatchError
 from attribution_core.index.store import IndexStore
+from attribution_core.models.adapters import is_model_dir
 from attribution_core.weights.artifact import artifact_path, check_weights
 from pipelines.commands.train import train_to_dir
 from pipelines.models import ensure_model
@@ -43,14 +44,27 @@ def ensure_dataset(data: DataConfig) -> bool:
     return True
 
 
+def ensure_base(cfg: ProjectConfig) -> dict[str, Any] | None:
+    """Train the base model of the LoRA recipes (the ``base`` section) unless it is there;
+    the training summary, or None when nothing was trained."""
+    if cfg.base is None or is_model_dir(cfg.base.path):
+        return None
+    ensure_dataset(cfg.base.data)
+    log.info("training the base model (%d steps) into %s", cfg.base.train.steps, cfg.base.path)
+    return train_to_dir(cfg.base.data.uri, cfg.base.train, Path(cfg.base.path))
+
+
 def prepare(cfg: ProjectConfig, model: bool = True) -> dict[str, Any]:
     """Write the synthetic dataset (when asked for and absent) and (``model``) train the model
     when it is not there yet; say what was done."""
     done: dict[str, Any] = {}
+    base = ensure_base(cfg)
+    if base is not None:
+        done["base"] = base
     if ensure_dataset(cfg.data):
         done["data"] = "written"
     path = Path(cfg.model.path)
-    if model and not (path / "unet" / "config.json").is_file():
+    if model and not is_model_dir(path):
         if cfg.model.build:
             ensure_model(cfg.model)
             done["model"] = f"built untrained ({cfg.model.build})"

@@ -86,3 +86,28 @@ def s3_base(tmp_path_factory):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def write_lora(base_dir: str, out_dir, rank: int = 2, seed: int = 0, targets=None) -> str:
+    """A LoRA directory on ``base_dir`` whose adapters are random and non-zero (as after
+    fine-tuning, so every adapter weight has a gradient), saved the standard way."""
+    from attribution_core.models.fingerprint import model_fingerprint
+    from attribution_core.models.lora import DEFAULT_TARGETS, LoraSpec, add_lora, save_lora
+
+    adapter = load_adapter(base_dir)
+    base_fp = model_fingerprint(adapter)
+    spec = LoraSpec(rank=rank, alpha=float(rank), targets=tuple(targets or DEFAULT_TARGETS))
+    add_lora(adapter.denoiser, spec, seed)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in adapter.denoiser.named_parameters():
+            if ".lora_B." in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return str(save_lora(adapter.denoiser, spec, out_dir, base_dir, base_fp))
+
+
+@pytest.fixture(scope="session")
+def lora_dirs(model_dirs, tmp_path_factory) -> dict[str, str]:
+    """A rank-2 LoRA on attention q/k/v/out of each tiny model kind."""
+    root = tmp_path_factory.mktemp("loras")
+    return {kind: write_lora(path, root / kind, seed=i) for i, (kind, path) in enumerate(model_dirs.items())}

@@ -20,6 +20,7 @@ from torch import nn
 
 from attribution_core.config import GroupConfig, ProjectionConfig
 from attribution_core.errors import ConfigError
+from attribution_core.models.lora import is_adapter_layer, target_name
 
 # Ordered (group, patterns) rules of the 'function' preset: the first match wins.
 FUNCTION_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -112,16 +113,22 @@ class GroupLayout:
 
 
 def _matches(name: str, patterns: tuple[str, ...]) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+    """Whether a pattern matches the module name or, for a LoRA part, its target's name."""
+    names = {name, target_name(name)}
+    return any(fnmatch.fnmatchcase(n, p) for p in patterns for n in names)
 
 
-def candidate_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Every ``nn.Linear`` / ``nn.Conv2d`` of ``model`` by qualified name, in module order."""
-    return {
+def candidate_layers(model: nn.Module, lora_only: bool = True) -> dict[str, nn.Module]:
+    """Every ``nn.Linear`` / ``nn.Conv2d`` of ``model`` by qualified name, in module order;
+    on a model with LoRA adapters and ``lora_only``, the adapters' projections alone."""
+    layers = {
         name: module
         for name, module in model.named_modules()
         if isinstance(module, (nn.Linear, nn.Conv2d)) and name
     }
+    if lora_only and any(is_adapter_layer(name) for name in layers):
+        layers = {name: module for name, module in layers.items() if is_adapter_layer(name)}
+    return layers
 
 
 def _block_group(name: str) -> str:
@@ -147,10 +154,12 @@ def _assigner(cfg: GroupConfig) -> Callable[[str], str]:
     if cfg.preset == "layer":
         return lambda name: name
     if cfg.preset == "block":
-        return _block_group
-    if cfg.preset == "function":
-        return _rules_group(FUNCTION_RULES)
-    return _rules_group(cfg.custom)
+        assign = _block_group
+    elif cfg.preset == "function":
+        assign = _rules_group(FUNCTION_RULES)
+    else:
+        assign = _rules_group(cfg.custom)
+    return lambda name: assign(target_name(name))  # a LoRA part goes where its target would
 
 
 def _unmatched_pattern_error(setting: str, pattern: str, names: list[str]) -> ConfigError:
@@ -177,20 +186,20 @@ def _layer_shape(name: str, module: nn.Module) -> tuple[str, int, int, bool]:
 def build_layout(model: nn.Module, groups: GroupConfig, projection: ProjectionConfig) -> GroupLayout:
     """Select tracked layers of ``model`` and lay out their groups; refuse patterns that match
     nothing, so a typo never silently drops a layer."""
-    candidates = candidate_layers(model)
+    candidates = candidate_layers(model, groups.lora_only)
     names = list(candidates)
     if not names:
         raise ConfigError(f"{type(model).__name__} has no Linear or Conv2d layer to track")
     for setting, patterns in (("featurize.groups.include", groups.include), ("featurize.groups.exclude", groups.exclude)):
         for p in patterns:
-            if not any(fnmatch.fnmatchcase(n, p) for n in names):
+            if not any(_matches(n, (p,)) for n in names):
                 raise _unmatched_pattern_error(setting, p, names)
     tracked = [n for n in names if _matches(n, groups.include) and not _matches(n, groups.exclude)]
     if not tracked:
         raise ConfigError("featurize.groups.include/exclude leave no layer tracked; widen groups.include")
     for group, patterns in groups.custom:
         for p in patterns:
-            if not any(fnmatch.fnmatchcase(n, p) for n in tracked):
+            if not any(_matches(n, (p,)) for n in tracked):
                 raise _unmatched_pattern_error(f"featurize.groups.custom.{group}", p, tracked)
 
     assign = _assigner(groups)

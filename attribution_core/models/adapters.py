@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from attribution_core.errors import InputError, ModelLoadError
+from attribution_core.models.lora import LoraSpec, is_lora_dir, load_lora, read_pointer
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,7 @@ class DiffusersAdapter:
         self.label_names: list[str] | None = None  # class names of a class-conditional model, if known
         self.vocabulary: frozenset[str] | None = None  # words of a text model's training captions, if known
         self.caption_template: str | None = None  # the grammar of its partial training captions, if any
+        self.lora: LoraSpec | None = None  # the adapter of a LoRA fine-tune (its base is the rest)
         cls = type(denoiser).__name__
         if cls == "UNet2DConditionModel":
             if text_encoder is None or tokenizer is None:
@@ -218,19 +220,23 @@ class DiffusersAdapter:
     @torch.no_grad()
     def encode(self, batch: ExampleBatch) -> Encoded:
         device = self.device
-        pixels = batch.pixels.to(device=device, dtype=torch.float32)
-        if self.vae is not None:
-            latents = self.vae.encode(pixels).latent_dist.mode()  # deterministic: the posterior mean
-            shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-            x0 = (latents - shift) * self.vae.config.scaling_factor
-        else:
-            x0 = pixels
+        x0 = self.encode_pixels(batch.pixels.to(device=device, dtype=torch.float32))
         cond: dict[str, torch.Tensor] = {}
         if self.conditioning == "text":
             cond["encoder_hidden_states"] = self.encode_text(list(batch.captions))  # [B, S, D]
         elif self.conditioning == "class":
             cond["class_labels"] = batch.labels.to(device)  # [B]
         return Encoded(x0=x0, cond=cond)
+
+    @torch.no_grad()
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Clean denoiser samples of images in [-1, 1]: the VAE's scaled posterior mean
+        (deterministic) for a latent model, the pixels themselves otherwise."""
+        if self.vae is None:
+            return pixels
+        latents = self.vae.encode(pixels).latent_dist.mode()
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return (latents - shift) * self.vae.config.scaling_factor
 
     @torch.no_grad()
     def encode_text(self, captions: list[str]) -> torch.Tensor:
@@ -269,6 +275,8 @@ class DiffusersAdapter:
             parts["vae"] = dict(self.vae.config)
         if self.text_encoder is not None:
             parts["text_encoder"] = self.text_encoder.config.to_dict()
+        if self.lora is not None:
+            parts["lora"] = self.lora.to_json()
         return parts
 
 
@@ -295,6 +303,12 @@ def save_pipeline(components: dict[str, Any], out_dir: str | Path) -> Path:
 
 
 
+def is_model_dir(path: str | Path) -> bool:
+    """Whether ``path`` holds a model ``load_adapter`` can open (a pipeline or a LoRA)."""
+    root = Path(path)
+    return (root / "unet" / "config.json").is_file() or (root / "lora.json").is_file()
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
@@ -303,15 +317,27 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def load_adapter(path: str | Path, device: str | torch.device = "cpu") -> DiffusersAdapter:
-    """Load a model directory in a diffusers pipeline layout (see module doc) onto ``device``."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel, UNet2DModel
-
+    """Load a model directory in a diffusers pipeline layout (see module doc), or a LoRA
+    fine-tune of one (``lora.json`` + ``pytorch_lora_weights.safetensors``), onto ``device``."""
     root = Path(path)
     if not root.is_dir():
         raise ModelLoadError(
             f"model directory {root} does not exist; build one with `attribution demo` or point "
             "--model at a diffusers pipeline directory (model_index.json, unet/, scheduler/, ...)"
         )
+    if is_lora_dir(root) and not (root / "unet").is_dir():
+        adapter = _load_lora_model(root)
+    else:
+        adapter = _load_pipeline(root)
+    _read_training_record(adapter, root)
+    log.info("loaded %s (%s conditioning%s) from %s", type(adapter.denoiser).__name__, adapter.conditioning,
+             f", LoRA rank {adapter.lora.rank}" if adapter.lora else "", root)
+    return adapter.to(device)
+
+
+def _load_pipeline(root: Path) -> DiffusersAdapter:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel, UNet2DModel
+
     unet_dir = root / "unet"
     if not (unet_dir / "config.json").is_file():
         raise ModelLoadError(f"{root} has no unet/config.json: not a diffusers pipeline directory")
@@ -336,12 +362,37 @@ def load_adapter(path: str | Path, device: str | torch.device = "cpu") -> Diffus
         tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer")
     if (root / "vae").is_dir():
         vae = AutoencoderKL.from_pretrained(root / "vae")
-    adapter = DiffusersAdapter(unet, scheduler, text_encoder, tokenizer, vae)
-    if (root / "training.json").is_file():  # class names and caption words of a model we trained
-        record = _read_json(root / "training.json")
+    return DiffusersAdapter(unet, scheduler, text_encoder, tokenizer, vae)
+
+
+def _load_lora_model(root: Path) -> DiffusersAdapter:
+    """The base pipeline the LoRA directory points at, with its adapters attached."""
+    from attribution_core.models.fingerprint import model_fingerprint
+
+    pointer = read_pointer(root)
+    if not pointer.base.is_dir() or is_lora_dir(pointer.base) and not (pointer.base / "unet").is_dir():
+        what = "does not exist" if not pointer.base.is_dir() else "is itself a LoRA directory (merge it first)"
+        raise ModelLoadError(f"the base model of the LoRA at {root}, {pointer.base}, {what}; fix \"base\" in "
+                             f"{root}/lora.json")
+    adapter = _load_pipeline(pointer.base)
+    _read_training_record(adapter, pointer.base)
+    if pointer.base_fingerprint and model_fingerprint(adapter) != pointer.base_fingerprint:
+        raise ModelLoadError(f"the base model at {pointer.base} is not the one the LoRA at {root} was trained on "
+                             "(its fingerprint differs); point lora.json's \"base\" at the original base model")
+    load_lora(adapter.denoiser, root, pointer.spec)
+    adapter.lora = pointer.spec
+    return adapter
+
+
+def _read_training_record(adapter: DiffusersAdapter, root: Path) -> None:
+    """Class names and caption words of a model trained here (its ``training.json``)."""
+    if not (root / "training.json").is_file():
+        return
+    record = _read_json(root / "training.json")
+    if record.get("label_names") is not None:
         adapter.label_names = record.get("label_names")
-        if adapter.conditioning == "text" and record.get("words") is not None:
-            adapter.vocabulary = frozenset(record["words"])
-        adapter.caption_template = (record.get("recipe") or {}).get("caption_template")
-    log.info("loaded %s (%s conditioning) from %s", unet_class, adapter.conditioning, root)
-    return adapter.to(device)
+    if adapter.conditioning == "text" and record.get("words") is not None:
+        adapter.vocabulary = frozenset(record["words"])
+    template = (record.get("recipe") or {}).get("caption_template")
+    if template is not None:
+        adapter.caption_template = template

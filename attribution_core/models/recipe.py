@@ -91,3 +91,33 @@ def resolve_columns(model_dir: str | Path, train: TrainConfig | None, index: Ind
                 f"remove index.{what}_column: the model's recipe names the column")
         out[what] = expected or explicit
     return DataColumns(caption=out["caption"], label=out["label"])
+
+
+_LORA_FIELDS = ("base", "lora_rank", "lora_alpha", "lora_targets")
+
+
+def recipe_identity(train: TrainConfig) -> dict[str, Any]:
+    """What decides the models a recipe trains, as a JSON-ready mapping (cache keys, "is
+    this the same model?"): the recipe, and for a LoRA fine-tune the base model's
+    fingerprint instead of its path. A recipe without LoRA reads as it did before the LoRA
+    settings existed, so caches keyed by it stay valid."""
+    from attribution_core.config import to_mapping
+    from attribution_core.models.adapters import load_adapter
+    from attribution_core.models.fingerprint import model_fingerprint
+
+    mapping = json.loads(json.dumps(to_mapping(train)))
+    if not train.lora:
+        return {k: v for k, v in mapping.items() if k not in _LORA_FIELDS}
+    mapping.pop("base")
+    mapping["base_fingerprint"] = model_fingerprint(load_adapter(train.base))
+    return mapping
+
+
+def same_recipe(record: dict[str, Any], train: TrainConfig) -> bool:
+    """Whether a model's ``training.json`` (``record``) says it was trained by ``train``."""
+    if "identity" in record:
+        return record["identity"] == recipe_identity(train)
+    try:  # written before identities were recorded
+        return from_mapping(TrainConfig, record.get("recipe") or {}, "recipe") == train and not train.lora
+    except ConfigError:
+        return False

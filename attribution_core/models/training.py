@@ -14,7 +14,6 @@ encoder jointly with the UNet; captions are dropped to the empty prompt with pro
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import logging
@@ -28,9 +27,10 @@ import torch
 from torch import nn
 
 from attribution_core.config import TrainConfig, to_mapping
-from attribution_core.errors import InputError
+from attribution_core.errors import ConfigError, InputError
 from attribution_core.features.seeding import stable_seed
 from attribution_core.models.adapters import DiffusersAdapter, save_pipeline
+from attribution_core.models.lora import LoraSpec, add_lora, save_lora
 from attribution_core.models.tiny import text_encoder_for, unet2d, unet_cond, word_tokenizer
 from attribution_core.data.captions import PartialCaptions, template_words
 from attribution_core.models.vocabulary import caption_vocabulary
@@ -72,6 +72,9 @@ class TrainedModel:
     losses: list[float]
     seconds: float
     cfg: TrainConfig
+    trainable_parameters: int = 0
+    base_fingerprint: str | None = None
+    """For a LoRA fine-tune: the fingerprint of the base it was trained on."""
 
 
 def _scheduler(cfg: TrainConfig):
@@ -107,6 +110,37 @@ def build_untrained(data: TrainingData, cfg: TrainConfig) -> DiffusersAdapter:
     if cfg.conditioning == "text":
         adapter.vocabulary = frozenset(words)
     return adapter
+
+
+def lora_base(data: TrainingData, cfg: TrainConfig) -> tuple[DiffusersAdapter, str]:
+    """The base model of a LoRA recipe with fresh adapters (seeded from ``cfg.seed``) and
+    the base's fingerprint; refuses data or settings the base cannot take."""
+    from attribution_core.models.adapters import load_adapter
+    from attribution_core.models.fingerprint import model_fingerprint
+
+    adapter = load_adapter(cfg.base)
+    if adapter.lora is not None:
+        raise ConfigError(f"train.base: {cfg.base} is itself a LoRA fine-tune; fine-tune its base pipeline instead")
+    expected = (cfg.channels, cfg.resolution, cfg.resolution)
+    if adapter.image_shape != expected:
+        c, h, _ = adapter.image_shape
+        raise ConfigError(f"train.resolution/channels give images of {expected} but the base model at {cfg.base} "
+                          f"takes {adapter.image_shape}: set resolution: {h} and channels: {c}")
+    if adapter.conditioning != cfg.conditioning:
+        raise ConfigError(f"train.conditioning is {cfg.conditioning!r} but the base model at {cfg.base} is "
+                          f"{adapter.conditioning!r}-conditioned; set conditioning: {adapter.conditioning}")
+    if cfg.conditioning == "class" and adapter.label_names and data.label_names != adapter.label_names:
+        raise InputError(f"the base model at {cfg.base} learned classes {adapter.label_names}; the data has "
+                         f"{data.label_names}. A LoRA keeps the base's class embedding: use data of the same classes")
+    fingerprint = model_fingerprint(adapter)
+    spec = LoraSpec(rank=cfg.lora_rank, alpha=cfg.lora_alpha or float(cfg.lora_rank), targets=cfg.lora_targets)
+    add_lora(adapter.denoiser, spec, stable_seed("lora", cfg.seed))
+    adapter.lora = spec
+    if cfg.conditioning == "text":  # the base's words and the fine-tune's
+        words = caption_vocabulary([*(data.captions or []), template_words(cfg.caption_template or "")])
+        adapter.vocabulary = frozenset(words) | (adapter.vocabulary or frozenset())
+    adapter.label_names = data.label_names or adapter.label_names
+    return adapter, fingerprint
 
 
 def _lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
@@ -151,14 +185,20 @@ def train_model(
         raise InputError(f"training pixels have shape {tuple(data.pixels.shape[1:])}, the recipe expects {expected}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    adapter = build_untrained(data, cfg)
+    base_fingerprint = None
+    if cfg.lora:  # only the adapters learn; the base (text encoder included) stays frozen
+        adapter, base_fingerprint = lora_base(data, cfg)
+        adapter.denoiser.train()
+        params = [p for p in adapter.denoiser.parameters() if p.requires_grad]
+    else:
+        adapter = build_untrained(data, cfg)
+        modules: list[nn.Module] = [m for m in (adapter.denoiser, adapter.text_encoder) if m is not None]
+        for m in modules:
+            m.train()
+            m.requires_grad_(True)
+        params = [p for m in modules for p in m.parameters()]
     unet, text = adapter.denoiser, adapter.text_encoder
-    modules: list[nn.Module] = [m for m in (unet, text) if m is not None]
-    for m in modules:
-        m.train()
-        m.requires_grad_(True)
-    params = [p for m in modules for p in m.parameters()]
-    ema = [copy.deepcopy(m).requires_grad_(False) for m in modules]
+    ema = [p.detach().clone() for p in params]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=1e-2)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
     scheduler = adapter.scheduler
@@ -174,6 +214,9 @@ def train_model(
         if cfg.attribute_dropout > 0:
             partial = PartialCaptions(data.captions, data.attributes, cfg.caption_template, cfg.attribute_dropout)
 
+    # Clean samples: the pixels, or a latent base's VAE latents (encoded once, 64 at a time).
+    samples = torch.cat([adapter.encode_pixels(chunk) for chunk in data.pixels.split(64)])
+
     losses: list[float] = []
     start = time.perf_counter()
     order = torch.randperm(n, generator=g)
@@ -184,7 +227,7 @@ def train_model(
             order, cursor = torch.randperm(n, generator=g), 0
         idx = order[cursor : cursor + cfg.batch_size] if n >= cfg.batch_size else torch.randint(n, (cfg.batch_size,), generator=g)
         cursor += cfg.batch_size
-        x0 = data.pixels[idx]
+        x0 = samples[idx]
         b = x0.shape[0]
         noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(0, cfg.num_train_timesteps, (b,), generator=g)
@@ -209,29 +252,33 @@ def train_model(
         schedule.step()
         with torch.no_grad():
             decay = min(cfg.ema_decay, (1 + step) / (10 + step))  # short warm-up of the EMA
-            for m, e in zip(modules, ema):
-                for pe, pm in zip(e.parameters(), m.parameters()):
-                    pe.lerp_(pm, 1 - decay)
+            for pe, pm in zip(ema, params):
+                pe.lerp_(pm, 1 - decay)
         losses.append(float(per_example.detach().mean()))
         if progress and ((step + 1) % every == 0 or step + 1 == cfg.steps):
             recent = losses[-every:]
             progress(step + 1, sum(recent) / len(recent), time.perf_counter() - start)
     seconds = time.perf_counter() - start
-    for m, e in zip(modules, ema):
-        m.load_state_dict(e.state_dict())
-    final = DiffusersAdapter(unet, scheduler, text_encoder=text, tokenizer=adapter.tokenizer)
-    final.label_names, final.vocabulary = data.label_names, adapter.vocabulary
+    with torch.no_grad():
+        for pe, pm in zip(ema, params):
+            pm.copy_(pe)
+    final = DiffusersAdapter(unet, scheduler, text_encoder=text, tokenizer=adapter.tokenizer, vae=adapter.vae)
+    final.label_names, final.vocabulary, final.lora = data.label_names, adapter.vocabulary, adapter.lora
     final.caption_template = cfg.caption_template
-    return TrainedModel(adapter=final, losses=losses, seconds=seconds, cfg=cfg)
+    return TrainedModel(adapter=final, losses=losses, seconds=seconds, cfg=cfg,
+                        trainable_parameters=sum(p.numel() for p in params), base_fingerprint=base_fingerprint)
 
 
 def save_model(model: TrainedModel, out_dir: str | Path, extra: dict[str, Any] | None = None) -> Path:
     """Save as a diffusers pipeline directory (+ ``training.json`` describing how it was made)."""
     adapter = model.adapter
-    components: dict[str, Any] = {"unet": adapter.denoiser, "scheduler": adapter.scheduler}
-    if adapter.text_encoder is not None:
-        components.update(text_encoder=adapter.text_encoder, tokenizer=adapter.tokenizer)
-    out = save_pipeline(components, out_dir)
+    if adapter.lora is not None:  # the adapters and a pointer to the base
+        out = save_lora(adapter.denoiser, adapter.lora, out_dir, model.cfg.base, model.base_fingerprint)
+    else:
+        components: dict[str, Any] = {"unet": adapter.denoiser, "scheduler": adapter.scheduler}
+        if adapter.text_encoder is not None:
+            components.update(text_encoder=adapter.text_encoder, tokenizer=adapter.tokenizer)
+        out = save_pipeline(components, out_dir)
     info = {
         "recipe": to_mapping(model.cfg),
         "seconds": round(model.seconds, 2),

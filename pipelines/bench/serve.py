@@ -36,6 +36,7 @@ from attribution_core.data.writers import SYNTH_SCHEMA, synthetic_rows, write_pa
 from attribution_core.index.reader import load_index
 from attribution_core.index.schema import features_table
 from attribution_core.index.store import IndexStore, shard_name
+from attribution_core.models.adapters import is_model_dir
 from attribution_core.weights.artifact import artifact_path, find_weights
 from pipelines.output import print_result
 
@@ -133,7 +134,7 @@ def _run(args: argparse.Namespace) -> int:
     ensure_ray(args.ray_address)
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-serve-"))
     model_dir = Path(cfg.model.path)
-    trained = (model_dir / "unet" / "config.json").is_file()
+    trained = is_model_dir(model_dir)
     if not trained:
         from attribution_core.models.tiny import build_tiny_pipeline
 

@@ -19,6 +19,7 @@ from attribution_core.config import FeaturizeConfig, TrainConfig, from_mapping, 
 from attribution_core.evaluation.metrics import ground_truth_key
 from attribution_core.evaluation.outputs import model_outputs
 from attribution_core.models.adapters import ExampleBatch
+from attribution_core.models.recipe import recipe_identity
 from attribution_core.models.training import TrainingData, train_model
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ def ground_truth(data: TrainingData, masks: np.ndarray, recipe: TrainConfig, que
     recipe_map, featurize_map = to_mapping(recipe), to_mapping(featurize)
     # Only what changes the outputs keys the cache (not groups or projection of the features).
     output = {k: featurize_map[k] for k in ("measurement", "timesteps", "noise_draws", "seed")}
-    key = ground_truth_key({"recipe": recipe_map, "output": output, "examples": data.example_ids},
+    key = ground_truth_key({"recipe": recipe_identity(recipe), "output": output, "examples": data.example_ids},
                            masks, list(queries.example_ids))
     folder = Path(cache) / "ground_truth" / key
     folder.mkdir(parents=True, exist_ok=True)

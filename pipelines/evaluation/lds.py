@@ -48,8 +48,8 @@ from attribution_core.index.kernel import damped_kernel
 from attribution_core.index.opening import version_featurizer
 from attribution_core.index.reader import load_index
 from attribution_core.index.scoring import preconditioned_queries
-from attribution_core.models.adapters import ExampleBatch
-from attribution_core.models.recipe import RECIPE_FILE, read_recipe
+from attribution_core.models.adapters import ExampleBatch, is_model_dir
+from attribution_core.models.recipe import RECIPE_FILE, read_recipe, same_recipe
 from attribution_core.models.sampling import generate
 from attribution_core.weights.artifact import UNIFORM, weights_matrix
 from pipelines.evaluation.groundtruth import ground_truth
@@ -79,7 +79,7 @@ def lds_recipe(cfg: ProjectConfig) -> TrainConfig:
     if cfg.subset_train is not None:
         return cfg.subset_train
     path = Path(cfg.model.path)
-    if not (path / "unet" / "config.json").is_file():
+    if not is_model_dir(path):
         return cfg.train
     recipe = read_recipe(path)
     if recipe is None:
@@ -134,7 +134,7 @@ def universe_model(cfg: ProjectConfig, universe: Universe, folder: Path) -> tupl
     info_file = path / "training.json"
     if info_file.is_file():
         info = json.loads(info_file.read_text())
-        if info.get("recipe") == json.loads(json.dumps(to_mapping(cfg.subset_train))) and info.get("data") == universe.uri:
+        if info.get("data") == universe.uri and same_recipe(info, cfg.subset_train):
             return str(path), None
         shutil.rmtree(path)
     log.info("training the LDS universe model (%d examples, %d steps)", len(universe.examples), cfg.subset_train.steps)
