@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -120,6 +121,7 @@ class DiffusersAdapter:
         self.vocabulary: frozenset[str] | None = None  # words of a text model's training captions, if known
         self.caption_template: str | None = None  # the grammar of its partial training captions, if any
         self.lora: LoraSpec | None = None  # the adapter of a LoRA fine-tune (its base is the rest)
+        self.variants: dict[str, str] = {}  # component -> stored weights variant (fp16, ...), upcast on load
         cls = type(denoiser).__name__
         if cls == "UNet2DConditionModel":
             if text_encoder is None or tokenizer is None:
@@ -277,6 +279,8 @@ class DiffusersAdapter:
             parts["text_encoder"] = self.text_encoder.config.to_dict()
         if self.lora is not None:
             parts["lora"] = self.lora.to_json()
+        if self.variants:  # an fp16 copy is another model than its fp32 original
+            parts["variants"] = dict(sorted(self.variants.items()))
         return parts
 
 
@@ -349,7 +353,17 @@ def _load_pipeline(root: Path) -> DiffusersAdapter:
         raise ModelLoadError(
             f"{unet_dir} holds a {unet_class!r}; supported denoisers are {', '.join(classes)}"
         )
-    unet = classes[unet_class].from_pretrained(unet_dir)
+    variants: dict[str, str] = {}
+
+    def weights(folder: Path) -> dict[str, Any]:
+        """from_pretrained arguments: the stored variant (fp16 / bf16 copies as users keep
+        them) where there is no plain file, upcast to float32 so every sum accumulates in it."""
+        variant = stored_variant(folder)
+        if variant:
+            variants[folder.name] = variant
+        return {"variant": variant}
+
+    unet = classes[unet_class].from_pretrained(unet_dir, torch_dtype=torch.float32, **weights(unet_dir))
     scheduler = DDPMScheduler.from_pretrained(root, subfolder="scheduler")
     text_encoder = tokenizer = vae = None
     if unet_class == "UNet2DConditionModel":
@@ -358,11 +372,31 @@ def _load_pipeline(root: Path) -> DiffusersAdapter:
         for sub in ("text_encoder", "tokenizer"):
             if not (root / sub).is_dir():
                 raise ModelLoadError(f"{root} has a text-conditioned UNet but no {sub}/ folder")
-        text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder")
+        text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", dtype=torch.float32,
+                                                     **weights(root / "text_encoder"))
         tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer")
     if (root / "vae").is_dir():
-        vae = AutoencoderKL.from_pretrained(root / "vae")
-    return DiffusersAdapter(unet, scheduler, text_encoder, tokenizer, vae)
+        vae = AutoencoderKL.from_pretrained(root / "vae", torch_dtype=torch.float32, **weights(root / "vae"))
+    adapter = DiffusersAdapter(unet, scheduler, text_encoder, tokenizer, vae)
+    adapter.variants = variants
+    return adapter
+
+
+_WEIGHT_FILE = re.compile(r"^(?:diffusion_pytorch_model|model)(?:\.(?P<variant>[A-Za-z0-9_-]+))?"
+                          r"\.(?:safetensors|bin)(?:\.index\.json)?$")
+
+
+def stored_variant(folder: Path) -> str | None:
+    """The weights variant of a component folder: None when it holds the plain file
+    (``diffusion_pytorch_model.safetensors``, ``model.safetensors``, or their shard index),
+    else the one variant it holds (``...fp16.safetensors`` -> "fp16")."""
+    found = {m.group("variant") for f in folder.iterdir() if (m := _WEIGHT_FILE.match(f.name))}
+    if None in found or not found:
+        return None
+    if len(found) > 1:
+        raise ModelLoadError(f"{folder} holds weights in several variants ({', '.join(sorted(found))}) and no plain "
+                             "file; keep the one to attribute")
+    return found.pop()
 
 
 def _load_lora_model(root: Path) -> DiffusersAdapter:
