@@ -330,7 +330,8 @@ class ModelConfig:
     """The diffusion model being attributed."""
 
     path: str = "artifacts/demo/model"
-    """Diffusers pipeline directory (model_index.json, unet/, scheduler/, ...)."""
+    """Diffusers pipeline directory (model_index.json, unet/, scheduler/, ...), or a LoRA
+    directory (pytorch_lora_weights.safetensors + lora.json naming its base pipeline)."""
     build: str | None = None
     """If set and ``path`` holds no model, build a tiny model of this kind there
     ('unet', 'unet-class', 'text', 'text-latent'); for demos and tests."""

@@ -289,17 +289,25 @@ class DiffusersAdapter:
 _TRANSFORMERS_COMPONENTS = ("text_encoder", "tokenizer")
 
 
-def save_pipeline(components: dict[str, Any], out_dir: str | Path) -> Path:
+def save_pipeline(components: dict[str, Any], out_dir: str | Path, variant: str | None = None) -> Path:
     """Save model components (``unet``, ``scheduler``, optionally ``text_encoder``,
-    ``tokenizer``, ``vae``) as a diffusers pipeline directory with its ``model_index.json``."""
+    ``tokenizer``, ``vae``) as a diffusers pipeline directory with its ``model_index.json``;
+    ``variant`` ("fp16") stores the weights in half precision under that variant's file names,
+    as Stable Diffusion checkpoints are usually kept (the modules are converted in place)."""
     import diffusers
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pipeline_class = "StableDiffusionPipeline" if "text_encoder" in components else "DDPMPipeline"
     index: dict[str, Any] = {"_class_name": pipeline_class, "_diffusers_version": diffusers.__version__}
+    half = {"fp16": torch.float16, "bf16": torch.bfloat16}
+    if variant is not None and variant not in half:
+        raise ValueError(f"variant must be one of {', '.join(half)}, got {variant!r}")
     for name, component in components.items():
-        component.save_pretrained(out / name)
+        if variant is not None and isinstance(component, nn.Module):
+            component.to(half[variant]).save_pretrained(out / name, variant=variant)
+        else:
+            component.save_pretrained(out / name)
         library = "transformers" if name in _TRANSFORMERS_COMPONENTS else "diffusers"
         index[name] = [library, type(component).__name__]
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")

@@ -204,3 +204,30 @@ def sd15_unet(sample_size: int = 64):
         attention_head_dim=8,
         norm_num_groups=32,
     )
+
+
+def build_sd15_pipeline(out_dir: str | Path, variant: str | None = "fp16", seed: int = 0) -> Path:
+    """A pipeline directory with Stable Diffusion 1.5's shapes and random weights: the UNet
+    (about 860 M parameters), a CLIP ViT-L/14 text encoder (123 M), the VAE (84 M) and SD's
+    noise schedule; stored as ``variant`` (fp16 by default, as SD checkpoints are kept).
+    For measuring every stage at the scale users run; nothing is downloaded."""
+    from diffusers import AutoencoderKL, DDPMScheduler
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    tokenizer = word_tokenizer(DEFAULT_WORDS, max_length=77)
+    text = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+        max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu", bos_token_id=0, eos_token_id=1,
+        pad_token_id=1,
+    ))
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512), norm_num_groups=32, scaling_factor=0.18215,
+    )
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                              beta_schedule="scaled_linear", prediction_type="epsilon")
+    components = {"unet": sd15_unet(64), "text_encoder": text, "tokenizer": tokenizer, "vae": vae,
+                  "scheduler": scheduler}
+    return save_pipeline(components, out_dir, variant=variant)

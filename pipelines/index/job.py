@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import gc
 import hashlib
 import json
 import logging
@@ -20,7 +21,7 @@ import ray
 
 from attribution_core.config import ProjectConfig, to_mapping
 from attribution_core.errors import ConfigError, InputError
-from attribution_core.features.groups import build_layout
+from attribution_core.features.groups import GroupLayout, build_layout
 from attribution_core.index.manifest import KIND, FeatureSpec
 from attribution_core.index.plan import check_unique, keys_digest, plan_build
 from attribution_core.index.schema import SCHEMA_VERSION, group_column
@@ -57,6 +58,19 @@ def _actors(cfg: ProjectConfig) -> tuple[int, int, str]:
     return n, threads, "cuda" if gpus else "cpu"
 
 
+def describe_model(path: str, cfg: ProjectConfig) -> tuple[dict[str, Any], GroupLayout]:
+    """What the driver needs of the model (fingerprint, class, conditioning, image shape) and
+    its group layout. The model itself is dropped before any Ray work: at Stable Diffusion's
+    size it is gigabytes the driver would otherwise hold for the whole build."""
+    adapter = load_model_dir(path, "cpu")
+    layout = build_layout(adapter.denoiser, cfg.featurize.groups, cfg.featurize.projection)
+    model = {"fingerprint": model_fingerprint(adapter), "class": type(adapter.denoiser).__name__,
+             "conditioning": adapter.conditioning, "image_shape": list(adapter.image_shape)}
+    del adapter
+    gc.collect()
+    return model, layout
+
+
 def run_index(cfg: ProjectConfig, req: IndexRequest) -> dict[str, Any]:
     timings: dict[str, float] = {}
     clock = time.perf_counter()
@@ -70,12 +84,11 @@ def run_index(cfg: ProjectConfig, req: IndexRequest) -> dict[str, Any]:
     started = time.perf_counter()
     if req.mode not in MODES:
         raise ConfigError(f"unknown index mode {req.mode!r}; choose one of {', '.join(MODES)}")
-    adapter = load_model_dir(req.model, "cpu")  # the driver needs only the fingerprint and the layout
+    model, layout = describe_model(req.model, cfg)
     columns = resolve_columns(req.model, cfg.train, cfg.index)  # the columns the model learned from
-    source = resolve_source(req.dataset, columns.caption, columns.label, adapter.conditioning)  # fail fast, before Ray
+    source = resolve_source(req.dataset, columns.caption, columns.label, model["conditioning"])  # fail fast, before Ray
     store = IndexStore(req.out)
-    layout = build_layout(adapter.denoiser, cfg.featurize.groups, cfg.featurize.projection)
-    spec = FeatureSpec.build(model_fingerprint(adapter), cfg.featurize, layout, cfg.index.dtype)
+    spec = FeatureSpec.build(model["fingerprint"], cfg.featurize, layout, cfg.index.dtype)
     ensure_ray(req.ray_address)
     lap("load")
 
@@ -126,7 +139,7 @@ def run_index(cfg: ProjectConfig, req: IndexRequest) -> dict[str, Any]:
     if len(plan.todo):
         actor_kwargs = {"model": req.model, "featurize": to_mapping(cfg.featurize), "device": device,
                         "threads": threads, "store_uri": store.uri, "version": version, "dtype": cfg.index.dtype,
-                        "limits": {"min_side": cfg.index.min_image_side or adapter.image_shape[1] // 2,
+                        "limits": {"min_side": cfg.index.min_image_side or model["image_shape"][1] // 2,
                                    "max_aspect": cfg.index.max_aspect_ratio}}
         rows_in = read_source(source, plan.todo).repartition(target_num_rows_per_block=cfg.index.batch_size)
         summaries = rows_in.map_batches(
@@ -152,7 +165,7 @@ def run_index(cfg: ProjectConfig, req: IndexRequest) -> dict[str, Any]:
     lap("verify")
 
     shard_paths = sorted(reused_whole) + sorted(staged)
-    stats = kernel_stats(cfg, req.model, adapter.conditioning, device, store, version, shard_paths, layout, lap)
+    stats = kernel_stats(cfg, req.model, model["conditioning"], device, store, version, shard_paths, layout, lap)
     stats["settings"] = settings
 
     sizes = {s["path"]: s["bytes"] for s in base["shards"]} if base else {}
@@ -163,8 +176,7 @@ def run_index(cfg: ProjectConfig, req: IndexRequest) -> dict[str, Any]:
         "kind": KIND, "schema_version": SCHEMA_VERSION, "version": version, "sequence": sequence,
         "supersedes": previous["version"] if previous else None,
         "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "model": {"path": req.model, "fingerprint": spec.model_fingerprint, "class": type(adapter.denoiser).__name__,
-                  "conditioning": adapter.conditioning, "image_shape": list(adapter.image_shape)},
+        "model": {"path": req.model, **model},
         "featurize": spec.featurize, "layout": spec.layout, "dtype": spec.dtype,
         "columns": {g.name: group_column(g.name) for g in layout.groups},
         "dataset": {**source.to_dict(), "rows": current.num_rows, "keys_digest": keys_digest(current)},

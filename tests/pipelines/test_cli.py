@@ -33,7 +33,7 @@ def error_line(proc: subprocess.CompletedProcess) -> str:
 
 
 @pytest.mark.parametrize("args", [(), ("demo",), ("groups",), ("model", "build-tiny"), ("bench", "featurize"),
-                                  ("index",), ("learn-weights",), ("evaluate",), ("serve",), ("bench", "index"),
+                                  ("index",), ("learn-weights",), ("evaluate",), ("serve",), ("bench", "index"), ("bench", "scale"),
                                   ("bench", "weights")])
 def test_help_explains(args):
     out = attribution(*args, "--help").stdout
