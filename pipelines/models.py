@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from attribution_core.models.adapters import DiffusersAdapter, is_model_dir, load_adapter
+from attribution_core.models.adapters import DiffusersAdapter
+from attribution_core.models.pipeline_dir import is_model_dir, load_adapter
 from attribution_core.config import ModelConfig
 from attribution_core.errors import ConfigError
 from attribution_core.models.tiny import build_tiny_pipeline

@@ -13,7 +13,7 @@ from attribution_core.data.readers import dataset_present
 from attribution_core.data.writers import read_marker, write_synthetic
 from attribution_core.errors import ConfigError, ManifestMismatchError
 from attribution_core.index.store import IndexStore
-from attribution_core.models.adapters import is_model_dir
+from attribution_core.models.pipeline_dir import is_model_dir
 from attribution_core.weights.artifact import artifact_path, check_weights
 from pipelines.commands.train import train_to_dir
 from pipelines.models import ensure_model

@@ -16,7 +16,8 @@ os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 import pytest
 import torch
 
-from attribution_core.models.adapters import DiffusersAdapter, ExampleBatch, load_adapter
+from attribution_core.models.adapters import DiffusersAdapter, ExampleBatch
+from attribution_core.models.pipeline_dir import load_adapter
 from attribution_core.models.tiny import build_tiny_pipeline
 
 warnings.filterwarnings("ignore", message=".*batching rule.*")

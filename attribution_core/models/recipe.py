@@ -102,7 +102,7 @@ def recipe_identity(train: TrainConfig) -> dict[str, Any]:
     fingerprint instead of its path. A recipe without LoRA reads as it did before the LoRA
     settings existed, so caches keyed by it stay valid."""
     from attribution_core.config import to_mapping
-    from attribution_core.models.adapters import load_adapter
+    from attribution_core.models.pipeline_dir import load_adapter
     from attribution_core.models.fingerprint import model_fingerprint
 
     mapping = json.loads(json.dumps(to_mapping(train)))

@@ -16,7 +16,7 @@ import torch
 
 from attribution_core.config import TINY_KINDS
 from attribution_core.errors import ConfigError
-from attribution_core.models.adapters import save_pipeline
+from attribution_core.models.pipeline_dir import save_pipeline
 
 
 # Words the tiny tokenizers know as whole tokens; anything else falls back to letters.

@@ -29,7 +29,8 @@ from torch import nn
 from attribution_core.config import TrainConfig, to_mapping
 from attribution_core.errors import ConfigError, InputError
 from attribution_core.features.seeding import stable_seed
-from attribution_core.models.adapters import DiffusersAdapter, save_pipeline
+from attribution_core.models.adapters import DiffusersAdapter
+from attribution_core.models.pipeline_dir import save_pipeline
 from attribution_core.models.lora import LoraSpec, add_lora, save_lora
 from attribution_core.models.tiny import text_encoder_for, unet2d, unet_cond, word_tokenizer
 from attribution_core.data.captions import PartialCaptions, template_words
@@ -115,7 +116,7 @@ def build_untrained(data: TrainingData, cfg: TrainConfig) -> DiffusersAdapter:
 def lora_base(data: TrainingData, cfg: TrainConfig) -> tuple[DiffusersAdapter, str]:
     """The base model of a LoRA recipe with fresh adapters (seeded from ``cfg.seed``) and
     the base's fingerprint; refuses data or settings the base cannot take."""
-    from attribution_core.models.adapters import load_adapter
+    from attribution_core.models.pipeline_dir import load_adapter
     from attribution_core.models.fingerprint import model_fingerprint
 
     adapter = load_adapter(cfg.base)
@@ -170,6 +171,22 @@ def _token_ids(tokenizer, captions: list[str], cache: dict[str, torch.Tensor]) -
     return torch.stack([cache[c] for c in captions])
 
 
+def _trainable(data: TrainingData, cfg: TrainConfig) -> tuple[DiffusersAdapter, list[nn.Parameter], str | None]:
+    """The model to train, its trained parameters (in train mode) and, for a LoRA recipe, the
+    base's fingerprint: every weight of a fresh model, or only the adapters on a frozen base
+    (its text encoder included)."""
+    if cfg.lora:
+        adapter, base_fingerprint = lora_base(data, cfg)
+        adapter.denoiser.train()
+        return adapter, [p for p in adapter.denoiser.parameters() if p.requires_grad], base_fingerprint
+    adapter = build_untrained(data, cfg)
+    modules: list[nn.Module] = [m for m in (adapter.denoiser, adapter.text_encoder) if m is not None]
+    for m in modules:
+        m.train()
+        m.requires_grad_(True)
+    return adapter, [p for m in modules for p in m.parameters()], None
+
+
 def train_model(
     data: TrainingData,
     cfg: TrainConfig,
@@ -185,18 +202,7 @@ def train_model(
         raise InputError(f"training pixels have shape {tuple(data.pixels.shape[1:])}, the recipe expects {expected}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    base_fingerprint = None
-    if cfg.lora:  # only the adapters learn; the base (text encoder included) stays frozen
-        adapter, base_fingerprint = lora_base(data, cfg)
-        adapter.denoiser.train()
-        params = [p for p in adapter.denoiser.parameters() if p.requires_grad]
-    else:
-        adapter = build_untrained(data, cfg)
-        modules: list[nn.Module] = [m for m in (adapter.denoiser, adapter.text_encoder) if m is not None]
-        for m in modules:
-            m.train()
-            m.requires_grad_(True)
-        params = [p for m in modules for p in m.parameters()]
+    adapter, params, base_fingerprint = _trainable(data, cfg)
     unet, text = adapter.denoiser, adapter.text_encoder
     ema = [p.detach().clone() for p in params]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=1e-2)

@@ -29,7 +29,8 @@ from typing import Any
 
 import torch
 
-from attribution_core.models.adapters import DiffusersAdapter, ExampleBatch, load_adapter
+from attribution_core.models.adapters import DiffusersAdapter, ExampleBatch
+from attribution_core.models.pipeline_dir import load_adapter
 from attribution_core.config import FeaturizeConfig, ProjectionConfig, TimestepConfig
 from attribution_core.features.featurize import Featurizer, build_rows
 from attribution_core.features.reference import dense_projected_gradients, per_example_gradients, reference_features

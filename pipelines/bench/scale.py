@@ -166,7 +166,7 @@ def model_costs(model_dir: Path, timesteps: int) -> dict[str, Any]:
     """Load and fingerprint time of the model, and featurize / training-step seconds on one example."""
     from attribution_core.config import FeaturizeConfig, ProjectionConfig, TimestepConfig
     from attribution_core.features.featurize import Featurizer
-    from attribution_core.models.adapters import load_adapter
+    from attribution_core.models.pipeline_dir import load_adapter
     from attribution_core.models.fingerprint import model_fingerprint
     from pipelines.bench.featurize import _batch, _timed, _train_step
 

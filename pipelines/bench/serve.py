@@ -36,7 +36,7 @@ from attribution_core.data.writers import SYNTH_SCHEMA, synthetic_rows, write_pa
 from attribution_core.index.reader import load_index
 from attribution_core.index.schema import features_table
 from attribution_core.index.store import IndexStore, shard_name
-from attribution_core.models.adapters import is_model_dir
+from attribution_core.models.pipeline_dir import is_model_dir
 from attribution_core.weights.artifact import artifact_path, find_weights
 from pipelines.output import print_result
 

@@ -48,7 +48,8 @@ from attribution_core.index.kernel import damped_kernel
 from attribution_core.index.opening import version_featurizer
 from attribution_core.index.reader import load_index
 from attribution_core.index.scoring import preconditioned_queries
-from attribution_core.models.adapters import ExampleBatch, is_model_dir
+from attribution_core.models.adapters import ExampleBatch
+from attribution_core.models.pipeline_dir import is_model_dir
 from attribution_core.models.recipe import RECIPE_FILE, read_recipe, same_recipe
 from attribution_core.models.sampling import generate
 from attribution_core.weights.artifact import UNIFORM, weights_matrix

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attribution_core.models.adapters import ExampleBatch, load_adapter
+from attribution_core.models.adapters import ExampleBatch
+from attribution_core.models.pipeline_dir import load_adapter
 from attribution_core.config import FeaturizeConfig, GroupConfig, TimestepConfig, from_mapping
 from attribution_core.errors import ConfigError, InputError, ModelLoadError
 from attribution_core.features.featurize import Featurizer

@@ -81,7 +81,7 @@ def test_reference_covers_the_layer_kinds_the_issue_names(adapters):
 
 
 def test_random_timesteps_and_v_prediction_match_reference(model_dirs):
-    from attribution_core.models.adapters import load_adapter
+    from attribution_core.models.pipeline_dir import load_adapter
 
     adapter = load_adapter(model_dirs["unet"])
     adapter.scheduler.register_to_config(prediction_type="v_prediction")

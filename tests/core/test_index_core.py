@@ -21,7 +21,8 @@ from attribution_core.index.plan import check_unique, plan_build
 from attribution_core.index.schema import SOURCE_SCHEMA, features_table, flat_matrix
 from attribution_core.index.source import content_hash, normalize, resolve_source
 from attribution_core.index.store import IndexStore, shard_name
-from attribution_core.models.adapters import ExampleBatch, load_adapter, save_pipeline
+from attribution_core.models.adapters import ExampleBatch
+from attribution_core.models.pipeline_dir import load_adapter, save_pipeline
 from attribution_core.models.fingerprint import model_fingerprint
 
 CFG = FeaturizeConfig(projection=ProjectionConfig(k_in=2, k_out=2))

@@ -73,7 +73,8 @@ def test_featurize_function_matches_featurizer_and_groups(adapters):
 
 SCRIPT = """
 import json, sys, torch
-from attribution_core.models.adapters import load_adapter, ExampleBatch
+from attribution_core.models.adapters import ExampleBatch
+from attribution_core.models.pipeline_dir import load_adapter
 from attribution_core.config import FeaturizeConfig, TimestepConfig
 from attribution_core.features.featurize import Featurizer
 adapter = load_adapter(sys.argv[1])

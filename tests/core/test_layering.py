@@ -30,7 +30,8 @@ import pkgutil, importlib, sys, torch
 import attribution_core
 for m in pkgutil.walk_packages(attribution_core.__path__, "attribution_core."):
     importlib.import_module(m.name)
-from attribution_core.models.adapters import load_adapter, ExampleBatch
+from attribution_core.models.adapters import ExampleBatch
+from attribution_core.models.pipeline_dir import load_adapter
 from attribution_core.config import FeaturizeConfig
 from attribution_core.features.featurize import featurize
 a = load_adapter({model_dirs['text']!r})

@@ -13,7 +13,7 @@ from attribution_core.config import FeaturizeConfig, GroupConfig, TimestepConfig
 from attribution_core.errors import ConfigError, ModelLoadError
 from attribution_core.features.featurize import Featurizer
 from attribution_core.features.reference import reference_features
-from attribution_core.models.adapters import load_adapter
+from attribution_core.models.pipeline_dir import load_adapter
 from attribution_core.models.fingerprint import model_fingerprint
 from attribution_core.models.lora import LoraSpec, add_lora, is_adapter_layer, target_name
 from attribution_core.models.training import TrainingData, train_model

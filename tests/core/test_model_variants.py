@@ -13,7 +13,7 @@ from attribution_core.config import FeaturizeConfig, GroupConfig, TimestepConfig
 from attribution_core.errors import ModelLoadError
 from attribution_core.features.featurize import Featurizer
 from attribution_core.features.reference import reference_features
-from attribution_core.models.adapters import load_adapter, stored_variant
+from attribution_core.models.pipeline_dir import load_adapter, stored_variant
 from attribution_core.models.fingerprint import model_fingerprint
 from tests.conftest import make_batch
 from tests.core.test_featurize_exact import assert_exact

@@ -11,7 +11,8 @@ from attribution_core.data.loading import load_training_data
 from attribution_core.data.writers import write_synthetic
 from attribution_core.errors import InputError
 from attribution_core.features.featurize import Featurizer
-from attribution_core.models.adapters import ExampleBatch, load_adapter
+from attribution_core.models.adapters import ExampleBatch
+from attribution_core.models.pipeline_dir import load_adapter
 from attribution_core.models.sampling import generate
 from attribution_core.models.training import save_model, train_model
 

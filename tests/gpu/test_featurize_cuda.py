@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attribution_core.models.adapters import load_adapter
+from attribution_core.models.pipeline_dir import load_adapter
 from attribution_core.config import FeaturizeConfig, TimestepConfig
 from attribution_core.features.featurize import Featurizer
 from attribution_core.features.reference import reference_features

@@ -11,7 +11,7 @@ from attribution_core.config import FeaturizeConfig, TimestepConfig
 from attribution_core.data.writers import write_synthetic
 from attribution_core.features.featurize import Featurizer
 from attribution_core.features.reference import reference_features
-from attribution_core.models.adapters import load_adapter
+from attribution_core.models.pipeline_dir import load_adapter
 from tests.conftest import make_batch
 from tests.pipelines.conftest import features_by_id, project
 

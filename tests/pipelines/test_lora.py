@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 
 from attribution_core.index.store import IndexStore
-from attribution_core.models.adapters import load_adapter
+from attribution_core.models.pipeline_dir import load_adapter
 from attribution_core.models.fingerprint import model_fingerprint
 from attribution_core.models.lora import is_adapter_layer, read_pointer
 from tests.pipelines.conftest import tiny_main_job
