@@ -116,8 +116,7 @@ def save_lora(denoiser: nn.Module, spec: LoraSpec, out_dir: str | Path, base_dir
         {target_name(n) for n, _ in denoiser.named_modules() if is_adapter_layer(n)})}
     StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=layers, weight_name=WEIGHTS_FILE,
                                               unet_lora_adapter_metadata=metadata)
-    base = Path(base_dir)
-    pointer = os.path.relpath(base.resolve(), out.resolve()) if not str(base_dir).startswith("s3://") else str(base_dir)
+    pointer = os.path.relpath(Path(base_dir).resolve(), out.resolve())  # model directories are local
     record = {"base": pointer, "base_fingerprint": base_fingerprint, **spec.to_json()}
     (out / LORA_FILE).write_text(json.dumps(record, indent=2) + "\n")
     return out
