@@ -155,11 +155,14 @@ def read_pointer(path: str | Path) -> LoraPointer:
                        base_fingerprint=record.get("base_fingerprint"), spec=spec)
 
 
-def _peft_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _peft_keys(state: dict[str, torch.Tensor], file: Path) -> dict[str, torch.Tensor]:
+    others = sorted({key.split(".", 1)[0] for key in state if not key.startswith("unet.")})
+    if others:
+        raise ModelLoadError(f"{file} also adapts {', '.join(others)}; only UNet adapters are loaded, and without "
+                             "the others the model would not be the one you fine-tuned. Merge those adapters into "
+                             "the base and point lora.json at the merged pipeline")
     out = {}
     for key, value in state.items():
-        if not key.startswith("unet."):
-            continue  # text-encoder adapters are not attributed (the text encoder is frozen)
         key = key[len("unet."):]
         for old, new in _KEY_SPELLINGS:
             key = key.replace(old, new)
@@ -176,7 +179,7 @@ def load_lora(denoiser: nn.Module, lora_dir: str | Path, spec: LoraSpec) -> list
     file = Path(lora_dir) / WEIGHTS_FILE
     if not file.is_file():
         raise ModelLoadError(f"{lora_dir} has a {LORA_FILE} but no {WEIGHTS_FILE}")
-    state = _peft_keys(load_file(str(file)))
+    state = _peft_keys(load_file(str(file)), file)
     wrapped = sorted({k.split(".lora_", 1)[0] for k in state if ".lora_" in k})
     if not wrapped:
         raise ModelLoadError(f"{file} holds no UNet LoRA weights (keys under 'unet.' with lora_A/lora_B)")

@@ -110,6 +110,17 @@ def test_bad_lora_directories_say_what_to_fix(lora_dirs, model_dirs, tmp_path):
     (wrong_base / "lora.json").write_text(json.dumps({**record, "base": model_dirs["text"]}))
     with pytest.raises(ModelLoadError, match="not the one the LoRA"):
         load_adapter(wrong_base)
+    from safetensors.torch import load_file, save_file
+
+    with_text = tmp_path / "with-text"
+    shutil.copytree(lora_dirs["unet"], with_text)
+    weights = load_file(with_text / "pytorch_lora_weights.safetensors")
+    save_file({**weights, "text_encoder.layers.0.q_proj.lora_A.weight": torch.zeros(2, 4)},
+              with_text / "pytorch_lora_weights.safetensors")
+    pointer = json.loads((with_text / "lora.json").read_text())
+    (with_text / "lora.json").write_text(json.dumps({**pointer, "base": model_dirs["unet"]}))
+    with pytest.raises(ModelLoadError, match="also adapts text_encoder"):
+        load_adapter(with_text)
     unet = load_adapter(model_dirs["unet"]).denoiser
     with pytest.raises(ConfigError, match=r"LoRA targets \['to_kv'\] match no"):
         add_lora(unet, LoraSpec(rank=2, alpha=2.0, targets=("to_q", "to_kv")))
