@@ -60,6 +60,9 @@ def check_image(data: bytes, cfg: ServeConfig) -> None:
         with Image.open(io.BytesIO(data)) as img:
             width, height = img.size
             kind = img.format
+    except Image.DecompressionBombError as exc:  # a header declaring more pixels than PIL will decode
+        raise RequestError(413, f"the image declares more pixels than may be decoded ({exc}); the limit is "
+                                f"{cfg.max_image_pixels:,} (serve.max_image_pixels). Downscale it first") from exc
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise RequestError(400, f"the upload is not an image PIL can read ({exc}); send PNG or JPEG bytes") from exc
     if width * height > cfg.max_image_pixels:

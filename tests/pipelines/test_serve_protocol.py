@@ -1,0 +1,33 @@
+"""Request checks of the endpoint that run before any decoding (no Ray needed)."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import pytest
+
+from attribution_core.config_stages import ServeConfig
+from pipelines.serve.protocol import RequestError, check_image
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that declares ``width x height`` pixels and holds almost none of them."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("side", [5_000, 100_000])  # over serve.max_image_pixels; over PIL's bomb limit too
+def test_an_image_declaring_too_many_pixels_is_413(side):
+    with pytest.raises(RequestError) as caught:
+        check_image(png_header(side, side), ServeConfig())
+    assert caught.value.status == 413 and "serve.max_image_pixels" in str(caught.value)
+
+
+def test_a_truncated_image_is_400():
+    with pytest.raises(RequestError) as caught:
+        check_image(png_header(16, 16)[:20], ServeConfig())
+    assert caught.value.status == 400
