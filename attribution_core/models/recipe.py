@@ -96,11 +96,12 @@ def resolve_columns(model_dir: str | Path, train: TrainConfig | None, index: Ind
 _LORA_FIELDS = ("base", "lora_rank", "lora_alpha", "lora_targets")
 
 
-def recipe_identity(train: TrainConfig) -> dict[str, Any]:
+def recipe_identity(train: TrainConfig, base_fingerprint: str | None = None) -> dict[str, Any]:
     """What decides the models a recipe trains, as a JSON-ready mapping (cache keys, "is
     this the same model?"): the recipe, and for a LoRA fine-tune the base model's
     fingerprint instead of its path. A recipe without LoRA reads as it did before the LoRA
-    settings existed, so caches keyed by it stay valid."""
+    settings existed, so caches keyed by it stay valid. ``base_fingerprint``, when the
+    caller already has it, saves loading the base again."""
     from attribution_core.config import to_mapping
     from attribution_core.models.pipeline_dir import load_adapter
     from attribution_core.models.fingerprint import model_fingerprint
@@ -109,7 +110,7 @@ def recipe_identity(train: TrainConfig) -> dict[str, Any]:
     if not train.lora:
         return {k: v for k, v in mapping.items() if k not in _LORA_FIELDS}
     mapping.pop("base")
-    mapping["base_fingerprint"] = model_fingerprint(load_adapter(train.base))
+    mapping["base_fingerprint"] = base_fingerprint or model_fingerprint(load_adapter(train.base))
     return mapping
 
 

@@ -34,7 +34,7 @@ def train_to_dir(data_uri: str, cfg: TrainConfig, out: Path) -> dict:
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     save_model(model, tmp, {"data": data_uri, "examples": len(data.example_ids), "columns": data.columns,
-                            "identity": recipe_identity(cfg)})
+                            "identity": recipe_identity(cfg, model.base_fingerprint)})
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp.rename(out)
     return {"out": str(out), "examples": len(data.example_ids), "steps": cfg.steps, "seconds": round(model.seconds, 1),

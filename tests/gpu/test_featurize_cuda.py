@@ -15,9 +15,10 @@ from tests.conftest import make_batch
 pytestmark = pytest.mark.gpu
 
 
-@pytest.mark.parametrize("kind", ["unet", "text-latent"])
-def test_cuda_fast_equals_reference(model_dirs, kind):
-    adapter = load_adapter(model_dirs[kind], device="cuda")
+@pytest.mark.parametrize("dirs", ["model_dirs", "lora_dirs"])  # a full model, and LoRA adapters on it
+@pytest.mark.parametrize("kind", ["unet-class", "text-latent"])
+def test_cuda_fast_equals_reference(request, dirs, kind):
+    adapter = load_adapter(request.getfixturevalue(dirs)[kind], device="cuda")
     cfg = FeaturizeConfig(timesteps=TimestepConfig(count=2))
     featurizer = Featurizer(adapter, cfg)
     batch = make_batch(adapter, n=2)
