@@ -7,17 +7,13 @@ import io
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from attribution_core.errors import InputError
+from attribution_core.errors import ImageDecodeError, ImageShapeError, InputError
 
 MAX_PIXELS = 64 * 2**20  # a decompression-bomb guard well above any training image
 
 
-class ImageDecodeError(InputError):
-    """An image could not be decoded or is unusable; the message names the example."""
 
 
-class ImageShapeError(ImageDecodeError):
-    """An image decoded but its size or aspect ratio is outside what was allowed."""
 
 
 def decode_image(data: bytes, example_id: str, resolution: int, channels: int,

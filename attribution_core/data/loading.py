@@ -38,7 +38,6 @@ def load_dataset(uri: str, resolution: int, channels: int, conditioning: str = "
     ``ImageDecodeError`` naming its example. ``data.columns`` says which columns were read."""
     ids, pixels, captions, raw_labels = [], [], [], []
     attributes: dict[str, list] = {}
-    caption_used: str | None = None
     for ex in read_examples(uri, caption_column):
         ids.append(ex.example_id)
         for key, value in ex.attributes.items():

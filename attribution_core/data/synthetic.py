@@ -11,6 +11,7 @@ import dataclasses
 
 import numpy as np
 
+from attribution_core.errors import ConfigError
 from attribution_core.features.seeding import stable_seed
 
 SUBJECTS = ("circle", "square", "triangle", "diamond", "cross", "ring")
@@ -98,15 +99,19 @@ def check_holdout(holdout: Holdout) -> None:
     known = {"subject": SUBJECTS, "style": STYLES, "background": BACKGROUNDS}
     for entry in holdout:
         if not entry:
-            raise ValueError("an empty holdout entry would hold out everything")
+            raise ConfigError("an empty holdout entry would hold out everything; give each entry at least one "
+                              "attribute=value pair (data.synthetic.holdout or --holdout)")
         for key, value in entry:
             if key not in known:
-                raise ValueError(f"holdout attribute {key!r} is not one of {', '.join(known)}")
+                raise ConfigError(f"holdout attribute {key!r} is not one of {', '.join(known)}; fix data.synthetic.holdout "
+                                  "(or --holdout)")
             if value not in known[key]:
-                raise ValueError(f"holdout {key} {value!r} is not one of {', '.join(known[key])}")
+                raise ConfigError(f"holdout {key} {value!r} is not one of {', '.join(known[key])}; fix "
+                                  "data.synthetic.holdout (or --holdout)")
     combos = [dict(subject=a, style=b, background=c) for a in SUBJECTS for b in STYLES for c in BACKGROUNDS]
     if all(is_held_out(c, holdout) for c in combos):
-        raise ValueError("the holdout removes every attribute combination")
+        raise ConfigError("the holdout removes every attribute combination; hold out fewer "
+                          "(data.synthetic.holdout or --holdout)")
 
 
 def caption_for(subject: str, style: str, background: str) -> str:

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attribution_core.errors import ConfigError
 from attribution_core.features.groups import GroupLayout, TrackedLayer
 from attribution_core.features.seeding import projection_matrix
 
@@ -101,10 +102,10 @@ class KroneckerCapture:
         def forward_hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor):
             rows = self._examples * self._rows_per_example
             if inputs[0].shape[0] != rows:
-                raise RuntimeError(
+                raise ConfigError(
                     f"layer {layer.name!r} saw a leading dimension of {inputs[0].shape[0]}, not the "
                     f"{rows} rows of the batch; it mixes examples and cannot be featurized per "
-                    "example: add it to groups.exclude"
+                    "example: add it to featurize.groups.exclude"
                 )
             with torch.no_grad(), torch.autocast(output.device.type, enabled=False):
                 a_proj = self._project_input(layer, module, inputs[0].detach())

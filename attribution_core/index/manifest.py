@@ -10,6 +10,7 @@ index only under the same spec.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import hashlib
 import json
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 from attribution_core.config import FeaturizeConfig, to_mapping
 from attribution_core.errors import ManifestMismatchError
 from attribution_core.features.groups import GroupLayout
+from attribution_core.index.schema import SCHEMA_VERSION, group_column
 
 KIND = "attribution-index"
 
@@ -66,3 +68,22 @@ def check_same_features(expected: FeatureSpec, found: FeatureSpec, what: str, fi
     diffs = expected.differences(found)
     if diffs:
         raise ManifestMismatchError(f"{what} was built differently (found != expected): " + "; ".join(diffs) + f". {fix}")
+
+
+def build_manifest(version: str, sequence: int, supersedes: str | None, model: dict[str, Any], spec: FeatureSpec,
+                   layout: GroupLayout, dataset: dict[str, Any], shards: list[dict[str, Any]],
+                   errors: dict[str, list[str]], stats: dict[str, Any], build: dict[str, Any]) -> dict[str, Any]:
+    """The manifest of an index version: what it was built from (``model``: path, fingerprint,
+    class, conditioning, image shape; ``dataset``: source and keys digest), its feature spec,
+    its shards (path, rows, bytes), its quarantined examples (``errors``: shard path -> ids),
+    the kernel's statistics and how the build ran (``build``)."""
+    return {
+        "kind": KIND, "schema_version": SCHEMA_VERSION, "version": version, "sequence": sequence,
+        "supersedes": supersedes,
+        "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "model": model, "featurize": spec.featurize, "layout": spec.layout, "dtype": spec.dtype,
+        "columns": {g.name: group_column(g.name) for g in layout.groups},
+        "dataset": dataset, "rows": sum(s["rows"] for s in shards), "shards": shards,
+        "errors": {"rows": sum(len(ids) for ids in errors.values()), "shards": sorted(errors)},
+        "stats": stats, "build": build,
+    }

@@ -11,16 +11,15 @@ from __future__ import annotations
 from typing import Any
 
 from attribution_core.config import FeaturizeConfig, from_mapping
-from attribution_core.errors import InputError, ManifestMismatchError
+from attribution_core.errors import EmptyIndexError, ManifestMismatchError
 from attribution_core.features.featurize import Featurizer
-from attribution_core.index.manifest import KIND
+from attribution_core.index.manifest import KIND, FeatureSpec
 from attribution_core.index.schema import SCHEMA_VERSION
 from attribution_core.index.store import IndexStore
 from attribution_core.models.adapters import DiffusersAdapter
+from attribution_core.models.fingerprint import model_fingerprint
 
 
-class EmptyIndexError(InputError):
-    """An index version holds no rows: every example was quarantined, or the dataset was empty."""
 
 
 def open_version(store: IndexStore, version: str | None = None, need_rows: bool = True) -> dict[str, Any]:
@@ -49,6 +48,24 @@ def check_model(fingerprint: str, manifest: dict[str, Any], model_path: str) -> 
             f"the model at {model_path} is not the one index version {manifest['version']} was built with "
             f"(fingerprints differ; the index was built from {manifest['model'].get('path')}); use that model "
             "(--model) or rebuild the index")
+
+
+def open_for_model(store: IndexStore, version: str | None, adapter: DiffusersAdapter, model_path: str,
+                   max_rows_per_pass: int, fingerprint: str | None = None,
+                   cache: dict[str, Featurizer] | None = None) -> tuple[dict[str, Any], Featurizer]:
+    """Everything a reader that featurizes queries needs, in one call: the version's manifest
+    (``open_version``), ``adapter`` checked to be the model it was built with (pass its
+    ``fingerprint`` when already known), and a featurizer with the version's own settings.
+    ``cache`` (feature spec key -> featurizer) keeps featurizers across calls, as a server
+    that swaps versions does."""
+    manifest = open_version(store, version)
+    check_model(model_fingerprint(adapter) if fingerprint is None else fingerprint, manifest, model_path)
+    if cache is None:
+        return manifest, version_featurizer(adapter, manifest, max_rows_per_pass)
+    key = FeatureSpec.from_manifest(manifest).key()
+    if key not in cache:
+        cache[key] = version_featurizer(adapter, manifest, max_rows_per_pass)
+    return manifest, cache[key]
 
 
 def version_featurizer(adapter: DiffusersAdapter, manifest: dict[str, Any], max_rows_per_pass: int) -> Featurizer:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 
-from attribution_core.errors import InputError
+from attribution_core.errors import QuarantineError
 
 #: (pattern of a reason, what usually fixes it). Reasons are written in ``index.batch`` and
 #: ``data.images``; the first matching pattern gives the hint.
@@ -27,8 +27,6 @@ HINTS = (
 )
 
 
-class QuarantineError(InputError):
-    """An index build quarantined more than ``index.max_quarantine_fraction`` of its examples."""
 
 
 def reason_kind(reason: str) -> str:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from attribution_core.data.storage import filesystem_for
-from attribution_core.errors import AttributionError, ManifestMismatchError
+from attribution_core.errors import ManifestMismatchError, MissingWeightsError
 from attribution_core.features.groups import GroupLayout
 from attribution_core.index.manifest import FeatureSpec
 from attribution_core.index.reader import load_index
@@ -23,12 +23,6 @@ from attribution_core.index.store import IndexStore
 from attribution_core.weights.artifact import UNIFORM, check_weights, find_weights, weights_matrix
 
 
-class MissingWeightsError(AttributionError):
-    """Aspects were asked for that this index version has no learned weights for."""
-
-    def __init__(self, message: str, aspects: list[str]) -> None:
-        super().__init__(message)
-        self.aspects = aspects
 
 
 def read_weights_uri(uri: str) -> dict[str, Any]:

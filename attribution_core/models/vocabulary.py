@@ -12,13 +12,11 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-from attribution_core.errors import InputError
+from attribution_core.errors import UnknownWordsError
 
 _WORD = re.compile(r"[a-z0-9]+")
 
 
-class UnknownWordsError(InputError):
-    """A prompt holds words the model's tokenizer never saw as whole words."""
 
 
 def prompt_words(text: str) -> list[str]:

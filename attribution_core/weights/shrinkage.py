@@ -9,7 +9,6 @@ and the ``a`` of the lowest value is kept; on a tie, the smaller move.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 SHRINKAGE = (0.0, 0.25, 0.5, 0.75, 1.0)

@@ -13,7 +13,6 @@ import dataclasses
 import datetime
 import json
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from attribution_core.errors import ConfigError
 from attribution_core.evaluation.recall import RECALL_COLUMNS
 from attribution_core.evaluation.report import render_report
 from attribution_core.index.reader import load_index
+from attribution_core.timing import Stopwatch
 from pipelines.evaluation.aspects import run_recall
 from pipelines.evaluation.lds import lds_recipe, run_lds
 from pipelines.ray_runtime import ensure_ray
@@ -49,15 +49,8 @@ def evaluate(cfg: ProjectConfig, req: EvaluateRequest = EvaluateRequest()) -> di
     if "://" in ecfg.out:
         raise ConfigError(f"evaluate.out must be a local folder (it caches retrained models' outputs), got {ecfg.out!r}")
     out.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
-    started = clock = time.perf_counter()
-
-    def lap(stage: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        timings[stage] = round(now - clock, 1)
-        clock = now
-
+    watch = Stopwatch(digits=1)
+    lap = watch.lap
     if req.lds:
         lds_recipe(cfg)  # a model brought without its recipe cannot be retrained: say so before any work
     prepared = prepare(cfg, model=req.recall)  # LDS trains its own model; only Recall uses the main one
@@ -109,9 +102,8 @@ def evaluate(cfg: ProjectConfig, req: EvaluateRequest = EvaluateRequest()) -> di
                     ground_truth=result["ground_truth"], lds_stage_seconds=result["stage_seconds"])
         per_query = {"queries": result["queries"], "lds": result["per_query"]}
         lap("lds")
-    timings["total"] = round(time.perf_counter() - started, 1)
     metrics["info"] = info
-    metrics["stage_seconds"] = timings
+    metrics["stage_seconds"] = {**watch.seconds, "total": watch.total()}
     metrics["report"] = str(out / "report.html")
     _write(out / "lds_per_query.json", json.dumps(per_query, indent=2) + "\n")
     _write(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")

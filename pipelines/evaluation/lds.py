@@ -26,7 +26,6 @@ import json
 import logging
 import random
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +51,7 @@ from attribution_core.models.adapters import ExampleBatch
 from attribution_core.models.pipeline_dir import is_model_dir
 from attribution_core.models.recipe import RECIPE_FILE, read_recipe, same_recipe
 from attribution_core.models.sampling import generate
+from attribution_core.timing import Stopwatch
 from attribution_core.weights.artifact import UNIFORM, weights_matrix
 from pipelines.evaluation.groundtruth import ground_truth
 from pipelines.models import load_model_dir
@@ -288,15 +288,8 @@ def run_lds(cfg: ProjectConfig, ray_address: str | None = None) -> dict[str, Any
     cfg = dataclasses.replace(cfg, subset_train=lds_recipe(cfg))
     ecfg = cfg.evaluate
     folder = Path(ecfg.out) / "lds"
-    timings: dict[str, float] = {}
-    clock = time.perf_counter()
-
-    def lap(stage: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        timings[stage] = round(timings.get(stage, 0.0) + now - clock, 1)
-        clock = now
-
+    watch = Stopwatch(digits=1)
+    lap = watch.lap
     universe = split_universe(cfg, folder)
     model_dir, trained = universe_model(cfg, universe, folder)
     lap("universe_model")
@@ -347,6 +340,6 @@ def run_lds(cfg: ProjectConfig, ray_address: str | None = None) -> dict[str, Any
         "recipe": to_mapping(cfg.subset_train),
         "output": f"negative loss averaged over {ecfg.output_timesteps} timesteps x {ecfg.output_noise_draws} noise draws",
         "ground_truth": {k: truth[k] for k in ("key", "trained", "cached", "seconds", "folder")},
-        "stage_seconds": timings,
+        "stage_seconds": watch.seconds,
     }
 

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from attribution_core.errors import AttributionError
+from attribution_core.errors import IncompleteBuildError
 from attribution_core.features.groups import GroupLayout
 from attribution_core.index.kernel import add_grams, blocks, kernel_from_gram
 from attribution_core.index.quarantine import check_quarantine, too_many_quarantined
@@ -22,8 +22,6 @@ from pipelines.index.stages import gram_partition
 log = logging.getLogger(__name__)
 
 
-class IncompleteBuildError(AttributionError, RuntimeError):
-    """A build ended without every example either featurized or quarantined exactly once."""
 
 
 def shard_ids(store: IndexStore, paths: list[str]) -> dict[str, list[str]]:

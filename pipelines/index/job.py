@@ -9,12 +9,10 @@ then ``latest``). Rerunning the same command after a crash resumes the same vers
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import gc
 import hashlib
 import json
 import logging
-import time
 from typing import Any
 
 import ray
@@ -22,13 +20,13 @@ import ray
 from attribution_core.config import ProjectConfig, to_mapping
 from attribution_core.errors import ConfigError, InputError
 from attribution_core.features.groups import GroupLayout, build_layout
-from attribution_core.index.manifest import KIND, FeatureSpec
-from attribution_core.index.plan import check_unique, keys_digest, plan_build
-from attribution_core.index.schema import SCHEMA_VERSION, group_column
+from attribution_core.index.manifest import FeatureSpec, build_manifest
+from attribution_core.index.plan import Plan, check_unique, keys_digest, plan_build
 from attribution_core.index.source import resolve_source
 from attribution_core.index.store import IndexStore, shard_name
 from attribution_core.models.fingerprint import model_fingerprint
 from attribution_core.models.recipe import resolve_columns
+from attribution_core.timing import Stopwatch
 from pipelines.index.commit import check_exactly_once, dedupe, refuse_if_quarantined, shard_ids
 from pipelines.index.damping import kernel_settings, kernel_stats
 from pipelines.index.scan import choose_base, concat_keys, read_source, scan_keys, shard_keys
@@ -71,17 +69,112 @@ def describe_model(path: str, cfg: ProjectConfig) -> tuple[dict[str, Any], Group
     return model, layout
 
 
+@dataclasses.dataclass
+class _Target:
+    """The version this run builds, from the latest committed one (``previous``) and the one
+    whose shards it may reuse (``base``: ``previous`` when the feature specs agree)."""
+
+    version: str
+    sequence: int
+    previous: dict[str, Any] | None
+    base: dict[str, Any] | None
+
+
+def _target(store: IndexStore, spec: FeatureSpec, mode: str, current, settings: dict[str, Any]) -> _Target:
+    previous, base = choose_base(store, spec, mode)
+    digest = hashlib.blake2b(f"{spec.key()}|{keys_digest(current)}|{base['version'] if base else ''}|"
+                             f"{json.dumps(settings, sort_keys=True)}".encode(), digest_size=8).hexdigest()
+    sequence = previous["sequence"] + 1 if previous else 1
+    return _Target(f"v{sequence:05d}-{digest}", sequence, previous, base)
+
+
+def _plan(store: IndexStore, target: _Target, current) -> tuple[Plan, int]:
+    """What to featurize, reuse and drop, counting what an interrupted run of this version
+    already wrote; and how many stale temporary files were removed."""
+    base = target.base
+    base_shards = shard_keys(store, [s["path"] for s in base["shards"]]) if base else None
+    base_errors = shard_keys(store, base["errors"]["shards"]) if base else None
+    stale = [v for v in store.list_versions() if v != target.version and not store.is_committed(v)]
+    if stale:
+        log.warning("uncommitted builds from runs with other inputs are left in %s: %s (no reader uses them; "
+                    "delete them once no job writes there)", store.uri, ", ".join(stale))
+    removed_tmp = store.remove_temporaries(target.version)
+    done = concat_keys(shard_keys(store, store.list_shards(target.version, "features")
+                                  + store.list_shards(target.version, "errors")))
+    return plan_build(current, base_shards, base_errors, done), removed_tmp
+
+
+def _carry(store: IndexStore, version: str, plan: Plan) -> None:
+    """Rewrite the previous version's shards that lost rows (removed or changed examples)."""
+    vdir = IndexStore.version_dir(version)
+    carry = [{"src": r.path, "dst": f"{vdir}/{kind}/{shard_name(r.keep)}", "keep": list(r.keep)}
+             for kind, reuses in (("features", plan.reuse), ("errors", plan.reuse_errors)) for r in reuses if not r.whole]
+    if carry:
+        ray.data.from_items(carry).map(rewrite_shard, fn_kwargs={"store_uri": store.uri}).materialize()
+
+
+@dataclasses.dataclass
+class _Featurized:
+    """What the actors did: rows written, rows quarantined, seconds inside batches, and the
+    same without each actor's first batch (its warm-up)."""
+
+    actors: int
+    threads: int
+    device: str
+    rows: int = 0
+    errors: int = 0
+    busy: float = 0.0
+    warm_rows: int = 0
+    warm_busy: float = 0.0
+
+    def steady_rows_per_s(self) -> float | None:
+        """Examples/s of the actors working in parallel, from batches after each actor's first
+        (which pays for lazy set-up and for other actors starting); None without them."""
+        return round(self.warm_rows / (self.warm_busy / self.actors), 2) if self.warm_busy > 0 else None
+
+
+def _featurize(cfg: ProjectConfig, req: IndexRequest, model: dict[str, Any], source, plan: Plan,
+               store: IndexStore, version: str) -> _Featurized:
+    """Featurize ``plan.todo`` on a pool of ``IndexActor``s, one shard per batch."""
+    n_actors, threads, device = _actors(cfg)
+    done = _Featurized(n_actors, threads, device)
+    if not len(plan.todo):
+        return done
+    actor_kwargs = {"model": req.model, "featurize": to_mapping(cfg.featurize), "device": device,
+                    "threads": threads, "store_uri": store.uri, "version": version, "dtype": cfg.index.dtype,
+                    "limits": {"min_side": cfg.index.min_image_side or model["image_shape"][1] // 2,
+                               "max_aspect": cfg.index.max_aspect_ratio}}
+    rows_in = read_source(source, plan.todo).repartition(target_num_rows_per_block=cfg.index.batch_size)
+    summaries = rows_in.map_batches(
+        IndexActor, fn_constructor_kwargs=actor_kwargs, batch_size=cfg.index.batch_size,
+        batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=n_actors),
+        num_cpus=cfg.index.cpus_per_actor, num_gpus=1 if device == "cuda" else 0)
+    for row in summaries.iter_rows():
+        done.rows += row["rows"]
+        done.errors += row["errors"]
+        done.busy += row["seconds"]
+        if row["call"] > 0:
+            done.warm_rows += row["rows"] + row["errors"]
+            done.warm_busy += row["seconds"]
+    return done
+
+
+def _verify(cfg: ProjectConfig, store: IndexStore, version: str, plan: Plan,
+            current) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """Every current example featurized or quarantined exactly once, the quarantine within
+    ``index.max_quarantine_fraction``; returns (feature shard -> ids, error shard -> ids)."""
+    reused_whole = {r.path: list(r.keep) for r in plan.reuse if r.whole}
+    staged = dedupe(store, shard_ids(store, store.list_shards(version, "features")))
+    staged_errors = shard_ids(store, store.list_shards(version, "errors"))
+    reused_errors = {r.path: list(r.keep) for r in plan.reuse_errors if r.whole}
+    check_exactly_once(set(current.column("example_id").to_pylist()),
+                       {**reused_whole, **staged}, {**reused_errors, **staged_errors})
+    refuse_if_quarantined(store, reused_errors, staged_errors, current.num_rows, cfg.index.max_quarantine_fraction)
+    return {**reused_whole, **staged}, {**reused_errors, **staged_errors}
+
+
 def run_index(cfg: ProjectConfig, req: IndexRequest) -> dict[str, Any]:
-    timings: dict[str, float] = {}
-    clock = time.perf_counter()
-
-    def lap(stage: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        timings[stage] = round(now - clock, 3)
-        clock = now
-
-    started = time.perf_counter()
+    watch = Stopwatch()
     if req.mode not in MODES:
         raise ConfigError(f"unknown index mode {req.mode!r}; choose one of {', '.join(MODES)}")
     model, layout = describe_model(req.model, cfg)
@@ -90,125 +183,68 @@ def run_index(cfg: ProjectConfig, req: IndexRequest) -> dict[str, Any]:
     store = IndexStore(req.out)
     spec = FeatureSpec.build(model["fingerprint"], cfg.featurize, layout, cfg.index.dtype)
     ensure_ray(req.ray_address)
-    lap("load")
+    watch.lap("load")
 
     current = scan_keys(source)
     if current.num_rows == 0:
         raise InputError(f"dataset {req.dataset!r} holds no examples; nothing to index")
     check_unique(current, f"dataset {req.dataset!r}")
-    lap("scan")
+    watch.lap("scan")
 
-    previous, base = choose_base(store, spec, req.mode)
     settings = kernel_settings(cfg)
-    digest = hashlib.blake2b(f"{spec.key()}|{keys_digest(current)}|{base['version'] if base else ''}|"
-                             f"{json.dumps(settings, sort_keys=True)}".encode(), digest_size=8).hexdigest()
-    sequence = previous["sequence"] + 1 if previous else 1
-    version = f"v{sequence:05d}-{digest}"
-    vdir = IndexStore.version_dir(version)
+    target = _target(store, spec, req.mode, current, settings)
+    version, previous, base = target.version, target.previous, target.base
     if store.is_committed(version):  # built before (a run that stopped before publishing, or a rerun)
         if req.publish and (previous is None or previous["version"] != version):
             store.publish(version)
         return {"version": version, "up_to_date": True, "uri": store.uri, **_counts(store.manifest(version))}
-    base_shards = shard_keys(store, [s["path"] for s in base["shards"]]) if base else None
-    base_errors = shard_keys(store, base["errors"]["shards"]) if base else None
-    stale = [v for v in store.list_versions() if v != version and not store.is_committed(v)]
-    if stale:
-        log.warning("uncommitted builds from runs with other inputs are left in %s: %s (no reader uses them; "
-                    "delete them once no job writes there)", store.uri, ", ".join(stale))
-    removed_tmp = store.remove_temporaries(version)
-    done = concat_keys(shard_keys(store, store.list_shards(version, "features") + store.list_shards(version, "errors")))
-    plan = plan_build(current, base_shards, base_errors, done)
+    plan, removed_tmp = _plan(store, target, current)
     if base is not None and plan.is_noop and base["stats"].get("settings") == settings:
         log.info("index %s is up to date with %s", base["version"], req.dataset)
         return {"version": base["version"], "up_to_date": True, "uri": store.uri, **_counts(base)}
     log.info("plan: %d examples, %d to featurize (%d new, %d changed, %d resumed from an interrupted run), "
              "%d reused, %d removed", plan.n_current, len(plan.todo), plan.n_new, plan.n_changed, plan.n_done,
              plan.n_reused, plan.n_removed)
-    lap("plan")
+    watch.lap("plan")
+    _carry(store, version, plan)
+    watch.lap("carry")
+    work = _featurize(cfg, req, model, source, plan, store, version)
+    watch.lap("featurize")
+    features, errors = _verify(cfg, store, version, plan, current)
+    watch.lap("verify")
 
-    carry = [{"src": r.path, "dst": f"{vdir}/{kind}/{shard_name(r.keep)}", "keep": list(r.keep)}
-             for kind, reuses in (("features", plan.reuse), ("errors", plan.reuse_errors)) for r in reuses if not r.whole]
-    if carry:
-        ray.data.from_items(carry).map(rewrite_shard, fn_kwargs={"store_uri": store.uri}).materialize()
-    lap("carry")
-
-    n_actors, threads, device = _actors(cfg)
-    featurized = errors = 0
-    busy = 0.0  # seconds actors spent inside batches (excludes start-up and waiting)
-    warm_rows, warm_busy = 0, 0.0  # the same without each actor's first batch (warm-up)
-    if len(plan.todo):
-        actor_kwargs = {"model": req.model, "featurize": to_mapping(cfg.featurize), "device": device,
-                        "threads": threads, "store_uri": store.uri, "version": version, "dtype": cfg.index.dtype,
-                        "limits": {"min_side": cfg.index.min_image_side or model["image_shape"][1] // 2,
-                                   "max_aspect": cfg.index.max_aspect_ratio}}
-        rows_in = read_source(source, plan.todo).repartition(target_num_rows_per_block=cfg.index.batch_size)
-        summaries = rows_in.map_batches(
-            IndexActor, fn_constructor_kwargs=actor_kwargs, batch_size=cfg.index.batch_size,
-            batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=n_actors),
-            num_cpus=cfg.index.cpus_per_actor, num_gpus=1 if device == "cuda" else 0)
-        for row in summaries.iter_rows():
-            featurized += row["rows"]
-            errors += row["errors"]
-            busy += row["seconds"]
-            if row["call"] > 0:
-                warm_rows += row["rows"] + row["errors"]
-                warm_busy += row["seconds"]
-    lap("featurize")
-
-    reused_whole = {r.path: list(r.keep) for r in plan.reuse if r.whole}
-    staged = dedupe(store, shard_ids(store, store.list_shards(version, "features")))
-    staged_errors = {p: ids for p, ids in shard_ids(store, store.list_shards(version, "errors")).items()}
-    reused_errors = {r.path: list(r.keep) for r in plan.reuse_errors if r.whole}
-    check_exactly_once(set(current.column("example_id").to_pylist()),
-                       {**reused_whole, **staged}, {**reused_errors, **staged_errors})
-    refuse_if_quarantined(store, reused_errors, staged_errors, current.num_rows, cfg.index.max_quarantine_fraction)
-    lap("verify")
-
-    shard_paths = sorted(reused_whole) + sorted(staged)
-    stats = kernel_stats(cfg, req.model, model["conditioning"], device, store, version, shard_paths, layout, lap)
+    stats = kernel_stats(cfg, req.model, model["conditioning"], work.device, store, version, sorted(features),
+                         layout, watch.lap)
     stats["settings"] = settings
-
     sizes = {s["path"]: s["bytes"] for s in base["shards"]} if base else {}
     shards = [{"path": p, "rows": len(ids), "bytes": sizes.get(p) or store.fs.get_file_info(store.path(p)).size}
-              for p, ids in sorted({**reused_whole, **staged}.items())]
-    rows = sum(s["rows"] for s in shards)
-    manifest = {
-        "kind": KIND, "schema_version": SCHEMA_VERSION, "version": version, "sequence": sequence,
-        "supersedes": previous["version"] if previous else None,
-        "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "model": {"path": req.model, **model},
-        "featurize": spec.featurize, "layout": spec.layout, "dtype": spec.dtype,
-        "columns": {g.name: group_column(g.name) for g in layout.groups},
-        "dataset": {**source.to_dict(), "rows": current.num_rows, "keys_digest": keys_digest(current)},
-        "rows": rows, "shards": shards,
-        "errors": {"rows": sum(len(v) for v in {**reused_errors, **staged_errors}.values()),
-                   "shards": sorted({**reused_errors, **staged_errors})},
-        "stats": stats,
-        "build": {"mode": "incremental" if base else "full", "base": base["version"] if base else None,
-                  "new": plan.n_new, "changed": plan.n_changed, "removed": plan.n_removed, "reused": plan.n_reused,
-                  "resumed": plan.n_done, "featurized": featurized, "quarantined": errors,
-                  "stale_temporaries_removed": removed_tmp, "actors": n_actors, "threads_per_actor": threads,
-                  "device": device, "batch_size": cfg.index.batch_size, "actor_busy_seconds": round(busy, 3),
-                  "steady_rows_per_s": _steady(warm_rows, warm_busy, n_actors),
-                  "stage_seconds": timings},
-    }
+              for p, ids in sorted(features.items())]
+    build = {"mode": "incremental" if base else "full", "base": base["version"] if base else None,
+             "new": plan.n_new, "changed": plan.n_changed, "removed": plan.n_removed, "reused": plan.n_reused,
+             "resumed": plan.n_done, "featurized": work.rows, "quarantined": work.errors,
+             "stale_temporaries_removed": removed_tmp, "actors": work.actors, "threads_per_actor": work.threads,
+             "device": work.device, "batch_size": cfg.index.batch_size, "actor_busy_seconds": round(work.busy, 3),
+             "steady_rows_per_s": work.steady_rows_per_s(), "stage_seconds": watch.seconds}
+    dataset = {**source.to_dict(), "rows": current.num_rows, "keys_digest": keys_digest(current)}
+    manifest = build_manifest(version, target.sequence, previous["version"] if previous else None,
+                              {"path": req.model, **model}, spec, layout, dataset, shards, errors, stats, build)
     store.commit(version, manifest, publish=req.publish)
-    lap("commit")
-    seconds = time.perf_counter() - started
-    total_bytes = sum(s["bytes"] for s in shards)
-    return {"version": version, "up_to_date": False, "uri": store.uri, **_counts(manifest),
-            "featurized": featurized, "seconds": round(seconds, 3),
-            "rows_per_s": round(featurized / timings["featurize"], 2) if featurized and timings["featurize"] else 0.0,
+    watch.lap("commit")
+    return _summary(store, manifest, work, watch)
+
+
+def _summary(store: IndexStore, manifest: dict[str, Any], work: _Featurized, watch: Stopwatch) -> dict[str, Any]:
+    """What ``attribution index`` prints about a version it built."""
+    timings = watch.seconds
+    rows = manifest["rows"]
+    total_bytes = sum(s["bytes"] for s in manifest["shards"])
+    return {"version": manifest["version"], "up_to_date": False, "uri": store.uri, **_counts(manifest),
+            "featurized": work.rows, "seconds": watch.total(),
+            "rows_per_s": round(work.rows / timings["featurize"], 2) if work.rows and timings["featurize"] else 0.0,
             "bytes_per_example": round(total_bytes / rows, 1) if rows else 0.0,
-            "mode": manifest["build"]["mode"], "actors": n_actors, "threads_per_actor": threads,
-            "actor_busy_seconds": round(busy, 3), "steady_rows_per_s": manifest["build"]["steady_rows_per_s"],
+            "mode": manifest["build"]["mode"], "actors": work.actors, "threads_per_actor": work.threads,
+            "actor_busy_seconds": round(work.busy, 3), "steady_rows_per_s": work.steady_rows_per_s(),
             "stage_seconds": timings}
-
-
-def _steady(rows: int, busy: float, actors: int) -> float | None:
-    """Examples/s of ``actors`` actors working in parallel, from batches after each actor's
-    first (which pays for lazy set-up and for other actors starting); None without them."""
-    return round(rows / (busy / actors), 2) if busy > 0 else None
 
 
 def _counts(manifest: dict[str, Any]) -> dict[str, Any]:

@@ -22,8 +22,9 @@ from typing import Any
 
 from attribution_core.config import ProjectConfig
 from attribution_core.config_stages import ReindexConfig
-from attribution_core.errors import AttributionError
+from attribution_core.errors import EndpointTimeoutError
 from attribution_core.index.store import IndexStore
+from attribution_core.timing import Stopwatch
 from attribution_core.weights.artifact import artifact_path, find_weights
 from pipelines.reindex.keepalive import KeepAlive
 from pipelines.reindex.lease import Lease, LeaseHeldError
@@ -31,8 +32,6 @@ from pipelines.reindex.lease import Lease, LeaseHeldError
 log = logging.getLogger(__name__)
 
 
-class EndpointTimeoutError(AttributionError, TimeoutError):
-    """The endpoint named by ``reindex.endpoint`` did not start answering from the new version."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,24 +44,11 @@ class ReindexRequest:
     owner: str | None = None  # names this run in the lease (default: host, pid, a random token)
 
 
-class Stages:
-    """Seconds per stage, in the order they ran."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-        self._clock = time.perf_counter()
-
-    def lap(self, stage: str) -> None:
-        now = time.perf_counter()
-        self.seconds[stage] = round(now - self._clock, 3)
-        self._clock = now
-
-
 def reindex(cfg: ProjectConfig, req: ReindexRequest) -> dict[str, Any]:
     """Run one scheduled update; returns the summary (``status``: published, up_to_date or
     skipped when another run holds the lease)."""
     started = time.perf_counter()
-    stages = Stages()
+    stages = Stopwatch()
     root = req.index or cfg.index.out
     store = IndexStore(root)
     lease = Lease(root, ttl_s=cfg.reindex.lease_ttl_s, owner=req.owner)
@@ -83,7 +69,7 @@ def reindex(cfg: ProjectConfig, req: ReindexRequest) -> dict[str, Any]:
     return summary
 
 
-def _update(cfg: ProjectConfig, req: ReindexRequest, store: IndexStore, root: str, stages: Stages,
+def _update(cfg: ProjectConfig, req: ReindexRequest, store: IndexStore, root: str, stages: Stopwatch,
             keepalive: KeepAlive) -> dict[str, Any]:
     from pipelines.index.job import IndexRequest, run_index
 

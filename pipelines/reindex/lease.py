@@ -17,7 +17,6 @@ A long run renews it (``renew``) before it expires.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import fcntl
 import json
 import os
@@ -28,28 +27,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from attribution_core.errors import AttributionError
+from attribution_core.errors import LeaseHeldError, LeaseLostError
 
 LEASE_NAME = "reindex.lease"
 
 
-class LeaseHeldError(AttributionError):
-    """Another run holds the lease and it has not expired."""
-
-    def __init__(self, uri: str, holder: dict[str, Any]) -> None:
-        self.holder = holder
-        left = holder.get("expires_at", 0) - time.time()
-        super().__init__(f"{uri} is held by {holder.get('owner')} on {holder.get('host')} (pid {holder.get('pid')}) "
-                         f"since {_iso(holder.get('acquired_at', 0))}, for {max(0, left):.0f} s more; another run is "
-                         "doing this work. Wait for it, or delete the lease object if that run is known to be dead.")
 
 
-class LeaseLostError(AttributionError):
-    """The lease was taken over (it expired) while this run believed it held it."""
-
-
-def _iso(t: float) -> str:
-    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 @dataclasses.dataclass

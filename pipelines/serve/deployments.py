@@ -2,7 +2,7 @@
 
 Both batch concurrent requests (``serve.batch``) and run the work in a thread so the
 replica's event loop keeps answering health checks and ``reconfigure``. ``reconfigure``
-takes ``{"index", "version", "weights", "weights_name", ...}``: a new index version or new
+takes a ``ServedVersion`` mapping (index, version, weights, ...): a new index version or new
 weights are loaded next to the current ones and swapped in when ready; requests already
 running finish on the state they started with, and searchers keep the previous state so
 partitions that swap at different moments still answer one consistent version. With no
@@ -20,6 +20,9 @@ from typing import Any
 import numpy as np
 from ray import serve
 
+from attribution_core.config_io import from_mapping
+from attribution_core.config_stages import ServedVersion
+from attribution_core.errors import RequestError
 from pipelines.serve.follow import FollowLatest
 
 log = logging.getLogger("ray.serve")
@@ -31,9 +34,14 @@ def _threads(requested: int) -> int:
     return requested or os.cpu_count() or 1
 
 
-def _batch_settings(method: Any, user_config: dict[str, Any]) -> None:
-    method.set_max_batch_size(int(user_config.get("max_batch_size", 8)))
-    method.set_batch_wait_timeout_s(float(user_config.get("batch_wait_ms", 0.0)) / 1000)
+def _served(user_config: dict[str, Any]) -> ServedVersion:
+    """The typed form of a deployment's ``user_config`` (refused by field name when wrong)."""
+    return from_mapping(ServedVersion, user_config, "user_config")
+
+
+def _batch_settings(method: Any, served: ServedVersion) -> None:
+    method.set_max_batch_size(served.max_batch_size)
+    method.set_batch_wait_timeout_s(served.batch_wait_ms / 1000)
 
 
 @serve.deployment(max_ongoing_requests=64, graceful_shutdown_timeout_s=30)
@@ -60,24 +68,23 @@ class QueryFeaturizer:
         self.follow = FollowLatest("featurizer")
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
-        _batch_settings(self.featurize, user_config)
-        await self._swap(user_config)
-        self.follow.restart(user_config, lambda: self.version, lambda: self.fingerprint, self._swap)
+        served = _served(user_config)
+        _batch_settings(self.featurize, served)
+        await self._swap(served)
+        self.follow.restart(served, lambda: self.version, lambda: self.fingerprint, self._swap)
 
-    async def _swap(self, user_config: dict[str, Any]) -> None:
-        await asyncio.to_thread(self._load, user_config)
+    async def _swap(self, served: ServedVersion) -> None:
+        await asyncio.to_thread(self._load, served)
 
-    def _load(self, user_config: dict[str, Any]) -> None:
+    def _load(self, served: ServedVersion) -> None:
         from attribution_core.index.manifest import FeatureSpec
-        from attribution_core.index.opening import check_model, open_version, version_featurizer
+        from attribution_core.index.opening import open_for_model
         from attribution_core.index.store import IndexStore
 
-        manifest = open_version(IndexStore(user_config["index"]), user_config.get("version"))
-        check_model(self.fingerprint, manifest, self.model_dir)
-        spec = FeatureSpec.from_manifest(manifest).key()
-        if spec not in self.featurizers:
-            self.featurizers[spec] = version_featurizer(self.adapter, manifest, self.cfg.featurize.max_rows_per_pass)
-        self.spec, self.version = spec, manifest["version"]
+        manifest, _ = open_for_model(IndexStore(served.index), served.version, self.adapter,
+                                     self.model_dir, self.cfg.featurize.max_rows_per_pass, self.fingerprint,
+                                     self.featurizers)
+        self.spec, self.version = FeatureSpec.from_manifest(manifest).key(), manifest["version"]
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
     async def featurize(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -103,7 +110,7 @@ class QueryFeaturizer:
                             if aspect else None)
                 one = query_batch(self.adapter, [item["image"]], [item.get("prompt")], [item.get("label")], contrast)
             except InputError as exc:
-                out[i] = {"error": {"status": 400 if isinstance(exc, ImageDecodeError) else 422, "detail": str(exc)}}
+                out[i] = {"error": RequestError(400 if isinstance(exc, ImageDecodeError) else 422, str(exc)).to_dict()}
                 continue
             groups[contrast is not None][0].append(i)
             groups[contrast is not None][1].append(one)
@@ -132,7 +139,7 @@ class QueryFeaturizer:
         except Exception as exc:  # a model failure must not take the replica down
             log.exception("featurizing a batch of %d failed", len(good))
             for i in good:
-                out[i] = {"error": {"status": 500, "detail": f"featurizing failed: {exc}"}}
+                out[i] = {"error": RequestError(500, f"featurizing failed: {exc}").to_dict()}
             return
         elapsed = (time.perf_counter() - started) * 1000
         for row, i in enumerate(good):
@@ -156,18 +163,19 @@ class IndexSearcher:
         self.follow = FollowLatest(f"searcher {part}/{parts}")
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
-        _batch_settings(self.search, user_config)
-        await self._swap(user_config)
-        self.follow.restart(user_config, lambda: self.current.version,
+        served = _served(user_config)
+        _batch_settings(self.search, served)
+        await self._swap(served)
+        self.follow.restart(served, lambda: self.current.version,
                             lambda: self.current.manifest["model"]["fingerprint"], self._swap)
 
-    async def _swap(self, user_config: dict[str, Any]) -> None:
+    async def _swap(self, served: ServedVersion) -> None:
         from attribution_core.index.served import ServedIndex
 
         async with self._loading:
             loaded = await asyncio.to_thread(
-                ServedIndex.load, user_config["index"], user_config.get("version"), user_config.get("weights"),
-                user_config.get("weights_name", "learned"), self.part, self.parts, "cpu")
+                ServedIndex.load, served.index, served.version, served.weights, served.weights_name, self.part,
+                self.parts, "cpu")
             if self.current is not None and loaded.key == self.current.key:
                 return
             self.previous, self.current = self.current, loaded  # one assignment: requests see old or new
@@ -207,19 +215,19 @@ class IndexSearcher:
         for i, item in enumerate(items):
             state = self._state(item.get("key"))
             if state is None:
-                out[i] = {"error": {"status": 503, "detail": f"index state {item.get('key')} is no longer held; retry"},
+                out[i] = {"error": RequestError(503, f"index state {item.get('key')} is no longer held; retry").to_dict(),
                           "held": held}
                 continue
             if state.feature_spec != item["spec"]:
-                out[i] = {"error": {"status": 503, "detail": (
+                out[i] = {"error": RequestError(503, (
                     f"the featurizer's feature spec ({item['spec']}) differs from index version {state.version}'s "
-                    f"({state.feature_spec}): model and index are being swapped, or were deployed apart; retry")},
+                    f"({state.feature_spec}): model and index are being swapped, or were deployed apart; retry")).to_dict(),
                     "held": held}
                 continue
             try:
                 resolved = state.resolve_aspects(tuple(item["aspects"]), item.get("fallback", False))
             except MissingWeightsError as exc:
-                out[i] = {"error": {"status": 409, "detail": str(exc)}, "held": held}
+                out[i] = {"error": RequestError(409, str(exc)).to_dict(), "held": held}
                 continue
             entry = by_state.setdefault(id(state), (state, [], []))
             entry[1].append(i)
@@ -233,7 +241,7 @@ class IndexSearcher:
             except Exception as exc:  # keep the replica serving whatever one batch did
                 log.exception("search of a batch of %d failed", len(rows))
                 for i in rows:
-                    out[i] = {"error": {"status": 500, "detail": f"search failed: {exc}"}, "held": held}
+                    out[i] = {"error": RequestError(500, f"search failed: {exc}").to_dict(), "held": held}
                 continue
             elapsed = (time.perf_counter() - started) * 1000
             for i, result in zip(rows, found):

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+
+from attribution_core.config_stages import ServedVersion
 
 log = logging.getLogger("ray.serve")
 
 
 class FollowLatest:
     """While no version is pinned (``version: null``), look at the index's ``latest`` pointer
-    every ``refresh_s`` seconds and call ``swap(user_config)`` when it names another version
+    every ``refresh_s`` seconds and call ``swap(served)`` when it names another version
     than ``current()``, so that a published reindex reaches the replica without a redeploy.
     A version built with another model is not followed (the featurizer cannot swap models):
     it is logged once, and the endpoint keeps answering from what it holds."""
@@ -20,19 +21,18 @@ class FollowLatest:
         self.name = name
         self._task: asyncio.Task | None = None
 
-    def restart(self, user_config: dict[str, Any], current, fingerprint, swap) -> None:
+    def restart(self, served: ServedVersion, current, fingerprint, swap) -> None:
         if self._task is not None:
             self._task.cancel()
             self._task = None
-        period = float(user_config.get("refresh_s") or 0)
-        if user_config.get("version") is None and period > 0:
-            self._task = asyncio.get_running_loop().create_task(
-                self._loop(user_config, period, current, fingerprint, swap))
+        if served.version is None and served.refresh_s > 0:
+            self._task = asyncio.get_running_loop().create_task(self._loop(served, current, fingerprint, swap))
 
-    async def _loop(self, user_config: dict[str, Any], period: float, current, fingerprint, swap) -> None:
+    async def _loop(self, served: ServedVersion, current, fingerprint, swap) -> None:
         from attribution_core.index.store import IndexStore
 
-        store = IndexStore(user_config["index"])
+        store = IndexStore(served.index)
+        period = served.refresh_s
         refused: set[str] = set()
         while True:
             await asyncio.sleep(period)
@@ -48,7 +48,7 @@ class FollowLatest:
                               manifest["model"].get("path"))
                     continue
                 log.info("%s: %s's latest moved to %s; swapping", self.name, store.uri, latest)
-                await swap(user_config)
+                await swap(served)
             except asyncio.CancelledError:
                 raise
             except Exception:  # storage hiccup or a bad version: keep serving, try at the next tick

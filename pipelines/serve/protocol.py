@@ -12,20 +12,11 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from attribution_core.config_stages import ASPECTS, QUERY_ASPECTS, ServeConfig
+from attribution_core.errors import RequestError
 
 UNIFORM = "uniform"
 
 
-class RequestError(Exception):
-    """A request the endpoint refuses: ``status`` is the HTTP code, ``detail`` what to fix."""
-
-    def __init__(self, status: int, detail: str) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.detail = detail
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"status": self.status, "detail": self.detail}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,7 +11,6 @@ import dataclasses
 import datetime
 import logging
 import tempfile
-import time
 from typing import Any
 
 import numpy as np
@@ -20,11 +19,11 @@ import torch
 from attribution_core.config import ProjectConfig, to_mapping
 from attribution_core.errors import ConfigError
 from attribution_core.features.groups import GroupLayout
-from attribution_core.index.opening import check_model, open_version, version_featurizer
+from attribution_core.index.opening import open_for_model, open_version
 from attribution_core.index.reader import read_kernel
 from attribution_core.index.store import IndexStore
-from attribution_core.models.fingerprint import model_fingerprint
 from attribution_core.models.vocabulary import check_prompts
+from attribution_core.timing import Stopwatch
 from attribution_core.weights.artifact import artifact_path, weights_document
 from attribution_core.weights.objective import group_queries, weights_from_theta
 from attribution_core.weights.pools import (Pools, ScanState, extend_pools, mining_weightings, pools_from_state,
@@ -95,29 +94,22 @@ def _aspect_entry(aspect: str, learned: torch.Tensor, shrinkage: dict[str, Any] 
 
 def learn_weights(cfg: ProjectConfig, req: WeightsRequest) -> dict[str, Any]:
     wcfg = cfg.weights
-    timings: dict[str, float] = {}
-    started = clock = time.perf_counter()
-
-    def lap(stage: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        timings[stage] = round(timings.get(stage, 0.0) + now - clock, 3)
-        clock = now
-
+    watch = Stopwatch()
+    lap = watch.lap
     store = IndexStore(req.index)
     manifest = open_version(store, req.version)  # refuses an empty version here, not in a Ray Train worker
-    layout = GroupLayout.from_manifest(manifest["layout"])
     aspects = list(req.aspects or wcfg.aspects)
     if manifest["rows"] < wcfg.top_k:
         raise ConfigError(f"weights.top_k is {wcfg.top_k} but index version {manifest['version']} has only "
                           f"{manifest['rows']} rows; lower weights.top_k (and weights.pool_size) or index more examples")
     model_path = req.model or manifest["model"]["path"]
     adapter = load_model_dir(model_path)
-    check_model(model_fingerprint(adapter), manifest, model_path)
+    manifest, featurizer = open_for_model(store, manifest["version"], adapter, model_path,
+                                          cfg.featurize.max_rows_per_pass)
+    layout = GroupLayout.from_manifest(manifest["layout"])
     if adapter.conditioning != "text" and aspects != ["general"]:
         raise ConfigError(f"aspect weights need prompts; this model is {adapter.conditioning}-conditioned: "
                           "use --aspects general")
-    featurizer = version_featurizer(adapter, manifest, cfg.featurize.max_rows_per_pass)
     lap("load")
 
     prompts = {a: prompts_for(a, wcfg, store, manifest, adapter.conditioning) for a in aspects}
@@ -178,7 +170,7 @@ def learn_weights(cfg: ProjectConfig, req: WeightsRequest) -> dict[str, Any]:
         "k": wcfg.top_k, "lambda_w": wcfg.lambda_w, "kernel": wcfg.use_kernel, "rounds": round_,
         "recall_by_round": recall_by_round, "pool_size": wcfg.pool_size, "query_seed": wcfg.seed, "trajectory": trajectory,
         "settings": to_mapping(wcfg), "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "seconds": round(time.perf_counter() - started, 1), "stage_seconds": timings})
+        "seconds": round(watch.total(), 1), "stage_seconds": watch.seconds})
     path = artifact_path(manifest["version"], wcfg.name)
     store.write_json(path, document)
     lap("write")
@@ -191,4 +183,4 @@ def learn_weights(cfg: ProjectConfig, req: WeightsRequest) -> dict[str, Any]:
                                                      "shrinkage": per_aspect[a]["shrinkage"],
                                                      "validation": per_aspect[a]["validation"]} for a in aspects},
             "objective": trajectory[-1]["objective"] if trajectory else None,
-            "seconds": round(time.perf_counter() - started, 1), "stage_seconds": timings}
+            "seconds": round(watch.total(), 1), "stage_seconds": watch.seconds}

@@ -10,7 +10,7 @@ from attribution_core.config_stages import ServeConfig
 from attribution_core.features.groups import GroupLayout, GroupSpec
 from attribution_core.index.kernel import precondition
 from attribution_core.index.reader import partition_shards
-from attribution_core.index.scoring import preconditioned_queries, streaming_topk, topk_reference, weighted_queries
+from attribution_core.index.scoring import preconditioned_queries, topk_reference, weighted_queries
 from attribution_core.index.search import PACK_ROWS, SearchIndex, fbgemm_available
 from pipelines.serve.protocol import RequestError, build_query, merge_partitions, parse_aspects, parse_k
 
