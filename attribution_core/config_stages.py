@@ -1,5 +1,6 @@
-"""Typed configuration of the index and weight-learning stages (sections ``index`` and
-``weights`` of a config file); validated like every other section, by field name."""
+"""Typed configuration of the pipeline stages: sections ``index``, ``weights``, ``serve``,
+``reindex`` and ``evaluate`` of a config file, and ``ServedVersion`` (what a running endpoint
+swaps); validated like every other section, by field name."""
 
 from __future__ import annotations
 
@@ -54,6 +55,7 @@ class IndexConfig:
     'objective': group- or layer-blocked (or full, when it fits), chosen together with the
     damping by the rule of ``damping_rule`` (at ``damping`` alone under 'fixed')."""
     max_full_kernel_dim: int = 4096
+    """Largest k_total for which a full (not block-diagonal) kernel is built or considered."""
     damping: float = 0.01
     """lambda as a share of the mean diagonal of C (per block for block-diagonal kernels):
     the kernel's damping under ``damping_rule: fixed``."""
@@ -64,7 +66,9 @@ class IndexConfig:
     lowest wins (no retraining; measured on the benchmark to pick the best or near-best LDS
     damping per basis). 'fixed': ``damping`` as it is."""
     damping_grid: tuple[float, ...] = (0.001, 0.01, 0.1, 1.0)
+    """Dampings (shares of the mean diagonal) that ``damping_rule: objective`` chooses from."""
     damping_queries: int = 16
+    """Images the model generates to choose the kernel and damping by (``damping_rule: objective``)."""
     stats_partitions: int = 0
     """Parallel partial-Gram tasks; 0 = the cluster's CPU count."""
 
@@ -99,7 +103,9 @@ class AspectPrompts:
     "a {style} {subject|shape}[ on a {background} background]"); "a"/"an" follow the value."""
 
     template: str = "a {value}"
+    """Prompt with a {value} slot, in the grammar of the training captions."""
     values: tuple[str, ...] = ()
+    """The aspect's values (its vocabulary), each filled into ``template``."""
 
     def __post_init__(self) -> None:
         _check("{value}" in self.template, "weights.prompts.template", f"needs a {{value}} slot, got {self.template!r}")
@@ -120,13 +126,17 @@ class WeightsConfig:
     name: str = "learned"
     """Artifact name: written to <index>/versions/<version>/weights/<name>.json."""
     aspects: tuple[str, ...] = ASPECTS
+    """Aspects to learn weights for: any of general, subject, style, background."""
     queries_per_aspect: int = 48
     """Learning queries generated per aspect ('general' prompts are training captions)."""
     prompts: dict[str, AspectPrompts] = dataclasses.field(default_factory=_default_prompts)
+    """Per aspect (subject, style, background): the prompts its learning queries are generated from."""
     seed: int = 1000
     """Seeds learning-query generation; keep it apart from any evaluation query seed."""
     guidance: float = 3.0
+    """Classifier-free guidance scale when generating learning queries."""
     sample_steps: int = 30
+    """Sampling steps per generated learning query."""
     top_k: int = 10
     """k of the objective's signal term (mean of the top-k scores)."""
     lambda_w: float = 0.01
@@ -138,7 +148,9 @@ class WeightsConfig:
     max_rounds: int = 3
     """Optimise / rescan / grow-pools rounds at most."""
     steps: int = 300
+    """Optimiser steps of theta per round."""
     learning_rate: float = 0.05
+    """Adam learning rate of theta (the weights' softmax logits)."""
     workers: int = 2
     """Ray Train workers (gloo on CPU); queries are split across them."""
     report_every: int = 50
@@ -191,13 +203,16 @@ class ServeConfig:
     host: str = "127.0.0.1"
     """Address the HTTP proxy binds; 0.0.0.0 to accept connections from other machines."""
     port: int = 8000
+    """Port of the HTTP proxy."""
     weights: str = "learned"
     """Weights artifact name under the served index version (<index>/versions/<v>/weights/<name>.json)."""
     default_aspects: tuple[str, ...] = ("general",)
     """Aspects answered when a request names none; 'general' falls back to 'uniform' when
     the index version has no learned weights."""
     default_k: int = 10
+    """Training examples per aspect when a request gives no k."""
     max_k: int = 100
+    """Largest k a request may ask for (larger is refused with 422)."""
     max_image_bytes: int = 8 * 2**20
     """Larger uploads are refused with 413."""
     max_image_pixels: int = 16 * 2**20
@@ -298,6 +313,7 @@ class ReindexConfig:
     version (or when no earlier weights fit the new version); otherwise the endpoint keeps
     using the weights of the nearest earlier version."""
     relearn_fraction: float = 0.05
+    """Share of rows added, changed or removed above which 'changed' relearns the weights."""
     lease_ttl_s: float = 3600.0
     """The run's lease on the index root expires this long after its last renewal (the run
     renews it every third of this); a run that died is taken over after it."""
@@ -305,6 +321,7 @@ class ReindexConfig:
     """Base URL of a running endpoint (e.g. http://attribution-serve:8000): after publishing,
     wait until it answers from the new version and report how long that took."""
     endpoint_timeout_s: float = 300.0
+    """Seconds to wait for ``endpoint`` to answer from the new version."""
 
     def __post_init__(self) -> None:
         _check(self.relearn in RELEARN, "reindex.relearn", f"choose one of {', '.join(RELEARN)}, got {self.relearn!r}")
@@ -330,12 +347,14 @@ class EvaluateConfig:
     out: str = "artifacts/demo/eval"
     """Local folder receiving metrics.json, report.html and the cached LDS work."""
     bases: tuple[str, ...] = ("tracin", "trak", "dtrak")
+    """Attribution bases compared by LDS: tracin, trak, dtrak, das."""
     lds_examples: int = 0
     """Training examples in the LDS universe (a seeded sample of the dataset); 0 = every
     example except the held-out query images. Models are retrained on halves of it."""
     subsets: int = 32
     """S: random subsets, one model retrained (with the ``subset_train`` recipe) per subset."""
     subset_fraction: float = 0.5
+    """Share of the LDS universe in each random subset."""
     generated_queries: int = 16
     """LDS queries generated by the LDS model (prompted with training captions)."""
     heldout_queries: int = 8
@@ -349,9 +368,11 @@ class EvaluateConfig:
     recall_queries: int = 48
     """Generated queries of known attributes for Recall@K (prompted with training captions)."""
     recall_k: int = 10
+    """K of aspect Recall@K: a hit is a top-K training example that shares the aspect's value."""
     gallery: int = 4
     """Recall queries shown in the report with their top training images per aspect."""
     gallery_k: int = 5
+    """Top training images shown per aspect for each gallery query."""
     bootstrap: int = 2000
     """Bootstrap resamples of the queries for the confidence intervals."""
     damping_grid: tuple[float, ...] = ()

@@ -19,7 +19,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +27,13 @@ import torch
 from torch import nn
 
 from attribution_core.config import TrainConfig, to_mapping
+from attribution_core.data.captions import PartialCaptions, template_words
 from attribution_core.errors import ConfigError, InputError
 from attribution_core.features.seeding import stable_seed
 from attribution_core.models.adapters import DiffusersAdapter
-from attribution_core.models.pipeline_dir import save_pipeline
 from attribution_core.models.lora import LoraSpec, add_lora, save_lora
+from attribution_core.models.pipeline_dir import save_pipeline
 from attribution_core.models.tiny import text_encoder_for, unet2d, unet_cond, word_tokenizer
-from attribution_core.data.captions import PartialCaptions, template_words
 from attribution_core.models.vocabulary import caption_vocabulary
 
 log = logging.getLogger(__name__)
@@ -187,6 +187,55 @@ def _trainable(data: TrainingData, cfg: TrainConfig) -> tuple[DiffusersAdapter, 
     return adapter, [p for m in modules for p in m.parameters()], None
 
 
+class _Conditioning:
+    """The denoiser's conditioning for a batch of example indices: token ids encoded by the
+    text encoder (captions, or this step's partial captions under attribute dropout, and the
+    empty caption for ``caption_dropout`` of them), or class labels, or nothing."""
+
+    def __init__(self, adapter: DiffusersAdapter, data: TrainingData, cfg: TrainConfig) -> None:
+        self.cfg, self.text, self.labels = cfg, adapter.text_encoder, data.labels
+        self.ids = self.empty = self.partial = None
+        self.token_cache: dict[str, torch.Tensor] = {}
+        if cfg.conditioning == "text":
+            self.tok = tok = adapter.tokenizer
+            self.ids = tok(data.captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                           return_tensors="pt").input_ids  # [N, L]
+            self.empty = tok([""], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
+            if cfg.attribute_dropout > 0:
+                self.partial = PartialCaptions(data.captions, data.attributes, cfg.caption_template,
+                                               cfg.attribute_dropout)
+
+    def __call__(self, idx: torch.Tensor, g: torch.Generator) -> dict[str, Any]:
+        if self.ids is not None:
+            batch_ids = (self.ids[idx].clone() if self.partial is None
+                         else _token_ids(self.tok, self.partial.draw(idx.tolist(), g), self.token_cache))
+            drop = torch.rand(idx.shape[0], generator=g) < self.cfg.caption_dropout
+            batch_ids[drop] = self.empty[0]
+            return {"encoder_hidden_states": self.text(batch_ids)[0]}
+        if self.labels is not None and self.cfg.conditioning == "class":
+            return {"class_labels": self.labels[idx]}
+        return {}
+
+
+def _batches(n: int, batch_size: int, steps: int, g: torch.Generator) -> Iterator[torch.Tensor]:
+    """Example indices of each step: epochs in a fresh random order (with replacement when
+    the set is smaller than a batch)."""
+    order, cursor = torch.randperm(n, generator=g), 0
+    for _ in range(steps):
+        if cursor + batch_size > n:  # a new epoch in a new order
+            order, cursor = torch.randperm(n, generator=g), 0
+        yield order[cursor : cursor + batch_size] if n >= batch_size else torch.randint(n, (batch_size,), generator=g)
+        cursor += batch_size
+
+
+def _check_data(data: TrainingData, cfg: TrainConfig) -> None:
+    if data.pixels.shape[0] == 0:
+        raise InputError("the training set is empty")
+    expected = (cfg.channels, cfg.resolution, cfg.resolution)
+    if tuple(data.pixels.shape[1:]) != expected:
+        raise InputError(f"training pixels have shape {tuple(data.pixels.shape[1:])}, the recipe expects {expected}")
+
+
 def train_model(
     data: TrainingData,
     cfg: TrainConfig,
@@ -194,60 +243,27 @@ def train_model(
 ) -> TrainedModel:
     """Train ``cfg``'s model on ``data``; ``progress(step, loss, elapsed_s)`` is called every
     1 % of the steps. Deterministic for a given ``cfg.seed`` and thread count."""
-    n = data.pixels.shape[0]
-    if n == 0:
-        raise InputError("the training set is empty")
-    expected = (cfg.channels, cfg.resolution, cfg.resolution)
-    if tuple(data.pixels.shape[1:]) != expected:
-        raise InputError(f"training pixels have shape {tuple(data.pixels.shape[1:])}, the recipe expects {expected}")
+    _check_data(data, cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     adapter, params, base_fingerprint = _trainable(data, cfg)
-    unet, text = adapter.denoiser, adapter.text_encoder
+    unet, scheduler = adapter.denoiser, adapter.scheduler
     ema = [p.detach().clone() for p in params]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=1e-2)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
-    scheduler = adapter.scheduler
     g = torch.Generator().manual_seed(stable_seed("train", cfg.seed))
-
-    ids = empty = partial = None
-    token_cache: dict[str, torch.Tensor] = {}
-    if cfg.conditioning == "text":
-        tok = adapter.tokenizer
-        ids = tok(data.captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids  # [N, L]
-        empty = tok([""], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
-        if cfg.attribute_dropout > 0:
-            partial = PartialCaptions(data.captions, data.attributes, cfg.caption_template, cfg.attribute_dropout)
-
+    conditioning = _Conditioning(adapter, data, cfg)
     # Clean samples: the pixels, or a latent base's VAE latents (encoded once, 64 at a time).
     samples = torch.cat([adapter.encode_pixels(chunk) for chunk in data.pixels.split(64)])
 
     losses: list[float] = []
     start = time.perf_counter()
-    order = torch.randperm(n, generator=g)
-    cursor = 0
     every = max(1, cfg.steps // 100)
-    for step in range(cfg.steps):
-        if cursor + cfg.batch_size > n:  # a new epoch in a new order
-            order, cursor = torch.randperm(n, generator=g), 0
-        idx = order[cursor : cursor + cfg.batch_size] if n >= cfg.batch_size else torch.randint(n, (cfg.batch_size,), generator=g)
-        cursor += cfg.batch_size
+    for step, idx in enumerate(_batches(samples.shape[0], cfg.batch_size, cfg.steps, g)):
         x0 = samples[idx]
-        b = x0.shape[0]
         noise = torch.randn(x0.shape, generator=g)
-        t = torch.randint(0, cfg.num_train_timesteps, (b,), generator=g)
-        x_t = scheduler.add_noise(x0, noise, t)
-        kwargs: dict[str, Any] = {}
-        if ids is not None:
-            # [B, L] token ids; with attribute dropout those of this step's partial captions.
-            batch_ids = ids[idx].clone() if partial is None else _token_ids(tok, partial.draw(idx.tolist(), g), token_cache)
-            drop = torch.rand(b, generator=g) < cfg.caption_dropout
-            batch_ids[drop] = empty[0]
-            kwargs["encoder_hidden_states"] = text(batch_ids)[0]
-        elif data.labels is not None and cfg.conditioning == "class":
-            kwargs["class_labels"] = data.labels[idx]
-        pred = unet(x_t, t, **kwargs, return_dict=False)[0]
+        t = torch.randint(0, cfg.num_train_timesteps, (x0.shape[0],), generator=g)
+        pred = unet(scheduler.add_noise(x0, noise, t), t, **conditioning(idx, g), return_dict=False)[0]
         target = noise if cfg.prediction_type == "epsilon" else scheduler.get_velocity(x0, noise, t)
         per_example = (pred - target).pow(2).flatten(1).mean(1)  # [B]
         loss = (per_example * _snr_weights(scheduler, t, cfg.min_snr_gamma, cfg.prediction_type)).mean()
@@ -268,7 +284,8 @@ def train_model(
     with torch.no_grad():
         for pe, pm in zip(ema, params):
             pm.copy_(pe)
-    final = DiffusersAdapter(unet, scheduler, text_encoder=text, tokenizer=adapter.tokenizer, vae=adapter.vae)
+    final = DiffusersAdapter(unet, scheduler, text_encoder=adapter.text_encoder, tokenizer=adapter.tokenizer,
+                             vae=adapter.vae)
     final.label_names, final.vocabulary, final.lora = data.label_names, adapter.vocabulary, adapter.lora
     final.caption_template = cfg.caption_template
     return TrainedModel(adapter=final, losses=losses, seconds=seconds, cfg=cfg,

@@ -146,6 +146,19 @@ def stack_pools(parts: list[Pools]) -> Pools:
         valid=torch.cat([torch.nn.functional.pad(p.valid, (0, width - p.valid.shape[1])) for p in parts]))
 
 
+def grow_pools(pools: Pools, found: ScanState, rows: dict[str, slice]) -> tuple[Pools, dict[str, list[float]]]:
+    """After a rescan under each aspect's learned weights (``found``: weighting ``i`` is the
+    ``i``-th aspect of ``rows``, R = k), each aspect's pools (its query ``rows``) grown by the
+    true top-k examples they missed, re-padded to one width; and each aspect's pool recall
+    per query (``extend_pools``)."""
+    grown, recall = [], {}
+    for i, (aspect, part) in enumerate(rows.items()):
+        mine = ScanState(found.scores[part, i : i + 1], found.contrib[part, i : i + 1], found.ids[part, i : i + 1], None)
+        extended, recall[aspect] = extend_pools(Pools(pools.ids[part], pools.contrib[part], pools.valid[part]), mine)
+        grown.append(extended)
+    return stack_pools(grown), recall
+
+
 def mining_weightings(m: int, extra: list[torch.Tensor] | None = None) -> torch.Tensor:
     """``[A, M]``: uniform, each group alone, and any ``extra`` weightings."""
     rows = [torch.full((m,), 1.0 / m)] + [torch.eye(m)[j] for j in range(m)] + list(extra or [])

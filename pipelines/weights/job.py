@@ -26,8 +26,7 @@ from attribution_core.models.vocabulary import check_prompts
 from attribution_core.timing import Stopwatch
 from attribution_core.weights.artifact import artifact_path, weights_document
 from attribution_core.weights.objective import group_queries, weights_from_theta
-from attribution_core.weights.pools import (Pools, ScanState, extend_pools, mining_weightings, pools_from_state,
-                                           stack_pools)
+from attribution_core.weights.pools import Pools, grow_pools, mining_weightings, pools_from_state
 from attribution_core.weights.shrinkage import shrunk
 from pipelines.models import load_model_dir
 from pipelines.ray_runtime import cluster_cpus, ensure_ray
@@ -47,11 +46,6 @@ class WeightsRequest:
     model: str | None = None  # default: the model path recorded in the index manifest
     aspects: tuple[str, ...] | None = None  # default: weights.aspects of the config
     ray_address: str | None = None
-
-
-def _select(state: ScanState, rows: slice, weighting: int) -> ScanState:
-    return ScanState(state.scores[rows, weighting : weighting + 1], state.contrib[rows, weighting : weighting + 1],
-                     state.ids[rows, weighting : weighting + 1], None)
 
 
 def _queries(featurizer, manifest: dict[str, Any], aspects: list[str], prompts: dict[str, list[str | None]],
@@ -92,10 +86,44 @@ def _aspect_entry(aspect: str, learned: torch.Tensor, shrinkage: dict[str, Any] 
             "validation": validation.get(aspect)}
 
 
+@dataclasses.dataclass
+class _Learned:
+    """The optimisation's outcome: theta ``[A, M]``, the objective's trajectory, each
+    aspect's last pool recall per query, and the lowest pool recall per aspect each round."""
+
+    theta: np.ndarray
+    rounds: int = 0
+    trajectory: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    recall: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+    recall_by_round: list[dict[str, float]] = dataclasses.field(default_factory=list)
+
+
+def _optimise_rounds(wcfg, rows: dict[str, slice], pools: Pools, noise: np.ndarray, rescan, watch: Stopwatch) -> _Learned:
+    """Rounds of: optimise theta on the pools (Ray Train), rescan under the learned weights
+    (``rescan(weights [A, M])``), grow every pool that missed a true top-k example; until
+    every pool holds its query's top-k or ``weights.max_rounds``."""
+    out = _Learned(np.zeros((len(rows), pools.contrib.shape[2])))
+    storage = tempfile.mkdtemp(prefix="learn-weights-")
+    for round_ in range(1, wcfg.max_rounds + 1):
+        out.rounds = round_
+        parts = [{"contrib": pools.contrib[r].numpy(), "valid": pools.valid[r].numpy(), "noise": noise[r]}
+                 for r in rows.values()]
+        result = optimise(parts, out.theta, wcfg, storage, f"round-{out.rounds}")
+        out.theta = result["theta"]
+        out.trajectory += [{"round": out.rounds, **t} for t in result["trajectory"]]
+        watch.lap("optimise")
+        pools, out.recall = grow_pools(pools, rescan(weights_from_theta(torch.from_numpy(out.theta)).float()), rows)
+        watch.lap("rescan")
+        out.recall_by_round.append({a: float(min(r)) for a, r in out.recall.items()})
+        log.info("round %d: pool recall %s", out.rounds, {a: round(float(np.mean(r)), 4) for a, r in out.recall.items()})
+        if all(min(r) == 1.0 for r in out.recall.values()):
+            break
+    return out
+
+
 def learn_weights(cfg: ProjectConfig, req: WeightsRequest) -> dict[str, Any]:
     wcfg = cfg.weights
     watch = Stopwatch()
-    lap = watch.lap
     store = IndexStore(req.index)
     manifest = open_version(store, req.version)  # refuses an empty version here, not in a Ray Train worker
     aspects = list(req.aspects or wcfg.aspects)
@@ -110,7 +138,7 @@ def learn_weights(cfg: ProjectConfig, req: WeightsRequest) -> dict[str, Any]:
     if adapter.conditioning != "text" and aspects != ["general"]:
         raise ConfigError(f"aspect weights need prompts; this model is {adapter.conditioning}-conditioned: "
                           "use --aspects general")
-    lap("load")
+    watch.lap("load")
 
     prompts = {a: prompts_for(a, wcfg, store, manifest, adapter.conditioning) for a in aspects}
     for a in aspects:  # before generating anything: a prompt the model cannot read teaches the weights noise
@@ -119,68 +147,38 @@ def learn_weights(cfg: ProjectConfig, req: WeightsRequest) -> dict[str, Any]:
     rows = {a: slice(i * wcfg.queries_per_aspect, (i + 1) * wcfg.queries_per_aspect) for i, a in enumerate(aspects)}
     kernel = read_kernel(store, manifest) if wcfg.use_kernel else None
     grouped = group_queries(queries, layout, kernel)  # [Q, M, k_total]
-    lap("queries")
+    watch.lap("queries")
 
     ensure_ray(req.ray_address)
     source = {"kind": "index", "uri": store.uri, "layout": manifest["layout"]}
     paths = [s["path"] for s in manifest["shards"]]
     partitions = wcfg.scan_partitions or cluster_cpus()
-    m = len(layout.groups)
-    state = scan(source, paths, grouped, mining_weightings(m), wcfg.pool_size, True, partitions)
-    pools = pools_from_state(state)
-    noise = state.noise.numpy()
-    lap("scan")
+    state = scan(source, paths, grouped, mining_weightings(len(layout.groups)), wcfg.pool_size, True, partitions)
+    watch.lap("scan")
+    result = _optimise_rounds(wcfg, rows, pools_from_state(state), state.noise.numpy(),
+                              lambda w: scan(source, paths, grouped, w, wcfg.top_k, False, partitions), watch)
 
-    theta = np.zeros((len(aspects), m))
-    trajectory: list[dict[str, Any]] = []
-    recall: dict[str, list[float]] = {}
-    recall_by_round: list[dict[str, float]] = []  # min pool recall per aspect, each round
-    storage = tempfile.mkdtemp(prefix="learn-weights-")
-    for round_ in range(1, wcfg.max_rounds + 1):
-        parts = [{"contrib": pools.contrib[rows[a]].numpy(), "valid": pools.valid[rows[a]].numpy(),
-                  "noise": noise[rows[a]]} for a in aspects]
-        result = optimise(parts, theta, wcfg.top_k, wcfg.lambda_w, wcfg.steps, wcfg.learning_rate, wcfg.workers,
-                          wcfg.report_every, storage, f"round-{round_}")
-        theta = result["theta"]
-        trajectory += [{"round": round_, **t} for t in result["trajectory"]]
-        lap("optimise")
-        w = weights_from_theta(torch.from_numpy(theta)).float()  # [A, M]
-        found = scan(source, paths, grouped, w, wcfg.top_k, False, partitions)
-        grown = []
-        for i, a in enumerate(aspects):
-            extended, recall[a] = extend_pools(
-                Pools(pools.ids[rows[a]], pools.contrib[rows[a]], pools.valid[rows[a]]), _select(found, rows[a], i))
-            grown.append(extended)
-        lap("rescan")
-        recall_by_round.append({a: float(min(r)) for a, r in recall.items()})
-        log.info("round %d: pool recall %s", round_, {a: round(float(np.mean(r)), 4) for a, r in recall.items()})
-        if all(min(r) == 1.0 for r in recall.values()):
-            break
-        pools = stack_pools(grown)
-
-    learned = dict(zip(aspects, weights_from_theta(torch.from_numpy(theta))))
-    groups = [g.name for g in layout.groups]
+    learned = dict(zip(aspects, weights_from_theta(torch.from_numpy(result.theta))))
     shrinkage, validation = _shrink_and_validate(featurizer, store, manifest, layout, kernel, learned, wcfg, source,
                                                  paths, partitions)
-    lap("shrink_validate")
-    per_aspect = {a: _aspect_entry(a, learned[a], shrinkage.get(a), theta[i], prompts[a], recall[a], shown,
-                                   validation, wcfg)
+    watch.lap("shrink_validate")
+    per_aspect = {a: _aspect_entry(a, learned[a], shrinkage.get(a), result.theta[i], prompts[a], result.recall[a],
+                                   shown, validation, wcfg)
                   for i, a in enumerate(aspects)}
     document = weights_document(store.uri, manifest, per_aspect, {
-        "k": wcfg.top_k, "lambda_w": wcfg.lambda_w, "kernel": wcfg.use_kernel, "rounds": round_,
-        "recall_by_round": recall_by_round, "pool_size": wcfg.pool_size, "query_seed": wcfg.seed, "trajectory": trajectory,
-        "settings": to_mapping(wcfg), "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "k": wcfg.top_k, "lambda_w": wcfg.lambda_w, "kernel": wcfg.use_kernel, "rounds": result.rounds,
+        "recall_by_round": result.recall_by_round, "pool_size": wcfg.pool_size, "query_seed": wcfg.seed,
+        "trajectory": result.trajectory, "settings": to_mapping(wcfg),
+        "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "seconds": round(watch.total(), 1), "stage_seconds": watch.seconds})
     path = artifact_path(manifest["version"], wcfg.name)
     store.write_json(path, document)
-    lap("write")
-    return {"index": store.uri, "version": manifest["version"], "artifact": f"{store.uri}/{path}", "rounds": round_,
-            "recall_by_round": recall_by_round,
-            "queries": len(queries), "aspects": {a: {"weights": dict(zip(groups, per_aspect[a]["weights"])),
-                                                     "pool_recall": per_aspect[a]["pool_recall"],
-                                                     "shown": per_aspect[a]["shown"],
-                                                     "answered_by": per_aspect[a]["answered_by"],
-                                                     "shrinkage": per_aspect[a]["shrinkage"],
-                                                     "validation": per_aspect[a]["validation"]} for a in aspects},
-            "objective": trajectory[-1]["objective"] if trajectory else None,
+    watch.lap("write")
+    groups = [g.name for g in layout.groups]
+    return {"index": store.uri, "version": manifest["version"], "artifact": f"{store.uri}/{path}",
+            "rounds": result.rounds, "recall_by_round": result.recall_by_round, "queries": len(queries),
+            "aspects": {a: {"weights": dict(zip(groups, entry["weights"])),
+                            **{k: entry[k] for k in ("pool_recall", "shown", "answered_by", "shrinkage", "validation")}}
+                        for a, entry in per_aspect.items()},
+            "objective": result.trajectory[-1]["objective"] if result.trajectory else None,
             "seconds": round(watch.total(), 1), "stage_seconds": watch.seconds}

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from attribution_core.config import WeightsConfig, from_mapping, to_mapping
 from attribution_core.errors import AttributionError
 from attribution_core.weights.objective import check_pools, pooled_objective
 from pipelines.failures import decode_error, encode_error
@@ -49,19 +50,22 @@ def _local_loss(theta: torch.Tensor, parts: list[dict[str, torch.Tensor]], total
 
 
 def train_loop(config: dict[str, Any]) -> dict[str, Any] | None:
-    """Ray Train's training function. An ``AttributionError`` (bad input, the same on every
-    worker since every worker checks the whole config first) is returned, not raised: Ray
-    Train would retry the run, which cannot help; ``optimise`` raises it on the driver."""
+    """Ray Train's training function. ``config``: ``weights`` (the ``WeightsConfig`` as a
+    mapping, rebuilt and validated here), ``aspects`` (each aspect's pools and noise moments)
+    and ``theta`` (the start). An ``AttributionError`` (bad input, the same on every worker
+    since every worker checks the whole config first) is returned, not raised: Ray Train
+    would retry the run, which cannot help; ``optimise`` raises it on the driver."""
     try:
+        wcfg = from_mapping(WeightsConfig, config["weights"], "weights")
         for aspect in config["aspects"]:
-            check_pools(np.asarray(aspect["contrib"]).shape[1], config["k"])
-        _optimise_theta(config)
+            check_pools(np.asarray(aspect["contrib"]).shape[1], wcfg.top_k)
+        _optimise_theta(wcfg, config["aspects"], config["theta"])
     except AttributionError as exc:
         return {"error": encode_error(exc)}
     return None
 
 
-def _optimise_theta(config: dict[str, Any]) -> None:
+def _optimise_theta(wcfg: WeightsConfig, aspects: list[dict[str, Any]], theta: list[list[float]]) -> None:
     import ray.train
     import torch.distributed as dist
 
@@ -69,11 +73,11 @@ def _optimise_theta(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(1)
     parts, totals = [], []
-    for aspect in config["aspects"]:
+    for aspect in aspects:
         rows = slice(rank, None, world)  # query i goes to worker i mod world
         parts.append({key: torch.from_numpy(np.asarray(aspect[key])[rows]) for key in ("contrib", "valid", "noise")})
         totals.append(len(aspect["contrib"]))
-    theta0, start, trajectory = torch.tensor(config["theta"], dtype=torch.float64), 0, []
+    theta0, start, trajectory = torch.tensor(theta, dtype=torch.float64), 0, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
@@ -82,11 +86,11 @@ def _optimise_theta(config: dict[str, Any]) -> None:
     module: nn.Module = Theta(theta0)
     if world > 1:
         module = nn.parallel.DistributedDataParallel(module)
-    opt = torch.optim.Adam(module.parameters(), lr=config["learning_rate"])
-    steps, every = config["steps"], config["report_every"]
+    opt = torch.optim.Adam(module.parameters(), lr=wcfg.learning_rate)
+    steps, every = wcfg.steps, wcfg.report_every
     for step in range(start, steps):
         opt.zero_grad()
-        loss = _local_loss(module(), parts, totals, world, config["k"], config["lambda_w"])
+        loss = _local_loss(module(), parts, totals, world, wcfg.top_k, wcfg.lambda_w)
         loss.backward()
         opt.step()
         if (step + 1) % every == 0 or step + 1 == steps:
@@ -105,17 +109,18 @@ def _optimise_theta(config: dict[str, Any]) -> None:
                                  checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
 
 
-def optimise(aspects: list[dict[str, np.ndarray]], theta: np.ndarray, k: int, lambda_w: float, steps: int,
-             learning_rate: float, workers: int, report_every: int, storage: str, name: str) -> dict[str, Any]:
-    """Run ``train_loop`` on ``workers`` Ray Train workers; returns theta and the trajectory."""
+def optimise(aspects: list[dict[str, np.ndarray]], theta: np.ndarray, wcfg: WeightsConfig, storage: str,
+             name: str) -> dict[str, Any]:
+    """Run ``train_loop`` on ``weights.workers`` Ray Train workers (``top_k``, ``lambda_w``,
+    ``steps``, ``learning_rate`` and ``report_every`` of ``wcfg``); returns theta and the
+    trajectory."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"aspects": aspects, "theta": theta.tolist(), "k": k, "lambda_w": lambda_w,
-                           "steps": steps, "learning_rate": learning_rate, "report_every": report_every},
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=False, resources_per_worker={"CPU": 0.5}),
+        train_loop_config={"weights": to_mapping(wcfg), "aspects": aspects, "theta": theta.tolist()},
+        scaling_config=ScalingConfig(num_workers=wcfg.workers, use_gpu=False, resources_per_worker={"CPU": 0.5}),
         torch_config=TorchConfig(backend="gloo"),
         # A failed worker group restarts from the last checkpoint (train_loop reads it back).
         run_config=RunConfig(storage_path=storage, name=name, failure_config=FailureConfig(max_failures=2)),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -13,8 +14,15 @@ ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
 
-def test_there_are_configs():
-    assert any(p.name == "demo.yaml" for p in CONFIGS)
+def test_every_config_the_docs_name_exists_and_every_config_is_named_in_the_docs():
+    """A user follows the README, the Makefile and the deploy files to a config: each one
+    they name is shipped, and no shipped config is left undocumented."""
+    docs = "".join(p.read_text() for p in [ROOT / "README.md", ROOT / "Makefile", ROOT / "benchmarks" / "README.md",
+                                            ROOT / "deploy" / "README.md", *sorted(ROOT.glob("deploy/**/*.yaml"))])
+    named = set(re.findall(r"configs/[\w.-]+\.yaml", docs))
+    assert "configs/demo.yaml" in named  # make demo's config
+    assert sorted(n for n in named if not (ROOT / n).is_file()) == []
+    assert [p.name for p in CONFIGS if f"configs/{p.name}" not in docs] == []
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -65,3 +73,28 @@ def test_reindex_and_refresh_settings_are_checked():
     with pytest.raises(ConfigError, match="serve.refresh_s"):
         from_mapping(ProjectConfig, {"serve": {"refresh_s": -1}})
 
+
+
+def test_every_config_field_says_what_it_changes():
+    """Each field of every config section is followed by its doc line (what it changes, its
+    unit): the config files and --help point users to these."""
+    import ast
+
+    import attribution_core
+
+    root = Path(attribution_core.__file__).parent
+    missing = []
+    for name in ("config.py", "config_model.py", "config_stages.py"):
+        tree = ast.parse((root / name).read_text())
+        for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
+            body = cls.body
+            for i, node in enumerate(body):
+                if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+                    continue
+                if "ClassVar" in ast.unparse(node.annotation):
+                    continue
+                after = body[i + 1] if i + 1 < len(body) else None
+                if not (isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+                        and isinstance(after.value.value, str) and after.value.value.strip()):
+                    missing.append(f"{name}: {cls.name}.{node.target.id}")
+    assert not missing, "fields without a doc line: " + ", ".join(missing)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from attribution_core.config import WeightsConfig
 from attribution_core.weights.objective import group_queries, pooled_objective, weights_from_theta
 from attribution_core.weights.pools import mining_weightings, pools_from_state
 from attribution_core.weights.synthetic import BLOCK, synthetic_layout, synthetic_queries
@@ -39,9 +40,9 @@ def test_distributed_scan_equals_one_partition(pooled):
 def test_two_workers_equal_one_and_weights_concentrate_on_the_signal_groups(pooled, tmp_path):
     aspect = {k: pooled[k] for k in ("contrib", "valid", "noise")}
     theta0 = np.zeros((1, len(LAYOUT.groups)))
-    kwargs = dict(k=K, lambda_w=0.01, steps=150, learning_rate=0.1, report_every=50, storage=str(tmp_path))
-    two = optimise([aspect], theta0, workers=2, name="two", **kwargs)
-    one = optimise([aspect], theta0, workers=1, name="one", **kwargs)
+    wcfg = WeightsConfig(top_k=K, pool_size=32, lambda_w=0.01, steps=150, learning_rate=0.1, report_every=50)
+    two = optimise([aspect], theta0, dataclasses.replace(wcfg, workers=2), str(tmp_path), "two")
+    one = optimise([aspect], theta0, dataclasses.replace(wcfg, workers=1), str(tmp_path), "one")
     np.testing.assert_allclose(two["theta"], one["theta"], rtol=1e-6, atol=1e-9)
     assert [t["step"] for t in two["trajectory"]] == [50, 100, 150]
     w = weights_from_theta(torch.from_numpy(two["theta"][0]))
