@@ -50,7 +50,8 @@ test: install browser
 
 # The edit-run loop: everything that starts no Ray, Serve or retraining job.
 test-fast: install
-	$(NETNS) $(PY) -m pytest tests/core tests/pipelines/test_deploy_files.py tests/pipelines/test_serve_protocol.py $(PYTEST_ARGS)
+	$(NETNS) $(PY) -m pytest tests/core tests/pipelines/test_deploy_files.py tests/pipelines/test_serve_protocol.py \
+	  tests/pipelines/test_cli_help.py tests/pipelines/test_cli_errors.py $(PYTEST_ARGS)
 
 demo: install
 	$(NETNS) $(VENV)/bin/attribution demo --config configs/demo.yaml

@@ -217,6 +217,8 @@ class ServeConfig:
     """Larger uploads are refused with 413."""
     max_image_pixels: int = 16 * 2**20
     """Images of more pixels (width x height) are refused with 413 before decoding them."""
+    max_prompt_chars: int = 1000
+    """Longer prompts are refused with 422 (a text-to-image prompt is a sentence or two)."""
     api_key_env: str | None = None
     """Name of an environment variable holding the API key; when set, requests must carry
     it in the X-API-Key header. The key itself never appears in a config file."""
@@ -260,7 +262,8 @@ class ServeConfig:
         _check(not bad and bool(self.default_aspects), "serve.default_aspects",
                f"choose from {', '.join(QUERY_ASPECTS)}, got {list(self.default_aspects)}")
         _check(1 <= self.default_k <= self.max_k, "serve.default_k", f"must be in [1, max_k={self.max_k}], got {self.default_k}")
-        for name in ("max_image_bytes", "max_image_pixels", "partitions", "searcher_replicas", "featurizer_replicas",
+        for name in ("max_image_bytes", "max_image_pixels", "max_prompt_chars", "partitions", "searcher_replicas",
+                     "featurizer_replicas",
                      "max_batch_size"):
             _check(getattr(self, name) >= 1, f"serve.{name}", f"must be >= 1, got {getattr(self, name)}")
         _check(self.threads >= 0 and self.searcher_threads >= 0, "serve.threads",

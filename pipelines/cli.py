@@ -32,10 +32,8 @@ from collections.abc import Sequence
 
 from attribution_core.config import TINY_KINDS, ProjectConfig
 from attribution_core.errors import AttributionError
+from pipelines.commands.options import DEFAULT_CONFIG, add_config, add_json, int_list, positive_int
 from pipelines.output import print_result, stdout_for_result
-
-DEFAULT_CONFIG = "configs/demo.yaml"
-
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from pipelines import demo
@@ -66,8 +64,7 @@ def _cmd_groups(args: argparse.Namespace) -> int:
 def _cmd_build_tiny(args: argparse.Namespace) -> int:
     from attribution_core.models.tiny import build_tiny_pipeline
 
-    widths = tuple(int(w) for w in args.widths.split(","))
-    path = build_tiny_pipeline(args.kind, args.out, resolution=args.resolution, widths=widths, seed=args.seed)
+    path = build_tiny_pipeline(args.kind, args.out, resolution=args.resolution, widths=args.widths, seed=args.seed)
     print(f"saved a tiny {args.kind!r} model to {path}")
     return 0
 
@@ -93,16 +90,16 @@ def build_parser() -> argparse.ArgumentParser:
                        "models, aspect Recall@K, HTML report under evaluate.out), then start the query endpoint on "
                        "Ray Serve, send it a generated image, print the answer and shut it down. Steps whose result "
                        "is already there are skipped, so a rerun takes about a minute.")
-    p.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML config (default {DEFAULT_CONFIG})")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_config(p)
+    add_json(p, "the result as JSON")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("groups", help="list the tracked layers and parameter groups of a model",
                        description="Show how featurize.groups in the config splits the model's "
                        "Linear/Conv2d layers into parameter groups, with offsets and sizes.")
-    p.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML config (default {DEFAULT_CONFIG})")
+    add_config(p)
     p.add_argument("--model", help="model directory (overrides model.path in the config)")
-    p.add_argument("--json", action="store_true", help="print the layout as JSON (as manifests record it)")
+    add_json(p, "the layout as JSON (as manifests record it)")
     p.set_defaults(func=_cmd_groups)
 
     model = sub.add_parser("model", help="model utilities").add_subparsers(dest="model_command", required=True)
@@ -113,8 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="unet: pixel UNet2DModel; unet-class: class-conditional; text: "
                    "UNet2DConditionModel + CLIP text encoder; text-latent: + AutoencoderKL")
     p.add_argument("--out", required=True, help="directory to write")
-    p.add_argument("--resolution", type=int, default=16, help="image side (default 16)")
-    p.add_argument("--widths", default="32,64", help="UNet block widths, comma-separated (default 32,64)")
+    p.add_argument("--resolution", type=positive_int, default=16, help="image side (default 16)")
+    p.add_argument("--widths", type=int_list, default=(32, 64), help="UNet block widths, comma-separated (default 32,64)")
     p.add_argument("--seed", type=int, default=0, help="weight initialisation seed")
     p.set_defaults(func=_cmd_build_tiny)
 

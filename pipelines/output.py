@@ -9,9 +9,10 @@ a Ray Job's log parse as one JSON document.
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
 from collections.abc import Iterator
-from typing import TextIO
+from typing import Any, TextIO
 
 _result: TextIO | None = None
 
@@ -36,3 +37,40 @@ def stdout_for_result() -> Iterator[None]:
 
 def print_result(text: str) -> None:
     print(text, file=_result or sys.stdout, flush=True)
+
+
+def print_report(result: dict[str, Any], as_json: bool) -> None:
+    """A benchmark's result: the JSON document (``--json``), or the same numbers as text (one
+    ``name value`` line per number, nested sections as dotted names, lists of records as
+    tables)."""
+    print_result(json.dumps(result, indent=2) if as_json else "\n".join(report_lines(result)))
+
+
+def report_lines(result: dict[str, Any], prefix: str = "") -> list[str]:
+    lines: list[str] = []
+    for key, value in result.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            lines += report_lines(value, f"{name}.")
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            lines += [f"{name}:"] + _table(value)
+        else:
+            lines.append(f"{name:36s} {_text(value)}")
+    return lines
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_text(v) for v in value)
+    return str(value)
+
+
+def _table(rows: list[dict[str, Any]]) -> list[str]:
+    columns = [k for k in dict.fromkeys(k for r in rows for k in r) if all(not isinstance(r.get(k), (dict, list))
+                                                                          for r in rows)]
+    cells = [[_text(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    return ["  " + "  ".join(c.rjust(w) for c, w in zip(columns, widths))] + [
+        "  " + "  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells]

@@ -117,10 +117,7 @@ def write_synthetic(uri: str, n: int, seed: int, size: int = 32, holdout: Holdou
         raise ConfigError(f"--n must be >= 1, got {n}")
     if size < 8:
         raise ConfigError(f"--size must be >= 8 pixels, got {size}")
-    try:
-        check_holdout(holdout)
-    except ValueError as exc:
-        raise ConfigError(f"data.holdout: {exc}") from exc
+    check_holdout(holdout)
     metadata = {"kind": "synthetic", "set": kind, "n": n, "seed": seed, "size": size,
                 "holdout": [dict(entry) for entry in holdout]}
     if kind == "textures":

@@ -154,6 +154,8 @@ def build_tiny_pipeline(
 
     if kind not in TINY_KINDS:
         raise ConfigError(f"unknown tiny model kind {kind!r}; choose one of {', '.join(TINY_KINDS)}")
+    if not widths or any(w < 4 or w % 4 for w in widths):
+        raise ConfigError(f"UNet widths must each be a multiple of 4 (group norm uses 4 groups), got {list(widths)}")
     if resolution % (2 ** len(widths)) and kind != "text-latent":
         raise ConfigError(f"resolution {resolution} must be divisible by {2 ** len(widths)} for widths {widths}")
     out = Path(out_dir)

@@ -18,6 +18,8 @@ import dataclasses
 import json
 import logging
 import math
+import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -33,6 +35,7 @@ from attribution_core.features.seeding import stable_seed
 from attribution_core.models.adapters import DiffusersAdapter
 from attribution_core.models.lora import LoraSpec, add_lora, save_lora
 from attribution_core.models.pipeline_dir import save_pipeline
+from attribution_core.models.recipe import recipe_identity
 from attribution_core.models.tiny import text_encoder_for, unet2d, unet_cond, word_tokenizer
 from attribution_core.models.vocabulary import caption_vocabulary
 
@@ -313,3 +316,30 @@ def save_model(model: TrainedModel, out_dir: str | Path, extra: dict[str, Any] |
     }
     (out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
     return out
+
+
+def train_to_dir(data_uri: str, cfg: TrainConfig, out: Path) -> dict:
+    """Train ``cfg`` on the dataset at ``data_uri`` (logging progress) and save the model to
+    ``out`` with its recipe and identity; the directory appears only once complete. Returns
+    what ``attribution train-model`` prints."""
+    from attribution_core.data.loading import load_training_data  # it reads TrainingData from here
+
+    data = load_training_data(data_uri, cfg)
+    log.info("training on %d examples: %d steps of %d, %s conditioning", len(data.example_ids), cfg.steps,
+             cfg.batch_size, cfg.conditioning)
+
+    def progress(step: int, loss: float, elapsed: float) -> None:
+        rate = step / elapsed
+        log.info("step %d/%d loss %.4f  %.2f steps/s  eta %.0f s", step, cfg.steps, loss, rate, (cfg.steps - step) / rate)
+
+    model = train_model(data, cfg, progress)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_model(model, tmp, {"data": data_uri, "examples": len(data.example_ids), "columns": data.columns,
+                            "identity": recipe_identity(cfg, model.base_fingerprint)})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp.rename(out)
+    return {"out": str(out), "examples": len(data.example_ids), "steps": cfg.steps, "seconds": round(model.seconds, 1),
+            "lora_rank": cfg.lora_rank or None, "trainable_parameters": model.trainable_parameters,
+            "steps_per_s": round(cfg.steps / model.seconds, 2),
+            "final_loss": round(sum(model.losses[-50:]) / len(model.losses[-50:]), 5)}

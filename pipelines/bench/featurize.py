@@ -18,10 +18,8 @@ Prints one JSON object (``--json``) or a short table.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import resource
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -35,7 +33,8 @@ from attribution_core.config import FeaturizeConfig, ProjectionConfig, TimestepC
 from attribution_core.features.featurize import Featurizer, build_rows
 from attribution_core.features.reference import dense_projected_gradients, per_example_gradients, reference_features
 from attribution_core.models.tiny import build_tiny_pipeline, sd15_unet, text_encoder_for, word_tokenizer
-from pipelines.output import print_result
+from pipelines.commands.options import add_json, positive_int
+from pipelines.output import print_report
 
 
 def _timed(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
@@ -200,28 +199,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="'tiny': the demo-sized UNet (default, < 60 s on 2 CPUs); 'sd15': a "
                              "denoiser with Stable Diffusion 1.5's shapes and random weights, 64x64 "
                              "latents (minutes on CPU; dense and reference checks skipped)")
-    parser.add_argument("--examples", type=int, default=None,
+    parser.add_argument("--examples", type=positive_int, default=None,
                         help="examples per batch (tiny: 16, as configs/demo.yaml; sd15: 1)")
-    parser.add_argument("--timesteps", type=int, default=None,
+    parser.add_argument("--timesteps", type=positive_int, default=None,
                         help="timesteps per example (tiny: 10, as configs/demo.yaml; sd15: 1)")
-    parser.add_argument("--k", type=int, default=8, help="k_in = k_out per layer (default 8)")
-    parser.add_argument("--repeats", type=int, default=7,
+    parser.add_argument("--k", type=positive_int, default=8, help="k_in = k_out per layer (default 8)")
+    parser.add_argument("--repeats", type=positive_int, default=7,
                         help="timed rounds after a warm-up, median reported (tiny; sd15 uses 1)")
     parser.add_argument("--full-dense", action="store_true",
                         help="time the whole dense projection instead of extrapolating from its first blocks")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    add_json(parser, "one JSON object")
 
 
 def main(args: argparse.Namespace) -> int:
-    examples = args.examples or (16 if args.scale == "tiny" else 1)
+    examples = args.examples or (16 if args.scale == "tiny" else 1)  # the parser refuses 0
     timesteps = args.timesteps or (10 if args.scale == "tiny" else 1)
-    if min(examples, timesteps, args.k, args.repeats) < 1:
-        print("error: --examples, --timesteps, --k and --repeats must be >= 1", file=sys.stderr)
-        return 2
     result = run(args.scale, examples, timesteps, args.k, args.repeats, args.full_dense)
-    if args.json:
-        print_result(json.dumps(result, indent=2))
-    else:
-        for key, value in result.items():
-            print(f"{key:32s} {value:.4g}" if isinstance(value, float) else f"{key:32s} {value}")
+    print_report(result, args.json)
     return 0

@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from attribution_core.config import ProjectConfig
-from attribution_core.data.writers import SYNTH_SCHEMA, synthetic_rows, write_parquet_dataset
+from attribution_core.data.writers import SYNTH_SCHEMA, synthetic_rows, write_parquet_dataset, write_synthetic
 from attribution_core.models.tiny import build_tiny_pipeline
+from pipelines.commands.options import add_config, add_json, add_ray_address
 from pipelines.ray_runtime import cluster_cpus, ensure_ray
-from pipelines.output import print_result
+from pipelines.output import print_report
 
 
 def _build(cfg: ProjectConfig, data: str, model: str, out: str, actors: int, threads: int) -> dict[str, Any]:
@@ -42,9 +43,8 @@ def _run(args: argparse.Namespace) -> int:
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-index-"))
     widths = tuple(int(w) for w in args.widths.split(","))
     model = str(build_tiny_pipeline("text", work / "model", resolution=args.resolution, widths=widths))
-    rows = list(synthetic_rows(args.n, seed=0, size=args.resolution))
     data = str(work / "data")
-    write_parquet_dataset(data, rows, SYNTH_SCHEMA, {"kind": "synthetic"}, rows_per_file=256)
+    write_synthetic(data, args.n, seed=0, size=args.resolution, rows_per_file=256)
     start = time.perf_counter()
     one = _build(cfg, data, model, str(work / "index-1"), 1, args.threads)
     many = _build(cfg, data, model, str(work / f"index-{actors}"), actors, args.threads)
@@ -56,6 +56,7 @@ def _run(args: argparse.Namespace) -> int:
 
     # Incremental update: change a share of the captions, add as many new examples.
     changed = max(1, int(args.n * args.change))
+    rows = list(synthetic_rows(args.n, seed=0, size=args.resolution))  # the same rows as data
     for row in rows[:changed]:
         row["caption"] += " again"
     rows += [dict(r, example_id=f"added-{r['example_id']}") for r in synthetic_rows(changed, seed=1, size=args.resolution)]
@@ -75,7 +76,7 @@ def _run(args: argparse.Namespace) -> int:
     result["bytes_per_example_nominal"] = 2 * k_total if manifest["dtype"] == "float16" else 4 * k_total
     result["seconds"] = round(time.perf_counter() - start, 1)
     result["work"] = str(work)
-    print_result(json.dumps(result, indent=2))
+    print_report(result, args.json)
     return 0
 
 
@@ -83,8 +84,8 @@ def add_parser(bench: argparse._SubParsersAction, default_config: str) -> None:
     p = bench.add_parser("index", help="index job throughput with 1 and N actors, bytes/example, stage times",
                          description="Build the index of a synthetic dataset with 1 actor and with N actors "
                          "(featurize settings from the config) and print rows/s, scaling efficiency, bytes per "
-                         "example, seconds per stage and an incremental update, as JSON.")
-    p.add_argument("--config", default=default_config, help=f"featurize and index settings (default {default_config})")
+                         "example, seconds per stage and an incremental update (as JSON with --json).")
+    add_config(p, default_config, "featurize and index settings")
     p.add_argument("--n", type=int, default=1024, help="examples in the synthetic dataset (default 1024)")
     p.add_argument("--resolution", type=int, default=16, help="image side of the model (default 16)")
     p.add_argument("--widths", default="32,64", help="UNet widths of the model (default 32,64: the demo's)")
@@ -93,6 +94,6 @@ def add_parser(bench: argparse._SubParsersAction, default_config: str) -> None:
     p.add_argument("--change", type=float, default=0.05, help="share of examples changed (and added) for the "
                    "incremental run (default 0.05)")
     p.add_argument("--work", help="folder for the dataset, model and indexes (default: a new temporary folder)")
-    p.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
-    p.add_argument("--json", action="store_true", help="accepted for symmetry; the output is always JSON")
+    add_ray_address(p)
+    add_json(p, "the result as one JSON object")
     p.set_defaults(func=_run)

@@ -19,6 +19,7 @@ from attribution_core.data.synthetic import BACKGROUNDS, STYLES, SUBJECTS, is_he
 from attribution_core.data.writers import read_marker
 from attribution_core.errors import ConfigError
 from attribution_core.evaluation.quality import ATTRIBUTES, model_quality, train_classifier
+from pipelines.commands.options import add_json
 from pipelines.models import load_model_dir
 from pipelines.output import print_result
 
@@ -77,5 +78,5 @@ def add_parser(bench: argparse._SubParsersAction) -> None:
     p.add_argument("--classifier-epochs", type=int, default=15, help="epochs of the attribute classifier")
     p.add_argument("--seed", type=int, default=0, help="seed of combinations, classifier and sampling")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_json(p, "one JSON object")
     p.set_defaults(func=_run)

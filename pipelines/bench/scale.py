@@ -32,6 +32,7 @@ from typing import Any
 
 import yaml
 
+from pipelines.commands.options import add_json, positive_float, positive_int
 from pipelines.output import print_result
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -281,10 +282,10 @@ def summary(report: dict[str, Any]) -> str:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("scale", help="index -> learn-weights -> serve on a Stable Diffusion 1.5-sized pipeline",
                        description=__doc__.split("\n\n")[1].replace("\n", " "))
-    p.add_argument("--examples", type=int, default=4, help="512x512 training images to index (default 4)")
-    p.add_argument("--timesteps", type=int, default=2, help="timesteps per example (default 2)")
+    p.add_argument("--examples", type=positive_int, default=4, help="512x512 training images to index (default 4)")
+    p.add_argument("--timesteps", type=positive_int, default=2, help="timesteps per example (default 2)")
     p.add_argument("--work", help="folder for the model, data and index (default: a new temporary folder; "
                                   "a folder from an earlier run reuses its model and data)")
-    p.add_argument("--timeout", type=float, default=3600, help="seconds allowed per stage (default 3600)")
-    p.add_argument("--json", action="store_true", help="print the whole report as JSON (default: a summary)")
+    p.add_argument("--timeout", type=positive_float, default=3600, help="seconds allowed per stage (default 3600)")
+    add_json(p, "the whole report as JSON")
     p.set_defaults(func=_run)

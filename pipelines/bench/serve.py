@@ -17,6 +17,7 @@ import argparse
 import base64
 import dataclasses
 import json
+import logging
 import socket
 import statistics
 import tempfile
@@ -32,13 +33,17 @@ import torch
 import yaml
 
 from attribution_core.config import ProjectConfig, to_mapping
-from attribution_core.data.writers import SYNTH_SCHEMA, synthetic_rows, write_parquet_dataset
+from attribution_core.data.writers import synthetic_rows, write_synthetic
+from attribution_core.errors import ConfigError
 from attribution_core.index.reader import load_index
 from attribution_core.index.schema import features_table
 from attribution_core.index.store import IndexStore, shard_name
 from attribution_core.models.pipeline_dir import is_model_dir
 from attribution_core.weights.artifact import artifact_path, find_weights
-from pipelines.output import print_result
+from pipelines.commands.options import add_config, add_json, add_ray_address, positive_int
+from pipelines.output import print_report
+
+log = logging.getLogger(__name__)
 
 SHARD_ROWS = 8192
 
@@ -130,6 +135,9 @@ def _run(args: argparse.Namespace) -> int:
     from pipelines.serve.app import ServeArgs
     from pipelines.serve.runner import deploy, start, stop, wait_ready
 
+    if len(args.requests) != len(args.concurrency):
+        raise ConfigError(f"--requests gives {len(args.requests)} counts for {len(args.concurrency)} --concurrency "
+                          "levels; give one request count per level")
     cfg = ProjectConfig.load(args.config)
     ensure_ray(args.ray_address)
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-serve-"))
@@ -140,9 +148,9 @@ def _run(args: argparse.Namespace) -> int:
 
         t = cfg.train
         model_dir = build_tiny_pipeline("text", work / "model", resolution=t.resolution, widths=tuple(t.widths))
-    rows = list(synthetic_rows(args.base, seed=3, size=cfg.data.synthetic.size if cfg.data.synthetic else 32))
     data = str(work / "data")
-    write_parquet_dataset(data, rows, SYNTH_SCHEMA, {"kind": "synthetic"}, rows_per_file=256)
+    write_synthetic(data, args.base, seed=3, size=cfg.data.synthetic.size if cfg.data.synthetic else 32,
+                    rows_per_file=256)
     base_uri = str(work / "base-index")
     run_index(cfg, IndexRequest(dataset=data, model=str(model_dir), out=base_uri, mode="full"))
     if args.weights_from:  # learned weights of another index with the same features (e.g. the demo's)
@@ -181,30 +189,34 @@ def _run(args: argparse.Namespace) -> int:
                 row = measure(url, bodies[:count], concurrency)
                 results.append({"n_rows": n, **row, "aspects": aspects or list(cfg.serve.default_aspects),
                                 "search_kernel": info["search_kernel"], "weights": info["weights"] is not None})
-                print_result(json.dumps(results[-1]))
+                log.info("measured %s", json.dumps(results[-1]))
     finally:
         stop()
     out = {"results": results, "model": str(model_dir), "model_trained": trained, "base_examples": args.base,
            "k": args.k, "threads_per_replica": serve_cfg.threads, "k_total": load_index(base_uri).layout.k_total,
            "work": str(work)}
-    print_result(json.dumps(out, indent=2))
+    print_report(out, args.json)
     return 0
 
 
 def add_parser(sub: argparse._SubParsersAction, default_config: str) -> None:
     p = sub.add_parser("serve", help="query endpoint latency and throughput vs N and concurrency",
                        description=__doc__.split("\n\n")[1].replace("\n", " "))
-    p.add_argument("--config", default=default_config, help=f"YAML config (default {default_config})")
-    p.add_argument("--n", type=int, nargs="+", default=[10_000, 100_000], help="indexed rows per run")
-    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8], help="client concurrency levels")
-    p.add_argument("--requests", type=int, nargs="+", default=[60, 160], help="requests per concurrency level")
-    p.add_argument("--base", type=int, default=256, help="real examples indexed to draw synthetic rows from")
+    add_config(p, default_config)
+    p.add_argument("--n", type=positive_int, nargs="+", default=[10_000, 100_000],
+                   help="indexed rows per run (default 10000 100000)")
+    p.add_argument("--concurrency", type=positive_int, nargs="+", default=[1, 8],
+                   help="client concurrency levels (default 1 8)")
+    p.add_argument("--requests", type=positive_int, nargs="+", default=[60, 160],
+                   help="requests per concurrency level, one number per --concurrency (default 60 160)")
+    p.add_argument("--base", type=positive_int, default=256,
+                   help="real examples indexed to draw synthetic rows from (default 256)")
     p.add_argument("--aspects", help="comma-separated aspects per request (default: serve.default_aspects)")
-    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--k", type=positive_int, default=10, help="training examples per aspect asked for (default 10)")
     p.add_argument("--threads", type=int, help="torch threads of the featurizer (default: serve.threads; 0 = all CPUs)")
     p.add_argument("--weights-from", help="index whose learned weights to serve with (same features), "
                                           "e.g. artifacts/demo/index")
     p.add_argument("--work", help="folder for the indexes (default: a temporary one)")
-    p.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
-    p.add_argument("--json", action="store_true", help="print JSON (always on; accepted for symmetry)")
+    add_ray_address(p)
+    add_json(p, "the result as one JSON object")
     p.set_defaults(func=_run)

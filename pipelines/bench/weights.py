@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import tempfile
 import time
 from typing import Any
@@ -27,10 +26,11 @@ from attribution_core.config import ProjectConfig
 from attribution_core.weights.objective import group_queries
 from attribution_core.weights.pools import mining_weightings, pools_from_state
 from attribution_core.weights.synthetic import BLOCK, synthetic_layout, synthetic_queries
+from pipelines.commands.options import add_config, add_json, add_ray_address
 from pipelines.ray_runtime import cluster_cpus, ensure_ray
 from pipelines.weights.scan import scan
 from pipelines.weights.train import optimise
-from pipelines.output import print_result
+from pipelines.output import print_report
 
 
 def scaling(cfg: ProjectConfig, sizes: list[int], queries: int, groups: int, dim: int) -> list[dict[str, Any]]:
@@ -89,7 +89,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.index:
         torch.manual_seed(0)
         result["recall"] = aspect_recall(cfg, args.index, args.eval_queries, args.k, args.eval_seed)
-    print_result(json.dumps(result, indent=2))
+    print_report(result, args.json)
     return 0
 
 
@@ -97,8 +97,8 @@ def add_parser(bench: argparse._SubParsersAction, default_config: str) -> None:
     p = bench.add_parser("weights", help="weight learning: scan and optimisation time against N; aspect recall",
                          description="Time one mining scan (Ray Data) and one optimisation (Ray Train) for "
                          "--queries synthetic queries at each N in --sizes; with --index, measure Recall@k of each "
-                         "aspect's attribute under learned aspect weights vs uniform. Prints JSON.")
-    p.add_argument("--config", default=default_config, help=f"weights settings (default {default_config})")
+                         "aspect's attribute under learned aspect weights vs uniform (as JSON with --json).")
+    add_config(p, default_config, "weights settings")
     p.add_argument("--sizes", default="10000,100000,1000000", help="index sizes N (default 10000,100000,1000000)")
     p.add_argument("--queries", type=int, default=1000, help="learning queries (default 1000)")
     p.add_argument("--groups", type=int, default=8, help="parameter groups of the synthetic features (default 8)")
@@ -108,6 +108,6 @@ def add_parser(bench: argparse._SubParsersAction, default_config: str) -> None:
     p.add_argument("--eval-queries", type=int, default=96, help="evaluation queries for Recall@k (default 96)")
     p.add_argument("--eval-seed", type=int, default=424242, help="their generation seed (apart from weights.seed)")
     p.add_argument("--k", type=int, default=10, help="k of Recall@k (default 10)")
-    p.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
-    p.add_argument("--json", action="store_true", help="accepted for symmetry; the output is always JSON")
+    add_ray_address(p)
+    add_json(p, "the result as one JSON object")
     p.set_defaults(func=_run)

@@ -9,6 +9,7 @@ from attribution_core.data.synthetic import BACKGROUNDS, STYLES, SUBJECTS
 from attribution_core.data.textures import TEXTURES
 from attribution_core.data.writers import write_synthetic
 from attribution_core.errors import ConfigError
+from pipelines.commands.options import add_json
 from pipelines.output import print_result
 
 
@@ -56,5 +57,5 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--holdout", action="append", default=[], metavar="ATTR=VALUE[,ATTR=VALUE]",
                    help="hold out a combination, e.g. subject=ring,style=striped (repeatable)")
     p.add_argument("--rows-per-file", type=int, default=4096, help="rows per Parquet file (default 4096)")
-    p.add_argument("--json", action="store_true", help="print a JSON summary")
+    add_json(p)
     p.set_defaults(func=_run)

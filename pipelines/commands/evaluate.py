@@ -6,6 +6,7 @@ import argparse
 import json
 
 from attribution_core.config import ProjectConfig
+from pipelines.commands.options import add_config, add_json, add_ray_address
 from pipelines.output import print_result
 
 
@@ -30,10 +31,9 @@ def add_parser(sub: argparse._SubParsersAction, default_config: str) -> None:
         "and uniform weights and a pixel nearest-neighbour baseline. Writes metrics.json, lds_per_query.json and "
         "a self-contained report.html under evaluate.out and prints the tables (or the JSON).",
     )
-    p.add_argument("--config", default=default_config, help=f"YAML config (default {default_config}); "
-                   "configs/benchmark.yaml is the full-size benchmark")
+    add_config(p, default_config, more="configs/benchmark.yaml is the full-size benchmark")
     p.add_argument("--skip-lds", action="store_true", help="only Recall@K and the gallery (no retraining)")
     p.add_argument("--skip-recall", action="store_true", help="only LDS")
-    p.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
-    p.add_argument("--json", action="store_true", help="print metrics.json instead of the tables")
+    add_ray_address(p)
+    add_json(p, "metrics.json")
     p.set_defaults(func=_run)

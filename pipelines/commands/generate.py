@@ -12,6 +12,7 @@ from attribution_core.data.writers import write_parquet_dataset
 from attribution_core.features.seeding import content_id
 from attribution_core.models.sampling import SCHEDULERS, generate
 from pipelines.models import load_model_dir
+from pipelines.commands.options import add_json
 from pipelines.output import print_result
 
 SCHEMA = pa.schema([
@@ -55,5 +56,5 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scheduler", choices=SCHEDULERS, default="ddim", help="sampler (default ddim)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--out", required=True, help="output folder: a path or s3://bucket/prefix")
-    p.add_argument("--json", action="store_true", help="print a JSON summary")
+    add_json(p)
     p.set_defaults(func=_run)

@@ -7,6 +7,7 @@ import dataclasses
 import json
 
 from attribution_core.config import ProjectConfig
+from pipelines.commands.options import add_config, add_json, add_ray_address
 from pipelines.output import print_result
 
 
@@ -47,7 +48,7 @@ def add_parser(sub: argparse._SubParsersAction, default_config: str) -> None:
         "section); a build that quarantines more than index.max_quarantine_fraction of the dataset is "
         "not committed and says why.",
     )
-    p.add_argument("--config", default=default_config, help=f"YAML config (default {default_config})")
+    add_config(p, default_config)
     p.add_argument("--dataset", help="dataset URI (default: data.uri of the config)")
     p.add_argument("--model", help="diffusers pipeline directory (default: model.path of the config)")
     p.add_argument("--out", help="index root, a path or s3://bucket/prefix (default: index.out of the config)")
@@ -58,7 +59,6 @@ def add_parser(sub: argparse._SubParsersAction, default_config: str) -> None:
     mode.add_argument("--full", action="store_true", help="featurize everything even if the latest version matches")
     p.add_argument("--actors", type=int, help="featurizing actors (default: index.actors; 0 = automatic)")
     p.add_argument("--batch-size", type=int, help="examples per actor call and shard (default: index.batch_size)")
-    p.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
-    p.add_argument("--json", action="store_true",
-                   help="print a JSON summary: version, rows, errors, seconds, rows_per_s, bytes_per_example, uri")
+    add_ray_address(p)
+    add_json(p, "a JSON summary: version, rows, errors, seconds, rows_per_s, bytes_per_example, uri")
     p.set_defaults(func=_run)

@@ -7,6 +7,7 @@ import dataclasses
 import json
 
 from attribution_core.config import ProjectConfig
+from pipelines.commands.options import add_config, add_json, add_ray_address
 from pipelines.output import print_result
 
 
@@ -53,8 +54,7 @@ def add_parser(sub: argparse._SubParsersAction, default_config: str) -> None:
         "holder (a lease left by a dead run expires after reindex.lease_ttl_s). Running it again after a crash "
         "finishes the same version; running it with nothing new changes nothing.",
     )
-    p.add_argument("--config", default=default_config, help=f"YAML config (default {default_config}); its "
-                   "data:, model:, index:, weights: and reindex: sections apply")
+    add_config(p, default_config, more="its data:, model:, index:, weights: and reindex: sections apply")
     p.add_argument("--dataset", help="dataset URI (default: data.uri of the config)")
     p.add_argument("--model", help="diffusers pipeline directory (default: model.path of the config)")
     p.add_argument("--index", help="index root, a path or s3://bucket/prefix (default: index.out of the config)")
@@ -70,9 +70,7 @@ def add_parser(sub: argparse._SubParsersAction, default_config: str) -> None:
                    "(default: reindex.endpoint)")
     p.add_argument("--lease-ttl", type=float, help="seconds a lease outlives its last renewal (default: "
                    "reindex.lease_ttl_s)")
-    p.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, set inside a Ray Job; "
-                   "else a local Ray)")
-    p.add_argument("--json", action="store_true",
-                   help="print the summary as JSON: status, version_before/after, rows_added/changed/removed, "
-                   "weights, stage_seconds")
+    add_ray_address(p, in_job=True)
+    add_json(p, "the summary as JSON: status, version_before/after, rows_added/changed/removed, weights, "
+                "stage_seconds")
     p.set_defaults(func=_run)

@@ -6,6 +6,8 @@ import argparse
 import signal
 import threading
 
+from pipelines.commands.options import add_config, add_ray_address
+
 
 def _run(args: argparse.Namespace) -> int:
     from pipelines.serve.app import ServeArgs
@@ -38,7 +40,7 @@ def add_parser(sub: argparse._SubParsersAction, default_config: str) -> None:
         "aspect. Limits, replicas, batching and the optional API key come from the config's serve: section. "
         "For `serve run` / `serve deploy` use deploy/serve_config.yaml (same application builder).",
     )
-    p.add_argument("--config", default=default_config, help=f"YAML config (default {default_config})")
+    add_config(p, default_config)
     p.add_argument("--index", help="index root, path or s3:// (default: index.out of the config)")
     p.add_argument("--version", help="index version (default: the latest)")
     p.add_argument("--weights", help="weights artifact URI (default: <index>/versions/<v>/weights/<serve.weights>.json, "
@@ -46,5 +48,5 @@ def add_parser(sub: argparse._SubParsersAction, default_config: str) -> None:
     p.add_argument("--model", help="model directory (default: model.path of the config)")
     p.add_argument("--host", help="address to bind (default: serve.host, 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default: serve.port, 8000)")
-    p.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
+    add_ray_address(p)
     p.set_defaults(func=_run)

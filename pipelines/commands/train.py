@@ -5,42 +5,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
-import os
 import shutil
 from pathlib import Path
 
-from attribution_core.config import ProjectConfig, TrainConfig
-from attribution_core.data.loading import load_training_data
+from attribution_core.config import ProjectConfig
 from attribution_core.errors import ConfigError
-from attribution_core.models.recipe import recipe_identity
-from attribution_core.models.training import save_model, train_model
+from attribution_core.models.training import train_to_dir
+from pipelines.commands.options import add_config, add_json
 from pipelines.output import print_result
-
-log = logging.getLogger(__name__)
-
-
-def train_to_dir(data_uri: str, cfg: TrainConfig, out: Path) -> dict:
-    """Train and save to ``out``; the directory appears only once complete."""
-    data = load_training_data(data_uri, cfg)
-    log.info("training on %d examples: %d steps of %d, %s conditioning", len(data.example_ids), cfg.steps,
-             cfg.batch_size, cfg.conditioning)
-
-    def progress(step: int, loss: float, elapsed: float) -> None:
-        rate = step / elapsed
-        log.info("step %d/%d loss %.4f  %.2f steps/s  eta %.0f s", step, cfg.steps, loss, rate, (cfg.steps - step) / rate)
-
-    model = train_model(data, cfg, progress)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_model(model, tmp, {"data": data_uri, "examples": len(data.example_ids), "columns": data.columns,
-                            "identity": recipe_identity(cfg, model.base_fingerprint)})
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp.rename(out)
-    return {"out": str(out), "examples": len(data.example_ids), "steps": cfg.steps, "seconds": round(model.seconds, 1),
-            "lora_rank": cfg.lora_rank or None, "trainable_parameters": model.trainable_parameters,
-            "steps_per_s": round(cfg.steps / model.seconds, 2),
-            "final_loss": round(sum(model.losses[-50:]) / len(model.losses[-50:]), 5)}
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -86,7 +58,7 @@ def add_parser(sub: argparse._SubParsersAction, default_config: str) -> None:
         "--lora, fine-tune an existing pipeline with LoRA adapters (peft, as diffusers' LoRA scripts do) and save "
         "them as a LoRA directory that every stage loads as base + adapters.",
     )
-    p.add_argument("--config", default=default_config, help=f"YAML config (default {default_config})")
+    add_config(p, default_config)
     p.add_argument("--data", help="dataset URI (default: data.uri of the config)")
     p.add_argument("--out", help="model directory to write (default: model.path of the config)")
     p.add_argument("--recipe", choices=("train", "subset"), default="train",
@@ -100,5 +72,5 @@ def add_parser(sub: argparse._SubParsersAction, default_config: str) -> None:
     p.add_argument("--lora-targets", metavar="A,B,...",
                    help="comma-separated module-name suffixes that get adapters (default to_q,to_k,to_v,to_out.0)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing model directory")
-    p.add_argument("--json", action="store_true", help="print a JSON summary")
+    add_json(p)
     p.set_defaults(func=_run)

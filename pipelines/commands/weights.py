@@ -6,6 +6,7 @@ import argparse
 import json
 
 from attribution_core.config import ProjectConfig
+from pipelines.commands.options import add_config, add_json, add_ray_address
 from pipelines.output import print_result
 
 
@@ -50,11 +51,11 @@ def add_parser(sub: argparse._SubParsersAction, default_config: str) -> None:
         "aspect: its own weights, the general ones or uniform; before that, held-out learning queries "
         "(weights.holdout_queries) choose how far each aspect's weights move from uniform. Writes <index>/versions/<version>/weights/<name>.json.",
     )
-    p.add_argument("--config", default=default_config, help=f"YAML config (default {default_config})")
+    add_config(p, default_config)
     p.add_argument("--index", help="index root (default: index.out of the config)")
     p.add_argument("--version", help="index version (default: the latest)")
     p.add_argument("--model", help="model directory (default: the path recorded in the index manifest)")
     p.add_argument("--aspects", help="comma-separated: general,subject,style,background (default: weights.aspects)")
-    p.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
-    p.add_argument("--json", action="store_true", help="print a JSON summary")
+    add_ray_address(p)
+    add_json(p)
     p.set_defaults(func=_run)

@@ -129,7 +129,7 @@ def split_universe(cfg: ProjectConfig, folder: Path) -> Universe:
 
 def universe_model(cfg: ProjectConfig, universe: Universe, folder: Path) -> tuple[str, dict[str, Any] | None]:
     """The ``subset_train`` model of the whole universe (the attributed model), trained unless there."""
-    from pipelines.commands.train import train_to_dir
+    from attribution_core.models.training import train_to_dir
 
     path = folder / "model"
     info_file = path / "training.json"

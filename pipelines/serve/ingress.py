@@ -90,7 +90,11 @@ async def read_query(request: Request, cfg: ServeConfig) -> tuple[Query, bool]:
         raise RequestError(413, f"the request is {int(length):,} bytes; images are limited to "
                                 f"{cfg.max_image_bytes:,} bytes (serve.max_image_bytes)")
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
-        form = await request.form()
+        try:
+            form = await request.form()
+        except Exception as exc:  # a malformed multipart body, whatever the parser's error
+            raise RequestError(400, f"the multipart body cannot be read ({type(exc).__name__}); send "
+                                    "multipart/form-data with an 'image' file, or JSON") from exc
         upload = form.get("image")
         if upload is None or isinstance(upload, str):
             raise RequestError(400, "multipart requests need the image as a file field named 'image'")
@@ -100,7 +104,7 @@ async def read_query(request: Request, cfg: ServeConfig) -> tuple[Query, bool]:
     else:
         try:
             body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
             raise RequestError(400, f"the body is not JSON ({exc}); send JSON with a base64 'image' or "
                                     "multipart/form-data with an 'image' file") from exc
         if not isinstance(body, dict) or not isinstance(body.get("image"), str):

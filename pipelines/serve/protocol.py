@@ -70,7 +70,7 @@ def parse_aspects(raw: list[str] | str | None, cfg: ServeConfig) -> tuple[str, .
     aspects = tuple(dict.fromkeys(a.strip() for a in items if a.strip()))
     unknown = [a for a in aspects if a not in QUERY_ASPECTS]
     if unknown or not aspects:
-        raise RequestError(422, f"unknown aspect(s) {unknown or raw!r}; choose from {', '.join(QUERY_ASPECTS)}")
+        raise RequestError(422, f"unknown aspect(s) {_shown(unknown or raw)}; choose from {', '.join(QUERY_ASPECTS)}")
     return aspects
 
 
@@ -78,19 +78,32 @@ def parse_k(raw: Any, cfg: ServeConfig) -> int:
     if raw is None or raw == "":
         return cfg.default_k
     try:
+        if isinstance(raw, bool):
+            raise TypeError("a boolean")
         k = int(raw)
-    except (TypeError, ValueError) as exc:
-        raise RequestError(422, f"k must be an integer in [1, {cfg.max_k}], got {raw!r}") from exc
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise RequestError(422, f"k must be an integer in [1, {cfg.max_k}], got {_shown(raw)}") from exc
     if isinstance(raw, float) and raw != k or not 1 <= k <= cfg.max_k:
-        raise RequestError(422, f"k must be an integer in [1, {cfg.max_k}] (serve.max_k), got {raw!r}")
+        raise RequestError(422, f"k must be an integer in [1, {cfg.max_k}] (serve.max_k), got {_shown(raw)}")
     return k
+
+
+def parse_prompt(raw: Any, cfg: ServeConfig) -> str | None:
+    if raw is None or raw == "":
+        return None
+    if not isinstance(raw, str):
+        raise RequestError(422, f"prompt must be text, got {type(raw).__name__} {_shown(raw)}")
+    if len(raw) > cfg.max_prompt_chars:
+        raise RequestError(422, f"the prompt is {len(raw):,} characters; the limit is {cfg.max_prompt_chars:,} "
+                                "(serve.max_prompt_chars)")
+    return raw
 
 
 def parse_label(raw: Any) -> str | int | None:
     if raw is None or raw == "":
         return None
-    if isinstance(raw, bool):
-        raise RequestError(422, f"label must be a class name or index, got {raw!r}")
+    if isinstance(raw, bool) or not isinstance(raw, (str, int)) or isinstance(raw, str) and len(raw) > 200:
+        raise RequestError(422, f"label must be a class name or index, got {_shown(raw)}")
     if isinstance(raw, int):
         return raw
     text = str(raw).strip()
@@ -99,8 +112,14 @@ def parse_label(raw: Any) -> str | int | None:
 
 def build_query(image: bytes, prompt: str | None, label: Any, aspects: Any, k: Any, cfg: ServeConfig) -> Query:
     check_image(image, cfg)
-    return Query(image=image, prompt=(prompt or None), label=parse_label(label), aspects=parse_aspects(aspects, cfg),
-                 k=parse_k(k, cfg))
+    return Query(image=image, prompt=parse_prompt(prompt, cfg), label=parse_label(label),
+                 aspects=parse_aspects(aspects, cfg), k=parse_k(k, cfg))
+
+
+def _shown(raw: Any) -> str:
+    """A client's value as an error message quotes it: at most 80 characters of its repr."""
+    text = repr(raw)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def plan_queries(aspects: tuple[str, ...], prompt: str | None, mode: str) -> tuple[tuple[str, ...], dict[str, str]]:

@@ -104,6 +104,10 @@ def wait_ready(url: str, timeout_s: float, version: str | None = None, api_key: 
 
 
 def stop() -> None:
+    """Shut the endpoint down; nothing to do when this process never joined Ray (``start``
+    refused its input first), so a refusal does not start a Ray just to stop nothing."""
+    import ray
     from ray import serve
 
-    serve.shutdown()
+    if ray.is_initialized():
+        serve.shutdown()

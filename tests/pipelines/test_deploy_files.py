@@ -12,7 +12,8 @@ from pathlib import Path
 
 import yaml
 
-from attribution_core.config import ProjectConfig
+from attribution_core.config import ProjectConfig, from_mapping
+from attribution_core.config_stages import ServedVersion
 from pipelines.serve.app import IMPORT_PATH, ServeArgs
 from pipelines.serve.runner import application_config
 
@@ -35,6 +36,7 @@ def test_serve_config_parses_and_names_the_builder_the_config_and_the_deployment
     assert len(ours["deployments"]) == 1 + cfg.serve.partitions
     for deployment in raw["applications"][0]["deployments"]:
         assert set(deployment["user_config"]) == set(ours["deployments"][0]["user_config"])
+        from_mapping(ServedVersion, deployment["user_config"], "user_config")  # what each replica rebuilds
 
 
 # ---------------------------------------------------------------- the cluster (deploy/kuberay)

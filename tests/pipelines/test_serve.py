@@ -191,6 +191,78 @@ def test_bad_requests_get_a_status_and_a_reason(served):
     assert post(url, {"image": image, "aspects": ["uniform"], "k": 2})[0] == 200
 
 
+def raw(url: str, data: bytes, content_type: str | None) -> tuple[int, bytes]:
+    req = urllib.request.Request(f"{url}/v1/attributions", data=data, method="POST",
+                                 headers={"Content-Type": content_type} if content_type else {})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def multipart(fields: list[tuple[str, str | None, bytes]], boundary: str = "fuzzboundary") -> bytes:
+    """A multipart body of (name, filename or None, bytes) parts."""
+    out = b""
+    for name, filename, body in fields:
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+        out += f"--{boundary}\r\nContent-Disposition: {disposition}\r\n\r\n".encode() + body + b"\r\n"
+    return out + f"--{boundary}--\r\n".encode()
+
+
+def fuzz_requests(image: bytes, seed: int = 0) -> list[tuple[bytes, str | None]]:
+    """Malformed JSON, bad base64, truncated and header-only images, wrong types for every
+    field, huge prompts and wrong content types; then seeded random mixtures of them."""
+    from tests.pipelines.test_serve_protocol import png_header
+
+    good = b64(image)
+    json_type = "application/json"
+    cases: list[tuple[bytes, str | None]] = [(body, json_type) for body in (
+        b"", b"{", b"[]", b"null", b"123", b'"image"', b"\xff\xfe\x00", b"NaN", b"[" * 50_000 + b"]" * 50_000)]
+    images = ["%%%", "abc", "====", "data:image/png;base64,!!!", b64(image[:30]), b64(image[: len(image) // 2]),
+              b64(png_header(16, 16)[:33]), b64(png_header(100_000, 100_000)), b64(b"GIF89a" + bytes(10)), ""]
+    values = {"image": [5, None, [good], {"b64": good}, True],
+              "prompt": [7, ["a"], {"p": 1}, "x" * 200_000, "\u00e9\u4e2d\U0001f600 ring", "a\x00ring", True],
+              "label": [[1], {"l": 2}, 1.5, True, "x" * 10_000, -3],
+              "aspects": [3, {"a": 1}, [1, 2], [["style"]], "colour", ",,,", ["general"] * 1000],
+              "k": ["ten", 2.5, [3], {"k": 1}, True, -1, 0, 10**30, 1e308]}
+    cases += [(json.dumps({"image": i}).encode(), json_type) for i in images]
+    for field, bad in values.items():
+        cases += [(json.dumps({"image": good, field: v} if field != "image" else {field: v}).encode(), json_type)
+                  for v in bad]
+    body = json.dumps({"image": good}).encode()
+    cases += [(body, t) for t in ("text/plain", "application/xml", "application/x-www-form-urlencoded", None)]
+    cases += [(b"<xml/>", "application/xml"), (b"image=abc", "application/x-www-form-urlencoded")]
+    form = "multipart/form-data; boundary=fuzzboundary"
+    cases += [(multipart([("prompt", None, b"a ring")]), form), (multipart([("image", None, b"not a file")]), form),
+              (multipart([("image", "q.png", image[:40])]), form), (multipart([("image", "q.png", b"")]), form),
+              (multipart([("image", "q.png", image), ("k", None, b"abc")]), form),
+              (multipart([("image", "q.png", image), ("aspects", None, b"colour")]), form),
+              (b"--fuzzboundary\r\ngarbage", form), (b"", form), (multipart([("image", "q.png", image)]),
+                                                                  "multipart/form-data")]
+    rng = np.random.default_rng(seed)
+    for _ in range(40):  # random mixtures of the bad values, several fields at once
+        mix = {f: vs[int(rng.integers(len(vs)))] for f, vs in values.items() if rng.random() < 0.6}
+        mix.setdefault("image", images[int(rng.integers(len(images)))] if rng.random() < 0.5 else good)
+        cases.append((json.dumps(mix).encode(), json_type))
+    return cases
+
+
+def test_fuzzed_requests_get_4xx_never_5xx_and_the_endpoint_stays_healthy(served):
+    url, image = served["url"], served["rows"][0]["image"]
+    cases = fuzz_requests(image)
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda case: raw(url, *case), cases))
+    for (body, content_type), (status, text) in zip(cases, answers):
+        assert status < 500, (content_type, body[:200], status, text[:300])
+        if status >= 400:  # every refusal says what to change, in the one error format
+            error = json.loads(text)["error"]
+            assert error["status"] == status and len(error["detail"]) > 10, text[:300]
+    assert sum(status == 200 for status, _ in answers) >= 3  # fuzzed values the endpoint does accept
+    assert get(url, "/healthz")[0] == 200
+    assert post(url, {"image": b64(image), "aspects": ["uniform"], "k": 2})[0] == 200
+
+
 def fire(url: str, bodies: list[dict], concurrency: int) -> list[tuple[int, dict]]:
     with ThreadPoolExecutor(concurrency) as pool:
         return list(pool.map(lambda b: post(url, b), bodies))

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import struct
 import zlib
 
 import pytest
+from PIL import Image
 
 from attribution_core.config_stages import ServeConfig
-from pipelines.serve.protocol import RequestError, check_image
+from pipelines.serve.protocol import RequestError, build_query, check_image
 
 
 def png_header(width: int, height: int) -> bytes:
@@ -31,3 +33,18 @@ def test_a_truncated_image_is_400():
     with pytest.raises(RequestError) as caught:
         check_image(png_header(16, 16)[:20], ServeConfig())
     assert caught.value.status == 400
+
+
+@pytest.mark.parametrize("prompt, label, aspects, k, status", [
+    (123, None, None, None, 422), (["a", "ring"], None, None, None, 422), ("x" * 1001, None, None, None, 422),
+    (None, {"name": 1}, None, None, 422), (None, True, None, None, 422), (None, None, [1, [2]], None, 422),
+    (None, None, None, True, 422), (None, None, None, 1e300, 422), (None, None, None, [3], 422),
+    (None, None, None, 2.5, 422), (None, None, None, "ten", 422),
+])
+def test_wrong_types_are_422_naming_the_field(prompt, label, aspects, k, status):
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16)).save(buf, format="PNG")
+    with pytest.raises(RequestError) as caught:
+        build_query(buf.getvalue(), prompt, label, aspects, k, ServeConfig())
+    assert caught.value.status == status
+    assert len(str(caught.value)) < 300  # the client's value is quoted, not echoed whole
