@@ -28,6 +28,9 @@ def ray_cluster(s3_base):
     AWS variables; yields the cluster address for subprocess drivers."""
     import ray
 
+    from pipelines.ray_runtime import local_settings
+
+    local_settings()
     ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=512 * 2**20,
              log_to_driver=False)
     try:

@@ -187,7 +187,8 @@ def test_index_command_prints_the_summary_and_explains_errors(tmp_path, ray_clus
     write_synthetic(str(tmp_path / "data"), 10, seed=2, size=16)
     config = tmp_path / "index.yaml"
     config.write_text(yaml.safe_dump({"featurize": {"timesteps": {"count": 2}, "projection": {"k_in": 4, "k_out": 4}},
-                                      "index": {"batch_size": 4, "actors": 1}}))
+                                      "index": {"batch_size": 4, "actors": 1, "kernel": "auto",
+                                                "damping_rule": "fixed"}}))  # the rule has tests of its own
     common = ("--config", str(config), "--model", model_dirs["text"], "--ray-address", ray_cluster)
     run = attribution("--log-level", "WARNING", "index", *common, "--dataset", str(tmp_path / "data"),
                       "--out", str(tmp_path / "index"), "--json")

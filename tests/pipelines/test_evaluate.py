@@ -11,6 +11,8 @@ import pyarrow as pa
 
 from attribution_core.config import ProjectConfig, from_mapping
 from attribution_core.data.writers import synthetic_rows, write_parquet_dataset
+from attribution_core.index.store import IndexStore
+from attribution_core.weights.artifact import artifact_path
 from pipelines.evaluation.job import EvaluateRequest, evaluate
 from tests.pipelines.conftest import tiny_main_job
 
@@ -23,18 +25,17 @@ def _plain_images(uri: str, n: int) -> None:
 
 def test_unconditional_dataset_without_captions_or_attributes(tmp_path, ray_cluster):
     settings = tiny_main_job(tmp_path, train={"conditioning": "none"}, subset_train={"conditioning": "none"},
-                             weights={"aspects": ["general"]}, evaluate={"bases": ["tracin", "dtrak", "das"]})
+                             weights={"aspects": ["general"]}, evaluate={"bases": ["tracin", "das"]})
     _plain_images(settings["data"]["uri"], 48)
     cfg = from_mapping(ProjectConfig, settings)
     metrics = evaluate(cfg, EvaluateRequest())
 
-    assert set(metrics["lds"]) == {"tracin", "dtrak", "das"} and metrics["n_subsets"] == 4 and metrics["n_queries"] == 5
-    # the kernel bases' indexes chose their damping by the objective rule, and say so; TracIn has no kernel
-    for basis in ("dtrak", "das"):
-        chosen = metrics["lds"][basis]["kernel_choice"]
-        assert chosen["rule"] == "objective" and chosen["damping"] in (0.01, 1.0)  # the index grid of tiny_main_job
-        values = [v for by_damping in chosen["objective"].values() for v in by_damping.values()]
-        assert min(values) == chosen["objective"][chosen["kernel"]][str(chosen["damping"])]
+    assert set(metrics["lds"]) == {"tracin", "das"} and metrics["n_subsets"] == 4 and metrics["n_queries"] == 5
+    # the kernel basis' index chose its damping by the objective rule, and says so; TracIn has no kernel
+    chosen = metrics["lds"]["das"]["kernel_choice"]
+    assert chosen["rule"] == "objective" and chosen["damping"] in (0.01, 1.0)  # the index grid of tiny_main_job
+    values = [v for by_damping in chosen["objective"].values() for v in by_damping.values()]
+    assert min(values) == chosen["objective"][chosen["kernel"]][str(chosen["damping"])]
     assert "kernel_choice" not in metrics["lds"]["tracin"]
     assert metrics["recall_at_10"] == {} and "none-conditioned" in metrics["info"]["recall_skipped"]
     assert metrics["info"]["query_mix"] == "3 generated, 2 held-out real"
@@ -52,17 +53,20 @@ def test_unconditional_dataset_without_captions_or_attributes(tmp_path, ray_clus
     outputs = np.stack([np.load(f"{gt['folder']}/subset-{s:04d}.npy") for s in range(4)], axis=1)  # [Q, S]
     assert outputs.shape == (5, 4) and np.isfinite(outputs).all()
     assert len({tuple(np.round(outputs[:, s], 12)) for s in range(4)}) == 4  # every subset model differs
-    per_query = np.array(detail["lds"]["dtrak"]["uniform"], dtype=float)
-    assert abs(np.nanmean(per_query) - metrics["lds"]["dtrak"]["uniform"]) < 1e-4  # metrics round to 4 places
+    per_query = np.array(detail["lds"]["das"]["uniform"], dtype=float)
+    assert abs(np.nanmean(per_query) - metrics["lds"]["das"]["uniform"]) < 1e-4  # metrics round to 4 places
 
-    # Other weight settings: the weights are learned again, the retrained models are reused,
-    # and uniform-weight LDS (which does not depend on them) is unchanged.
-    changed = from_mapping(ProjectConfig, {**settings, "weights": {**settings["weights"], "lambda_w": 0.5}})
-    again = evaluate(changed, EvaluateRequest())
+    # Other weight settings (LDS of one basis): the weights are learned again, the retrained
+    # models are reused, and uniform-weight LDS (which does not depend on them) is unchanged.
+    changed = from_mapping(ProjectConfig, {**settings, "weights": {**settings["weights"], "lambda_w": 0.5},
+                                           "evaluate": {**settings["evaluate"], "bases": ["das"]}})
+    again = evaluate(changed, EvaluateRequest(recall=False))
     assert again["info"]["ground_truth"]["trained"] == 0 and again["info"]["ground_truth"]["key"] == gt["key"]
-    assert again["info"]["weights_learned_now"]
-    for basis in ("tracin", "dtrak", "das"):
-        assert again["lds"][basis]["uniform"] == metrics["lds"][basis]["uniform"]
+    assert set(again["lds"]) == {"das"}
+    das_index = IndexStore(again["info"]["lds_indexes"]["das"]["uri"])
+    document = das_index.read_json(artifact_path(again["info"]["lds_indexes"]["das"]["version"], "das"))
+    assert document["settings"]["lambda_w"] == 0.5  # learned again under the new settings
+    assert again["lds"]["das"]["uniform"] == metrics["lds"]["das"]["uniform"]
     _das_index_serves_its_formula(str(tmp_path / "eval" / "lds"))
 
 

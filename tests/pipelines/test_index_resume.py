@@ -38,7 +38,8 @@ def test_killed_driver_resumes_exactly_once(tmp_path, ray_cluster, model_dirs):
     config = tmp_path / "index.yaml"
     # One example per shard and many timesteps, so the job is still running when it is killed.
     config.write_text(yaml.safe_dump({"featurize": {**FEATURIZE, "timesteps": {"count": 24, "strategy": "uniform"}},
-                                      "index": {"batch_size": 1, "actors": 2, "threads_per_actor": 1}}))
+                                      "index": {"batch_size": 1, "actors": 2, "threads_per_actor": 1,
+                                                "kernel": "auto", "damping_rule": "fixed"}}))
     out = str(tmp_path / "index")
     cmd = index_command(config, data, model_dirs["text"], out, ray_cluster)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

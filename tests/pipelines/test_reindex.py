@@ -54,7 +54,8 @@ def project_dir(tmp_path_factory, ray_cluster, model_dirs):
     rows = write_dataset(data)
     settings = {
         "model": {"path": model_dirs["text"], "device": "cpu"}, "data": {"uri": data}, "featurize": FEATURIZE,
-        "index": {"out": index, "batch_size": 8, "actors": 2, "threads_per_actor": 1, "kernel": "block_diagonal"},
+        "index": {"out": index, "batch_size": 8, "actors": 2, "threads_per_actor": 1, "kernel": "block_diagonal",
+                  "damping_rule": "fixed"},
         "weights": {"aspects": ["general"], "queries_per_aspect": 4, "steps": 10, "sample_steps": 3,
                     "max_rounds": 1, "workers": 1, "pool_size": 12},
         "serve": {"host": "127.0.0.1", "port": free_port(), "partitions": 2, "cpus_per_replica": 0.25,

@@ -44,7 +44,10 @@ def free_port() -> int:
 def write_config(path, model: str, index: str, port: int, **serve) -> str:
     settings = {"model": {"path": model, "device": "cpu"}, "featurize": FEATURIZE, "index": {"out": index},
                 "serve": {"host": "127.0.0.1", "port": port, "max_image_bytes": 50_000, "max_image_pixels": 1_000_000,
-                          "max_k": 20, "partitions": 2, "cpus_per_replica": 0.25, "threads": 1, **serve}}
+                          "max_k": 20, "partitions": 2, "cpus_per_replica": 0.25, "threads": 1,
+                          # concurrent queries wait up to 20 ms to share a batch, so batching is seen even
+                          # when a busy machine delivers them one at a time
+                          "batch_wait_ms": 20, **serve}}
     path.write_text(yaml.safe_dump(settings))
     return str(path)
 
@@ -82,7 +85,8 @@ def served(tmp_path_factory, ray_cluster, model_dirs):
     write_parquet_dataset(data, rows, SYNTH_SCHEMA, {"kind": "test"}, rows_per_file=16)
     index = str(root / "index")
     cfg = from_mapping(ProjectConfig, {"featurize": FEATURIZE, "index": {"batch_size": 8, "actors": 2,
-                                                                         "kernel": "block_diagonal"}})
+                                                                         "kernel": "block_diagonal",
+                                                                         "damping_rule": "fixed"}})
     built = run_index(cfg, IndexRequest(dataset=data, model=model_dirs["text"], out=index))
     store = IndexStore(index)
     manifest = store.latest()

@@ -68,7 +68,8 @@ def test_learn_weights_end_to_end_grows_pools_and_ties_the_artifact_to_its_versi
 
     data, out = str(tmp_path / "data"), str(tmp_path / "index")
     write_synthetic(data, 48, seed=4, size=16)
-    settings = {"featurize": FEATURIZE, "index": {"batch_size": 16, "actors": 2, "kernel": "block_diagonal"},
+    settings = {"featurize": FEATURIZE, "index": {"batch_size": 16, "actors": 2, "kernel": "block_diagonal",
+                                                            "damping_rule": "fixed"},
                 "weights": {"aspects": ["general", "subject"], "queries_per_aspect": 4, "sample_steps": 3,
                             "top_k": 3, "pool_size": 3, "max_rounds": 4, "steps": 20, "report_every": 10,
                             "workers": 2, "validation_queries": 6, "holdout_queries": 3}}
