@@ -48,10 +48,9 @@ browser:
 test: install browser
 	$(NETNS) $(PY) -m pytest $(PYTEST_ARGS)
 
-# The edit-run loop: everything that starts no Ray, Serve or retraining job.
+# The edit-run loop: every test not marked slow (slow: starts Ray, Serve or a training job; see tests/conftest.py).
 test-fast: install
-	$(NETNS) $(PY) -m pytest tests/core tests/pipelines/test_deploy_files.py tests/pipelines/test_serve_protocol.py \
-	  tests/pipelines/test_cli_help.py tests/pipelines/test_cli_errors.py $(PYTEST_ARGS)
+	$(NETNS) $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 demo: install
 	$(NETNS) $(VENV)/bin/attribution demo --config configs/demo.yaml

@@ -1,7 +1,8 @@
 """Shared fixtures: tiny diffusers models saved in the pipeline layout, seeded batches.
 
 Tiers: ``tests/core`` (no Ray), ``tests/pipelines`` (command line; local Ray once a stage
-needs it), ``tests/gpu`` (marker ``gpu``, skipped without CUDA).
+needs it), ``tests/gpu`` (marker ``gpu``, skipped without CUDA). Marker ``slow``: starts Ray,
+Serve or a training job (``make test-fast`` leaves these out).
 """
 
 from __future__ import annotations
@@ -26,11 +27,14 @@ KINDS = ("unet", "unet-class", "text", "text-latent")
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
+    """Tests that start Ray (the session cluster) are ``slow`` as well as those marked so (a
+    subprocess that trains or starts its own Ray): ``make test-fast`` runs ``-m "not slow"``.
+    Without CUDA, ``gpu`` tests are skipped."""
+    skip = None if torch.cuda.is_available() else pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
-        if "gpu" in item.keywords:
+        if "ray_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+        if skip is not None and "gpu" in item.keywords:
             item.add_marker(skip)
 
 

@@ -126,6 +126,7 @@ def test_demo_end_to_end(tmp_path, ray_cluster):
     assert f"report           {(tmp_path / 'eval' / 'report.html').resolve()}" in text
 
 
+@pytest.mark.slow  # a subprocess that imports the stack, trains or starts Ray
 def test_groups_command(tmp_path, model_dirs):
     config = _demo_config(tmp_path, model_dirs["text"])
     out = attribution("groups", "--config", str(config)).stdout
@@ -136,6 +137,7 @@ def test_groups_command(tmp_path, model_dirs):
     assert "cross_attn_k" in out
 
 
+@pytest.mark.slow  # a subprocess that imports the stack, trains or starts Ray
 def test_errors_are_one_line_with_exit_2(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("featurize: {measurement: gradient}\n")
@@ -146,6 +148,7 @@ def test_errors_are_one_line_with_exit_2(tmp_path):
     assert proc.returncode == 2 and "does not exist" in proc.stderr
 
 
+@pytest.mark.slow  # a subprocess that imports the stack, trains or starts Ray
 def test_build_tiny_model_saves_a_pipeline_that_loads_and_featurizes(tmp_path):
     """What a user does next with a built model: diffusers loads it, and the featurizer gives
     finite features of the layout's size for each example."""
@@ -170,6 +173,7 @@ def test_build_tiny_model_saves_a_pipeline_that_loads_and_featurizes(tmp_path):
     assert float(features.abs().sum()) > 0
 
 
+@pytest.mark.slow  # a subprocess that imports the stack, trains or starts Ray
 def test_bench_featurize_prints_the_fields(tmp_path):
     proc = attribution("bench", "featurize", "--json", "--examples", "2", "--timesteps", "1", "--repeats", "1")
     result = json.loads(proc.stdout)

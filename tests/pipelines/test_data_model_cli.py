@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 import yaml
 
 from attribution_core.data.readers import read_examples
@@ -21,6 +22,7 @@ def _config(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow  # a subprocess that imports the stack, trains or starts Ray
 def test_synth_train_generate_quality(tmp_path):
     data = tmp_path / "data"
     out = json.loads(attribution("data", "synth", "--out", str(data), "--n", "48", "--size", "16",
@@ -55,6 +57,7 @@ def test_synth_train_generate_quality(tmp_path):
     assert quality["n"] == 8 and quality["held_out"]["n"] == 4
 
 
+@pytest.mark.slow  # a subprocess that imports the stack, trains or starts Ray
 def test_synth_to_s3(tmp_path, s3_base):
     import os
 

@@ -8,11 +8,12 @@ import json
 import socket
 from pathlib import Path
 
+import pytest
 import yaml
 
 from attribution_core.index.store import IndexStore
-from attribution_core.models.pipeline_dir import load_adapter
 from attribution_core.models.fingerprint import model_fingerprint
+from attribution_core.models.pipeline_dir import load_adapter
 from attribution_core.models.lora import is_adapter_layer, read_pointer
 from tests.pipelines.conftest import tiny_main_job
 from tests.pipelines.test_cli import attribution, error_line
@@ -80,6 +81,7 @@ def test_lora_models_go_through_every_stage(tmp_path, ray_cluster):
     assert answer["index"]["version"] == info["index_build"]["version"]
 
 
+@pytest.mark.slow  # subprocesses that train a base and a LoRA
 def test_train_model_lora_flags(tmp_path):
     """`train-model --base --lora` writes a LoRA directory that loads as base + adapters;
     a changed base is refused at load with one line."""

@@ -178,6 +178,7 @@ def test_a_pipeline_directory_without_training_json(tmp_path, ray_cluster):
     assert metrics["info"]["index_build"]["rows"] == 48 and metrics["info"]["index_build"]["errors"] == 0
 
 
+@pytest.mark.slow  # a subprocess that imports the stack, trains or starts Ray
 def test_missing_dataset_without_a_synthetic_section(tmp_path):
     settings = tiny_main_job(tmp_path)
     settings["data"] = {"uri": str(tmp_path / "nowhere")}
