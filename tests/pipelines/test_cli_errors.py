@@ -44,9 +44,15 @@ def test_every_command_has_a_bad_input_case():
 
 
 @pytest.mark.parametrize("words", sorted(CASES), ids=" ".join)
-def test_bad_input_exits_2_with_one_line(words, tmp_path):
+def test_bad_input_exits_2_with_one_line(words, tmp_path, monkeypatch):
     import ray
 
+    def no_ray(*_, **__):
+        raise AssertionError("refused input must not start or join Ray")
+
+    # Ray may be up already (other tests in this process): pretend not, and fail on any start.
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", no_ray)
     args, says = CASES[words]
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
@@ -57,4 +63,3 @@ def test_bad_input_exits_2_with_one_line(words, tmp_path):
     lines = [line for line in err.getvalue().splitlines() if "error: " in line]
     assert code == 2 and len(lines) == 1, err.getvalue()
     assert says in lines[0]
-    assert not ray.is_initialized(), "refused input must not start Ray"
