@@ -11,8 +11,6 @@ update: Serve calls ``reconfigure`` on the running replicas instead of replacing
 Changing ``args`` rebuilds the application (new replicas, rolling).
 """
 
-from __future__ import annotations
-
 from typing import Any
 
 from pydantic import BaseModel, Field

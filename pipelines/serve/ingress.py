@@ -7,8 +7,9 @@ retry) with ``{"error": {"status", "detail"}}`` saying what to change; the work 
 the featurizer and searcher deployments (``pipelines.serve.deployments``).
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations`` here: FastAPI reads the route methods' annotations
+# (``request: Request``) as objects; as strings, Serve's ingress could not resolve them and would
+# take ``request`` for a query parameter (every request a 422).
 import asyncio
 import hmac
 import json
