@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from attribution_core.config import ProjectConfig, to_mapping
-from attribution_core.config_stages import ServedVersion
+from pipelines.serve.protocol import ServedVersion
 
 APP_NAME = "attribution"
 IMPORT_PATH = "pipelines.serve.app:build_app"

@@ -21,9 +21,9 @@ import numpy as np
 from ray import serve
 
 from attribution_core.config_io import from_mapping
-from attribution_core.config_stages import ServedVersion
 from attribution_core.errors import RequestError
 from pipelines.serve.follow import FollowLatest
+from pipelines.serve.protocol import ServedVersion
 
 log = logging.getLogger("ray.serve")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from attribution_core.config_stages import ServedVersion
+from pipelines.serve.protocol import ServedVersion
 
 log = logging.getLogger("ray.serve")
 

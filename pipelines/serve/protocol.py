@@ -11,6 +11,7 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
+from attribution_core.config_io import check
 from attribution_core.config_stages import ASPECTS, QUERY_ASPECTS, ServeConfig
 from attribution_core.errors import RequestError
 
@@ -28,6 +29,34 @@ class Query:
     label: str | int | None
     aspects: tuple[str, ...]
     k: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ServedVersion:
+    """What a running endpoint swaps without new replicas: each Serve deployment's
+    ``user_config``, sent as a plain mapping and rebuilt with ``from_mapping`` on arrival.
+    Redeploying with only these changed is a lightweight update (``reconfigure``)."""
+
+    index: str
+    """Index root (path or s3://) whose version is served."""
+    version: str | None = None
+    """Version served; None follows the index's ``latest`` pointer every ``refresh_s``."""
+    weights: str | None = None
+    """Weights artifact URI; None: <index>/versions/<v>/weights/<weights_name>.json, else the
+    nearest earlier version's."""
+    weights_name: str = "learned"
+    """Weights artifact name under the served version (serve.weights)."""
+    max_batch_size: int = 8
+    """Concurrent queries featurized / searched together (serve.max_batch_size)."""
+    batch_wait_ms: float = 0.0
+    """Milliseconds a replica waits to fill a batch (serve.batch_wait_ms)."""
+    refresh_s: float = 0.0
+    """Seconds between looks at ``latest`` while no version is pinned; 0 = never (serve.refresh_s)."""
+
+    def __post_init__(self) -> None:
+        check(self.max_batch_size >= 1, "user_config.max_batch_size", "must be at least 1")
+        check(self.batch_wait_ms >= 0, "user_config.batch_wait_ms", "must be >= 0")
+        check(self.refresh_s >= 0, "user_config.refresh_s", "must be >= 0 (0 = do not follow latest)")
 
 
 def decode_base64(data: str) -> bytes:

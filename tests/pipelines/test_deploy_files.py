@@ -13,8 +13,8 @@ from pathlib import Path
 import yaml
 
 from attribution_core.config import ProjectConfig, from_mapping
-from attribution_core.config_stages import ServedVersion
 from pipelines.serve.app import IMPORT_PATH, ServeArgs
+from pipelines.serve.protocol import ServedVersion
 from pipelines.serve.runner import application_config
 
 ROOT = Path(__file__).resolve().parents[2]
