@@ -124,8 +124,8 @@ def run(scale: str = "tiny", examples: int = 16, timesteps: int = 10, k: int = 8
         full_dense: bool = False) -> dict[str, Any]:
     torch.manual_seed(0)
     if scale == "tiny":
-        tmp = tempfile.mkdtemp(prefix="bench-featurize-")
-        adapter = load_adapter(build_tiny_pipeline("text", tmp, resolution=16, widths=(32, 64)))
+        with tempfile.TemporaryDirectory(prefix="bench-featurize-") as tmp:  # loaded into memory, then removed
+            adapter = load_adapter(build_tiny_pipeline("text", tmp, resolution=16, widths=(32, 64)))
         model_desc = "UNet2DConditionModel widths (32, 64), 16x16 RGB pixels (the demo model)"
     else:
         adapter = _sd15_adapter()

@@ -48,7 +48,8 @@ def scaling(cfg: ProjectConfig, sizes: list[int], queries: int, groups: int, dim
         pools = pools_from_state(state)
         part = {"contrib": pools.contrib.numpy(), "valid": pools.valid.numpy(), "noise": state.noise.numpy()}
         start = time.perf_counter()
-        result = optimise([part], np.zeros((1, groups)), wcfg, tempfile.mkdtemp(prefix="bench-weights-"), f"n{n}")
+        with tempfile.TemporaryDirectory(prefix="bench-weights-") as storage:  # Ray Train's run folder
+            result = optimise([part], np.zeros((1, groups)), wcfg, storage, f"n{n}")
         optimise_s = time.perf_counter() - start
         out.append({"n": n, "queries": queries, "groups": groups, "k_total": layout.k_total,
                     "pool_candidates": int(pools.valid.shape[1]), "steps": wcfg.steps, "workers": wcfg.workers,

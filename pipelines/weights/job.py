@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import logging
+import shutil
 import tempfile
 from typing import Any
 
@@ -103,21 +104,25 @@ def _optimise_rounds(wcfg, rows: dict[str, slice], pools: Pools, noise: np.ndarr
     (``rescan(weights [A, M])``), grow every pool that missed a true top-k example; until
     every pool holds its query's top-k or ``weights.max_rounds``."""
     out = _Learned(np.zeros((len(rows), pools.contrib.shape[2])))
-    storage = tempfile.mkdtemp(prefix="learn-weights-")
-    for round_ in range(1, wcfg.max_rounds + 1):
-        out.rounds = round_
-        parts = [{"contrib": pools.contrib[r].numpy(), "valid": pools.valid[r].numpy(), "noise": noise[r]}
-                 for r in rows.values()]
-        result = optimise(parts, out.theta, wcfg, storage, f"round-{out.rounds}")
-        out.theta = result["theta"]
-        out.trajectory += [{"round": out.rounds, **t} for t in result["trajectory"]]
-        watch.lap("optimise")
-        pools, out.recall = grow_pools(pools, rescan(weights_from_theta(torch.from_numpy(out.theta)).float()), rows)
-        watch.lap("rescan")
-        out.recall_by_round.append({a: float(min(r)) for a, r in out.recall.items()})
-        log.info("round %d: pool recall %s", out.rounds, {a: round(float(np.mean(r)), 4) for a, r in out.recall.items()})
-        if all(min(r) == 1.0 for r in out.recall.values()):
-            break
+    storage = tempfile.mkdtemp(prefix="learn-weights-")  # Ray Train's run folders: checkpoints of theta
+    try:
+        for round_ in range(1, wcfg.max_rounds + 1):
+            out.rounds = round_
+            parts = [{"contrib": pools.contrib[r].numpy(), "valid": pools.valid[r].numpy(), "noise": noise[r]}
+                     for r in rows.values()]
+            result = optimise(parts, out.theta, wcfg, storage, f"round-{out.rounds}")
+            out.theta = result["theta"]
+            out.trajectory += [{"round": out.rounds, **t} for t in result["trajectory"]]
+            watch.lap("optimise")
+            pools, out.recall = grow_pools(pools, rescan(weights_from_theta(torch.from_numpy(out.theta)).float()), rows)
+            watch.lap("rescan")
+            out.recall_by_round.append({a: float(min(r)) for a, r in out.recall.items()})
+            log.info("round %d: pool recall %s", out.rounds,
+                     {a: round(float(np.mean(r)), 4) for a, r in out.recall.items()})
+            if all(min(r) == 1.0 for r in out.recall.values()):
+                break
+    finally:
+        shutil.rmtree(storage, ignore_errors=True)  # theta is returned; the run folders are not kept
     return out
 
 
