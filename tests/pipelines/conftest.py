@@ -72,9 +72,11 @@ def error_ids(uri: str) -> dict[str, str]:
     return {r["example_id"]: r["reason"] for r in rows}
 
 
-def tiny_main_job(tmp_path: Path, **sections: dict) -> dict:
+def tiny_main_job(tmp_path: Path, kernel_rule: str = "fixed", **sections: dict) -> dict:
     """configs/demo.yaml scaled to seconds: a 48-example dataset, 8x8 models, a few steps
-    everywhere, an LDS of 4 subsets over 24 examples; ``sections`` update its sections."""
+    everywhere, an LDS of 4 subsets over 24 examples; ``sections`` update its sections.
+    ``kernel_rule="objective"`` keeps demo.yaml's choice of the kernel and damping by the
+    objective on generated queries; by default they are fixed (the rule has tests of its own)."""
     cfg = yaml.safe_load((Path(__file__).resolve().parents[2] / "configs" / "demo.yaml").read_text())
     recipe = {"resolution": 8, "widths": [8, 16], "text_width": 16, "batch_size": 8, "warmup_steps": 1, "threads": 1}
     cfg["data"]["uri"] = str(tmp_path / "data")
@@ -85,6 +87,8 @@ def tiny_main_job(tmp_path: Path, **sections: dict) -> dict:
     cfg["featurize"]["timesteps"]["count"] = 2
     cfg["index"].update(out=str(tmp_path / "index"), batch_size=16, actors=2, damping_queries=3,
                         damping_grid=[0.01, 1.0])  # the evaluation's sweep holds the index's choice
+    if kernel_rule == "fixed":
+        cfg["index"].update(kernel="auto", damping_rule="fixed")
     cfg["weights"].update(queries_per_aspect=4, steps=10, sample_steps=3, max_rounds=1, workers=1, pool_size=12,
                           validation_queries=6, holdout_queries=3)
     cfg["demo"].update(out=str(tmp_path / "demo"), queries=1, top_k=2)

@@ -38,7 +38,7 @@ def _demo_config(tmp_path: Path, model_dir: str | None = None) -> Path:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cfg = tiny_main_job(tmp_path, serve={"port": port})
+    cfg = tiny_main_job(tmp_path, kernel_rule="objective", serve={"port": port})
     if model_dir:
         cfg["model"]["path"] = model_dir
     path = tmp_path / "demo.yaml"
@@ -50,6 +50,7 @@ def test_demo_end_to_end(tmp_path, ray_cluster):
     """synth -> train -> index -> learn weights -> evaluate -> endpoint answers one query;
     a rerun skips every cached step and measures the same numbers."""
     from attribution_core.index.store import IndexStore
+    from pipelines.demo import summary_text as demo_text
 
     config = _demo_config(tmp_path)
     on_cluster = {"RAY_ADDRESS": ray_cluster}  # the session's Ray instead of a second local one
@@ -112,13 +113,16 @@ def test_demo_end_to_end(tmp_path, ray_cluster):
     assert answer["substituted"] == {a: used for a, used in chosen.items() if used != a}
     assert all(len(top) == 2 for top in answer["aspects"].values()) and answer["index"]["version"] == built["version"]
 
-    # A second run trains, indexes, learns and retrains nothing, and measures the same numbers.
-    text = attribution("demo", "--config", str(config), env=on_cluster).stdout
-    again = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    # A second run trains, indexes, learns and retrains nothing, and measures the same numbers:
+    # `demo` is `evaluate` and then the endpoint, which answered above, so the rerun is `evaluate`.
+    again = json.loads(attribution("evaluate", "--config", str(config), "--json", env=on_cluster).stdout)
     assert again["info"]["prepared"] == {} and again["info"]["index_build"]["up_to_date"]
     assert not again["info"]["weights_learned_now"] and again["info"]["ground_truth"]["trained"] == 0
     assert info["universe_model_trained_now"] and not again["info"]["universe_model_trained_now"]
     assert again["lds"] == metrics["lds"] and again["recall_at_10"] == metrics["recall_at_10"]
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["lds"] == again["lds"]
+    # What `demo` prints without --json, for that rerun and the endpoint's answer.
+    text = demo_text({"evaluation": again, "served": served})
     assert "up to date" in text and "LDS (4 subsets, 5 queries" in text and "query:" in text
     assert f"subject answered by {chosen['subject']} (" in text
     for aspect, used in chosen.items():  # the printed answer says which weights answered each aspect

@@ -24,8 +24,9 @@ def _plain_images(uri: str, n: int) -> None:
 
 
 def test_unconditional_dataset_without_captions_or_attributes(tmp_path, ray_cluster):
-    settings = tiny_main_job(tmp_path, train={"conditioning": "none"}, subset_train={"conditioning": "none"},
-                             weights={"aspects": ["general"]}, evaluate={"bases": ["tracin", "das"]})
+    settings = tiny_main_job(tmp_path, kernel_rule="objective", train={"conditioning": "none"},
+                             subset_train={"conditioning": "none"}, weights={"aspects": ["general"]},
+                             evaluate={"bases": ["tracin", "das"]})
     _plain_images(settings["data"]["uri"], 48)
     cfg = from_mapping(ProjectConfig, settings)
     metrics = evaluate(cfg, EvaluateRequest())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 
 import numpy as np
 import pyarrow as pa
@@ -147,9 +148,10 @@ def test_incremental_update_equals_a_full_rebuild(full_build, tmp_path, model_di
     rows += [dict(r, example_id=f"new-{i}") for i, r in enumerate(synthetic_rows(4, seed=9, size=16))]
     rows += bad_rows()[:1]  # an unchanged quarantined example stays quarantined
     data = write_rows(str(tmp_path / "data-v2"), rows)
-    # Build on a copy of the first index so the module's other tests keep their version.
+    # Update a copy of the module's index so its other tests keep their version.
     out = str(tmp_path / "index")
-    base = run_index(project(), IndexRequest(dataset=full_build["data"], model=model_dirs["text"], out=out))
+    shutil.copytree(full_build["out"], out)
+    base = IndexStore(out).latest()
     update = run_index(project(), IndexRequest(dataset=data, model=model_dirs["text"], out=out))
     rebuild = str(tmp_path / "rebuild")
     run_index(project(), IndexRequest(dataset=data, model=model_dirs["text"], out=rebuild))
@@ -175,7 +177,8 @@ def test_incremental_update_equals_a_full_rebuild(full_build, tmp_path, model_di
 
 def test_other_featurize_settings_are_refused_incrementally_and_rebuilt_fully(full_build, tmp_path, model_dirs):
     out = str(tmp_path / "index")
-    first = run_index(project(), IndexRequest(dataset=full_build["data"], model=model_dirs["text"], out=out))
+    shutil.copytree(full_build["out"], out)  # the module's index, built with seed 0
+    first = IndexStore(out).latest()
     other = project(featurize={"seed": 1})
     with pytest.raises(ManifestMismatchError, match=r"featurize\.seed: 0 != 1"):
         run_index(other, IndexRequest(dataset=full_build["data"], model=model_dirs["text"], out=out, mode="incremental"))
@@ -316,8 +319,6 @@ def test_kernel_chosen_by_the_objective_equals_a_direct_computation(tmp_path, ra
 def test_other_kernel_settings_make_a_new_version_over_the_same_shards(full_build, tmp_path, model_dirs):
     """Only the kernel's damping changes: a new version that reuses every shard and rebuilds
     the kernel; the same settings again are up to date."""
-    import shutil
-
     out = str(tmp_path / "index")
     shutil.copytree(full_build["out"], out)
     before, _ = read_index(out)

@@ -37,7 +37,6 @@ def lora_job(tmp_path: Path) -> dict:
     cfg["train"].update(lora)
     cfg["subset_train"] = {**cfg["train"], "steps": 4}  # the same base: the universe model is a LoRA of it
     cfg["evaluate"]["bases"] = ["dtrak"]  # one LDS index (the demo test covers every basis)
-    cfg["index"].update(kernel="auto", damping_rule="fixed")  # the kernel rule has tests of its own
     return cfg
 
 
