@@ -12,10 +12,6 @@ from attribution_core.errors import ImageDecodeError, ImageShapeError, InputErro
 MAX_PIXELS = 64 * 2**20  # a decompression-bomb guard well above any training image
 
 
-
-
-
-
 def decode_image(data: bytes, example_id: str, resolution: int, channels: int,
                  min_side: int = 0, max_aspect: float = 0.0) -> np.ndarray:
     """PNG/JPEG/... bytes -> ``float32 [channels, resolution, resolution]`` in [-1, 1].

@@ -20,8 +20,6 @@ from attribution_core.models.adapters import DiffusersAdapter
 from attribution_core.models.fingerprint import model_fingerprint
 
 
-
-
 def open_version(store: IndexStore, version: str | None = None, need_rows: bool = True) -> dict[str, Any]:
     """The manifest of ``version`` (default: the one ``latest`` names), refused with a named
     error when it is missing, of another schema, or (``need_rows``) empty."""

@@ -27,8 +27,6 @@ HINTS = (
 )
 
 
-
-
 def reason_kind(reason: str) -> str:
     """A reason without what is particular to one example (its id, sizes), so reasons of
     one kind count together."""

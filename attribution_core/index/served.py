@@ -23,8 +23,6 @@ from attribution_core.index.store import IndexStore
 from attribution_core.weights.artifact import UNIFORM, check_weights, find_weights, weights_matrix
 
 
-
-
 def read_weights_uri(uri: str) -> dict[str, Any]:
     fs, path = filesystem_for(uri)
     try:

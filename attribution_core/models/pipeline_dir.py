@@ -51,7 +51,6 @@ def save_pipeline(components: dict[str, Any], out_dir: str | Path, variant: str 
     return out
 
 
-
 def is_model_dir(path: str | Path) -> bool:
     """Whether ``path`` holds a model ``load_adapter`` can open (a pipeline or a LoRA)."""
     root = Path(path)

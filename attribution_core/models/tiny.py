@@ -188,7 +188,6 @@ def build_tiny_pipeline(
     return save_pipeline(components, out)
 
 
-
 def sd15_unet(sample_size: int = 64):
     """A ``UNet2DConditionModel`` with Stable Diffusion 1.5's shapes and random weights
     (about 860 M parameters; 64x64 latents for 512x512 images)."""

@@ -17,8 +17,6 @@ from attribution_core.errors import UnknownWordsError
 _WORD = re.compile(r"[a-z0-9]+")
 
 
-
-
 def prompt_words(text: str) -> list[str]:
     """The words of ``text`` as the word-level tokenizer splits them (lowercase letters and
     digits; punctuation and spaces separate words)."""

@@ -22,8 +22,6 @@ from pipelines.index.stages import gram_partition
 log = logging.getLogger(__name__)
 
 
-
-
 def shard_ids(store: IndexStore, paths: list[str]) -> dict[str, list[str]]:
     return {p: store.read_table(p, columns=["example_id"]).column("example_id").to_pylist() for p in paths}
 

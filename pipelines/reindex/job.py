@@ -32,8 +32,6 @@ from pipelines.reindex.lease import Lease, LeaseHeldError
 log = logging.getLogger(__name__)
 
 
-
-
 @dataclasses.dataclass(frozen=True)
 class ReindexRequest:
     dataset: str | None = None  # default: data.uri of the config

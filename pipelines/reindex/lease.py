@@ -32,10 +32,6 @@ from attribution_core.errors import LeaseHeldError, LeaseLostError
 LEASE_NAME = "reindex.lease"
 
 
-
-
-
-
 @dataclasses.dataclass
 class _Stored:
     record: dict[str, Any] | None

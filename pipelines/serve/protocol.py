@@ -18,8 +18,6 @@ from attribution_core.errors import RequestError
 UNIFORM = "uniform"
 
 
-
-
 @dataclasses.dataclass(frozen=True)
 class Query:
     """One checked request: image bytes, optional prompt / label, aspects, k."""

@@ -74,7 +74,6 @@ def test_reindex_and_refresh_settings_are_checked():
         from_mapping(ProjectConfig, {"serve": {"refresh_s": -1}})
 
 
-
 def test_every_config_field_says_what_it_changes():
     """Each field of every config section is followed by its doc line (what it changes, its
     unit): the config files and --help point users to these."""
