@@ -59,8 +59,8 @@ def test_fewer_probes_and_candidates_lose_recall_but_stay_exact(built):
     scores, found = narrow.topk(queries, 10, lambda numbers: rows[numbers])
     stored = torch.from_numpy(rows.astype(np.float32))
     valid = found >= 0
-    torch.testing.assert_close(scores[valid], torch.stack([stored[j] @ queries[i] for i, j in valid.nonzero().tolist()
-                                                           for j in [found[i, j].item()]]), rtol=1e-5, atol=1e-4)
+    expected = torch.stack([stored[found[i, c]] @ queries[i] for i, c in valid.nonzero().tolist()])
+    torch.testing.assert_close(scores[valid], expected, rtol=1e-5, atol=1e-4)
     narrow_recall = np.mean([len(set(found[i].tolist()) & set(exact_rows[i].tolist())) / 10
                              for i in range(len(queries))])
     _, wide = index.topk(queries, 10, lambda numbers: rows[numbers])
