@@ -56,7 +56,10 @@ def test_two_workers_equal_one_and_weights_concentrate_on_the_signal_groups(pool
     assert two["trajectory"][-1]["objective"] == pytest.approx(float(end), rel=1e-3)
 
 
-def test_learn_weights_end_to_end_grows_pools_and_ties_the_artifact_to_its_version(tmp_path, ray_cluster, model_dirs):
+def test_learn_weights_end_to_end_grows_pools_and_ties_the_artifact_to_its_version(tmp_path, ray_cluster, model_dirs,
+                                                                                    monkeypatch):
+    import tempfile
+
     from attribution_core.config import ProjectConfig, from_mapping
     from attribution_core.data.writers import write_synthetic
     from attribution_core.errors import ManifestMismatchError
@@ -75,7 +78,12 @@ def test_learn_weights_end_to_end_grows_pools_and_ties_the_artifact_to_its_versi
                             "workers": 2, "validation_queries": 6, "holdout_queries": 3}}
     cfg = from_mapping(ProjectConfig, settings)
     run_index(cfg, IndexRequest(dataset=data, model=model_dirs["text"], out=out))
+    scratch = tmp_path / "temp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where Ray Train's run folders go
     result = learn_weights(cfg, WeightsRequest(index=out))
+    assert list(scratch.iterdir()) == [], "learn-weights left its Ray Train run folders behind"
+    monkeypatch.undo()
     store = IndexStore(out)
     manifest = store.latest()
     document = store.read_json(f"versions/{manifest['version']}/weights/learned.json")
