@@ -14,6 +14,39 @@ FEATURE_DTYPES = ("float16", "float32")
 
 
 DAMPING_RULES = ("objective", "fixed")
+APPROXIMATE_BUILDS = ("auto", "always", "never")
+
+
+@dataclasses.dataclass(frozen=True)
+class ApproximateConfig:
+    """The approximate search index a version carries: FAISS IVF-PQ codes of its stored rows,
+    which a searcher under ``serve.search: auto | approximate`` holds in place of the rows
+    (1/16 of their bytes by default) and rescores exactly (README, "Exact or approximate")."""
+
+    build: str = "auto"
+    """'auto': build one for versions of at least ``min_rows`` rows; 'always'; 'never'."""
+    min_rows: int = 100_000
+    """Rows from which 'auto' builds one: from about there the exact scan's memory (2 bytes per
+    coordinate) and time outgrow the query's featurizing (``attribution bench search``
+    measures both tiers; README, "Exact or approximate")."""
+    code_bytes: int = 0
+    """Bytes of each row's product code (two 4-bit codes of 4 coordinates per byte); 0 = one
+    per 8 coordinates (1/16 of a float16 row). Must divide half the coordinates padded to a
+    multiple of 8. Half as many bytes lost recall on the demo's features (0.93 at 20,000 rows)."""
+    candidates: int = 1000
+    """Rows proposed per query and rescored exactly (``serve.search_candidates`` overrides it)."""
+    seed: int = 0
+    """Seed of the training sample and of the k-means."""
+    rows_per_task: int = 65_536
+    """Rows each Ray Data task codes (one code file per task)."""
+
+    def __post_init__(self) -> None:
+        _check(self.build in APPROXIMATE_BUILDS, "index.approximate.build",
+               f"choose one of {', '.join(APPROXIMATE_BUILDS)}, got {self.build!r}")
+        for name in ("min_rows", "candidates", "rows_per_task"):
+            _check(getattr(self, name) >= 1, f"index.approximate.{name}", f"must be >= 1, got {getattr(self, name)}")
+        for name in ("code_bytes", "seed"):
+            _check(getattr(self, name) >= 0, f"index.approximate.{name}", f"must be >= 0, got {getattr(self, name)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +104,8 @@ class IndexConfig:
     """Images the model generates to choose the kernel and damping by (``damping_rule: objective``)."""
     stats_partitions: int = 0
     """Parallel partial-Gram tasks; 0 = the cluster's CPU count."""
+    approximate: ApproximateConfig = dataclasses.field(default_factory=ApproximateConfig)
+    """The approximate search index built with each version (``index.approximate.*``)."""
 
     def __post_init__(self) -> None:
         _check(bool(self.out), "index.out", "must name an index location")
@@ -194,6 +229,7 @@ class WeightsConfig:
 
 QUERY_ASPECTS = (*ASPECTS, "uniform")
 ASPECT_QUERIES = ("weighted", "contrastive", "both")
+SEARCH_MODES = ("auto", "exact", "approximate")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -255,6 +291,17 @@ class ServeConfig:
     """Replicas serving the index's latest version (no version pinned) look at its
     ``latest`` pointer this often and hot-swap when ``attribution reindex`` (or
     ``attribution index``) moves it; 0 = only on redeploy."""
+    search: str = "auto"
+    """'exact': every query scans all stored rows, held in memory (float16). 'approximate':
+    the version's approximate index proposes candidates, each rescored exactly from the rows,
+    kept on local disk (returned scores are exact, recall is not guaranteed); a version built
+    without one is refused. 'auto': approximate when the version has one (``index.approximate``
+    builds one from 100,000 rows), else exact."""
+    search_candidates: int = 0
+    """Rows each approximate query rescores; 0 = the version's ``index.approximate.candidates``."""
+    rows_dir: str | None = None
+    """Local directory where approximate searchers keep the rows they rescore from (one file
+    per partition, removed when the process ends); None = the system's temporary directory."""
 
     def __post_init__(self) -> None:
         _check(1 <= self.port <= 65535, "serve.port", f"must be a TCP port, got {self.port}")
@@ -273,6 +320,9 @@ class ServeConfig:
         _check(self.aspect_query in ASPECT_QUERIES, "serve.aspect_query",
                f"choose one of {', '.join(ASPECT_QUERIES)}, got {self.aspect_query!r}")
         _check(self.refresh_s >= 0, "serve.refresh_s", f"must be >= 0 (0 = only on redeploy), got {self.refresh_s}")
+        _check(self.search in SEARCH_MODES, "serve.search", f"choose one of {', '.join(SEARCH_MODES)}, got {self.search!r}")
+        _check(self.search_candidates >= 0, "serve.search_candidates",
+               f"must be >= 0 (0 = the version's), got {self.search_candidates}")
 
 
 RELEARN = ("always", "changed")

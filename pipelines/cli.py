@@ -16,6 +16,7 @@
     attribution bench index --json                     index throughput, scaling, bytes/example
     attribution bench weights --json                   weight learning time vs N; aspect Recall@10
     attribution bench serve --json                     endpoint latency and throughput vs N and concurrency
+    attribution bench search --json                    exact vs approximate search: latency, recall, memory
     attribution bench scale --json                     every stage on a Stable Diffusion 1.5-sized pipeline
 
 Errors in input or configuration print one line saying what to change and exit with 2.
@@ -135,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     from pipelines.bench.index import add_parser as add_index
     from pipelines.bench.quality import add_parser as add_quality
     from pipelines.bench.scale import add_parser as add_scale
+    from pipelines.bench.search import add_parser as add_search
     from pipelines.bench.serve import add_parser as add_serve
     from pipelines.bench.weights import add_parser as add_weights
 
@@ -144,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_index(bench, DEFAULT_CONFIG)
     add_weights(bench, DEFAULT_CONFIG)
     add_serve(bench, DEFAULT_CONFIG)
+    add_search(bench, DEFAULT_CONFIG)
     add_scale(bench)
     return parser
 

@@ -72,11 +72,13 @@ def check_same_features(expected: FeatureSpec, found: FeatureSpec, what: str, fi
 
 def build_manifest(version: str, sequence: int, supersedes: str | None, model: dict[str, Any], spec: FeatureSpec,
                    layout: GroupLayout, dataset: dict[str, Any], shards: list[dict[str, Any]],
-                   errors: dict[str, list[str]], stats: dict[str, Any], build: dict[str, Any]) -> dict[str, Any]:
+                   errors: dict[str, list[str]], stats: dict[str, Any], build: dict[str, Any],
+                   approximate: dict[str, Any] | None = None) -> dict[str, Any]:
     """The manifest of an index version: what it was built from (``model``: path, fingerprint,
     class, conditioning, image shape; ``dataset``: source and keys digest), its feature spec,
     its shards (path, rows, bytes), its quarantined examples (``errors``: shard path -> ids),
-    the kernel's statistics and how the build ran (``build``)."""
+    the kernel's statistics, how the build ran (``build``) and its approximate search index
+    (``approximate``: ``attribution_core.index.approximate_files``; None without one)."""
     return {
         "kind": KIND, "schema_version": SCHEMA_VERSION, "version": version, "sequence": sequence,
         "supersedes": supersedes,
@@ -85,5 +87,5 @@ def build_manifest(version: str, sequence: int, supersedes: str | None, model: d
         "columns": {g.name: group_column(g.name) for g in layout.groups},
         "dataset": dataset, "rows": sum(s["rows"] for s in shards), "shards": shards,
         "errors": {"rows": sum(len(ids) for ids in errors.values()), "shards": sorted(errors)},
-        "stats": stats, "build": build,
+        "stats": stats, "build": build, "approximate": approximate,
     }

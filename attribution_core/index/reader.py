@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import torch
 
 from attribution_core.errors import ManifestMismatchError
@@ -54,31 +56,60 @@ def partition_shards(shards: list[dict[str, Any]], parts: int) -> list[list[dict
     return out
 
 
+def version_shards(manifest: dict[str, Any], part: int = 0, parts: int = 1) -> list[dict[str, Any]]:
+    """The shards of partition ``part`` of ``parts`` of a version, in the order its rows are numbered."""
+    return partition_shards(manifest["shards"], parts)[part] if parts > 1 else manifest["shards"]
+
+
+def _row_buffer(rows: int, dim: int, dtype: np.dtype, rows_dir: str | None) -> np.ndarray:
+    """``[rows, dim]`` to fill: in memory, or a file in ``rows_dir`` mapped into memory. The
+    file is unlinked at once, so the mapping keeps it only while it lives (and a crash leaves
+    nothing behind)."""
+    if rows_dir is None or rows == 0:
+        return np.empty((rows, dim), dtype=dtype)
+    Path(rows_dir).mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=rows_dir, prefix="attribution-rows-", delete=False) as f:
+        path = f.name
+    try:
+        return np.memmap(path, dtype=dtype, mode="w+", shape=(rows, dim))
+    finally:
+        os.unlink(path)
+
+
 def load_index(uri: str, version: str | None = None, part: int = 0, parts: int = 1,
-               dtype: np.dtype = np.float32) -> LoadedIndex:
-    """The ``latest`` (or a named) committed version of the index at ``uri``, in memory.
+               dtype: np.dtype = np.float32, rows_dir: str | None = None) -> LoadedIndex:
+    """The ``latest`` (or a named) committed version of the index at ``uri``.
 
     ``part`` of ``parts``: only that partition's shards (``partition_shards``), for
     searchers that split an index too large for one process. ``dtype``: of ``features``
-    (float16 keeps the stored values in half the memory).
+    (float16 keeps the stored values in half the memory). ``rows_dir``: the features go to a
+    file there, mapped rather than held in memory (for searchers that read a few rows per query).
     """
     store = IndexStore(uri)
     manifest = open_version(store, version)
     layout = GroupLayout.from_manifest(manifest["layout"])
-    shards = partition_shards(manifest["shards"], parts)[part] if parts > 1 else manifest["shards"]
-    tables = [store.read_table(s["path"]) for s in shards]
-    table = pa.concat_tables(tables) if tables else None
-    ids = table.column("example_id").to_pylist() if table is not None else []
+    shards = version_shards(manifest, part, parts)
     expected = sum(s["rows"] for s in shards)
-    if len(ids) != expected or (parts == 1 and expected != manifest["rows"]):
-        raise ManifestMismatchError(f"{uri!r} version {manifest['version']}: manifest says {expected} rows, "
-                                    f"shards hold {len(ids)}")
-    features = (torch.from_numpy(flat_matrix(table, layout, dtype)) if table is not None
-                else torch.empty(0, layout.k_total, dtype=torch.from_numpy(np.empty(0, dtype)).dtype))
-    kernel = read_kernel(store, manifest)
-    scale = row_scale(table) if table is not None else None
-    return LoadedIndex(manifest=manifest, layout=layout, example_ids=ids,
-                       captions=table.column("caption").to_pylist() if table is not None else [],
-                       uris=table.column("uri").to_pylist() if table is not None else [],
-                       features=features, kernel=kernel,
-                       row_scale=torch.from_numpy(scale) if scale is not None else None)
+    if parts == 1 and expected != manifest["rows"]:
+        raise ManifestMismatchError(f"{uri!r} version {manifest['version']}: manifest says {manifest['rows']} rows, "
+                                    f"its shards list {expected}")
+    features = _row_buffer(expected, layout.k_total, np.dtype(dtype), rows_dir)
+    ids: list[str] = []
+    captions: list[str | None] = []
+    uris: list[str] = []
+    scales: list[np.ndarray] = []
+    for shard in shards:  # one shard at a time: no second copy of the features while reading
+        table = store.read_table(shard["path"])
+        if table.num_rows != shard["rows"] or len(ids) + table.num_rows > expected:
+            raise ManifestMismatchError(f"{uri!r} version {manifest['version']}: manifest says {shard['rows']} rows "
+                                        f"for {shard['path']}, the shard holds {table.num_rows}")
+        features[len(ids) : len(ids) + table.num_rows] = flat_matrix(table, layout, dtype)
+        ids += table.column("example_id").to_pylist()
+        captions += table.column("caption").to_pylist()
+        uris += table.column("uri").to_pylist()
+        scale = row_scale(table)
+        if scale is not None:
+            scales.append(scale)
+    return LoadedIndex(manifest=manifest, layout=layout, example_ids=ids, captions=captions, uris=uris,
+                       features=torch.from_numpy(features), kernel=read_kernel(store, manifest),
+                       row_scale=torch.from_numpy(np.concatenate(scales)) if scales else None)

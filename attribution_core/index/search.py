@@ -63,6 +63,11 @@ class SearchIndex:
     def kernel(self) -> str:
         return "fbgemm-fp16" if self.packed else f"float32-scan-{self.device.type}"
 
+    @property
+    def bytes_per_row(self) -> int:
+        """Bytes per row held in memory: float16 packed, or the rows as given."""
+        return 2 * self.d if self.packed else self.exact.element_size() * self.d
+
     def scores(self, queries: torch.Tensor) -> torch.Tensor:
         """All scores, ``Tensor[B, N]`` float32 (for tests and small indexes)."""
         queries = self._check(queries)

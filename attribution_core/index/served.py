@@ -1,11 +1,13 @@
-"""An index version as a query service holds it: one partition of the rows packed for
-search, the kernel, and the weights of every aspect it can answer."""
+"""An index version as a query service holds it: one partition of the rows, searched exactly
+(packed in memory) or approximately (codes in memory, rows in a mapped file, candidates
+rescored exactly), the kernel, and the weights of every aspect it can answer."""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
+import tempfile
 import time
 from typing import Any
 
@@ -13,10 +15,13 @@ import numpy as np
 import torch
 
 from attribution_core.data.storage import filesystem_for
-from attribution_core.errors import ManifestMismatchError, MissingWeightsError
+from attribution_core.errors import ConfigError, ManifestMismatchError, MissingWeightsError
 from attribution_core.features.groups import GroupLayout
 from attribution_core.index.manifest import FeatureSpec
-from attribution_core.index.reader import load_index
+from attribution_core.index.approximate import RescoredSearch
+from attribution_core.index.approximate_files import partition_index
+from attribution_core.index.opening import open_version
+from attribution_core.index.reader import load_index, version_shards
 from attribution_core.index.scoring import preconditioned_queries
 from attribution_core.index.search import SearchIndex
 from attribution_core.index.store import IndexStore
@@ -32,6 +37,21 @@ def read_weights_uri(uri: str) -> dict[str, Any]:
         raise ManifestMismatchError(f"no weights artifact at {uri!r}; write one with `attribution learn-weights`") from exc
 
 
+def search_mode(search: str, manifest: dict[str, Any], uri: str) -> str:
+    """'exact' or 'approximate' for ``serve.search`` and a version (which may carry an
+    approximate index, ``index.approximate``)."""
+    has = manifest.get("approximate") is not None
+    if search == "exact" or (search == "auto" and not has):
+        return "exact"
+    if search in ("auto", "approximate") and has:
+        return "approximate"
+    if search == "approximate":
+        raise ConfigError(f"index version {manifest['version']} at {uri} has no approximate index (it had fewer "
+                          f"rows than index.approximate.min_rows, or index.approximate.build was 'never'); "
+                          "rebuild it with index.approximate.build: always, or serve it with serve.search: exact")
+    raise ConfigError(f"serve.search must be auto, exact or approximate, got {search!r}")
+
+
 @dataclasses.dataclass
 class ServedIndex:
     uri: str
@@ -44,21 +64,36 @@ class ServedIndex:
     example_ids: list[str]
     uris: list[str]
     captions: list[str | None]
-    search_index: SearchIndex
+    search_index: SearchIndex | RescoredSearch
     part: int
     parts: int
     load_seconds: float
+    search_mode: str = "exact"
 
     @classmethod
     def load(cls, uri: str, version: str | None = None, weights_uri: str | None = None, weights_name: str = "learned",
-             part: int = 0, parts: int = 1, device: str = "cpu") -> ServedIndex:
+             part: int = 0, parts: int = 1, device: str = "cpu", search: str = "auto",
+             candidates: int = 0, rows_dir: str | None = None) -> ServedIndex:
         """Version ``version`` (default: latest) of the index at ``uri``, partition ``part`` of
         ``parts``. Weights: ``weights_uri`` if given (same feature spec and groups required),
         else ``<uri>/versions/<v>/weights/<weights_name>.json`` or that of the nearest earlier
-        version with the same feature spec; none is fine (only 'uniform' is answered then)."""
+        version with the same feature spec; none is fine (only 'uniform' is answered then).
+        ``search`` (``serve.search``): 'exact', 'approximate' (the version's approximate index,
+        ``candidates`` overriding its setting when non-zero, rows rescored from a
+        file in ``rows_dir``) or 'auto' (approximate when the version has one)."""
         started = time.perf_counter()
-        loaded = load_index(uri, version, part=part, parts=parts, dtype=np.float16)
         store = IndexStore(uri)
+        manifest = open_version(store, version)
+        mode = search_mode(search, manifest, uri)
+        if mode == "exact":
+            loaded = load_index(uri, manifest["version"], part=part, parts=parts, dtype=np.float16)
+            search_index = SearchIndex(loaded.features, device=device)  # float16 rows as stored, packed
+        else:
+            loaded = load_index(uri, manifest["version"], part=part, parts=parts, dtype=np.float16,
+                                rows_dir=rows_dir or tempfile.gettempdir())
+            codes = partition_index(store, manifest["approximate"], version_shards(manifest, part, parts),
+                                    loaded.layout.k_total, candidates)
+            search_index = RescoredSearch(codes.index, loaded.features)
         if weights_uri:
             weights = read_weights_uri(weights_uri)
             check_weights(weights, loaded.manifest, same_version=False)
@@ -67,12 +102,10 @@ class ServedIndex:
             weights = find_weights(store, loaded.manifest, weights_name)
             source = (f"{uri.rstrip('/')}/versions/{weights['index']['version']}/weights/{weights_name}.json"
                       if weights else None)
-        # float16 rows stay as stored; the kernel is kept in float64 like the offline path.
-        search_index = SearchIndex(loaded.features, device=device)
         return cls(uri=uri, manifest=loaded.manifest, layout=loaded.layout, kernel=loaded.kernel, weights=weights,
                    weights_source=source, weights_name=weights_name, example_ids=loaded.example_ids, uris=loaded.uris,
                    captions=loaded.captions, search_index=search_index, part=part, parts=parts,
-                   load_seconds=round(time.perf_counter() - started, 3))
+                   load_seconds=round(time.perf_counter() - started, 3), search_mode=mode)
 
     @property
     def version(self) -> str:
@@ -138,7 +171,8 @@ class ServedIndex:
             "groups": list(self.layout.group_names), "aspects": self.aspects,
             "weights": ({"source": self.weights_source, "learned_on": self.weights["index"]["version"]}
                         if self.weights else None),
-            "kernel": self.manifest["stats"]["kernel"], "search_kernel": self.search_index.kernel,
+            "kernel": self.manifest["stats"]["kernel"], "search": self.search_mode,
+            "search_kernel": self.search_index.kernel, "search_bytes_per_row": self.search_index.bytes_per_row,
             "feature_spec": self.feature_spec, "model_fingerprint": self.manifest["model"]["fingerprint"],
             "created_at": self.manifest.get("created_at"), "load_seconds": self.load_seconds,
         }

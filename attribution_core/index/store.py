@@ -106,6 +106,9 @@ class IndexStore:
             return None
         return json.loads(read_bytes(self.fs, self.path(rel)))
 
+    def read_bytes(self, rel: str) -> bytes:
+        return read_bytes(self.fs, self.path(rel))
+
     def read_array(self, rel: str) -> np.ndarray:
         return np.load(io.BytesIO(read_bytes(self.fs, self.path(rel))), allow_pickle=False)
 

@@ -48,6 +48,16 @@ log = logging.getLogger(__name__)
 SHARD_ROWS = 8192
 
 
+def mixture_rows(x: torch.Tensor, spread: torch.Tensor, n: int,
+                 gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` rows like ``x``'s: convex mixtures of two of its rows plus Gaussian noise at 0.3 of
+    each coordinate's spread; and the first row of each mixture (whose caption it takes)."""
+    a = torch.randint(0, x.shape[0], (n,), generator=gen)
+    c = torch.randint(0, x.shape[0], (n,), generator=gen)
+    lam = torch.rand(n, 1, generator=gen)
+    return lam * x[a] + (1 - lam) * x[c] + 0.3 * spread * torch.randn(n, x.shape[1], generator=gen), a
+
+
 def synthetic_version(base_uri: str, out_uri: str, n: int, seed: int) -> dict[str, Any]:
     """Commit an index version of ``n`` synthetic rows at ``out_uri`` with the base's spec."""
     import pyarrow as pa
@@ -61,10 +71,7 @@ def synthetic_version(base_uri: str, out_uri: str, n: int, seed: int) -> dict[st
     shards = []
     for start in range(0, n, SHARD_ROWS):
         b = min(SHARD_ROWS, n - start)
-        a = torch.randint(0, x.shape[0], (b,), generator=gen)
-        c = torch.randint(0, x.shape[0], (b,), generator=gen)
-        lam = torch.rand(b, 1, generator=gen)
-        rows = lam * x[a] + (1 - lam) * x[c] + 0.3 * spread * torch.randn(b, x.shape[1], generator=gen)
+        rows, a = mixture_rows(x, spread, b, gen)
         ids = [f"synthetic-{i:08d}" for i in range(start, start + b)]
         keys = pa.table({"example_id": ids, "content_hash": ids, "uri": [f"synthetic://{i}" for i in ids],
                          "caption": [base.captions[j] for j in a.tolist()]})

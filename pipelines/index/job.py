@@ -2,8 +2,8 @@
 
 Stages (each timed in the summary): scan (ids + content hashes), plan (what to featurize,
 reuse, drop), carry (rewrite previous shards that lost rows), featurize (actors hold the
-model; one shard per batch), verify (exactly once), stats (Gram + kernel), commit (manifest,
-then ``latest``). Rerunning the same command after a crash resumes the same version.
+model; one shard per batch), verify (exactly once), stats (Gram + kernel), approximate (the
+approximate search index, ``index.approximate``), commit (manifest, then ``latest``). Rerunning the same command after a crash resumes the same version.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from attribution_core.index.store import IndexStore, shard_name
 from attribution_core.models.fingerprint import model_fingerprint
 from attribution_core.models.recipe import resolve_columns
 from attribution_core.timing import Stopwatch
+from pipelines.index.approximate import build_approximate
 from pipelines.index.commit import check_exactly_once, dedupe, refuse_if_quarantined, shard_ids
 from pipelines.index.damping import kernel_settings, kernel_stats
 from pipelines.index.scan import choose_base, concat_keys, read_source, scan_keys, shard_keys
@@ -173,6 +174,13 @@ def _verify(cfg: ProjectConfig, store: IndexStore, version: str, plan: Plan,
     return {**reused_whole, **staged}, {**reused_errors, **staged_errors}
 
 
+def shards_of(store: IndexStore, features: dict[str, list[str]], base: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The manifest's shard list: path, rows and bytes of each feature shard, in path order."""
+    sizes = {s["path"]: s["bytes"] for s in base["shards"]} if base else {}
+    return [{"path": p, "rows": len(ids), "bytes": sizes.get(p) or store.fs.get_file_info(store.path(p)).size}
+            for p, ids in sorted(features.items())]
+
+
 def run_index(cfg: ProjectConfig, req: IndexRequest) -> dict[str, Any]:
     watch = Stopwatch()
     if req.mode not in MODES:
@@ -191,7 +199,7 @@ def run_index(cfg: ProjectConfig, req: IndexRequest) -> dict[str, Any]:
     check_unique(current, f"dataset {req.dataset!r}")
     watch.lap("scan")
 
-    settings = kernel_settings(cfg)
+    settings = {**kernel_settings(cfg), "approximate": to_mapping(cfg.index.approximate)}
     target = _target(store, spec, req.mode, current, settings)
     version, previous, base = target.version, target.previous, target.base
     if store.is_committed(version):  # built before (a run that stopped before publishing, or a rerun)
@@ -216,9 +224,9 @@ def run_index(cfg: ProjectConfig, req: IndexRequest) -> dict[str, Any]:
     stats = kernel_stats(cfg, req.model, model["conditioning"], work.device, store, version, sorted(features),
                          layout, watch.lap)
     stats["settings"] = settings
-    sizes = {s["path"]: s["bytes"] for s in base["shards"]} if base else {}
-    shards = [{"path": p, "rows": len(ids), "bytes": sizes.get(p) or store.fs.get_file_info(store.path(p)).size}
-              for p, ids in sorted(features.items())]
+    shards = shards_of(store, features, base)
+    approximate = build_approximate(cfg.index.approximate, store, version, shards, spec.layout, stats, base)
+    watch.lap("approximate")
     build = {"mode": "incremental" if base else "full", "base": base["version"] if base else None,
              "new": plan.n_new, "changed": plan.n_changed, "removed": plan.n_removed, "reused": plan.n_reused,
              "resumed": plan.n_done, "featurized": work.rows, "quarantined": work.errors,
@@ -227,7 +235,8 @@ def run_index(cfg: ProjectConfig, req: IndexRequest) -> dict[str, Any]:
              "steady_rows_per_s": work.steady_rows_per_s(), "stage_seconds": watch.seconds}
     dataset = {**source.to_dict(), "rows": current.num_rows, "keys_digest": keys_digest(current)}
     manifest = build_manifest(version, target.sequence, previous["version"] if previous else None,
-                              {"path": req.model, **model}, spec, layout, dataset, shards, errors, stats, build)
+                              {"path": req.model, **model}, spec, layout, dataset, shards, errors, stats, build,
+                              approximate)
     store.commit(version, manifest, publish=req.publish)
     watch.lap("commit")
     return _summary(store, manifest, work, watch)

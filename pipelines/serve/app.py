@@ -34,11 +34,13 @@ class ServeArgs(BaseModel):
 
 
 def user_config(cfg: ProjectConfig, args: ServeArgs) -> dict[str, Any]:
-    """What each deployment may swap while serving: index, version, weights (+ batching, and
-    how often to follow the index's ``latest`` when no version is pinned)."""
+    """What each deployment may swap while serving: index, version, weights (+ batching, how
+    often to follow the index's ``latest`` when no version is pinned, and how to search)."""
     return to_mapping(ServedVersion(
         index=args.index or cfg.index.out, version=args.version, weights=args.weights, weights_name=cfg.serve.weights,
-        max_batch_size=cfg.serve.max_batch_size, batch_wait_ms=cfg.serve.batch_wait_ms, refresh_s=cfg.serve.refresh_s))
+        max_batch_size=cfg.serve.max_batch_size, batch_wait_ms=cfg.serve.batch_wait_ms, refresh_s=cfg.serve.refresh_s,
+        search=cfg.serve.search, candidates=cfg.serve.search_candidates,
+        rows_dir=cfg.serve.rows_dir))
 
 
 def _gpus_available() -> bool:

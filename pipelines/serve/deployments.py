@@ -149,8 +149,9 @@ class QueryFeaturizer:
 
 @serve.deployment(max_ongoing_requests=64, graceful_shutdown_timeout_s=30)
 class IndexSearcher:
-    """Holds partition ``part`` of ``parts`` of an index version in memory and answers exact
-    top-k for preconditioned, weighted queries (``ServedIndex.search``)."""
+    """Holds partition ``part`` of ``parts`` of an index version and answers top-k with exact
+    scores for preconditioned, weighted queries (``ServedIndex.search``: an exact scan, or
+    approximate candidates rescored exactly, by ``serve.search``)."""
 
     def __init__(self, part: int, parts: int, threads: int) -> None:
         import torch
@@ -175,15 +176,17 @@ class IndexSearcher:
         async with self._loading:
             loaded = await asyncio.to_thread(
                 ServedIndex.load, served.index, served.version, served.weights, served.weights_name, self.part,
-                self.parts, "cpu")
-            if self.current is not None and loaded.key == self.current.key:
+                self.parts, "cpu", served.search, served.candidates, served.rows_dir)
+            if (self.current is not None and loaded.key == self.current.key
+                    and loaded.search_index.kernel == self.current.search_index.kernel):
                 return
             self.previous, self.current = self.current, loaded  # one assignment: requests see old or new
             if self.previous is not None:  # kept while other partitions may still answer from it
                 key = self.previous.key
                 asyncio.get_running_loop().call_later(PREVIOUS_GRACE_S, self._drop_previous, key)
-            log.info("searcher %d/%d now serves %s (%d rows, loaded in %.1f s)", self.part, self.parts, loaded.key,
-                     len(loaded.example_ids), loaded.load_seconds)
+            log.info("searcher %d/%d now serves %s (%d rows, %s search %s, loaded in %.1f s)", self.part, self.parts,
+                     loaded.key, len(loaded.example_ids), loaded.search_mode, loaded.search_index.kernel,
+                     loaded.load_seconds)
 
     def _drop_previous(self, key: str) -> None:
         if self.previous is not None and self.previous.key == key:

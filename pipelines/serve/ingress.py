@@ -155,9 +155,10 @@ class AttributionAPI:
         first = infos[0]
         return {"uri": first["uri"], "version": first["version"], "rows": first["rows"],
                 "groups": first["groups"], "aspects": first["aspects"], "weights": first["weights"],
-                "kernel": first["kernel"], "search_kernel": first["search_kernel"],
+                "kernel": first["kernel"], "search": first["search"], "search_kernel": first["search_kernel"],
                 "model_fingerprint": first["model_fingerprint"], "created_at": first["created_at"],
-                "partitions": [{"part": i["part"], "rows": i["partition_rows"], "version": i["version"]}
+                "partitions": [{"part": i["part"], "rows": i["partition_rows"], "version": i["version"],
+                                "search": i["search"], "search_bytes_per_row": i["search_bytes_per_row"]}
                                for i in infos]}
 
     @app.post("/v1/attributions", response_model=AttributionResponse,

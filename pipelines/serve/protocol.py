@@ -12,7 +12,7 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from attribution_core.config_io import check
-from attribution_core.config_stages import ASPECTS, QUERY_ASPECTS, ServeConfig
+from attribution_core.config_stages import ASPECTS, QUERY_ASPECTS, SEARCH_MODES, ServeConfig
 from attribution_core.errors import RequestError
 
 UNIFORM = "uniform"
@@ -50,8 +50,16 @@ class ServedVersion:
     """Milliseconds a replica waits to fill a batch (serve.batch_wait_ms)."""
     refresh_s: float = 0.0
     """Seconds between looks at ``latest`` while no version is pinned; 0 = never (serve.refresh_s)."""
+    search: str = "auto"
+    """Exact scan or approximate search with exact rescoring (serve.search)."""
+    candidates: int = 0
+    """Rows an approximate query rescores; 0 = the version's (serve.search_candidates)."""
+    rows_dir: str | None = None
+    """Where approximate searchers keep the rows they rescore from (serve.rows_dir)."""
 
     def __post_init__(self) -> None:
+        check(self.search in SEARCH_MODES, "user_config.search", f"choose one of {', '.join(SEARCH_MODES)}")
+        check(self.candidates >= 0, "user_config.candidates", "must be >= 0 (0 = the version's)")
         check(self.max_batch_size >= 1, "user_config.max_batch_size", "must be at least 1")
         check(self.batch_wait_ms >= 0, "user_config.batch_wait_ms", "must be >= 0")
         check(self.refresh_s >= 0, "user_config.refresh_s", "must be >= 0 (0 = do not follow latest)")

@@ -36,6 +36,7 @@ CASES = {
     ("bench", "weights"): (["--config", MISSING], CONFIG_FIX),
     ("bench", "serve"): (["--concurrency", "1", "8", "--requests", "10"], "give one request count per level"),
     ("bench", "scale"): (["--timesteps", "-1"], "argument --timesteps: must be >= 1, got -1"),
+    ("bench", "search"): (["--index", "{tmp}/no-index"], "no committed index at"),
 }
 
 

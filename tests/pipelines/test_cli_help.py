@@ -43,7 +43,7 @@ def test_the_commands_are_the_ones_the_readme_lists():
     assert {" ".join(w) for w in COMMANDS} == {
         "demo", "groups", "model build-tiny", "data synth", "train-model", "generate", "index", "learn-weights",
         "serve", "evaluate", "reindex", "bench featurize", "bench model-quality", "bench index", "bench weights",
-        "bench serve", "bench scale"}
+        "bench serve", "bench search", "bench scale"}
     readme = (ROOT / "README.md").read_text() + (ROOT / "benchmarks" / "README.md").read_text()
     missing = [" ".join(w) for w in COMMANDS if f"attribution {' '.join(w)}" not in readme]
     assert missing == [], "commands the READMEs never show"

@@ -15,9 +15,10 @@ import torch
 from attribution_core.data.images import decode_image, encode_png
 from attribution_core.data.readers import read_examples
 from attribution_core.data.writers import SYNTH_SCHEMA, synthetic_rows, write_parquet_dataset
-from attribution_core.errors import ManifestMismatchError
+from attribution_core.errors import ConfigError, ManifestMismatchError
 from attribution_core.features.featurize import featurize
 from attribution_core.index.kernel import kernel_from_gram
+from attribution_core.index.served import ServedIndex
 from attribution_core.index.store import IndexStore, shard_name
 from attribution_core.models.adapters import ExampleBatch
 from pipelines.index.job import IndexRequest, run_index
@@ -332,3 +333,54 @@ def test_other_kernel_settings_make_a_new_version_over_the_same_shards(full_buil
     again = run_index(project(index={"damping": 0.5}), IndexRequest(dataset=full_build["data"],
                                                                      model=model_dirs["text"], out=out))
     assert again["up_to_date"] and again["version"] == after["version"]
+
+
+def _same_answers(out: str, parts: int = 1, **approximate) -> None:
+    """The approximate searcher over every partition answers as the exact one: each index here
+    has fewer rows than candidates, so every row is rescored."""
+    gen = torch.Generator().manual_seed(3)
+    for part in range(parts):
+        exact = ServedIndex.load(out, part=part, parts=parts, search="exact")
+        approx = ServedIndex.load(out, part=part, parts=parts, search="approximate", **approximate)
+        assert approx.search_mode == "approximate" and exact.search_mode == "exact"
+        assert approx.example_ids == exact.example_ids
+        queries = torch.randn(5, exact.layout.k_total, generator=gen)
+        want, want_rows = exact.search_index.topk(queries, 7)
+        got, got_rows = approx.search_index.topk(queries, 7)
+        assert torch.equal(got_rows, want_rows)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_approximate_index_codes_every_row_and_an_update_codes_only_its_new_shards(full_build, tmp_path, model_dirs,
+                                                                                  good_rows):
+    out = str(tmp_path / "index")
+    shutil.copytree(full_build["out"], out)
+    with pytest.raises(ConfigError, match="has no approximate index"):
+        ServedIndex.load(out, search="approximate")
+    always = project(index={"approximate": {"build": "always"}})
+    built = run_index(always, IndexRequest(dataset=full_build["data"], model=model_dirs["text"], out=out))
+    manifest = IndexStore(out).latest()
+    entry = manifest["approximate"]
+    assert built["featurized"] == 0 and entry["reused_from"] is None
+    assert sorted(p for b in entry["blocks"] for p in b["shards"]) == sorted(s["path"] for s in manifest["shards"])
+    assert sum(b["rows"] for b in entry["blocks"]) == manifest["rows"] == N
+    assert entry["bytes_per_row"] == entry["settings"]["code_bytes"] == entry["padded_dim"] // 8
+    _same_answers(out)
+    _same_answers(out, parts=2)
+    narrow = ServedIndex.load(out, search="approximate", candidates=3)
+    queries = torch.randn(2, narrow.layout.k_total, generator=torch.Generator().manual_seed(4))
+    scores, rows = narrow.search_index.topk(queries, 3)  # only 3 rows rescored: exact scores, maybe other rows
+    exact = ServedIndex.load(out, search="exact").search_index.scores(queries)
+    torch.testing.assert_close(scores, exact.gather(1, rows), rtol=1e-5, atol=1e-5)
+
+    # 3 examples removed, 4 added: the trained index and the untouched shards' codes are kept.
+    rows2 = good_rows[3:] + [dict(r, example_id=f"new-{i}") for i, r in enumerate(synthetic_rows(4, seed=9, size=16))]
+    data = write_rows(str(tmp_path / "data-v2"), rows2)
+    run_index(always, IndexRequest(dataset=data, model=model_dirs["text"], out=out))
+    updated = IndexStore(out).latest()["approximate"]
+    assert updated["reused_from"] == manifest["version"] and updated["trained"] == entry["trained"]
+    new_blocks = [b for b in updated["blocks"] if b not in entry["blocks"]]
+    assert new_blocks and all(p.startswith(f"versions/{IndexStore(out).latest()['version']}/")
+                              for b in new_blocks for p in b["shards"])
+    _same_answers(out, parts=2)
+    assert run_index(always, IndexRequest(dataset=data, model=model_dirs["text"], out=out))["up_to_date"]

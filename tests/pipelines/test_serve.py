@@ -84,9 +84,12 @@ def served(tmp_path_factory, ray_cluster, model_dirs):
     data = str(root / "data")
     write_parquet_dataset(data, rows, SYNTH_SCHEMA, {"kind": "test"}, rows_per_file=16)
     index = str(root / "index")
+    # The endpoint searches approximately (serve.search: auto) over an approximate index built
+    # for these few rows; every row is a candidate, so answers equal the exact scan's.
     cfg = from_mapping(ProjectConfig, {"featurize": FEATURIZE, "index": {"batch_size": 8, "actors": 2,
                                                                          "kernel": "block_diagonal",
-                                                                         "damping_rule": "fixed"}})
+                                                                         "damping_rule": "fixed",
+                                                                         "approximate": {"build": "always"}}})
     built = run_index(cfg, IndexRequest(dataset=data, model=model_dirs["text"], out=index))
     store = IndexStore(index)
     manifest = store.latest()
@@ -117,6 +120,7 @@ def test_index_info_and_openapi(served):
     assert status == 200 and info["version"] == served["version"] and info["rows"] == N
     assert info["aspects"] == ["general", "subject", "uniform"]
     assert sum(p["rows"] for p in info["partitions"]) == N and len(info["partitions"]) == 2
+    assert all(p["search"] == "approximate" for p in info["partitions"]), info["partitions"]
     assert get(served["url"], "/healthz") == (200, {"status": "ok", "version": served["version"]})
     status, spec = get(served["url"], "/openapi.json")
     assert status == 200 and "/v1/attributions" in spec["paths"]

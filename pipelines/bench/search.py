@@ -1,0 +1,223 @@
+"""``attribution bench search``: exact scan vs approximate search at 10^5-10^7 rows.
+
+Rows are synthesised from an index's features (default: the demo index; the rows of
+``attribution bench serve``: mixtures of two real rows plus noise at 0.3 of each
+coordinate's spread) into a float16 file, as an approximate searcher holds them. Queries are
+other such mixtures, weighted by every aspect of the index's learned weights (and uniform)
+and preconditioned by its kernel, as the endpoint does; each query's aspects are searched in
+one call, as a searcher does. For each N the exact scan (``SearchIndex``) answers first; its
+top-k is the truth for recall@k of the approximate search (``RescoredSearch``: candidates
+from 4-bit product codes, rescored exactly from the file). Reported per tier: p50 / p99 ms per query, recall
+per aspect (mean and lowest query), build seconds, bytes per row held in memory.
+
+``--simulate N`` adds a run at N rows whose codes are those of the largest real run repeated
+(codes only in memory; the repeated rows rescore against their originals in the file): the
+time and memory of searching N rows with that run's quantisers. Its recall is not measured,
+since repeated rows tie.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from attribution_core.config import ProjectConfig
+from attribution_core.errors import InputError
+from attribution_core.index.approximate import (ADD_ROWS, MIN_TRAIN_ROWS, AnnSettings, ApproximateIndex, RescoredSearch, Whitening,
+                                                default_settings, training_sample)
+from attribution_core.index.reader import LoadedIndex, load_index
+from attribution_core.index.scoring import preconditioned_queries
+from attribution_core.index.search import SearchIndex
+from attribution_core.index.store import IndexStore
+from attribution_core.weights.artifact import UNIFORM, find_weights, weights_matrix
+from pipelines.bench.serve import mixture_rows
+from pipelines.commands.options import add_config, add_json, int_list, positive_int
+from pipelines.output import print_report
+
+log = logging.getLogger(__name__)
+
+BLOCK_ROWS = 16_384  # rows synthesised at a time
+SIMULATED_CODES = 65_536  # distinct codes a simulated run repeats
+
+
+def _rows_file(base: LoadedIndex, n: int, path: Path, seed: int) -> torch.Tensor:
+    """``[n, D]`` float16 rows synthesised from the base into a file mapped into memory."""
+    x = base.features.float()
+    spread = x.std(dim=0)
+    gen = torch.Generator().manual_seed(seed)
+    rows = np.memmap(path, dtype=np.float16, mode="w+", shape=(n, x.shape[1]))
+    for start in range(0, n, BLOCK_ROWS):
+        block, _ = mixture_rows(x, spread, min(BLOCK_ROWS, n - start), gen)
+        rows[start : start + len(block)] = block.numpy().astype(np.float16)
+    rows.flush()
+    return torch.from_numpy(rows)
+
+
+def _queries(base: LoadedIndex, aspects: list[str], weights: dict[str, Any], count: int, seed: int) -> torch.Tensor:
+    """``[count, A, D]``: query features (mixtures, as the rows) under each aspect's weights and the kernel."""
+    stored = base.stored_features().float()
+    g, _ = mixture_rows(stored, stored.std(dim=0), count, torch.Generator().manual_seed(seed))
+    matrix = weights_matrix(weights, aspects)
+    return preconditioned_queries(g, matrix, base.layout, base.kernel).permute(1, 0, 2).contiguous()
+
+
+def _latencies(search: Any, queries: torch.Tensor, k: int) -> tuple[list[float], torch.Tensor]:
+    """Milliseconds per query (its aspects in one call) and the rows found, ``[Q, A, k]``."""
+    search.topk(queries[0], k)  # warm-up
+    times, found = [], []
+    for q in queries:
+        started = time.perf_counter()
+        _, rows = search.topk(q, k)
+        times.append((time.perf_counter() - started) * 1000)
+        found.append(rows)
+    return times, torch.stack(found)
+
+
+def _timing(times: list[float]) -> dict[str, float]:
+    return {"p50_ms": round(statistics.median(times), 2), "p99_ms": round(float(np.percentile(times, 99)), 2),
+            "mean_ms": round(statistics.fmean(times), 2)}
+
+
+def _recall(found: torch.Tensor, truth: torch.Tensor, aspects: list[str]) -> dict[str, dict[str, float]]:
+    """Per aspect: mean and lowest recall@k over the queries (the share of the exact top-k found)."""
+    out = {}
+    for a, aspect in enumerate(aspects):
+        per_query = [len(set(f.tolist()) & set(t.tolist())) / len(t) for f, t in zip(found[:, a], truth[:, a])]
+        out[aspect] = {"mean": round(statistics.fmean(per_query), 4), "min": round(min(per_query), 4)}
+    return out
+
+
+def _exact(rows: torch.Tensor, queries: torch.Tensor, k: int) -> tuple[dict[str, Any], torch.Tensor]:
+    started = time.perf_counter()
+    index = SearchIndex(rows)
+    build = time.perf_counter() - started
+    times, found = _latencies(index, queries, k)
+    result = {"tier": "exact", "kernel": index.kernel, "build_s": round(build, 2),
+              "bytes_per_row": index.bytes_per_row, **_timing(times)}
+    del index
+    return result, found
+
+
+def _approximate(rows: torch.Tensor, queries: torch.Tensor, k: int, settings: AnnSettings,
+                 whitening: Whitening | None) -> tuple[dict[str, Any], torch.Tensor, ApproximateIndex, bytes]:
+    """The approximate tier's report and rows found, its index, and its trained quantisers."""
+    started = time.perf_counter()
+    array = rows.numpy()
+    index = ApproximateIndex.train(training_sample(array, settings.seed), rows.shape[1], settings, whitening)
+    trained_bytes = index.to_bytes()
+    trained = time.perf_counter()
+    for start in range(0, len(array), ADD_ROWS):
+        index.add(array[start : start + ADD_ROWS])
+    coded = time.perf_counter()
+    search = RescoredSearch(index, rows)  # packs the codes for scanning
+    packed = time.perf_counter()
+    times, found = _latencies(search, queries, k)
+    return ({"tier": "approximate", "kernel": search.kernel, "build_s": round(packed - started, 2),
+             "train_s": round(trained - started, 2), "code_s": round(coded - trained, 2),
+             "pack_s": round(packed - coded, 2), "bytes_per_row": index.bytes_per_row, **_timing(times)},
+            found, index, trained_bytes)
+
+
+def _simulated(index: ApproximateIndex, trained: bytes, rows: torch.Tensor, n: int, queries: torch.Tensor,
+               k: int) -> dict[str, Any]:
+    """``index``'s quantisers over ``n`` rows: its rows' codes, then the codes of its first
+    rows repeated; a repeated row is rescored against the stored row it repeats."""
+    real = index.rows
+    codes = index.encode(rows[: min(real, SIMULATED_CODES)].numpy())
+    big = ApproximateIndex.from_bytes(trained, index.dim, index.settings, index.whitening)
+    started = time.perf_counter()
+    for start in range(0, real, ADD_ROWS):
+        big.add_codes(index.encode(rows[start : start + ADD_ROWS].numpy()))
+    while big.rows < n:
+        big.add_codes(codes[: min(n - big.rows, len(codes))])
+    filled = time.perf_counter() - started
+
+    class Repeated:
+        shape = (n, rows.shape[1])
+
+        def __getitem__(self, numbers: torch.Tensor) -> torch.Tensor:
+            return rows[torch.where(numbers < real, numbers, (numbers - real) % len(codes))]
+
+    started = time.perf_counter()
+    search = RescoredSearch(big, Repeated())
+    packed = time.perf_counter() - started
+    times, _ = _latencies(search, queries, k)
+    return {"tier": "approximate", "simulated": True, "kernel": search.kernel, "fill_s": round(filled, 2),
+            "pack_s": round(packed, 2),
+            "bytes_per_row": big.bytes_per_row, **_timing(times), "recall": None}
+
+
+def run(index_uri: str, sizes: list[int], simulate: int, queries: int, k: int, seed: int, work: Path,
+        **overrides: int) -> dict[str, Any]:
+    """The report; ``overrides``: ``AnnSettings`` fields to set instead of the defaults for N rows."""
+    base = load_index(index_uri)
+    store = IndexStore(index_uri)
+    weights = find_weights(store, base.manifest, "learned") or {"groups": list(base.layout.group_names), "aspects": {}}
+    aspects = [*weights["aspects"], UNIFORM]
+    q = _queries(base, aspects, weights, queries, seed + 1)
+    results: list[dict[str, Any]] = []
+    last = None
+    for n in sizes:
+        log.info("search bench: %d rows", n)
+        rows = _rows_file(base, n, work / f"rows-{n}.f16", seed)
+        exact, truth = _exact(rows, q, k)
+        settings = dataclasses.replace(default_settings(n, rows.shape[1], seed), **overrides)
+        approx, found, index, trained = _approximate(rows, q, k, settings, Whitening.from_kernel(base.kernel))
+        approx["recall"] = _recall(found, truth, aspects)
+        approx["recall_min_aspect_mean"] = min(r["mean"] for r in approx["recall"].values())
+        results.append({"rows": n, "exact": exact, "approximate": approx, "settings": vars(settings)})
+        log.info("search bench: %s", results[-1])
+        last = (index, trained, rows)
+    if simulate:
+        if last is None:
+            raise InputError("--simulate repeats the codes of the largest --rows run: give at least one --rows")
+        results.append({"rows": simulate, "approximate": _simulated(*last, simulate, q, k)})
+    return {"index": index_uri, "index_version": base.manifest["version"], "dim": base.layout.k_total,
+            "float16_bytes_per_row": 2 * base.layout.k_total, "aspects": aspects, "queries": queries, "k": k,
+            "torch_threads": torch.get_num_threads(), "results": results}
+
+
+def _run(args: argparse.Namespace) -> int:
+    if min(args.rows) < MIN_TRAIN_ROWS or (args.simulate and args.simulate <= max(args.rows)):
+        raise InputError(f"--rows must each be at least {MIN_TRAIN_ROWS} and --simulate 0 or more than the largest "
+                         f"--rows; got {args.rows} and {args.simulate}")
+    cfg = ProjectConfig.load(args.config)
+    index = args.index or cfg.index.out
+    if IndexStore(index).latest() is None:
+        raise InputError(f"no committed index at {index!r} to draw rows from; run `make demo` (or `attribution index`) "
+                         "first, or pass --index")
+    with tempfile.TemporaryDirectory(prefix="bench-search-", dir=args.work) as work:
+        overrides = {name: value for name, value in (("code_bytes", args.code_bytes),
+                                                      ("candidates", args.candidates)) if value}
+        report = run(index, args.rows, args.simulate, args.queries, args.k, args.seed, Path(work), **overrides)
+    print_report(report, args.json)
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction, default_config: str) -> None:
+    p = sub.add_parser("search", help="exact vs approximate search: latency, recall@k, build time, memory",
+                       description=__doc__.split("\n\n")[1].replace("\n", " "))
+    add_config(p, default_config)
+    p.add_argument("--index", help="index whose features the rows are drawn from (default: the config's index.out)")
+    p.add_argument("--rows", type=int_list, default=[100_000, 1_000_000],
+                   help="rows per run, comma-separated (default 100000,1000000; 10^6 rows of 5,312 "
+                        "coordinates take 10.6 GB of disk and as much memory for the exact tier)")
+    p.add_argument("--simulate", type=int, default=10_000_000,
+                   help="rows of the simulated run (the largest run's codes repeated; 0 = none; default 10000000)")
+    p.add_argument("--queries", type=positive_int, default=64, help="queries per run (default 64)")
+    p.add_argument("--k", type=positive_int, default=10, help="rows per aspect; recall is recall@k (default 10)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the rows, the queries and the quantisers (default 0)")
+    p.add_argument("--code-bytes", type=int, default=0, help="bytes per row's code (default: one per 8 coordinates)")
+    p.add_argument("--candidates", type=int, default=0, help="rows rescored per query (default: 1000)")
+    p.add_argument("--work", help="folder for the row files (default: the system's temporary directory)")
+    add_json(p, "the result as one JSON object")
+    p.set_defaults(func=_run)
