@@ -7,8 +7,10 @@ other such mixtures, weighted by every aspect of the index's learned weights (an
 and preconditioned by its kernel, as the endpoint does; each query's aspects are searched in
 one call, as a searcher does. For each N the exact scan (``SearchIndex``) answers first; its
 top-k is the truth for recall@k of the approximate search (``RescoredSearch``: candidates
-from 4-bit product codes, rescored exactly from the file). Reported per tier: p50 / p99 ms per query, recall
-per aspect (mean and lowest query), build seconds, bytes per row held in memory.
+from 4-bit product codes, rescored exactly from the file). Reported per tier: p50 / p99 ms
+per query with all aspects and with one (``one_aspect``), on ``--threads`` threads as a
+searcher replica runs; recall per aspect (mean and lowest query), build seconds, bytes per
+row held in memory.
 
 ``--simulate N`` adds a run at N rows whose codes are those of the largest real run repeated
 (codes only in memory; the repeated rows rescore against their originals in the file): the
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import statistics
 import tempfile
 import time
@@ -33,7 +36,7 @@ import torch
 from attribution_core.config import ProjectConfig
 from attribution_core.errors import InputError
 from attribution_core.index.approximate import (ADD_ROWS, MIN_TRAIN_ROWS, AnnSettings, ApproximateIndex, RescoredSearch, Whitening,
-                                                default_settings, training_sample)
+                                                default_settings, set_threads, training_sample)
 from attribution_core.index.reader import LoadedIndex, load_index
 from attribution_core.index.scoring import preconditioned_queries
 from attribution_core.index.search import SearchIndex
@@ -87,6 +90,18 @@ def _timing(times: list[float]) -> dict[str, float]:
             "mean_ms": round(statistics.fmean(times), 2)}
 
 
+def _timed(search: Any, queries: torch.Tensor, k: int, threads: int) -> tuple[dict[str, Any], torch.Tensor]:
+    """Latency per query with every aspect in one call (a request for all of them) and with
+    the first aspect alone (a request for 'general', the default), on ``threads`` threads."""
+    torch.set_num_threads(threads)
+    set_threads(threads)
+    times, found = _latencies(search, queries, k)
+    one, _ = _latencies(search, queries[:, :1], k)
+    torch.set_num_threads(os.cpu_count() or 1)  # building uses the machine
+    set_threads(os.cpu_count() or 1)
+    return {**_timing(times), "one_aspect": _timing(one)}, found
+
+
 def _recall(found: torch.Tensor, truth: torch.Tensor, aspects: list[str]) -> dict[str, dict[str, float]]:
     """Per aspect: mean and lowest recall@k over the queries (the share of the exact top-k found)."""
     out = {}
@@ -96,19 +111,19 @@ def _recall(found: torch.Tensor, truth: torch.Tensor, aspects: list[str]) -> dic
     return out
 
 
-def _exact(rows: torch.Tensor, queries: torch.Tensor, k: int) -> tuple[dict[str, Any], torch.Tensor]:
+def _exact(rows: torch.Tensor, queries: torch.Tensor, k: int, threads: int) -> tuple[dict[str, Any], torch.Tensor]:
     started = time.perf_counter()
     index = SearchIndex(rows)
     build = time.perf_counter() - started
-    times, found = _latencies(index, queries, k)
+    timing, found = _timed(index, queries, k, threads)
     result = {"tier": "exact", "kernel": index.kernel, "build_s": round(build, 2),
-              "bytes_per_row": index.bytes_per_row, **_timing(times)}
+              "bytes_per_row": index.bytes_per_row, **timing}
     del index
     return result, found
 
 
 def _approximate(rows: torch.Tensor, queries: torch.Tensor, k: int, settings: AnnSettings,
-                 whitening: Whitening | None) -> tuple[dict[str, Any], torch.Tensor, ApproximateIndex, bytes]:
+                 whitening: Whitening | None, threads: int) -> tuple[dict[str, Any], torch.Tensor, ApproximateIndex, bytes]:
     """The approximate tier's report and rows found, its index, and its trained quantisers."""
     started = time.perf_counter()
     array = rows.numpy()
@@ -120,15 +135,15 @@ def _approximate(rows: torch.Tensor, queries: torch.Tensor, k: int, settings: An
     coded = time.perf_counter()
     search = RescoredSearch(index, rows)  # packs the codes for scanning
     packed = time.perf_counter()
-    times, found = _latencies(search, queries, k)
+    timing, found = _timed(search, queries, k, threads)
     return ({"tier": "approximate", "kernel": search.kernel, "build_s": round(packed - started, 2),
              "train_s": round(trained - started, 2), "code_s": round(coded - trained, 2),
-             "pack_s": round(packed - coded, 2), "bytes_per_row": index.bytes_per_row, **_timing(times)},
+             "pack_s": round(packed - coded, 2), "bytes_per_row": index.bytes_per_row, **timing},
             found, index, trained_bytes)
 
 
 def _simulated(index: ApproximateIndex, trained: bytes, rows: torch.Tensor, n: int, queries: torch.Tensor,
-               k: int) -> dict[str, Any]:
+               k: int, threads: int) -> dict[str, Any]:
     """``index``'s quantisers over ``n`` rows: its rows' codes, then the codes of its first
     rows repeated; a repeated row is rescored against the stored row it repeats."""
     real = index.rows
@@ -150,14 +165,13 @@ def _simulated(index: ApproximateIndex, trained: bytes, rows: torch.Tensor, n: i
     started = time.perf_counter()
     search = RescoredSearch(big, Repeated())
     packed = time.perf_counter() - started
-    times, _ = _latencies(search, queries, k)
+    timing, _ = _timed(search, queries, k, threads)
     return {"tier": "approximate", "simulated": True, "kernel": search.kernel, "fill_s": round(filled, 2),
-            "pack_s": round(packed, 2),
-            "bytes_per_row": big.bytes_per_row, **_timing(times), "recall": None}
+            "pack_s": round(packed, 2), "bytes_per_row": big.bytes_per_row, **timing, "recall": None}
 
 
 def run(index_uri: str, sizes: list[int], simulate: int, queries: int, k: int, seed: int, work: Path,
-        **overrides: int) -> dict[str, Any]:
+        threads: int = 1, **overrides: int) -> dict[str, Any]:
     """The report; ``overrides``: ``AnnSettings`` fields to set instead of the defaults for N rows."""
     base = load_index(index_uri)
     store = IndexStore(index_uri)
@@ -169,9 +183,9 @@ def run(index_uri: str, sizes: list[int], simulate: int, queries: int, k: int, s
     for n in sizes:
         log.info("search bench: %d rows", n)
         rows = _rows_file(base, n, work / f"rows-{n}.f16", seed)
-        exact, truth = _exact(rows, q, k)
+        exact, truth = _exact(rows, q, k, threads)
         settings = dataclasses.replace(default_settings(n, rows.shape[1], seed), **overrides)
-        approx, found, index, trained = _approximate(rows, q, k, settings, Whitening.from_kernel(base.kernel))
+        approx, found, index, trained = _approximate(rows, q, k, settings, Whitening.from_kernel(base.kernel), threads)
         approx["recall"] = _recall(found, truth, aspects)
         approx["recall_min_aspect_mean"] = min(r["mean"] for r in approx["recall"].values())
         results.append({"rows": n, "exact": exact, "approximate": approx, "settings": vars(settings)})
@@ -180,10 +194,10 @@ def run(index_uri: str, sizes: list[int], simulate: int, queries: int, k: int, s
     if simulate:
         if last is None:
             raise InputError("--simulate repeats the codes of the largest --rows run: give at least one --rows")
-        results.append({"rows": simulate, "approximate": _simulated(*last, simulate, q, k)})
+        results.append({"rows": simulate, "approximate": _simulated(*last, simulate, q, k, threads)})
     return {"index": index_uri, "index_version": base.manifest["version"], "dim": base.layout.k_total,
             "float16_bytes_per_row": 2 * base.layout.k_total, "aspects": aspects, "queries": queries, "k": k,
-            "torch_threads": torch.get_num_threads(), "results": results}
+            "threads": threads, "results": results}
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -198,7 +212,8 @@ def _run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-search-", dir=args.work) as work:
         overrides = {name: value for name, value in (("code_bytes", args.code_bytes),
                                                       ("candidates", args.candidates)) if value}
-        report = run(index, args.rows, args.simulate, args.queries, args.k, args.seed, Path(work), **overrides)
+        report = run(index, args.rows, args.simulate, args.queries, args.k, args.seed, Path(work), args.threads,
+                     **overrides)
     print_report(report, args.json)
     return 0
 
@@ -218,6 +233,8 @@ def add_parser(sub: argparse._SubParsersAction, default_config: str) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the rows, the queries and the quantisers (default 0)")
     p.add_argument("--code-bytes", type=int, default=0, help="bytes per row's code (default: one per 8 coordinates)")
     p.add_argument("--candidates", type=int, default=0, help="rows rescored per query (default: 1000)")
+    p.add_argument("--threads", type=positive_int, default=1,
+                   help="torch and FAISS threads, as in a searcher replica (serve.searcher_threads; default 1)")
     p.add_argument("--work", help="folder for the row files (default: the system's temporary directory)")
     add_json(p, "the result as one JSON object")
     p.set_defaults(func=_run)

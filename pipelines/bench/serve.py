@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import yaml
 
-from attribution_core.config import ProjectConfig, to_mapping
+from attribution_core.config import ApproximateConfig, ProjectConfig, to_mapping
 from attribution_core.data.writers import synthetic_rows, write_synthetic
 from attribution_core.errors import ConfigError
 from attribution_core.index.reader import load_index
@@ -58,9 +58,13 @@ def mixture_rows(x: torch.Tensor, spread: torch.Tensor, n: int,
     return lam * x[a] + (1 - lam) * x[c] + 0.3 * spread * torch.randn(n, x.shape[1], generator=gen), a
 
 
-def synthetic_version(base_uri: str, out_uri: str, n: int, seed: int) -> dict[str, Any]:
-    """Commit an index version of ``n`` synthetic rows at ``out_uri`` with the base's spec."""
+def synthetic_version(base_uri: str, out_uri: str, n: int, seed: int,
+                      approximate: ApproximateConfig | None = None) -> dict[str, Any]:
+    """Commit an index version of ``n`` synthetic rows at ``out_uri`` with the base's spec,
+    and its approximate index as ``approximate`` (``index.approximate``) builds one (on Ray)."""
     import pyarrow as pa
+
+    from pipelines.index.approximate import build_approximate
 
     base = load_index(base_uri)
     store = IndexStore(out_uri)
@@ -83,10 +87,13 @@ def synthetic_version(base_uri: str, out_uri: str, n: int, seed: int) -> dict[st
         rel = f"{store.version_dir(version)}/stats/kernel.{block['offset']}.npy"
         store.write_array(rel, IndexStore(base_uri).read_array(block["kernel"]))
         blocks.append({**block, "kernel": rel, "gram": None})
+    stats = {**base.manifest["stats"], "blocks": blocks}
     manifest = {**base.manifest, "version": version, "sequence": 1, "supersedes": None, "rows": n, "shards": shards,
-                "errors": {"rows": 0, "shards": []}, "stats": {**base.manifest["stats"], "blocks": blocks},
+                "errors": {"rows": 0, "shards": []}, "stats": stats,
                 "dataset": {"kind": "synthetic-mixture", "base": base_uri, "base_version": base.manifest["version"],
-                            "seed": seed}}
+                            "seed": seed},
+                "approximate": (build_approximate(approximate, store, version, shards, base.manifest["layout"], stats,
+                                                  None) if approximate else None)}
     base_store = IndexStore(base_uri)
     weights = find_weights(base_store, base_store.latest(), "learned")
     if weights is not None:
@@ -128,6 +135,40 @@ def measure(url: str, bodies: list[bytes], concurrency: int, warmup: int = 4) ->
         "server_ms_mean": round(statistics.fmean(a["timing_ms"]["total"] for _, a in ok), 1),
         "featurize_batch_mean": round(statistics.fmean(a["timing_ms"]["featurize_batch"] for _, a in ok), 2),
     }
+
+
+def standalone(cfg: ProjectConfig, model_dir: str, index_uri: str, rows: list[dict[str, Any]],
+               aspects: list[str] | None, k: int) -> dict[str, Any]:
+    """The floor under the endpoint: featurizing and searching the same queries in this process,
+    with the replicas' threads and search settings, no Serve between them (p50 ms of each)."""
+    from attribution_core.features.query import featurize_images
+    from attribution_core.index.approximate import set_threads
+    from attribution_core.index.opening import open_for_model
+    from attribution_core.index.served import ServedIndex
+    from pipelines.models import load_model_dir
+
+    scfg = cfg.serve
+    adapter = load_model_dir(model_dir, "cpu")
+    _, featurizer = open_for_model(IndexStore(index_uri), None, adapter, model_dir, cfg.featurize.max_rows_per_pass)
+    served = ServedIndex.load(index_uri, weights_name=scfg.weights, search=scfg.search,
+                              candidates=scfg.search_candidates, rows_dir=scfg.rows_dir)
+    resolved = served.resolve_aspects(tuple(aspects or scfg.default_aspects), fallback_uniform=aspects is None)
+    weightings = [sorted(set(resolved.values()))]
+    featurize_ms, search_ms = [], []
+    for i, row in enumerate(rows):
+        torch.set_num_threads(scfg.threads or torch.get_num_threads())
+        started = time.perf_counter()
+        features = featurize_images(featurizer, [row["image"]], [row["caption"]])
+        featurized = time.perf_counter()
+        torch.set_num_threads(scfg.searcher_threads or torch.get_num_threads())
+        set_threads(scfg.searcher_threads or torch.get_num_threads())
+        served.search(features, weightings, [k])
+        if i:  # the first query warms both up
+            featurize_ms.append((featurized - started) * 1000)
+            search_ms.append((time.perf_counter() - featurized) * 1000)
+    f, s = statistics.median(featurize_ms), statistics.median(search_ms)
+    return {"featurize_p50_ms": round(f, 1), "search_p50_ms": round(s, 1), "sum_p50_ms": round(f + s, 1),
+            "search": served.search_mode, "queries": len(featurize_ms)}
 
 
 def _free_port() -> int:
@@ -179,7 +220,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         for n in args.n:
             index_uri = str(work / f"index-{n}")
-            version = synthetic_version(base_uri, index_uri, n, seed=n)
+            version = synthetic_version(base_uri, index_uri, n, seed=n, approximate=cfg.index.approximate)
             config = work / f"serve-{n}.yaml"
             settings = {**to_mapping(cfg), "serve": {**to_mapping(serve_cfg), "host": "127.0.0.1", "port": port},
                         "index": {**to_mapping(cfg.index), "out": index_uri},
@@ -192,10 +233,15 @@ def _run(args: argparse.Namespace) -> int:
                 deploy(sargs, "127.0.0.1", port)
                 wait_ready(url, 600, version=version["version"])
             info = json.loads(urllib.request.urlopen(f"{url}/v1/index", timeout=30).read())
+            floor = standalone(dataclasses.replace(cfg, serve=serve_cfg), str(model_dir), index_uri,
+                               queries[: min(args.requests) + 1], aspects, args.k)
+            log.info("standalone featurize + search at %d rows: %s", n, floor)
             for concurrency, count in zip(args.concurrency, args.requests):
                 row = measure(url, bodies[:count], concurrency)
                 results.append({"n_rows": n, **row, "aspects": aspects or list(cfg.serve.default_aspects),
-                                "search_kernel": info["search_kernel"], "weights": info["weights"] is not None})
+                                "search": info["search"], "search_kernel": info["search_kernel"],
+                                "weights": info["weights"] is not None, "standalone": floor,
+                                "p50_over_standalone": round(row["p50_ms"] / floor["sum_p50_ms"], 3)})
                 log.info("measured %s", json.dumps(results[-1]))
     finally:
         stop()

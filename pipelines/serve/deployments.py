@@ -156,7 +156,10 @@ class IndexSearcher:
     def __init__(self, part: int, parts: int, threads: int) -> None:
         import torch
 
+        from attribution_core.index.approximate import set_threads
+
         torch.set_num_threads(_threads(threads))
+        set_threads(_threads(threads))
         self.part, self.parts = part, parts
         self.current = None  # ServedIndex
         self.previous = None
