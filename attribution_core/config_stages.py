@@ -302,6 +302,10 @@ class ServeConfig:
     rows_dir: str | None = None
     """Local directory where approximate searchers keep the rows they rescore from (one file
     per partition, removed when the process ends); None = the system's temporary directory."""
+    feature_cache: int = 1024
+    """Query features each featurizer replica keeps by content (image bytes, prompt, label;
+    about 4 bytes per coordinate each): a repeated query skips featurizing, most of its
+    time. 0 = keep none."""
 
     def __post_init__(self) -> None:
         _check(1 <= self.port <= 65535, "serve.port", f"must be a TCP port, got {self.port}")
@@ -321,6 +325,7 @@ class ServeConfig:
                f"choose one of {', '.join(ASPECT_QUERIES)}, got {self.aspect_query!r}")
         _check(self.refresh_s >= 0, "serve.refresh_s", f"must be >= 0 (0 = only on redeploy), got {self.refresh_s}")
         _check(self.search in SEARCH_MODES, "serve.search", f"choose one of {', '.join(SEARCH_MODES)}, got {self.search!r}")
+        _check(self.feature_cache >= 0, "serve.feature_cache", f"must be >= 0 (0 = off), got {self.feature_cache}")
         _check(self.search_candidates >= 0, "serve.search_candidates",
                f"must be >= 0 (0 = the version's), got {self.search_candidates}")
 

@@ -23,7 +23,7 @@ from ray import serve
 from attribution_core.config_io import from_mapping
 from attribution_core.errors import RequestError
 from pipelines.serve.follow import FollowLatest
-from pipelines.serve.protocol import ServedVersion
+from pipelines.serve.protocol import FeatureCache, ServedVersion
 
 log = logging.getLogger("ray.serve")
 
@@ -63,6 +63,7 @@ class QueryFeaturizer:
         self.adapter = load_model_dir(self.model_dir, self.cfg.model.device)
         self.fingerprint = model_fingerprint(self.adapter)
         self.featurizers: dict[str, Any] = {}  # feature spec key -> Featurizer
+        self.cache = FeatureCache(self.cfg.serve.feature_cache)
         self.spec: str | None = None
         self.version: str | None = None
         self.follow = FollowLatest("featurizer")
@@ -103,7 +104,12 @@ class QueryFeaturizer:
         vocabulary = {a: list(p.values) for a, p in self.cfg.weights.prompts.items()}
         out: list[dict[str, Any]] = [{} for _ in items]
         groups: dict[bool, tuple[list[int], list[Any]]] = {False: ([], []), True: ([], [])}  # contrastive?
+        keys = [FeatureCache.key(spec, item) for item in items]
         for i, item in enumerate(items):  # decode one by one: a bad image fails only its own request
+            cached = self.cache.get(keys[i])
+            if cached is not None:
+                out[i] = {**cached, "featurize_ms": 0.0, "batch": 0, "cached": True}
+                continue
             try:
                 aspect = item.get("contrast_aspect")
                 contrast = ([without_concept(item.get("prompt") or "", aspect, vocabulary, self.adapter.caption_template)]
@@ -117,6 +123,9 @@ class QueryFeaturizer:
         for good, batches in groups.values():  # plain and contrastive queries featurize apart
             if good:
                 self._featurize_group(featurizer, spec, good, batches, out)
+                for i in good:
+                    if "features" in out[i]:
+                        self.cache.put(keys[i], {k: out[i][k] for k in ("features", "spec", "query_id")})
         return out
 
     def _featurize_group(self, featurizer: Any, spec: str, good: list[int], batches: list[Any],

@@ -211,7 +211,8 @@ class AttributionAPI:
             search_ms += max(a["search_ms"] for a in answers)
         return {
             "index": {"version": answers[0]["version"], "state": answers[0]["key"]},
-            "query": {"id": feats[0]["query_id"], "prompt": query.prompt, "label": query.label},
+            "query": {"id": feats[0]["query_id"], "prompt": query.prompt, "label": query.label,
+                      "features_cached": all(f.get("cached", False) for f in feats)},
             "k": query.k, "aspects": {a: merged[a] for a in query.aspects},
             "substituted": {a: used for a, used in resolved.items() if used != a},
             "aspect_queries": {a: "contrastive" if w == UNIFORM else "contrastive+aspect" for a, w in contrast.items()},

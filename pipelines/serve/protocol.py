@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import collections
 import dataclasses
+import hashlib
 import io
+import threading
 from typing import Any
 
 from PIL import Image, UnidentifiedImageError
@@ -63,6 +66,45 @@ class ServedVersion:
         check(self.max_batch_size >= 1, "user_config.max_batch_size", "must be at least 1")
         check(self.batch_wait_ms >= 0, "user_config.batch_wait_ms", "must be >= 0")
         check(self.refresh_s >= 0, "user_config.refresh_s", "must be >= 0 (0 = do not follow latest)")
+
+
+class FeatureCache:
+    """A featurizer replica's query features by content: the image's bytes, prompt, label and
+    contrast aspect under one feature spec determine the features exactly (timesteps and noise
+    are seeded by the image's content), so a repeated query need not be featurized again.
+    Least recently used first out, ``size`` entries (0 keeps none); safe across threads."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.entries: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
+        self.lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    @staticmethod
+    def key(spec: str, item: dict[str, Any]) -> str:
+        digest = hashlib.blake2b(item["image"], digest_size=16)
+        for part in (item.get("prompt"), item.get("label"), item.get("contrast_aspect")):
+            digest.update(b"\x00" + repr(part).encode())
+        return f"{spec}:{digest.hexdigest()}"
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        with self.lock:
+            found = self.entries.get(key)
+            if found is None:
+                self.misses += 1
+                return None
+            self.entries.move_to_end(key)
+            self.hits += 1
+            return found
+
+    def put(self, key: str, value: dict[str, Any]) -> None:
+        if self.size < 1:
+            return
+        with self.lock:
+            self.entries[key] = value
+            self.entries.move_to_end(key)
+            while len(self.entries) > self.size:
+                self.entries.popitem(last=False)
 
 
 def decode_base64(data: str) -> bytes:

@@ -165,6 +165,9 @@ def test_multipart_upload_gives_the_same_answer_as_base64(served):
     _, as_json = post(served["url"], {"image": b64(row["image"]), "prompt": row["caption"],
                                       "aspects": ["subject", "uniform"], "k": 4})
     assert multipart["aspects"] == as_json["aspects"]
+    # The same image and prompt again: its features come from the featurizer's cache.
+    assert not multipart["query"]["features_cached"] and as_json["query"]["features_cached"]
+    assert as_json["timing_ms"]["featurize"] == 0.0 and as_json["query"]["id"] == multipart["query"]["id"]
 
 
 def big_png(side: int) -> bytes:

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from attribution_core.config_stages import ServeConfig
-from pipelines.serve.protocol import RequestError, build_query, check_image
+from pipelines.serve.protocol import FeatureCache, RequestError, build_query, check_image
 
 
 def png_header(width: int, height: int) -> bytes:
@@ -48,3 +48,25 @@ def test_wrong_types_are_422_naming_the_field(prompt, label, aspects, k, status)
         build_query(buf.getvalue(), prompt, label, aspects, k, ServeConfig())
     assert caught.value.status == status
     assert len(str(caught.value)) < 300  # the client's value is quoted, not echoed whole
+
+
+def test_feature_cache_keys_on_content_and_drops_the_least_recently_used():
+    item = {"image": b"png-bytes", "prompt": "a red circle", "label": None}
+    key = FeatureCache.key("spec-a", item)
+    assert key == FeatureCache.key("spec-a", dict(item))
+    others = [FeatureCache.key("spec-b", item), FeatureCache.key("spec-a", {**item, "image": b"png-bytez"}),
+              FeatureCache.key("spec-a", {**item, "prompt": "a red square"}),
+              FeatureCache.key("spec-a", {**item, "label": 3}),
+              FeatureCache.key("spec-a", {**item, "contrast_aspect": "style"}),
+              FeatureCache.key("spec-a", {**item, "prompt": None, "label": "a red circle"})]
+    assert len({key, *others}) == 1 + len(others)
+    cache = FeatureCache(2)
+    cache.put("a", {"v": 1})
+    cache.put("b", {"v": 2})
+    assert cache.get("a") == {"v": 1}  # a is now the most recent
+    cache.put("c", {"v": 3})
+    assert cache.get("b") is None and cache.get("a") == {"v": 1} and cache.get("c") == {"v": 3}
+    assert (cache.hits, cache.misses) == (3, 1)
+    off = FeatureCache(0)
+    off.put("a", {"v": 1})
+    assert off.get("a") is None
