@@ -7,8 +7,10 @@ synthetic: convex mixtures of two real rows plus Gaussian noise at each coordina
 spread, stored, versioned and loaded like any index (same feature spec, the base's kernel
 and learned weights when the base has them). The endpoint serves each version in turn;
 clients send real images over HTTP on 127.0.0.1 at each concurrency and the latency is
-measured at the client. ``featurize_share`` is featurize time / (featurize + search time)
-as the replicas report them.
+measured at the client (the featurizers' cache is off: every request is featurized).
+``featurize_share`` is featurize time / (featurize + search time) as the replicas report them;
+``standalone`` is the same queries featurized and searched in this process, the floor under
+the endpoint.
 """
 
 from __future__ import annotations
@@ -214,7 +216,9 @@ def _run(args: argparse.Namespace) -> int:
     bodies = [json.dumps({"image": base64.b64encode(r["image"]).decode(), "prompt": r["caption"], "k": args.k,
                           **({"aspects": aspects} if aspects else {})}).encode() for r in queries]
 
-    serve_cfg = dataclasses.replace(cfg.serve, threads=cfg.serve.threads if args.threads is None else args.threads)
+    # The same query bodies go to every level: with the feature cache on, repeats would skip featurizing.
+    serve_cfg = dataclasses.replace(cfg.serve, threads=cfg.serve.threads if args.threads is None else args.threads,
+                                    feature_cache=0)
     port = _free_port()
     results, url = [], None
     try:
