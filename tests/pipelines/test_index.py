@@ -384,3 +384,19 @@ def test_approximate_index_codes_every_row_and_an_update_codes_only_its_new_shar
                               for b in new_blocks for p in b["shards"])
     _same_answers(out, parts=2)
     assert run_index(always, IndexRequest(dataset=data, model=model_dirs["text"], out=out))["up_to_date"]
+
+
+def test_bench_search_reports_both_tiers(full_build, tmp_path):
+    """``attribution bench search`` on rows drawn from this index: with fewer rows than
+    candidates every row is rescored, so recall must be 1.0; the simulated run repeats codes."""
+    from pipelines.bench.search import run
+
+    report = run(full_build["out"], [200], 500, queries=3, k=5, seed=0, work=tmp_path)
+    real, simulated = report["results"]
+    assert real["rows"] == 200 and simulated["rows"] == 500 and simulated["approximate"]["recall"] is None
+    assert real["exact"]["bytes_per_row"] == report["float16_bytes_per_row"] == 2 * report["dim"]
+    assert real["approximate"]["bytes_per_row"] == simulated["approximate"]["bytes_per_row"] < report["dim"] / 4
+    assert all(r == {"mean": 1.0, "min": 1.0} for r in real["approximate"]["recall"].values())
+    assert set(real["approximate"]["recall"]) == set(report["aspects"]) == {"uniform"}  # no learned weights here
+    for tier in (real["exact"], real["approximate"], simulated["approximate"]):
+        assert 0 < tier["p50_ms"] <= tier["p99_ms"] and 0 < tier["one_aspect"]["p50_ms"]
