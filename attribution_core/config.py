@@ -19,8 +19,8 @@ from attribution_core.config_io import check as _check
 from attribution_core.config_io import from_mapping, load_yaml, to_mapping
 from attribution_core.config_model import (CONDITIONINGS, DEVICES, PREDICTION_TYPES, TINY_KINDS, BaseModelConfig,
                                            DataConfig, ModelConfig, SyntheticDataConfig, TrainConfig)
-from attribution_core.config_stages import (ApproximateConfig, EvaluateConfig, IndexConfig, ReindexConfig, ServeConfig,
-                                            WeightsConfig)
+from attribution_core.config_serve import ServeConfig
+from attribution_core.config_stages import ApproximateConfig, EvaluateConfig, IndexConfig, ReindexConfig, WeightsConfig
 
 __all__ = [  # re-exported: callers find the whole config API here
     "from_mapping", "load_yaml", "to_mapping",

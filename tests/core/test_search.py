@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from attribution_core.config_stages import ServeConfig
+from attribution_core.config_serve import ServeConfig
 from attribution_core.features.groups import GroupLayout, GroupSpec
 from attribution_core.index.kernel import precondition
 from attribution_core.index.reader import partition_shards

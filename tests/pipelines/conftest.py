@@ -11,6 +11,8 @@ import pytest
 import yaml
 
 from attribution_core.config import ProjectConfig, from_mapping
+from attribution_core.data.images import encode_png
+from attribution_core.data.writers import SYNTH_SCHEMA, synthetic_rows, write_parquet_dataset
 from attribution_core.index.schema import flat_matrix
 from attribution_core.index.store import IndexStore
 from attribution_core.features.groups import GroupLayout
@@ -99,3 +101,42 @@ def tiny_main_job(tmp_path: Path, kernel_rule: str = "fixed", **sections: dict) 
     for name, values in sections.items():
         cfg.setdefault(name, {}).update(values)
     return cfg
+
+
+N = 40  # good rows of the shared index (full_build)
+
+
+def bad_rows() -> list[dict]:
+    """Rows the job must quarantine: undecodable, missing caption, too small, too elongated."""
+    tiny = encode_png(np.zeros((2, 2, 3), dtype=np.uint8))
+    long = encode_png(np.zeros((8, 64, 3), dtype=np.uint8))
+    base = {"subject": "circle", "style": "filled", "background": "solid"}
+    return [
+        {"example_id": "bad-bytes", "image": b"not an image", "caption": "a filled circle", **base},
+        {"example_id": "no-caption", "image": tiny, "caption": None, **base},
+        {"example_id": "tiny", "image": tiny, "caption": "a filled circle", **base},
+        {"example_id": "elongated", "image": long, "caption": "a filled circle", **base},
+    ]
+
+
+def write_rows(uri: str, rows: list[dict]) -> str:
+    write_parquet_dataset(uri, rows, SYNTH_SCHEMA, {"kind": "test"}, rows_per_file=16)
+    return uri
+
+
+@pytest.fixture(scope="session")
+def good_rows() -> list[dict]:
+    return list(synthetic_rows(N, seed=5, size=16))
+
+
+@pytest.fixture(scope="session")
+def full_build(tmp_path_factory, ray_cluster, model_dirs, good_rows):
+    """An index of ``N`` good and 4 bad rows, built once for the tests that read it; a test
+    that changes an index works on a copy of it."""
+    from pipelines.index.job import IndexRequest, run_index
+
+    root = tmp_path_factory.mktemp("index")
+    data = write_rows(str(root / "data"), good_rows + bad_rows())
+    out = str(root / "index")
+    result = run_index(project(), IndexRequest(dataset=data, model=model_dirs["text"], out=out))
+    return {"data": data, "out": out, "result": result, "root": root}

@@ -14,50 +14,14 @@ import torch
 
 from attribution_core.data.images import decode_image, encode_png
 from attribution_core.data.readers import read_examples
-from attribution_core.data.writers import SYNTH_SCHEMA, synthetic_rows, write_parquet_dataset
-from attribution_core.errors import ConfigError, ManifestMismatchError
+from attribution_core.data.writers import synthetic_rows
+from attribution_core.errors import ManifestMismatchError
 from attribution_core.features.featurize import featurize
 from attribution_core.index.kernel import kernel_from_gram
-from attribution_core.index.served import ServedIndex
 from attribution_core.index.store import IndexStore, shard_name
 from attribution_core.models.adapters import ExampleBatch
 from pipelines.index.job import IndexRequest, run_index
-from tests.pipelines.conftest import error_ids, features_by_id, project, read_index
-
-N = 40
-
-
-def bad_rows() -> list[dict]:
-    """Rows the job must quarantine: undecodable, missing caption, too small, too elongated."""
-    tiny = encode_png(np.zeros((2, 2, 3), dtype=np.uint8))
-    long = encode_png(np.zeros((8, 64, 3), dtype=np.uint8))
-    base = {"subject": "circle", "style": "filled", "background": "solid"}
-    return [
-        {"example_id": "bad-bytes", "image": b"not an image", "caption": "a filled circle", **base},
-        {"example_id": "no-caption", "image": tiny, "caption": None, **base},
-        {"example_id": "tiny", "image": tiny, "caption": "a filled circle", **base},
-        {"example_id": "elongated", "image": long, "caption": "a filled circle", **base},
-    ]
-
-
-def write_rows(uri: str, rows: list[dict]) -> str:
-    write_parquet_dataset(uri, rows, SYNTH_SCHEMA, {"kind": "test"}, rows_per_file=16)
-    return uri
-
-
-@pytest.fixture(scope="module")
-def good_rows() -> list[dict]:
-    return list(synthetic_rows(N, seed=5, size=16))
-
-
-@pytest.fixture(scope="module")
-def full_build(tmp_path_factory, ray_cluster, model_dirs, good_rows):
-    root = tmp_path_factory.mktemp("index")
-    data = write_rows(str(root / "data"), good_rows + bad_rows())
-    out = str(root / "index")
-    result = run_index(project(), IndexRequest(dataset=data, model=model_dirs["text"], out=out))
-    return {"data": data, "out": out, "result": result, "root": root}
-
+from tests.pipelines.conftest import N, bad_rows, error_ids, features_by_id, project, read_index, write_rows
 
 def test_rows_are_the_input_ids_and_bad_rows_are_quarantined(full_build, good_rows):
     manifest, table = read_index(full_build["out"])
@@ -149,7 +113,7 @@ def test_incremental_update_equals_a_full_rebuild(full_build, tmp_path, model_di
     rows += [dict(r, example_id=f"new-{i}") for i, r in enumerate(synthetic_rows(4, seed=9, size=16))]
     rows += bad_rows()[:1]  # an unchanged quarantined example stays quarantined
     data = write_rows(str(tmp_path / "data-v2"), rows)
-    # Update a copy of the module's index so its other tests keep their version.
+    # Update a copy of the shared index so its other tests keep their version.
     out = str(tmp_path / "index")
     shutil.copytree(full_build["out"], out)
     base = IndexStore(out).latest()
@@ -178,7 +142,7 @@ def test_incremental_update_equals_a_full_rebuild(full_build, tmp_path, model_di
 
 def test_other_featurize_settings_are_refused_incrementally_and_rebuilt_fully(full_build, tmp_path, model_dirs):
     out = str(tmp_path / "index")
-    shutil.copytree(full_build["out"], out)  # the module's index, built with seed 0
+    shutil.copytree(full_build["out"], out)  # the shared index, built with seed 0
     first = IndexStore(out).latest()
     other = project(featurize={"seed": 1})
     with pytest.raises(ManifestMismatchError, match=r"featurize\.seed: 0 != 1"):
@@ -333,70 +297,3 @@ def test_other_kernel_settings_make_a_new_version_over_the_same_shards(full_buil
     again = run_index(project(index={"damping": 0.5}), IndexRequest(dataset=full_build["data"],
                                                                      model=model_dirs["text"], out=out))
     assert again["up_to_date"] and again["version"] == after["version"]
-
-
-def _same_answers(out: str, parts: int = 1, **approximate) -> None:
-    """The approximate searcher over every partition answers as the exact one: each index here
-    has fewer rows than candidates, so every row is rescored."""
-    gen = torch.Generator().manual_seed(3)
-    for part in range(parts):
-        exact = ServedIndex.load(out, part=part, parts=parts, search="exact")
-        approx = ServedIndex.load(out, part=part, parts=parts, search="approximate", **approximate)
-        assert approx.search_mode == "approximate" and exact.search_mode == "exact"
-        assert approx.example_ids == exact.example_ids
-        queries = torch.randn(5, exact.layout.k_total, generator=gen)
-        want, want_rows = exact.search_index.topk(queries, 7)
-        got, got_rows = approx.search_index.topk(queries, 7)
-        assert torch.equal(got_rows, want_rows)
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-
-
-def test_approximate_index_codes_every_row_and_an_update_codes_only_its_new_shards(full_build, tmp_path, model_dirs,
-                                                                                  good_rows):
-    out = str(tmp_path / "index")
-    shutil.copytree(full_build["out"], out)
-    with pytest.raises(ConfigError, match="has no approximate index"):
-        ServedIndex.load(out, search="approximate")
-    always = project(index={"approximate": {"build": "always"}})
-    built = run_index(always, IndexRequest(dataset=full_build["data"], model=model_dirs["text"], out=out))
-    manifest = IndexStore(out).latest()
-    entry = manifest["approximate"]
-    assert built["featurized"] == 0 and entry["reused_from"] is None
-    assert sorted(p for b in entry["blocks"] for p in b["shards"]) == sorted(s["path"] for s in manifest["shards"])
-    assert sum(b["rows"] for b in entry["blocks"]) == manifest["rows"] == N
-    assert entry["bytes_per_row"] == entry["settings"]["code_bytes"] == entry["padded_dim"] // 8
-    _same_answers(out)
-    _same_answers(out, parts=2)
-    narrow = ServedIndex.load(out, search="approximate", candidates=3)
-    queries = torch.randn(2, narrow.layout.k_total, generator=torch.Generator().manual_seed(4))
-    scores, rows = narrow.search_index.topk(queries, 3)  # only 3 rows rescored: exact scores, maybe other rows
-    exact = ServedIndex.load(out, search="exact").search_index.scores(queries)
-    torch.testing.assert_close(scores, exact.gather(1, rows), rtol=1e-5, atol=1e-5)
-
-    # 3 examples removed, 4 added: the trained index and the untouched shards' codes are kept.
-    rows2 = good_rows[3:] + [dict(r, example_id=f"new-{i}") for i, r in enumerate(synthetic_rows(4, seed=9, size=16))]
-    data = write_rows(str(tmp_path / "data-v2"), rows2)
-    run_index(always, IndexRequest(dataset=data, model=model_dirs["text"], out=out))
-    updated = IndexStore(out).latest()["approximate"]
-    assert updated["reused_from"] == manifest["version"] and updated["trained"] == entry["trained"]
-    new_blocks = [b for b in updated["blocks"] if b not in entry["blocks"]]
-    assert new_blocks and all(p.startswith(f"versions/{IndexStore(out).latest()['version']}/")
-                              for b in new_blocks for p in b["shards"])
-    _same_answers(out, parts=2)
-    assert run_index(always, IndexRequest(dataset=data, model=model_dirs["text"], out=out))["up_to_date"]
-
-
-def test_bench_search_reports_both_tiers(full_build, tmp_path):
-    """``attribution bench search`` on rows drawn from this index: with fewer rows than
-    candidates every row is rescored, so recall must be 1.0; the simulated run repeats codes."""
-    from pipelines.bench.search import run
-
-    report = run(full_build["out"], [200], 500, queries=3, k=5, seed=0, work=tmp_path)
-    real, simulated = report["results"]
-    assert real["rows"] == 200 and simulated["rows"] == 500 and simulated["approximate"]["recall"] is None
-    assert real["exact"]["bytes_per_row"] == report["float16_bytes_per_row"] == 2 * report["dim"]
-    assert real["approximate"]["bytes_per_row"] == simulated["approximate"]["bytes_per_row"] < report["dim"] / 4
-    assert all(r == {"mean": 1.0, "min": 1.0} for r in real["approximate"]["recall"].values())
-    assert set(real["approximate"]["recall"]) == set(report["aspects"]) == {"uniform"}  # no learned weights here
-    for tier in (real["exact"], real["approximate"], simulated["approximate"]):
-        assert 0 < tier["p50_ms"] <= tier["p99_ms"] and 0 < tier["one_aspect"]["p50_ms"]

@@ -9,7 +9,7 @@ import zlib
 import pytest
 from PIL import Image
 
-from attribution_core.config_stages import ServeConfig
+from attribution_core.config_serve import ServeConfig
 from pipelines.serve.protocol import FeatureCache, RequestError, build_query, check_image
 
 
