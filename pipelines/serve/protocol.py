@@ -15,7 +15,8 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from attribution_core.config_io import check
-from attribution_core.config_stages import ASPECTS, QUERY_ASPECTS, SEARCH_MODES, ServeConfig
+from attribution_core.config_serve import QUERY_ASPECTS, SEARCH_MODES, ServeConfig
+from attribution_core.config_stages import ASPECTS
 from attribution_core.errors import RequestError
 
 UNIFORM = "uniform"
