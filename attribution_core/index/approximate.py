@@ -58,6 +58,11 @@ class AnnSettings:
     seed: int = 0
     """Seed of the training sample and of the k-means."""
 
+    @property
+    def code_width(self) -> int:
+        """Bytes of one row's code: ``2 * code_bytes`` sub-quantiser codes of ``CODE_BITS`` bits."""
+        return 2 * self.code_bytes * CODE_BITS // 8
+
     def check(self, dim: int) -> None:
         if min(self.code_bytes, self.candidates) < 1:
             raise ConfigError(f"approximate search settings must be positive, got {self}")

@@ -97,18 +97,10 @@ def read_codes(store: IndexStore, path: str, wanted: set[str]) -> dict[str, np.n
     return out
 
 
-@dataclasses.dataclass
-class PartitionCodes:
-    """The approximate index of one partition: the trained index with its shards' codes added
-    in the partition's row order."""
-
-    index: ApproximateIndex
-    blocks_read: int
-
-
 def partition_index(store: IndexStore, entry: dict[str, Any], shards: list[dict[str, Any]], dim: int,
-                    candidates: int = 0) -> PartitionCodes:
-    """The approximate index over ``shards`` (in their order), from the version's ``entry``;
+                    candidates: int = 0) -> ApproximateIndex:
+    """The approximate index over ``shards``: the version's trained index (``entry``) with
+    their codes added in their order, so candidate numbers are the partition's row numbers;
     ``candidates`` overrides the version's (0 keeps it)."""
     index = load_trained(store, entry, dim)
     settings = index.settings
@@ -130,4 +122,4 @@ def partition_index(store: IndexStore, entry: dict[str, Any], shards: list[dict[
             raise ManifestMismatchError(f"the approximate index holds {len(codes)} codes for {shard['path']}, "
                                         f"which has {shard['rows']} rows; rebuild the version")
         index.add_codes(codes)
-    return PartitionCodes(index, len(blocks))
+    return index

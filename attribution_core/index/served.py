@@ -93,7 +93,7 @@ class ServedIndex:
                                 rows_dir=rows_dir or tempfile.gettempdir())
             codes = partition_index(store, manifest["approximate"], version_shards(manifest, part, parts),
                                     loaded.layout.k_total, candidates)
-            search_index = RescoredSearch(codes.index, loaded.features)
+            search_index = RescoredSearch(codes, loaded.features)
         if weights_uri:
             weights = read_weights_uri(weights_uri)
             check_weights(weights, loaded.manifest, same_version=False)

@@ -124,7 +124,6 @@ def build_approximate(acfg: ApproximateConfig, store: IndexStore, version: str, 
                                                                       "entry": entry}).take_all()
         blocks += sorted(({"path": c["path"], "rows": c["rows"], "shards": list(c["shards"])} for c in coded),
                          key=lambda b: b["path"])
-    index = load_trained(store, entry, dim)
-    return {**entry, "code_width": index.code_width, "bytes_per_row": index.bytes_per_row,
+    return {**entry, "code_width": settings.code_width, "bytes_per_row": settings.code_width,  # no row ids kept
             "reused_from": base["version"] if reuse else None, "blocks": blocks,
             "seconds": {"train": round(trained_s, 3), "code": round(time.perf_counter() - started - trained_s, 3)}}
