@@ -11,6 +11,7 @@ from attribution_core.config_stages import ASPECTS
 QUERY_ASPECTS = (*ASPECTS, "uniform")
 ASPECT_QUERIES = ("weighted", "contrastive", "both")
 SEARCH_MODES = ("auto", "exact", "approximate")
+FEATURIZE_IN = ("ingress", "replicas")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,8 +45,13 @@ class ServeConfig:
     when it does not fit one replica); top-k is merged exactly."""
     searcher_replicas: int = 1
     """Replicas per partition (throughput)."""
+    featurize_in: str = "ingress"
+    """Where queries are featurized: 'ingress' (the HTTP ingress's replicas hold the model:
+    one hop less per request) or 'replicas' (a ``QueryFeaturizer`` deployment holds it, the
+    ingress only routes: the model's replicas scale apart from HTTP handling)."""
     featurizer_replicas: int = 1
-    """Replicas of the model; each takes a GPU when CUDA is present."""
+    """Replicas of the model (of the ingress with ``featurize_in: ingress``); each takes a
+    GPU when CUDA is present."""
     threads: int = 1
     """torch threads per featurizer replica; 0 = the machine's CPU count. On CPU one thread
     featurized a demo query in 96 ms inside a replica, two threads in 120 ms (the tiny ops of
@@ -105,6 +111,8 @@ class ServeConfig:
         _check(self.aspect_query in ASPECT_QUERIES, "serve.aspect_query",
                f"choose one of {', '.join(ASPECT_QUERIES)}, got {self.aspect_query!r}")
         _check(self.refresh_s >= 0, "serve.refresh_s", f"must be >= 0 (0 = only on redeploy), got {self.refresh_s}")
+        _check(self.featurize_in in FEATURIZE_IN, "serve.featurize_in",
+               f"choose one of {', '.join(FEATURIZE_IN)}, got {self.featurize_in!r}")
         _check(self.search in SEARCH_MODES, "serve.search", f"choose one of {', '.join(SEARCH_MODES)}, got {self.search!r}")
         _check(self.feature_cache >= 0, "serve.feature_cache", f"must be >= 0 (0 = off), got {self.feature_cache}")
         _check(self.search_candidates >= 0, "serve.search_candidates",

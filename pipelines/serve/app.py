@@ -15,10 +15,11 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from attribution_core.config import ProjectConfig, to_mapping
+from attribution_core.config import ProjectConfig, ServeConfig, to_mapping
 from pipelines.serve.protocol import ServedVersion
 
 APP_NAME = "attribution"
+INGRESS = "AttributionAPI"
 IMPORT_PATH = "pipelines.serve.app:build_app"
 
 
@@ -43,6 +44,11 @@ def user_config(cfg: ProjectConfig, args: ServeArgs) -> dict[str, Any]:
         rows_dir=cfg.serve.rows_dir))
 
 
+def featurizer_deployment(scfg: ServeConfig) -> str:
+    """The deployment that holds the model (and takes the version in its ``user_config``)."""
+    return INGRESS if scfg.featurize_in == "ingress" else "QueryFeaturizer"
+
+
 def _gpus_available() -> bool:
     import ray
 
@@ -62,9 +68,6 @@ def build_app(args: ServeArgs | dict[str, Any]):
     swap = user_config(cfg, args)
     gpu = _gpus_available()
     featurizer_opts = {"num_cpus": scfg.cpus_per_replica, "num_gpus": 1 if gpu else 0}
-    featurizer = QueryFeaturizer.options(
-        num_replicas=scfg.featurizer_replicas, ray_actor_options=featurizer_opts, user_config=swap,
-    ).bind(args.config, args.model, scfg.threads)
     searchers = [
         IndexSearcher.options(
             name=f"IndexSearcher{part}", num_replicas=scfg.searcher_replicas, user_config=swap,
@@ -75,5 +78,12 @@ def build_app(args: ServeArgs | dict[str, Any]):
     serve_settings = to_mapping(scfg)
     from pipelines.serve.ingress import AttributionAPI
 
-    ingress = serve.deployment(AttributionAPI, name="AttributionAPI", max_ongoing_requests=256)
+    ingress = serve.deployment(AttributionAPI, name=INGRESS, max_ongoing_requests=256)
+    model = (args.config, args.model, scfg.threads)
+    if scfg.featurize_in == "ingress":  # the ingress's replicas hold the model
+        return ingress.options(num_replicas=scfg.featurizer_replicas, ray_actor_options=featurizer_opts,
+                               user_config=swap).bind(None, searchers, serve_settings, model)
+    featurizer = QueryFeaturizer.options(
+        num_replicas=scfg.featurizer_replicas, ray_actor_options=featurizer_opts, user_config=swap,
+    ).bind(*model)
     return ingress.options(ray_actor_options={"num_cpus": 0}).bind(featurizer, searchers, serve_settings)

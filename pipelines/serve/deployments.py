@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from typing import Any
 
@@ -23,137 +22,45 @@ from ray import serve
 from attribution_core.config_io import from_mapping
 from attribution_core.errors import RequestError
 from pipelines.serve.follow import FollowLatest
-from pipelines.serve.protocol import FeatureCache, ServedVersion
+from pipelines.serve.featurize import QueryFeatures, replica_threads
+from pipelines.serve.protocol import ServedVersion
 
 log = logging.getLogger("ray.serve")
 
 PREVIOUS_GRACE_S = 120.0  # how long a searcher keeps the state it swapped out
 
 
-def _threads(requested: int) -> int:
-    return requested or os.cpu_count() or 1
-
-
-def _served(user_config: dict[str, Any]) -> ServedVersion:
+def served_version(user_config: dict[str, Any]) -> ServedVersion:
     """The typed form of a deployment's ``user_config`` (refused by field name when wrong)."""
     return from_mapping(ServedVersion, user_config, "user_config")
 
 
-def _batch_settings(method: Any, served: ServedVersion) -> None:
+def batch_settings(method: Any, served: ServedVersion) -> None:
     method.set_max_batch_size(served.max_batch_size)
     method.set_batch_wait_timeout_s(served.batch_wait_ms / 1000)
 
 
 @serve.deployment(max_ongoing_requests=64, graceful_shutdown_timeout_s=30)
 class QueryFeaturizer:
-    """Holds the model; featurizes query images with the served index's own featurize settings
-    through the same ``featurize`` code as the index job (GPU when the replica has one)."""
+    """Holds the model (``QueryFeatures``) in its own replicas (``serve.featurize_in:
+    replicas``): featurizes query images with the served index's own featurize settings
+    (GPU when the replica has one)."""
 
     def __init__(self, config_path: str, model_dir: str | None, threads: int) -> None:
-        import torch
-
-        from attribution_core.config import ProjectConfig
-        from attribution_core.models.fingerprint import model_fingerprint
-        from pipelines.models import load_model_dir, quiet_libraries
-
-        quiet_libraries()
-        torch.set_num_threads(_threads(threads))
-        self.cfg = ProjectConfig.load(config_path)
-        self.model_dir = model_dir or self.cfg.model.path
-        self.adapter = load_model_dir(self.model_dir, self.cfg.model.device)
-        self.fingerprint = model_fingerprint(self.adapter)
-        self.featurizers: dict[str, Any] = {}  # feature spec key -> Featurizer
-        self.cache = FeatureCache(self.cfg.serve.feature_cache)
-        self.spec: str | None = None
-        self.version: str | None = None
-        self.follow = FollowLatest("featurizer")
+        self.features = QueryFeatures(config_path, model_dir, threads, "featurizer")
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
-        served = _served(user_config)
-        _batch_settings(self.featurize, served)
+        served = served_version(user_config)
+        batch_settings(self.featurize, served)
         await self._swap(served)
-        self.follow.restart(served, lambda: self.version, lambda: self.fingerprint, self._swap)
+        self.features.follow_latest(served, self._swap)
 
     async def _swap(self, served: ServedVersion) -> None:
-        await asyncio.to_thread(self._load, served)
-
-    def _load(self, served: ServedVersion) -> None:
-        from attribution_core.index.manifest import FeatureSpec
-        from attribution_core.index.opening import open_for_model
-        from attribution_core.index.store import IndexStore
-
-        manifest, _ = open_for_model(IndexStore(served.index), served.version, self.adapter,
-                                     self.model_dir, self.cfg.featurize.max_rows_per_pass, self.fingerprint,
-                                     self.featurizers)
-        self.spec, self.version = FeatureSpec.from_manifest(manifest).key(), manifest["version"]
+        await asyncio.to_thread(self.features.load, served)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
     async def featurize(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return await asyncio.to_thread(self._featurize, items)
-
-    def _featurize(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Each item: image, prompt, label and, for a contrastive query, ``contrast_aspect``
-        (its prompt is then contrasted with the prompt without that aspect)."""
-        from attribution_core.data.captions import without_concept
-        from attribution_core.data.images import ImageDecodeError
-        from attribution_core.errors import InputError
-        from attribution_core.features.query import query_batch
-
-        spec = self.spec
-        featurizer = self.featurizers[spec]
-        vocabulary = {a: list(p.values) for a, p in self.cfg.weights.prompts.items()}
-        out: list[dict[str, Any]] = [{} for _ in items]
-        groups: dict[bool, tuple[list[int], list[Any]]] = {False: ([], []), True: ([], [])}  # contrastive?
-        keys = [FeatureCache.key(spec, item) for item in items]
-        for i, item in enumerate(items):  # decode one by one: a bad image fails only its own request
-            cached = self.cache.get(keys[i])
-            if cached is not None:
-                out[i] = {**cached, "featurize_ms": 0.0, "batch": 0, "cached": True}
-                continue
-            try:
-                aspect = item.get("contrast_aspect")
-                contrast = ([without_concept(item.get("prompt") or "", aspect, vocabulary, self.adapter.caption_template)]
-                            if aspect else None)
-                one = query_batch(self.adapter, [item["image"]], [item.get("prompt")], [item.get("label")], contrast)
-            except InputError as exc:
-                out[i] = {"error": RequestError(400 if isinstance(exc, ImageDecodeError) else 422, str(exc)).to_dict()}
-                continue
-            groups[contrast is not None][0].append(i)
-            groups[contrast is not None][1].append(one)
-        for good, batches in groups.values():  # plain and contrastive queries featurize apart
-            if good:
-                self._featurize_group(featurizer, spec, good, batches, out)
-                for i in good:
-                    if "features" in out[i]:
-                        self.cache.put(keys[i], {k: out[i][k] for k in ("features", "spec", "query_id")})
-        return out
-
-    def _featurize_group(self, featurizer: Any, spec: str, good: list[int], batches: list[Any],
-                         out: list[dict[str, Any]]) -> None:
-        import torch
-
-        from attribution_core.models.adapters import ExampleBatch
-
-        first = batches[0]
-        batch = ExampleBatch(
-            example_ids=tuple(i for b in batches for i in b.example_ids),
-            pixels=torch.cat([b.pixels for b in batches]),
-            captions=tuple(c for b in batches for c in b.captions) if first.captions is not None else None,
-            labels=torch.cat([b.labels for b in batches]) if first.labels is not None else None,
-            contrast_captions=(tuple(c for b in batches for c in b.contrast_captions)
-                               if first.contrast_captions is not None else None))
-        started = time.perf_counter()
-        try:
-            features = featurizer.flat(batch)
-        except Exception as exc:  # a model failure must not take the replica down
-            log.exception("featurizing a batch of %d failed", len(good))
-            for i in good:
-                out[i] = {"error": RequestError(500, f"featurizing failed: {exc}").to_dict()}
-            return
-        elapsed = (time.perf_counter() - started) * 1000
-        for row, i in enumerate(good):
-            out[i] = {"features": features[row].numpy().astype(np.float32), "spec": spec, "query_id": batch.example_ids[row],
-                      "featurize_ms": elapsed, "batch": len(good)}
+        return await asyncio.to_thread(self.features.featurize, items)
 
 
 @serve.deployment(max_ongoing_requests=64, graceful_shutdown_timeout_s=30)
@@ -167,8 +74,8 @@ class IndexSearcher:
 
         from attribution_core.index.approximate import set_threads
 
-        torch.set_num_threads(_threads(threads))
-        set_threads(_threads(threads))
+        torch.set_num_threads(replica_threads(threads))
+        set_threads(replica_threads(threads))
         self.part, self.parts = part, parts
         self.current = None  # ServedIndex
         self.previous = None
@@ -176,8 +83,8 @@ class IndexSearcher:
         self.follow = FollowLatest(f"searcher {part}/{parts}")
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
-        served = _served(user_config)
-        _batch_settings(self.search, served)
+        served = served_version(user_config)
+        batch_settings(self.search, served)
         await self._swap(served)
         self.follow.restart(served, lambda: self.current.version,
                             lambda: self.current.manifest["model"]["fingerprint"], self._swap)

@@ -25,7 +25,10 @@ from ray import serve
 
 from attribution_core.config import ServeConfig, from_mapping
 from attribution_core.errors import ConfigError, RequestError
-from pipelines.serve.protocol import UNIFORM, Query, build_query, decode_base64, merge_partitions, plan_queries
+from pipelines.serve.deployments import batch_settings, served_version
+from pipelines.serve.featurize import QueryFeatures
+from pipelines.serve.protocol import (UNIFORM, Query, ServedVersion, build_query, decode_base64, merge_partitions,
+                                      plan_queries)
 
 log = logging.getLogger("ray.serve")
 
@@ -124,14 +127,35 @@ class AttributionAPI:
     featurized once per query kind, searched on every partition, and the partitions' top-k
     merged exactly."""
 
-    def __init__(self, featurizer, searchers: list, serve_settings: dict[str, Any]) -> None:
+    def __init__(self, featurizer, searchers: list, serve_settings: dict[str, Any],
+                 model: tuple[str, str | None, int] | None = None) -> None:
+        """``featurizer``: a handle to the ``QueryFeaturizer`` deployment, or None to hold the
+        model here (``model``: config path, model directory, threads; the version then comes
+        in this deployment's ``user_config``)."""
         self.featurizer = featurizer
+        self.features = QueryFeatures(*model, "ingress") if featurizer is None else None
         self.searchers = searchers
         self.cfg: ServeConfig = from_mapping(ServeConfig, serve_settings, "serve")
         self.api_key = os.environ.get(self.cfg.api_key_env) if self.cfg.api_key_env else None
         if self.cfg.api_key_env and not self.api_key:
             raise ConfigError(f"serve.api_key_env names {self.cfg.api_key_env}, which is not set in the "
                               "endpoint's environment; set it (e.g. from a Secret) or remove serve.api_key_env")
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """The served version, when this ingress holds the model (``serve.featurize_in: ingress``)."""
+        if self.features is None:
+            return
+        served = served_version(user_config)
+        batch_settings(self._featurize_here, served)
+        await self._swap(served)
+        self.features.follow_latest(served, self._swap)
+
+    async def _swap(self, served: ServedVersion) -> None:
+        await asyncio.to_thread(self.features.load, served)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
+    async def _featurize_here(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return await asyncio.to_thread(self.features.featurize, items)
 
     def _authorized(self, request: Request) -> bool:
         if not self.api_key:
@@ -182,7 +206,10 @@ class AttributionAPI:
 
     async def _featurize(self, item: dict[str, Any]) -> dict[str, Any]:
         try:
-            feat = await self.featurizer.featurize.remote(item)
+            if self.features is not None:
+                feat = await self._featurize_here(item)
+            else:
+                feat = await self.featurizer.featurize.remote(item)
         except Exception as exc:
             log.exception("featurizer call failed")
             raise RequestError(503, f"the featurizer is unavailable ({type(exc).__name__}); retry") from exc

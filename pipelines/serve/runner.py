@@ -15,7 +15,7 @@ from attribution_core.config import ProjectConfig
 from attribution_core.index.opening import open_version
 from attribution_core.index.store import IndexStore
 from pipelines.failures import error_in_traceback
-from pipelines.serve.app import APP_NAME, IMPORT_PATH, ServeArgs, user_config
+from pipelines.serve.app import APP_NAME, IMPORT_PATH, ServeArgs, featurizer_deployment, user_config
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def application_config(args: ServeArgs, version: str | None = None, weights: str
     swap = user_config(cfg, ServeArgs(config=build_args["config"], index=build_args["index"],
                                       version=version if version is not None else args.version,
                                       weights=_local(weights if weights is not None else args.weights)))
-    names = ["QueryFeaturizer", *(f"IndexSearcher{p}" for p in range(cfg.serve.partitions))]
+    names = [featurizer_deployment(cfg.serve), *(f"IndexSearcher{p}" for p in range(cfg.serve.partitions))]
     app = {"name": APP_NAME, "route_prefix": "/", "import_path": IMPORT_PATH, "args": build_args,
            "deployments": [{"name": n, "user_config": swap} for n in names]}
     key_env = cfg.serve.api_key_env

@@ -72,6 +72,8 @@ def test_reindex_and_refresh_settings_are_checked():
         from_mapping(ProjectConfig, {"reindex": {"endpoint": "attribution-serve-svc:8000"}})
     with pytest.raises(ConfigError, match="serve.refresh_s"):
         from_mapping(ProjectConfig, {"serve": {"refresh_s": -1}})
+    with pytest.raises(ConfigError, match="serve.featurize_in: choose one of ingress, replicas, got 'gpu'"):
+        from_mapping(ProjectConfig, {"serve": {"featurize_in": "gpu"}})
 
 
 def test_every_config_field_says_what_it_changes():

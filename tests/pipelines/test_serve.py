@@ -116,6 +116,13 @@ def served(tmp_path_factory, ray_cluster, model_dirs):
 
 
 def test_index_info_and_openapi(served):
+    from ray import serve
+
+    from pipelines.serve.app import APP_NAME
+
+    # serve.featurize_in: ingress (the default): the ingress holds the model, no featurizer deployment
+    assert set(serve.status().applications[APP_NAME].deployments) == {"AttributionAPI", "IndexSearcher0",
+                                                                      "IndexSearcher1"}
     status, info = get(served["url"], "/v1/index")
     assert status == 200 and info["version"] == served["version"] and info["rows"] == N
     assert info["aspects"] == ["general", "subject", "uniform"]
@@ -351,12 +358,16 @@ def test_api_key_is_enforced_when_configured(served, monkeypatch, tmp_path):
 def test_contrastive_aspect_queries_equal_offline_scoring(served, tmp_path):
     """serve.aspect_query 'both': subject is answered from Concept-TRAK's feature of the
     prompt against the prompt without its subject, under the subject weights; general still
-    from the plain feature."""
+    from the plain feature. Featurized by a QueryFeaturizer deployment (serve.featurize_in:
+    replicas) where the other tests featurize in the ingress."""
+    from ray import serve
+
     from attribution_core.data.captions import without_concept
+    from pipelines.serve.app import APP_NAME
     from pipelines.serve.runner import deploy
 
     config = write_config(tmp_path / "contrast.yaml", served["model"], served["index"], served["port"],
-                          aspect_query="both")
+                          aspect_query="both", featurize_in="replicas")
     deploy(ServeArgs(config=config), "127.0.0.1", served["port"])
     row = served["rows"][2]
     body = {"image": b64(row["image"]), "prompt": row["caption"], "aspects": ["general", "subject"], "k": 5}
@@ -369,6 +380,7 @@ def test_contrastive_aspect_queries_equal_offline_scoring(served, tmp_path):
         except OSError:  # the proxy is between applications
             status, answer = 0, {}
     assert answer["aspect_queries"] == {"subject": "contrastive+aspect"}
+    assert "QueryFeaturizer" in serve.status().applications[APP_NAME].deployments
     loaded = load_index(served["index"], answer["index"]["version"])
     featurizer = Featurizer(load_model_dir(served["model"], "cpu"), from_mapping(FeaturizeConfig, loaded.manifest["featurize"]))
     values = {a: list(p.values) for a, p in ProjectConfig().weights.prompts.items()}

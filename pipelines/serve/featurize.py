@@ -1,0 +1,131 @@
+"""A query featurizer's state: the model, the served version's featurize settings, the
+feature cache, and the batch step that turns checked queries into features.
+
+It lives in a ``QueryFeaturizer`` replica (``serve.featurize_in: replicas``) or in the HTTP
+ingress itself (``ingress``: one hop less per request); either way the same code featurizes
+with the served index's own settings, through the same ``featurize`` code as the index job.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import numpy as np
+
+from attribution_core.errors import RequestError
+from pipelines.serve.follow import FollowLatest
+from pipelines.serve.protocol import FeatureCache, ServedVersion
+
+log = logging.getLogger("ray.serve")
+
+
+def replica_threads(requested: int) -> int:
+    """torch / FAISS threads of a replica: ``requested``, 0 = the machine's CPUs."""
+    return requested or os.cpu_count() or 1
+
+
+class QueryFeatures:
+    """Holds the model (GPU when the process has one) and featurizes query images with the
+    served version's feature spec. ``load`` (re)opens a version: the model's fingerprint is
+    checked against it, and featurizers for a spec already seen are kept."""
+
+    def __init__(self, config_path: str, model_dir: str | None, threads: int, name: str) -> None:
+        import torch
+
+        from attribution_core.config import ProjectConfig
+        from attribution_core.models.fingerprint import model_fingerprint
+        from pipelines.models import load_model_dir, quiet_libraries
+
+        quiet_libraries()
+        torch.set_num_threads(replica_threads(threads))
+        self.cfg = ProjectConfig.load(config_path)
+        self.model_dir = model_dir or self.cfg.model.path
+        self.adapter = load_model_dir(self.model_dir, self.cfg.model.device)
+        self.fingerprint = model_fingerprint(self.adapter)
+        self.featurizers: dict[str, Any] = {}  # feature spec key -> Featurizer
+        self.cache = FeatureCache(self.cfg.serve.feature_cache)
+        self.spec: str | None = None
+        self.version: str | None = None
+        self.follow = FollowLatest(name)
+
+    def follow_latest(self, served: ServedVersion, swap) -> None:
+        """Follow the index's ``latest`` while ``served`` pins no version (``swap`` is async)."""
+        self.follow.restart(served, lambda: self.version, lambda: self.fingerprint, swap)
+
+    def load(self, served: ServedVersion) -> None:
+        from attribution_core.index.manifest import FeatureSpec
+        from attribution_core.index.opening import open_for_model
+        from attribution_core.index.store import IndexStore
+
+        manifest, _ = open_for_model(IndexStore(served.index), served.version, self.adapter,
+                                     self.model_dir, self.cfg.featurize.max_rows_per_pass, self.fingerprint,
+                                     self.featurizers)
+        self.spec, self.version = FeatureSpec.from_manifest(manifest).key(), manifest["version"]
+
+    def featurize(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Each item: image, prompt, label and, for a contrastive query, ``contrast_aspect``
+        (its prompt is then contrasted with the prompt without that aspect). Each answer:
+        features, spec, query_id, featurize_ms, batch (and ``cached``), or an ``error``."""
+        from attribution_core.data.captions import without_concept
+        from attribution_core.data.images import ImageDecodeError
+        from attribution_core.errors import InputError
+        from attribution_core.features.query import query_batch
+
+        spec = self.spec
+        featurizer = self.featurizers[spec]
+        vocabulary = {a: list(p.values) for a, p in self.cfg.weights.prompts.items()}
+        out: list[dict[str, Any]] = [{} for _ in items]
+        groups: dict[bool, tuple[list[int], list[Any]]] = {False: ([], []), True: ([], [])}  # contrastive?
+        keys = [FeatureCache.key(spec, item) for item in items]
+        for i, item in enumerate(items):  # decode one by one: a bad image fails only its own request
+            cached = self.cache.get(keys[i])
+            if cached is not None:
+                out[i] = {**cached, "featurize_ms": 0.0, "batch": 0, "cached": True}
+                continue
+            try:
+                aspect = item.get("contrast_aspect")
+                contrast = ([without_concept(item.get("prompt") or "", aspect, vocabulary, self.adapter.caption_template)]
+                            if aspect else None)
+                one = query_batch(self.adapter, [item["image"]], [item.get("prompt")], [item.get("label")], contrast)
+            except InputError as exc:
+                out[i] = {"error": RequestError(400 if isinstance(exc, ImageDecodeError) else 422, str(exc)).to_dict()}
+                continue
+            groups[contrast is not None][0].append(i)
+            groups[contrast is not None][1].append(one)
+        for good, batches in groups.values():  # plain and contrastive queries featurize apart
+            if good:
+                self._featurize_group(featurizer, spec, good, batches, out)
+                for i in good:
+                    if "features" in out[i]:
+                        self.cache.put(keys[i], {k: out[i][k] for k in ("features", "spec", "query_id")})
+        return out
+
+    def _featurize_group(self, featurizer: Any, spec: str, good: list[int], batches: list[Any],
+                         out: list[dict[str, Any]]) -> None:
+        import torch
+
+        from attribution_core.models.adapters import ExampleBatch
+
+        first = batches[0]
+        batch = ExampleBatch(
+            example_ids=tuple(i for b in batches for i in b.example_ids),
+            pixels=torch.cat([b.pixels for b in batches]),
+            captions=tuple(c for b in batches for c in b.captions) if first.captions is not None else None,
+            labels=torch.cat([b.labels for b in batches]) if first.labels is not None else None,
+            contrast_captions=(tuple(c for b in batches for c in b.contrast_captions)
+                               if first.contrast_captions is not None else None))
+        started = time.perf_counter()
+        try:
+            features = featurizer.flat(batch)
+        except Exception as exc:  # a model failure must not take the replica down
+            log.exception("featurizing a batch of %d failed", len(good))
+            for i in good:
+                out[i] = {"error": RequestError(500, f"featurizing failed: {exc}").to_dict()}
+            return
+        elapsed = (time.perf_counter() - started) * 1000
+        for row, i in enumerate(good):
+            out[i] = {"features": features[row].numpy().astype(np.float32), "spec": spec, "query_id": batch.example_ids[row],
+                      "featurize_ms": elapsed, "batch": len(good)}
