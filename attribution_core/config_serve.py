@@ -57,9 +57,11 @@ class ServeConfig:
     featurized a demo query in 96 ms inside a replica, two threads in 120 ms (the tiny ops of
     one image do not split well and the second thread competes with the other replicas)."""
     searcher_threads: int = 1
-    """torch threads per searcher replica. The float16 scan is memory-bound: one thread per
-    partition, partitions scanning in parallel, beats one partition on several threads
-    (10^5 rows x 5,312: 2 x 50k on one thread each ~20 ms, 100k on two threads ~35 ms)."""
+    """Threads per searcher replica. Exact: torch's, for the float16 scan, which is
+    memory-bound: one thread per partition, partitions scanning in parallel, beats one
+    partition on several threads (10^5 rows x 5,312: 2 x 50k on one thread each ~20 ms, 100k
+    on two threads ~35 ms). Approximate: each query's scan of the codes is split into this
+    many slices, one thread each (10^6 rows' codes: 90.8 ms in one slice, 49.7 in two)."""
     cpus_per_replica: float = 0.5
     """CPUs reserved per featurizer / searcher replica (fractional on small machines)."""
     max_batch_size: int = 8

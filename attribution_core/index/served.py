@@ -73,14 +73,15 @@ class ServedIndex:
     @classmethod
     def load(cls, uri: str, version: str | None = None, weights_uri: str | None = None, weights_name: str = "learned",
              part: int = 0, parts: int = 1, device: str = "cpu", search: str = "auto",
-             candidates: int = 0, rows_dir: str | None = None) -> ServedIndex:
+             candidates: int = 0, rows_dir: str | None = None, threads: int = 1) -> ServedIndex:
         """Version ``version`` (default: latest) of the index at ``uri``, partition ``part`` of
         ``parts``. Weights: ``weights_uri`` if given (same feature spec and groups required),
         else ``<uri>/versions/<v>/weights/<weights_name>.json`` or that of the nearest earlier
         version with the same feature spec; none is fine (only 'uniform' is answered then).
         ``search`` (``serve.search``): 'exact', 'approximate' (the version's approximate index,
         ``candidates`` overriding its setting when non-zero, rows rescored from a
-        file in ``rows_dir``) or 'auto' (approximate when the version has one)."""
+        file in ``rows_dir``, its scan spread over ``threads`` cores) or 'auto' (approximate when
+        the version has one)."""
         started = time.perf_counter()
         store = IndexStore(uri)
         manifest = open_version(store, version)
@@ -93,7 +94,7 @@ class ServedIndex:
                                 rows_dir=rows_dir or tempfile.gettempdir())
             codes = partition_index(store, manifest["approximate"], version_shards(manifest, part, parts),
                                     loaded.layout.k_total, candidates)
-            search_index = RescoredSearch(codes, loaded.features)
+            search_index = RescoredSearch(codes, loaded.features, threads)
         if weights_uri:
             weights = read_weights_uri(weights_uri)
             check_weights(weights, loaded.manifest, same_version=False)

@@ -36,7 +36,7 @@ import torch
 from attribution_core.config import ProjectConfig
 from attribution_core.errors import InputError
 from attribution_core.index.approximate import (ADD_ROWS, MIN_TRAIN_ROWS, AnnSettings, ApproximateIndex, RescoredSearch, Whitening,
-                                                default_settings, set_threads, training_sample)
+                                                default_settings, rescoring_threads, set_threads, training_sample)
 from attribution_core.index.reader import LoadedIndex, load_index
 from attribution_core.index.scoring import preconditioned_queries
 from attribution_core.index.search import SearchIndex
@@ -90,10 +90,12 @@ def _timing(times: list[float]) -> dict[str, float]:
             "mean_ms": round(statistics.fmean(times), 2)}
 
 
-def _timed(search: Any, queries: torch.Tensor, k: int, threads: int) -> tuple[dict[str, Any], torch.Tensor]:
+def _timed(search: Any, queries: torch.Tensor, k: int, threads: int,
+           torch_threads: int | None = None) -> tuple[dict[str, Any], torch.Tensor]:
     """Latency per query with every aspect in one call (a request for all of them) and with
-    the first aspect alone (a request for 'general', the default), on ``threads`` threads."""
-    torch.set_num_threads(threads)
+    the first aspect alone (a request for 'general', the default), on ``threads`` threads
+    (``torch_threads`` of them torch's, as a searcher of the tier sets them)."""
+    torch.set_num_threads(torch_threads or threads)
     set_threads(threads)
     times, found = _latencies(search, queries, k)
     one, _ = _latencies(search, queries[:, :1], k)
@@ -133,9 +135,9 @@ def _approximate(rows: torch.Tensor, queries: torch.Tensor, k: int, settings: An
     for start in range(0, len(array), ADD_ROWS):
         index.add(array[start : start + ADD_ROWS])
     coded = time.perf_counter()
-    search = RescoredSearch(index, rows)  # packs the codes for scanning
+    search = RescoredSearch(index, rows, threads)  # packs the codes for scanning
     packed = time.perf_counter()
-    timing, found = _timed(search, queries, k, threads)
+    timing, found = _timed(search, queries, k, threads, rescoring_threads())
     return ({"tier": "approximate", "kernel": search.kernel, "build_s": round(packed - started, 2),
              "train_s": round(trained - started, 2), "code_s": round(coded - trained, 2),
              "pack_s": round(packed - coded, 2), "bytes_per_row": index.bytes_per_row, **timing},
@@ -163,9 +165,9 @@ def _simulated(index: ApproximateIndex, trained: bytes, rows: torch.Tensor, n: i
             return rows[torch.where(numbers < real, numbers, (numbers - real) % len(codes))]
 
     started = time.perf_counter()
-    search = RescoredSearch(big, Repeated())
+    search = RescoredSearch(big, Repeated(), threads)
     packed = time.perf_counter() - started
-    timing, _ = _timed(search, queries, k, threads)
+    timing, _ = _timed(search, queries, k, threads, rescoring_threads())
     return {"tier": "approximate", "simulated": True, "kernel": search.kernel, "fill_s": round(filled, 2),
             "pack_s": round(packed, 2), "bytes_per_row": big.bytes_per_row, **timing, "recall": None}
 

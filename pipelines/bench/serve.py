@@ -20,6 +20,7 @@ import base64
 import dataclasses
 import json
 import logging
+import os
 import socket
 import statistics
 import tempfile
@@ -144,7 +145,7 @@ def standalone(cfg: ProjectConfig, model_dir: str, index_uri: str, rows: list[di
     """The floor under the endpoint: featurizing and searching the same queries in this process,
     with the replicas' threads and search settings, no Serve between them (p50 ms of each)."""
     from attribution_core.features.query import featurize_images
-    from attribution_core.index.approximate import set_threads
+    from attribution_core.index.approximate import rescoring_threads, set_threads
     from attribution_core.index.opening import open_for_model
     from attribution_core.index.served import ServedIndex
     from pipelines.models import load_model_dir
@@ -153,7 +154,8 @@ def standalone(cfg: ProjectConfig, model_dir: str, index_uri: str, rows: list[di
     adapter = load_model_dir(model_dir, "cpu")
     _, featurizer = open_for_model(IndexStore(index_uri), None, adapter, model_dir, cfg.featurize.max_rows_per_pass)
     served = ServedIndex.load(index_uri, weights_name=scfg.weights, search=scfg.search,
-                              candidates=scfg.search_candidates, rows_dir=scfg.rows_dir)
+                              candidates=scfg.search_candidates, rows_dir=scfg.rows_dir,
+                              threads=scfg.searcher_threads or os.cpu_count() or 1)
     resolved = served.resolve_aspects(tuple(aspects or scfg.default_aspects), fallback_uniform=aspects is None)
     weightings = [sorted(set(resolved.values()))]
     featurize_ms, search_ms = [], []
@@ -162,8 +164,9 @@ def standalone(cfg: ProjectConfig, model_dir: str, index_uri: str, rows: list[di
         started = time.perf_counter()
         features = featurize_images(featurizer, [row["image"]], [row["caption"]])
         featurized = time.perf_counter()
-        torch.set_num_threads(scfg.searcher_threads or torch.get_num_threads())
-        set_threads(scfg.searcher_threads or torch.get_num_threads())
+        threads = scfg.searcher_threads or os.cpu_count() or 1
+        torch.set_num_threads(rescoring_threads() if served.search_mode == "approximate" else threads)
+        set_threads(threads)
         served.search(features, weightings, [k])
         if i:  # the first query warms both up
             featurize_ms.append((featurized - started) * 1000)
@@ -244,6 +247,7 @@ def _run(args: argparse.Namespace) -> int:
                 row = measure(url, bodies[:count], concurrency)
                 results.append({"n_rows": n, **row, "aspects": aspects or list(cfg.serve.default_aspects),
                                 "search": info["search"], "search_kernel": info["search_kernel"],
+                                "featurize_in": serve_cfg.featurize_in, "partitions": serve_cfg.partitions,
                                 "weights": info["weights"] is not None, "standalone": floor,
                                 "p50_over_standalone": round(row["p50_ms"] / floor["sum_p50_ms"], 3)})
                 log.info("measured %s", json.dumps(results[-1]))

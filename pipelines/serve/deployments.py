@@ -76,7 +76,7 @@ class IndexSearcher:
 
         torch.set_num_threads(replica_threads(threads))
         set_threads(replica_threads(threads))
-        self.part, self.parts = part, parts
+        self.part, self.parts, self.threads = part, parts, replica_threads(threads)
         self.current = None  # ServedIndex
         self.previous = None
         self._loading = asyncio.Lock()
@@ -90,15 +90,19 @@ class IndexSearcher:
                             lambda: self.current.manifest["model"]["fingerprint"], self._swap)
 
     async def _swap(self, served: ServedVersion) -> None:
+        import torch
+
+        from attribution_core.index.approximate import rescoring_threads
         from attribution_core.index.served import ServedIndex
 
         async with self._loading:
             loaded = await asyncio.to_thread(
                 ServedIndex.load, served.index, served.version, served.weights, served.weights_name, self.part,
-                self.parts, "cpu", served.search, served.candidates, served.rows_dir)
+                self.parts, "cpu", served.search, served.candidates, served.rows_dir, self.threads)
             if (self.current is not None and loaded.key == self.current.key
                     and loaded.search_index.kernel == self.current.search_index.kernel):
                 return
+            torch.set_num_threads(rescoring_threads() if loaded.search_mode == "approximate" else self.threads)
             self.previous, self.current = self.current, loaded  # one assignment: requests see old or new
             if self.previous is not None:  # kept while other partitions may still answer from it
                 key = self.previous.key

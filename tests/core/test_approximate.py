@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from attribution_core.errors import ConfigError, InputError
-from attribution_core.index.approximate import AnnSettings, ApproximateIndex, Whitening, default_settings, padded_dim
+from attribution_core.index.approximate import (MIN_SLICE_ROWS, AnnSettings, ApproximateIndex, RescoredSearch, Whitening,
+                                                default_settings, padded_dim)
 from attribution_core.index.search import SearchIndex
 
 
@@ -82,6 +83,24 @@ def test_serialised_index_and_codes_made_elsewhere_answer_the_same(built):
         ApproximateIndex.from_bytes(data, 80, index.settings)
     with pytest.raises(InputError, match="before its first search"):
         index.to_bytes()
+
+
+def test_a_scan_split_over_threads_answers_as_one_slice():
+    # Gaussian rows and one coordinate per sub-quantiser: candidates' code scores do not tie,
+    # so the slices' merged candidates are the single scan's
+    rows = np.random.default_rng(0).standard_normal((3 * MIN_SLICE_ROWS + 5, 16)).astype(np.float16)
+    settings = AnnSettings(code_bytes=8, candidates=200)
+    trained = ApproximateIndex.build(rows, settings).to_bytes()
+    one, three = (RescoredSearch(ApproximateIndex.from_bytes(trained, 16, settings), torch.from_numpy(rows), threads)
+                  for threads in (1, 3))
+    assert type(one.index._scan).__name__ == "IndexPQFastScan" and three.index._scan.count() == 3
+    assert one.index.rows == three.index.rows == len(rows)
+    queries = torch.from_numpy(np.random.default_rng(1).standard_normal((12, 16)).astype(np.float32))
+    (s1, r1), (s3, r3) = one.topk(queries, 10), three.topk(queries, 10)
+    torch.testing.assert_close(s3, s1)
+    assert torch.equal(r3, r1) and int(r3.max()) >= 2 * MIN_SLICE_ROWS  # row numbers run on across slices
+    few = RescoredSearch(ApproximateIndex.build(rows[:1000], AnnSettings(code_bytes=2)), torch.from_numpy(rows[:1000]), 4)
+    assert type(few.index._scan).__name__ == "IndexPQFastScan"  # too few rows to split
 
 
 def test_whitening_keeps_every_inner_product():
