@@ -19,25 +19,14 @@ from typing import Any
 import numpy as np
 from ray import serve
 
-from attribution_core.config_io import from_mapping
 from attribution_core.errors import RequestError
 from pipelines.serve.follow import FollowLatest
 from pipelines.serve.featurize import QueryFeatures, replica_threads
-from pipelines.serve.protocol import ServedVersion
+from pipelines.serve.protocol import ServedVersion, batch_settings, served_version
 
 log = logging.getLogger("ray.serve")
 
 PREVIOUS_GRACE_S = 120.0  # how long a searcher keeps the state it swapped out
-
-
-def served_version(user_config: dict[str, Any]) -> ServedVersion:
-    """The typed form of a deployment's ``user_config`` (refused by field name when wrong)."""
-    return from_mapping(ServedVersion, user_config, "user_config")
-
-
-def batch_settings(method: Any, served: ServedVersion) -> None:
-    method.set_max_batch_size(served.max_batch_size)
-    method.set_batch_wait_timeout_s(served.batch_wait_ms / 1000)
 
 
 @serve.deployment(max_ongoing_requests=64, graceful_shutdown_timeout_s=30)
@@ -50,17 +39,11 @@ class QueryFeaturizer:
         self.features = QueryFeatures(config_path, model_dir, threads, "featurizer")
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
-        served = served_version(user_config)
-        batch_settings(self.featurize, served)
-        await self._swap(served)
-        self.features.follow_latest(served, self._swap)
-
-    async def _swap(self, served: ServedVersion) -> None:
-        await asyncio.to_thread(self.features.load, served)
+        await self.features.reconfigure(user_config, self.featurize)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
     async def featurize(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return await asyncio.to_thread(self.features.featurize, items)
+        return await self.features.featurize_async(items)
 
 
 @serve.deployment(max_ongoing_requests=64, graceful_shutdown_timeout_s=30)

@@ -8,6 +8,7 @@ with the served index's own settings, through the same ``featurize`` code as the
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -17,7 +18,7 @@ import numpy as np
 
 from attribution_core.errors import RequestError
 from pipelines.serve.follow import FollowLatest
-from pipelines.serve.protocol import FeatureCache, ServedVersion
+from pipelines.serve.protocol import FeatureCache, ServedVersion, batch_settings, served_version
 
 log = logging.getLogger("ray.serve")
 
@@ -51,9 +52,21 @@ class QueryFeatures:
         self.version: str | None = None
         self.follow = FollowLatest(name)
 
-    def follow_latest(self, served: ServedVersion, swap) -> None:
-        """Follow the index's ``latest`` while ``served`` pins no version (``swap`` is async)."""
-        self.follow.restart(served, lambda: self.version, lambda: self.fingerprint, swap)
+    async def reconfigure(self, user_config: dict[str, Any], batched: Any) -> None:
+        """A deployment's ``reconfigure``: load the version its ``user_config`` names, apply
+        its batching to the deployment's ``serve.batch`` method ``batched``, and follow the
+        index's ``latest`` while no version is pinned."""
+        served = served_version(user_config)
+        batch_settings(batched, served)
+        await self._swap(served)
+        self.follow.restart(served, lambda: self.version, lambda: self.fingerprint, self._swap)
+
+    async def _swap(self, served: ServedVersion) -> None:
+        await asyncio.to_thread(self.load, served)
+
+    async def featurize_async(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """``featurize`` in a thread, so the replica's event loop keeps answering."""
+        return await asyncio.to_thread(self.featurize, items)
 
     def load(self, served: ServedVersion) -> None:
         from attribution_core.index.manifest import FeatureSpec

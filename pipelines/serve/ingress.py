@@ -25,10 +25,8 @@ from ray import serve
 
 from attribution_core.config import ServeConfig, from_mapping
 from attribution_core.errors import ConfigError, RequestError
-from pipelines.serve.deployments import batch_settings, served_version
 from pipelines.serve.featurize import QueryFeatures
-from pipelines.serve.protocol import (UNIFORM, Query, ServedVersion, build_query, decode_base64, merge_partitions,
-                                      plan_queries)
+from pipelines.serve.protocol import UNIFORM, Query, build_query, decode_base64, merge_partitions, plan_queries
 
 log = logging.getLogger("ray.serve")
 
@@ -143,19 +141,12 @@ class AttributionAPI:
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """The served version, when this ingress holds the model (``serve.featurize_in: ingress``)."""
-        if self.features is None:
-            return
-        served = served_version(user_config)
-        batch_settings(self._featurize_here, served)
-        await self._swap(served)
-        self.features.follow_latest(served, self._swap)
-
-    async def _swap(self, served: ServedVersion) -> None:
-        await asyncio.to_thread(self.features.load, served)
+        if self.features is not None:
+            await self.features.reconfigure(user_config, self._featurize_here)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
     async def _featurize_here(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return await asyncio.to_thread(self.features.featurize, items)
+        return await self.features.featurize_async(items)
 
     def _authorized(self, request: Request) -> bool:
         if not self.api_key:

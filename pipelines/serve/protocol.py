@@ -14,7 +14,7 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from attribution_core.config_io import check
+from attribution_core.config_io import check, from_mapping
 from attribution_core.config_serve import QUERY_ASPECTS, SEARCH_MODES, ServeConfig
 from attribution_core.config_stages import ASPECTS
 from attribution_core.errors import RequestError
@@ -67,6 +67,17 @@ class ServedVersion:
         check(self.max_batch_size >= 1, "user_config.max_batch_size", "must be at least 1")
         check(self.batch_wait_ms >= 0, "user_config.batch_wait_ms", "must be >= 0")
         check(self.refresh_s >= 0, "user_config.refresh_s", "must be >= 0 (0 = do not follow latest)")
+
+
+def served_version(user_config: dict[str, Any]) -> ServedVersion:
+    """The typed form of a deployment's ``user_config`` (refused by field name when wrong)."""
+    return from_mapping(ServedVersion, user_config, "user_config")
+
+
+def batch_settings(method: Any, served: ServedVersion) -> None:
+    """Apply ``served``'s batching to a ``serve.batch`` method."""
+    method.set_max_batch_size(served.max_batch_size)
+    method.set_batch_wait_timeout_s(served.batch_wait_ms / 1000)
 
 
 class FeatureCache:
