@@ -48,6 +48,11 @@ MIN_TRAIN_ROWS = 2**CODE_BITS  # one per centroid; FAISS warns under 39 per cent
 MAX_TRAIN_ROWS = 65_536  # rows sampled to train the quantisers (training time grows with it, recall hardly)
 ADD_ROWS = 16_384  # rows coded at a time: bounds the float32 copy
 MIN_SLICE_ROWS = 32_768  # fewer rows per slice are scanned faster by one thread than split
+# torch threads of a process that searches approximately. The slices of a query's scan run on
+# threads of their own (``prepare``), and torch's OpenMP threads keep spinning after a product,
+# taking the cores the slices scan on (10^6 rows in 2 slices: 49.7 ms a query alone, 82.9 ms
+# after a product on 2 torch threads); rescoring 1,000 candidates takes a few ms on one.
+RESCORING_THREADS = 1
 
 RowReader = Callable[[np.ndarray], torch.Tensor]  # row numbers -> the stored rows, [len, D]
 
@@ -84,15 +89,6 @@ def set_threads(threads: int) -> None:
     import faiss
 
     faiss.omp_set_num_threads(max(1, threads))
-
-
-def rescoring_threads() -> int:
-    """torch threads of a process that searches approximately: one. The slices of a query's
-    scan run on threads of their own (``prepare``), and torch's OpenMP threads keep spinning
-    after a product, taking the cores the slices scan on (10^6 rows in 2 slices: 49.7 ms a
-    query alone, 82.9 ms after a product on 2 torch threads); rescoring 1,000 candidates
-    takes a few ms on one."""
-    return 1
 
 
 def padded_dim(dim: int) -> int:

@@ -35,8 +35,8 @@ import torch
 
 from attribution_core.config import ProjectConfig
 from attribution_core.errors import InputError
-from attribution_core.index.approximate import (ADD_ROWS, MIN_TRAIN_ROWS, AnnSettings, ApproximateIndex, RescoredSearch, Whitening,
-                                                default_settings, rescoring_threads, set_threads, training_sample)
+from attribution_core.index.approximate import (ADD_ROWS, MIN_TRAIN_ROWS, RESCORING_THREADS, AnnSettings, ApproximateIndex,
+                                                RescoredSearch, Whitening, default_settings, set_threads, training_sample)
 from attribution_core.index.reader import LoadedIndex, load_index
 from attribution_core.index.scoring import preconditioned_queries
 from attribution_core.index.search import SearchIndex
@@ -137,7 +137,7 @@ def _approximate(rows: torch.Tensor, queries: torch.Tensor, k: int, settings: An
     coded = time.perf_counter()
     search = RescoredSearch(index, rows, threads)  # packs the codes for scanning
     packed = time.perf_counter()
-    timing, found = _timed(search, queries, k, threads, rescoring_threads())
+    timing, found = _timed(search, queries, k, threads, RESCORING_THREADS)
     return ({"tier": "approximate", "kernel": search.kernel, "build_s": round(packed - started, 2),
              "train_s": round(trained - started, 2), "code_s": round(coded - trained, 2),
              "pack_s": round(packed - coded, 2), "bytes_per_row": index.bytes_per_row, **timing},
@@ -167,7 +167,7 @@ def _simulated(index: ApproximateIndex, trained: bytes, rows: torch.Tensor, n: i
     started = time.perf_counter()
     search = RescoredSearch(big, Repeated(), threads)
     packed = time.perf_counter() - started
-    timing, _ = _timed(search, queries, k, threads, rescoring_threads())
+    timing, _ = _timed(search, queries, k, threads, RESCORING_THREADS)
     return {"tier": "approximate", "simulated": True, "kernel": search.kernel, "fill_s": round(filled, 2),
             "pack_s": round(packed, 2), "bytes_per_row": big.bytes_per_row, **timing, "recall": None}
 

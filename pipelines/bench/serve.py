@@ -20,7 +20,6 @@ import base64
 import dataclasses
 import json
 import logging
-import os
 import socket
 import statistics
 import tempfile
@@ -145,17 +144,18 @@ def standalone(cfg: ProjectConfig, model_dir: str, index_uri: str, rows: list[di
     """The floor under the endpoint: featurizing and searching the same queries in this process,
     with the replicas' threads and search settings, no Serve between them (p50 ms of each)."""
     from attribution_core.features.query import featurize_images
-    from attribution_core.index.approximate import rescoring_threads, set_threads
+    from attribution_core.index.approximate import RESCORING_THREADS, set_threads
     from attribution_core.index.opening import open_for_model
     from attribution_core.index.served import ServedIndex
     from pipelines.models import load_model_dir
+    from pipelines.serve.featurize import replica_threads
 
     scfg = cfg.serve
     adapter = load_model_dir(model_dir, "cpu")
     _, featurizer = open_for_model(IndexStore(index_uri), None, adapter, model_dir, cfg.featurize.max_rows_per_pass)
+    threads = replica_threads(scfg.searcher_threads)
     served = ServedIndex.load(index_uri, weights_name=scfg.weights, search=scfg.search,
-                              candidates=scfg.search_candidates, rows_dir=scfg.rows_dir,
-                              threads=scfg.searcher_threads or os.cpu_count() or 1)
+                              candidates=scfg.search_candidates, rows_dir=scfg.rows_dir, threads=threads)
     resolved = served.resolve_aspects(tuple(aspects or scfg.default_aspects), fallback_uniform=aspects is None)
     weightings = [sorted(set(resolved.values()))]
     featurize_ms, search_ms = [], []
@@ -164,8 +164,7 @@ def standalone(cfg: ProjectConfig, model_dir: str, index_uri: str, rows: list[di
         started = time.perf_counter()
         features = featurize_images(featurizer, [row["image"]], [row["caption"]])
         featurized = time.perf_counter()
-        threads = scfg.searcher_threads or os.cpu_count() or 1
-        torch.set_num_threads(rescoring_threads() if served.search_mode == "approximate" else threads)
+        torch.set_num_threads(RESCORING_THREADS if served.search_mode == "approximate" else threads)
         set_threads(threads)
         served.search(features, weightings, [k])
         if i:  # the first query warms both up

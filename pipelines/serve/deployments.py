@@ -57,9 +57,9 @@ class IndexSearcher:
 
         from attribution_core.index.approximate import set_threads
 
-        torch.set_num_threads(replica_threads(threads))
-        set_threads(replica_threads(threads))
         self.part, self.parts, self.threads = part, parts, replica_threads(threads)
+        torch.set_num_threads(self.threads)
+        set_threads(self.threads)
         self.current = None  # ServedIndex
         self.previous = None
         self._loading = asyncio.Lock()
@@ -75,7 +75,7 @@ class IndexSearcher:
     async def _swap(self, served: ServedVersion) -> None:
         import torch
 
-        from attribution_core.index.approximate import rescoring_threads
+        from attribution_core.index.approximate import RESCORING_THREADS
         from attribution_core.index.served import ServedIndex
 
         async with self._loading:
@@ -85,7 +85,7 @@ class IndexSearcher:
             if (self.current is not None and loaded.key == self.current.key
                     and loaded.search_index.kernel == self.current.search_index.kernel):
                 return
-            torch.set_num_threads(rescoring_threads() if loaded.search_mode == "approximate" else self.threads)
+            torch.set_num_threads(RESCORING_THREADS if loaded.search_mode == "approximate" else self.threads)
             self.previous, self.current = self.current, loaded  # one assignment: requests see old or new
             if self.previous is not None:  # kept while other partitions may still answer from it
                 key = self.previous.key

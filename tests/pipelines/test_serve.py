@@ -121,8 +121,7 @@ def test_index_info_and_openapi(served):
     from pipelines.serve.app import APP_NAME
 
     # serve.featurize_in: ingress (the default): the ingress holds the model, no featurizer deployment
-    assert set(serve.status().applications[APP_NAME].deployments) == {"AttributionAPI", "IndexSearcher0",
-                                                                      "IndexSearcher1"}
+    assert set(serve.status().applications[APP_NAME].deployments) == {"AttributionAPI", "IndexSearcher0", "IndexSearcher1"}
     status, info = get(served["url"], "/v1/index")
     assert status == 200 and info["version"] == served["version"] and info["rows"] == N
     assert info["aspects"] == ["general", "subject", "uniform"]
