@@ -26,6 +26,7 @@ from attribution_core.index.scoring import preconditioned_queries
 from attribution_core.index.search import SearchIndex
 from attribution_core.index.store import IndexStore
 from attribution_core.weights.artifact import UNIFORM, check_weights, find_weights, weights_matrix
+from attribution_core.weights.choice import unvalidated_choice
 
 
 def read_weights_uri(uri: str) -> dict[str, Any]:
@@ -128,8 +129,9 @@ class ServedIndex:
         return [*(self.weights["aspects"] if self.weights else []), UNIFORM]
 
     def resolve_aspects(self, aspects: tuple[str, ...], fallback_uniform: bool) -> dict[str, str]:
-        """Requested aspect -> the weighting that answers it: the one its validation chose
-        (``answered_by`` in the artifact; the aspect's own weights when unvalidated). Without
+        """Requested aspect -> the weighting that answers it: the one measured best for it
+        (``answered_by`` in the artifact, see ``weights.choice``; for an artifact without a
+        recorded choice, the aspect's own weights, and uniform for 'general'). Without
         learned weights for an aspect: 'uniform' when the client did not choose aspects, else
         ``MissingWeightsError``."""
         have = set(self.aspects)
@@ -144,8 +146,13 @@ class ServedIndex:
 
     def answered_by(self, aspect: str) -> str:
         learned = (self.weights or {}).get("aspects", {}).get(aspect, {})
-        chosen = learned.get("answered_by", aspect)
+        chosen = learned.get("answered_by", unvalidated_choice(aspect))
         return chosen if chosen in self.aspects else aspect
+
+    def choices(self) -> dict[str, dict[str, Any]]:
+        """Per learned aspect: the weighting that answers it and the evidence it was chosen by."""
+        return {a: {"answered_by": self.answered_by(a), "by": (w.get("choice") or {}).get("by", "unvalidated")}
+                for a, w in ((self.weights or {}).get("aspects") or {}).items()}
 
     def search(self, features: torch.Tensor, weightings: list[list[str]], ks: list[int]) -> list[dict[str, list[dict]]]:
         """Top-k rows of this partition for each query ``features[i]`` under each weighting
@@ -172,6 +179,7 @@ class ServedIndex:
             "groups": list(self.layout.group_names), "aspects": self.aspects,
             "weights": ({"source": self.weights_source, "learned_on": self.weights["index"]["version"]}
                         if self.weights else None),
+            "answered_by": self.choices(),
             "kernel": self.manifest["stats"]["kernel"], "search": self.search_mode,
             "search_kernel": self.search_index.kernel, "search_bytes_per_row": self.search_index.bytes_per_row,
             "feature_spec": self.feature_spec, "model_fingerprint": self.manifest["model"]["fingerprint"],

@@ -57,8 +57,10 @@ class AttributionResponse(BaseModel):
     query: dict[str, Any]
     k: int
     aspects: dict[str, list[Attribution]]
-    substituted: dict[str, str] = Field(default_factory=dict,
-                                        description="Default aspects answered with uniform weights (none learned).")
+    substituted: dict[str, str] = Field(default_factory=dict, description=(
+        "Aspects answered by another weighting than their own: the one measured best for this index version "
+        "(uniform unless learned weights were measured better: evaluate's LDS, else validation queries; see "
+        "/v1/index answered_by), or uniform where none are learned."))
     aspect_queries: dict[str, str] = Field(default_factory=dict, description=(
         "Aspects answered from Concept-TRAK's contrastive query feature (serve.aspect_query): 'contrastive' "
         "(uniform weights) or 'contrastive+aspect' (the aspect's weights)."))
@@ -170,6 +172,7 @@ class AttributionAPI:
         first = infos[0]
         return {"uri": first["uri"], "version": first["version"], "rows": first["rows"],
                 "groups": first["groups"], "aspects": first["aspects"], "weights": first["weights"],
+                "answered_by": first["answered_by"],
                 "kernel": first["kernel"], "search": first["search"], "search_kernel": first["search_kernel"],
                 "model_fingerprint": first["model_fingerprint"], "created_at": first["created_at"],
                 "partitions": [{"part": i["part"], "rows": i["partition_rows"], "version": i["version"],

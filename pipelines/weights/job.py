@@ -26,6 +26,7 @@ from attribution_core.index.store import IndexStore
 from attribution_core.models.vocabulary import check_prompts
 from attribution_core.timing import Stopwatch
 from attribution_core.weights.artifact import artifact_path, weights_document
+from attribution_core.weights.choice import served_choice
 from attribution_core.weights.objective import group_queries, weights_from_theta
 from attribution_core.weights.pools import Pools, grow_pools, mining_weightings, pools_from_state
 from attribution_core.weights.shrinkage import shrunk
@@ -65,12 +66,11 @@ def _shrink_and_validate(featurizer, store: IndexStore, manifest: dict[str, Any]
                          learned: dict[str, torch.Tensor], wcfg, source: dict[str, Any], paths: list[str],
                          partitions: int) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
     """How far each aspect's weights move from uniform (held-out learning queries), then which
-    weighting answers each aspect (validation queries, text models only)."""
+    weighting answers each aspect (validation queries where the data says what they ask for)."""
     shrinkage = shrink_toward_uniform(featurizer, store, manifest, layout, kernel, learned, wcfg, source, paths,
                                       partitions)
     moved = {a: shrunk(w, shrinkage[a]["a"]) if a in shrinkage else w for a, w in learned.items()}
-    validation = (validate_aspects(featurizer, manifest, layout, kernel, moved, wcfg, source, paths, partitions)
-                  if featurizer.adapter.conditioning == "text" else {})
+    validation = validate_aspects(featurizer, manifest, layout, kernel, moved, wcfg, source, paths, partitions)
     return shrinkage, validation
 
 
@@ -83,7 +83,7 @@ def _aspect_entry(aspect: str, learned: torch.Tensor, shrinkage: dict[str, Any] 
     return {"weights": weights.tolist(), "learned": learned.tolist(), "shrinkage": shrinkage, "theta": theta.tolist(),
             "queries": wcfg.queries_per_aspect, "prompts": sorted({p for p in prompts if p})[:20],
             "pool_recall": {"mean": float(np.mean(recall)), "min": float(min(recall))},
-            "shown": (shown or {}).get(aspect), "answered_by": validation.get(aspect, {}).get("answered_by", aspect),
+            "shown": (shown or {}).get(aspect), **served_choice(aspect, validation.get(aspect)),
             "validation": validation.get(aspect)}
 
 
@@ -183,7 +183,8 @@ def learn_weights(cfg: ProjectConfig, req: WeightsRequest) -> dict[str, Any]:
     return {"index": store.uri, "version": manifest["version"], "artifact": f"{store.uri}/{path}",
             "rounds": result.rounds, "recall_by_round": result.recall_by_round, "queries": len(queries),
             "aspects": {a: {"weights": dict(zip(groups, entry["weights"])),
-                            **{k: entry[k] for k in ("pool_recall", "shown", "answered_by", "shrinkage", "validation")}}
+                            **{k: entry[k] for k in ("pool_recall", "shown", "answered_by", "choice", "shrinkage",
+                                                       "validation")}}
                         for a, entry in per_aspect.items()},
             "objective": result.trajectory[-1]["objective"] if result.trajectory else None,
             "seconds": round(watch.total(), 1), "stage_seconds": watch.seconds}
