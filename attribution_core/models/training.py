@@ -33,6 +33,7 @@ from attribution_core.data.captions import PartialCaptions, template_words
 from attribution_core.errors import ConfigError, InputError
 from attribution_core.features.seeding import stable_seed
 from attribution_core.models.adapters import DiffusersAdapter
+from attribution_core.models.checkpoints import checkpoint_dir
 from attribution_core.models.lora import LoraSpec, add_lora, save_lora
 from attribution_core.models.pipeline_dir import save_pipeline
 from attribution_core.models.recipe import recipe_identity
@@ -239,13 +240,28 @@ def _check_data(data: TrainingData, cfg: TrainConfig) -> None:
         raise InputError(f"training pixels have shape {tuple(data.pixels.shape[1:])}, the recipe expects {expected}")
 
 
+def checkpoint_steps(steps: int, count: int) -> list[int]:
+    """The steps after which ``count`` evenly spaced checkpoints are taken; the last is ``steps``."""
+    return sorted({max(1, round(steps * (i + 1) / count)) for i in range(count)})
+
+
+def learning_rate_at(cfg: TrainConfig, step: int) -> float:
+    """The optimiser's learning rate during step ``step`` (1-based) of ``cfg``'s schedule."""
+    return cfg.learning_rate * _lr_lambda(cfg)(step - 1)
+
+
 def train_model(
     data: TrainingData,
     cfg: TrainConfig,
     progress: Callable[[int, float, float], None] | None = None,
+    checkpoint: Callable[[int, TrainedModel], None] | None = None,
+    checkpoints: int = 1,
 ) -> TrainedModel:
     """Train ``cfg``'s model on ``data``; ``progress(step, loss, elapsed_s)`` is called every
-    1 % of the steps. Deterministic for a given ``cfg.seed`` and thread count."""
+    1 % of the steps. Deterministic for a given ``cfg.seed`` and thread count (checkpoints
+    change nothing). With ``checkpoints > 1``, ``checkpoint(step, model)`` receives the EMA
+    weights after each of the first ``checkpoints - 1`` of ``checkpoint_steps`` (the last is the
+    returned model), as the model it would be if training stopped there."""
     _check_data(data, cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -262,6 +278,7 @@ def train_model(
     losses: list[float] = []
     start = time.perf_counter()
     every = max(1, cfg.steps // 100)
+    snapshots = set(checkpoint_steps(cfg.steps, checkpoints)[:-1]) if checkpoints > 1 else set()
     for step, idx in enumerate(_batches(samples.shape[0], cfg.batch_size, cfg.steps, g)):
         x0 = samples[idx]
         noise = torch.randn(x0.shape, generator=g)
@@ -280,6 +297,9 @@ def train_model(
             for pe, pm in zip(ema, params):
                 pe.lerp_(pm, 1 - decay)
         losses.append(float(per_example.detach().mean()))
+        if checkpoint is not None and step + 1 in snapshots:
+            _snapshot(step + 1, params, ema, checkpoint, TrainedModel(
+                adapter, list(losses), time.perf_counter() - start, cfg, sum(p.numel() for p in params), base_fingerprint))
         if progress and ((step + 1) % every == 0 or step + 1 == cfg.steps):
             recent = losses[-every:]
             progress(step + 1, sum(recent) / len(recent), time.perf_counter() - start)
@@ -293,6 +313,21 @@ def train_model(
     final.caption_template = cfg.caption_template
     return TrainedModel(adapter=final, losses=losses, seconds=seconds, cfg=cfg,
                         trainable_parameters=sum(p.numel() for p in params), base_fingerprint=base_fingerprint)
+
+
+def _snapshot(step: int, params: list[nn.Parameter], ema: list[torch.Tensor],
+              checkpoint: Callable[[int, TrainedModel], None], model: TrainedModel) -> None:
+    """Hand ``checkpoint`` the model with its EMA weights in place, then restore the live ones."""
+    live = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for pe, pm in zip(ema, params):
+            pm.copy_(pe)
+    try:
+        checkpoint(step, model)
+    finally:
+        with torch.no_grad():
+            for pl, pm in zip(live, params):
+                pm.copy_(pl)
 
 
 def save_model(model: TrainedModel, out_dir: str | Path, extra: dict[str, Any] | None = None) -> Path:
@@ -318,10 +353,12 @@ def save_model(model: TrainedModel, out_dir: str | Path, extra: dict[str, Any] |
     return out
 
 
-def train_to_dir(data_uri: str, cfg: TrainConfig, out: Path) -> dict:
+def train_to_dir(data_uri: str, cfg: TrainConfig, out: Path, checkpoints: int = 1) -> dict:
     """Train ``cfg`` on the dataset at ``data_uri`` (logging progress) and save the model to
-    ``out`` with its recipe and identity; the directory appears only once complete. Returns
-    what ``attribution train-model`` prints."""
+    ``out`` with its recipe and identity; the directory appears only once complete. With
+    ``checkpoints > 1`` the EMA weights at the earlier of ``checkpoint_steps`` are saved as
+    pipeline directories under ``out/checkpoints/step-NNNNNNN`` too (``model_checkpoints``
+    lists them). Returns what ``attribution train-model`` prints."""
     from attribution_core.data.loading import load_training_data  # it reads TrainingData from here
 
     data = load_training_data(data_uri, cfg)
@@ -332,14 +369,23 @@ def train_to_dir(data_uri: str, cfg: TrainConfig, out: Path) -> dict:
         rate = step / elapsed
         log.info("step %d/%d loss %.4f  %.2f steps/s  eta %.0f s", step, cfg.steps, loss, rate, (cfg.steps - step) / rate)
 
-    model = train_model(data, cfg, progress)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
+
+    def keep(step: int, snapshot: TrainedModel) -> None:
+        save_model(snapshot, checkpoint_dir(tmp, step), {"data": data_uri, "examples": len(data.example_ids),
+                                                         "columns": data.columns, "checkpoint_of": str(out),
+                                                         "learning_rate": learning_rate_at(cfg, step)})
+
+    model = train_model(data, cfg, progress, keep, checkpoints)
     save_model(model, tmp, {"data": data_uri, "examples": len(data.example_ids), "columns": data.columns,
-                            "identity": recipe_identity(cfg, model.base_fingerprint)})
+                            "identity": recipe_identity(cfg, model.base_fingerprint), "checkpoints": checkpoints,
+                            "learning_rate": learning_rate_at(cfg, cfg.steps)})
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp.rename(out)
     return {"out": str(out), "examples": len(data.example_ids), "steps": cfg.steps, "seconds": round(model.seconds, 1),
+            "checkpoints": checkpoints,
             "lora_rank": cfg.lora_rank or None, "trainable_parameters": model.trainable_parameters,
             "steps_per_s": round(cfg.steps / model.seconds, 2),
             "final_loss": round(sum(model.losses[-50:]) / len(model.losses[-50:]), 5)}
+

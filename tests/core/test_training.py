@@ -113,3 +113,33 @@ def test_text_recipe_needs_captions(tmp_path):
 
     with pytest.raises(InputError, match="no caption column"):
         train_model(TrainingData(["a"], torch.zeros(1, 3, 8, 8)), TrainConfig(**TINY, steps=1))
+
+
+@pytest.mark.slow  # three trainings
+def test_checkpoints_are_the_ema_weights_along_the_way_and_change_nothing(synth, tmp_path):
+    """train_to_dir(checkpoints=3) keeps the model at steps 2 and 4 of 6 beside the final one
+    (each with its learning rate, for TracIn-CP), and the final model is bit-identical to a run
+    that kept none; what is saved is what the loop hands the callback (its EMA weights)."""
+    from attribution_core.models.checkpoints import model_checkpoints
+    from attribution_core.models.training import checkpoint_steps, learning_rate_at, train_to_dir
+
+    assert checkpoint_steps(6, 3) == [2, 4, 6] and checkpoint_steps(5, 1) == [5] and checkpoint_steps(2, 4) == [1, 2]
+    cfg = TrainConfig(**TINY, steps=6)
+    train_to_dir(synth, cfg, tmp_path / "kept", checkpoints=3)
+    train_to_dir(synth, cfg, tmp_path / "plain")
+    found = model_checkpoints(tmp_path / "kept")
+    assert [(s, p.name) for s, _, p in found] == [(2, "step-0000002"), (4, "step-0000004"), (6, "kept")]
+    assert [lr for _, lr, _ in found] == pytest.approx([learning_rate_at(cfg, s) for s in (2, 4, 6)])
+    assert [s for s, _, _ in model_checkpoints(tmp_path / "plain")] == [6]
+    states = [load_adapter(p).denoiser.state_dict() for _, _, p in found]
+    plain = load_adapter(tmp_path / "plain").denoiser.state_dict()
+    assert all(torch.equal(states[2][k], plain[k]) for k in plain)
+    assert not all(torch.equal(states[1][k], plain[k]) for k in plain)
+    captured: dict[int, dict[str, torch.Tensor]] = {}
+
+    def capture(step: int, model) -> None:
+        captured[step] = {k: v.clone() for k, v in model.adapter.denoiser.state_dict().items()}
+
+    again = train_model(load_training_data(synth, cfg), cfg, checkpoint=capture, checkpoints=3)
+    assert set(captured) == {2, 4} and all(torch.equal(captured[4][k], states[1][k]) for k in plain)
+    assert all(torch.equal(again.adapter.denoiser.state_dict()[k], plain[k]) for k in plain)
