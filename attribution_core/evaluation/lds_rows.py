@@ -1,0 +1,134 @@
+"""The rows of the LDS table: one weighting's LDS, a paired difference, the served choice and
+the noise ceiling, every interval resampling queries and subsets (``intervals``).
+
+Inputs are subset predictions ``[Q, S]`` (``metrics.subset_predictions`` of a ``[Q, N]``
+score matrix) and the retrained outputs ``actual [Q, S]``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from attribution_core.evaluation.headroom import headroom
+from attribution_core.evaluation.intervals import TwoWayBootstrap, spearman_rows
+from attribution_core.evaluation.metrics import subset_predictions
+from attribution_core.weights.artifact import UNIFORM
+from attribution_core.weights.choice import RULE, choose
+
+
+def _mean(values: np.ndarray) -> float:
+    finite = values[np.isfinite(values)]
+    return float(finite.mean()) if len(finite) else float("nan")
+
+
+def lds_cell(boot: TwoWayBootstrap, predicted: np.ndarray, actual: np.ndarray) -> dict[str, Any]:
+    """``{"lds", "ci", "per_query"}``: the mean Spearman over queries, its two-way interval."""
+    per_query = spearman_rows(predicted, actual)
+    return {"lds": _mean(per_query), "ci": boot.interval(predicted, actual), "per_query": per_query.tolist()}
+
+
+def query_halves(queries: int, seed: int) -> np.ndarray:
+    """``bool [Q]``: a seeded half of the queries (True) and the rest."""
+    return np.random.default_rng(seed).permutation(queries) % 2 == 0
+
+
+def served_choice(boot: TwoWayBootstrap, uniform: np.ndarray, learned: np.ndarray, actual: np.ndarray,
+                  seed: int) -> dict[str, Any]:
+    """Which of uniform and learned weights LDS says to serve (``choice.RULE``: learned only
+    when its paired interval against uniform lies above 0), with the served row's LDS and its
+    paired difference to uniform, and the same rule cross-fitted: each half of the queries
+    served by the choice the other half makes, the honest estimate of what the rule gains on
+    queries it did not see (the full-data choice reads the queries it is scored on)."""
+    gain = boot.paired(learned, uniform, actual)
+    weighting = "learned" if choose({"general": gain}, ["general", UNIFORM]) == "general" else UNIFORM
+    served = learned if weighting == "learned" else uniform
+    half = query_halves(boot.queries, seed)
+    crossed, picks = uniform.copy(), []
+    for fit in (half, ~half):
+        if fit.sum() < 1 or (~fit).sum() < 1:
+            picks.append(UNIFORM)
+            continue
+        sub = TwoWayBootstrap(int(fit.sum()), boot.subsets, boot.resamples, boot.seed)
+        pick = choose({"general": sub.paired(learned[fit], uniform[fit], actual[fit])}, ["general", UNIFORM])
+        picks.append("learned" if pick == "general" else UNIFORM)
+        if pick == "general":
+            crossed[~fit] = learned[~fit]
+    return {
+        "weighting": weighting, "by": "lds", "rule": RULE, "gain": gain,
+        **_scored(boot, served, uniform, actual),
+        "cross_fitted": {"choices": picks, **_scored(boot, crossed, uniform, actual)},
+    }
+
+
+def _scored(boot: TwoWayBootstrap, served: np.ndarray, uniform: np.ndarray, actual: np.ndarray) -> dict[str, Any]:
+    cell = lds_cell(boot, served, actual)
+    difference = boot.paired(served, uniform, actual)
+    return {"lds": cell["lds"], "ci": cell["ci"], "difference": difference[0], "difference_ci": difference[1:]}
+
+
+def noise_ceiling(boot: TwoWayBootstrap, actual: np.ndarray, replica: np.ndarray) -> dict[str, Any]:
+    """How far LDS can rise against outputs measured with one retraining seed: ``agreement``
+    is the LDS of a second ground truth (the same subsets retrained with other seeds) as if it
+    were an attribution, with its two-way interval; with truth = signal + independent seed
+    noise, no attribution correlates with one replica better than about the square root of
+    that agreement (``ceiling``, per query, averaged)."""
+    per_query = spearman_rows(replica, actual)
+    return {"agreement": _mean(per_query), "ci": boot.interval(replica, actual),
+            "ceiling": _mean(np.sqrt(np.clip(per_query, 0, None))), "per_query": per_query.tolist()}
+
+
+def basis_row(pair: np.ndarray, masks: np.ndarray, actual: np.ndarray, boot: TwoWayBootstrap, seed: int,
+              by_damping: dict[float, np.ndarray] | None = None, per_group: np.ndarray | None = None,
+              learned: np.ndarray | None = None, groups: list[str] | None = None,
+              headroom_resamples: int = 2000) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One basis's LDS table row and its per-query values.
+
+    ``pair [2, Q, N]``: scores under uniform and learned weights; ``by_damping``: the same at
+    each swept kernel damping; ``per_group [M, Q, N]``: scores under each group alone (for
+    the headroom, fitted on halves); ``learned [M]``: the learned weights (named by ``groups``).
+    The row: uniform and learned LDS with two-way intervals, their paired difference, the
+    served choice (``served_choice``), the damping sweep and the headroom.
+    """
+    uniform, learned_pred = (subset_predictions(pair[i], masks) for i in (0, 1))
+    row: dict[str, Any] = {}
+    detail: dict[str, Any] = {}
+    for name, predicted in (("uniform", uniform), ("learned", learned_pred)):
+        cell = lds_cell(boot, predicted, actual)
+        row[name], row[f"{name}_ci"], detail[name] = cell["lds"], cell["ci"], cell["per_query"]
+    difference = boot.paired(learned_pred, uniform, actual)
+    row["difference"], row["difference_ci"] = difference[0], difference[1:]
+    row["served"] = served_choice(boot, uniform, learned_pred, actual, seed)
+    if learned is not None and groups is not None:
+        row["weights"] = dict(zip(groups, np.asarray(learned).tolist()))
+    if by_damping:
+        row["damping"] = []
+        for d, scores in sorted(by_damping.items()):
+            entry: dict[str, Any] = {"damping": d}
+            for i, name in enumerate(("uniform", "learned")):
+                cell = lds_cell(boot, subset_predictions(scores[i], masks), actual)
+                entry[name], entry[f"{name}_ci"] = cell["lds"], cell["ci"]
+            row["damping"].append(entry)
+    if per_group is not None and learned is not None:
+        m = per_group.shape[0]
+        found = headroom(per_group, masks, actual, {"uniform": np.full(m, 1.0 / m), "learned": np.asarray(learned)},
+                         seed=seed, resamples=headroom_resamples)
+        row["headroom"] = {"lds": found["headroom"]["lds"], "ci": found["headroom"]["ci"],
+                           "uniform": found["uniform"]["lds"], "uniform_ci": found["uniform"]["ci"],
+                           "learned": found["learned"]["lds"], "learned_ci": found["learned"]["ci"],
+                           "weights": dict(zip(groups or [], np.mean(found["weights"], axis=0).tolist())),
+                           "shrinkage": found["shrinkage"]}
+        detail["headroom"] = {name: found[name]["per_query"] for name in ("headroom", "uniform", "learned")}
+    return row, detail
+
+
+def rounded(value: Any, digits: int = 4) -> Any:
+    """``value`` with every float rounded (for metrics.json)."""
+    if isinstance(value, float):
+        return round(value, digits)
+    if isinstance(value, dict):
+        return {k: rounded(v, digits) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [rounded(v, digits) for v in value]
+    return value
