@@ -36,12 +36,13 @@ def tracked_parameter_names(layout: GroupLayout) -> list[str]:
 
 
 def per_example_gradients(
-    adapter: DiffusersAdapter, batch: ExampleBatch, cfg: FeaturizeConfig, layout: GroupLayout,
-    per_row: bool = False,
+    adapter: DiffusersAdapter, batch: ExampleBatch, cfg: FeaturizeConfig, layout: GroupLayout | None,
+    per_row: bool = False, names: list[str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Exact gradients ``{param name: Tensor[B, *param.shape]}`` of each example's mean
-    measurement over its rows, for every tracked weight and bias (``per_row``:
-    ``Tensor[B * r, ...]``, the gradient of each row's own measurement)."""
+    measurement over its rows, for every tracked weight and bias of ``layout`` (or the
+    denoiser parameters ``names``; ``per_row``: ``Tensor[B * r, ...]``, the gradient of each
+    row's own measurement)."""
     model = adapter.denoiser
     measure = get_measurement(cfg.measurement)
     rows = build_rows(adapter, batch, cfg)
@@ -54,7 +55,7 @@ def per_example_gradients(
         with torch.no_grad():
             target = adapter.denoise(x_t, rows.t, rows.contrast_cond)
         measure = contrast_measurement
-    names = tracked_parameter_names(layout)
+    names = names if names is not None else tracked_parameter_names(layout)
     all_params = dict(model.named_parameters())
     tracked = {n: all_params[n].detach() for n in names}
     frozen = {n: p.detach() for n, p in all_params.items() if n not in tracked}

@@ -83,3 +83,17 @@ def full_cache_objective(theta: torch.Tensor, cache: torch.Tensor, k: int, lambd
     scores = cache @ w.to(cache.dtype)  # [Q, N]
     top = torch.topk(scores, k, dim=1).values.mean(dim=1)
     return (-top / scores.norm(dim=1)).mean() + lambda_w * (w**2).sum()
+
+
+def fit_full_cache(cache: torch.Tensor, k: int, lambda_w: float, steps: int, learning_rate: float) -> torch.Tensor:
+    """``w [M]`` minimising ``full_cache_objective`` over ``cache [Q, N, M]`` from uniform
+    (theta = 0) with Adam: the paper's own optimisation, for a universe small enough to cache."""
+    if k > cache.shape[1]:
+        raise InputError(f"top-k of {k} needs at least {k} training examples, got {cache.shape[1]}")
+    theta = torch.zeros(cache.shape[2], dtype=cache.dtype, requires_grad=True)
+    optimiser = torch.optim.Adam([theta], lr=learning_rate)
+    for _ in range(steps):
+        optimiser.zero_grad()
+        full_cache_objective(theta, cache, k, lambda_w).backward()
+        optimiser.step()
+    return weights_from_theta(theta.detach())
