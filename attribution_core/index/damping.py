@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from attribution_core.features.groups import GroupLayout
-from attribution_core.index.kernel import kernel_from_gram
-from attribution_core.index.scoring import preconditioned_queries
+from attribution_core.index.kernel import GramEigen, kernel_from_gram
+from attribution_core.index.scoring import weighted_queries
 from attribution_core.weights.shrinkage import heldout_objective
 
 
@@ -38,9 +38,15 @@ def candidate_queries(queries: torch.Tensor, layout: GroupLayout,
     (kernel structure, damping), candidate-major, shaped as single-group queries for the
     index scan. ``grams``: each structure's ``(offset, dim, C_b)`` blocks."""
     m = len(layout.groups)
-    uniform = torch.full((1, m), 1.0 / m)
-    rows = [preconditioned_queries(queries, uniform, layout, kernel_blocks(grams[kind], d))[0]  # [Q, k] each
-            for kind, d in candidates]
+    weighted = weighted_queries(queries.double(), torch.full((1, m), 1.0 / m, dtype=torch.float64), layout)[0].numpy()
+    eigen: dict[tuple[str, int], GramEigen] = {}  # one decomposition per block, reused at every damping
+    rows = []
+    for kind, d in candidates:
+        row = weighted.copy()  # [Q, k]
+        for offset, dim, gram in grams[kind]:
+            sl = slice(offset, offset + dim)
+            row[:, sl] = eigen.setdefault((kind, offset), GramEigen(gram)).apply(weighted[:, sl], d)
+        rows.append(torch.from_numpy(row).float())
     return torch.cat(rows).unsqueeze(1)
 
 

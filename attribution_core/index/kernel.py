@@ -95,17 +95,35 @@ def add_grams(total: dict[str, np.ndarray] | None, part: dict[str, np.ndarray]) 
     return total
 
 
+class GramEigen:
+    """A Gram block ``C = V diag(e) V^T`` decomposed once (float64), so the kernel at any
+    damping costs no second decomposition: ``lambda = damping * trace(C) / d`` (``damping``
+    itself when C is zero)."""
+
+    def __init__(self, gram: np.ndarray) -> None:
+        d = gram.shape[0]
+        self.scale = float(np.trace(gram)) / d if d else 0.0
+        values, self.vectors = np.linalg.eigh((gram + gram.T) / 2)
+        self.values = np.clip(values, 0.0, None)  # e >= 0 up to rounding
+
+    def damping_lambda(self, damping: float) -> float:
+        return damping * self.scale if self.scale > 0 else damping
+
+    def kernel(self, damping: float) -> np.ndarray:
+        """``K = (C + lambda I)^-1 = V diag(1/(e + lambda)) V^T``, symmetric."""
+        kernel = (self.vectors / (self.values + self.damping_lambda(damping))) @ self.vectors.T
+        return (kernel + kernel.T) / 2
+
+    def apply(self, queries: np.ndarray, damping: float) -> np.ndarray:
+        """``queries [..., d] @ K`` without forming K."""
+        return ((queries @ self.vectors) / (self.values + self.damping_lambda(damping))) @ self.vectors.T
+
+
 def kernel_from_gram(gram: np.ndarray, damping: float) -> tuple[np.ndarray, float]:
     """``(K, lambda)``: ``K = (C + lambda I)^-1`` with ``lambda = damping * trace(C) / d``
     (``damping`` itself when C is zero), via a symmetric eigendecomposition in float64."""
-    d = gram.shape[0]
-    scale = float(np.trace(gram)) / d if d else 0.0
-    lam = damping * scale if scale > 0 else damping
-    sym = (gram + gram.T) / 2
-    eigvals, eigvecs = np.linalg.eigh(sym)  # C = V diag(e) V^T, e >= 0 up to rounding
-    inv = 1.0 / (np.clip(eigvals, 0.0, None) + lam)
-    kernel = (eigvecs * inv) @ eigvecs.T  # V diag(1/(e + lambda)) V^T
-    return (kernel + kernel.T) / 2, lam
+    eigen = GramEigen(gram)
+    return eigen.kernel(damping), eigen.damping_lambda(damping)
 
 
 def damped_kernel(features: torch.Tensor, kernel_blocks: list[tuple[int, int, torch.Tensor]],
