@@ -20,13 +20,14 @@ from attribution_core.config_io import from_mapping, load_yaml, to_mapping
 from attribution_core.config_model import (CONDITIONINGS, DEVICES, PREDICTION_TYPES, TINY_KINDS, BaseModelConfig,
                                            DataConfig, ModelConfig, SyntheticDataConfig, TrainConfig)
 from attribution_core.config_serve import ServeConfig
-from attribution_core.config_stages import ApproximateConfig, EvaluateConfig, IndexConfig, ReindexConfig, WeightsConfig
+from attribution_core.config_evaluate import EvaluateConfig, FrontierConfig, PublishedConfig
+from attribution_core.config_stages import ApproximateConfig, IndexConfig, ReindexConfig, WeightsConfig
 
 __all__ = [  # re-exported: callers find the whole config API here
     "from_mapping", "load_yaml", "to_mapping",
     "CONDITIONINGS", "DEVICES", "PREDICTION_TYPES", "TINY_KINDS", "BaseModelConfig", "DataConfig", "ModelConfig",
     "SyntheticDataConfig", "TrainConfig",
-    "ApproximateConfig", "EvaluateConfig", "IndexConfig", "ReindexConfig", "ServeConfig", "WeightsConfig",
+    "ApproximateConfig", "EvaluateConfig", "FrontierConfig", "IndexConfig", "PublishedConfig", "ReindexConfig", "ServeConfig", "WeightsConfig",
     "MEASUREMENTS", "NORMALIZATIONS", "TIMESTEP_STRATEGIES", "GROUP_PRESETS", "PRECISIONS",
     "TimestepConfig", "ProjectionConfig", "GroupConfig", "FeaturizeConfig", "DemoConfig", "ProjectConfig",
 ]

@@ -23,7 +23,7 @@ from attribution_core.data.synthetic import caption_for
 from attribution_core.features.seeding import stable_seed
 from attribution_core.models.sampling import generate
 from pipelines.evaluation.job import EvaluateRequest, evaluate
-from pipelines.evaluation.job import summary_text as evaluation_text
+from pipelines.evaluation.summary import summary_text as evaluation_text
 from pipelines.models import load_model
 
 # Query prompts of the demo: (subject, style, background).

@@ -94,9 +94,12 @@ def ensure_weights(cfg: ProjectConfig, index: str, version: str, model: str | No
     if document is not None:
         try:
             check_weights(document, store.manifest(version))
-            if document.get("settings") == json.loads(json.dumps(to_mapping(cfg.weights), default=str)):
+            if any("choice" not in a for a in document["aspects"].values()):
+                log.info("weights %s were learned before the served choice was recorded; learning them again", path)
+            elif document.get("settings") == json.loads(json.dumps(to_mapping(cfg.weights), default=str)):
                 return document, None
-            log.info("weights %s were learned with other settings; learning them again", path)
+            else:
+                log.info("weights %s were learned with other settings; learning them again", path)
         except ManifestMismatchError as exc:
             log.info("weights %s do not fit this version (%s); learning them again", path, exc)
     summary = learn_weights(cfg, WeightsRequest(index=index, version=version, model=model, ray_address=ray_address))

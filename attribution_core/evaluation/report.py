@@ -9,9 +9,7 @@ import math
 from typing import Any
 
 from attribution_core.evaluation.recall import RECALL_COLUMNS
-
-BASIS_LABEL = {"tracin": "TracIn (loss, K = I)", "trak": "TRAK (loss, kernel)", "dtrak": "D-TRAK (square, kernel)",
-               "das": "DAS (output mean, kernel, residual scale)"}
+from attribution_core.evaluation.report_lds import lds_sections, num
 
 STYLE = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 24px auto; max-width: 1180px; color: #1d2330; }
@@ -31,70 +29,10 @@ img.all { border-color: #12b76a; } img.some { border-color: #fdb022; }
 """
 
 
-def _num(value: Any, digits: int = 3) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "n/a"
-    return f"{value:.{digits}f}".replace("-0.000", "0.000")
-
-
-def _signed(value: Any) -> str:
-    text = _num(value)
-    return text if text == "n/a" or text.startswith("-") else f"+{text}"
-
-
 def _img(data: bytes, css: str = "", alt: str = "") -> str:
     mime = "image/jpeg" if data[:3] == b"\xff\xd8\xff" else "image/png"
     return (f'<img class="{css}" alt="{html.escape(alt)}" '
             f'src="data:{mime};base64,{base64.b64encode(data).decode()}">')
-
-
-def lds_table(lds: dict[str, Any]) -> str:
-    rows = ["<tr><th class=name>basis</th><th>uniform weights</th><th>95% CI</th><th>learned weights</th>"
-            "<th>95% CI</th><th>learned &minus; uniform</th><th>paired 95% CI</th></tr>"]
-    for basis, row in lds.items():
-        u, w = row.get("uniform"), row.get("learned")
-        better = "learned" if (u is not None and w is not None and w > u) else "uniform"
-        ci = lambda name: f"[{_num(row[name][0])}, {_num(row[name][1])}]"  # noqa: E731
-        rows.append(
-            f"<tr><td class=name>{html.escape(BASIS_LABEL.get(basis, basis))}</td>"
-            f"<td class='{'best' if better == 'uniform' else ''}'>{_num(u)}</td><td>{ci('uniform_ci')}</td>"
-            f"<td class='{'best' if better == 'learned' else ''}'>{_num(w)}</td><td>{ci('learned_ci')}</td>"
-            f"<td>{_signed(row.get('difference', (w or 0) - (u or 0)))}</td>"
-            f"<td>{ci('difference_ci') if 'difference_ci' in row else 'n/a'}</td></tr>")
-    return "<table>" + "".join(rows) + "</table>"
-
-
-def headroom_table(lds: dict[str, Any]) -> str:
-    """LDS on the held-out halves: uniform, learned and weights fitted to LDS itself."""
-    rows = ["<tr><th class=name>basis</th><th>uniform weights</th><th>learned weights</th>"
-            "<th>fitted to LDS (headroom)</th><th>95% CI</th></tr>"]
-    for basis, row in lds.items():
-        h = row.get("headroom")
-        if h:
-            rows.append(f"<tr><td class=name>{html.escape(BASIS_LABEL.get(basis, basis))}</td><td>{_num(h['uniform'])}</td>"
-                        f"<td>{_num(h['learned'])}</td><td>{_num(h['lds'])}</td>"
-                        f"<td>[{_num(h['ci'][0])}, {_num(h['ci'][1])}]</td></tr>")
-    return "<table>" + "".join(rows) + "</table>" if len(rows) > 1 else ""
-
-
-def damping_table(lds: dict[str, Any]) -> str:
-    """LDS of each kernel basis by the kernel's damping."""
-    swept = {b: row["damping"] for b, row in lds.items() if row.get("damping")}
-    if not swept:
-        return ""
-    rows = ["<tr><th class=name>basis</th><th>index.damping</th><th>uniform weights</th>"
-            "<th>learned weights (at the index's damping)</th></tr>"]
-    for basis, entries in swept.items():
-        chosen = lds[basis].get("kernel_choice") or {}
-
-        def mark(d: float) -> str:
-            return (f" (the index's: {html.escape(str(chosen.get('kernel')))} kernel, {html.escape(chosen.get('rule', 'fixed'))})"
-                    if d == chosen.get("damping") else "")
-
-        rows += [f"<tr><td class=name>{html.escape(BASIS_LABEL.get(basis, basis))}</td><td>{e['damping']:g}"
-                 f"{mark(e['damping'])}</td><td>{_num(e['uniform'])}</td><td>{_num(e['learned'])}</td></tr>"
-                 for e in entries]
-    return "<table>" + "".join(rows) + "</table>"
 
 
 def recall_table(recall: dict[str, dict[str, float]], intervals: dict[str, dict[str, Any]] | None = None) -> str:
@@ -105,26 +43,27 @@ def recall_table(recall: dict[str, dict[str, float]], intervals: dict[str, dict[
 
     def interval(aspect: str, key: str) -> str:
         lo_hi = (intervals or {}).get(aspect, {}).get(key)
-        return f"<br><small>[{_num(lo_hi[0])}, {_num(lo_hi[1])}]</small>" if lo_hi else ""
+        return f"<br><small>[{num(lo_hi[0])}, {num(lo_hi[1])}]</small>" if lo_hi else ""
 
     for aspect, row in recall.items():
         best = max((v for v in row.values() if v is not None), default=None)
-        cells = "".join(f"<td class='{'best' if row.get(key) == best else ''}'>{_num(row.get(key))}"
+        cells = "".join(f"<td class='{'best' if row.get(key) == best else ''}'>{num(row.get(key))}"
                         f"{interval(aspect, key)}</td>" for key, _ in columns)
         rows.append(f"<tr><td class=name>{html.escape(aspect)}</td>{cells}</tr>")
     return "<table>" + "".join(rows) + "</table>"
 
 
-def weights_table(lds: dict[str, Any]) -> str:
-    groups: list[str] = []
-    for row in lds.values():
-        groups += [g for g in row.get("weights", {}) if g not in groups]
-    if not groups:
-        return ""
-    head = "<tr><th class=name>group</th>" + "".join(f"<th>{html.escape(b)}</th>" for b in lds) + "</tr>"
-    rows = [head] + [f"<tr><td class=name>{html.escape(g)}</td>" +
-                     "".join(f"<td>{_num(row.get('weights', {}).get(g))}</td>" for row in lds.values()) + "</tr>"
-                     for g in groups]
+def served_table(info: dict[str, Any]) -> str:
+    """Per aspect of the served index: the weighting that answers it and the evidence."""
+    rows = ["<tr><th class=name>aspect</th><th>answered by</th><th>evidence</th></tr>"]
+    for aspect, used in info["answered_by"].items():
+        chosen = (info.get("choices") or {}).get(aspect) or {}
+        by = chosen.get("by", "unvalidated")
+        gains = "; ".join(f"{html.escape(w)} &minus; uniform {g[0]:+.3f} [{g[1]:+.3f}, {g[2]:+.3f}]"
+                          for w, g in (chosen.get("gains") or {}).items())
+        where = f"LDS of {chosen.get('basis')}" if by == "lds" else by
+        rows.append(f"<tr><td class=name>{html.escape(aspect)}</td><td>{html.escape(used)}</td>"
+                    f"<td class=name>{html.escape(where)}{': ' + gains if gains else ''}</td></tr>")
     return "<table>" + "".join(rows) + "</table>"
 
 
@@ -159,31 +98,10 @@ def render_report(metrics: dict[str, Any], gallery: list[dict[str, Any]]) -> str
         f"<p class=muted>index {html.escape(str(info.get('index', '')))} version "
         f"{html.escape(str(info.get('version', '')))} &middot; {html.escape(str(info.get('created_at', '')))}</p>",
     ]
+    if info.get("answered_by"):
+        sections += ["<h2>What the endpoint serves</h2>", served_table(info)]
     if lds:
-        sections += [
-            "<h2>Linear datamodeling score (LDS)</h2>",
-            f"<p>{metrics.get('n_subsets')} random {info.get('subset_fraction', 0.5):.0%} subsets of "
-            f"{info.get('n_train')} training examples, one model retrained on each; "
-            f"{metrics.get('n_queries')} evaluation queries ({html.escape(str(info.get('query_mix', '')))}). "
-            f"Model output: {html.escape(str(info.get('output', '')))}. Mean Spearman correlation over queries, "
-            "95% bootstrap intervals over queries; the paired interval of learned &minus; uniform resamples "
-            "the per-query differences. Higher is better.</p>",
-            lds_table(lds),
-            "<h3>Learned group weights (general)</h3>", weights_table(lds),
-        ]
-        if any("headroom" in row for row in lds.values()):
-            sections += [
-                "<h3>Headroom of group weighting</h3>",
-                "<p>Evaluation only, never a default: group weights fitted to the retrained outputs on half of the "
-                "subsets and half of the queries, LDS measured on the other halves, then the halves swapped. "
-                "Uniform and learned weights are scored on the same halves (fewer subsets per query, so lower "
-                "than the table above). A learned row far below the fitted one means the weight objective misses "
-                "what the features hold.</p>", headroom_table(lds)]
-        if any(row.get("damping") for row in lds.values()):
-            sections += ["<h3>LDS by kernel damping</h3>",
-                         "<p>The kernel K = (C + &lambda;I)<sup>&minus;1</sup> rebuilt with &lambda; = damping &times; "
-                         "mean diagonal of C; the learned weights are those learned with the index's own damping.</p>",
-                         damping_table(lds)]
+        sections += lds_sections(metrics, info)
     if recall:
         sections += [
             f"<h2>Aspect Recall@{info.get('recall_k', 10)}</h2>",

@@ -11,7 +11,8 @@ from pipelines.output import print_result
 
 
 def _run(args: argparse.Namespace) -> int:
-    from pipelines.evaluation.job import EvaluateRequest, evaluate, summary_text
+    from pipelines.evaluation.job import EvaluateRequest, evaluate
+    from pipelines.evaluation.summary import summary_text
 
     cfg = ProjectConfig.load(args.config)
     metrics = evaluate(cfg, EvaluateRequest(ray_address=args.ray_address, lds=not args.skip_lds,

@@ -108,8 +108,11 @@ def test_demo_end_to_end(tmp_path, ray_cluster):
     # The endpoint answered the generated query for every learned aspect.
     answer = served["answers"][0]["answer"]
     assert set(answer["aspects"]) == {"general", "subject", "style", "background"}
-    chosen = {a: w["answered_by"] for a, w in learned["aspects"].items()}  # by their validation
-    assert info["answered_by"] == chosen and set(info["validation"]) == {"subject", "style", "background"}
+    chosen = {a: w["answered_by"] for a, w in learned["aspects"].items()}  # by their validation, general by LDS
+    assert info["answered_by"] == chosen and set(info["validation"]) == {"general", "subject", "style", "background"}
+    general = learned["aspects"]["general"]["choice"]  # the served index is D-TRAK's: LDS of dtrak decided
+    assert general["by"] == "lds" and general["basis"] == "dtrak"
+    assert chosen["general"] == ("general" if metrics["lds"]["dtrak"]["served"]["weighting"] == "learned" else "uniform")
     assert answer["substituted"] == {a: used for a, used in chosen.items() if used != a}
     assert all(len(top) == 2 for top in answer["aspects"].values()) and answer["index"]["version"] == built["version"]
 

@@ -8,8 +8,10 @@ import json
 
 import numpy as np
 import pyarrow as pa
+import pytest
 
 from attribution_core.config import ProjectConfig, from_mapping
+from attribution_core.config_evaluate import PUBLISHED_DAMPING
 from attribution_core.data.writers import synthetic_rows, write_parquet_dataset
 from attribution_core.index.store import IndexStore
 from attribution_core.weights.artifact import artifact_path
@@ -26,7 +28,10 @@ def _plain_images(uri: str, n: int) -> None:
 def test_unconditional_dataset_without_captions_or_attributes(tmp_path, ray_cluster):
     settings = tiny_main_job(tmp_path, kernel_rule="objective", train={"conditioning": "none"},
                              subset_train={"conditioning": "none"}, weights={"aspects": ["general"]},
-                             evaluate={"bases": ["tracin", "das"]})
+                             evaluate={"bases": ["tracin", "das"], "checkpoints": 2, "noise_ceiling": True,
+                                       "published": {"pipelines": ["das"], "dims": [32], "residual_timesteps": 10},
+                                       "frontier": {"projection": [8], "timesteps": [3], "noise_draws": [1],
+                                                    "timing_examples": 4}})
     _plain_images(settings["data"]["uri"], 48)
     cfg = from_mapping(ProjectConfig, settings)
     metrics = evaluate(cfg, EvaluateRequest())
@@ -57,10 +62,17 @@ def test_unconditional_dataset_without_captions_or_attributes(tmp_path, ray_clus
     per_query = np.array(detail["lds"]["das"]["uniform"], dtype=float)
     assert abs(np.nanmean(per_query) - metrics["lds"]["das"]["uniform"]) < 1e-4  # metrics round to 4 places
 
+    _references_frontier_and_ceiling(metrics, detail)
+    # Without validation queries (an unconditional model) and without an LDS of its basis
+    # (D-TRAK, not evaluated here), the served index answers 'general' with uniform weights.
+    assert metrics["info"]["answered_by"] == {"general": "uniform"}
+    assert metrics["info"]["choices"]["general"]["by"] == "unvalidated"
+
     # Other weight settings (LDS of one basis): the weights are learned again, the retrained
     # models are reused, and uniform-weight LDS (which does not depend on them) is unchanged.
     changed = from_mapping(ProjectConfig, {**settings, "weights": {**settings["weights"], "lambda_w": 0.5},
-                                           "evaluate": {**settings["evaluate"], "bases": ["das"]}})
+                                           "evaluate": {**settings["evaluate"], "bases": ["das"], "published": None,
+                                                        "frontier": None, "noise_ceiling": False}})
     again = evaluate(changed, EvaluateRequest(recall=False))
     assert again["info"]["ground_truth"]["trained"] == 0 and again["info"]["ground_truth"]["key"] == gt["key"]
     assert set(again["lds"]) == {"das"}
@@ -69,6 +81,39 @@ def test_unconditional_dataset_without_captions_or_attributes(tmp_path, ray_clus
     assert document["settings"]["lambda_w"] == 0.5  # learned again under the new settings
     assert again["lds"]["das"]["uniform"] == metrics["lds"]["das"]["uniform"]
     _das_index_serves_its_formula(str(tmp_path / "eval" / "lds"))
+
+
+def _references_frontier_and_ceiling(metrics: dict, detail: dict) -> None:
+    """The optional parts: names that say what each basis computes, the served choice by its
+    rule, the noise ceiling from a second ground truth, the published DAS reference (with our
+    DAS-style basis against it) and the frontier, whose rows recompute the main table's where
+    they measure the same thing."""
+    lds = metrics["lds"]
+    assert lds["tracin"]["label"].startswith("TracIn-CP") and lds["tracin"]["checkpoints"] == 2
+    assert lds["das"]["label"].startswith("DAS-style") and lds["das"]["checkpoints"] == 1
+    for basis, row in lds.items():  # uniform unless learned's two-way interval lies above 0
+        expected = "learned" if row["difference_ci"][0] > 0 else "uniform"
+        assert row["served"]["weighting"] == metrics["lds_served"][basis]["weighting"] == expected
+        lo, hi = row["uniform_ci"]
+        assert lo <= row["uniform"] <= hi
+    ceiling = metrics["lds_noise_ceiling"]
+    assert ceiling["ground_truth"]["trained"] == 4 and ceiling["ground_truth"]["key"] != metrics["info"]["ground_truth"]["key"]
+    assert -1 <= ceiling["agreement"] <= 1 and len(detail["noise_ceiling"]) == metrics["n_queries"]
+    row = metrics["lds_published"]["das-32"]
+    assert row["label"] == "DAS as published (32 dimensions)" and row["kernel_scale"] == "mean_abs"
+    assert set(row["dampings"]) <= set(PUBLISHED_DAMPING) and -1 <= row["lds"] <= 1
+    assert row["featurize_s_per_row"] > 0 and row["ours_featurize_s_per_row"] > 0 and row["bytes_per_row"] == 64
+    assert len(row["versus"]["das"]) == 3 and len(detail["published"]["das-32"]) == metrics["n_queries"]
+    paper = row["paper_setting"]
+    assert paper["difference"] == pytest.approx(paper["learned"] - paper["uniform"], abs=2e-4)
+    frontier = metrics["lds_frontier"]
+    assert set(frontier) == {"default", "timesteps-3", "ensemble-2"}
+    assert frontier["timesteps-3"]["featurize"]["timesteps"] == 3 and frontier["default"]["featurize"]["timesteps"] == 2
+    assert frontier["ensemble-2"]["bytes_per_row"] == 2 * frontier["default"]["bytes_per_row"]
+    # the same indexes and weights give the same numbers: the default setting's DAS is the
+    # table's, the ensemble's TracIn is the table's TracIn-CP
+    assert frontier["default"]["bases"]["das"]["uniform"] == pytest.approx(lds["das"]["uniform"], abs=1e-4)
+    assert frontier["ensemble-2"]["bases"]["tracin"]["uniform"] == pytest.approx(lds["tracin"]["uniform"], abs=1e-4)
 
 
 def _das_index_serves_its_formula(folder: str) -> None:

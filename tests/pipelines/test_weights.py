@@ -109,23 +109,25 @@ def test_learn_weights_end_to_end_grows_pools_and_ties_the_artifact_to_its_versi
 def _validation_equals_offline_recall(cfg, out: str, manifest: dict, document: dict, model: str) -> None:
     """The subject's validation Recall (one distributed scan of the index) equals the
     Recall table computed offline from the same queries over the index in memory, and the
-    weighting that answers the subject is the best of them."""
+    weighting that answers the subject (and 'general') is the one the choice rule picks."""
     from attribution_core.evaluation.recall import aspect_recall_table
     from attribution_core.features.seeding import stable_seed
     from attribution_core.index.opening import version_featurizer
     from attribution_core.index.reader import load_index
     from attribution_core.models.sampling import generate
-    from attribution_core.weights.validation import choose
+    from attribution_core.weights.choice import choose
     from pipelines.models import load_model_dir
     from pipelines.weights.queries import featurize_generated
     from pipelines.weights.validation import validation_set
 
     found = document["aspects"]["subject"]["validation"]
-    assert document["aspects"]["general"]["validation"] is None  # no column says what a general query asks for
+    general = document["aspects"]["general"]["validation"]  # a general query asks for its caption's attributes
+    assert set(general["recall"]) == {"general", "uniform"} and document["aspects"]["general"]["choice"]["by"] == "validation"
+    assert document["aspects"]["general"]["answered_by"] == choose(general["gains"], ["general", "uniform"])
     assert found["queries"] == 6 and found["k"] == 3 and set(found["recall"]) == {"subject", "general", "uniform"}
-    assert document["aspects"]["subject"]["answered_by"] == choose(found["recall"], ["subject", "general", "uniform"])
+    assert document["aspects"]["subject"]["answered_by"] == choose(found["gains"], ["subject", "general", "uniform"])
     wcfg = cfg.weights
-    prompts, asked, values = validation_set(manifest["dataset"]["uri"], None, ["subject"], 6, wcfg.seed)
+    prompts, asked, values = validation_set(manifest["dataset"]["uri"], None, None, ["subject"], ["subject"], 6, wcfg.seed)
     adapter = load_model_dir(model)
     images = generate(adapter, prompts=prompts, n=6, seed=stable_seed("validation-queries", wcfg.seed),
                       guidance=wcfg.guidance, steps=wcfg.sample_steps)

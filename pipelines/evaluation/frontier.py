@@ -1,0 +1,146 @@
+"""The featurizer's quality/cost frontier on the LDS universe (``evaluate.frontier``).
+
+One setting of ``featurize`` changed at a time -- projection width per layer, timesteps,
+noise draws -- and an ensemble of the universe model's checkpoints. Each setting gets its
+own indexes (``<out>/lds/frontier/<setting>/index-<measurement>``, the kernel chosen by the
+index rule as always), its own learned weights per basis, and is scored on the same queries
+and ground truth as the main table: LDS of uniform weights and of the weighting LDS says to
+serve, with two-way intervals; bytes per stored row; and featurize seconds per row, timed in
+this process on the same universe examples for every setting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any
+
+from attribution_core.config import FeaturizeConfig, ProjectConfig
+from attribution_core.evaluation.lds_rows import basis_row
+from attribution_core.features.featurize import Featurizer
+from attribution_core.features.groups import build_layout
+from attribution_core.index.kernel import LAYER_BLOCK
+from attribution_core.features.seeding import stable_seed
+from attribution_core.index.opening import version_featurizer
+from attribution_core.index.reader import load_index
+from attribution_core.models.adapters import ExampleBatch
+from pipelines.evaluation.ensemble import checkpoint_members
+from pipelines.evaluation.scoring import Member, basis_scores
+from pipelines.evaluation.universe import BASES, basis_config
+from pipelines.models import load_model_dir
+from pipelines.steps import ensure_weights
+
+log = logging.getLogger(__name__)
+
+
+def settings(base: FeaturizeConfig, fcfg) -> dict[str, FeaturizeConfig]:
+    """``{name: featurize settings}``: the base ('default') and each single change of it."""
+    out = {"default": base}
+    for width in fcfg.projection:
+        if (width, width) != (base.projection.k_in, base.projection.k_out):
+            out[f"projection-{width}x{width}"] = dataclasses.replace(
+                base, projection=dataclasses.replace(base.projection, k_in=width, k_out=width))
+    for count in fcfg.timesteps:
+        if count != base.timesteps.count:
+            out[f"timesteps-{count}"] = dataclasses.replace(
+                base, timesteps=dataclasses.replace(base.timesteps, count=count))
+    for draws in fcfg.noise_draws:
+        if draws != base.noise_draws:
+            out[f"noise-draws-{draws}"] = dataclasses.replace(base, noise_draws=draws)
+    return out
+
+
+def _timing_batch(ctx, n: int) -> ExampleBatch:
+    from attribution_core.data.loading import load_training_data
+
+    data = load_training_data(ctx.universe_uri, ctx.cfg.subset_train)
+    n = min(n, len(data.example_ids))
+    return ExampleBatch(tuple(data.example_ids[:n]), data.pixels[:n],
+                        tuple(data.captions[:n]) if data.captions else None,
+                        data.labels[:n] if data.labels is not None else None)
+
+
+def _seconds_per_row(adapter, fcfg: FeaturizeConfig, batch: ExampleBatch) -> float:
+    featurizer = Featurizer(adapter, fcfg)
+    featurizer.flat_and_scale(batch.select(0, 2))  # warm-up
+    started = time.perf_counter()
+    featurizer.flat_and_scale(batch)
+    return (time.perf_counter() - started) / len(batch)
+
+
+def _members(ctx, setting: str, fcfg: FeaturizeConfig, finals: dict[str, Member],
+             documents: dict[str, dict[str, Any]], adapter) -> tuple[dict[str, Member], dict[str, dict[str, Any]]]:
+    """The final-model member of each measurement and the learned weights of each basis
+    under ``fcfg`` (the main table's own for the default setting)."""
+    from pipelines.index.job import IndexRequest, run_index
+
+    if setting == "default":
+        return finals, documents
+    cfg = dataclasses.replace(ctx.cfg, featurize=fcfg)
+    widest = max(g.dim for g in build_layout(adapter.denoiser, fcfg.groups, fcfg.projection).groups)
+    if widest > ctx.cfg.evaluate.frontier.max_block_dim:  # a group's kernel block would not fit: one per layer
+        cfg = dataclasses.replace(cfg, index=dataclasses.replace(cfg.index, kernel=LAYER_BLOCK))
+    members, docs = {}, {}
+    for basis in ctx.cfg.evaluate.bases:
+        measurement = BASES[basis].measurement
+        bcfg = basis_config(cfg, basis, str(ctx.folder / "frontier" / setting / f"index-{measurement}"))
+        if measurement not in members:
+            built = run_index(bcfg, IndexRequest(dataset=ctx.universe_uri, model=ctx.model_dir, out=bcfg.index.out,
+                                                 ray_address=ctx.ray_address))
+            index = load_index(bcfg.index.out, built["version"])
+            members[measurement] = Member(index, version_featurizer(adapter, index.manifest,
+                                                                    fcfg.max_rows_per_pass).flat(ctx.batch))
+        docs[basis], _ = ensure_weights(bcfg, bcfg.index.out, members[measurement].index.manifest["version"],
+                                        ctx.model_dir, ctx.ray_address)
+    return members, docs
+
+
+def _row(ctx, members: list[Member], document: dict[str, Any], kernel: bool) -> dict[str, Any]:
+    scored = basis_scores(members, document, kernel, ctx.order)
+    row, _ = basis_row(scored.pair, ctx.masks, ctx.actual, ctx.boot, stable_seed("frontier", ctx.cfg.evaluate.seed))
+    served = row["served"]
+    return {"uniform": row["uniform"], "uniform_ci": row["uniform_ci"], "served": served["weighting"],
+            "served_lds": served["lds"], "served_ci": served["ci"], "learned": row["learned"],
+            "learned_ci": row["learned_ci"], "difference": row["difference"], "difference_ci": row["difference_ci"]}
+
+
+def frontier_rows(ctx, finals: dict[str, Member], documents: dict[str, dict[str, Any]],
+                  table: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``{setting: {"featurize", "bytes_per_row", "featurize_s_per_row", "k_total", "checkpoints",
+    "bases": {basis: row}}}`` for every setting of ``evaluate.frontier``."""
+    ecfg = ctx.cfg.evaluate
+    adapter = load_model_dir(ctx.model_dir)
+    timing = _timing_batch(ctx, ecfg.frontier.timing_examples)
+    out: dict[str, dict[str, Any]] = {}
+    for setting, fcfg in settings(ctx.cfg.featurize, ecfg.frontier).items():
+        log.info("frontier: %s", setting)
+        members, docs = _members(ctx, setting, fcfg, finals, documents, adapter)
+        out[setting] = _setting_row(ctx, fcfg, members, 1, adapter, timing)
+        out[setting]["bases"] = {b: _row(ctx, [members[BASES[b].measurement]], docs[b], BASES[b].kernel)
+                                 for b in ecfg.bases}
+    if ecfg.frontier.ensemble and ecfg.checkpoints > 1:
+        log.info("frontier: ensemble of %d checkpoints", ecfg.checkpoints)
+        row = _setting_row(ctx, ctx.cfg.featurize, finals, ecfg.checkpoints, adapter, timing)
+        row["bases"] = {}
+        for basis in ecfg.bases:
+            spec = BASES[basis]
+            bcfg = basis_config(ctx.cfg, basis, str(ctx.folder / f"index-{spec.measurement}"))
+            members = checkpoint_members(bcfg, ctx.model_dir, finals[spec.measurement], ctx.folder, ctx.universe_uri,
+                                         ctx.batch, basis == "tracin", ctx.ray_address)
+            row["bases"][basis] = _row(ctx, members, documents[basis], spec.kernel)
+        out[f"ensemble-{ecfg.checkpoints}"] = row
+    return out
+
+
+def _setting_row(ctx, fcfg: FeaturizeConfig, members: dict[str, Member], copies: int, adapter,
+                 timing: ExampleBatch) -> dict[str, Any]:
+    """A setting's cost: bytes per stored row (float16 features) and featurize seconds per row
+    (D-TRAK's measurement), times ``copies`` checkpoints; and the kernel each index chose."""
+    k_total = next(iter(members.values())).index.layout.k_total
+    seconds = _seconds_per_row(adapter, dataclasses.replace(fcfg, measurement="square"), timing)
+    return {"featurize": {"projection": [fcfg.projection.k_in, fcfg.projection.k_out],
+                          "timesteps": fcfg.timesteps.count, "noise_draws": fcfg.noise_draws},
+            "kernel": {m: {k: x.index.manifest["stats"][k] for k in ("kernel", "damping")} for m, x in members.items()},
+            "checkpoints": copies, "k_total": k_total, "bytes_per_row": copies * 2 * k_total,
+            "featurize_s_per_row": copies * seconds}

@@ -1,0 +1,199 @@
+"""Reference rows of the LDS table: D-TRAK and DAS as their published code computes them, and
+the weighting paper's own setting on top of them (``evaluate.published``; evaluation only).
+
+On the LDS universe model, in this process: the whole denoiser's per-example gradients of
+the universe (training side), the evaluation queries and the learning queries; one dense
+seeded projection per width; the full kernel in its dual form; scores at every damping of
+the published grid. The published code keeps the damping of the best LDS on its own test
+queries; here each half of the queries is scored at the damping best on the other half
+(the published choice is reported beside it as ``oracle``). Featurize seconds per row are
+measured for the reference and for this project's featurizer (same measurement, examples
+and process), so their ratio comes from one run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from attribution_core.config import ProjectConfig
+from attribution_core.evaluation.dual_kernel import DualKernel, cross_fitted_damping
+from attribution_core.evaluation.intervals import TwoWayBootstrap, spearman_rows
+from attribution_core.evaluation.lds_rows import lds_cell, query_halves
+from attribution_core.evaluation.metrics import subset_predictions
+from attribution_core.evaluation.published import (LABELS, PIPELINES, DenseProjection, parameter_groups,
+                                                   residual_scale, whole_gradients)
+from attribution_core.features.featurize import Featurizer
+from attribution_core.features.groups import build_layout
+from attribution_core.features.query import query_batch
+from attribution_core.data.images import encode_png
+from attribution_core.features.seeding import stable_seed
+from attribution_core.models.adapters import ExampleBatch
+from attribution_core.models.sampling import generate
+from attribution_core.weights.objective import fit_full_cache
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Inputs:
+    """What every reference row scores: the universe (training side, dataset order), the
+    evaluation queries, the learning queries of the paper's setting, and the ground truth."""
+
+    train: ExampleBatch
+    queries: ExampleBatch
+    learning: ExampleBatch | None
+    masks: np.ndarray  # [S, N]
+    actual: np.ndarray  # [Q, S]
+    boot: TwoWayBootstrap
+
+
+def learning_batch(cfg: ProjectConfig, adapter, captions: list[str]) -> ExampleBatch:
+    """The general learning queries of the basis weights (same prompts and seeds as
+    ``learn-weights`` draws on the universe index): images the universe model generates."""
+    wcfg, n = cfg.weights, cfg.evaluate.weights_queries
+    text = adapter.conditioning == "text"
+    rng = random.Random(stable_seed("general-prompts", wcfg.seed))
+    prompts = [rng.choice(sorted(set(captions))) for _ in range(n)] if text else None
+    images = generate(adapter, prompts=prompts, labels=list(range(adapter.num_classes)) or None, n=n,
+                      seed=stable_seed("learning-queries", wcfg.seed, "general"), guidance=wcfg.guidance,
+                      steps=wcfg.sample_steps)
+    return query_batch(adapter, [encode_png(g.image) for g in images], [g.prompt for g in images],
+                       [g.label for g in images] if adapter.conditioning == "class" else None)
+
+
+def _in_chunks(fn, batch: ExampleBatch, size: int = 16) -> torch.Tensor:
+    return torch.cat([fn(batch.select(i, i + size)) for i in range(0, len(batch), size)])
+
+
+def _per_query(kernel: DualKernel, projected: torch.Tensor, damping: float, weights: torch.Tensor | None,
+               inputs: Inputs, rows: np.ndarray) -> np.ndarray:
+    """Per-query LDS of the queries ``rows`` at ``damping``; ``projected`` is ``[Q, N]`` or,
+    with per-group ``weights [M]``, ``[Q, M, N]``."""
+    scores = kernel.scores(projected[torch.from_numpy(rows)], damping)
+    if weights is not None:
+        scores = torch.einsum("m,qmn->qn", weights.double(), scores)
+    return spearman_rows(subset_predictions(scores.numpy(), inputs.masks), inputs.actual[rows])
+
+
+def _crossed(kernel: DualKernel, projected: torch.Tensor, dampings: list[float], weights: list[torch.Tensor | None],
+             halves: np.ndarray, inputs: Inputs) -> np.ndarray:
+    """``[Q, S]`` predictions, each half of the queries at its own damping (and weights)."""
+    out = np.zeros_like(inputs.actual)
+    for held, damping, w in zip((halves, ~halves), dampings, weights):
+        scores = kernel.scores(projected[torch.from_numpy(held)], damping)
+        if w is not None:
+            scores = torch.einsum("m,qmn->qn", w.double(), scores)
+        out[held] = subset_predictions(scores.numpy(), inputs.masks)
+    return out
+
+
+def _paper_setting(kernel: DualKernel, groups_q: torch.Tensor, groups_l: torch.Tensor, dampings: list[float],
+                   halves: np.ndarray, inputs: Inputs, cfg: ProjectConfig, names: list[str]) -> dict[str, Any]:
+    """Per-group weights learned with the paper's objective on the learning queries (one-sided:
+    ``tau_w = sum_m w_m g_m(q)^T K g(x)``), against uniform on the same kernel and halves."""
+    wcfg = cfg.weights
+    pq, pl = kernel.project(groups_q), kernel.project(groups_l)  # [Q, M, N], [L, M, N]
+    learned = {}
+    for d in sorted(set(dampings)):
+        cache = kernel.scores(pl, d).permute(0, 2, 1)  # [L, N, M]
+        learned[d] = fit_full_cache(cache, wcfg.top_k, wcfg.lambda_w, wcfg.steps, wcfg.learning_rate)
+    m = groups_q.shape[1]
+    uniform = torch.full((m,), 1.0 / m, dtype=torch.float64)
+    pred_w = _crossed(kernel, pq, dampings, [learned[d] for d in dampings], halves, inputs)
+    pred_u = _crossed(kernel, pq, dampings, [uniform, uniform], halves, inputs)
+    cells = {"uniform": lds_cell(inputs.boot, pred_u, inputs.actual), "learned": lds_cell(inputs.boot, pred_w, inputs.actual)}
+    difference = inputs.boot.paired(pred_w, pred_u, inputs.actual)
+    return {"uniform": cells["uniform"]["lds"], "uniform_ci": cells["uniform"]["ci"],
+            "learned": cells["learned"]["lds"], "learned_ci": cells["learned"]["ci"],
+            "difference": difference[0], "difference_ci": difference[1:],
+            "weights": {str(d): dict(zip(names, w.tolist())) for d, w in learned.items()},
+            "per_query": {k: v["per_query"] for k, v in cells.items()}}
+
+
+def published_rows(cfg: ProjectConfig, adapter, inputs: Inputs) -> dict[str, dict[str, Any]]:
+    """``{"<pipeline>-<k>": row}`` for every pipeline and width of ``evaluate.published``;
+    each row: LDS with its two-way interval, the dampings used, the published (oracle)
+    choice, bytes and featurize seconds per row against this project's featurizer, and with
+    ``paper_setting`` the learned-minus-uniform group weighting on the same features."""
+    pcfg = cfg.evaluate.published
+    layout = build_layout(adapter.denoiser, cfg.featurize.groups, cfg.featurize.projection)
+    parameters, group_names = parameter_groups(adapter, layout)
+    names = [n for n, _, _ in parameters]
+    halves = query_halves(len(inputs.queries), stable_seed("published-halves", cfg.evaluate.seed))
+    rows: dict[str, dict[str, Any]] = {}
+    for name in pcfg.pipelines:
+        spec = PIPELINES[name]
+        fcfg = dataclasses.replace(cfg.featurize, measurement=spec.measurement, normalize="none")
+        started = time.perf_counter()
+        train = _in_chunks(lambda b: whole_gradients(adapter, b, fcfg, names, spec.unit_rows), inputs.train)
+        gradient_s = time.perf_counter() - started
+        started = time.perf_counter()
+        scale = residual_scale(adapter, inputs.train, pcfg.residual_timesteps, pcfg.seed) if spec.residual else None
+        residual_s = time.perf_counter() - started
+        queries = _in_chunks(lambda b: whole_gradients(adapter, b, fcfg, names, spec.unit_rows), inputs.queries)
+        learning = (_in_chunks(lambda b: whole_gradients(adapter, b, fcfg, names, spec.unit_rows), inputs.learning)
+                    if pcfg.paper_setting and inputs.learning is not None else None)
+        ours_s = _our_seconds(adapter, dataclasses.replace(cfg.featurize, measurement=spec.measurement), inputs.train)
+        for k in pcfg.dims:
+            log.info("%s at %d dimensions: projecting %d x %d gradients", LABELS[name], k, len(train), train.shape[1])
+            projection = DenseProjection(parameters, len(group_names), k, pcfg.seed)
+            started = time.perf_counter()
+            every = projection.project(torch.cat([train, queries, *([learning] if learning is not None else [])]))
+            project_s = (time.perf_counter() - started) * len(train) / len(every)  # the training rows' share
+            n, q = len(train), len(queries)
+            phi, groups_q, groups_l = every[:n].sum(1), every[n : n + q], every[n + q :]  # [N, k], [Q, M, k], [L, M, k]
+            del every
+            kernel = DualKernel(phi, spec.kernel_scale, scale)
+            projected = kernel.project(groups_q.sum(1))  # [Q, N]
+            grid = list(pcfg.damping_grid)
+            chosen = cross_fitted_damping(grid, lambda d, rows: _per_query(kernel, projected, d, None, inputs, rows), halves)
+            predicted = _crossed(kernel, projected, chosen["dampings"], [None, None], halves, inputs)
+            cell = lds_cell(inputs.boot, predicted, inputs.actual)
+            seconds = (gradient_s + residual_s + project_s) / len(train)
+            row = {"label": f"{LABELS[name]} ({k:,} dimensions)", "lds": cell["lds"], "ci": cell["ci"],
+                   "dampings": chosen["dampings"], "oracle": chosen["oracle"], "kernel_scale": spec.kernel_scale,
+                   "bytes_per_row": 2 * k, "featurize_s_per_row": seconds, "ours_featurize_s_per_row": ours_s,
+                   "speedup_of_ours": seconds / ours_s, "parameters": projection.size,
+                   "seconds": {"gradients": gradient_s, "residual": residual_s, "projection": project_s},
+                   "per_query": cell["per_query"], "predicted": predicted}
+            if learning is not None:
+                row["paper_setting"] = _paper_setting(kernel, groups_q, groups_l, chosen["dampings"], halves, inputs,
+                                                      cfg, group_names)
+            rows[f"{name}-{k}"] = row
+    return rows
+
+
+def _our_seconds(adapter, fcfg, batch: ExampleBatch) -> float:
+    """Seconds per row of this project's featurizer on the same examples, in this process."""
+    featurizer = Featurizer(adapter, fcfg)
+    featurizer.flat_and_scale(batch.select(0, 2))  # warm-up: projections built, kernels loaded
+    started = time.perf_counter()
+    featurizer.flat_and_scale(batch)
+    return (time.perf_counter() - started) / len(batch)
+
+
+MATCHING_BASIS = {"dtrak": "dtrak", "das": "das"}
+"""The basis of this project's table measured on the same output function as each pipeline."""
+
+
+def reference_rows(ctx, adapter, data, served: dict[str, np.ndarray]) -> dict[str, dict[str, Any]]:
+    """The reference rows of ``run_lds``'s context ``ctx``, each with the paired difference of
+    the matching basis's served answer against it (``versus``, two-way interval)."""
+    train = ExampleBatch(tuple(data.example_ids), data.pixels, tuple(data.captions) if data.captions else None,
+                         data.labels)
+    learning = learning_batch(ctx.cfg, adapter, data.captions or []) if ctx.cfg.evaluate.published.paper_setting else None
+    inputs = Inputs(train, ctx.batch, learning, ctx.masks, ctx.actual, ctx.boot)
+    rows = published_rows(ctx.cfg, adapter, inputs)
+    for key, row in rows.items():
+        predicted = row.pop("predicted")
+        basis = MATCHING_BASIS[key.split("-")[0]]
+        if basis in served:
+            row["versus"] = {basis: ctx.boot.paired(served[basis], predicted, ctx.actual)}
+    return rows
