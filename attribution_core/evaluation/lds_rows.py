@@ -123,6 +123,21 @@ def basis_row(pair: np.ndarray, masks: np.ndarray, actual: np.ndarray, boot: Two
     return row, detail
 
 
+def select_setting(settings: dict[str, dict[str, Any]], basis: str | None, max_bytes_ratio: float = 2.0) -> dict[str, Any]:
+    """The setting a shipped default would take: among those the index can serve (one
+    checkpoint) within ``max_bytes_ratio`` of the default's bytes per row, the highest served
+    LDS of the served index's ``basis`` on the first half of the queries; the second half
+    confirms it (another benchmark's whole table confirms it again)."""
+    if basis is None or any(basis not in row["bases"] for row in settings.values()):
+        return {"basis": basis, "chosen": None, "why": "the served index's basis is not among evaluate.bases"}
+    budget = max_bytes_ratio * settings["default"]["bytes_per_row"]
+    eligible = {name: row for name, row in settings.items() if row["checkpoints"] == 1 and row["bytes_per_row"] <= budget}
+    chosen = max(eligible, key=lambda name: eligible[name]["bases"][basis]["served_halves"][0])
+    return {"basis": basis, "max_bytes_per_row": budget, "chosen": chosen,
+            "first_half": {n: r["bases"][basis]["served_halves"][0] for n, r in eligible.items()},
+            "second_half": {n: r["bases"][basis]["served_halves"][1] for n, r in eligible.items()}}
+
+
 def rounded(value: Any, digits: int = 4) -> Any:
     """``value`` with every float rounded (for metrics.json)."""
     if isinstance(value, float):

@@ -107,6 +107,7 @@ def published_table(published: dict[str, Any]) -> str:
 
 def frontier_table(frontier: dict[str, Any]) -> str:
     """LDS (uniform / served) per basis against bytes and featurize time per row."""
+    frontier = frontier["settings"]
     bases = list(next(iter(frontier.values()))["bases"]) if frontier else []
     rows = [[html.escape(setting), f"{row['bytes_per_row']:,}", f"{row['featurize_s_per_row'] * 1000:.1f}",
              *(f"{num(r['uniform'])} / {num(r['served_lds'])}<br><small>{interval(r['served_ci'])}</small>"

@@ -16,8 +16,10 @@ import logging
 import time
 from typing import Any
 
+import numpy as np
+
 from attribution_core.config import FeaturizeConfig, ProjectConfig
-from attribution_core.evaluation.lds_rows import basis_row
+from attribution_core.evaluation.lds_rows import basis_row, query_halves, select_setting
 from attribution_core.features.featurize import Featurizer
 from attribution_core.features.groups import build_layout
 from attribution_core.index.kernel import LAYER_BLOCK
@@ -25,6 +27,7 @@ from attribution_core.features.seeding import stable_seed
 from attribution_core.index.opening import version_featurizer
 from attribution_core.index.reader import load_index
 from attribution_core.models.adapters import ExampleBatch
+from pipelines.evaluation.choice import served_basis
 from pipelines.evaluation.ensemble import checkpoint_members
 from pipelines.evaluation.scoring import Member, basis_scores
 from pipelines.evaluation.universe import BASES, basis_config
@@ -32,6 +35,9 @@ from pipelines.models import load_model_dir
 from pipelines.steps import ensure_weights
 
 log = logging.getLogger(__name__)
+
+SELECTION = "frontier-selection"
+"""Seed stream of the query halves: the first chooses settings, the second confirms them."""
 
 
 def settings(base: FeaturizeConfig, fcfg) -> dict[str, FeaturizeConfig]:
@@ -97,18 +103,24 @@ def _members(ctx, setting: str, fcfg: FeaturizeConfig, finals: dict[str, Member]
 
 
 def _row(ctx, members: list[Member], document: dict[str, Any], kernel: bool) -> dict[str, Any]:
+    """One basis under one setting: uniform, learned and served LDS with two-way intervals, and
+    the served LDS on each half of the queries (``SELECTION``): settings are chosen on the
+    first half, and the second half (and the other benchmark) confirms the choice."""
     scored = basis_scores(members, document, kernel, ctx.order)
-    row, _ = basis_row(scored.pair, ctx.masks, ctx.actual, ctx.boot, stable_seed("frontier", ctx.cfg.evaluate.seed))
+    row, detail = basis_row(scored.pair, ctx.masks, ctx.actual, ctx.boot, stable_seed("frontier", ctx.cfg.evaluate.seed))
     served = row["served"]
+    per_query = np.asarray(detail["learned" if served["weighting"] == "learned" else "uniform"], dtype=float)
+    half = query_halves(len(per_query), stable_seed(SELECTION, ctx.cfg.evaluate.seed))
     return {"uniform": row["uniform"], "uniform_ci": row["uniform_ci"], "served": served["weighting"],
             "served_lds": served["lds"], "served_ci": served["ci"], "learned": row["learned"],
-            "learned_ci": row["learned_ci"], "difference": row["difference"], "difference_ci": row["difference_ci"]}
+            "learned_ci": row["learned_ci"], "difference": row["difference"], "difference_ci": row["difference_ci"],
+            "served_halves": [float(np.nanmean(per_query[half])), float(np.nanmean(per_query[~half]))]}
 
 
-def frontier_rows(ctx, finals: dict[str, Member], documents: dict[str, dict[str, Any]],
-                  table: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """``{setting: {"featurize", "bytes_per_row", "featurize_s_per_row", "k_total", "checkpoints",
-    "bases": {basis: row}}}`` for every setting of ``evaluate.frontier``."""
+def frontier_rows(ctx, finals: dict[str, Member], documents: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """``{"settings": {setting: {"featurize", "kernel", "bytes_per_row", "featurize_s_per_row",
+    "k_total", "checkpoints", "bases": {basis: row}}}, "selection": select_setting(...)}`` for every
+    setting of ``evaluate.frontier``."""
     ecfg = ctx.cfg.evaluate
     adapter = load_model_dir(ctx.model_dir)
     timing = _timing_batch(ctx, ecfg.frontier.timing_examples)
@@ -130,7 +142,8 @@ def frontier_rows(ctx, finals: dict[str, Member], documents: dict[str, dict[str,
                                          ctx.batch, basis == "tracin", ctx.ray_address)
             row["bases"][basis] = _row(ctx, members, documents[basis], spec.kernel)
         out[f"ensemble-{ecfg.checkpoints}"] = row
-    return out
+    return {"settings": out, "selection": select_setting(out, served_basis(ctx.cfg.featurize.measurement,
+                                                                    ctx.cfg.weights.use_kernel))}
 
 
 def _setting_row(ctx, fcfg: FeaturizeConfig, members: dict[str, Member], copies: int, adapter,

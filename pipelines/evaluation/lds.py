@@ -167,7 +167,7 @@ def run_lds(cfg: ProjectConfig, ray_address: str | None = None) -> dict[str, Any
     if ecfg.frontier is not None:
         from pipelines.evaluation.frontier import frontier_rows
 
-        result["frontier"] = frontier_rows(ctx, finals, documents, table)
+        result["frontier"] = frontier_rows(ctx, finals, documents)
         lap("frontier")
     result["stage_seconds"] = watch.seconds
     return result

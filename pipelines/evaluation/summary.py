@@ -96,9 +96,15 @@ def _reference_lines(metrics: dict[str, Any]) -> list[str]:
     frontier = metrics.get("lds_frontier")
     if frontier:
         lines.append("Featurizer frontier (LDS uniform / served per basis; bytes and featurize ms per row):")
-        for setting, row in frontier.items():
+        for setting, row in frontier["settings"].items():
             cells = ", ".join(f"{b} {r['uniform']:.3f}/{r['served_lds']:.3f}" for b, r in row["bases"].items())
             lines.append(f"  {setting:<18} {row['bytes_per_row']:>8,} B {row['featurize_s_per_row'] * 1000:>7.1f} ms  {cells}")
+        chosen = frontier["selection"]
+        if chosen.get("chosen"):
+            lines.append(f"  selection ({chosen['basis']} served, first half of the queries, <= "
+                         f"{chosen['max_bytes_per_row']:,.0f} B): {chosen['chosen']} "
+                         f"{chosen['first_half'][chosen['chosen']]:.4f}; second half "
+                         f"{chosen['second_half'][chosen['chosen']]:.4f} (default {chosen['second_half']['default']:.4f})")
     return lines
 
 

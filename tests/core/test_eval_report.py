@@ -42,10 +42,11 @@ def _metrics() -> tuple[dict, list]:
                                 "bytes_per_row": 8192, "featurize_s_per_row": 0.12, "ours_featurize_s_per_row": 0.01,
                                 "versus": {"dtrak": [0.09, 0.03, 0.15]},
                                 "paper_setting": {"difference": -0.004, "difference_ci": [-0.02, 0.01]}}}
-    frontier = {"default": {"bytes_per_row": 10624, "featurize_s_per_row": 0.01,
+    frontier = {"settings": {"default": {"bytes_per_row": 10624, "featurize_s_per_row": 0.01,
                             "bases": {"dtrak": {"uniform": 0.3, "served_lds": 0.3, "served_ci": [0.25, 0.35]}}},
                 "timesteps-50": {"bytes_per_row": 10624, "featurize_s_per_row": 0.05,
-                                 "bases": {"dtrak": {"uniform": 0.33, "served_lds": 0.33, "served_ci": [0.27, 0.39]}}}}
+                                 "bases": {"dtrak": {"uniform": 0.33, "served_lds": 0.33, "served_ci": [0.27, 0.39]}}}},
+                "selection": {"basis": "dtrak", "chosen": "timesteps-50"}}
     metrics = {"lds": lds, "recall_at_10": recall, "n_subsets": 32, "n_queries": 20, "lds_published": published,
                "lds_frontier": frontier, "lds_noise_ceiling": {"replica_seed": 1, "agreement": 0.61, "ci": [0.55, 0.66],
                                                                "ceiling": 0.78},

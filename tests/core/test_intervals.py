@@ -8,7 +8,7 @@ import pytest
 
 from attribution_core.evaluation.intervals import (TwoWayBootstrap, average_ranks, combined_interval, quantiles,
                                                    spearman_rows)
-from attribution_core.evaluation.lds_rows import basis_row, noise_ceiling, served_choice
+from attribution_core.evaluation.lds_rows import basis_row, noise_ceiling, select_setting, served_choice
 from attribution_core.evaluation.metrics import bootstrap_ci, rankdata, spearman
 
 
@@ -107,3 +107,16 @@ def test_noise_ceiling_of_two_replicas():
     assert found["ceiling"] > found["agreement"]  # sqrt of a correlation below 1
     # the signal itself correlates with one replica about as well as the ceiling says
     assert np.nanmean(spearman_rows(signal, first)) == pytest.approx(found["ceiling"], abs=0.08)
+
+
+def test_a_shipped_setting_is_chosen_on_one_half_within_the_byte_budget():
+    def setting(bytes_per_row, halves, checkpoints=1):
+        return {"bytes_per_row": bytes_per_row, "checkpoints": checkpoints,
+                "bases": {"dtrak": {"served_halves": halves}}}
+
+    settings = {"default": setting(100, [0.20, 0.21]), "timesteps-20": setting(100, [0.25, 0.22]),
+                "projection-16x16": setting(400, [0.40, 0.41]), "ensemble-4": setting(400, [0.50, 0.45], 4)}
+    found = select_setting(settings, "dtrak")
+    assert found["chosen"] == "timesteps-20" and found["max_bytes_per_row"] == 200  # 16x16 and the ensemble cost too much
+    assert found["second_half"] == {"default": 0.21, "timesteps-20": 0.22}
+    assert select_setting(settings, "trak")["chosen"] is None and select_setting(settings, None)["chosen"] is None

@@ -106,7 +106,7 @@ def _references_frontier_and_ceiling(metrics: dict, detail: dict) -> None:
     assert len(row["versus"]["das"]) == 3 and len(detail["published"]["das-32"]) == metrics["n_queries"]
     paper = row["paper_setting"]
     assert paper["difference"] == pytest.approx(paper["learned"] - paper["uniform"], abs=2e-4)
-    frontier = metrics["lds_frontier"]
+    frontier = metrics["lds_frontier"]["settings"]
     assert set(frontier) == {"default", "timesteps-3", "ensemble-2"}
     assert frontier["timesteps-3"]["featurize"]["timesteps"] == 3 and frontier["default"]["featurize"]["timesteps"] == 2
     assert frontier["ensemble-2"]["bytes_per_row"] == 2 * frontier["default"]["bytes_per_row"]
@@ -114,6 +114,8 @@ def _references_frontier_and_ceiling(metrics: dict, detail: dict) -> None:
     # table's, the ensemble's TracIn is the table's TracIn-CP
     assert frontier["default"]["bases"]["das"]["uniform"] == pytest.approx(lds["das"]["uniform"], abs=1e-4)
     assert frontier["ensemble-2"]["bases"]["tracin"]["uniform"] == pytest.approx(lds["tracin"]["uniform"], abs=1e-4)
+    # the served index is D-TRAK's, not among these bases: no setting is selected for it
+    assert metrics["lds_frontier"]["selection"]["chosen"] is None
 
 
 def _das_index_serves_its_formula(folder: str) -> None:
