@@ -27,7 +27,8 @@ __all__ = [  # re-exported: callers find the whole config API here
     "from_mapping", "load_yaml", "to_mapping",
     "CONDITIONINGS", "DEVICES", "PREDICTION_TYPES", "TINY_KINDS", "BaseModelConfig", "DataConfig", "ModelConfig",
     "SyntheticDataConfig", "TrainConfig",
-    "ApproximateConfig", "EvaluateConfig", "FrontierConfig", "IndexConfig", "PublishedConfig", "ReindexConfig", "ServeConfig", "WeightsConfig",
+    "ApproximateConfig", "EvaluateConfig", "FrontierConfig", "IndexConfig", "PublishedConfig", "ReindexConfig",
+    "ServeConfig", "WeightsConfig",
     "MEASUREMENTS", "NORMALIZATIONS", "TIMESTEP_STRATEGIES", "GROUP_PRESETS", "PRECISIONS",
     "TimestepConfig", "ProjectionConfig", "GroupConfig", "FeaturizeConfig", "DemoConfig", "ProjectConfig",
 ]

@@ -108,7 +108,8 @@ class DenseProjection:
             for start in range(0, n, self.block_rows):
                 rows = min(self.block_rows, n - start)
                 block = torch.randn((rows, self.k), generator=generator_for("dense-projection", self.seed, name, start))
-                out[:, group if by_group else 0] += flat[:, offset + start : offset + start + rows] @ block  # [N, rows] @ [rows, k]
+                part = flat[:, offset + start : offset + start + rows]  # [N, rows]
+                out[:, group if by_group else 0] += part @ block  # [N, rows] @ [rows, k]
             offset += n
         return out
 

@@ -96,7 +96,8 @@ def published_table(published: dict[str, Any]) -> str:
             html.escape(row["label"]), f"{num(row['lds'])} <small>{interval(row['ci'])}</small>",
             f"{', '.join(f'{d:g}' for d in row['dampings'])} <small>(published pick {row['oracle']['damping']:g}: "
             f"{num(row['oracle']['lds'])})</small>",
-            f"{row['bytes_per_row']:,}", f"{row['featurize_s_per_row'] * 1000:.1f} / {row['ours_featurize_s_per_row'] * 1000:.1f}",
+            f"{row['bytes_per_row']:,}",
+            f"{row['featurize_s_per_row'] * 1000:.1f} / {row['ours_featurize_s_per_row'] * 1000:.1f}",
             versus or "n/a",
             (f"{signed(paper['difference'])} <small>{interval(paper['difference_ci'])}</small>" if paper else "n/a"),
         ])

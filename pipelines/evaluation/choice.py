@@ -47,6 +47,6 @@ def apply_lds_choice(cfg: ProjectConfig, index: str, version: str, document: dic
     if general.get("choice") != chosen or general.get("answered_by") != answered_by:
         general["answered_by"], general["choice"] = answered_by, chosen
         IndexStore(index).write_json(artifact_path(version, cfg.weights.name), document)
-        log.info("general aspect of %s version %s answered by %s weights (LDS of %s: learned - uniform %+.4f [%+.4f, %+.4f])",
-                 index, version, answered_by, basis, *served["gain"])
+        log.info("general aspect of %s version %s answered by %s weights (LDS of %s: learned - uniform "
+                 "%+.4f [%+.4f, %+.4f])", index, version, answered_by, basis, *served["gain"])
     return chosen

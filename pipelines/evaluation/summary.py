@@ -84,7 +84,8 @@ def _reference_lines(metrics: dict[str, Any]) -> list[str]:
         versus = "; ".join(f"{b} served - it {d[0]:+.4f} {_ci(d[1:])}" for b, d in row.get("versus", {}).items())
         lines.append(f"  {row['label']}: {row['lds']:.4f} {_ci(row['ci'])} (damping per half {row['dampings']}, "
                      f"the published pick on these queries {row['oracle']['damping']:g}: {row['oracle']['lds']:.4f}); "
-                     f"{row['featurize_s_per_row'] * 1000:.1f} ms/row against ours {row['ours_featurize_s_per_row'] * 1000:.1f}"
+                     f"{row['featurize_s_per_row'] * 1000:.1f} ms/row against ours "
+                     f"{row['ours_featurize_s_per_row'] * 1000:.1f}"
                      + (f"; {versus}" if versus else ""))
         paper = row.get("paper_setting")
         if paper:
@@ -98,7 +99,8 @@ def _reference_lines(metrics: dict[str, Any]) -> list[str]:
         lines.append("Featurizer frontier (LDS uniform / served per basis; bytes and featurize ms per row):")
         for setting, row in frontier["settings"].items():
             cells = ", ".join(f"{b} {r['uniform']:.3f}/{r['served_lds']:.3f}" for b, r in row["bases"].items())
-            lines.append(f"  {setting:<18} {row['bytes_per_row']:>8,} B {row['featurize_s_per_row'] * 1000:>7.1f} ms  {cells}")
+            cost = f"{row['bytes_per_row']:>8,} B {row['featurize_s_per_row'] * 1000:>7.1f} ms"
+            lines.append(f"  {setting:<18} {cost}  {cells}")
         chosen = frontier["selection"]
         if chosen.get("chosen"):
             lines.append(f"  selection ({chosen['basis']} served, first half of the queries, <= "

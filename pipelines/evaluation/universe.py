@@ -54,7 +54,8 @@ class Basis:
 
 
 BASES = {
-    "tracin": Basis("tracin", "loss", False, "TracIn-CP: loss gradients, K = I, summed over checkpoints (learning-rate weighted)"),
+    "tracin": Basis("tracin", "loss", False,
+                    "TracIn-CP: loss gradients, K = I, summed over checkpoints (learning-rate weighted)"),
     "trak": Basis("trak", "loss", True, "TRAK: loss gradients, kernel"),
     "dtrak": Basis("dtrak", "square", True, "D-TRAK: squared-output-norm gradients, kernel"),
     "das": Basis("das", "das", True, "DAS-style: output-mean gradients, kernel, times a per-example residual scale "

@@ -36,7 +36,8 @@ log = logging.getLogger(__name__)
 
 def validation_set(dataset_uri: str, caption_column: str | None, label_column: str | None, aspects: list[str],
                    columns: list[str], n: int, seed: int,
-                   label_names: list[str] | None = None) -> tuple[list[Any], dict[str, list[Any]], dict[str, dict[str, Any]]] | None:
+                   label_names: list[str] | None = None
+                   ) -> tuple[list[Any], dict[str, list[Any]], dict[str, dict[str, Any]]] | None:
     """What ``n`` validation queries ask for: ``(conditions, asked, values)``.
 
     Text models (``label_names`` None): ``n`` training captions drawn with the validation seed
