@@ -57,6 +57,9 @@ class AttributionResponse(BaseModel):
     query: dict[str, Any]
     k: int
     aspects: dict[str, list[Attribution]]
+    answered_by: dict[str, str] = Field(default_factory=dict, description=(
+        "The weighting that answered each aspect searched with the query's own feature: the one measured best "
+        "for this index version (see /v1/index answered_by for the evidence)."))
     substituted: dict[str, str] = Field(default_factory=dict, description=(
         "Aspects answered by another weighting than their own: the one measured best for this index version "
         "(uniform unless learned weights were measured better: evaluate's LDS, else validation queries; see "
@@ -235,6 +238,7 @@ class AttributionAPI:
             "query": {"id": feats[0]["query_id"], "prompt": query.prompt, "label": query.label,
                       "features_cached": all(f.get("cached", False) for f in feats)},
             "k": query.k, "aspects": {a: merged[a] for a in query.aspects},
+            "answered_by": resolved,
             "substituted": {a: used for a, used in resolved.items() if used != a},
             "aspect_queries": {a: "contrastive" if w == UNIFORM else "contrastive+aspect" for a, w in contrast.items()},
             "timing_ms": {"featurize": round(max(f["featurize_ms"] for f in feats), 2), "search": round(search_ms, 2),

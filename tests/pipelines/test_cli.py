@@ -114,6 +114,7 @@ def test_demo_end_to_end(tmp_path, ray_cluster):
     assert general["by"] == "lds" and general["basis"] == "dtrak"
     assert chosen["general"] == ("general" if metrics["lds"]["dtrak"]["served"]["weighting"] == "learned" else "uniform")
     assert answer["substituted"] == {a: used for a, used in chosen.items() if used != a}
+    assert answer["answered_by"] == chosen  # every answer names the weighting of each aspect
     assert all(len(top) == 2 for top in answer["aspects"].values()) and answer["index"]["version"] == built["version"]
 
     # A second run trains, indexes, learns and retrains nothing, and measures the same numbers:

@@ -205,6 +205,7 @@ def test_bad_requests_get_a_status_and_a_reason(served):
     # Aspects left to the default: 'general' is answered by its learned weights (its recorded choice).
     status, answer = post(url, {"image": image})
     assert status == 200 and list(answer["aspects"]) == ["general"] and answer["substituted"] == {}
+    assert answer["answered_by"] == {"general": "general"}
     # The replicas took all of that without failing: a good request still works.
     assert post(url, {"image": image, "aspects": ["uniform"], "k": 2})[0] == 200
 
