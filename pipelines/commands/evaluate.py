@@ -25,12 +25,17 @@ def add_parser(sub: argparse._SubParsersAction, default_config: str) -> None:
     p = sub.add_parser(
         "evaluate", help="measure attribution quality: LDS (retrained subsets) and aspect Recall@K; HTML report",
         description="Run (or find done) the dataset, model, index and learned-weights steps of the config, then "
-        "measure side by side: the linear datamodeling score of TracIn (loss, K = I), TRAK (loss, kernel) and "
-        "D-TRAK (square, kernel), each with uniform and learned weights, against models retrained on "
-        "evaluate.subsets random subsets (parallel Ray tasks, a GPU each when present; cached by recipe, subsets "
-        "and queries); and Recall@K of subject / style / background for generated queries under aspect, general "
-        "and uniform weights and a pixel nearest-neighbour baseline. Writes metrics.json, lds_per_query.json and "
-        "a self-contained report.html under evaluate.out and prints the tables (or the JSON).",
+        "measure side by side: the linear datamodeling score of TracIn-CP (loss, K = I, over the universe model's "
+        "evaluate.checkpoints), TRAK (loss, kernel), D-TRAK (square, kernel) and DAS-style (output mean, kernel, "
+        "residual scale), each with uniform and learned weights, against models retrained on evaluate.subsets random "
+        "subsets (parallel Ray tasks, a GPU each when present; cached by recipe, subsets and queries), every interval "
+        "resampling queries and subsets; which weighting LDS says to serve per basis (uniform unless learned is "
+        "significantly better; written into the served index's 'general' choice); optionally the noise ceiling "
+        "(evaluate.noise_ceiling), D-TRAK and DAS as published with the weighting paper's setting "
+        "(evaluate.published) and the featurizer's quality/cost frontier (evaluate.frontier); and Recall@K of "
+        "subject / style / background for generated queries under aspect, general and uniform weights and a pixel "
+        "nearest-neighbour baseline. Writes metrics.json, lds_per_query.json and a self-contained report.html under "
+        "evaluate.out and prints the tables (or the JSON).",
     )
     add_config(p, default_config, more="configs/benchmark.yaml is the full-size benchmark")
     p.add_argument("--skip-lds", action="store_true", help="only Recall@K and the gallery (no retraining)")
