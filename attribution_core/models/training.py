@@ -263,8 +263,17 @@ def train_model(
     weights after each of the first ``checkpoints - 1`` of ``checkpoint_steps`` (the last is the
     returned model), as the model it would be if training stopped there."""
     _check_data(data, cfg)
+    threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    try:
+        return _train(data, cfg, progress, checkpoint, checkpoints)
+    finally:
+        torch.set_num_threads(threads)  # a caller that trains in its own process keeps its threads
+
+
+def _train(data: TrainingData, cfg: TrainConfig, progress: Callable[[int, float, float], None] | None,
+           checkpoint: Callable[[int, TrainedModel], None] | None, checkpoints: int) -> TrainedModel:
     adapter, params, base_fingerprint = _trainable(data, cfg)
     unet, scheduler = adapter.denoiser, adapter.scheduler
     ema = [p.detach().clone() for p in params]

@@ -143,3 +143,12 @@ def test_checkpoints_are_the_ema_weights_along_the_way_and_change_nothing(synth,
     again = train_model(load_training_data(synth, cfg), cfg, checkpoint=capture, checkpoints=3)
     assert set(captured) == {2, 4} and all(torch.equal(captured[4][k], states[1][k]) for k in plain)
     assert all(torch.equal(again.adapter.denoiser.state_dict()[k], plain[k]) for k in plain)
+
+
+def test_training_in_the_callers_process_keeps_its_thread_count(synth):
+    """recipe.threads pins torch's threads while training (one model per CPU in the
+    evaluation's Ray tasks); a caller training in its own process gets its threads back."""
+    before = torch.get_num_threads()
+    cfg = TrainConfig(**TINY, steps=1, threads=1 if before > 1 else 2)
+    train_model(load_training_data(synth, cfg), cfg)
+    assert torch.get_num_threads() == before
