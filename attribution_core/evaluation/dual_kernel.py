@@ -19,6 +19,8 @@ import numpy as np
 import torch
 
 from attribution_core.errors import InputError
+from attribution_core.evaluation.intervals import spearman_rows
+from attribution_core.evaluation.metrics import subset_predictions
 
 
 def mean_abs_gram(train: torch.Tensor, block: int = 4096) -> float:
@@ -69,3 +71,26 @@ def cross_fitted_damping(grid: list[float], lds_of: Callable[[float, np.ndarray]
     best = int(np.argmax(overall))
     return {"dampings": per_half, "oracle": {"damping": grid[best], "lds": overall[best]},
             "by_damping": dict(zip(grid, overall))}
+
+
+def kernel_lds(kernel: DualKernel, projected: torch.Tensor, damping: float, weights: torch.Tensor | None,
+               masks: np.ndarray, actual: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Per-query LDS of the queries ``rows`` (bool ``[Q]``) at ``damping``: ``projected`` is
+    ``[Q, N]`` or, with per-group ``weights [M]``, ``[Q, M, N]``; ``masks [S, N]``, ``actual [Q, S]``."""
+    scores = kernel.scores(projected[torch.from_numpy(rows)], damping)
+    if weights is not None:
+        scores = torch.einsum("m,qmn->qn", weights.double(), scores)
+    return spearman_rows(subset_predictions(scores.numpy(), masks), actual[rows])
+
+
+def crossed_predictions(kernel: DualKernel, projected: torch.Tensor, dampings: list[float],
+                        weights: list[torch.Tensor | None], halves: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """``[Q, S]`` subset predictions, the queries of ``halves`` (and of ``~halves``) scored at
+    their own damping and, for ``[Q, M, N]`` inputs, their own group weights."""
+    out = np.zeros((projected.shape[0], masks.shape[0]))
+    for held, damping, w in zip((halves, ~halves), dampings, weights):
+        scores = kernel.scores(projected[torch.from_numpy(held)], damping)
+        if w is not None:
+            scores = torch.einsum("m,qmn->qn", w.double(), scores)
+        out[held] = subset_predictions(scores.numpy(), masks)
+    return out

@@ -20,6 +20,7 @@ import numpy as np
 
 from attribution_core.config import FeaturizeConfig, ProjectConfig
 from attribution_core.evaluation.lds_rows import basis_row, query_halves, select_setting
+from attribution_core.evaluation.metrics import subset_predictions
 from attribution_core.features.featurize import Featurizer
 from attribution_core.features.groups import build_layout
 from attribution_core.index.kernel import LAYER_BLOCK
@@ -67,12 +68,17 @@ def _timing_batch(ctx, n: int) -> ExampleBatch:
                         data.labels[:n] if data.labels is not None else None)
 
 
-def _seconds_per_row(adapter, fcfg: FeaturizeConfig, batch: ExampleBatch) -> float:
-    featurizer = Featurizer(adapter, fcfg)
+def _seconds_per_row(adapter, fcfg: FeaturizeConfig, batch: ExampleBatch, repeats: int = 3) -> float:
+    """Median over ``repeats`` of D-TRAK's featurize seconds per row under ``fcfg`` (the
+    measurement changes nothing of the cost that matters here)."""
+    featurizer = Featurizer(adapter, dataclasses.replace(fcfg, measurement="square"))
     featurizer.flat_and_scale(batch.select(0, 2))  # warm-up
-    started = time.perf_counter()
-    featurizer.flat_and_scale(batch)
-    return (time.perf_counter() - started) / len(batch)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        featurizer.flat_and_scale(batch)
+        times.append((time.perf_counter() - started) / len(batch))
+    return sorted(times)[len(times) // 2]
 
 
 def _members(ctx, setting: str, fcfg: FeaturizeConfig, finals: dict[str, Member],
@@ -102,58 +108,70 @@ def _members(ctx, setting: str, fcfg: FeaturizeConfig, finals: dict[str, Member]
     return members, docs
 
 
-def _row(ctx, members: list[Member], document: dict[str, Any], kernel: bool) -> dict[str, Any]:
+def _row(ctx, members: list[Member], document: dict[str, Any], kernel: bool) -> tuple[dict[str, Any], np.ndarray]:
     """One basis under one setting: uniform, learned and served LDS with two-way intervals, and
     the served LDS on each half of the queries (``SELECTION``): settings are chosen on the
-    first half, and the second half (and the other benchmark) confirms the choice."""
+    first half, and the second half (and the other benchmark) confirms the choice. Also
+    returns the served predictions ``[Q, S]`` (for the paired difference to the default)."""
     scored = basis_scores(members, document, kernel, ctx.order)
     row, detail = basis_row(scored.pair, ctx.masks, ctx.actual, ctx.boot, stable_seed("frontier", ctx.cfg.evaluate.seed))
     served = row["served"]
-    per_query = np.asarray(detail["learned" if served["weighting"] == "learned" else "uniform"], dtype=float)
+    learned = served["weighting"] == "learned"
+    per_query = np.asarray(detail["learned" if learned else "uniform"], dtype=float)
     half = query_halves(len(per_query), stable_seed(SELECTION, ctx.cfg.evaluate.seed))
-    return {"uniform": row["uniform"], "uniform_ci": row["uniform_ci"], "served": served["weighting"],
-            "served_lds": served["lds"], "served_ci": served["ci"], "learned": row["learned"],
-            "learned_ci": row["learned_ci"], "difference": row["difference"], "difference_ci": row["difference_ci"],
-            "served_halves": [float(np.nanmean(per_query[half])), float(np.nanmean(per_query[~half]))]}
+    return ({"uniform": row["uniform"], "uniform_ci": row["uniform_ci"], "served": served["weighting"],
+             "served_lds": served["lds"], "served_ci": served["ci"], "learned": row["learned"],
+             "learned_ci": row["learned_ci"], "difference": row["difference"], "difference_ci": row["difference_ci"],
+             "served_halves": [float(np.nanmean(per_query[half])), float(np.nanmean(per_query[~half]))]},
+            subset_predictions(scored.pair[1 if learned else 0], ctx.masks))
 
 
 def frontier_rows(ctx, finals: dict[str, Member], documents: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """``{"settings": {setting: {"featurize", "kernel", "bytes_per_row", "featurize_s_per_row",
     "k_total", "checkpoints", "bases": {basis: row}}}, "selection": select_setting(...)}`` for every
-    setting of ``evaluate.frontier``."""
+    setting of ``evaluate.frontier``; each basis row also holds ``versus_default``, the paired
+    difference of its served LDS to the default setting's."""
     ecfg = ctx.cfg.evaluate
     adapter = load_model_dir(ctx.model_dir)
-    timing = _timing_batch(ctx, ecfg.frontier.timing_examples)
     out: dict[str, dict[str, Any]] = {}
+    predictions: dict[str, dict[str, np.ndarray]] = {}
+    costs: dict[str, tuple[FeaturizeConfig, int]] = {}
     for setting, fcfg in settings(ctx.cfg.featurize, ecfg.frontier).items():
         log.info("frontier: %s", setting)
         members, docs = _members(ctx, setting, fcfg, finals, documents, adapter)
-        out[setting] = _setting_row(ctx, fcfg, members, 1, adapter, timing)
-        out[setting]["bases"] = {b: _row(ctx, [members[BASES[b].measurement]], docs[b], BASES[b].kernel)
-                                 for b in ecfg.bases}
+        out[setting], costs[setting] = _setting_row(fcfg, members, 1), (fcfg, 1)
+        rows = {b: _row(ctx, [members[BASES[b].measurement]], docs[b], BASES[b].kernel) for b in ecfg.bases}
+        out[setting]["bases"] = {b: r for b, (r, _) in rows.items()}
+        predictions[setting] = {b: pred for b, (_, pred) in rows.items()}
     if ecfg.frontier.ensemble and ecfg.checkpoints > 1:
+        setting = f"ensemble-{ecfg.checkpoints}"
         log.info("frontier: ensemble of %d checkpoints", ecfg.checkpoints)
-        row = _setting_row(ctx, ctx.cfg.featurize, finals, ecfg.checkpoints, adapter, timing)
-        row["bases"] = {}
+        out[setting], costs[setting] = _setting_row(ctx.cfg.featurize, finals, ecfg.checkpoints), (ctx.cfg.featurize,
+                                                                                                  ecfg.checkpoints)
+        out[setting]["bases"], predictions[setting] = {}, {}
         for basis in ecfg.bases:
             spec = BASES[basis]
             bcfg = basis_config(ctx.cfg, basis, str(ctx.folder / f"index-{spec.measurement}"))
             members = checkpoint_members(bcfg, ctx.model_dir, finals[spec.measurement], ctx.folder, ctx.universe_uri,
                                          ctx.batch, basis == "tracin", ctx.ray_address)
-            row["bases"][basis] = _row(ctx, members, documents[basis], spec.kernel)
-        out[f"ensemble-{ecfg.checkpoints}"] = row
+            out[setting]["bases"][basis], predictions[setting][basis] = _row(ctx, members, documents[basis], spec.kernel)
+    for setting, row in out.items():
+        for basis, cell in row["bases"].items():
+            cell["versus_default"] = ctx.boot.paired(predictions[setting][basis], predictions["default"][basis], ctx.actual)
+    # Timed last, one after another, with nothing else running: the costs compare.
+    timing = _timing_batch(ctx, ecfg.frontier.timing_examples)
+    for setting, (fcfg, copies) in costs.items():
+        out[setting]["featurize_s_per_row"] = copies * _seconds_per_row(adapter, fcfg, timing)
     return {"settings": out, "selection": select_setting(out, served_basis(ctx.cfg.featurize.measurement,
-                                                                    ctx.cfg.weights.use_kernel))}
+                                                                            ctx.cfg.weights.use_kernel))}
 
 
-def _setting_row(ctx, fcfg: FeaturizeConfig, members: dict[str, Member], copies: int, adapter,
-                 timing: ExampleBatch) -> dict[str, Any]:
-    """A setting's cost: bytes per stored row (float16 features) and featurize seconds per row
-    (D-TRAK's measurement), times ``copies`` checkpoints; and the kernel each index chose."""
+def _setting_row(fcfg: FeaturizeConfig, members: dict[str, Member], copies: int) -> dict[str, Any]:
+    """A setting's cost in bytes per stored row (float16 features), times ``copies``
+    checkpoints, and the kernel each of its indexes chose; featurize seconds per row are
+    added once every setting's indexes are built."""
     k_total = next(iter(members.values())).index.layout.k_total
-    seconds = _seconds_per_row(adapter, dataclasses.replace(fcfg, measurement="square"), timing)
     return {"featurize": {"projection": [fcfg.projection.k_in, fcfg.projection.k_out],
                           "timesteps": fcfg.timesteps.count, "noise_draws": fcfg.noise_draws},
             "kernel": {m: {k: x.index.manifest["stats"][k] for k in ("kernel", "damping")} for m, x in members.items()},
-            "checkpoints": copies, "k_total": k_total, "bytes_per_row": copies * 2 * k_total,
-            "featurize_s_per_row": copies * seconds}
+            "checkpoints": copies, "k_total": k_total, "bytes_per_row": copies * 2 * k_total}

@@ -14,6 +14,8 @@ and process), so their ratio comes from one run.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import random
 import time
@@ -22,11 +24,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from attribution_core.config import ProjectConfig
-from attribution_core.evaluation.dual_kernel import DualKernel, cross_fitted_damping
-from attribution_core.evaluation.intervals import TwoWayBootstrap, spearman_rows
+from attribution_core.config import ProjectConfig, to_mapping
+from attribution_core.evaluation.dual_kernel import DualKernel, cross_fitted_damping, crossed_predictions, kernel_lds
+from attribution_core.evaluation.intervals import TwoWayBootstrap
 from attribution_core.evaluation.lds_rows import lds_cell, query_halves
-from attribution_core.evaluation.metrics import subset_predictions
 from attribution_core.evaluation.published import (LABELS, PIPELINES, DenseProjection, parameter_groups,
                                                    residual_scale, whole_gradients)
 from attribution_core.features.featurize import Featurizer
@@ -72,28 +73,6 @@ def _in_chunks(fn, batch: ExampleBatch, size: int = 16) -> torch.Tensor:
     return torch.cat([fn(batch.select(i, i + size)) for i in range(0, len(batch), size)])
 
 
-def _per_query(kernel: DualKernel, projected: torch.Tensor, damping: float, weights: torch.Tensor | None,
-               inputs: Inputs, rows: np.ndarray) -> np.ndarray:
-    """Per-query LDS of the queries ``rows`` at ``damping``; ``projected`` is ``[Q, N]`` or,
-    with per-group ``weights [M]``, ``[Q, M, N]``."""
-    scores = kernel.scores(projected[torch.from_numpy(rows)], damping)
-    if weights is not None:
-        scores = torch.einsum("m,qmn->qn", weights.double(), scores)
-    return spearman_rows(subset_predictions(scores.numpy(), inputs.masks), inputs.actual[rows])
-
-
-def _crossed(kernel: DualKernel, projected: torch.Tensor, dampings: list[float], weights: list[torch.Tensor | None],
-             halves: np.ndarray, inputs: Inputs) -> np.ndarray:
-    """``[Q, S]`` predictions, each half of the queries at its own damping (and weights)."""
-    out = np.zeros_like(inputs.actual)
-    for held, damping, w in zip((halves, ~halves), dampings, weights):
-        scores = kernel.scores(projected[torch.from_numpy(held)], damping)
-        if w is not None:
-            scores = torch.einsum("m,qmn->qn", w.double(), scores)
-        out[held] = subset_predictions(scores.numpy(), inputs.masks)
-    return out
-
-
 def _paper_setting(kernel: DualKernel, groups_q: torch.Tensor, groups_l: torch.Tensor, dampings: list[float],
                    halves: np.ndarray, inputs: Inputs, cfg: ProjectConfig, names: list[str]) -> dict[str, Any]:
     """Per-group weights learned with the paper's objective on the learning queries (one-sided:
@@ -106,9 +85,9 @@ def _paper_setting(kernel: DualKernel, groups_q: torch.Tensor, groups_l: torch.T
         learned[d] = fit_full_cache(cache, wcfg.top_k, wcfg.lambda_w, wcfg.steps, wcfg.learning_rate)
     m = groups_q.shape[1]
     uniform = torch.full((m,), 1.0 / m, dtype=torch.float64)
-    pred_w = _crossed(kernel, pq, dampings, [learned[d] for d in dampings], halves, inputs)
-    pred_u = _crossed(kernel, pq, dampings, [uniform, uniform], halves, inputs)
-    cells = {"uniform": lds_cell(inputs.boot, pred_u, inputs.actual), "learned": lds_cell(inputs.boot, pred_w, inputs.actual)}
+    pred_w = crossed_predictions(kernel, pq, dampings, [learned[d] for d in dampings], halves, inputs.masks)
+    pred_u = crossed_predictions(kernel, pq, dampings, [uniform, uniform], halves, inputs.masks)
+    cells = {name: lds_cell(inputs.boot, pred, inputs.actual) for name, pred in (("uniform", pred_u), ("learned", pred_w))}
     difference = inputs.boot.paired(pred_w, pred_u, inputs.actual)
     return {"uniform": cells["uniform"]["lds"], "uniform_ci": cells["uniform"]["ci"],
             "learned": cells["learned"]["lds"], "learned_ci": cells["learned"]["ci"],
@@ -153,8 +132,9 @@ def published_rows(cfg: ProjectConfig, adapter, inputs: Inputs) -> dict[str, dic
             kernel = DualKernel(phi, spec.kernel_scale, scale)
             projected = kernel.project(groups_q.sum(1))  # [Q, N]
             grid = list(pcfg.damping_grid)
-            chosen = cross_fitted_damping(grid, lambda d, rows: _per_query(kernel, projected, d, None, inputs, rows), halves)
-            predicted = _crossed(kernel, projected, chosen["dampings"], [None, None], halves, inputs)
+            chosen = cross_fitted_damping(
+                grid, lambda d, rows: kernel_lds(kernel, projected, d, None, inputs.masks, inputs.actual, rows), halves)
+            predicted = crossed_predictions(kernel, projected, chosen["dampings"], [None, None], halves, inputs.masks)
             cell = lds_cell(inputs.boot, predicted, inputs.actual)
             seconds = (gradient_s + residual_s + project_s) / len(train)
             row = {"label": f"{LABELS[name]} ({k:,} dimensions)", "lds": cell["lds"], "ci": cell["ci"],
@@ -183,16 +163,45 @@ MATCHING_BASIS = {"dtrak": "dtrak", "das": "das"}
 """The basis of this project's table measured on the same output function as each pipeline."""
 
 
+def _cache_key(ctx, adapter) -> str:
+    """What the reference rows depend on: the universe model, the queries, subsets and
+    outputs, and every setting they read."""
+    from attribution_core.models.fingerprint import model_fingerprint
+
+    ecfg = ctx.cfg.evaluate
+    h = hashlib.blake2b(digest_size=12)
+    h.update(json.dumps({"model": model_fingerprint(adapter), "published": to_mapping(ecfg.published),
+                         "featurize": to_mapping(ctx.cfg.featurize), "weights": to_mapping(ctx.cfg.weights),
+                         "weights_queries": ecfg.weights_queries, "seed": ecfg.seed, "bootstrap": ecfg.bootstrap,
+                         "queries": list(ctx.batch.example_ids)}, sort_keys=True, default=str).encode())
+    h.update(np.packbits(ctx.masks, axis=1).tobytes())
+    h.update(np.ascontiguousarray(ctx.actual, dtype=np.float64).tobytes())
+    return h.hexdigest()
+
+
 def reference_rows(ctx, adapter, data, served: dict[str, np.ndarray]) -> dict[str, dict[str, Any]]:
     """The reference rows of ``run_lds``'s context ``ctx``, each with the paired difference of
-    the matching basis's served answer against it (``versus``, two-way interval)."""
-    train = ExampleBatch(tuple(data.example_ids), data.pixels, tuple(data.captions) if data.captions else None,
-                         data.labels)
-    learning = learning_batch(ctx.cfg, adapter, data.captions or []) if ctx.cfg.evaluate.published.paper_setting else None
-    inputs = Inputs(train, ctx.batch, learning, ctx.masks, ctx.actual, ctx.boot)
-    rows = published_rows(ctx.cfg, adapter, inputs)
+    the matching basis's served answer against it (``versus``, two-way interval). Cached under
+    ``<out>/lds/published/<key>.json`` (the key covers the model, queries, subsets, outputs
+    and settings): a rerun measures nothing again, timings included."""
+    cache = ctx.folder / "published" / f"{_cache_key(ctx, adapter)}.json"
+    if cache.is_file():
+        rows = json.loads(cache.read_text())
+        log.info("published reference rows from %s", cache)
+    else:
+        train = ExampleBatch(tuple(data.example_ids), data.pixels,
+                             tuple(data.captions) if data.captions else None, data.labels)
+        learning = (learning_batch(ctx.cfg, adapter, data.captions or [])
+                    if ctx.cfg.evaluate.published.paper_setting else None)
+        rows = published_rows(ctx.cfg, adapter, Inputs(train, ctx.batch, learning, ctx.masks, ctx.actual, ctx.boot))
+        for row in rows.values():
+            row["predicted"] = np.asarray(row["predicted"]).tolist()
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f".{cache.name}.tmp")
+        tmp.write_text(json.dumps(rows))
+        tmp.rename(cache)  # never half a file
     for key, row in rows.items():
-        predicted = row.pop("predicted")
+        predicted = np.asarray(row.pop("predicted"), dtype=np.float64)
         basis = MATCHING_BASIS[key.split("-")[0]]
         if basis in served:
             row["versus"] = {basis: ctx.boot.paired(served[basis], predicted, ctx.actual)}

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from attribution_core.config import FeaturizeConfig, TimestepConfig
-from attribution_core.evaluation.dual_kernel import DualKernel, cross_fitted_damping, mean_abs_gram
+from attribution_core.evaluation.dual_kernel import (DualKernel, cross_fitted_damping, crossed_predictions, kernel_lds,
+                                                    mean_abs_gram)
 from attribution_core.evaluation.published import (OTHER, DenseProjection, parameter_groups, residual_scale,
                                                    whole_gradients)
 from attribution_core.features.featurize import build_rows
@@ -132,3 +133,20 @@ def test_the_paper_fit_on_a_full_cache_lowers_its_objective():
     uniform = torch.zeros(4, dtype=torch.float64)
     assert float(w.sum()) == pytest.approx(1.0) and int(w.argmax()) == 2
     assert float(full_cache_objective(torch.log(w), cache, 5, 0.01)) < float(full_cache_objective(uniform, cache, 5, 0.01))
+
+
+def test_cross_fitted_predictions_score_each_half_at_its_own_damping():
+    g = torch.Generator().manual_seed(1)
+    train, queries = torch.randn(10, 30, generator=g, dtype=torch.float64), torch.randn(4, 30, generator=g,
+                                                                                       dtype=torch.float64)
+    masks = np.random.default_rng(0).random((6, 10)) < 0.5
+    kernel = DualKernel(train)
+    projected = kernel.project(queries)
+    halves = np.array([True, False, True, False])
+    crossed = crossed_predictions(kernel, projected, [0.1, 10.0], [None, None], halves, masks)
+    for rows, damping in ((halves, 0.1), (~halves, 10.0)):
+        expected = kernel.scores(projected, damping).numpy()[rows] @ masks.T.astype(float)
+        np.testing.assert_allclose(crossed[rows], expected)
+    actual = np.random.default_rng(1).normal(size=(4, 6))
+    per_query = kernel_lds(kernel, projected, 0.1, None, masks, actual, np.ones(4, dtype=bool))
+    assert per_query.shape == (4,) and np.all(np.abs(per_query) <= 1)

@@ -5,6 +5,7 @@ ground truth is reused when only the weights change."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -12,6 +13,7 @@ import pytest
 
 from attribution_core.config import ProjectConfig, from_mapping
 from attribution_core.config_evaluate import PUBLISHED_DAMPING
+from attribution_core.evaluation.intervals import spearman_rows
 from attribution_core.data.writers import synthetic_rows, write_parquet_dataset
 from attribution_core.index.store import IndexStore
 from attribution_core.weights.artifact import artifact_path
@@ -104,12 +106,20 @@ def _references_frontier_and_ceiling(metrics: dict, detail: dict) -> None:
     assert set(row["dampings"]) <= set(PUBLISHED_DAMPING) and -1 <= row["lds"] <= 1
     assert row["featurize_s_per_row"] > 0 and row["ours_featurize_s_per_row"] > 0 and row["bytes_per_row"] == 64
     assert len(row["versus"]["das"]) == 3 and len(detail["published"]["das-32"]) == metrics["n_queries"]
+    cached = json.loads(next((Path(metrics["report"]).parent / "lds" / "published").glob("*.json")).read_text())
+    predicted = np.asarray(cached["das-32"]["predicted"])  # [Q, S], kept for the paired comparisons of a rerun
+    gt = metrics["info"]["ground_truth"]
+    actual = -np.stack([np.load(f"{gt['folder']}/subset-{s:04d}.npy") for s in range(4)], axis=1)
+    np.testing.assert_allclose(spearman_rows(predicted, actual), np.asarray(detail["published"]["das-32"], dtype=float),
+                               atol=1e-9, equal_nan=True)
     paper = row["paper_setting"]
     assert paper["difference"] == pytest.approx(paper["learned"] - paper["uniform"], abs=2e-4)
     frontier = metrics["lds_frontier"]["settings"]
     assert set(frontier) == {"default", "timesteps-3", "ensemble-2"}
     assert frontier["timesteps-3"]["featurize"]["timesteps"] == 3 and frontier["default"]["featurize"]["timesteps"] == 2
     assert frontier["ensemble-2"]["bytes_per_row"] == 2 * frontier["default"]["bytes_per_row"]
+    assert frontier["default"]["bases"]["das"]["versus_default"] == [0.0, 0.0, 0.0]
+    assert all(r["featurize_s_per_row"] > 0 for r in frontier.values())
     # the same indexes and weights give the same numbers: the default setting's DAS is the
     # table's, the ensemble's TracIn is the table's TracIn-CP
     assert frontier["default"]["bases"]["das"]["uniform"] == pytest.approx(lds["das"]["uniform"], abs=1e-4)
