@@ -68,16 +68,26 @@ def _scored(boot: TwoWayBootstrap, served: np.ndarray, uniform: np.ndarray, actu
     return {"lds": cell["lds"], "ci": cell["ci"], "difference": difference[0], "difference_ci": difference[1:]}
 
 
-def noise_ceiling(boot: TwoWayBootstrap, actual: np.ndarray, replica: np.ndarray) -> dict[str, Any]:
+def noise_ceiling(boot: TwoWayBootstrap, actual: np.ndarray, replica: np.ndarray,
+                  served: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
     """How far LDS can rise against outputs measured with one retraining seed: ``agreement``
     is the LDS of a second ground truth (the same subsets retrained with other seeds) as if it
     were an attribution, with its two-way interval; with truth = signal + independent seed
     noise, no attribution correlates with one replica better than about the square root of
-    that agreement (``ceiling``, per query, averaged)."""
+    that agreement (``ceiling``, per query, averaged). ``served``: predictions ``[Q, S]`` per
+    basis, scored against the mean of both ground truths too (``against_mean``; its ceiling,
+    ``sqrt(2 r / (1 + r))``, is ``ceiling_of_mean``): what the same answers score once half the
+    seed noise is averaged away."""
     per_query = spearman_rows(replica, actual)
-    return {"agreement": _mean(per_query), "ci": boot.interval(replica, actual),
-            "ceiling": _mean(np.sqrt(np.clip(per_query, 0, None))), "per_query": per_query.tolist()}
-
+    agreement = np.clip(per_query, 0, None)
+    out = {"agreement": _mean(per_query), "ci": boot.interval(replica, actual),
+           "ceiling": _mean(np.sqrt(agreement)), "ceiling_of_mean": _mean(np.sqrt(2 * agreement / (1 + agreement))),
+           "per_query": per_query.tolist()}
+    if served:
+        mean = (actual + replica) / 2
+        out["against_mean"] = {b: {k: v for k, v in lds_cell(boot, p, mean).items() if k != "per_query"}
+                               for b, p in served.items()}
+    return out
 
 def basis_row(pair: np.ndarray, masks: np.ndarray, actual: np.ndarray, boot: TwoWayBootstrap, seed: int,
               by_damping: dict[float, np.ndarray] | None = None, per_group: np.ndarray | None = None,

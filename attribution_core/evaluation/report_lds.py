@@ -135,7 +135,11 @@ def lds_sections(metrics: dict[str, Any], info: dict[str, Any]) -> list[str]:
         sections.append(f"<h3>Noise ceiling</h3><p>The subsets retrained with training seed {ceiling['replica_seed']} "
                         f"give a second ground truth whose LDS against the first is {num(ceiling['agreement'])} "
                         f"{interval(ceiling['ci'])}: with independent retraining noise no attribution is expected "
-                        f"above about {num(ceiling['ceiling'])}.</p>")
+                        f"above about {num(ceiling['ceiling'])}."
+                        + (" Against the mean of both (ceiling about " + num(ceiling.get("ceiling_of_mean")) + ") the "
+                           "served answers score: " + "; ".join(f"{html.escape(b)} {num(c['lds'])} {interval(c['ci'])}"
+                                                                for b, c in ceiling["against_mean"].items())
+                           if ceiling.get("against_mean") else "") + "</p>")
     if any("headroom" in row for row in lds.values()):
         sections += [
             "<h3>Headroom estimate of group weighting</h3>",

@@ -155,7 +155,7 @@ def run_lds(cfg: ProjectConfig, ray_address: str | None = None) -> dict[str, Any
     }
     if ecfg.noise_ceiling:
         replica = _ground_truth(cfg, data, masks, batch, folder, seed_offset=1)
-        result["noise_ceiling"] = {**noise_ceiling(ctx.boot, actual, -replica["outputs"]),
+        result["noise_ceiling"] = {**noise_ceiling(ctx.boot, actual, -replica["outputs"], served),
                                    "replica_seed": cfg.subset_train.seed + 1,
                                    "ground_truth": {k: replica[k] for k in ("key", "trained", "cached", "folder")}}
         lap("noise_ceiling")

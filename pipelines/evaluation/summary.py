@@ -75,6 +75,10 @@ def _lds_lines(metrics: dict[str, Any]) -> list[str]:
         lines.append(f"  noise ceiling: a second ground truth (training seed {ceiling['replica_seed']}) scores LDS "
                      f"{ceiling['agreement']:.4f} {_ci(ceiling['ci'])} against the first; no attribution is expected "
                      f"above about {ceiling['ceiling']:.4f}")
+        if ceiling.get("against_mean"):
+            lines.append(f"  against the mean of both ground truths (ceiling about {ceiling['ceiling_of_mean']:.4f}), "
+                         "the served answers score: " + "; ".join(
+                             f"{b} {c['lds']:.4f} {_ci(c['ci'])}" for b, c in ceiling["against_mean"].items()))
     return lines
 
 

@@ -102,11 +102,14 @@ def test_noise_ceiling_of_two_replicas():
     signal = rng.normal(size=(30, 16))
     first, second = signal + 0.5 * rng.normal(size=signal.shape), signal + 0.5 * rng.normal(size=signal.shape)
     boot = TwoWayBootstrap(30, 16, resamples=300, seed=0)
-    found = noise_ceiling(boot, first, second)
+    found = noise_ceiling(boot, first, second, {"signal": signal})
     assert 0.5 < found["agreement"] < 1 and found["ci"][0] < found["agreement"] < found["ci"][1]
     assert found["ceiling"] > found["agreement"]  # sqrt of a correlation below 1
     # the signal itself correlates with one replica about as well as the ceiling says
     assert np.nanmean(spearman_rows(signal, first)) == pytest.approx(found["ceiling"], abs=0.08)
+    # against the mean of both replicas the same answer scores higher, under a higher ceiling
+    assert found["against_mean"]["signal"]["lds"] > np.nanmean(spearman_rows(signal, first))
+    assert found["ceiling_of_mean"] > found["ceiling"]
 
 
 def test_a_shipped_setting_is_chosen_on_one_half_within_the_byte_budget():
