@@ -101,6 +101,7 @@ def _references_frontier_and_ceiling(metrics: dict, detail: dict) -> None:
     ceiling = metrics["lds_noise_ceiling"]
     assert ceiling["ground_truth"]["trained"] == 4 and ceiling["ground_truth"]["key"] != metrics["info"]["ground_truth"]["key"]
     assert -1 <= ceiling["agreement"] <= 1 and len(detail["noise_ceiling"]) == metrics["n_queries"]
+    assert set(ceiling["against_mean"]) == {"tracin", "das"} and ceiling["ceiling_of_mean"] >= ceiling["ceiling"]
     row = metrics["lds_published"]["das-32"]
     assert row["label"] == "DAS as published (32 dimensions)" and row["kernel_scale"] == "mean_abs"
     assert set(row["dampings"]) <= set(PUBLISHED_DAMPING) and -1 <= row["lds"] <= 1
