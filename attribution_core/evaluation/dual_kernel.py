@@ -73,7 +73,7 @@ def cross_fitted_damping(grid: list[float], lds_of: Callable[[float, np.ndarray]
             "by_damping": dict(zip(grid, overall))}
 
 
-def kernel_lds(kernel: DualKernel, projected: torch.Tensor, damping: float, weights: torch.Tensor | None,
+def kernel_lds(kernel: DualKernel, projected: torch.Tensor, damping: float, *, weights: torch.Tensor | None,
                masks: np.ndarray, actual: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """Per-query LDS of the queries ``rows`` (bool ``[Q]``) at ``damping``: ``projected`` is
     ``[Q, N]`` or, with per-group ``weights [M]``, ``[Q, M, N]``; ``masks [S, N]``, ``actual [Q, S]``."""
@@ -83,7 +83,7 @@ def kernel_lds(kernel: DualKernel, projected: torch.Tensor, damping: float, weig
     return spearman_rows(subset_predictions(scores.numpy(), masks), actual[rows])
 
 
-def crossed_predictions(kernel: DualKernel, projected: torch.Tensor, dampings: list[float],
+def crossed_predictions(kernel: DualKernel, projected: torch.Tensor, dampings: list[float], *,
                         weights: list[torch.Tensor | None], halves: np.ndarray, masks: np.ndarray) -> np.ndarray:
     """``[Q, S]`` subset predictions, the queries of ``halves`` (and of ``~halves``) scored at
     their own damping and, for ``[Q, M, N]`` inputs, their own group weights."""

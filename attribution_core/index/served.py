@@ -25,8 +25,7 @@ from attribution_core.index.reader import load_index, version_shards
 from attribution_core.index.scoring import preconditioned_queries
 from attribution_core.index.search import SearchIndex
 from attribution_core.index.store import IndexStore
-from attribution_core.weights.artifact import UNIFORM, check_weights, find_weights, weights_matrix
-from attribution_core.weights.choice import unvalidated_choice
+from attribution_core.weights.artifact import UNIFORM, check_weights, find_weights, unvalidated_choice, weights_matrix
 
 
 def read_weights_uri(uri: str) -> dict[str, Any]:

@@ -308,7 +308,8 @@ def _train(data: TrainingData, cfg: TrainConfig, progress: Callable[[int, float,
         losses.append(float(per_example.detach().mean()))
         if checkpoint is not None and step + 1 in snapshots:
             _snapshot(step + 1, params, ema, checkpoint, TrainedModel(
-                adapter, list(losses), time.perf_counter() - start, cfg, sum(p.numel() for p in params), base_fingerprint))
+                adapter=adapter, losses=list(losses), seconds=time.perf_counter() - start, cfg=cfg,
+                trainable_parameters=sum(p.numel() for p in params), base_fingerprint=base_fingerprint))
         if progress and ((step + 1) % every == 0 or step + 1 == cfg.steps):
             recent = losses[-every:]
             progress(step + 1, sum(recent) / len(recent), time.perf_counter() - start)

@@ -20,6 +20,12 @@ SCHEMA_VERSION = 1
 UNIFORM = "uniform"
 
 
+def unvalidated_choice(aspect: str) -> str:
+    """What answers an aspect of an artifact without evidence for another weighting (see
+    ``weights.choice``): its own weights; uniform ones for 'general'."""
+    return UNIFORM if aspect == "general" else aspect
+
+
 def artifact_path(version: str, name: str) -> str:
     return f"versions/{version}/weights/{name}.json"
 

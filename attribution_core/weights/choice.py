@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from attribution_core.weights.artifact import UNIFORM
+from attribution_core.weights.artifact import UNIFORM, unvalidated_choice
 
 RULE = "uniform unless a learned weighting's paired 95% interval against uniform lies above 0"
 EVIDENCE = ("lds", "validation", "unvalidated")
@@ -40,11 +40,6 @@ def choose(gains: dict[str, Sequence[float]], order: Sequence[str]) -> str:
     if not cleared:
         return UNIFORM
     return max(cleared, key=lambda name: (gains[name][0], -list(order).index(name)))
-
-
-def unvalidated_choice(aspect: str) -> str:
-    """What answers an aspect without evidence: its own weights; uniform for 'general'."""
-    return UNIFORM if aspect == "general" else aspect
 
 
 def served_choice(aspect: str, validation: dict[str, Any] | None) -> dict[str, Any]:

@@ -28,7 +28,7 @@ def served_basis(measurement: str, kernel: bool) -> str | None:
     return _BASIS_OF.get((measurement, kernel))
 
 
-def apply_lds_choice(cfg: ProjectConfig, index: str, version: str, document: dict[str, Any],
+def apply_lds_choice(cfg: ProjectConfig, *, index: str, version: str, document: dict[str, Any],
                      table: dict[str, dict[str, Any]], lds_indexes: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
     """Record LDS's choice for the 'general' aspect of the served index's weights (``document``,
     the artifact ``weights.name`` of ``version``) and return it; None when its basis was not

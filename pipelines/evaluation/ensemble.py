@@ -22,7 +22,7 @@ from pipelines.models import load_model_dir
 log = logging.getLogger(__name__)
 
 
-def checkpoint_members(bcfg: ProjectConfig, model_dir: str, final: Member, folder: Path, dataset: str,
+def checkpoint_members(bcfg: ProjectConfig, *, model_dir: str, final: Member, folder: Path, dataset: str,
                        batch: ExampleBatch, learning_rate_weighted: bool,
                        ray_address: str | None = None) -> list[Member]:
     """The members of a checkpoint ensemble of ``bcfg``'s measurement and featurize settings:

@@ -81,7 +81,7 @@ def _seconds_per_row(adapter, fcfg: FeaturizeConfig, batch: ExampleBatch, repeat
     return sorted(times)[len(times) // 2]
 
 
-def _members(ctx, setting: str, fcfg: FeaturizeConfig, finals: dict[str, Member],
+def _members(ctx, setting: str, fcfg: FeaturizeConfig, *, finals: dict[str, Member],
              documents: dict[str, dict[str, Any]], adapter) -> tuple[dict[str, Member], dict[str, dict[str, Any]]]:
     """The final-model member of each measurement and the learned weights of each basis
     under ``fcfg`` (the main table's own for the default setting)."""
@@ -138,7 +138,7 @@ def frontier_rows(ctx, finals: dict[str, Member], documents: dict[str, dict[str,
     costs: dict[str, tuple[FeaturizeConfig, int]] = {}
     for setting, fcfg in settings(ctx.cfg.featurize, ecfg.frontier).items():
         log.info("frontier: %s", setting)
-        members, docs = _members(ctx, setting, fcfg, finals, documents, adapter)
+        members, docs = _members(ctx, setting, fcfg, finals=finals, documents=documents, adapter=adapter)
         out[setting], costs[setting] = _setting_row(fcfg, members, 1), (fcfg, 1)
         rows = {b: _row(ctx, [members[BASES[b].measurement]], docs[b], BASES[b].kernel) for b in ecfg.bases}
         out[setting]["bases"] = {b: r for b, (r, _) in rows.items()}
@@ -152,8 +152,9 @@ def frontier_rows(ctx, finals: dict[str, Member], documents: dict[str, dict[str,
         for basis in ecfg.bases:
             spec = BASES[basis]
             bcfg = basis_config(ctx.cfg, basis, str(ctx.folder / f"index-{spec.measurement}"))
-            members = checkpoint_members(bcfg, ctx.model_dir, finals[spec.measurement], ctx.folder, ctx.universe_uri,
-                                         ctx.batch, basis == "tracin", ctx.ray_address)
+            members = checkpoint_members(bcfg, model_dir=ctx.model_dir, final=finals[spec.measurement],
+                                         folder=ctx.folder, dataset=ctx.universe_uri, batch=ctx.batch,
+                                         learning_rate_weighted=basis == "tracin", ray_address=ctx.ray_address)
             out[setting]["bases"][basis], predictions[setting][basis] = _row(ctx, members, documents[basis], spec.kernel)
     for setting, row in out.items():
         for basis, cell in row["bases"].items():

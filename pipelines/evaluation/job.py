@@ -22,7 +22,7 @@ from attribution_core.evaluation.lds_rows import rounded
 from attribution_core.evaluation.report import render_report
 from attribution_core.index.reader import load_index
 from attribution_core.timing import Stopwatch
-from attribution_core.weights.choice import unvalidated_choice
+from attribution_core.weights.artifact import unvalidated_choice
 from pipelines.evaluation.aspects import run_recall
 from pipelines.evaluation.choice import apply_lds_choice
 from pipelines.evaluation.lds import run_lds
@@ -98,7 +98,8 @@ def evaluate(cfg: ProjectConfig, req: EvaluateRequest = EvaluateRequest()) -> di
                     universe_model_trained_now=result["trained_universe_model"],
                     ground_truth=result["ground_truth"], lds_stage_seconds=result["stage_seconds"])
         if req.recall:  # the served index's general aspect follows LDS's verdict for its basis
-            apply_lds_choice(cfg, built["uri"], built["version"], document, result["table"], result["indexes"])
+            apply_lds_choice(cfg, index=built["uri"], version=built["version"], document=document,
+                             table=result["table"], lds_indexes=result["indexes"])
         lap("lds")
     if req.recall:  # what the endpoint answers each aspect with, and the evidence it was chosen by
         info.update(answered_by={a: w.get("answered_by", unvalidated_choice(a)) for a, w in document["aspects"].items()},

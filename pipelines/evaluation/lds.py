@@ -82,8 +82,9 @@ def _bases(ctx: LdsContext, indexes: dict[str, dict[str, Any]], documents: dict[
         members = [finals[spec.measurement]]
         if basis == "tracin" and ecfg.checkpoints > 1:  # TracIn-CP
             bcfg = basis_config(ctx.cfg, basis, indexes[spec.measurement]["uri"])
-            members = checkpoint_members(bcfg, ctx.model_dir, members[0], ctx.folder, ctx.universe_uri, ctx.batch,
-                                         True, ctx.ray_address)
+            members = checkpoint_members(bcfg, model_dir=ctx.model_dir, final=members[0], folder=ctx.folder,
+                                         dataset=ctx.universe_uri, batch=ctx.batch, learning_rate_weighted=True,
+                                         ray_address=ctx.ray_address)
         headroom = ecfg.headroom and ecfg.subsets >= 4 and len(ctx.batch) >= 4
         scored = basis_scores(members, documents[basis], spec.kernel, ctx.order, ecfg.damping_grid, headroom)
         table[basis], detail[basis] = basis_row(
@@ -141,8 +142,9 @@ def run_lds(cfg: ProjectConfig, ray_address: str | None = None) -> dict[str, Any
     truth = _ground_truth(cfg, data, masks, batch, folder)
     lap("ground_truth")
     actual = -truth["outputs"]  # fit = -loss: an example that helps lowers the query's loss
-    ctx = LdsContext(cfg, folder, universe.uri, model_dir, batch, order, masks, actual,
-                     TwoWayBootstrap(len(batch), ecfg.subsets, ecfg.bootstrap, ecfg.seed), ray_address)
+    ctx = LdsContext(cfg=cfg, folder=folder, universe_uri=universe.uri, model_dir=model_dir, batch=batch, order=order,
+                     masks=masks, actual=actual, boot=TwoWayBootstrap(len(batch), ecfg.subsets, ecfg.bootstrap, ecfg.seed),
+                     ray_address=ray_address)
     table, detail, served = _bases(ctx, indexes, documents, finals)
     lap("lds")
     result: dict[str, Any] = {

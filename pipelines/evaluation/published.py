@@ -73,7 +73,7 @@ def _in_chunks(fn, batch: ExampleBatch, size: int = 16) -> torch.Tensor:
     return torch.cat([fn(batch.select(i, i + size)) for i in range(0, len(batch), size)])
 
 
-def _paper_setting(kernel: DualKernel, groups_q: torch.Tensor, groups_l: torch.Tensor, dampings: list[float],
+def _paper_setting(kernel: DualKernel, *, groups_q: torch.Tensor, groups_l: torch.Tensor, dampings: list[float],
                    halves: np.ndarray, inputs: Inputs, cfg: ProjectConfig, names: list[str]) -> dict[str, Any]:
     """Per-group weights learned with the paper's objective on the learning queries (one-sided:
     ``tau_w = sum_m w_m g_m(q)^T K g(x)``), against uniform on the same kernel and halves."""
@@ -85,8 +85,9 @@ def _paper_setting(kernel: DualKernel, groups_q: torch.Tensor, groups_l: torch.T
         learned[d] = fit_full_cache(cache, wcfg.top_k, wcfg.lambda_w, wcfg.steps, wcfg.learning_rate)
     m = groups_q.shape[1]
     uniform = torch.full((m,), 1.0 / m, dtype=torch.float64)
-    pred_w = crossed_predictions(kernel, pq, dampings, [learned[d] for d in dampings], halves, inputs.masks)
-    pred_u = crossed_predictions(kernel, pq, dampings, [uniform, uniform], halves, inputs.masks)
+    pred_w = crossed_predictions(kernel, pq, dampings, weights=[learned[d] for d in dampings], halves=halves,
+                                 masks=inputs.masks)
+    pred_u = crossed_predictions(kernel, pq, dampings, weights=[uniform, uniform], halves=halves, masks=inputs.masks)
     cells = {name: lds_cell(inputs.boot, pred, inputs.actual) for name, pred in (("uniform", pred_u), ("learned", pred_w))}
     difference = inputs.boot.paired(pred_w, pred_u, inputs.actual)
     return {"uniform": cells["uniform"]["lds"], "uniform_ci": cells["uniform"]["ci"],
@@ -133,8 +134,10 @@ def published_rows(cfg: ProjectConfig, adapter, inputs: Inputs) -> dict[str, dic
             projected = kernel.project(groups_q.sum(1))  # [Q, N]
             grid = list(pcfg.damping_grid)
             chosen = cross_fitted_damping(
-                grid, lambda d, rows: kernel_lds(kernel, projected, d, None, inputs.masks, inputs.actual, rows), halves)
-            predicted = crossed_predictions(kernel, projected, chosen["dampings"], [None, None], halves, inputs.masks)
+                grid, lambda d, rows: kernel_lds(kernel, projected, d, weights=None, masks=inputs.masks,
+                                                 actual=inputs.actual, rows=rows), halves)
+            predicted = crossed_predictions(kernel, projected, chosen["dampings"], weights=[None, None], halves=halves,
+                                            masks=inputs.masks)
             cell = lds_cell(inputs.boot, predicted, inputs.actual)
             seconds = (gradient_s + residual_s + project_s) / len(train)
             row = {"label": f"{LABELS[name]} ({k:,} dimensions)", "lds": cell["lds"], "ci": cell["ci"],
@@ -144,8 +147,9 @@ def published_rows(cfg: ProjectConfig, adapter, inputs: Inputs) -> dict[str, dic
                    "seconds": {"gradients": gradient_s, "residual": residual_s, "projection": project_s},
                    "per_query": cell["per_query"], "predicted": predicted}
             if learning is not None:
-                row["paper_setting"] = _paper_setting(kernel, groups_q, groups_l, chosen["dampings"], halves, inputs,
-                                                      cfg, group_names)
+                row["paper_setting"] = _paper_setting(kernel, groups_q=groups_q, groups_l=groups_l,
+                                                      dampings=chosen["dampings"], halves=halves, inputs=inputs,
+                                                      cfg=cfg, names=group_names)
             rows[f"{name}-{k}"] = row
     return rows
 
@@ -193,7 +197,9 @@ def reference_rows(ctx, adapter, data, served: dict[str, np.ndarray]) -> dict[st
                              tuple(data.captions) if data.captions else None, data.labels)
         learning = (learning_batch(ctx.cfg, adapter, data.captions or [])
                     if ctx.cfg.evaluate.published.paper_setting else None)
-        rows = published_rows(ctx.cfg, adapter, Inputs(train, ctx.batch, learning, ctx.masks, ctx.actual, ctx.boot))
+        inputs = Inputs(train=train, queries=ctx.batch, learning=learning, masks=ctx.masks, actual=ctx.actual,
+                        boot=ctx.boot)
+        rows = published_rows(ctx.cfg, adapter, inputs)
         for row in rows.values():
             row["predicted"] = np.asarray(row["predicted"]).tolist()
         cache.parent.mkdir(parents=True, exist_ok=True)

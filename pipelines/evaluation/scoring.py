@@ -71,5 +71,6 @@ def basis_scores(members: list[Member], document: dict[str, Any], with_kernel: b
     stats = final.manifest["stats"]
     chosen = (stats.get("kernel_choice") or {"rule": "fixed", "kernel": stats["kernel"], "damping": stats["damping"]}
               if with_kernel else None)
-    return BasisScores(ensemble_scores(members, weights, with_kernel, order), swept, per_group,
-                       np.array(document["aspects"]["general"]["weights"]), list(document["groups"]), chosen)
+    return BasisScores(pair=ensemble_scores(members, weights, with_kernel, order), by_damping=swept,
+                       per_group=per_group, learned=np.array(document["aspects"]["general"]["weights"]),
+                       groups=list(document["groups"]), kernel_choice=chosen)

@@ -34,7 +34,7 @@ from pipelines.weights.scan import scan
 log = logging.getLogger(__name__)
 
 
-def validation_set(dataset_uri: str, caption_column: str | None, label_column: str | None, aspects: list[str],
+def validation_set(dataset_uri: str, *, caption_column: str | None, label_column: str | None, aspects: list[str],
                    columns: list[str], n: int, seed: int,
                    label_names: list[str] | None = None
                    ) -> tuple[list[Any], dict[str, list[Any]], dict[str, dict[str, Any]]] | None:
@@ -82,9 +82,10 @@ def validate_aspects(featurizer: Featurizer, manifest: dict[str, Any], layout: G
     if cfg.validation_queries == 0 or not weights or adapter.conditioning == "none":
         return {}
     dataset = manifest["dataset"]
-    found = validation_set(dataset["uri"], dataset.get("caption_column"), dataset.get("label_column"), list(weights),
-                           list(cfg.prompts), cfg.validation_queries, cfg.seed,
-                           adapter.label_names if adapter.conditioning == "class" else None)
+    found = validation_set(dataset["uri"], caption_column=dataset.get("caption_column"),
+                           label_column=dataset.get("label_column"), aspects=list(weights), columns=list(cfg.prompts),
+                           n=cfg.validation_queries, seed=cfg.seed,
+                           label_names=adapter.label_names if adapter.conditioning == "class" else None)
     if found is None:
         log.info("no validation of the learned weights: the dataset has no caption and attribute column (or class "
                  "label) that says what a query asks for")

@@ -10,7 +10,8 @@ import torch
 from attribution_core.evaluation.recall import aspect_recall_table
 from attribution_core.features.groups import GroupLayout, GroupSpec
 from attribution_core.index.served import MissingWeightsError, ServedIndex
-from attribution_core.weights.choice import candidates, choose, unvalidated_choice
+from attribution_core.weights.artifact import unvalidated_choice
+from attribution_core.weights.choice import candidates, choose
 from attribution_core.weights.validation import validate
 
 

@@ -143,10 +143,10 @@ def test_cross_fitted_predictions_score_each_half_at_its_own_damping():
     kernel = DualKernel(train)
     projected = kernel.project(queries)
     halves = np.array([True, False, True, False])
-    crossed = crossed_predictions(kernel, projected, [0.1, 10.0], [None, None], halves, masks)
+    crossed = crossed_predictions(kernel, projected, [0.1, 10.0], weights=[None, None], halves=halves, masks=masks)
     for rows, damping in ((halves, 0.1), (~halves, 10.0)):
         expected = kernel.scores(projected, damping).numpy()[rows] @ masks.T.astype(float)
         np.testing.assert_allclose(crossed[rows], expected)
     actual = np.random.default_rng(1).normal(size=(4, 6))
-    per_query = kernel_lds(kernel, projected, 0.1, None, masks, actual, np.ones(4, dtype=bool))
+    per_query = kernel_lds(kernel, projected, 0.1, weights=None, masks=masks, actual=actual, rows=np.ones(4, dtype=bool))
     assert per_query.shape == (4,) and np.all(np.abs(per_query) <= 1)

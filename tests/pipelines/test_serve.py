@@ -96,7 +96,7 @@ def served(tmp_path_factory, ray_cluster, model_dirs):
     m = len(manifest["layout"]["groups"])
     gen = np.random.default_rng(0)
     aspects = {a: {"weights": list(w / w.sum())} for a, w in (("general", gen.random(m)), ("subject", gen.random(m)))}
-    aspects["general"].update(answered_by="general", choice={"by": "validation"})  # measured better than uniform
+    aspects["general"].update(answered_by="general", choice={"by": "validation"})  # measured above uniform
     store.write_json(artifact_path(manifest["version"], "learned"), weights_document(index, manifest, aspects, {}))
     # The next version (6 images added) is built before serving starts: on 2 CPUs the index
     # job and the endpoint's replicas would compete for CPUs. Serving pins the first one.
@@ -202,7 +202,6 @@ def test_bad_requests_get_a_status_and_a_reason(served):
         assert words in answer["error"]["detail"], answer
     status, answer = post(url, b"{not json")
     assert status == 400 and "not JSON" in answer["error"]["detail"]
-    # Aspects left to the default: 'general' is answered by its learned weights (its recorded choice).
     status, answer = post(url, {"image": image})
     assert status == 200 and list(answer["aspects"]) == ["general"] and answer["substituted"] == {}
     assert answer["answered_by"] == {"general": "general"}
