@@ -110,7 +110,8 @@ def published_rows(cfg: ProjectConfig, adapter, inputs: Inputs) -> dict[str, dic
     rows: dict[str, dict[str, Any]] = {}
     for name in pcfg.pipelines:
         spec = PIPELINES[name]
-        fcfg = dataclasses.replace(cfg.featurize, measurement=spec.measurement, normalize="none")
+        # The index's timesteps and noise, one draw per timestep as the published code takes.
+        fcfg = dataclasses.replace(cfg.featurize, measurement=spec.measurement, normalize="none", noise_draws=1)
         started = time.perf_counter()
         train = _in_chunks(lambda b: whole_gradients(adapter, b, fcfg, names, spec.unit_rows), inputs.train)
         gradient_s = time.perf_counter() - started
