@@ -12,7 +12,8 @@ Jinxu-Lin/DAS) featurize differently from this project's index:
   ``residual_timesteps`` evenly spaced timesteps, one noise draw each (its code: all 1,000).
 
 Here the timesteps and noise of the gradients are the index's own (``FeaturizeConfig``,
-seeded per example), so the comparison isolates what is projected and how. The projection
+seeded per example; one draw per timestep, as the published code), so the comparison
+isolates what is projected and how. The projection
 is generated block by block from ``(seed, parameter name, block)`` and never materialised;
 because it is linear, the projection of each parameter group's part of the gradient is kept
 apart (``[N, M, k]``, the groups summing to the whole), which is what the weighting paper's
