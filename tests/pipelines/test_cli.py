@@ -103,7 +103,7 @@ def test_demo_end_to_end(tmp_path, ray_cluster):
     report = (tmp_path / "eval" / "report.html").read_text()
     assert "Linear datamodeling score" in report and report.count("data:image/png;base64,") >= 2 * (1 + 3)
     assert "Held-out attribute combinations" in report and "contrastive + aspect weights" in report
-    assert "Headroom of group weighting" in report and "LDS by kernel damping" in report
+    assert "Headroom estimate of group weighting" in report and "LDS by kernel damping" in report
     assert "<div class=label>subject, contrastive</div>" in report  # the gallery ranks by each contrastive query too
     # The endpoint answered the generated query for every learned aspect.
     answer = served["answers"][0]["answer"]
