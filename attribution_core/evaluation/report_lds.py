@@ -110,12 +110,16 @@ def frontier_table(frontier: dict[str, Any]) -> str:
     """LDS (uniform / served) per basis against bytes and featurize time per row."""
     frontier = frontier["settings"]
     bases = list(next(iter(frontier.values()))["bases"]) if frontier else []
+    def against(row: dict[str, Any]) -> str:
+        return "<br>".join(f"{html.escape(b)} &minus; {html.escape(key)}: {signed(d[0])} <small>{interval(d[1:])}</small>"
+                           for b, r in row["bases"].items() for key, d in r.get("versus_published", {}).items()) or "n/a"
+
     rows = [[html.escape(setting), f"{row['bytes_per_row']:,}", f"{row['featurize_s_per_row'] * 1000:.1f}",
              *(f"{num(r['uniform'])} / {num(r['served_lds'])}<br><small>{interval(r['served_ci'])}</small>"
-               for r in row["bases"].values())]
+               for r in row["bases"].values()), against(row)]
             for setting, row in frontier.items()]
-    return _table(["setting", "bytes / row", "featurize ms / row", *(f"{html.escape(b)}: uniform / served" for b in bases)],
-                  rows)
+    return _table(["setting", "bytes / row", "featurize ms / row", *(f"{html.escape(b)}: uniform / served" for b in bases),
+                   "served &minus; published (paired)"], rows)
 
 
 def lds_sections(metrics: dict[str, Any], info: dict[str, Any]) -> list[str]:

@@ -30,6 +30,7 @@ from attribution_core.index.reader import load_index
 from attribution_core.models.adapters import ExampleBatch
 from pipelines.evaluation.choice import served_basis
 from pipelines.evaluation.ensemble import checkpoint_members
+from pipelines.evaluation.published import matching_basis
 from pipelines.evaluation.scoring import Member, basis_scores
 from pipelines.evaluation.universe import BASES, basis_config
 from pipelines.models import load_model_dir
@@ -126,11 +127,15 @@ def _row(ctx, members: list[Member], document: dict[str, Any], kernel: bool) -> 
             subset_predictions(scored.pair[1 if learned else 0], ctx.masks))
 
 
-def frontier_rows(ctx, finals: dict[str, Member], documents: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def frontier_rows(ctx, finals: dict[str, Member], documents: dict[str, dict[str, Any]], *,
+                  references: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
     """``{"settings": {setting: {"featurize", "kernel", "bytes_per_row", "featurize_s_per_row",
     "k_total", "checkpoints", "bases": {basis: row}}}, "selection": select_setting(...)}`` for every
     setting of ``evaluate.frontier``; each basis row also holds ``versus_default``, the paired
-    difference of its served LDS to the default setting's."""
+    difference of its served LDS to the default setting's, and ``versus_published``, the
+    paired difference to each published reference row on the same output (``references``:
+    their predictions by row key), so any setting -- a new default among them -- is compared
+    with the published pipelines on the same queries, subsets and resamples."""
     ecfg = ctx.cfg.evaluate
     adapter = load_model_dir(ctx.model_dir)
     out: dict[str, dict[str, Any]] = {}
@@ -159,6 +164,9 @@ def frontier_rows(ctx, finals: dict[str, Member], documents: dict[str, dict[str,
     for setting, row in out.items():
         for basis, cell in row["bases"].items():
             cell["versus_default"] = ctx.boot.paired(predictions[setting][basis], predictions["default"][basis], ctx.actual)
+            cell["versus_published"] = {key: ctx.boot.paired(predictions[setting][basis], predicted, ctx.actual)
+                                        for key, predicted in (references or {}).items()
+                                        if matching_basis(key) == basis}
     # Timed last, one after another, with nothing else running: the costs compare.
     timing = _timing_batch(ctx, ecfg.frontier.timing_examples)
     for setting, (fcfg, copies) in costs.items():

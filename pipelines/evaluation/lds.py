@@ -161,15 +161,16 @@ def run_lds(cfg: ProjectConfig, ray_address: str | None = None) -> dict[str, Any
                                    "replica_seed": cfg.subset_train.seed + 1,
                                    "ground_truth": {k: replica[k] for k in ("key", "trained", "cached", "folder")}}
         lap("noise_ceiling")
+    references: dict[str, np.ndarray] = {}  # the published rows' predictions, for the frontier to pair with
     if ecfg.published is not None:
         from pipelines.evaluation.published import reference_rows
 
-        result["published"] = reference_rows(ctx, adapter, data, served)
+        result["published"], references = reference_rows(ctx, adapter, data, served)
         lap("published")
     if ecfg.frontier is not None:
         from pipelines.evaluation.frontier import frontier_rows
 
-        result["frontier"] = frontier_rows(ctx, finals, documents)
+        result["frontier"] = frontier_rows(ctx, finals, documents, references=references)
         lap("frontier")
     result["stage_seconds"] = watch.seconds
     return result

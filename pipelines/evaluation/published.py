@@ -168,6 +168,11 @@ MATCHING_BASIS = {"dtrak": "dtrak", "das": "das"}
 """The basis of this project's table measured on the same output function as each pipeline."""
 
 
+def matching_basis(key: str) -> str:
+    """The basis a reference row ``<pipeline>-<k>`` is compared with."""
+    return MATCHING_BASIS[key.split("-")[0]]
+
+
 def _cache_key(ctx, adapter) -> str:
     """What the reference rows depend on: the universe model, the queries, subsets and
     outputs, and every setting they read."""
@@ -184,9 +189,11 @@ def _cache_key(ctx, adapter) -> str:
     return h.hexdigest()
 
 
-def reference_rows(ctx, adapter, data, served: dict[str, np.ndarray]) -> dict[str, dict[str, Any]]:
+def reference_rows(ctx, adapter, data,
+                   served: dict[str, np.ndarray]) -> tuple[dict[str, dict[str, Any]], dict[str, np.ndarray]]:
     """The reference rows of ``run_lds``'s context ``ctx``, each with the paired difference of
-    the matching basis's served answer against it (``versus``, two-way interval). Cached under
+    the matching basis's served answer against it (``versus``, two-way interval), and each
+    row's subset predictions ``[Q, S]`` by key (the frontier pairs its settings with them). Cached under
     ``<out>/lds/published/<key>.json`` (the key covers the model, queries, subsets, outputs
     and settings): a rerun measures nothing again, timings included."""
     cache = ctx.folder / "published" / f"{_cache_key(ctx, adapter)}.json"
@@ -207,9 +214,10 @@ def reference_rows(ctx, adapter, data, served: dict[str, np.ndarray]) -> dict[st
         tmp = cache.with_name(f".{cache.name}.tmp")
         tmp.write_text(json.dumps(rows))
         tmp.rename(cache)  # never half a file
+    predictions = {}
     for key, row in rows.items():
-        predicted = np.asarray(row.pop("predicted"), dtype=np.float64)
-        basis = MATCHING_BASIS[key.split("-")[0]]
+        predictions[key] = predicted = np.asarray(row.pop("predicted"), dtype=np.float64)
+        basis = matching_basis(key)
         if basis in served:
             row["versus"] = {basis: ctx.boot.paired(served[basis], predicted, ctx.actual)}
-    return rows
+    return rows, predictions

@@ -111,6 +111,10 @@ def _reference_lines(metrics: dict[str, Any]) -> list[str]:
                          f"{chosen['max_bytes_per_row']:,.0f} B): {chosen['chosen']} "
                          f"{chosen['first_half'][chosen['chosen']]:.4f}; second half "
                          f"{chosen['second_half'][chosen['chosen']]:.4f} (default {chosen['second_half']['default']:.4f})")
+        for setting in dict.fromkeys(["default", chosen.get("chosen") or "default"]):
+            for basis, cell in frontier["settings"][setting]["bases"].items():
+                for key, d in cell.get("versus_published", {}).items():
+                    lines.append(f"  {setting} {basis} served - {key} as published: {d[0]:+.4f} {_ci(d[1:])}")
     return lines
 
 

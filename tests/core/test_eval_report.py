@@ -45,7 +45,8 @@ def _metrics() -> tuple[dict, list]:
     frontier = {"settings": {"default": {"bytes_per_row": 10624, "featurize_s_per_row": 0.01,
                             "bases": {"dtrak": {"uniform": 0.3, "served_lds": 0.3, "served_ci": [0.25, 0.35]}}},
                 "timesteps-50": {"bytes_per_row": 10624, "featurize_s_per_row": 0.05,
-                                 "bases": {"dtrak": {"uniform": 0.33, "served_lds": 0.33, "served_ci": [0.27, 0.39]}}}},
+                                 "bases": {"dtrak": {"uniform": 0.33, "served_lds": 0.33, "served_ci": [0.27, 0.39],
+                                                    "versus_published": {"dtrak-4096": [0.12, 0.05, 0.19]}}}}},
                 "selection": {"basis": "dtrak", "chosen": "timesteps-50"}}
     metrics = {"lds": lds, "recall_at_10": recall, "n_subsets": 32, "n_queries": 20, "lds_published": published,
                "lds_frontier": frontier, "lds_noise_ceiling": {"replica_seed": 1, "agreement": 0.61, "ci": [0.55, 0.66],
@@ -70,6 +71,7 @@ def test_report_is_self_contained_and_lists_every_number():
     assert "every 95% interval resamples queries and subsets" in page
     assert "D-TRAK as published (4,096 dimensions)" in page and "120.0 / 10.0" in page  # featurize ms: it / ours
     assert "Noise ceiling" in page and "0.610" in page and "timesteps-50" in page and "Featurizer frontier" in page
+    assert "dtrak &minus; dtrak-4096: +0.120" in page  # a setting against the published row, paired
     assert "0.250" in page and "[0.100, 0.300]" in page  # trak learned and its interval
     assert "n/a" in page  # a missing number is said, not hidden
     assert "Aspect Recall@10" in page and "pixel kNN" in page and "a striped circle 1" in page

@@ -120,6 +120,10 @@ def _references_frontier_and_ceiling(metrics: dict, detail: dict) -> None:
     assert frontier["timesteps-3"]["featurize"]["timesteps"] == 3 and frontier["default"]["featurize"]["timesteps"] == 2
     assert frontier["ensemble-2"]["bytes_per_row"] == 2 * frontier["default"]["bytes_per_row"]
     assert frontier["default"]["bases"]["das"]["versus_default"] == [0.0, 0.0, 0.0]
+    # every setting against the published DAS on the same resamples; the default's is the table's
+    assert all(set(r["bases"]["das"]["versus_published"]) == {"das-32"} for r in frontier.values())
+    assert frontier["default"]["bases"]["das"]["versus_published"]["das-32"] == pytest.approx(row["versus"]["das"], abs=1e-4)
+    assert frontier["default"]["bases"]["tracin"]["versus_published"] == {}
     assert all(r["featurize_s_per_row"] > 0 for r in frontier.values())
     # the same indexes and weights give the same numbers: the default setting's DAS is the
     # table's, the ensemble's TracIn is the table's TracIn-CP
