@@ -89,6 +89,7 @@ def noise_ceiling(boot: TwoWayBootstrap, actual: np.ndarray, replica: np.ndarray
                                for b, p in served.items()}
     return out
 
+
 def basis_row(pair: np.ndarray, masks: np.ndarray, actual: np.ndarray, boot: TwoWayBootstrap, seed: int,
               by_damping: dict[float, np.ndarray] | None = None, per_group: np.ndarray | None = None,
               learned: np.ndarray | None = None, groups: list[str] | None = None,
