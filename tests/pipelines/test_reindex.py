@@ -26,7 +26,7 @@ from attribution_core.config_stages import ReindexConfig
 from pipelines.reindex.job import ReindexRequest, reindex, relearn_decision
 from pipelines.serve.app import ServeArgs
 from tests.pipelines.conftest import FEATURIZE
-from tests.pipelines.test_serve import b64, free_port, get, post
+from tests.pipelines.test_serve import b64, free_port, free_ports, get, post
 
 N, ADDED = 40, 6
 VENV_BIN = str(Path(sys.executable).parent)
@@ -130,12 +130,12 @@ def processes_naming(text: str) -> list[int]:
 def ray_head():
     """A Ray head started like a cluster's (`ray start --head`), on 127.0.0.1, stopped afterwards."""
     temp = tempfile.mkdtemp(prefix="rayh")  # short: Ray's socket paths must fit 107 bytes
-    dashboard = free_port()
-    # Every fixed default port may be held by the test session's own Ray: choose them all.
-    ports = [f"--{name}={free_port()}" for name in ("port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                                   "metrics-export-port", "runtime-env-agent-port",
-                                                   "ray-client-server-port", "node-manager-port",
-                                                   "object-manager-port")]
+    # Every fixed default port may be held by the test session's own Ray: choose them all,
+    # distinct (Ray refuses two components on one port).
+    names = ("port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+             "runtime-env-agent-port", "ray-client-server-port", "node-manager-port", "object-manager-port")
+    dashboard, *chosen = free_ports(1 + len(names))
+    ports = [f"--{name}={port}" for name, port in zip(names, chosen)]
     env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}"}
     head = subprocess.Popen(
         [f"{VENV_BIN}/ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", *ports,

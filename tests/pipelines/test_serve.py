@@ -36,9 +36,20 @@ API_KEY_ENV = "ATTRIBUTION_TEST_API_KEY"
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports on 127.0.0.1: every socket stays bound until all are chosen
+    (one at a time, the system may hand out a port it just released again)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def write_config(path, model: str, index: str, port: int, **serve) -> str:
