@@ -250,13 +250,8 @@ def learning_rate_at(cfg: TrainConfig, step: int) -> float:
     return cfg.learning_rate * _lr_lambda(cfg)(step - 1)
 
 
-def train_model(
-    data: TrainingData,
-    cfg: TrainConfig,
-    progress: Callable[[int, float, float], None] | None = None,
-    checkpoint: Callable[[int, TrainedModel], None] | None = None,
-    checkpoints: int = 1,
-) -> TrainedModel:
+def train_model(data: TrainingData, cfg: TrainConfig, progress: Callable[[int, float, float], None] | None = None,
+                checkpoint: Callable[[int, TrainedModel], None] | None = None, checkpoints: int = 1) -> TrainedModel:
     """Train ``cfg``'s model on ``data``; ``progress(step, loss, elapsed_s)`` is called every
     1 % of the steps. Deterministic for a given ``cfg.seed`` and thread count (checkpoints
     change nothing). With ``checkpoints > 1``, ``checkpoint(step, model)`` receives the EMA

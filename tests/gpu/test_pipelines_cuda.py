@@ -49,7 +49,7 @@ def test_serve_featurizer_replica_holds_a_gpu(tmp_path, ray_cluster, model_dirs)
     from pipelines.index.job import IndexRequest, run_index
     from pipelines.serve.app import ServeArgs
     from pipelines.serve.runner import start, stop
-    from tests.pipelines.test_serve import b64, free_port, post, write_config
+    from tests.pipelines.http_client import b64, free_port, post, write_config
 
     data = str(tmp_path / "data")
     write_synthetic(data, 12, seed=4, size=16)

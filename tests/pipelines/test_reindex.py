@@ -26,7 +26,7 @@ from attribution_core.config_stages import ReindexConfig
 from pipelines.reindex.job import ReindexRequest, reindex, relearn_decision
 from pipelines.serve.app import ServeArgs
 from tests.pipelines.conftest import FEATURIZE
-from tests.pipelines.test_serve import b64, free_port, free_ports, get, post
+from tests.pipelines.http_client import b64, free_port, free_ports, get, post
 
 N, ADDED = 40, 6
 VENV_BIN = str(Path(sys.executable).parent)

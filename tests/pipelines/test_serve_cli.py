@@ -13,7 +13,7 @@ import urllib.request
 from attribution_core.data.writers import SYNTH_SCHEMA, synthetic_rows, write_parquet_dataset
 from pipelines.index.job import IndexRequest, run_index
 from tests.pipelines.conftest import project
-from tests.pipelines.test_serve import free_port, write_config
+from tests.pipelines.http_client import free_port, write_config
 
 
 def test_serve_command_answers_then_stops_on_ctrl_c(tmp_path, ray_cluster, model_dirs):
