@@ -73,13 +73,18 @@ def cross_fitted_damping(grid: list[float], lds_of: Callable[[float, np.ndarray]
             "by_damping": dict(zip(grid, overall))}
 
 
+def _weighted_scores(kernel: DualKernel, projected: torch.Tensor, damping: float,
+                     weights: torch.Tensor | None) -> torch.Tensor:
+    """``[Q, N]`` kernel scores; per-group ``[Q, M, N]`` ones summed under ``weights [M]``."""
+    scores = kernel.scores(projected, damping)
+    return scores if weights is None else torch.einsum("m,qmn->qn", weights.double(), scores)
+
+
 def kernel_lds(kernel: DualKernel, projected: torch.Tensor, damping: float, *, weights: torch.Tensor | None,
                masks: np.ndarray, actual: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """Per-query LDS of the queries ``rows`` (bool ``[Q]``) at ``damping``: ``projected`` is
     ``[Q, N]`` or, with per-group ``weights [M]``, ``[Q, M, N]``; ``masks [S, N]``, ``actual [Q, S]``."""
-    scores = kernel.scores(projected[torch.from_numpy(rows)], damping)
-    if weights is not None:
-        scores = torch.einsum("m,qmn->qn", weights.double(), scores)
+    scores = _weighted_scores(kernel, projected[torch.from_numpy(rows)], damping, weights)
     return spearman_rows(subset_predictions(scores.numpy(), masks), actual[rows])
 
 
@@ -89,8 +94,6 @@ def crossed_predictions(kernel: DualKernel, projected: torch.Tensor, dampings: l
     their own damping and, for ``[Q, M, N]`` inputs, their own group weights."""
     out = np.zeros((projected.shape[0], masks.shape[0]))
     for held, damping, w in zip((halves, ~halves), dampings, weights):
-        scores = kernel.scores(projected[torch.from_numpy(held)], damping)
-        if w is not None:
-            scores = torch.einsum("m,qmn->qn", w.double(), scores)
-        out[held] = subset_predictions(scores.numpy(), masks)
+        out[held] = subset_predictions(_weighted_scores(kernel, projected[torch.from_numpy(held)], damping, w).numpy(),
+                                       masks)
     return out
