@@ -204,6 +204,9 @@ class DemoConfig:
     """Training examples printed per aspect for each demo query."""
     seed: int = 0
     """Seeds the demo's query generation."""
+    lds: bool = True
+    """Measure LDS too (retrains evaluate.subsets models); the exemplar check runs either way
+    when evaluate.exemplars is set."""
 
     def __post_init__(self) -> None:
         for name in ("queries", "top_k"):

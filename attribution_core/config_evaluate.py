@@ -86,6 +86,74 @@ class FrontierConfig:
                f"must be >= 1, got {self.timing_examples}")
 
 
+EXEMPLAR_KINDS = ("subject", "style", "background", "general")
+"""What an exemplar set tests: that aspect's answer, or the general one."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ExemplarsConfig:
+    """The exemplar check (attribution by customization): the model fine-tuned briefly (LoRA)
+    on each small exemplar set under a prompt of its own; the images it then generates from
+    that prompt were caused by the exemplars, so a right answer ranks them at the top of a
+    candidate pool (the exemplars among ``distractors`` training rows)."""
+
+    columns: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Sets drawn from the data: ``kind: column`` (e.g. ``subject: subject``, ``style: artist``,
+    ``general: label``); each set is the rows of one value of the column."""
+    per_kind: int = 1
+    """Sets drawn per entry of ``columns`` (one value of the column each)."""
+    size: int = 8
+    """Exemplars per drawn set."""
+    folder: str | None = None
+    """Sets of your own images: ``<folder>/<set>/<image>`` (local), each folder a set."""
+    kinds: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Kind of each folder set (``set: kind``); a set not named here is 'general'."""
+    token: str = "sks"
+    """The new word the customization ties to the set (spelled from letters by the model's
+    tokenizer; pick one the model's captions never use)."""
+    prompt: str = "a {token}"
+    """The set's prompt: the exemplars are fine-tuned with it and the queries generated from
+    it (text models; class models use the exemplars' labels)."""
+    queries: int = 8
+    """Images generated per set by its customized model (seeds of their own)."""
+    distractors: int = 1000
+    """Training rows mixed with the exemplars as candidates (a seeded sample, the same for
+    every set; 0 = every row)."""
+    k: int = 10
+    """K of Recall@K: a hit is an exemplar among a query's K best-scored candidates."""
+    rank: int = 4
+    """Rank of the customization's LoRA adapters."""
+    targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    """Denoiser module-name suffixes the customization adapts."""
+    steps: int = 100
+    """Fine-tune steps per set."""
+    batch_size: int = 8
+    """Exemplars per fine-tune step (drawn with replacement when the set is smaller)."""
+    learning_rate: float = 0.002
+    """Learning rate of the fine-tune (AdamW, short warm-up, cosine decay)."""
+
+    def __post_init__(self) -> None:
+        where = "evaluate.exemplars"
+        for kind in (*self.columns, *self.kinds.values()):
+            _check(kind in EXEMPLAR_KINDS, f"{where}.{'columns' if kind in self.columns else 'kinds'}",
+                   f"unknown kind {kind!r}; choose from {', '.join(EXEMPLAR_KINDS)}")
+        _check(bool(self.columns) or self.folder is not None, f"{where}.columns",
+               "name data columns to draw sets from (kind: column) or a folder of sets (folder: path)")
+        _check(not self.kinds or self.folder is not None, f"{where}.kinds", "names folder sets; set folder too")
+        _check("{token}" in self.prompt, f"{where}.prompt", f"must contain {{token}}, got {self.prompt!r}")
+        _check(bool(self.token.strip()) and self.token.isalnum(), f"{where}.token",
+               f"must be one word of letters or digits, got {self.token!r}")
+        for name in ("per_kind", "size", "queries", "k", "rank", "steps", "batch_size"):
+            _check(getattr(self, name) >= 1, f"{where}.{name}", f"must be >= 1, got {getattr(self, name)}")
+        _check(self.distractors >= 0, f"{where}.distractors", f"must be >= 0 (0 = every row), got {self.distractors}")
+        _check(self.learning_rate > 0, f"{where}.learning_rate", f"must be > 0, got {self.learning_rate}")
+        _check(bool(self.targets), f"{where}.targets", "needs at least one module suffix")
+
+    @property
+    def set_prompt(self) -> str:
+        return self.prompt.format(token=self.token)
+
+
 @dataclasses.dataclass(frozen=True)
 class EvaluateConfig:
     """The evaluation harness (``attribution evaluate``, DESIGN 9): LDS of the attribution
@@ -143,6 +211,8 @@ class EvaluateConfig:
     """Reference rows of the published pipelines (evaluation only; none when unset)."""
     frontier: FrontierConfig | None = None
     """The featurizer's quality/cost frontier (evaluation only; none when unset)."""
+    exemplars: ExemplarsConfig | None = None
+    """The exemplar check: ground truth by customization, on the model itself (none when unset)."""
 
     def __post_init__(self) -> None:
         bad = [b for b in self.bases if b not in BASES]

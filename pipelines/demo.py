@@ -2,7 +2,7 @@
 
 Synthetic dataset -> train the small text-to-image model -> index the whole set on Ray
 Data -> learn general and aspect weights on Ray Train -> evaluate (LDS with retrained
-subset models, aspect Recall@K, HTML report) -> start the query endpoint on Ray Serve,
+subset models when demo.lds, aspect Recall@K, the exemplar check, HTML report) -> start the query endpoint on Ray Serve,
 send it a generated image, print the answer -> shut the endpoint down. Every step whose
 result is already there (dataset, model, index version, weights, ground truth) is skipped.
 """
@@ -79,7 +79,7 @@ def query_endpoint(cfg: ProjectConfig, config_path: str, aspects: list[str]) -> 
 
 
 def run(cfg: ProjectConfig, config_path: str) -> dict[str, Any]:
-    metrics = evaluate(cfg, EvaluateRequest())
+    metrics = evaluate(cfg, EvaluateRequest(lds=cfg.demo.lds))
     learned = metrics["info"].get("aspects_learned", [])
     aspects = [a for a in ("general", "subject", "style", "background") if a in learned] or ["uniform"]
     served = query_endpoint(cfg, str(Path(config_path).resolve()), aspects)
@@ -101,7 +101,8 @@ def summary_text(result: dict[str, Any]) -> str:
         + f"; {built['rows']} rows, {built['errors']} quarantined ({steps['index']} s)",
         f"weights          {', '.join(info['aspects_learned'])} "
         f"({'learned now' if info['weights_learned_now'] else 'present'}, {steps['weights']} s)",
-        f"evaluation       LDS {steps.get('lds', 0)} s, recall {steps.get('recall', 0)} s",
+        "evaluation       " + ", ".join(f"{part} {steps[part]} s" for part in ("exemplars", "recall", "lds")
+                                            if part in steps),
         "",
         evaluation_text(metrics),
         "",

@@ -13,10 +13,10 @@ import random
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
+from attribution_core.config_evaluate import EXEMPLAR_KINDS as KINDS
 from attribution_core.errors import ConfigError, InputError
 from attribution_core.features.seeding import stable_seed
 
-KINDS = ("subject", "style", "background", "general")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 

@@ -64,14 +64,25 @@ def average_precision(scores: np.ndarray, is_exemplar: np.ndarray) -> np.ndarray
     return (hits / ranks).mean(axis=1)
 
 
+def exemplar_values(scores: np.ndarray, is_exemplar: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(hits [Q], ap [Q])``: Recall@k hits and average precision of each query."""
+    return recall_hits(scores, is_exemplar, k), average_precision(scores, is_exemplar)
+
+
 def exemplar_table(columns: dict[str, np.ndarray], is_exemplar: np.ndarray, k: int, *, resamples: int = 2000,
                    seed: int = 0, reference: str | None = "uniform") -> dict[str, dict[str, Any]]:
     """Per column (a weighting, a basis or a baseline: ``scores [Q, C]`` on the same queries
     and candidates): ``recall`` (Recall@k) and ``map`` with 95 % bootstrap intervals over
     queries, and, when ``reference`` is among the columns, each other column's paired
     difference to it (``recall_vs`` / ``map_vs``: mean, low, high)."""
-    per: dict[str, tuple[np.ndarray, np.ndarray]] = {
-        name: (recall_hits(s, is_exemplar, k), average_precision(s, is_exemplar)) for name, s in columns.items()}
+    return summarize({name: exemplar_values(s, is_exemplar, k) for name, s in columns.items()},
+                     resamples=resamples, seed=seed, reference=reference)
+
+
+def summarize(per: dict[str, tuple[np.ndarray, np.ndarray]], *, resamples: int = 2000, seed: int = 0,
+              reference: str | None = "uniform") -> dict[str, dict[str, Any]]:
+    """The table of ``exemplar_table`` from per-query ``(hits, ap)`` per column (queries of
+    several sets concatenated, the same queries in every column)."""
     sizes = {len(r) for r, _ in per.values()}
     if len(sizes) != 1:
         raise InputError(f"every column must score the same queries; got query counts {sorted(sizes)}")

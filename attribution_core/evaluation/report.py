@@ -9,6 +9,7 @@ import math
 from typing import Any
 
 from attribution_core.evaluation.recall import RECALL_COLUMNS
+from attribution_core.evaluation.report_exemplars import exemplar_section
 from attribution_core.evaluation.report_lds import lds_sections, num
 
 STYLE = """
@@ -88,8 +89,9 @@ def gallery_html(gallery: list[dict[str, Any]]) -> str:
     return "".join(parts)
 
 
-def render_report(metrics: dict[str, Any], gallery: list[dict[str, Any]]) -> str:
-    """The whole report as one HTML string."""
+def render_report(metrics: dict[str, Any], gallery: list[dict[str, Any]],
+                  exemplar_gallery: list[dict[str, Any]] | None = None) -> str:
+    """The whole report as one HTML string (``exemplar_gallery``: a row per exemplar set)."""
     info = metrics.get("info", {})
     lds = metrics.get("lds", {})
     recall = metrics.get(f"recall_at_{info.get('recall_k', 10)}", {})  # the job keys it by evaluate.recall_k
@@ -100,6 +102,8 @@ def render_report(metrics: dict[str, Any], gallery: list[dict[str, Any]]) -> str
     ]
     if info.get("answered_by"):
         sections += ["<h2>What the endpoint serves</h2>", served_table(info)]
+    if metrics.get("exemplar_check"):
+        sections += exemplar_section(metrics["exemplar_check"], exemplar_gallery or [], _img)
     if lds:
         sections += lds_sections(metrics, info)
     if recall:

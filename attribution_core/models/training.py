@@ -268,8 +268,9 @@ def train_model(data: TrainingData, cfg: TrainConfig, progress: Callable[[int, f
 
 
 def _train(data: TrainingData, cfg: TrainConfig, progress: Callable[[int, float, float], None] | None,
-           checkpoint: Callable[[int, TrainedModel], None] | None, checkpoints: int) -> TrainedModel:
-    adapter, params, base_fingerprint = _trainable(data, cfg)
+           checkpoint: Callable[[int, TrainedModel], None] | None, checkpoints: int,
+           prepared: tuple[DiffusersAdapter, list[nn.Parameter], str | None] | None = None) -> TrainedModel:
+    adapter, params, base_fingerprint = prepared or _trainable(data, cfg)
     unet, scheduler = adapter.denoiser, adapter.scheduler
     ema = [p.detach().clone() for p in params]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=1e-2)
@@ -318,6 +319,25 @@ def _train(data: TrainingData, cfg: TrainConfig, progress: Callable[[int, float,
     final.caption_template = cfg.caption_template
     return TrainedModel(adapter=final, losses=losses, seconds=seconds, cfg=cfg,
                         trainable_parameters=sum(p.numel() for p in params), base_fingerprint=base_fingerprint)
+
+
+def fine_tune(adapter: DiffusersAdapter, data: TrainingData, cfg: TrainConfig) -> TrainedModel:
+    """Train the parameters of ``adapter``'s denoiser that require gradients (adapters attached
+    by the caller) on ``data`` with ``cfg``'s schedule, seed and loss; the rest of ``cfg`` that
+    builds a model (widths, base, LoRA settings) is not read. The EMA weights end in place."""
+    _check_data(data, cfg)
+    params = [p for p in adapter.denoiser.parameters() if p.requires_grad]
+    if not params:
+        raise InputError("nothing to fine-tune: no parameter of the denoiser requires gradients")
+    adapter.denoiser.train()
+    threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _train(data, cfg, None, None, 1, prepared=(adapter, params, None))
+    finally:
+        adapter.denoiser.eval()
+        torch.set_num_threads(threads)
 
 
 def _snapshot(step: int, params: list[nn.Parameter], ema: list[torch.Tensor],

@@ -25,6 +25,7 @@ from attribution_core.timing import Stopwatch
 from attribution_core.weights.artifact import unvalidated_choice
 from pipelines.evaluation.aspects import run_recall
 from pipelines.evaluation.choice import apply_lds_choice
+from pipelines.evaluation.exemplars import plan_exemplars, run_exemplars
 from pipelines.evaluation.lds import run_lds
 from pipelines.evaluation.universe import lds_recipe
 from pipelines.evaluation.summary import lds_metrics
@@ -39,6 +40,7 @@ class EvaluateRequest:
     ray_address: str | None = None
     lds: bool = True
     recall: bool = True
+    exemplars: bool = True
 
 
 def _write(path: Path, text: str) -> None:
@@ -57,15 +59,19 @@ def evaluate(cfg: ProjectConfig, req: EvaluateRequest = EvaluateRequest()) -> di
     lap = watch.lap
     if req.lds:
         lds_recipe(cfg)  # a model brought without its recipe cannot be retrained: say so before any work
-    prepared = prepare(cfg, model=req.recall)  # LDS trains its own model; only Recall uses the main one
+    exemplars = req.exemplars and ecfg.exemplars is not None
+    served = req.recall or exemplars  # the parts measured on the main model, its index and weights
+    prepared = prepare(cfg, model=served)  # LDS trains its own model
+    plan = plan_exemplars(cfg) if exemplars else None  # sets that cannot be drawn stop the run here
     lap("prepare")
     ensure_ray(req.ray_address)
     metrics: dict[str, Any] = {"lds": {}, f"recall_at_{ecfg.recall_k}": {}, "n_subsets": 0, "n_queries": 0}
     gallery: list[dict[str, Any]] = []
+    gallery_sets: list[dict[str, Any]] = []
     info: dict[str, Any] = {"created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                             "data": cfg.data.uri, "subset_fraction": ecfg.subset_fraction, "recall_k": ecfg.recall_k,
                             "prepared": prepared}
-    if req.recall:
+    if served:
         built = build_index(cfg, req.ray_address)
         lap("index")
         document, learned = ensure_weights(cfg, cfg.index.out, built["version"], ray_address=req.ray_address)
@@ -75,6 +81,7 @@ def evaluate(cfg: ProjectConfig, req: EvaluateRequest = EvaluateRequest()) -> di
                     validation={a: w["validation"] for a, w in document["aspects"].items() if w.get("validation")},
                     index_build={k: built.get(k) for k in ("uri", "version", "mode", "up_to_date", "featurized",
                                                            "rows", "errors", "rows_per_s", "actors")})
+    if req.recall:
         recall = run_recall(cfg, load_index(cfg.index.out, built["version"]), document)
         metrics[f"recall_at_{ecfg.recall_k}"] = {a: {k: round(v, 4) for k, v in row.items()}
                                                  for a, row in recall["table"].items()}
@@ -97,11 +104,16 @@ def evaluate(cfg: ProjectConfig, req: EvaluateRequest = EvaluateRequest()) -> di
                     lds_indexes=result["indexes"], universe_model=result["universe_model"],
                     universe_model_trained_now=result["trained_universe_model"],
                     ground_truth=result["ground_truth"], lds_stage_seconds=result["stage_seconds"])
-        if req.recall:  # the served index's general aspect follows LDS's verdict for its basis
+        if served:  # the served index's general aspect follows LDS's verdict for its basis
             apply_lds_choice(cfg, index=built["uri"], version=built["version"], document=document,
                              table=result["table"], lds_indexes=result["indexes"])
         lap("lds")
-    if req.recall:  # what the endpoint answers each aspect with, and the evidence it was chosen by
+    if exemplars:  # after LDS, which may change what answers 'general'
+        check = run_exemplars(cfg, load_index(cfg.index.out, built["version"]), document, plan)
+        gallery_sets = check.pop("gallery")
+        metrics["exemplar_check"] = rounded(check)
+        lap("exemplars")
+    if served:  # what the endpoint answers each aspect with, and the evidence it was chosen by
         info.update(answered_by={a: w.get("answered_by", unvalidated_choice(a)) for a, w in document["aspects"].items()},
                     choices={a: rounded(w.get("choice") or {"by": "unvalidated"}) for a, w in document["aspects"].items()})
     metrics["info"] = info
@@ -109,6 +121,6 @@ def evaluate(cfg: ProjectConfig, req: EvaluateRequest = EvaluateRequest()) -> di
     metrics["report"] = str(out / "report.html")
     _write(out / "lds_per_query.json", json.dumps(per_query, indent=2) + "\n")
     _write(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-    _write(out / "report.html", render_report(metrics, gallery))
+    _write(out / "report.html", render_report(metrics, gallery, gallery_sets))
     log.info("evaluation written to %s", out)
     return metrics

@@ -7,6 +7,7 @@ from typing import Any
 
 from attribution_core.evaluation.lds_rows import rounded
 from attribution_core.evaluation.recall import RECALL_COLUMNS
+from attribution_core.evaluation.report_exemplars import exemplar_lines
 
 
 def _without(row: dict[str, Any], *keys: str) -> dict[str, Any]:
@@ -120,7 +121,8 @@ def _reference_lines(metrics: dict[str, Any]) -> list[str]:
 
 def summary_text(metrics: dict[str, Any]) -> str:
     """The tables of ``metrics`` as plain text."""
-    lines = _lds_lines(metrics) if metrics["lds"] else []
+    lines = exemplar_lines(metrics["exemplar_check"]) if metrics.get("exemplar_check") else []
+    lines += _lds_lines(metrics) if metrics["lds"] else []
     lines += _reference_lines(metrics)
     recall_key = next(k for k in metrics if k.startswith("recall_at_"))
     intervals = metrics.get("recall_intervals", {})

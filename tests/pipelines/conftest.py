@@ -93,11 +93,13 @@ def tiny_main_job(tmp_path: Path, kernel_rule: str = "fixed", **sections: dict) 
         cfg["index"].update(kernel="block_diagonal", damping_rule="fixed")
     cfg["weights"].update(queries_per_aspect=4, steps=10, sample_steps=3, max_rounds=1, workers=1, pool_size=12,
                           validation_queries=6, holdout_queries=3)
-    cfg["demo"].update(out=str(tmp_path / "demo"), queries=1, top_k=2)
+    cfg["demo"].update(out=str(tmp_path / "demo"), queries=1, top_k=2, lds=True)
     cfg["serve"].update(partitions=1, cpus_per_replica=0.25)
     cfg["evaluate"].update(out=str(tmp_path / "eval"), lds_examples=24, subsets=4, generated_queries=3,
                            heldout_queries=2, output_timesteps=2, weights_queries=4, recall_queries=6, gallery=2,
                            gallery_k=3, bootstrap=200, damping_grid=[0.01, 1.0])
+    cfg["evaluate"]["exemplars"].update(columns={"subject": "subject", "style": "style"}, size=3, queries=4,
+                                        distractors=0, steps=20, batch_size=3)
     for name, values in sections.items():
         cfg.setdefault(name, {}).update(values)
     return cfg

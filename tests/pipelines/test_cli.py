@@ -98,6 +98,14 @@ def test_demo_end_to_end(tmp_path, ray_cluster):
         assert row["validated"] == row[{aspect: "aspect"}.get(learned["aspects"][aspect]["answered_by"],
                                            learned["aspects"][aspect]["answered_by"])]
     assert info["ground_truth"]["trained"] == 4
+    check = metrics["exemplar_check"]  # one subject and one style set, fine-tuned and attributed
+    assert [s["kind"] for s in check["sets"]] == ["subject", "style"] and check["distractors"] == 48 - 6
+    assert set(check["table"]) == {"subject", "style", "all"}
+    assert {"served", "general", "subject", "style", "background", "uniform", "contrastive", "pixel_knn",
+            "control"} == set(check["table"]["all"])
+    for kind in ("subject", "style"):  # the served column is the weighting the endpoint answers the kind with
+        row = check["table"][kind]
+        assert row["served"]["recall"] == row[learned["aspects"][kind]["answered_by"]]["recall"]
     on_disk = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert on_disk["lds"] == metrics["lds"] and on_disk["recall_at_10"] == metrics["recall_at_10"]
     report = (tmp_path / "eval" / "report.html").read_text()
@@ -105,6 +113,7 @@ def test_demo_end_to_end(tmp_path, ray_cluster):
     assert "Held-out attribute combinations" in report and "contrastive + aspect weights" in report
     assert "Headroom estimate of group weighting" in report and "LDS by kernel damping" in report
     assert "<div class=label>subject, contrastive</div>" in report  # the gallery ranks by each contrastive query too
+    assert "Exemplar check: attribution by customization" in report and "<b>subject-" in report
     # The endpoint answered the generated query for every learned aspect.
     answer = served["answers"][0]["answer"]
     assert set(answer["aspects"]) == {"general", "subject", "style", "background"}
@@ -128,6 +137,8 @@ def test_demo_end_to_end(tmp_path, ray_cluster):
     # What `demo` prints without --json, for that rerun and the endpoint's answer.
     text = demo_text({"evaluation": again, "served": served})
     assert "up to date" in text and "LDS (4 subsets, 5 queries" in text and "query:" in text
+    assert "Exemplar check (attribution by customization): 2 set(s) of 3/3 exemplars" in text
+    assert again["exemplar_check"]["table"] == check["table"]  # deterministic
     assert f"subject answered by {chosen['subject']} (" in text
     for aspect, used in chosen.items():  # the printed answer says which weights answered each aspect
         assert (f"    {aspect}: (answered with the {used} weights)\n" if used != aspect else f"    {aspect}:\n") in text
