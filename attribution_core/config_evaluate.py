@@ -131,9 +131,15 @@ class ExemplarsConfig:
     """Exemplars per fine-tune step (drawn with replacement when the set is smaller)."""
     learning_rate: float = 0.002
     """Learning rate of the fine-tune (AdamW, short warm-up, cosine decay)."""
+    bases: tuple[str, ...] = ()
+    """Attribution bases also scored, with uniform weights and a kernel built from the candidates
+    (featurized again under each customized model with the basis's measurement): which basis
+    finds the exemplars, beside LDS's verdict. Empty: the served index's basis only."""
 
     def __post_init__(self) -> None:
         where = "evaluate.exemplars"
+        bad = [b for b in self.bases if b not in BASES]
+        _check(not bad, f"{where}.bases", f"choose from {', '.join(BASES)}, got {list(self.bases)}")
         for kind in (*self.columns, *self.kinds.values()):
             _check(kind in EXEMPLAR_KINDS, f"{where}.{'columns' if kind in self.columns else 'kinds'}",
                    f"unknown kind {kind!r}; choose from {', '.join(EXEMPLAR_KINDS)}")

@@ -17,9 +17,11 @@ FIXED_COLUMNS = (("served", "served answer"), ("general", "general weights"), ("
 def exemplar_columns(table: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
     """``(key, label)`` of the columns present in a kind's table, in display order."""
     fixed = dict(FIXED_COLUMNS)
-    aspects = [(c, f"{c} weights") for c in table if c not in fixed]
+    bases = [(c, f"{c.split(':', 1)[1]} basis, uniform") for c in table if c.startswith("basis:")]
+    aspects = [(c, f"{c} weights") for c in table if c not in fixed and not c.startswith("basis:")]
     ordered = [(k, v) for k, v in FIXED_COLUMNS[:2] if k in table] + aspects
-    return ordered + [(k, v) for k, v in FIXED_COLUMNS[2:] if k in table]
+    return ordered + [(k, v) for k, v in FIXED_COLUMNS[2:4] if k in table] + bases + [
+        (k, v) for k, v in FIXED_COLUMNS[4:] if k in table]
 
 
 def _cell(row: dict[str, Any], fmt: Callable[[float], str]) -> tuple[str, str]:

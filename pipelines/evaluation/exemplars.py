@@ -40,6 +40,7 @@ from attribution_core.evaluation.exemplar_sets import ExemplarSet, draw_sets, fo
 from attribution_core.evaluation.exemplars import exemplar_ranks, exemplar_values, summarize
 from attribution_core.features.featurize import Featurizer
 from attribution_core.features.seeding import content_id, stable_seed
+from attribution_core.index.kernel import damped_kernel
 from attribution_core.index.opening import version_featurizer
 from attribution_core.index.reader import LoadedIndex
 from attribution_core.index.scoring import preconditioned_queries
@@ -48,12 +49,14 @@ from attribution_core.models.customize import Customization, customize
 from attribution_core.models.sampling import Generated, generate
 from attribution_core.models.vocabulary import prompt_words
 from attribution_core.weights.artifact import UNIFORM, unvalidated_choice, weights_matrix
+from pipelines.evaluation.universe import BASES
 from pipelines.models import load_model_dir
 from pipelines.weights.queries import featurize_generated
 
 log = logging.getLogger(__name__)
 
 SERVED, CONTRASTIVE, PIXEL, CONTROL = "served", "contrastive", "pixel_knn", "control"
+BASIS_PREFIX = "basis:"  # columns of evaluate.exemplars.bases: "basis:trak"
 """Columns besides the weightings: the weighting the endpoint answers the set's kind with,
 the contrastive query (uniform weights), pixel nearest neighbours, and the served answer
 in the world without the customization."""
@@ -218,11 +221,11 @@ def _check_set(ctx: _Context, s: ExemplarSet) -> dict[str, Any]:
     queries, control = generate(custom, **asked), generate(adapter, **asked)
     featurizer = ctx.featurizer(custom)
     d = ctx.distractors
-    candidates = _features(featurizer, ExampleBatch(
+    batch = ExampleBatch(
         example_ids=tuple(ids) + tuple(ctx.rows[i].example_id for i in d), pixels=torch.cat([pixels, ctx.distractor_pixels]),
         captions=tuple([prompt] * len(ids) + [ctx.rows[i].caption for i in d]) if text else None,
-        labels=torch.tensor(labels + [ctx.label(ctx.rows[i]) for i in d]) if labels is not None else None),
-        ctx.index.manifest)
+        labels=torch.tensor(labels + [ctx.label(ctx.rows[i]) for i in d]) if labels is not None else None)
+    candidates, unscaled = _features(featurizer, batch, ctx.index.manifest)
     is_exemplar = np.arange(candidates.shape[0]) < len(ids)
     columns = _scores(ctx, featurize_generated(featurizer, queries), candidates)
     if text:  # Concept-TRAK's query: what the token adds to the prompt
@@ -231,6 +234,9 @@ def _check_set(ctx: _Context, s: ExemplarSet) -> dict[str, Any]:
     columns[SERVED] = columns[served_weighting(ctx.document, s.kind)]
     columns[PIXEL] = _pixel_scores(ctx, queries, torch.cat([pixels, ctx.distractor_pixels]))
     columns[CONTROL] = _control(ctx, s, control, ids, images)
+    measured = {featurizer.cfg.measurement: (featurizer, candidates, unscaled)}  # each measurement featurized once
+    for basis in xcfg.bases:  # each with uniform weights and a kernel of the candidates' own features
+        columns[f"{BASIS_PREFIX}{basis}"] = _basis_scores(ctx, basis, batch, queries, measured)
     values = {name: exemplar_values(scores, is_exemplar, xcfg.k) for name, scores in columns.items()}
     info = {"name": s.name, "kind": s.kind, "size": len(ids), "column": s.column, "value": s.value,
             "served_by": served_weighting(ctx.document, s.kind)}
@@ -242,19 +248,37 @@ def _without(prompt: str, token: str) -> str:
     return " ".join(w for w in prompt.split() if w != token)
 
 
-def _features(featurizer: Featurizer, batch: ExampleBatch, manifest: dict[str, Any]) -> torch.Tensor:
-    """Training-side features ``[B, k_total]`` as the index would hold them: times the row scale
-    (DAS) and rounded to the index's storage precision."""
+def _features(featurizer: Featurizer, batch: ExampleBatch, manifest: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training-side features ``[B, k_total]`` as the index would hold them, rounded to its
+    storage precision: times the row scale (DAS; what scores are taken against) and without
+    it (what a kernel is built from)."""
     parts, scales = [], []
     for start in range(0, len(batch), 256):
         flat, scale = featurizer.flat_and_scale(batch.select(start, start + 256))
         parts.append(flat)
         scales.append(scale)
-    features = torch.cat(parts)
-    if scales[0] is not None:
-        features = features * torch.cat(scales)[:, None]
     dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(manifest.get("dtype", ""))
-    return features.to(dtype).float() if dtype is not None else features
+    stored = torch.cat(parts)
+    stored = stored.to(dtype).float() if dtype is not None else stored
+    return (stored * torch.cat(scales)[:, None] if scales[0] is not None else stored), stored
+
+
+def _basis_scores(ctx: _Context, basis: str, batch: ExampleBatch, queries: list[Generated],
+                  measured: dict[str, tuple[Featurizer, torch.Tensor, torch.Tensor]]) -> np.ndarray:
+    """Uniform-weight scores ``[Q, C]`` of one attribution basis under the customized model:
+    its measurement's features (``measured``, keyed by measurement, filled as needed), its
+    kernel (the index's block structure and damping) built from the candidates' rows, or none."""
+    spec = BASES[basis]
+    if spec.measurement not in measured:
+        served = next(iter(measured.values()))[0]
+        featurizer = Featurizer(served.adapter, dataclasses.replace(served.cfg, measurement=spec.measurement))
+        measured[spec.measurement] = (featurizer, *_features(featurizer, batch, ctx.index.manifest))
+    featurizer, candidates, stored = measured[spec.measurement]
+    damping = float(ctx.index.manifest["stats"]["damping"])
+    kernel = damped_kernel(stored, ctx.index.kernel, damping) if spec.kernel else None
+    wq = preconditioned_queries(featurize_generated(featurizer, queries), weights_matrix(ctx.document, [UNIFORM]),
+                                ctx.index.layout, kernel)
+    return (wq[0] @ candidates.T).double().numpy()
 
 
 def _scores(ctx: _Context, queries: torch.Tensor, candidates: torch.Tensor,
@@ -283,7 +307,7 @@ def _control(ctx: _Context, s: ExemplarSet, control: list[Generated], ids: list[
     else:
         prompt = _without(ctx.xcfg.set_prompt, ctx.xcfg.token)
         exemplars = _features(featurizer, ExampleBatch(example_ids=tuple(ids), pixels=ctx.pixels(images, ids),
-                                                       captions=(prompt,) * len(ids)), ctx.index.manifest)
+                                                       captions=(prompt,) * len(ids)), ctx.index.manifest)[0]
     candidates = torch.cat([exemplars, ctx.index.features[ctx.distractors]])
     weighting = served_weighting(ctx.document, s.kind)
     return _scores(ctx, featurize_generated(featurizer, control), candidates, [weighting])[weighting]

@@ -82,11 +82,14 @@ def test_folder_sets_are_checked_with_the_images_of_each_folder(full_build, tmp_
     for i, row in enumerate(good_rows[:3]):
         (folder / f"{i}.png").write_bytes(row["image"])
     cfg = _check_config(full_build["data"], columns={}, folder=str(tmp_path / "exemplars"), kinds={"mine": "style"},
-                        queries=3, steps=10)
+                        queries=3, steps=10, bases=("tracin", "trak", "das"))
     result = run_exemplars(cfg, load_index(full_build["out"]), None)
     assert result["sets"] == [{"name": "mine", "kind": "style", "size": 3, "column": None, "value": None,
                                "served_by": "uniform"}]
     assert set(result["table"]) == {"style"} and result["distractors"] == len(load_index(full_build["out"]).example_ids)
+    table = result["table"]["style"]  # the other bases beside the served one, with uniform weights
+    assert {"basis:tracin", "basis:trak", "basis:das"} <= set(table)
+    assert all(0 <= table[c]["recall"] <= 1 for c in table)
 
 
 @pytest.mark.slow  # a subprocess that imports the stack
