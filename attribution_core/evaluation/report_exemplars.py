@@ -46,6 +46,14 @@ def exemplar_lines(check: dict[str, Any]) -> list[str]:
             vs = table[key].get("recall_vs")
             delta = f"  vs uniform {vs[0]:+.2f} [{vs[1]:+.2f}, {vs[2]:+.2f}]" if vs and key != "uniform" else ""
             lines.append(f"    {label:<28} R@{k} {recall:<19} mAP {ap:<19}{delta}")
+    overall = check["table"].get("all") or next(iter(check["table"].values()))
+    if "served" in overall:
+        served = overall["served"]
+        others = ", ".join(f"{label} {overall[key]['recall']:.2f}" for key, label in (
+            ("control", "control"), ("pixel_knn", "pixel kNN")) if key in overall)
+        lines.append(f"  In one line: the served answers find an exemplar in their top {k} for "
+                     f"{served['recall']:.0%} of queries [{served['recall_ci'][0]:.0%}, {served['recall_ci'][1]:.0%}]"
+                     f" ({others})")
     return lines
 
 

@@ -64,3 +64,30 @@ def test_bad_input_is_refused():
         recall_hits(np.zeros((2, 3)), np.array([True, False, False]), 0)
     with pytest.raises(InputError, match="same queries"):
         exemplar_table({"a": np.zeros((2, 3)), "b": np.zeros((3, 3))}, np.array([True, False, False]), 1)
+
+
+def test_the_check_reads_as_text_and_html_with_every_column_in_order():
+    from attribution_core.evaluation.exemplars import summarize
+    from attribution_core.evaluation.report_exemplars import exemplar_columns, exemplar_lines, exemplar_section
+
+    rng = np.random.default_rng(0)
+    values = {name: ((rng.random(8) < p).astype(float), rng.random(8)) for name, p in (
+        ("uniform", 0.9), ("general", 0.8), ("style", 1.0), ("served", 1.0), ("contrastive", 0.5),
+        ("basis:trak", 0.7), ("pixel_knn", 0.2), ("control", 0.0))}
+    table = {"style": summarize(values, resamples=100)}
+    assert [k for k, _ in exemplar_columns(table["style"])] == [
+        "served", "general", "style", "uniform", "contrastive", "basis:trak", "pixel_knn", "control"]
+    check = {"k": 10, "sets": [{"size": 8}], "distractors": 100, "queries_per_set": 8, "prompt": "a sks",
+             "table": table, "served_by": {"style": "style"}}
+    text = "\n".join(exemplar_lines(check))
+    assert "1 set(s) of 8 exemplars, each among 100 training rows" in text and "prompted 'a sks'" in text
+    assert "style sets (8 queries; served answer: style)" in text and "trak basis, uniform" in text
+    assert "In one line: the served answers find an exemplar in their top 10 for 100% of queries" in text
+    assert "control 0.00" in text
+    gallery = [{"name": "style-dotted", "kind": "style", "prompt": "a sks", "image": b"q", "exemplars": [b"e"],
+                "first_exemplar_rank": 2, "served_by": "style",
+                "top": [{"image": b"x", "exemplar": False, "score": 1.0, "caption": "a dotted ring"},
+                        {"image": b"e", "exemplar": True, "score": 0.5, "caption": None}]}]
+    html = "".join(exemplar_section(check, gallery, lambda data, css, alt: f"<img class='{css}'>"))
+    assert "<th>style</th>" in html and "control: no customization" in html and "first exemplar at rank 2" in html
+    assert html.count("<img class='all'>") == 1  # the exemplar among the top candidates is marked

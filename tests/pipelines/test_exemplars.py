@@ -98,13 +98,17 @@ def test_folder_sets_are_checked_with_the_images_of_each_folder(full_build, tmp_
     ({"size": 500}, "evaluate.exemplars.size:"),
     ({"columns": {"style": "artist"}}, "evaluate.exemplars.columns.style: the data has no column 'artist'"),
     ({"folder": "EMPTY", "columns": {}}, "evaluate.exemplars.folder:"),
+    (None, "--only exemplars: the config has no evaluate.exemplars section"),
 ])
 def test_bad_exemplar_settings_stop_with_one_line(tmp_path, change, setting):
     cfg = tiny_main_job(tmp_path)
-    if change.get("folder") == "EMPTY":
+    if change is None:
+        del cfg["evaluate"]["exemplars"]
+    elif change.get("folder") == "EMPTY":
         (tmp_path / "sets" / "empty").mkdir(parents=True)
         change = {**change, "folder": str(tmp_path / "sets")}
-    cfg["evaluate"]["exemplars"].update(change)
+    if change is not None:
+        cfg["evaluate"]["exemplars"].update(change)
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(cfg))
     proc = attribution("evaluate", "--config", str(path), "--only", "exemplars", check=False)
