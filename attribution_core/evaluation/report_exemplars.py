@@ -43,8 +43,9 @@ def exemplar_lines(check: dict[str, Any]) -> list[str]:
                      + (f"; served answer: {served}" if served else "") + ")")
         for key, label in exemplar_columns(table):
             recall, ap = _cell(table[key], fmt)
-            vs = table[key].get("recall_vs")
-            delta = f"  vs uniform {vs[0]:+.2f} [{vs[1]:+.2f}, {vs[2]:+.2f}]" if vs and key != "uniform" else ""
+            vs, map_vs = table[key].get("recall_vs"), table[key].get("map_vs")
+            delta = (f"  vs uniform R {vs[0]:+.2f} [{vs[1]:+.2f}, {vs[2]:+.2f}], mAP {map_vs[0]:+.2f} "
+                     f"[{map_vs[1]:+.2f}, {map_vs[2]:+.2f}]" if vs and map_vs else "")
             lines.append(f"    {label:<28} R@{k} {recall:<19} mAP {ap:<19}{delta}")
     overall = check["table"].get("all") or next(iter(check["table"].values()))
     if "served" in overall:
