@@ -110,10 +110,11 @@ class ExemplarsConfig:
     """Kind of each folder set (``set: kind``); a set not named here is 'general'."""
     token: str = "sks"
     """The new word the customization ties to the set (spelled from letters by the model's
-    tokenizer; pick one the model's captions never use)."""
+    tokenizer; pick one the model's captions never use). A class-conditional model gets a new
+    class of this name instead."""
     prompt: str = "a {token}"
-    """The set's prompt: the exemplars are fine-tuned with it and the queries generated from
-    it (text models; class models use the exemplars' labels)."""
+    """The set's prompt (text models): the exemplars are fine-tuned with it and the queries
+    generated from it."""
     queries: int = 8
     """Images generated per set by its customized model (seeds of their own)."""
     distractors: int = 1000

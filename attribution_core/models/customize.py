@@ -73,13 +73,29 @@ def _recipe(adapter: DiffusersAdapter, recipe: Customization) -> TrainConfig:
                        num_train_timesteps=int(adapter.scheduler.config.num_train_timesteps), seed=recipe.seed)
 
 
+class _WithNewClass(nn.Module):
+    """A class-embedding table with one trainable row appended (the rows before it frozen)."""
+
+    def __init__(self, table: nn.Embedding, init: torch.Tensor) -> None:
+        super().__init__()
+        self.table = table
+        self.extra = nn.Parameter(init.detach().clone()[None])
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return nn.functional.embedding(ids, torch.cat([self.table.weight, self.extra]))
+
+
 def customize(adapter: DiffusersAdapter, pixels: torch.Tensor, recipe: Customization, *,
               captions: list[str] | None = None, labels: torch.Tensor | None = None,
-              words: Iterable[str] = ()) -> DiffusersAdapter:
+              words: Iterable[str] = (), new_class: str | None = None) -> DiffusersAdapter:
     """``adapter``'s model fine-tuned on ``pixels [N, C, H, W]`` (in [-1, 1]) with ``captions``
     (text models) or ``labels`` (class models), its update folded into the weights: a new
     adapter sharing the text encoder, tokenizer and VAE. ``words`` join the vocabulary the
-    customized model's prompts are checked against (the set's new token)."""
+    customized model's prompts are checked against (the set's new token). ``new_class`` (class
+    models) names a class added for the set, the class models' new word: its embedding row
+    starts at the mean of the exemplars' classes' rows and is trained with the adapters, and
+    the exemplars are fine-tuned under it (its index is the old number of classes). Class
+    embeddings are not a tracked layer, so the layout is unchanged."""
     if pixels.shape[0] == 0:
         raise InputError("an exemplar set needs at least one image")
     if adapter.conditioning == "text" and (captions is None or len(captions) != pixels.shape[0]):
@@ -94,10 +110,17 @@ def customize(adapter: DiffusersAdapter, pixels: torch.Tensor, recipe: Customiza
     except ConfigError as exc:
         raise ConfigError(f"evaluate.exemplars.targets: {exc}") from exc
     before = {name: _weight(plain.get_submodule(name)).detach().clone() for name in wrapped}
+    classes = adapter.num_classes
+    if new_class is not None:
+        if adapter.conditioning != "class" or labels is None:
+            raise InputError("a new class is added to class-conditional models only")
+        table = plain.class_embedding
+        plain.class_embedding = _WithNewClass(table, table.weight[labels].mean(0))
+        labels = torch.full_like(labels, classes)
     student = DiffusersAdapter(plain, adapter.scheduler, text_encoder=adapter.text_encoder,
                                tokenizer=adapter.tokenizer, vae=adapter.vae)  # freezes everything ...
-    for name, p in plain.named_parameters():  # ... but the new adapters
-        p.requires_grad_(".lora_" in name)
+    for name, p in plain.named_parameters():  # ... but the new adapters (and class row)
+        p.requires_grad_(".lora_" in name or name == "class_embedding.extra")
     data = TrainingData(example_ids=[f"exemplar-{i}" for i in range(pixels.shape[0])], pixels=pixels,
                         captions=list(captions) if captions is not None else None, labels=labels)
     fine_tune(student, data, cfg)
@@ -106,10 +129,16 @@ def customize(adapter: DiffusersAdapter, pixels: torch.Tensor, recipe: Customiza
     with torch.no_grad():
         for name in wrapped:
             _weight(out.get_submodule(name)).add_(plain.get_submodule(name).weight - before[name])
+        if new_class is not None:
+            rows = torch.cat([out.class_embedding.weight, plain.class_embedding.extra.detach()])
+            out.class_embedding = nn.Embedding.from_pretrained(rows, freeze=True)
+            out.register_to_config(num_class_embeds=classes + 1)
     del plain, student
     custom = DiffusersAdapter(out, adapter.scheduler, text_encoder=adapter.text_encoder, tokenizer=adapter.tokenizer,
                               vae=adapter.vae)
     custom.label_names, custom.lora, custom.caption_template = adapter.label_names, adapter.lora, adapter.caption_template
+    if new_class is not None:
+        custom.label_names = [*(adapter.label_names or [str(i) for i in range(classes)]), new_class]
     extra = {w for text in words for w in prompt_words(text)}
     custom.vocabulary = adapter.vocabulary | extra if adapter.vocabulary is not None else None
     return custom

@@ -214,11 +214,16 @@ def _check_set(ctx: _Context, s: ExemplarSet) -> dict[str, Any]:
     recipe = Customization(rank=xcfg.rank, targets=xcfg.targets, steps=xcfg.steps, batch_size=xcfg.batch_size,
                            learning_rate=xcfg.learning_rate, seed=stable_seed("exemplar-customization", ecfg.seed, s.name))
     custom = customize(adapter, pixels, recipe, captions=[prompt] * len(ids) if text else None,
-                       labels=torch.tensor(labels) if labels is not None else None, words=[prompt] if text else ())
-    asked = {"prompts": [prompt] if text else None, "labels": labels, "n": xcfg.queries,
+                       labels=torch.tensor(labels) if labels is not None else None, words=[prompt] if text else (),
+                       new_class=xcfg.token if labels is not None else None)
+    asked = {"prompts": [prompt] if text else None, "n": xcfg.queries,
              "seed": stable_seed("exemplar-queries", ecfg.seed, s.name), "guidance": ctx.cfg.weights.guidance,
              "steps": ctx.cfg.weights.sample_steps}
-    queries, control = generate(custom, **asked), generate(adapter, **asked)
+    # A class model's new word is a new class (its last); without the customization, the exemplars' own classes.
+    queries = generate(custom, labels=[adapter.num_classes] if labels is not None else None, **asked)
+    control = generate(adapter, labels=labels, **asked)
+    if labels is not None:  # the exemplars are the customized model's training data under the new class
+        labels = [adapter.num_classes] * len(labels)
     featurizer = ctx.featurizer(custom)
     d = ctx.distractors
     batch = ExampleBatch(

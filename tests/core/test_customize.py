@@ -69,3 +69,19 @@ def test_bad_customization_inputs_are_refused(adapters):
     with pytest.raises(ConfigError, match="evaluate.exemplars.targets"):
         customize(adapter, _inputs(adapter)["pixels"], Customization(targets=("nothing_like_this",)),
                   captions=["a sks"] * 4)
+
+
+def test_a_class_model_learns_the_set_as_a_new_class_without_touching_the_others(adapters):
+    adapter = adapters["unet-class"]
+    inputs = _inputs(adapter)
+    custom = customize(adapter, inputs["pixels"], RECIPE, labels=inputs["labels"], new_class="sks")
+    classes = adapter.num_classes
+    assert custom.num_classes == classes + 1 and custom.label_names[-1] == "sks"
+    old, new = adapter.denoiser.class_embedding.weight, custom.denoiser.class_embedding.weight
+    assert torch.equal(new[:classes], old)  # the classes the index was built with are as they were
+    start = old[inputs["labels"]].mean(0)
+    assert not torch.allclose(new[classes], start)  # the new row was trained from the mean of the exemplars' classes
+    groups, projection = FeaturizeConfig().groups, FeaturizeConfig().projection
+    assert build_layout(custom.denoiser, groups, projection) == build_layout(adapter.denoiser, groups, projection)
+    with pytest.raises(InputError, match="class-conditional models only"):
+        customize(adapters["text"], _inputs(adapters["text"])["pixels"], RECIPE, captions=["a sks"] * 4, new_class="x")
