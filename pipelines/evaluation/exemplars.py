@@ -334,12 +334,12 @@ def _gallery(ctx: _Context, s: ExemplarSet, query: Generated, images: list[bytes
 
 
 def _tables(results: list[dict[str, Any]], resamples: int, seed: int) -> dict[str, dict[str, Any]]:
-    """Per set kind and over all sets (``all``): every column's Recall@K and mAP, intervals
-    over the queries, paired differences to uniform."""
+    """Per set kind and, with several kinds, over all sets (``all``): every column's Recall@K
+    and mAP, intervals over the queries, paired differences to uniform."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in results:
         groups.setdefault(r["set"]["kind"], []).append(r)
-    if len(groups) > 1 or len(results) > 1:
+    if len(groups) > 1:
         groups["all"] = results
     out = {}
     for kind, members in groups.items():
