@@ -311,8 +311,9 @@ def _control(ctx: _Context, s: ExemplarSet, control: list[Generated], ids: list[
         exemplars = ctx.index.features[list(s.rows)]
     else:
         prompt = _without(ctx.xcfg.set_prompt, ctx.xcfg.token)
+        captions = (prompt,) * len(ids) if ctx.adapter.conditioning == "text" else None
         exemplars = _features(featurizer, ExampleBatch(example_ids=tuple(ids), pixels=ctx.pixels(images, ids),
-                                                       captions=(prompt,) * len(ids)), ctx.index.manifest)[0]
+                                                       captions=captions), ctx.index.manifest)[0]
     candidates = torch.cat([exemplars, ctx.index.features[ctx.distractors]])
     weighting = served_weighting(ctx.document, s.kind)
     return _scores(ctx, featurize_generated(featurizer, control), candidates, [weighting])[weighting]

@@ -35,8 +35,17 @@ def test_unconditional_dataset_without_captions_or_attributes(tmp_path, ray_clus
                                        "frontier": {"projection": [8], "timesteps": [3], "noise_draws": [1],
                                                     "timing_examples": 4}})
     _plain_images(settings["data"]["uri"], 48)
+    folder = tmp_path / "exemplars" / "mine"  # no columns to draw sets from: a folder of the user's images
+    folder.mkdir(parents=True)
+    for i, row in enumerate(synthetic_rows(3, 99, 16)):
+        folder.joinpath(f"{i}.png").write_bytes(row["image"])
+    settings["evaluate"]["exemplars"] = {"folder": str(tmp_path / "exemplars"), "columns": {}, "size": 3,
+                                         "queries": 3, "steps": 10, "batch_size": 3, "distractors": 0}
     cfg = from_mapping(ProjectConfig, settings)
     metrics = evaluate(cfg, EvaluateRequest())
+    check = metrics["exemplar_check"]  # an unconditional model: customized without a word, queries unprompted
+    assert check["prompt"] is None and check["sets"][0]["name"] == "mine" and check["sets"][0]["kind"] == "general"
+    assert set(check["table"]) == {"general"} and check["table"]["general"]["control"]["queries"] == 3
 
     assert set(metrics["lds"]) == {"tracin", "das"} and metrics["n_subsets"] == 4 and metrics["n_queries"] == 5
     # the kernel basis' index chose its damping by the objective rule, and says so; TracIn has no kernel
