@@ -70,8 +70,10 @@ def write_class_folders(root: Path, per_class: int, extra: dict[str, int] | None
 def class_config(tmp_path: Path, data: Path, **sections: dict) -> Path:
     """A user's config: their dataset (no synthetic section), a class-conditional recipe."""
     recipe = {"conditioning": "class", "label_column": "label"}
+    exemplars = {"columns": {"general": "label"}, "size": 3, "queries": 3, "steps": 10, "batch_size": 3,
+                 "distractors": 0}  # sets of one class each: the user's label column
     cfg = tiny_main_job(tmp_path, train=recipe, subset_train=recipe, weights={"aspects": ["general"]},
-                        evaluate={"bases": ["dtrak"]})
+                        evaluate={"bases": ["dtrak"], "exemplars": exemplars})
     cfg["data"] = {"uri": str(data)}
     for name, values in sections.items():
         cfg.setdefault(name, {}).update(values)
@@ -99,6 +101,10 @@ def test_evaluate_on_a_users_class_labelled_parquet_set(tmp_path, ray_cluster):
     assert universe["dataset"]["label_column"] == "label"
     recipe = json.loads((tmp_path / "eval" / "lds" / "model" / "training.json").read_text())
     assert recipe["label_names"] == ["0", "1", "2"] and recipe["columns"]["label"] == "label"
+    # The exemplar check on the user's integer labels: each set learned by the model as a new class.
+    check = metrics["exemplar_check"]
+    assert check["sets"][0]["kind"] == "general" and check["sets"][0]["column"] == "label" and check["prompt"] is None
+    assert set(check["table"]) == {"general"} and check["table"]["general"]["served"]["queries"] == 3
 
 
 @pytest.fixture(scope="module")
