@@ -15,7 +15,7 @@ from attribution_core.errors import ConfigError, ManifestMismatchError
 from attribution_core.index.store import IndexStore
 from attribution_core.models.pipeline_dir import is_model_dir
 from attribution_core.weights.artifact import artifact_path, check_weights
-from attribution_core.models.training import train_to_dir
+from attribution_core.models.training_dir import train_to_dir
 from pipelines.models import ensure_model
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,7 @@ from attribution_core.errors import ConfigError, InputError
 from attribution_core.features.seeding import stable_seed
 from attribution_core.models.adapters import DiffusersAdapter
 from attribution_core.models.lora import LoraSpec, add_lora
-from attribution_core.models.training import TrainingData, fine_tune
+from attribution_core.models.training import TrainingData, train_model
 from attribution_core.models.vocabulary import prompt_words
 
 
@@ -123,7 +123,7 @@ def customize(adapter: DiffusersAdapter, pixels: torch.Tensor, recipe: Customiza
         p.requires_grad_(".lora_" in name or name == "class_embedding.extra")
     data = TrainingData(example_ids=[f"exemplar-{i}" for i in range(pixels.shape[0])], pixels=pixels,
                         captions=list(captions) if captions is not None else None, labels=labels)
-    fine_tune(student, data, cfg)
+    train_model(data, cfg, start=student)
     fold_adapters(plain)
     out = copy.deepcopy(adapter.denoiser)
     with torch.no_grad():

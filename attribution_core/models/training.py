@@ -15,28 +15,21 @@ encoder jointly with the UNet; captions are dropped to the empty prompt with pro
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
-import os
-import shutil
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from attribution_core.config import TrainConfig, to_mapping
+from attribution_core.config import TrainConfig
 from attribution_core.data.captions import PartialCaptions, template_words
 from attribution_core.errors import ConfigError, InputError
 from attribution_core.features.seeding import stable_seed
 from attribution_core.models.adapters import DiffusersAdapter
-from attribution_core.models.checkpoints import checkpoint_dir
-from attribution_core.models.lora import LoraSpec, add_lora, save_lora
-from attribution_core.models.pipeline_dir import save_pipeline
-from attribution_core.models.recipe import recipe_identity
+from attribution_core.models.lora import LoraSpec, add_lora
 from attribution_core.models.tiny import text_encoder_for, unet2d, unet_cond, word_tokenizer
 from attribution_core.models.vocabulary import caption_vocabulary
 
@@ -251,20 +244,32 @@ def learning_rate_at(cfg: TrainConfig, step: int) -> float:
 
 
 def train_model(data: TrainingData, cfg: TrainConfig, progress: Callable[[int, float, float], None] | None = None,
-                checkpoint: Callable[[int, TrainedModel], None] | None = None, checkpoints: int = 1) -> TrainedModel:
+                checkpoint: Callable[[int, TrainedModel], None] | None = None, checkpoints: int = 1, *,
+                start: DiffusersAdapter | None = None) -> TrainedModel:
     """Train ``cfg``'s model on ``data``; ``progress(step, loss, elapsed_s)`` is called every
     1 % of the steps. Deterministic for a given ``cfg.seed`` and thread count (checkpoints
     change nothing). With ``checkpoints > 1``, ``checkpoint(step, model)`` receives the EMA
     weights after each of the first ``checkpoints - 1`` of ``checkpoint_steps`` (the last is the
-    returned model), as the model it would be if training stopped there."""
+    returned model), as the model it would be if training stopped there. ``start``: train the
+    parameters of this model's denoiser that require gradients (adapters the caller attached)
+    instead of building ``cfg``'s model; they end holding the EMA weights."""
     _check_data(data, cfg)
+    prepared = None
+    if start is not None:
+        params = [p for p in start.denoiser.parameters() if p.requires_grad]
+        if not params:
+            raise InputError("nothing to train: no parameter of the starting denoiser requires gradients")
+        start.denoiser.train()
+        prepared = (start, params, None)
     threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
-        return _train(data, cfg, progress, checkpoint, checkpoints)
+        return _train(data, cfg, progress, checkpoint, checkpoints, prepared=prepared)
     finally:
         torch.set_num_threads(threads)  # a caller that trains in its own process keeps its threads
+        if start is not None:
+            start.denoiser.eval()
 
 
 def _train(data: TrainingData, cfg: TrainConfig, progress: Callable[[int, float, float], None] | None,
@@ -321,25 +326,6 @@ def _train(data: TrainingData, cfg: TrainConfig, progress: Callable[[int, float,
                         trainable_parameters=sum(p.numel() for p in params), base_fingerprint=base_fingerprint)
 
 
-def fine_tune(adapter: DiffusersAdapter, data: TrainingData, cfg: TrainConfig) -> TrainedModel:
-    """Train the parameters of ``adapter``'s denoiser that require gradients (adapters attached
-    by the caller) on ``data`` with ``cfg``'s schedule, seed and loss; the rest of ``cfg`` that
-    builds a model (widths, base, LoRA settings) is not read. The EMA weights end in place."""
-    _check_data(data, cfg)
-    params = [p for p in adapter.denoiser.parameters() if p.requires_grad]
-    if not params:
-        raise InputError("nothing to fine-tune: no parameter of the denoiser requires gradients")
-    adapter.denoiser.train()
-    threads = torch.get_num_threads()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    try:
-        return _train(data, cfg, None, None, 1, prepared=(adapter, params, None))
-    finally:
-        adapter.denoiser.eval()
-        torch.set_num_threads(threads)
-
-
 def _snapshot(step: int, params: list[nn.Parameter], ema: list[torch.Tensor],
               checkpoint: Callable[[int, TrainedModel], None], model: TrainedModel) -> None:
     """Hand ``checkpoint`` the model with its EMA weights in place, then restore the live ones."""
@@ -353,64 +339,3 @@ def _snapshot(step: int, params: list[nn.Parameter], ema: list[torch.Tensor],
         with torch.no_grad():
             for pl, pm in zip(live, params):
                 pm.copy_(pl)
-
-
-def save_model(model: TrainedModel, out_dir: str | Path, extra: dict[str, Any] | None = None) -> Path:
-    """Save as a diffusers pipeline directory (+ ``training.json`` describing how it was made)."""
-    adapter = model.adapter
-    if adapter.lora is not None:  # the adapters and a pointer to the base
-        out = save_lora(adapter.denoiser, adapter.lora, out_dir, model.cfg.base, model.base_fingerprint)
-    else:
-        components: dict[str, Any] = {"unet": adapter.denoiser, "scheduler": adapter.scheduler}
-        if adapter.text_encoder is not None:
-            components.update(text_encoder=adapter.text_encoder, tokenizer=adapter.tokenizer)
-        out = save_pipeline(components, out_dir)
-    info = {
-        "recipe": to_mapping(model.cfg),
-        "seconds": round(model.seconds, 2),
-        "steps": len(model.losses),
-        "final_loss": sum(model.losses[-50:]) / max(1, len(model.losses[-50:])),
-        "label_names": adapter.label_names,
-        "words": sorted(adapter.vocabulary) if adapter.vocabulary is not None else None,
-        **(extra or {}),
-    }
-    (out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
-    return out
-
-
-def train_to_dir(data_uri: str, cfg: TrainConfig, out: Path, checkpoints: int = 1) -> dict:
-    """Train ``cfg`` on the dataset at ``data_uri`` (logging progress) and save the model to
-    ``out`` with its recipe and identity; the directory appears only once complete. With
-    ``checkpoints > 1`` the EMA weights at the earlier of ``checkpoint_steps`` are saved as
-    pipeline directories under ``out/checkpoints/step-NNNNNNN`` too (``model_checkpoints``
-    lists them). Returns what ``attribution train-model`` prints."""
-    from attribution_core.data.loading import load_training_data  # it reads TrainingData from here
-
-    data = load_training_data(data_uri, cfg)
-    log.info("training on %d examples: %d steps of %d, %s conditioning", len(data.example_ids), cfg.steps,
-             cfg.batch_size, cfg.conditioning)
-
-    def progress(step: int, loss: float, elapsed: float) -> None:
-        rate = step / elapsed
-        log.info("step %d/%d loss %.4f  %.2f steps/s  eta %.0f s", step, cfg.steps, loss, rate, (cfg.steps - step) / rate)
-
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-
-    def keep(step: int, snapshot: TrainedModel) -> None:
-        save_model(snapshot, checkpoint_dir(tmp, step), {"data": data_uri, "examples": len(data.example_ids),
-                                                         "columns": data.columns, "checkpoint_of": str(out),
-                                                         "learning_rate": learning_rate_at(cfg, step)})
-
-    model = train_model(data, cfg, progress, keep, checkpoints)
-    save_model(model, tmp, {"data": data_uri, "examples": len(data.example_ids), "columns": data.columns,
-                            "identity": recipe_identity(cfg, model.base_fingerprint), "checkpoints": checkpoints,
-                            "learning_rate": learning_rate_at(cfg, cfg.steps)})
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp.rename(out)
-    return {"out": str(out), "examples": len(data.example_ids), "steps": cfg.steps, "seconds": round(model.seconds, 1),
-            "checkpoints": checkpoints,
-            "lora_rank": cfg.lora_rank or None, "trainable_parameters": model.trainable_parameters,
-            "steps_per_s": round(cfg.steps / model.seconds, 2),
-            "final_loss": round(sum(model.losses[-50:]) / len(model.losses[-50:]), 5)}
-

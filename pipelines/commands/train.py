@@ -10,7 +10,7 @@ from pathlib import Path
 
 from attribution_core.config import ProjectConfig
 from attribution_core.errors import ConfigError
-from attribution_core.models.training import train_to_dir
+from attribution_core.models.training_dir import train_to_dir
 from pipelines.commands.options import add_config, add_json
 from pipelines.output import print_result
 

@@ -138,7 +138,7 @@ def universe_model(cfg: ProjectConfig, universe: Universe, folder: Path) -> tupl
     """The ``subset_train`` model of the whole universe (the attributed model) with its
     ``evaluate.checkpoints`` checkpoints, trained unless there (training is deterministic, so
     a model trained again to keep more checkpoints is the same model)."""
-    from attribution_core.models.training import train_to_dir
+    from attribution_core.models.training_dir import train_to_dir
 
     path = folder / "model"
     info_file = path / "training.json"

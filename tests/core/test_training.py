@@ -14,7 +14,8 @@ from attribution_core.features.featurize import Featurizer
 from attribution_core.models.adapters import ExampleBatch
 from attribution_core.models.pipeline_dir import load_adapter
 from attribution_core.models.sampling import generate
-from attribution_core.models.training import save_model, train_model
+from attribution_core.models.training import train_model
+from attribution_core.models.training_dir import save_model
 
 TINY = dict(resolution=8, widths=(8, 16), text_width=16, batch_size=16, warmup_steps=2, max_caption_tokens=12)
 
@@ -121,7 +122,8 @@ def test_checkpoints_are_the_ema_weights_along_the_way_and_change_nothing(synth,
     (each with its learning rate, for TracIn-CP), and the final model is bit-identical to a run
     that kept none; what is saved is what the loop hands the callback (its EMA weights)."""
     from attribution_core.models.checkpoints import model_checkpoints
-    from attribution_core.models.training import checkpoint_steps, learning_rate_at, train_to_dir
+    from attribution_core.models.training import checkpoint_steps, learning_rate_at
+    from attribution_core.models.training_dir import train_to_dir
 
     assert checkpoint_steps(6, 3) == [2, 4, 6] and checkpoint_steps(5, 1) == [5] and checkpoint_steps(2, 4) == [1, 2]
     cfg = TrainConfig(**TINY, steps=6)

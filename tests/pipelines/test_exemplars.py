@@ -25,7 +25,7 @@ def trained(tmp_path_factory, ray_cluster) -> dict[str, str]:
     """A small text model trained on 96 synthetic images (16x16, half a minute) and its index."""
     from attribution_core.config import TrainConfig
     from attribution_core.data.writers import write_synthetic
-    from attribution_core.models.training import train_to_dir
+    from attribution_core.models.training_dir import train_to_dir
     from pipelines.index.job import IndexRequest, run_index
 
     root = tmp_path_factory.mktemp("exemplar-model")

@@ -17,7 +17,7 @@ from attribution_core.config import TrainConfig
 from attribution_core.data.images import encode_png
 from attribution_core.index.store import IndexStore
 from attribution_core.models.tiny import build_tiny_pipeline
-from attribution_core.models.training import train_to_dir
+from attribution_core.models.training_dir import train_to_dir
 from tests.pipelines.conftest import tiny_main_job
 from tests.pipelines.test_cli import attribution, error_line
 
