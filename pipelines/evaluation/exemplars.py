@@ -245,7 +245,7 @@ def _check_set(ctx: _Context, s: ExemplarSet) -> dict[str, Any]:
     values = {name: exemplar_values(scores, is_exemplar, xcfg.k) for name, scores in columns.items()}
     info = {"name": s.name, "kind": s.kind, "size": len(ids), "column": s.column, "value": s.value,
             "served_by": served_weighting(ctx.document, s.kind)}
-    return {"set": info, "values": values, "gallery": _gallery(ctx, s, queries[0], images, columns[SERVED][0],
+    return {"set": info, "values": values, "gallery": _gallery(ctx, queries[0], images, columns[SERVED][0],
                                                                is_exemplar, info)}
 
 
@@ -257,15 +257,10 @@ def _features(featurizer: Featurizer, batch: ExampleBatch, manifest: dict[str, A
     """Training-side features ``[B, k_total]`` as the index would hold them, rounded to its
     storage precision: times the row scale (DAS; what scores are taken against) and without
     it (what a kernel is built from)."""
-    parts, scales = [], []
-    for start in range(0, len(batch), 256):
-        flat, scale = featurizer.flat_and_scale(batch.select(start, start + 256))
-        parts.append(flat)
-        scales.append(scale)
-    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(manifest.get("dtype", ""))
-    stored = torch.cat(parts)
-    stored = stored.to(dtype).float() if dtype is not None else stored
-    return (stored * torch.cat(scales)[:, None] if scales[0] is not None else stored), stored
+    stored, scale = featurizer.flat_and_scale(batch)  # it runs the batch in passes of max_rows_per_pass
+    if manifest.get("dtype") == "float16":  # index.dtype: float16 | float32
+        stored = stored.half().float()
+    return (stored * scale[:, None] if scale is not None else stored), stored
 
 
 def _basis_scores(ctx: _Context, basis: str, batch: ExampleBatch, queries: list[Generated],
@@ -319,7 +314,7 @@ def _control(ctx: _Context, s: ExemplarSet, control: list[Generated], ids: list[
     return _scores(ctx, featurize_generated(featurizer, control), candidates, [weighting])[weighting]
 
 
-def _gallery(ctx: _Context, s: ExemplarSet, query: Generated, images: list[bytes], scores: np.ndarray,
+def _gallery(ctx: _Context, query: Generated, images: list[bytes], scores: np.ndarray,
              is_exemplar: np.ndarray, info: dict[str, Any]) -> dict[str, Any]:
     """One row of the report: the set's first query, its exemplars, and the served answer's
     top-k candidates (each marked exemplar or not)."""
