@@ -52,7 +52,7 @@ def _cmd_groups(args: argparse.Namespace) -> int:
     if args.model:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=args.model, build=None))
     adapter = load_model(cfg.model)
-    layout = build_layout(adapter.denoiser, cfg.featurize.groups, cfg.featurize.projection)
+    layout = build_layout(adapter.tracked_model(), cfg.featurize.groups, cfg.featurize.projection)
     if args.json:
         print_result(json.dumps(layout.to_manifest(), indent=2))
         return 0

@@ -111,6 +111,34 @@ def write_lora(base_dir: str, out_dir, rank: int = 2, seed: int = 0, targets=Non
     return str(save_lora(adapter.denoiser, spec, out_dir, base_dir, base_fp))
 
 
+def write_diffusers_lora(base_dir: str, out_dir, rank: int = 2, seed: int = 0, text_encoder: bool = True) -> str:
+    """A LoRA folder as diffusers' training scripts leave one (``train_dreambooth_lora.py``
+    with ``--train_text_encoder``): peft adapters on the UNet's attention projections and the
+    text encoder's, random non-zero weights, saved by ``StableDiffusionPipeline.save_lora_weights``
+    alone (no metadata, no lora.json)."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+
+    adapter = load_adapter(base_dir)
+    torch.manual_seed(seed)
+    parts = {"unet_lora_layers": (adapter.denoiser, ["to_k", "to_q", "to_v", "to_out.0"])}
+    if text_encoder:
+        parts["text_encoder_lora_layers"] = (adapter.text_encoder, ["q_proj", "k_proj", "v_proj", "out_proj"])
+    layers = {}
+    g = torch.Generator().manual_seed(seed)
+    for key, (module, targets) in parts.items():
+        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                           target_modules=targets), module)
+        with torch.no_grad():
+            for name, p in module.named_parameters():
+                if ".lora_B." in name:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        layers[key] = convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
+    StableDiffusionPipeline.save_lora_weights(out_dir, **layers)
+    return str(out_dir)
+
+
 @pytest.fixture(scope="session")
 def lora_dirs(model_dirs, tmp_path_factory) -> dict[str, str]:
     """A rank-2 LoRA on attention q/k/v/out of each tiny model kind."""

@@ -1,9 +1,10 @@
 """``featurize``: per-example, per-group projected gradient features of a diffusion model.
 
-The one function every stage uses (index job, learning queries, evaluation, query service),
-so training-side and query-side features match by construction:
+Every stage featurizes through a ``Featurizer`` built from the model and the index's
+featurize settings (index job, learning queries, evaluation, query service), so
+training-side and query-side features match by construction:
 
-    features = featurize(adapter, batch, cfg)      # {group: Tensor[B, k_group]} float32
+    features = Featurizer(adapter, cfg)(batch)     # {group: Tensor[B, k_group]} float32
 
 An example is measured on ``T x noise_draws`` rows (timesteps and noise from its own seeded
 generator, see ``seeding``); its feature is the projected gradient of the mean measurement
@@ -19,7 +20,7 @@ import threading
 
 import torch
 
-from attribution_core.models.adapters import DiffusersAdapter, ExampleBatch
+from attribution_core.models.adapters import TEXT_ENCODER, DiffusersAdapter, ExampleBatch
 from attribution_core.features.capture import KroneckerCapture
 from attribution_core.config import FeaturizeConfig
 from attribution_core.errors import ConfigError
@@ -112,8 +113,11 @@ class Featurizer:
         self.adapter = adapter
         self.cfg = cfg
         self.measure = get_measurement(cfg.measurement)
-        self.layout: GroupLayout = build_layout(adapter.denoiser, cfg.groups, cfg.projection)
-        self.capture = KroneckerCapture(adapter.denoiser, self.layout, cfg.seed, adapter.device)
+        tracked = adapter.tracked_model()
+        self.layout: GroupLayout = build_layout(tracked, cfg.groups, cfg.projection)
+        self.capture = KroneckerCapture(tracked, self.layout, cfg.seed, adapter.device)
+        # Text-encoder layers are tracked: the prompt is encoded inside the differentiated pass.
+        self.text_tracked = any(layer.name.startswith(TEXT_ENCODER + ".") for layer in self.layout.layers)
         # One lock per model: hooks of any featurizer on it would see every pass.
         self._lock = adapter.__dict__.setdefault("_featurize_lock", threading.Lock())
 
@@ -154,7 +158,11 @@ class Featurizer:
         per_row = self.cfg.normalize == "timestep"
         with self.capture.capturing(len(batch), rows.rows_per_example, per_row), torch.enable_grad():
             with self._autocast():
-                output = self.adapter.denoise(x_t, rows.t, rows.cond)
+                cond = rows.cond
+                if self.text_tracked:  # one text pass per row, so each row's gradient reaches its layers
+                    ids = self.adapter.tokenize(list(batch.captions)).repeat_interleave(rows.rows_per_example, 0)
+                    cond = {**cond, "encoder_hidden_states": self.adapter.text_states(ids)}
+                output = self.adapter.denoise(x_t, rows.t, cond)
             measured = measure(output, target)  # [R]
             scale = residual_scale(output, denoising_target, rows.rows_per_example).cpu() if self.row_scaled else None
             # Sum over examples of each example's mean over its rows: the backward pass then

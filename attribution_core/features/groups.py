@@ -1,7 +1,9 @@
 """Tracked layers and parameter groups: which gradients are featurized and how they split.
 
-A tracked layer is an ``nn.Linear`` or ``nn.Conv2d`` of the denoiser selected by glob
-patterns over module names (``*`` matches dots too). Its weight (and bias) gradient is
+A tracked layer is an ``nn.Linear`` or ``nn.Conv2d`` of the denoiser (or, on a model whose
+text encoder carries LoRA adapters, of those adapters, named ``text_encoder.<module>``: their
+own group under the block and function presets) selected by glob patterns over module names
+(``*`` matches dots too). Its weight (and bias) gradient is
 projected to ``k_out x k_in`` numbers. Layers are grouped by a preset or by custom patterns;
 the flat feature vector is the concatenation of groups in a fixed order (by first module
 appearance), each group the concatenation of its layers in module order. The layout is
@@ -24,6 +26,7 @@ from attribution_core.models.lora import is_adapter_layer, target_name
 
 # Ordered (group, patterns) rules of the 'function' preset: the first match wins.
 FUNCTION_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("text_encoder", ("text_encoder.*",)),  # a LoRA text encoder's adapters, when tracked
     ("time_embedding", ("time_embedding.*", "class_embedding.*", "add_embedding.*")),
     ("cross_attn_q", ("*attn2.to_q",)),
     ("cross_attn_k", ("*attn2.to_k",)),
@@ -132,6 +135,8 @@ def candidate_layers(model: nn.Module, lora_only: bool = True) -> dict[str, nn.M
 
 
 def _block_group(name: str) -> str:
+    if name.startswith("text_encoder."):
+        return "text_encoder"
     m = _BLOCK.match(name)
     if m:
         return f"{m.group(1)}.{m.group(2)}"

@@ -18,7 +18,7 @@ import math
 import torch
 from torch.func import functional_call, grad, vmap
 
-from attribution_core.models.adapters import DiffusersAdapter, ExampleBatch
+from attribution_core.models.adapters import TEXT_ENCODER, DiffusersAdapter, ExampleBatch
 from attribution_core.config import FeaturizeConfig
 from attribution_core.features.featurize import build_rows
 from attribution_core.features.groups import GroupLayout
@@ -56,22 +56,36 @@ def per_example_gradients(
             target = adapter.denoise(x_t, rows.t, rows.contrast_cond)
         measure = contrast_measurement
     names = names if names is not None else tracked_parameter_names(layout)
+    prefix = TEXT_ENCODER + "."
+    text_names = [n for n in names if n.startswith(prefix)]
     all_params = dict(model.named_parameters())
-    tracked = {n: all_params[n].detach() for n in names}
+    tracked = {n: (adapter.text_encoder.get_parameter(n[len(prefix):]) if n.startswith(prefix) else all_params[n]).detach()
+               for n in names}
     frozen = {n: p.detach() for n, p in all_params.items() if n not in tracked}
     buffers = dict(model.named_buffers())
     cond_keys = sorted(rows.cond)
+    text = adapter.text_encoder if text_names else None
+    if text is not None:  # the prompt is encoded inside the differentiated function
+        text_params = {n: p.detach() for n, p in text.named_parameters()}
+        text_buffers = dict(text.named_buffers())
+        ids = adapter.tokenize(list(batch.captions)).repeat_interleave(rows.rows_per_example, 0)
 
     def example_measure(params, x_t_ex, t_ex, target_ex, *cond_ex):
-        # One example: x_t_ex [r, *sample], t_ex [r], cond_ex each [r, ...].
+        # One example: x_t_ex [r, *sample], t_ex [r], cond_ex each [r, ...] (token ids last
+        # when the text encoder's layers are tracked).
         cond = dict(zip(cond_keys, cond_ex))
+        if text is not None:
+            own = {n[len(prefix):]: p for n, p in params.items() if n.startswith(prefix)}
+            states = functional_call(text, ({**text_params, **own}, text_buffers), (cond_ex[-1],))[0]
+            cond["encoder_hidden_states"] = states
+            params = {n: p for n, p in params.items() if not n.startswith(prefix)}
         out = functional_call(model, ({**frozen, **params}, buffers), (x_t_ex, t_ex), {**cond, "return_dict": False})[0]
         return measure(out, target_ex).mean()
 
     def split(x: torch.Tensor) -> torch.Tensor:
         return x.reshape(b, r, *x.shape[1:])  # [B*r, ...] -> [B, r, ...]
 
-    cond_args = [split(rows.cond[k]) for k in cond_keys]
+    cond_args = [split(rows.cond[k]) for k in cond_keys] + ([split(ids)] if text is not None else [])
     in_dims = (None, 0, 0, 0) + (0,) * len(cond_args)
     with torch.enable_grad():
         grads = vmap(grad(example_measure), in_dims=in_dims)(

@@ -23,11 +23,13 @@ import torch
 from torch import nn
 
 from attribution_core.errors import InputError, ModelLoadError
-from attribution_core.models.lora import LoraSpec
+from attribution_core.models.lora import LoraSpec, has_lora
 
 log = logging.getLogger(__name__)
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+TEXT_ENCODER = "text_encoder"
+"""Prefix of the text encoder's layers among the tracked ones (``text_encoder.text_model...``)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,9 +242,35 @@ class DiffusersAdapter:
     @torch.no_grad()
     def encode_text(self, captions: list[str]) -> torch.Tensor:
         """Text encoder states ``Tensor[B, S, D]`` of ``captions``."""
+        return self.text_states(self.tokenize(captions))
+
+    def tokenize(self, captions: list[str]) -> torch.Tensor:
+        """Token ids ``Tensor[B, S]`` int64 on the model's device."""
         tokens = self.tokenizer(captions, padding="max_length", max_length=self.tokenizer.model_max_length,
                                 truncation=True, return_tensors="pt")
-        return self.text_encoder(tokens.input_ids.to(self.device))[0]
+        return tokens.input_ids.to(self.device)
+
+    def text_states(self, ids: torch.Tensor) -> torch.Tensor:
+        """The text encoder's last hidden states ``Tensor[B, S, D]`` of token ids (under the
+        caller's grad mode: differentiated when its layers are tracked)."""
+        return self.text_encoder(ids)[0]
+
+    @property
+    def tracks_text_encoder(self) -> bool:
+        """Whether the text encoder carries LoRA adapters, whose layers are then tracked too."""
+        return self.text_encoder is not None and has_lora(self.text_encoder)
+
+    def tracked_model(self) -> nn.Module:
+        """The module whose Linear/Conv2d layers may be tracked: the denoiser, under its own
+        layer names; with a LoRA on the text encoder, a view holding the denoiser's modules
+        under the same names and the text encoder's under ``text_encoder.``."""
+        if not self.tracks_text_encoder:
+            return self.denoiser
+        view = nn.Module()
+        for name, child in self.denoiser.named_children():
+            view.add_module(name, child)
+        view.add_module(TEXT_ENCODER, self.text_encoder)
+        return view
 
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.denoiser(x_t, t, **cond, return_dict=False)[0]
@@ -274,8 +302,11 @@ class DiffusersAdapter:
             parts["vae"] = dict(self.vae.config)
         if self.text_encoder is not None:
             parts["text_encoder"] = self.text_encoder.config.to_dict()
-        if self.lora is not None:
-            parts["lora"] = self.lora.to_json()
+        if self.lora is not None:  # which modules are adapted shows in the weights' names
+            parts["lora"] = {"rank": self.lora.rank, "alpha": self.lora.alpha}
+            if self.lora.text_encoder is not None:
+                parts["lora"]["text_encoder"] = {"rank": self.lora.text_encoder.rank,
+                                                 "alpha": self.lora.text_encoder.alpha}
         if self.variants:  # an fp16 copy is another model than its fp32 original
             parts["variants"] = dict(sorted(self.variants.items()))
         return parts

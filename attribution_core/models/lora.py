@@ -1,15 +1,23 @@
 """LoRA fine-tunes: adapters on a base pipeline, saved and loaded the way diffusers does it.
 
-A LoRA model directory holds ``pytorch_lora_weights.safetensors`` (the denoiser's adapter
-weights under the ``unet.`` prefix, as diffusers' ``save_lora_weights`` writes them and
-``load_lora_weights`` reads them) next to ``lora.json``, the pointer to its base pipeline
-directory with the adapter's rank, alpha and target modules, and usually the
-``training.json`` of the fine-tune. Adapters are injected with peft (``inject_adapter_in_model``),
-as diffusers' own LoRA support does, so any diffusers UNet takes them.
+A LoRA model directory holds ``pytorch_lora_weights.safetensors``: the adapter weights of the
+denoiser under the ``unet.`` prefix and, for a fine-tune that also trained the text encoder
+(diffusers' ``--train_text_encoder``), of the text encoder under ``text_encoder.``, as
+``StableDiffusionPipeline.save_lora_weights`` writes them and diffusers' training scripts
+(``train_text_to_image_lora.py``, ``train_dreambooth_lora.py``) leave them. Rank comes from
+the weights' shapes; alpha from the file's adapter metadata, or its ``.alpha`` entries, or
+else equals the rank (diffusers' convention: a scale of 1).
 
-With peft, a target ``X`` becomes ``X.base_layer`` (the frozen original) plus the adapter's
-down and up projections ``X.lora_A.<name>`` and ``X.lora_B.<name>``: plain ``nn.Linear`` /
-``nn.Conv2d`` modules, which the Kronecker capture tracks like any other layer.
+The base pipeline is named by the caller (``model.base``, ``--base``) or by ``lora.json``, the
+optional record this project writes next to the adapters it trains (base directory, base
+fingerprint, rank, alpha, targets). When the record has a base fingerprint, a base that does
+not match it is refused.
+
+Adapters are injected with peft (``inject_adapter_in_model``), as diffusers' own LoRA
+support does, into the denoiser and the text encoder alike. With peft, a target ``X``
+becomes ``X.base_layer`` (the frozen original) plus the adapter's down and up projections
+``X.lora_A.<name>`` and ``X.lora_B.<name>``: plain ``nn.Linear`` / ``nn.Conv2d`` modules,
+which the Kronecker capture tracks like any other layer.
 """
 
 from __future__ import annotations
@@ -46,9 +54,14 @@ class LoraSpec:
     rank: int
     alpha: float
     targets: tuple[str, ...]
+    text_encoder: LoraSpec | None = None
+    """The text encoder's adapter, when the fine-tune trained one too."""
 
     def to_json(self) -> dict[str, Any]:
-        return {"rank": self.rank, "alpha": self.alpha, "targets": list(self.targets)}
+        out: dict[str, Any] = {"rank": self.rank, "alpha": self.alpha, "targets": list(self.targets)}
+        if self.text_encoder is not None:
+            out["text_encoder"] = self.text_encoder.to_json()
+        return out
 
 
 def target_name(module_name: str) -> str:
@@ -124,11 +137,12 @@ def save_lora(denoiser: nn.Module, spec: LoraSpec, out_dir: str | Path, base_dir
 
 @dataclasses.dataclass(frozen=True)
 class LoraPointer:
-    """The content of a LoRA directory's ``lora.json``."""
+    """What ``lora.json`` (optional) records: the base pipeline, its fingerprint and the
+    adapter's settings."""
 
-    base: Path
+    base: Path | None
     base_fingerprint: str | None
-    spec: LoraSpec
+    spec: LoraSpec | None
 
 
 def is_lora_dir(path: str | Path) -> bool:
@@ -137,65 +151,150 @@ def is_lora_dir(path: str | Path) -> bool:
 
 
 def read_pointer(path: str | Path) -> LoraPointer:
+    """The directory's ``lora.json``, or an empty pointer when it has none."""
     root = Path(path)
     file = root / LORA_FILE
     if not file.is_file():
-        raise ModelLoadError(
-            f"{root} holds LoRA weights ({WEIGHTS_FILE}) but no {LORA_FILE} naming the base model; write "
-            f'{file} as {{"base": "<base pipeline directory>", "rank": R, "alpha": A, "targets": [...]}}')
+        return LoraPointer(base=None, base_fingerprint=None, spec=None)
     try:
         record = json.loads(file.read_text())
-        base = Path(record["base"])
-        spec = LoraSpec(rank=int(record["rank"]), alpha=float(record.get("alpha", record["rank"])),
-                        targets=tuple(record.get("targets") or DEFAULT_TARGETS))
-    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise ModelLoadError(f"{file} is not a readable LoRA pointer ({exc}); it needs at least "
-                             '"base" and "rank"') from exc
-    return LoraPointer(base=base if base.is_absolute() else (root / base).resolve(),
-                       base_fingerprint=record.get("base_fingerprint"), spec=spec)
+        base = Path(record["base"]) if record.get("base") else None
+        spec = None
+        if "rank" in record:
+            spec = LoraSpec(rank=int(record["rank"]), alpha=float(record.get("alpha", record["rank"])),
+                            targets=tuple(record.get("targets") or DEFAULT_TARGETS))
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ModelLoadError(f"{file} is not a readable LoRA record ({exc}); it is optional: delete it and name "
+                             "the base pipeline with model.base (--base), or fix it") from exc
+    if base is not None and not base.is_absolute():
+        base = (root / base).resolve()
+    return LoraPointer(base=base, base_fingerprint=record.get("base_fingerprint"), spec=spec)
 
 
-def _peft_keys(state: dict[str, torch.Tensor], file: Path) -> dict[str, torch.Tensor]:
-    others = sorted({key.split(".", 1)[0] for key in state if not key.startswith("unet.")})
-    if others:
-        raise ModelLoadError(f"{file} also adapts {', '.join(others)}; only UNet adapters are loaded, and without "
-                             "the others the model would not be the one you fine-tuned. Merge those adapters into "
-                             "the base and point lora.json at the merged pipeline")
-    out = {}
-    for key, value in state.items():
-        key = key[len("unet."):]
-        for old, new in _KEY_SPELLINGS:
-            key = key.replace(old, new)
-        out[key] = value
-    return out
+COMPONENTS = {"unet": "denoiser", "text_encoder": "text encoder"}
+_ALPHA_SUFFIX = ".alpha"
 
 
-def load_lora(denoiser: nn.Module, lora_dir: str | Path, spec: LoraSpec) -> list[str]:
-    """Attach the adapters saved in ``lora_dir`` to ``denoiser`` (frozen); returns the wrapped
-    module names. Refuses a file whose adapters do not fit the denoiser."""
-    from peft import inject_adapter_in_model, set_peft_model_state_dict
+@dataclasses.dataclass(frozen=True)
+class LoraFile:
+    """A diffusers LoRA file split by component: ``{"unet" | "text_encoder": {peft key: tensor}}``
+    plus each component's alpha when the file records one."""
+
+    path: Path
+    states: dict[str, dict[str, torch.Tensor]]
+    alphas: dict[str, float]
+    declared_targets: dict[str, tuple[str, ...]]
+
+    def spec(self, component: str) -> LoraSpec:
+        """Rank (from the down projections' shapes), alpha and adapted modules of one component."""
+        state = self.states[component]
+        ranks = {int(v.shape[0]) for k, v in state.items() if ".lora_A." in k and k.endswith(".weight")}
+        if len(ranks) != 1:
+            raise ModelLoadError(f"{self.path}: the {COMPONENTS[component]} adapters have ranks {sorted(ranks)}; "
+                                 "adapters of one rank per component are supported (as diffusers' scripts train)")
+        rank = ranks.pop()
+        targets = self.declared_targets.get(component) or tuple(sorted(_adapted_modules(state)))
+        return LoraSpec(rank=rank, alpha=self.alphas.get(component, float(rank)), targets=targets)
+
+
+def _adapted_modules(state: dict[str, torch.Tensor]) -> set[str]:
+    return {k.split(".lora_", 1)[0] for k in state if ".lora_" in k}
+
+
+def _metadata(file: Path) -> dict[str, Any]:
+    """The adapter metadata diffusers writes into the file's header (``lora_adapter_metadata``:
+    ``{"unet.r": .., "unet.lora_alpha": .., "unet.target_modules": [..], ...}``)."""
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as f:
+        header = f.metadata() or {}
+    raw = header.get("lora_adapter_metadata")
+    if not raw:
+        return {}
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"{file}: its lora_adapter_metadata header is not JSON ({exc})") from exc
+
+
+def read_lora_file(lora_dir: str | Path) -> LoraFile:
+    """Read ``pytorch_lora_weights.safetensors`` of a LoRA directory into peft's key spelling,
+    per component; refuses adapters of components this system does not load."""
     from safetensors.torch import load_file
 
     file = Path(lora_dir) / WEIGHTS_FILE
     if not file.is_file():
-        raise ModelLoadError(f"{lora_dir} has a {LORA_FILE} but no {WEIGHTS_FILE}")
-    state = _peft_keys(load_file(str(file)), file)
-    wrapped = sorted({k.split(".lora_", 1)[0] for k in state if ".lora_" in k})
-    if not wrapped:
-        raise ModelLoadError(f"{file} holds no UNet LoRA weights (keys under 'unet.' with lora_A/lora_B)")
-    modules = dict(denoiser.named_modules())
+        raise ModelLoadError(f"{lora_dir} holds no {WEIGHTS_FILE}: not a LoRA directory as diffusers saves one")
+    raw = load_file(str(file))
+    others = sorted({key.split(".", 1)[0] for key in raw if key.split(".", 1)[0] not in COMPONENTS})
+    if others:
+        raise ModelLoadError(
+            f"{file} has weights under {', '.join(others)}; LoRA files of Stable Diffusion 1.x/2.x pipelines are "
+            "loaded (keys under unet. and text_encoder., as StableDiffusionPipeline.save_lora_weights writes them). "
+            "Convert other layouts (e.g. kohya's lora_unet_...) with diffusers first")
+    metadata = _metadata(file)
+    states: dict[str, dict[str, torch.Tensor]] = {}
+    alphas: dict[str, float] = {}
+    for key, value in raw.items():
+        component, rest = key.split(".", 1)
+        if rest.endswith(_ALPHA_SUFFIX):  # a network alpha (kohya-style conversions keep them)
+            found = alphas.setdefault(component, float(value))
+            if found != float(value):
+                raise ModelLoadError(f"{file}: the {COMPONENTS[component]} adapters have several alphas; one "
+                                     "alpha per component is supported")
+            continue
+        for old, new in _KEY_SPELLINGS:
+            rest = rest.replace(old, new)
+        states.setdefault(component, {})[rest] = value
+    declared: dict[str, tuple[str, ...]] = {}
+    for component in states:
+        if f"{component}.lora_alpha" in metadata:
+            alphas[component] = float(metadata[f"{component}.lora_alpha"])
+        if metadata.get(f"{component}.target_modules"):
+            declared[component] = tuple(sorted(metadata[f"{component}.target_modules"]))
+    if "unet" not in states:
+        raise ModelLoadError(f"{file} holds no denoiser adapters (keys under 'unet.' with lora_A/lora_B or "
+                             "lora.down/lora.up)")
+    return LoraFile(path=file, states=states, alphas=alphas, declared_targets=declared)
+
+
+def attach(module: nn.Module, state: dict[str, torch.Tensor], spec: LoraSpec, what: str, file: Path) -> list[str]:
+    """Inject adapters of ``spec`` into ``module`` where ``state`` has weights and load them
+    (frozen); returns the wrapped module names."""
+    from peft import inject_adapter_in_model, set_peft_model_state_dict
+
+    wrapped = sorted(_adapted_modules(state))
+    modules = dict(module.named_modules())
     unknown = [n for n in wrapped if n not in modules]
     if unknown:
-        raise ModelLoadError(f"{file} adapts modules the base denoiser does not have ({unknown[:3]}...): "
-                             "it was trained on another base model")
-    inject_adapter_in_model(_lora_config(spec, wrapped), denoiser, adapter_name=ADAPTER)
-    result = set_peft_model_state_dict(denoiser, state, adapter_name=ADAPTER)
+        raise ModelLoadError(f"{file} adapts modules the base {what} does not have ({unknown[:3]}...): it was "
+                             "trained on another base model; name the base it was trained on with model.base")
+    inject_adapter_in_model(_lora_config(spec, wrapped), module, adapter_name=ADAPTER)
+    result = set_peft_model_state_dict(module, state, adapter_name=ADAPTER)
     bad = [k for k in getattr(result, "unexpected_keys", []) or [] if ".lora_" in k]
     if bad:
-        raise ModelLoadError(f"{file} has adapter weights that do not fit the base: {bad[:3]}")
-    shapes = {k: v.shape for k, v in state.items() if k.endswith("lora_A.weight")}
-    ranks = {int(s[0]) for s in shapes.values()}
-    if ranks != {spec.rank}:
-        raise ModelLoadError(f"{file} has adapters of rank {sorted(ranks)} but {LORA_FILE} says {spec.rank}")
-    denoiser.requires_grad_(False)
+        raise ModelLoadError(f"{file} has {what} adapter weights that do not fit the base: {bad[:3]}")
+    module.requires_grad_(False)
     return wrapped
+
+
+def load_lora(denoiser: nn.Module, text_encoder: nn.Module | None, lora_dir: str | Path,
+              declared: LoraSpec | None = None) -> LoraSpec:
+    """Attach the adapters saved in ``lora_dir`` to ``denoiser`` (and ``text_encoder`` when
+    the file adapts it), frozen; returns their spec. ``declared`` (from ``lora.json``) must
+    agree with the file's rank."""
+    lora = read_lora_file(lora_dir)
+    spec = lora.spec("unet")
+    if declared is not None:
+        if declared.rank != spec.rank:
+            raise ModelLoadError(f"{lora.path} has adapters of rank {spec.rank} but {LORA_FILE} says {declared.rank}")
+        spec = dataclasses.replace(spec, alpha=declared.alpha, targets=declared.targets)
+    attach(denoiser, lora.states["unet"], spec, "denoiser", lora.path)
+    if "text_encoder" in lora.states:
+        if text_encoder is None:
+            raise ModelLoadError(f"{lora.path} adapts a text encoder but the base model has none: it was trained "
+                                 "on another base model")
+        text_spec = lora.spec("text_encoder")
+        attach(text_encoder, lora.states["text_encoder"], text_spec, "text encoder", lora.path)
+        spec = dataclasses.replace(spec, text_encoder=text_spec)
+    return spec

@@ -54,7 +54,7 @@ def save_pipeline(components: dict[str, Any], out_dir: str | Path, variant: str 
 def is_model_dir(path: str | Path) -> bool:
     """Whether ``path`` holds a model ``load_adapter`` can open (a pipeline or a LoRA)."""
     root = Path(path)
-    return (root / "unet" / "config.json").is_file() or (root / "lora.json").is_file()
+    return (root / "unet" / "config.json").is_file() or is_lora_dir(root)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -64,9 +64,10 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise ModelLoadError(f"cannot read {path}: {exc}") from exc
 
 
-def load_adapter(path: str | Path, device: str | torch.device = "cpu") -> DiffusersAdapter:
+def load_adapter(path: str | Path, device: str | torch.device = "cpu", base: str | Path | None = None) -> DiffusersAdapter:
     """Load a model directory in a diffusers pipeline layout (see module doc), or a LoRA
-    fine-tune of one (``lora.json`` + ``pytorch_lora_weights.safetensors``), onto ``device``."""
+    fine-tune of one (``pytorch_lora_weights.safetensors``, on the pipeline directory ``base``
+    or the one its optional ``lora.json`` names), onto ``device``."""
     root = Path(path)
     if not root.is_dir():
         raise ModelLoadError(
@@ -74,7 +75,7 @@ def load_adapter(path: str | Path, device: str | torch.device = "cpu") -> Diffus
             "--model at a diffusers pipeline directory (model_index.json, unet/, scheduler/, ...)"
         )
     if is_lora_dir(root) and not (root / "unet").is_dir():
-        adapter = _load_lora_model(root)
+        adapter = _load_lora_model(root, None if base is None else Path(base))
     else:
         adapter = _load_pipeline(root)
     _read_training_record(adapter, root)
@@ -143,22 +144,26 @@ def stored_variant(folder: Path) -> str | None:
     return found.pop()
 
 
-def _load_lora_model(root: Path) -> DiffusersAdapter:
-    """The base pipeline the LoRA directory points at, with its adapters attached."""
+def _load_lora_model(root: Path, base: Path | None) -> DiffusersAdapter:
+    """The base pipeline (``base``, else the one ``lora.json`` names) with the adapters attached."""
     from attribution_core.models.fingerprint import model_fingerprint
 
     pointer = read_pointer(root)
-    if not pointer.base.is_dir() or is_lora_dir(pointer.base) and not (pointer.base / "unet").is_dir():
-        what = "does not exist" if not pointer.base.is_dir() else "is itself a LoRA directory (merge it first)"
-        raise ModelLoadError(f"the base model of the LoRA at {root}, {pointer.base}, {what}; fix \"base\" in "
-                             f"{root}/lora.json")
-    adapter = _load_pipeline(pointer.base)
-    _read_training_record(adapter, pointer.base)
+    chosen = base or pointer.base
+    if chosen is None:
+        raise ModelLoadError(f"{root} holds LoRA weights; name the base pipeline directory they were trained on "
+                             "with model.base in the config (or --base), e.g. your Stable Diffusion 1.5 folder")
+    where = "model.base (--base)" if base is not None else f'"base" in {root}/lora.json'
+    if not chosen.is_dir() or is_lora_dir(chosen) and not (chosen / "unet").is_dir():
+        what = "does not exist" if not chosen.is_dir() else "is itself a LoRA directory (merge it first)"
+        raise ModelLoadError(f"the base model of the LoRA at {root}, {chosen}, {what}; fix {where}")
+    adapter = _load_pipeline(chosen)
+    _read_training_record(adapter, chosen)
     if pointer.base_fingerprint and model_fingerprint(adapter) != pointer.base_fingerprint:
-        raise ModelLoadError(f"the base model at {pointer.base} is not the one the LoRA at {root} was trained on "
-                             "(its fingerprint differs); point lora.json's \"base\" at the original base model")
-    load_lora(adapter.denoiser, root, pointer.spec)
-    adapter.lora = pointer.spec
+        raise ModelLoadError(f"the base model at {chosen} is not the one the LoRA at {root} was trained on "
+                             f"(its fingerprint differs from the one in lora.json); fix {where} to name the "
+                             "original base model")
+    adapter.lora = load_lora(adapter.denoiser, adapter.text_encoder, root, pointer.spec)
     return adapter
 
 

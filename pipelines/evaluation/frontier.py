@@ -82,7 +82,7 @@ def _members(ctx, setting: str, fcfg: FeaturizeConfig, *, finals: dict[str, Memb
     if setting == "default":
         return finals, documents
     cfg = dataclasses.replace(ctx.cfg, featurize=fcfg)
-    widest = max(g.dim for g in build_layout(adapter.denoiser, fcfg.groups, fcfg.projection).groups)
+    widest = max(g.dim for g in build_layout(adapter.tracked_model(), fcfg.groups, fcfg.projection).groups)
     if widest > ctx.cfg.evaluate.frontier.max_block_dim:  # a group's kernel block would not fit: one per layer
         cfg = dataclasses.replace(cfg, index=dataclasses.replace(cfg.index, kernel=LAYER_BLOCK))
     members, docs = {}, {}

@@ -103,7 +103,7 @@ def published_rows(cfg: ProjectConfig, adapter, inputs: Inputs) -> dict[str, dic
     choice, bytes and featurize seconds per row against this project's featurizer, and with
     ``paper_setting`` the learned-minus-uniform group weighting on the same features."""
     pcfg = cfg.evaluate.published
-    layout = build_layout(adapter.denoiser, cfg.featurize.groups, cfg.featurize.projection)
+    layout = build_layout(adapter.tracked_model(), cfg.featurize.groups, cfg.featurize.projection)
     parameters, group_names = parameter_groups(adapter, layout)
     names = [n for n, _, _ in parameters]
     halves = query_halves(len(inputs.queries), stable_seed("published-halves", cfg.evaluate.seed))

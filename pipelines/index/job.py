@@ -62,7 +62,7 @@ def describe_model(path: str, cfg: ProjectConfig) -> tuple[dict[str, Any], Group
     its group layout. The model itself is dropped before any Ray work: at Stable Diffusion's
     size it is gigabytes the driver would otherwise hold for the whole build."""
     adapter = load_model_dir(path, "cpu")
-    layout = build_layout(adapter.denoiser, cfg.featurize.groups, cfg.featurize.projection)
+    layout = build_layout(adapter.tracked_model(), cfg.featurize.groups, cfg.featurize.projection)
     model = {"fingerprint": model_fingerprint(adapter), "class": type(adapter.denoiser).__name__,
              "conditioning": adapter.conditioning, "image_shape": list(adapter.image_shape)}
     del adapter

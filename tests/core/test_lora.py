@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from attribution_core.models.pipeline_dir import load_adapter
 from attribution_core.models.fingerprint import model_fingerprint
 from attribution_core.models.lora import LoraSpec, add_lora, is_adapter_layer, target_name
 from attribution_core.models.training import TrainingData, train_model
-from tests.conftest import KINDS, make_batch, write_lora
+from tests.conftest import KINDS, make_batch, write_diffusers_lora, write_lora
 from tests.core.test_featurize_exact import assert_exact
 
 
@@ -98,8 +99,11 @@ def test_bad_lora_directories_say_what_to_fix(lora_dirs, model_dirs, tmp_path):
     bad = tmp_path / "no-pointer"
     bad.mkdir()
     shutil.copy(f"{lora_dirs['unet']}/pytorch_lora_weights.safetensors", bad)
-    with pytest.raises(ModelLoadError, match="no lora.json naming the base"):
+    with pytest.raises(ModelLoadError, match="name the base pipeline directory .* with model.base"):
         load_adapter(bad)
+    assert load_adapter(bad, base=model_dirs["unet"]).lora.rank == 2  # the base named by the caller
+    with pytest.raises(ModelLoadError, match=r"does not exist; fix model.base \(--base\)"):
+        load_adapter(bad, base=tmp_path / "nowhere")
     moved = tmp_path / "a" / "b" / "c" / "elsewhere"  # the relative pointer leads nowhere from here
     shutil.copytree(lora_dirs["unet"], moved)
     with pytest.raises(ModelLoadError, match="does not exist; fix \"base\""):
@@ -112,14 +116,16 @@ def test_bad_lora_directories_say_what_to_fix(lora_dirs, model_dirs, tmp_path):
         load_adapter(wrong_base)
     from safetensors.torch import load_file, save_file
 
-    with_text = tmp_path / "with-text"
+    with_text = tmp_path / "with-text"  # text-encoder adapters on a base without a text encoder
     shutil.copytree(lora_dirs["unet"], with_text)
     weights = load_file(with_text / "pytorch_lora_weights.safetensors")
     save_file({**weights, "text_encoder.layers.0.q_proj.lora_A.weight": torch.zeros(2, 4)},
               with_text / "pytorch_lora_weights.safetensors")
-    pointer = json.loads((with_text / "lora.json").read_text())
-    (with_text / "lora.json").write_text(json.dumps({**pointer, "base": model_dirs["unet"]}))
-    with pytest.raises(ModelLoadError, match="also adapts text_encoder"):
+    with pytest.raises(ModelLoadError, match="adapts a text encoder but the base model has none"):
+        load_adapter(with_text)
+    save_file({**weights, "text_encoder_2.layers.0.q_proj.lora_A.weight": torch.zeros(2, 4)},
+              with_text / "pytorch_lora_weights.safetensors")
+    with pytest.raises(ModelLoadError, match="weights under text_encoder_2"):
         load_adapter(with_text)
     unet = load_adapter(model_dirs["unet"]).denoiser
     with pytest.raises(ConfigError, match=r"LoRA targets \['to_kv'\] match no"):
@@ -156,3 +162,58 @@ def test_lora_training_moves_only_the_adapters(model_dirs, kind):
     with pytest.raises(ConfigError, match="set resolution"):
         train_model(data, TrainConfig(resolution=base.image_shape[1] * 2, conditioning=conditioning, steps=1,
                                       base=model_dirs[kind], lora_rank=2))
+
+
+@pytest.fixture(scope="module")
+def diffusers_lora(model_dirs, tmp_path_factory):
+    """UNet and text-encoder adapters saved as diffusers' DreamBooth LoRA script saves them."""
+    return write_diffusers_lora(model_dirs["text"], tmp_path_factory.mktemp("diffusers-lora") / "lora")
+
+
+def test_a_diffusers_lora_folder_loads_on_the_named_base_as_diffusers_loads_it(diffusers_lora, model_dirs):
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    base = model_dirs["text"]
+    assert sorted(p.name for p in Path(diffusers_lora).iterdir()) == ["pytorch_lora_weights.safetensors"]
+    ours = load_adapter(diffusers_lora, base=base)
+    assert ours.lora.rank == 2 and ours.lora.alpha == 2.0 and ours.lora.text_encoder.rank == 2
+    state, alphas = StableDiffusionPipeline.lora_state_dict(diffusers_lora)[:2]
+    text_encoder = CLIPTextModel.from_pretrained(f"{base}/text_encoder")
+    StableDiffusionPipeline.load_lora_into_text_encoder(state, network_alphas=alphas, text_encoder=text_encoder,
+                                                        prefix="text_encoder")
+    unet = UNet2DConditionModel.from_pretrained(f"{base}/unet")
+    unet.load_lora_adapter(f"{diffusers_lora}/pytorch_lora_weights.safetensors", prefix="unet")
+    ids = ours.tokenize(["a red star", "a cross"])
+    x, t = torch.randn(2, *ours.image_shape, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 500])
+    with torch.no_grad():
+        states = ours.text_states(ids)
+        torch.testing.assert_close(states, text_encoder(ids)[0], rtol=0, atol=0)
+        torch.testing.assert_close(ours.denoise(x, t, {"encoder_hidden_states": states}),
+                                   unet(x, t, encoder_hidden_states=states, return_dict=False)[0], rtol=0, atol=0)
+        assert (load_adapter(base).text_states(ids) - states).abs().max() > 1e-3  # the text adapters act
+    # The fingerprint covers the text encoder's adapters: other text weights, another model.
+    other = load_adapter(diffusers_lora, base=base)
+    with torch.no_grad():
+        next(p for n, p in other.text_encoder.named_parameters() if ".lora_B." in n).add_(0.01)
+    assert model_fingerprint(other) != model_fingerprint(ours)
+    assert model_fingerprint(load_adapter(diffusers_lora, base=base)) == model_fingerprint(ours)
+
+
+@pytest.mark.parametrize("normalize", ["none", "timestep"])
+def test_text_encoder_adapters_are_featurized_exactly_in_their_own_group(diffusers_lora, model_dirs, normalize):
+    adapter = load_adapter(diffusers_lora, base=model_dirs["text"])
+    cfg = FeaturizeConfig(timesteps=TimestepConfig(count=3), noise_draws=1, normalize=normalize,
+                          groups=GroupConfig(preset="function"))
+    featurizer = Featurizer(adapter, cfg)
+    text = featurizer.layout.group("text_encoder")
+    lora_params = {f"text_encoder.{n}" for n, _ in adapter.text_encoder.named_parameters() if ".lora_" in n}
+    assert {f"{n}.weight" for n in text.layers} == lora_params
+    assert featurizer.layout.group_names[-1] == "text_encoder" and "cross_attn_k" in featurizer.layout.group_names
+    batch = make_batch(adapter, n=3)
+    assert_exact(featurizer.flat(batch), reference_features(adapter, batch, cfg, featurizer.layout), featurizer.layout)
+    # Selected or left out like any other layer.
+    unet_only = Featurizer(adapter, FeaturizeConfig(groups=GroupConfig(preset="block", exclude=("text_encoder.*",))))
+    assert "text_encoder" not in unet_only.layout.group_names and not unet_only.text_tracked
+    by_block = Featurizer(adapter, FeaturizeConfig(groups=GroupConfig(preset="block"))).layout
+    assert "text_encoder" in by_block.group_names
