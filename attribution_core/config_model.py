@@ -180,7 +180,12 @@ class ModelConfig:
 
     path: str = "artifacts/demo/model"
     """Diffusers pipeline directory (model_index.json, unet/, scheduler/, ...), or a LoRA
-    directory (pytorch_lora_weights.safetensors + lora.json naming its base pipeline)."""
+    directory as diffusers' training scripts write it (pytorch_lora_weights.safetensors with
+    UNet and, optionally, text-encoder adapters)."""
+    base: str | None = None
+    """The base pipeline directory of a LoRA ``path`` (e.g. your Stable Diffusion 1.5
+    folder). Not needed when the LoRA directory has the lora.json this project writes; when
+    given, it wins over lora.json's base (whose recorded fingerprint must still match)."""
     build: str | None = None
     """If set and ``path`` holds no model, build a tiny model of this kind there
     ('unet', 'unet-class', 'text', 'text-latent'); for demos and tests."""
@@ -193,6 +198,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _check(bool(self.path), "model.path", "must name a model directory")
+        _check(self.base is None or bool(self.base), "model.base", "must name the base pipeline directory, or be removed")
         _check(self.resolution >= 4, "model.resolution", f"must be >= 4, got {self.resolution}")
         _check(
             bool(self.widths) and all(w >= 4 and w % 4 == 0 for w in self.widths),

@@ -33,7 +33,7 @@ from collections.abc import Sequence
 
 from attribution_core.config import TINY_KINDS, ProjectConfig
 from attribution_core.errors import AttributionError
-from pipelines.commands.options import DEFAULT_CONFIG, add_config, add_json, int_list, positive_int
+from pipelines.commands.options import DEFAULT_CONFIG, add_base, add_config, add_json, int_list, positive_int
 from pipelines.output import print_result, stdout_for_result
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -51,6 +51,8 @@ def _cmd_groups(args: argparse.Namespace) -> int:
     cfg = ProjectConfig.load(args.config)
     if args.model:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=args.model, build=None))
+    if args.base:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, base=args.base))
     adapter = load_model(cfg.model)
     layout = build_layout(adapter.tracked_model(), cfg.featurize.groups, cfg.featurize.projection)
     if args.json:
@@ -100,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "Linear/Conv2d layers into parameter groups, with offsets and sizes.")
     add_config(p)
     p.add_argument("--model", help="model directory (overrides model.path in the config)")
+    add_base(p)
     add_json(p, "the layout as JSON (as manifests record it)")
     p.set_defaults(func=_cmd_groups)
 

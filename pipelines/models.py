@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import warnings
@@ -38,11 +39,37 @@ def ensure_model(cfg: ModelConfig) -> Path:
 
 
 def load_model(cfg: ModelConfig) -> DiffusersAdapter:
-    return load_adapter(ensure_model(cfg), device=resolve_device(cfg.device))
+    return load_adapter(ensure_model(cfg), device=resolve_device(cfg.device), base=cfg.base)
 
 
-def load_model_dir(path: str, device: str = "auto") -> DiffusersAdapter:
-    return load_adapter(path, device=resolve_device(device))
+def load_model_dir(path: str, device: str = "auto", base: str | None = None) -> DiffusersAdapter:
+    """The model at ``path`` (``base``: the base pipeline of a LoRA directory) on ``device``."""
+    return load_adapter(path, device=resolve_device(device), base=base)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelRef:
+    """Where a model is: its directory and, for a LoRA directory without lora.json, its base
+    pipeline directory. What stages and actors pass around instead of a loaded model."""
+
+    path: str
+    base: str | None = None
+
+    def load(self, device: str = "auto") -> DiffusersAdapter:
+        return load_model_dir(self.path, device, self.base)
+
+    @classmethod
+    def of_manifest(cls, manifest: dict, path: str | None = None) -> ModelRef:
+        """The model an index version was built with (``path`` instead of the recorded one,
+        keeping the recorded base)."""
+        recorded = manifest["model"]
+        return cls(path or recorded["path"], recorded.get("base"))
+
+
+def manifest_model(manifest: dict, device: str = "auto", path: str | None = None) -> DiffusersAdapter:
+    """The model an index version was built with (``path`` instead of the recorded one; the
+    recorded base of a LoRA either way)."""
+    return ModelRef.of_manifest(manifest, path).load(device)
 
 
 def quiet_libraries() -> None:

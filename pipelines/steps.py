@@ -79,7 +79,7 @@ def build_index(cfg: ProjectConfig, ray_address: str | None = None) -> dict[str,
     from pipelines.index.job import IndexRequest, run_index
 
     return run_index(cfg, IndexRequest(dataset=cfg.data.uri, model=str(ensure_model(cfg.model)), out=cfg.index.out,
-                                       ray_address=ray_address))
+                                       ray_address=ray_address, base=cfg.model.base))
 
 
 def ensure_weights(cfg: ProjectConfig, index: str, version: str, model: str | None = None,

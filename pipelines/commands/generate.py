@@ -12,7 +12,7 @@ from attribution_core.data.writers import write_parquet_dataset
 from attribution_core.features.seeding import content_id
 from attribution_core.models.sampling import SCHEDULERS, generate
 from pipelines.models import load_model_dir
-from pipelines.commands.options import add_json
+from pipelines.commands.options import add_base, add_json
 from pipelines.output import print_result
 
 SCHEMA = pa.schema([
@@ -23,7 +23,7 @@ SCHEMA = pa.schema([
 
 
 def _run(args: argparse.Namespace) -> int:
-    adapter = load_model_dir(args.model, args.device)
+    adapter = load_model_dir(args.model, args.device, args.base)
     images = generate(adapter, prompts=args.prompt or None, labels=args.label or None, n=args.n, seed=args.seed,
                       guidance=args.guidance, steps=args.steps, scheduler=args.scheduler)
     rows = []
@@ -47,6 +47,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "(model, prompt, seed, i, guidance, steps, scheduler).",
     )
     p.add_argument("--model", required=True, help="model directory (diffusers pipeline layout)")
+    add_base(p)
     p.add_argument("--prompt", action="append", default=[], help="prompt (repeatable; images cycle through them)")
     p.add_argument("--label", action="append", type=int, default=[], help="class label for class-conditional models")
     p.add_argument("--n", type=int, default=4, help="number of images (default 4)")

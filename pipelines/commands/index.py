@@ -7,7 +7,7 @@ import dataclasses
 import json
 
 from attribution_core.config import ProjectConfig
-from pipelines.commands.options import add_config, add_json, add_ray_address
+from pipelines.commands.options import add_base, add_config, add_json, add_ray_address
 from pipelines.output import print_result
 
 
@@ -20,7 +20,8 @@ def _run(args: argparse.Namespace) -> int:
         cfg = dataclasses.replace(cfg, index=dataclasses.replace(cfg.index, **overrides))
     mode = "incremental" if args.incremental else "full" if args.full else "auto"
     req = IndexRequest(dataset=args.dataset or cfg.data.uri, model=args.model or cfg.model.path,
-                       out=args.out or cfg.index.out, mode=mode, ray_address=args.ray_address)
+                       out=args.out or cfg.index.out, mode=mode, ray_address=args.ray_address,
+                       base=args.base or cfg.model.base)
     result = run_index(cfg, req)
     if args.json:
         print_result(json.dumps(result, indent=2))
@@ -51,6 +52,7 @@ def add_parser(sub: argparse._SubParsersAction, default_config: str) -> None:
     add_config(p, default_config)
     p.add_argument("--dataset", help="dataset URI (default: data.uri of the config)")
     p.add_argument("--model", help="diffusers pipeline directory (default: model.path of the config)")
+    add_base(p)
     p.add_argument("--out", help="index root, a path or s3://bucket/prefix (default: index.out of the config)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--incremental", action="store_true",

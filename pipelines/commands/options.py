@@ -19,6 +19,12 @@ def add_ray_address(p: argparse.ArgumentParser, in_job: bool = False) -> None:
     p.add_argument("--ray-address", help=f"Ray cluster to join (default: {where})")
 
 
+def add_base(p: argparse.ArgumentParser) -> None:
+    """``--base DIR``: the base pipeline of a LoRA model directory (diffusers' LoRA files)."""
+    p.add_argument("--base", help="base pipeline directory of a LoRA model that has no lora.json, e.g. your "
+                   "Stable Diffusion folder (default: model.base of the config)")
+
+
 def add_json(p: argparse.ArgumentParser, what: str = "a JSON summary") -> None:
     """``--json``: print ``what`` (alone on stdout) instead of the text summary."""
     p.add_argument("--json", action="store_true", help=f"print {what} instead of the text summary")

@@ -7,7 +7,7 @@ import dataclasses
 import json
 
 from attribution_core.config import ProjectConfig
-from pipelines.commands.options import add_config, add_json, add_ray_address
+from pipelines.commands.options import add_base, add_config, add_json, add_ray_address
 from pipelines.output import print_result
 
 
@@ -19,7 +19,7 @@ def _run(args: argparse.Namespace) -> int:
                                    ("endpoint", args.endpoint), ("lease_ttl_s", args.lease_ttl)) if v is not None}
     if overrides:
         cfg = dataclasses.replace(cfg, reindex=dataclasses.replace(cfg.reindex, **overrides))
-    summary = reindex(cfg, ReindexRequest(dataset=args.dataset, model=args.model, index=args.index,
+    summary = reindex(cfg, ReindexRequest(dataset=args.dataset, model=args.model, base=args.base, index=args.index,
                                           ray_address=args.ray_address, full=args.full))
     if args.json:
         print_result(json.dumps(summary, indent=2))
@@ -57,6 +57,7 @@ def add_parser(sub: argparse._SubParsersAction, default_config: str) -> None:
     add_config(p, default_config, more="its data:, model:, index:, weights: and reindex: sections apply")
     p.add_argument("--dataset", help="dataset URI (default: data.uri of the config)")
     p.add_argument("--model", help="diffusers pipeline directory (default: model.path of the config)")
+    add_base(p)
     p.add_argument("--index", help="index root, a path or s3://bucket/prefix (default: index.out of the config)")
     p.add_argument("--full", action="store_true",
                    help="featurize every example again instead of only new and changed ones (the full build; "

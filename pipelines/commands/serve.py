@@ -6,7 +6,7 @@ import argparse
 import signal
 import threading
 
-from pipelines.commands.options import add_config, add_ray_address
+from pipelines.commands.options import add_base, add_config, add_ray_address
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -14,7 +14,7 @@ def _run(args: argparse.Namespace) -> int:
     from pipelines.serve.runner import start, stop
 
     serve_args = ServeArgs(config=args.config, index=args.index, version=args.version, weights=args.weights,
-                           model=args.model)
+                           model=args.model, base=args.base)
     stopping = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopping.set())
@@ -46,6 +46,7 @@ def add_parser(sub: argparse._SubParsersAction, default_config: str) -> None:
     p.add_argument("--weights", help="weights artifact URI (default: <index>/versions/<v>/weights/<serve.weights>.json, "
                                      "else the nearest earlier version's with the same features)")
     p.add_argument("--model", help="model directory (default: model.path of the config)")
+    add_base(p)
     p.add_argument("--host", help="address to bind (default: serve.host, 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default: serve.port, 8000)")
     add_ray_address(p)

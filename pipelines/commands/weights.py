@@ -6,7 +6,7 @@ import argparse
 import json
 
 from attribution_core.config import ProjectConfig
-from pipelines.commands.options import add_config, add_json, add_ray_address
+from pipelines.commands.options import add_base, add_config, add_json, add_ray_address
 from pipelines.output import print_result
 
 
@@ -16,7 +16,7 @@ def _run(args: argparse.Namespace) -> int:
     cfg = ProjectConfig.load(args.config)
     aspects = tuple(a.strip() for a in args.aspects.split(",")) if args.aspects else None
     req = WeightsRequest(index=args.index or cfg.index.out, version=args.version, model=args.model,
-                         aspects=aspects, ray_address=args.ray_address)
+                         base=args.base, aspects=aspects, ray_address=args.ray_address)
     result = learn_weights(cfg, req)
     if args.json:
         print_result(json.dumps(result, indent=2))
@@ -55,6 +55,7 @@ def add_parser(sub: argparse._SubParsersAction, default_config: str) -> None:
     p.add_argument("--index", help="index root (default: index.out of the config)")
     p.add_argument("--version", help="index version (default: the latest)")
     p.add_argument("--model", help="model directory (default: the path recorded in the index manifest)")
+    add_base(p)
     p.add_argument("--aspects", help="comma-separated: general,subject,style,background (default: weights.aspects)")
     add_ray_address(p)
     add_json(p)

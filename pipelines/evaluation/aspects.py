@@ -32,7 +32,7 @@ from attribution_core.index.reader import LoadedIndex
 from attribution_core.index.scoring import attribute
 from attribution_core.models.sampling import generate
 from attribution_core.weights.artifact import UNIFORM, weights_matrix
-from pipelines.models import load_model_dir
+from pipelines.models import manifest_model
 from pipelines.weights.queries import featurize_generated
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ def run_recall(cfg: ProjectConfig, index: LoadedIndex, document: dict[str, Any] 
     model or the dataset cannot give queries of known attributes."""
     ecfg = cfg.evaluate
     manifest = index.manifest
-    adapter = load_model_dir(manifest["model"]["path"])
+    adapter = manifest_model(manifest)
     if adapter.conditioning != "text":
         return {"table": {}, "gallery": [], "skipped": f"the model is {adapter.conditioning}-conditioned; "
                 "queries of known attributes are prompted with captions"}

@@ -50,7 +50,7 @@ from attribution_core.models.sampling import Generated, generate
 from attribution_core.models.vocabulary import prompt_words
 from attribution_core.weights.artifact import UNIFORM, unvalidated_choice, weights_matrix
 from pipelines.evaluation.universe import BASES
-from pipelines.models import load_model_dir
+from pipelines.models import manifest_model
 from pipelines.weights.queries import featurize_generated
 
 log = logging.getLogger(__name__)
@@ -163,7 +163,7 @@ def run_exemplars(cfg: ProjectConfig, index: LoadedIndex, document: dict[str, An
     drawn here when not given)."""
     xcfg, ecfg = cfg.evaluate.exemplars, cfg.evaluate
     started = time.perf_counter()
-    adapter = load_model_dir(index.manifest["model"]["path"], cfg.model.device)
+    adapter = manifest_model(index.manifest, cfg.model.device)
     rows, sets = _on_index(plan or plan_exemplars(cfg), index)
     if adapter.conditioning == "class" and any(s.paths for s in sets):
         raise ConfigError("evaluate.exemplars.folder: a class-conditional model is customized with the exemplars' "

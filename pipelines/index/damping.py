@@ -20,6 +20,7 @@ from attribution_core.index.damping import candidate_objectives, candidate_queri
 from attribution_core.index.kernel import coarsest, kernel_candidates, sub_grams
 from attribution_core.index.store import IndexStore
 from pipelines.index.commit import gram_pass, write_stats
+from pipelines.models import ModelRef
 from pipelines.ray_runtime import cluster_cpus
 from pipelines.weights.queries import prompts_for
 from pipelines.weights.scan import scan
@@ -40,21 +41,21 @@ def kernel_settings(cfg: ProjectConfig) -> dict[str, Any]:
                                "sample_steps": wcfg.sample_steps}}
 
 
-def _featurized_queries(model: str, device: str, featurize: dict[str, Any], weights: dict[str, Any],
+def _featurized_queries(model: ModelRef, device: str, featurize: dict[str, Any], weights: dict[str, Any],
                         prompts: list[str | None]) -> np.ndarray:
     """``[n, k_total]`` query-side features of images the model generates (one per prompt)."""
     from attribution_core.features.featurize import Featurizer
-    from pipelines.models import load_model_dir, quiet_libraries
+    from pipelines.models import quiet_libraries
     from pipelines.weights.queries import learning_queries
 
     quiet_libraries()
-    featurizer = Featurizer(load_model_dir(model, device), from_mapping(FeaturizeConfig, featurize))
+    featurizer = Featurizer(model.load(device), from_mapping(FeaturizeConfig, featurize))
     features, _ = learning_queries(featurizer, "general", prompts, from_mapping(WeightsConfig, weights),
                                    stream="damping-queries")
     return features.numpy()
 
 
-def choose_kernel(cfg: ProjectConfig, model: str, conditioning: str, device: str, store: IndexStore,
+def choose_kernel(cfg: ProjectConfig, model: ModelRef, conditioning: str, device: str, store: IndexStore,
                           paths: list[str], layout: GroupLayout,
                           grams: dict[str, list[tuple[str, int, int, np.ndarray]]], partitions: int) -> dict[str, Any]:
     """``{"rule", "kernel", "damping", "objective": {kernel: {damping: value}}, "queries", "top_k"}``
@@ -84,7 +85,7 @@ def choose_kernel(cfg: ProjectConfig, model: str, conditioning: str, device: str
             "queries": len(prompts), "top_k": cfg.weights.top_k}
 
 
-def kernel_stats(cfg: ProjectConfig, model: str, conditioning: str, device: str, store: IndexStore, version: str,
+def kernel_stats(cfg: ProjectConfig, model: ModelRef, conditioning: str, device: str, store: IndexStore, version: str,
                  paths: list[str], layout: GroupLayout, lap: Callable[[str], None]) -> dict[str, Any]:
     """The manifest's ``stats`` of a build over the shards ``paths``: one Gram pass at the
     coarsest candidate structure (the others' blocks are slices of it), the kernel chosen by

@@ -32,7 +32,7 @@ from pipelines.index.commit import check_exactly_once, dedupe, refuse_if_quarant
 from pipelines.index.damping import kernel_settings, kernel_stats
 from pipelines.index.scan import choose_base, concat_keys, read_source, scan_keys, shard_keys
 from pipelines.index.stages import IndexActor, rewrite_shard
-from pipelines.models import load_model_dir
+from pipelines.models import ModelRef
 from pipelines.ray_runtime import cluster_cpus, cluster_gpus, ensure_ray
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,11 @@ class IndexRequest:
     mode: str = "auto"  # auto: incremental when the latest version has the same feature spec
     ray_address: str | None = None
     publish: bool = True  # move `latest` at commit; `attribution reindex` moves it after the weights
+    base: str | None = None  # the base pipeline of a LoRA ``model`` without lora.json
+
+    @property
+    def model_ref(self) -> ModelRef:
+        return ModelRef(self.model, self.base)
 
 
 def _actors(cfg: ProjectConfig) -> tuple[int, int, str]:
@@ -57,11 +62,11 @@ def _actors(cfg: ProjectConfig) -> tuple[int, int, str]:
     return n, threads, "cuda" if gpus else "cpu"
 
 
-def describe_model(path: str, cfg: ProjectConfig) -> tuple[dict[str, Any], GroupLayout]:
+def describe_model(ref: ModelRef, cfg: ProjectConfig) -> tuple[dict[str, Any], GroupLayout]:
     """What the driver needs of the model (fingerprint, class, conditioning, image shape) and
     its group layout. The model itself is dropped before any Ray work: at Stable Diffusion's
     size it is gigabytes the driver would otherwise hold for the whole build."""
-    adapter = load_model_dir(path, "cpu")
+    adapter = ref.load("cpu")
     layout = build_layout(adapter.tracked_model(), cfg.featurize.groups, cfg.featurize.projection)
     model = {"fingerprint": model_fingerprint(adapter), "class": type(adapter.denoiser).__name__,
              "conditioning": adapter.conditioning, "image_shape": list(adapter.image_shape)}
@@ -141,7 +146,7 @@ def _featurize(cfg: ProjectConfig, req: IndexRequest, model: dict[str, Any], sou
     done = _Featurized(n_actors, threads, device)
     if not len(plan.todo):
         return done
-    actor_kwargs = {"model": req.model, "featurize": to_mapping(cfg.featurize), "device": device,
+    actor_kwargs = {"model": req.model_ref, "featurize": to_mapping(cfg.featurize), "device": device,
                     "threads": threads, "store_uri": store.uri, "version": version, "dtype": cfg.index.dtype,
                     "limits": {"min_side": cfg.index.min_image_side or model["image_shape"][1] // 2,
                                "max_aspect": cfg.index.max_aspect_ratio}}
@@ -185,7 +190,7 @@ def run_index(cfg: ProjectConfig, req: IndexRequest) -> dict[str, Any]:
     watch = Stopwatch()
     if req.mode not in MODES:
         raise ConfigError(f"unknown index mode {req.mode!r}; choose one of {', '.join(MODES)}")
-    model, layout = describe_model(req.model, cfg)
+    model, layout = describe_model(req.model_ref, cfg)
     columns = resolve_columns(req.model, cfg.train, cfg.index)  # the columns the model learned from
     source = resolve_source(req.dataset, columns.caption, columns.label, model["conditioning"])  # fail fast, before Ray
     store = IndexStore(req.out)
@@ -221,7 +226,7 @@ def run_index(cfg: ProjectConfig, req: IndexRequest) -> dict[str, Any]:
     features, errors = _verify(cfg, store, version, plan, current)
     watch.lap("verify")
 
-    stats = kernel_stats(cfg, req.model, model["conditioning"], work.device, store, version, sorted(features),
+    stats = kernel_stats(cfg, req.model_ref, model["conditioning"], work.device, store, version, sorted(features),
                          layout, watch.lap)
     stats["settings"] = settings
     shards = shards_of(store, features, base)
@@ -235,7 +240,7 @@ def run_index(cfg: ProjectConfig, req: IndexRequest) -> dict[str, Any]:
              "steady_rows_per_s": work.steady_rows_per_s(), "stage_seconds": watch.seconds}
     dataset = {**source.to_dict(), "rows": current.num_rows, "keys_digest": keys_digest(current)}
     manifest = build_manifest(version, target.sequence, previous["version"] if previous else None,
-                              {"path": req.model, **model}, spec, layout, dataset, shards, errors, stats, build,
+                              {"path": req.model, **({"base": req.base} if req.base else {}), **model}, spec, layout, dataset, shards, errors, stats, build,
                               approximate)
     store.commit(version, manifest, publish=req.publish)
     watch.lap("commit")

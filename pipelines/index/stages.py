@@ -14,6 +14,7 @@ from attribution_core.index.batch import ImageLimits, index_batch
 from attribution_core.index.kernel import partial_gram
 from attribution_core.index.source import SourceSpec, normalize
 from attribution_core.index.store import IndexStore, shard_name
+from pipelines.models import ModelRef
 
 SUMMARY_SCHEMA = pa.schema([("shard", pa.string()), ("rows", pa.int64()), ("errors", pa.int64()),
                             ("bytes", pa.int64()), ("seconds", pa.float64()), ("call", pa.int64())])
@@ -36,15 +37,15 @@ class IndexActor:
     ids, so a retried batch overwrites its own file instead of adding a second copy.
     """
 
-    def __init__(self, model: str, featurize: dict[str, Any], device: str, threads: int, store_uri: str,
+    def __init__(self, model: ModelRef, featurize: dict[str, Any], device: str, threads: int, store_uri: str,
                  version: str, dtype: str, limits: dict[str, Any]) -> None:
         import torch
 
-        from pipelines.models import load_model_dir, quiet_libraries
+        from pipelines.models import quiet_libraries
 
         quiet_libraries()
         torch.set_num_threads(threads)
-        self.featurizer = Featurizer(load_model_dir(model, device), from_mapping(FeaturizeConfig, featurize))
+        self.featurizer = Featurizer(model.load(device), from_mapping(FeaturizeConfig, featurize))
         self.store = IndexStore(store_uri)
         self.folder = IndexStore.version_dir(version)
         self.dtype = dtype

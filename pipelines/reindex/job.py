@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 class ReindexRequest:
     dataset: str | None = None  # default: data.uri of the config
     model: str | None = None  # default: model.path of the config
+    base: str | None = None  # default: model.base of the config
     index: str | None = None  # default: index.out of the config
     ray_address: str | None = None
     full: bool = False  # featurize every example again (a new model, or a first build from scratch)
@@ -74,7 +75,7 @@ def _update(cfg: ProjectConfig, req: ReindexRequest, store: IndexStore, root: st
     before = store.latest()
     before_version = before["version"] if before else None
     built = run_index(cfg, IndexRequest(dataset=req.dataset or cfg.data.uri, model=req.model or cfg.model.path,
-                                        out=root, mode="full" if req.full else "auto",
+                                        out=root, mode="full" if req.full else "auto", base=req.base or cfg.model.base,
                                         ray_address=req.ray_address, publish=False))
     version = built["version"]
     manifest = store.manifest(version)

@@ -32,6 +32,8 @@ class ServeArgs(BaseModel):
     weights: str | None = Field(None, description="Weights artifact URI; default: <index>/versions/<v>/weights/"
                                                    "<serve.weights>.json, else the nearest earlier version's.")
     model: str | None = Field(None, description="Model directory; default: the config's model.path.")
+    base: str | None = Field(None, description="Base pipeline directory of a LoRA model; default: the config's "
+                                               "model.base.")
 
 
 def user_config(cfg: ProjectConfig, args: ServeArgs) -> dict[str, Any]:
@@ -79,7 +81,7 @@ def build_app(args: ServeArgs | dict[str, Any]):
     from pipelines.serve.ingress import AttributionAPI
 
     ingress = serve.deployment(AttributionAPI, name=INGRESS, max_ongoing_requests=256)
-    model = (args.config, args.model, scfg.threads)
+    model = (args.config, args.model, scfg.threads, args.base)
     if scfg.featurize_in == "ingress":  # the ingress's replicas hold the model
         return ingress.options(num_replicas=scfg.featurizer_replicas, ray_actor_options=featurizer_opts,
                                user_config=swap).bind(None, searchers, serve_settings, model)

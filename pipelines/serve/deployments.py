@@ -35,8 +35,8 @@ class QueryFeaturizer:
     replicas``): featurizes query images with the served index's own featurize settings
     (GPU when the replica has one)."""
 
-    def __init__(self, config_path: str, model_dir: str | None, threads: int) -> None:
-        self.features = QueryFeatures(config_path, model_dir, threads, "featurizer")
+    def __init__(self, config_path: str, model_dir: str | None, threads: int, base: str | None = None) -> None:
+        self.features = QueryFeatures(config_path, model_dir, threads, base, "featurizer")
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         await self.features.reconfigure(user_config, self.featurize)

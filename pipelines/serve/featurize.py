@@ -33,7 +33,7 @@ class QueryFeatures:
     served version's feature spec. ``load`` (re)opens a version: the model's fingerprint is
     checked against it, and featurizers for a spec already seen are kept."""
 
-    def __init__(self, config_path: str, model_dir: str | None, threads: int, name: str) -> None:
+    def __init__(self, config_path: str, model_dir: str | None, threads: int, base: str | None, name: str) -> None:
         import torch
 
         from attribution_core.config import ProjectConfig
@@ -44,7 +44,7 @@ class QueryFeatures:
         torch.set_num_threads(replica_threads(threads))
         self.cfg = ProjectConfig.load(config_path)
         self.model_dir = model_dir or self.cfg.model.path
-        self.adapter = load_model_dir(self.model_dir, self.cfg.model.device)
+        self.adapter = load_model_dir(self.model_dir, self.cfg.model.device, base or self.cfg.model.base)
         self.fingerprint = model_fingerprint(self.adapter)
         self.featurizers: dict[str, Any] = {}  # feature spec key -> Featurizer
         self.cache = FeatureCache(self.cfg.serve.feature_cache)

@@ -33,6 +33,8 @@ def application_config(args: ServeArgs, version: str | None = None, weights: str
     cfg = ProjectConfig.load(args.config)
     build_args = {"config": _local(args.config), "index": _local(args.index or cfg.index.out),
                   "model": _local(args.model or cfg.model.path)}
+    if args.base or cfg.model.base:
+        build_args["base"] = _local(args.base or cfg.model.base)
     swap = user_config(cfg, ServeArgs(config=build_args["config"], index=build_args["index"],
                                       version=version if version is not None else args.version,
                                       weights=_local(weights if weights is not None else args.weights)))

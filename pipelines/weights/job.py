@@ -46,6 +46,7 @@ class WeightsRequest:
     index: str
     version: str | None = None  # default: the index's latest
     model: str | None = None  # default: the model path recorded in the index manifest
+    base: str | None = None  # the base of a LoRA model (default: the one recorded in the manifest)
     aspects: tuple[str, ...] | None = None  # default: weights.aspects of the config
     ray_address: str | None = None
 
@@ -136,7 +137,7 @@ def learn_weights(cfg: ProjectConfig, req: WeightsRequest) -> dict[str, Any]:
         raise ConfigError(f"weights.top_k is {wcfg.top_k} but index version {manifest['version']} has only "
                           f"{manifest['rows']} rows; lower weights.top_k (and weights.pool_size) or index more examples")
     model_path = req.model or manifest["model"]["path"]
-    adapter = load_model_dir(model_path)
+    adapter = load_model_dir(model_path, base=req.base or manifest["model"].get("base"))
     manifest, featurizer = open_for_model(store, manifest["version"], adapter, model_path,
                                           cfg.featurize.max_rows_per_pass)
     layout = GroupLayout.from_manifest(manifest["layout"])

@@ -234,6 +234,7 @@ def test_kernel_chosen_by_the_objective_equals_a_direct_computation(tmp_path, ra
     from attribution_core.index.kernel import blocks
     from attribution_core.index.schema import flat_matrix
     from pipelines.index.damping import _featurized_queries
+    from pipelines.models import ModelRef
     from pipelines.weights.queries import prompts_for
 
     data = write_rows(str(tmp_path / "data"), good_rows)
@@ -255,7 +256,7 @@ def test_kernel_chosen_by_the_objective_equals_a_direct_computation(tmp_path, ra
     assert not np.allclose(stored, scored)
     wcfg = dataclasses.replace(cfg.weights, queries_per_aspect=3)
     prompts = prompts_for("general", wcfg, store, manifest, "text", stream="damping-prompts")
-    queries = torch.from_numpy(_featurized_queries(model_dirs["text"], "cpu", to_mapping(cfg.featurize),
+    queries = torch.from_numpy(_featurized_queries(ModelRef(model_dirs["text"]), "cpu", to_mapping(cfg.featurize),
                                                    to_mapping(wcfg), prompts)).double() / len(layout.groups)
     direct = {}
     for kind in choice["objective"]:
