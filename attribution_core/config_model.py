@@ -163,12 +163,20 @@ class DataConfig:
     synthetic: SyntheticDataConfig | None = None
     """When set and ``uri`` holds no dataset, the synthetic set is written there first; when
     unset, ``uri`` must already hold the dataset."""
+    image_column: str = "image"
+    """Column of a Parquet dataset holding the encoded image (bytes, or Hugging Face's
+    {bytes, path} struct)."""
+    id_column: str | None = None
+    """Column of stable example ids (strings or integers). Unset: ``example_id`` when the
+    dataset has it, else a hash of the image bytes (image folders: the file name)."""
 
     MOVED: typing.ClassVar[dict[str, str]] = {"synth_n": "data.synthetic.n", "synth_seed": "data.synthetic.seed",
                                               "synth_size": "data.synthetic.size", "holdout": "data.synthetic.holdout"}
 
     def __post_init__(self) -> None:
         _check(bool(self.uri), "data.uri", "must name the dataset (a path or s3://)")
+        _check(bool(self.image_column), "data.image_column", "must name the image column")
+        _check(self.id_column is None or bool(self.id_column), "data.id_column", "must name a column, or be removed")
 
 
 DEVICES = ("auto", "cpu", "cuda")

@@ -74,6 +74,10 @@ class IndexConfig:
     label_column: str | None = None
     """Label column for a class-conditional model; like ``caption_column``, taken from the
     model's recipe. Unset everywhere: the first of label, labels, class."""
+    keep_columns: tuple[str, ...] = ()
+    """Dataset columns stored with every indexed row and returned with every hit under
+    ``metadata`` (e.g. [artist, license, source_url]: what credit is owed to). A change of
+    their values re-featurizes those rows, like a changed image or caption."""
     max_quarantine_fraction: float = 0.5
     """A build that quarantines more than this share of the dataset's examples is not
     committed: it fails with the reasons, since such a version would answer nothing useful."""

@@ -70,7 +70,8 @@ def prepare(cfg: ProjectConfig, model: bool = True) -> dict[str, Any]:
             done["model"] = f"built untrained ({cfg.model.build})"
         else:
             log.info("training the model (%d steps) into %s", cfg.train.steps, path)
-            done["model"] = train_to_dir(cfg.data.uri, cfg.train, path)
+            done["model"] = train_to_dir(cfg.data.uri, cfg.train, path, read_options={
+                "image_column": cfg.data.image_column, "id_column": cfg.data.id_column})
     return done
 
 

@@ -9,16 +9,19 @@ import torch
 
 from attribution_core.config import TrainConfig
 from attribution_core.data.images import decode_image
-from attribution_core.data.readers import LABEL_COLUMNS, caption_column_of, label_text, read_examples
+from attribution_core.data.readers import IMAGE_COLUMN, LABEL_COLUMNS, caption_column_of, label_text, read_examples
 from attribution_core.errors import InputError
 from attribution_core.models.training import TrainingData
 
 log = logging.getLogger(__name__)
 
 
-def load_training_data(uri: str, cfg: TrainConfig) -> TrainingData:
-    """The dataset at ``uri`` prepared for the recipe ``cfg``."""
-    return load_dataset(uri, cfg.resolution, cfg.channels, cfg.conditioning, cfg.caption_column, cfg.label_column)
+def load_training_data(uri: str, cfg: TrainConfig, *, image_column: str = IMAGE_COLUMN,
+                       id_column: str | None = None) -> TrainingData:
+    """The dataset at ``uri`` prepared for the recipe ``cfg`` (Parquet: images and ids from
+    the named columns)."""
+    return load_dataset(uri, cfg.resolution, cfg.channels, cfg.conditioning, cfg.caption_column, cfg.label_column,
+                        image_column=image_column, id_column=id_column)
 
 
 def class_names(labels: list[str]) -> list[str]:
@@ -31,14 +34,15 @@ def class_names(labels: list[str]) -> list[str]:
 
 
 def load_dataset(uri: str, resolution: int, channels: int, conditioning: str = "none",
-                 caption_column: str | None = None, label_column: str | None = None) -> TrainingData:
+                 caption_column: str | None = None, label_column: str | None = None, *,
+                 image_column: str = IMAGE_COLUMN, id_column: str | None = None) -> TrainingData:
     """Every example of ``uri`` decoded to ``resolution`` and ``channels``, with captions
     (``conditioning='text'``) or integer labels (``'class'``; the column ``label_column``,
     or the first of ``LABEL_COLUMNS`` the dataset has). A bad image raises
     ``ImageDecodeError`` naming its example. ``data.columns`` says which columns were read."""
     ids, pixels, captions, raw_labels = [], [], [], []
     attributes: dict[str, list] = {}
-    for ex in read_examples(uri, caption_column):
+    for ex in read_examples(uri, caption_column, image_column=image_column, id_column=id_column):
         ids.append(ex.example_id)
         for key, value in ex.attributes.items():
             attributes.setdefault(key, []).append(value)

@@ -174,26 +174,32 @@ def _image_bytes(value: Any) -> bytes | None:
     return value
 
 
-def iter_parquet(uri: str, caption_column: str | None = None, batch_rows: int = 1024) -> Iterator[RawExample]:
+def iter_parquet(uri: str, caption_column: str | None = None, batch_rows: int = 1024, *,
+                 image_column: str = IMAGE_COLUMN, id_column: str | None = None) -> Iterator[RawExample]:
     fs, path = filesystem_for(uri)
     try:
         dataset = pads.dataset(path, filesystem=fs, format="parquet")
     except (pa.ArrowInvalid, FileNotFoundError, OSError) as exc:
         raise InputError(f"cannot read Parquet dataset {uri!r}: {exc}") from exc
     names = dataset.schema.names
-    if IMAGE_COLUMN not in names:
-        raise InputError(f"Parquet dataset {uri!r} has no {IMAGE_COLUMN!r} column (columns: {', '.join(names)})")
+    if image_column not in names:
+        raise InputError(f"Parquet dataset {uri!r} has no image column {image_column!r} (columns: {', '.join(names)}); "
+                         "set data.image_column to the column holding the encoded images")
+    if id_column and id_column not in names:
+        raise InputError(f"Parquet dataset {uri!r} has no id column {id_column!r} (columns: {', '.join(names)}); "
+                         "set data.id_column to the column of stable example ids, or remove it")
+    ids = id_column or "example_id"
     cap = _caption_column(names, caption_column)
     if caption_column and cap is None:
         raise InputError(f"Parquet dataset {uri!r} has no caption column {caption_column!r} (columns: {', '.join(names)})")
-    others = [n for n in names if n not in (IMAGE_COLUMN, "example_id", cap)]
+    others = [n for n in names if n not in (image_column, ids, cap)]
     # Files in name order and rows in file order, so a dataset reads the same every time.
     for fragment in sorted(dataset.get_fragments(), key=lambda f: f.path):
         for batch in fragment.to_batches(batch_size=batch_rows):
             rows = batch.to_pylist()
             for i, row in enumerate(rows):
-                image = _image_bytes(row[IMAGE_COLUMN])
-                eid = row.get("example_id")
+                image = _image_bytes(row[image_column])
+                eid = row.get(ids)
                 if eid is None:
                     eid = content_id(image) if image else f"{fragment.path}#{i}"
                 yield RawExample(
@@ -242,8 +248,18 @@ def iter_classfolder(uri: str) -> Iterator[RawExample]:
                          attributes={FOLDER_LABEL: label} if labelled else {})
 
 
-def read_examples(uri: str, caption_column: str | None = None) -> Iterator[RawExample]:
-    """Every example of the dataset at ``uri`` in a stable order."""
+def dataset_read_options(dataset: dict[str, Any]) -> dict[str, Any]:
+    """``read_examples`` keyword arguments for an index version's dataset (its manifest's
+    ``dataset`` section): the image and id columns it was indexed with."""
+    id_column = dataset.get("id_column") if dataset.get("has_example_id") else None
+    return {"image_column": dataset.get("image_column") or IMAGE_COLUMN,
+            "id_column": None if id_column == "example_id" else id_column}
+
+
+def read_examples(uri: str, caption_column: str | None = None, *, image_column: str = IMAGE_COLUMN,
+                  id_column: str | None = None) -> Iterator[RawExample]:
+    """Every example of the dataset at ``uri`` in a stable order (Parquet: images from
+    ``image_column``, ids from ``id_column``, else ``example_id``, else image hashes)."""
     layout = detect_layout(uri)
     if layout == "imagefolder":
         return iter_imagefolder(uri, caption_column)
@@ -252,4 +268,4 @@ def read_examples(uri: str, caption_column: str | None = None) -> Iterator[RawEx
             raise InputError(f"dataset {uri!r} is a class-folder dataset, which has no caption column "
                              f"{caption_column!r}; train it class-conditional (train.conditioning: class)")
         return iter_classfolder(uri)
-    return iter_parquet(uri, caption_column)
+    return iter_parquet(uri, caption_column, image_column=image_column, id_column=id_column)

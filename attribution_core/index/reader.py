@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -14,7 +15,7 @@ import torch
 from attribution_core.errors import ManifestMismatchError
 from attribution_core.features.groups import GroupLayout
 from attribution_core.index.opening import open_version
-from attribution_core.index.schema import flat_matrix, row_scale
+from attribution_core.index.schema import METADATA, flat_matrix, row_scale
 from attribution_core.index.store import IndexStore
 
 
@@ -28,6 +29,16 @@ class LoadedIndex:
     features: torch.Tensor  # [N, k_total] float32, each row times its row scale (what scores are taken against)
     kernel: list[tuple[int, int, torch.Tensor]]  # (offset, dim, K_b float64) blocks
     row_scale: torch.Tensor | None = None  # [N] float32 under a row-scaled measurement (DAS)
+    metadata: list[str | None] | None = None  # [N] kept columns as JSON objects (index.keep_columns), else None
+
+    def metadata_of(self, row: int) -> dict[str, Any]:
+        return metadata_of(self.metadata, row)
+
+
+def metadata_of(metadata: list[str | None] | None, row: int) -> dict[str, Any]:
+    """The kept columns of row ``row`` of a version's rows ({} when the index keeps none)."""
+    value = metadata[row] if metadata is not None else None
+    return json.loads(value) if value else {}
 
     def stored_features(self) -> torch.Tensor:
         """``[N, k_total]`` float64: the features as stored, before the row scale (the kernel's rows)."""
@@ -98,6 +109,7 @@ def load_index(uri: str, version: str | None = None, part: int = 0, parts: int =
     captions: list[str | None] = []
     uris: list[str] = []
     scales: list[np.ndarray] = []
+    metadata: list[str | None] = []
     for shard in shards:  # one shard at a time: no second copy of the features while reading
         table = store.read_table(shard["path"])
         if table.num_rows != shard["rows"] or len(ids) + table.num_rows > expected:
@@ -107,9 +119,11 @@ def load_index(uri: str, version: str | None = None, part: int = 0, parts: int =
         ids += table.column("example_id").to_pylist()
         captions += table.column("caption").to_pylist()
         uris += table.column("uri").to_pylist()
+        metadata += table.column(METADATA).to_pylist() if METADATA in table.column_names else [None] * table.num_rows
         scale = row_scale(table)
         if scale is not None:
             scales.append(scale)
     return LoadedIndex(manifest=manifest, layout=layout, example_ids=ids, captions=captions, uris=uris,
                        features=torch.from_numpy(features), kernel=read_kernel(store, manifest),
-                       row_scale=torch.from_numpy(np.concatenate(scales)) if scales else None)
+                       row_scale=torch.from_numpy(np.concatenate(scales)) if scales else None,
+                       metadata=metadata if any(m is not None for m in metadata) else None)

@@ -1,7 +1,8 @@
 """Arrow schemas of the index: feature shards, the errors table, and source rows.
 
 A feature shard holds one row per example: ``example_id``, ``content_hash``, source ``uri``,
-``caption`` (null for models without text) and one ``fixed_size_list<float16>[k_g]`` column
+``caption`` (null for models without text), ``metadata`` (only when ``index.keep_columns``
+is set: the kept columns as a JSON object) and one ``fixed_size_list<float16>[k_g]`` column
 per parameter group named ``g.<group>``, so reading one group decodes only that group.
 Under a row-scaled measurement (DAS) a float32 ``row_scale`` column holds each example's
 score scale: its score is ``s(x) * q'^T g(x)``. The group columns stay unscaled (the kernel is
@@ -19,6 +20,7 @@ from attribution_core.features.groups import GroupLayout
 
 SCHEMA_VERSION = 1
 KEY_COLUMNS = ("example_id", "content_hash", "uri", "caption")
+METADATA = "metadata"  # kept dataset columns as a JSON object; only in shards of an index that keeps columns
 GROUP_PREFIX = "g."
 ROW_SCALE = "row_scale"
 ARROW_DTYPES = {"float16": pa.float16(), "float32": pa.float32()}
@@ -32,6 +34,7 @@ SOURCE_SCHEMA = pa.schema([
     ("image", pa.binary()),
     ("caption", pa.string()),
     ("label", pa.string()),
+    ("metadata", pa.string()),
 ])
 
 ERRORS_SCHEMA = pa.schema([
@@ -46,9 +49,9 @@ def group_column(group: str) -> str:
     return f"{GROUP_PREFIX}{group}"
 
 
-def feature_schema(layout: GroupLayout, dtype: str, row_scaled: bool = False) -> pa.Schema:
+def feature_schema(layout: GroupLayout, dtype: str, row_scaled: bool = False, metadata: bool = False) -> pa.Schema:
     value = ARROW_DTYPES[dtype]
-    fields = [pa.field(name, pa.string()) for name in KEY_COLUMNS]
+    fields = [pa.field(name, pa.string()) for name in (*KEY_COLUMNS, *([METADATA] if metadata else []))]
     fields += [pa.field(group_column(g.name), pa.list_(value, g.dim)) for g in layout.groups]
     if row_scaled:
         fields.append(pa.field(ROW_SCALE, pa.float32()))
@@ -61,13 +64,14 @@ def features_table(keys: pa.Table, flat: torch.Tensor, layout: GroupLayout, dtyp
     into one fixed-size-list column per group, cast to ``dtype`` (+ ``row_scale`` from
     ``scale`` ``Tensor[B]``, when given)."""
     values = flat.detach().cpu().numpy().astype(NUMPY_DTYPES[dtype], copy=False)
-    columns = [keys.column(name).cast(pa.string()) for name in KEY_COLUMNS]
+    kept = METADATA in keys.column_names and keys.column(METADATA).null_count < keys.num_rows
+    columns = [keys.column(name).cast(pa.string()) for name in (*KEY_COLUMNS, *([METADATA] if kept else []))]
     for g in layout.groups:
         block = np.ascontiguousarray(values[:, g.offset : g.offset + g.dim]).reshape(-1)  # [B, k_g] -> [B*k_g]
         columns.append(pa.FixedSizeListArray.from_arrays(pa.array(block, type=ARROW_DTYPES[dtype]), g.dim))
     if scale is not None:
         columns.append(pa.array(scale.detach().cpu().numpy().astype(np.float32), type=pa.float32()))
-    return pa.Table.from_arrays(columns, schema=feature_schema(layout, dtype, scale is not None))
+    return pa.Table.from_arrays(columns, schema=feature_schema(layout, dtype, scale is not None, kept))
 
 
 def group_matrix(table: pa.Table, group: str) -> np.ndarray:

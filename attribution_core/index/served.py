@@ -21,7 +21,7 @@ from attribution_core.index.manifest import FeatureSpec
 from attribution_core.index.approximate import RescoredSearch
 from attribution_core.index.approximate_files import partition_index
 from attribution_core.index.opening import open_version
-from attribution_core.index.reader import load_index, version_shards
+from attribution_core.index.reader import load_index, metadata_of, version_shards
 from attribution_core.index.scoring import preconditioned_queries
 from attribution_core.index.search import SearchIndex
 from attribution_core.index.store import IndexStore
@@ -69,6 +69,7 @@ class ServedIndex:
     parts: int
     load_seconds: float
     search_mode: str = "exact"
+    metadata: list[str | None] | None = None  # kept columns per row (JSON objects), None when none are kept
 
     @classmethod
     def load(cls, uri: str, version: str | None = None, weights_uri: str | None = None, weights_name: str = "learned",
@@ -105,7 +106,7 @@ class ServedIndex:
                       if weights else None)
         return cls(uri=uri, manifest=loaded.manifest, layout=loaded.layout, kernel=loaded.kernel, weights=weights,
                    weights_source=source, weights_name=weights_name, example_ids=loaded.example_ids, uris=loaded.uris,
-                   captions=loaded.captions, search_index=search_index, part=part, parts=parts,
+                   captions=loaded.captions, metadata=loaded.metadata, search_index=search_index, part=part, parts=parts,
                    load_seconds=round(time.perf_counter() - started, 3), search_mode=mode)
 
     @property
@@ -167,7 +168,7 @@ class ServedIndex:
         for p, (a, q) in enumerate(pairs):
             k = min(ks[q], scores.shape[1])
             out[q][names[a]] = [{"example_id": self.example_ids[j], "score": float(s), "uri": self.uris[j],
-                                 "caption": self.captions[j] or ""}
+                                 "caption": self.captions[j] or "", "metadata": metadata_of(self.metadata, j)}
                                 for s, j in zip(scores[p, :k].tolist(), idx[p, :k].tolist())]
         return out
 

@@ -44,7 +44,8 @@ def save_model(model: TrainedModel, out_dir: str | Path, extra: dict[str, Any] |
     return out
 
 
-def train_to_dir(data_uri: str, cfg: TrainConfig, out: Path, checkpoints: int = 1) -> dict:
+def train_to_dir(data_uri: str, cfg: TrainConfig, out: Path, checkpoints: int = 1,
+                 read_options: dict | None = None) -> dict:
     """Train ``cfg`` on the dataset at ``data_uri`` (logging progress) and save the model to
     ``out`` with its recipe and identity; the directory appears only once complete. With
     ``checkpoints > 1`` the EMA weights at the earlier of ``checkpoint_steps`` are saved as
@@ -52,7 +53,7 @@ def train_to_dir(data_uri: str, cfg: TrainConfig, out: Path, checkpoints: int = 
     lists them). Returns what ``attribution train-model`` prints."""
     from attribution_core.data.loading import load_training_data  # it reads TrainingData from here
 
-    data = load_training_data(data_uri, cfg)
+    data = load_training_data(data_uri, cfg, **(read_options or {}))  # read_options: image and id columns
     log.info("training on %d examples: %d steps of %d, %s conditioning", len(data.example_ids), cfg.steps,
              cfg.batch_size, cfg.conditioning)
 

@@ -41,7 +41,8 @@ def _run(args: argparse.Namespace) -> int:
         if not args.overwrite:
             raise ConfigError(f"{out} already exists; pass --overwrite to replace it or choose another --out")
         shutil.rmtree(out)
-    result = train_to_dir(args.data or project.data.uri, cfg, out)
+    result = train_to_dir(args.data or project.data.uri, cfg, out, read_options={
+        "image_column": project.data.image_column, "id_column": project.data.id_column})
     lora = f"LoRA rank {result['lora_rank']} on {cfg.base}: " if cfg.lora else ""
     print_result(json.dumps(result, indent=2) if args.json else
           f"{lora}trained {result['steps']} steps of {result['trainable_parameters']:,} parameters in "

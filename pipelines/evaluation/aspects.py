@@ -19,7 +19,7 @@ import numpy as np
 from attribution_core.config import ProjectConfig
 from attribution_core.config_stages import ASPECTS
 from attribution_core.data.images import decode_image, encode_png
-from attribution_core.data.readers import read_examples
+from attribution_core.data.readers import dataset_read_options, read_examples
 from attribution_core.data.synthetic import BACKGROUNDS, STYLES, SUBJECTS, caption_for, is_held_out
 from attribution_core.data.writers import read_marker
 from attribution_core.errors import InputError
@@ -47,7 +47,9 @@ def run_recall(cfg: ProjectConfig, index: LoadedIndex, document: dict[str, Any] 
     if adapter.conditioning != "text":
         return {"table": {}, "gallery": [], "skipped": f"the model is {adapter.conditioning}-conditioned; "
                 "queries of known attributes are prompted with captions"}
-    raw = {e.example_id: e for e in read_examples(manifest["dataset"]["uri"], manifest["dataset"].get("caption_column"))}
+    dataset = manifest["dataset"]
+    raw = {e.example_id: e for e in read_examples(dataset["uri"], dataset.get("caption_column"),
+                                                  **dataset_read_options(dataset))}
     rows = [raw[eid] for eid in index.example_ids]
     aspects = [a for a in ASPECTS if a != "general" and all(e.attributes.get(a) is not None for e in rows)]
     if not aspects or ecfg.recall_queries == 0:

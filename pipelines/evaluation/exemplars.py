@@ -128,7 +128,8 @@ def plan_exemplars(cfg: ProjectConfig) -> ExemplarPlan:
     if xcfg is None:
         raise ConfigError("evaluate.exemplars is not set: name data columns to draw exemplar sets from "
                           "(columns: {subject: subject}) or a folder of sets (folder: path)")
-    examples = {e.example_id: e for e in read_examples(cfg.data.uri, cfg.train.caption_column)}
+    examples = {e.example_id: e for e in read_examples(cfg.data.uri, cfg.train.caption_column,
+                                                       image_column=cfg.data.image_column, id_column=cfg.data.id_column)}
     order = list(examples)
     sets: list[ExemplarSet] = []
     if xcfg.columns:

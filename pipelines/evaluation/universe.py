@@ -101,7 +101,8 @@ def split_universe(cfg: ProjectConfig, folder: Path) -> Universe:
     """Seeded choice of the held-out query images and of the universe; the universe is
     written under ``folder/data`` unless the same one is there."""
     ecfg, recipe = cfg.evaluate, cfg.subset_train
-    examples = list(read_examples(cfg.data.uri, recipe.caption_column))
+    examples = list(read_examples(cfg.data.uri, recipe.caption_column, image_column=cfg.data.image_column,
+                                  id_column=cfg.data.id_column))
     if recipe.conditioning == "text":
         examples = [e for e in examples if isinstance(e.caption, str)]
     order = np.random.default_rng(stable_seed("lds-universe", ecfg.seed)).permutation(len(examples))

@@ -192,7 +192,9 @@ def run_index(cfg: ProjectConfig, req: IndexRequest) -> dict[str, Any]:
         raise ConfigError(f"unknown index mode {req.mode!r}; choose one of {', '.join(MODES)}")
     model, layout = describe_model(req.model_ref, cfg)
     columns = resolve_columns(req.model, cfg.train, cfg.index)  # the columns the model learned from
-    source = resolve_source(req.dataset, columns.caption, columns.label, model["conditioning"])  # fail fast, before Ray
+    source = resolve_source(req.dataset, columns.caption, columns.label, model["conditioning"],  # fail fast, before Ray
+                            image_column=cfg.data.image_column, id_column=cfg.data.id_column,
+                            keep_columns=cfg.index.keep_columns)
     store = IndexStore(req.out)
     spec = FeatureSpec.build(model["fingerprint"], cfg.featurize, layout, cfg.index.dtype)
     ensure_ray(req.ray_address)

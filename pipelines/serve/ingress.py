@@ -47,9 +47,13 @@ class Attribution(BaseModel):
     rank: int
     example_id: str
     score: float
-    share: float = Field(description="max(score, 0) / the sum of max(score, 0) over the k returned.")
+    share: float = Field(description="max(score, 0) / the sum of max(score, 0) over the k returned: this "
+                         "example's part of the positive score mass among these k, not a share of the whole "
+                         "training set's influence.")
     uri: str
     caption: str
+    metadata: dict[str, Any] = Field(default_factory=dict, description=(
+        "The dataset columns the index keeps (index.keep_columns), e.g. artist, license, source_url."))
 
 
 class AttributionResponse(BaseModel):

@@ -233,6 +233,6 @@ def merge_partitions(answers: list[dict[str, Any]], aspects: tuple[str, ...], k:
         mass = sum(max(r["score"], 0.0) for r in top)
         merged[aspect] = [{"rank": i + 1, "example_id": r["example_id"], "score": r["score"],
                            "share": (max(r["score"], 0.0) / mass) if mass > 0 else 0.0,
-                           "uri": r["uri"], "caption": r["caption"]}
+                           "uri": r["uri"], "caption": r["caption"], "metadata": r.get("metadata") or {}}
                           for i, r in enumerate(top)]
     return merged

@@ -56,7 +56,7 @@ def _queries(featurizer, manifest: dict[str, Any], aspects: list[str], prompts: 
     """Features ``[Q, k_total]`` of every aspect's learning queries, and (``check_queries``)
     the share of each aspect's images that show the prompted value."""
     made = {a: learning_queries(featurizer, a, prompts[a], wcfg) for a in aspects}
-    shown = (shown_shares(manifest["dataset"]["uri"], manifest["dataset"].get("caption_column"), featurizer.adapter,
+    shown = (shown_shares(manifest["dataset"], featurizer.adapter,
                           {a: made[a][1] for a in aspects}, wcfg) if wcfg.check_queries else None)
     if shown:
         log.info("learning-query images showing the prompted attribute: %s", {a: round(v, 3) for a, v in shown.items()})

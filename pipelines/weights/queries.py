@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import numpy as np
 import torch
@@ -10,7 +11,7 @@ import torch
 from attribution_core.config import WeightsConfig
 from attribution_core.data.captions import fix_articles
 from attribution_core.data.images import decode_image, encode_png
-from attribution_core.data.readers import read_examples
+from attribution_core.data.readers import dataset_read_options, read_examples
 from attribution_core.evaluation.quality import train_classifier
 from attribution_core.errors import ConfigError
 from attribution_core.features.featurize import Featurizer
@@ -59,7 +60,7 @@ def prompted_values(aspect: str, cfg: WeightsConfig) -> list[str]:
     return [values[i % len(values)] for i in range(cfg.queries_per_aspect)]
 
 
-def shown_shares(dataset_uri: str, caption_column: str | None, adapter: DiffusersAdapter,
+def shown_shares(dataset: dict[str, Any], adapter: DiffusersAdapter,
                  images: dict[str, list[Generated]], cfg: WeightsConfig) -> dict[str, float] | None:
     """Per aspect, the share of its learning-query images that show the prompted value, read
     by an attribute classifier trained on the dataset's real images; None when the dataset
@@ -67,7 +68,7 @@ def shown_shares(dataset_uri: str, caption_column: str | None, adapter: Diffuser
     aspects = [a for a in images if a != "general"]
     if not aspects:
         return None
-    rows = list(read_examples(dataset_uri, caption_column))
+    rows = list(read_examples(dataset["uri"], dataset.get("caption_column"), **dataset_read_options(dataset)))
     if not rows or any(rows[0].attributes.get(a) is None for a in aspects):
         return None
     channels, size = adapter.image_shape[0], adapter.image_shape[1]

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from attribution_core.config import WeightsConfig
-from attribution_core.data.readers import label_text, read_examples
+from attribution_core.data.readers import dataset_read_options, label_text, read_examples
 from attribution_core.features.featurize import Featurizer
 from attribution_core.features.groups import GroupLayout
 from attribution_core.features.seeding import stable_seed
@@ -34,7 +34,7 @@ from pipelines.weights.scan import scan
 log = logging.getLogger(__name__)
 
 
-def validation_set(dataset_uri: str, *, caption_column: str | None, label_column: str | None, aspects: list[str],
+def validation_set(dataset: dict[str, Any], *, caption_column: str | None, label_column: str | None, aspects: list[str],
                    columns: list[str], n: int, seed: int,
                    label_names: list[str] | None = None
                    ) -> tuple[list[Any], dict[str, list[Any]], dict[str, dict[str, Any]]] | None:
@@ -46,7 +46,7 @@ def validation_set(dataset_uri: str, *, caption_column: str | None, label_column
     has. Class models: the class indices, cycled, and 'general' asks for the class label.
     ``values``: every training example's value (or tuple) per aspect. None when nothing can be
     validated (no caption, no column)."""
-    rows = list(read_examples(dataset_uri, caption_column))
+    rows = list(read_examples(dataset["uri"], caption_column, **dataset_read_options(dataset)))
     if not rows:
         return None
     if label_names is not None:  # a class model: general asks for the generated class
@@ -82,7 +82,7 @@ def validate_aspects(featurizer: Featurizer, manifest: dict[str, Any], layout: G
     if cfg.validation_queries == 0 or not weights or adapter.conditioning == "none":
         return {}
     dataset = manifest["dataset"]
-    found = validation_set(dataset["uri"], caption_column=dataset.get("caption_column"),
+    found = validation_set(dataset, caption_column=dataset.get("caption_column"),
                            label_column=dataset.get("label_column"), aspects=list(weights), columns=list(cfg.prompts),
                            n=cfg.validation_queries, seed=cfg.seed,
                            label_names=adapter.label_names if adapter.conditioning == "class" else None)

@@ -91,7 +91,7 @@ def test_bad_images_name_the_example(tmp_path):
     rows = list(read_examples(str(root)))
     with pytest.raises(ImageDecodeError, match="img1.png"):
         decode_image(rows[1].image, rows[1].example_id, 16, 3)
-    with pytest.raises(InputError, match="no 'image' column"):
+    with pytest.raises(InputError, match="no image column 'image'"):
         pq.write_table(pa.table({"x": [1]}), tmp_path / "noimg.parquet")
         list(read_examples(str(tmp_path / "noimg.parquet")))
     with pytest.raises(InputError, match="does not exist"):

@@ -98,7 +98,7 @@ def source_rows(adapter, rows: list[tuple[str, bytes, str | None]]) -> pa.Table:
     return pa.Table.from_pydict({
         "example_id": [r[0] for r in rows], "content_hash": [content_hash(r[1], r[2], None) for r in rows],
         "uri": [f"mem://{r[0]}" for r in rows], "image": [r[1] for r in rows], "caption": [r[2] for r in rows],
-        "label": [None] * len(rows)}, schema=SOURCE_SCHEMA)
+        "label": [None] * len(rows), "metadata": [None] * len(rows)}, schema=SOURCE_SCHEMA)
 
 
 def test_index_batch_quarantines_each_bad_example_and_keeps_the_rest(adapters):

@@ -127,7 +127,7 @@ def _validation_equals_offline_recall(cfg, out: str, manifest: dict, document: d
     assert found["queries"] == 6 and found["k"] == 3 and set(found["recall"]) == {"subject", "general", "uniform"}
     assert document["aspects"]["subject"]["answered_by"] == choose(found["gains"], ["subject", "general", "uniform"])
     wcfg = cfg.weights
-    prompts, asked, values = validation_set(manifest["dataset"]["uri"], caption_column=None, label_column=None,
+    prompts, asked, values = validation_set(manifest["dataset"], caption_column=None, label_column=None,
                                             aspects=["subject"], columns=["subject"], n=6, seed=wcfg.seed)
     adapter = load_model_dir(model)
     images = generate(adapter, prompts=prompts, n=6, seed=stable_seed("validation-queries", wcfg.seed),
