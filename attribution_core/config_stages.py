@@ -81,6 +81,10 @@ class IndexConfig:
     max_quarantine_fraction: float = 0.5
     """A build that quarantines more than this share of the dataset's examples is not
     committed: it fails with the reasons, since such a version would answer nothing useful."""
+    quarantine_check_rows: int = 1024
+    """After this many examples of a build are featurized, the build stops at once (before
+    the rest) when more than ``max_quarantine_fraction`` of them were quarantined: a wrong
+    column or model is found in minutes, not after the whole dataset (0: check at the end only)."""
     min_image_side: int = 0
     """Images with a shorter side below this go to errors/ (0 = half the model resolution)."""
     max_aspect_ratio: float = 4.0
@@ -127,6 +131,8 @@ class IndexConfig:
         _check(bool(self.damping_grid) and all(d > 0 for d in self.damping_grid), "index.damping_grid",
                f"needs one or more dampings > 0, got {list(self.damping_grid)}")
         _check(self.damping_queries >= 1, "index.damping_queries", f"must be >= 1, got {self.damping_queries}")
+        _check(self.quarantine_check_rows >= 0, "index.quarantine_check_rows",
+               f"must be >= 0, got {self.quarantine_check_rows}")
         _check(0 <= self.max_quarantine_fraction <= 1, "index.max_quarantine_fraction",
                f"must be in [0, 1], got {self.max_quarantine_fraction}")
 

@@ -60,9 +60,10 @@ def too_many_quarantined(count: int, total: int, max_fraction: float) -> bool:
     return count > 0 and (count > max_fraction * total or count >= total)
 
 
-def check_quarantine(errors: list[tuple[str, str]], total: int, max_fraction: float) -> None:
-    """Raise ``QuarantineError`` when ``too_many_quarantined``; ``errors`` is ``(example_id, reason)``."""
+def check_quarantine(errors: list[tuple[str, str]], total: int, max_fraction: float, scope: str = "the dataset") -> None:
+    """Raise ``QuarantineError`` when ``too_many_quarantined``; ``errors`` is ``(example_id, reason)``
+    among ``total`` examples (``scope`` says which)."""
     if not too_many_quarantined(len(errors), total, max_fraction):
         return
     raise QuarantineError(f"{quarantine_summary(errors, total)}. Nothing was committed (more than "
-                          f"index.max_quarantine_fraction={max_fraction:g} of the dataset)")
+                          f"index.max_quarantine_fraction={max_fraction:g} of {scope})")

@@ -67,7 +67,7 @@ def check_exactly_once(expected: set[str], features: dict[str, list[str]], error
 
 
 def refuse_if_quarantined(store: IndexStore, reused: dict[str, list[str]], staged: dict[str, list[str]],
-                          total: int, max_fraction: float) -> None:
+                          total: int, max_fraction: float, scope: str = "the dataset") -> None:
     """Raise ``QuarantineError`` (nothing committed) when more than ``max_fraction`` of the
     ``total`` examples are quarantined. This build's own error shards are removed first, so
     that a rerun after the fix looks at those examples again instead of resuming their errors."""
@@ -80,7 +80,7 @@ def refuse_if_quarantined(store: IndexStore, reused: dict[str, list[str]], stage
         errors += zip(table.column("example_id").to_pylist(), table.column("reason").to_pylist())
     for path in staged:
         store.fs.delete_file(store.path(path))
-    check_quarantine(errors, total, max_fraction)
+    check_quarantine(errors, total, max_fraction, scope)
 
 
 def gram_pass(store: IndexStore, paths: list[str], layout: GroupLayout, kind: str,

@@ -28,6 +28,7 @@ from attribution_core.models.fingerprint import model_fingerprint
 from attribution_core.models.recipe import resolve_columns
 from attribution_core.timing import Stopwatch
 from pipelines.index.approximate import build_approximate
+from attribution_core.index.quarantine import too_many_quarantined
 from pipelines.index.commit import check_exactly_once, dedupe, refuse_if_quarantined, shard_ids
 from pipelines.index.damping import kernel_settings, kernel_stats
 from pipelines.index.scan import choose_base, concat_keys, read_source, scan_keys, shard_keys
@@ -155,14 +156,31 @@ def _featurize(cfg: ProjectConfig, req: IndexRequest, model: dict[str, Any], sou
         IndexActor, fn_constructor_kwargs=actor_kwargs, batch_size=cfg.index.batch_size,
         batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=n_actors),
         num_cpus=cfg.index.cpus_per_actor, num_gpus=1 if device == "cuda" else 0)
+    check_at = cfg.index.quarantine_check_rows
     for row in summaries.iter_rows():
         done.rows += row["rows"]
         done.errors += row["errors"]
+        if check_at and done.rows + done.errors >= check_at and len(plan.todo) > check_at:
+            _stop_if_quarantined(cfg, store, version, done, len(plan.todo))
+            check_at = 0  # once, on the first rows
         done.busy += row["seconds"]
         if row["call"] > 0:
             done.warm_rows += row["rows"] + row["errors"]
             done.warm_busy += row["seconds"]
     return done
+
+
+def _stop_if_quarantined(cfg: ProjectConfig, store: IndexStore, version: str, done: _Featurized, todo: int) -> None:
+    """After the first ``index.quarantine_check_rows`` examples: stop the build, before the
+    rest are featurized, when more than ``index.max_quarantine_fraction`` of them were
+    quarantined (the same one-line reasons as the check at the end)."""
+    checked = done.rows + done.errors
+    if not too_many_quarantined(done.errors, checked, cfg.index.max_quarantine_fraction):
+        return
+    staged = shard_ids(store, store.list_shards(version, "errors"))
+    refuse_if_quarantined(store, {}, staged, checked, cfg.index.max_quarantine_fraction,
+                          f"the first {checked:,} of the {todo:,} examples to featurize "
+                          "(index.quarantine_check_rows); the build stopped there")
 
 
 def _verify(cfg: ProjectConfig, store: IndexStore, version: str, plan: Plan,

@@ -158,6 +158,22 @@ def test_too_many_quarantined_is_not_committed(tmp_path, ray_cluster, class_mode
         f"error: {str(tmp_path / 'index')!r} holds no committed version; build one with `attribution index`")
 
 
+def test_a_mostly_quarantined_build_stops_after_its_first_rows(tmp_path, ray_cluster, class_model):
+    """The same refusal, made after index.quarantine_check_rows examples instead of at the end."""
+    data = write_user_parquet(tmp_path / "mine", 96, labels=lambda k: ["cat", "dog", "cow"][k])
+    config = class_config(tmp_path, data, model={"path": class_model["model"]},
+                          index={"quarantine_check_rows": 16, "batch_size": 8, "actors": 1})
+    proc = attribution("index", "--config", str(config), env={"RAY_ADDRESS": ray_cluster}, check=False)
+    assert proc.returncode == 2, proc.stderr
+    last = error_line(proc)
+    assert " examples quarantined: missing or unknown class label (" in last, last
+    assert "of the first " in last and "of the 96 examples to featurize (index.quarantine_check_rows)" in last, last
+    checked = int(last.split(" of ", 1)[0].removeprefix("error: ").replace(",", ""))
+    assert 16 <= checked <= 96
+    store = IndexStore(str(tmp_path / "index"))
+    assert store.latest() is None and not any(store.is_committed(v) for v in store.list_versions())
+
+
 def test_a_pipeline_directory_without_training_json(tmp_path, ray_cluster):
     """A model brought from elsewhere: index, learn-weights and evaluate --skip-lds work; LDS
     says in one line that it needs a recipe."""
