@@ -10,6 +10,7 @@
     attribution serve --config ... --index URI         the HTTP query endpoint (Ray Serve), until Ctrl-C
     attribution reindex --config ...                   scheduled update: incremental index, weights, publish
     attribution groups --config configs/demo.yaml      tracked layers and parameter groups
+    attribution config --reference                     every config key: type, default, what it changes
     attribution model build-tiny --kind text --out DIR a tiny untrained diffusers model
     attribution bench featurize --json                 featurizer throughput and exactness
     attribution bench model-quality --model DIR        attribute accuracy of generated images
@@ -119,8 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="weight initialisation seed")
     p.set_defaults(func=_cmd_build_tiny)
 
-    from pipelines.commands import data, evaluate, generate, index, reindex, serve, train, weights
+    from pipelines.commands import config, data, evaluate, generate, index, reindex, serve, train, weights
 
+    config.add_parser(sub, DEFAULT_CONFIG)
     data.add_parser(sub)
     train.add_parser(sub, DEFAULT_CONFIG)
     generate.add_parser(sub)
