@@ -6,7 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from pipelines.commands.options import add_config
+from pipelines.commands.options import add_config, add_json
+from pipelines.output import print_result
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -25,7 +26,7 @@ def _run(args: argparse.Namespace) -> int:
         Path(args.out).write_text(text)
         print(f"wrote {args.out}")
     else:
-        print(text, end="")
+        print_result(text.rstrip("\n"))
     return 0
 
 
@@ -37,6 +38,6 @@ def add_parser(sub: argparse._SubParsersAction, default_config: str) -> None:
         "every key it leaves out filled in with its default, after validation (a bad value is one error line).")
     add_config(p, default_config)
     p.add_argument("--reference", action="store_true", help="print the reference of every key (Markdown)")
-    p.add_argument("--json", action="store_true", help="the resolved config as JSON instead of YAML")
+    add_json(p, "the resolved config as JSON (not YAML)")
     p.add_argument("--out", help="write to this file instead of printing (e.g. docs/CONFIG.md)")
     p.set_defaults(func=_run)
