@@ -34,17 +34,17 @@ class LoadedIndex:
     def metadata_of(self, row: int) -> dict[str, Any]:
         return metadata_of(self.metadata, row)
 
-
-def metadata_of(metadata: list[str | None] | None, row: int) -> dict[str, Any]:
-    """The kept columns of row ``row`` of a version's rows ({} when the index keeps none)."""
-    value = metadata[row] if metadata is not None else None
-    return json.loads(value) if value else {}
-
     def stored_features(self) -> torch.Tensor:
         """``[N, k_total]`` float64: the features as stored, before the row scale (the kernel's rows)."""
         if self.row_scale is None:
             return self.features.double()
         return self.features.double() / self.row_scale.double().clamp_min(1e-30)[:, None]
+
+
+def metadata_of(metadata: list[str | None] | None, row: int) -> dict[str, Any]:
+    """The kept columns of row ``row`` of a version's rows ({} when the index keeps none)."""
+    value = metadata[row] if metadata is not None else None
+    return json.loads(value) if value else {}
 
 
 def read_kernel(store: IndexStore, manifest: dict[str, Any]) -> list[tuple[int, int, torch.Tensor]]:
