@@ -246,11 +246,13 @@ class ReindexConfig:
 
     relearn: str = "changed"
     """'always': learn weights for every new index version; 'changed': only when more than
-    ``relearn_fraction`` of the rows were added, changed or removed since the published
-    version (or when no earlier weights fit the new version); otherwise the endpoint keeps
-    using the weights of the nearest earlier version."""
+    ``relearn_fraction`` of the rows were added, changed or removed since the version the
+    serving weights were learned on (so many small nightly additions add up), or when no
+    earlier weights fit the new version; otherwise the endpoint keeps using the weights of
+    the nearest earlier version."""
     relearn_fraction: float = 0.05
-    """Share of rows added, changed or removed above which 'changed' relearns the weights."""
+    """Share of rows added, changed or removed since the weights' version above which
+    'changed' relearns the weights."""
     lease_ttl_s: float = 3600.0
     """The run's lease on the index root expires this long after its last renewal (the run
     renews it every third of this); a run that died is taken over after it."""

@@ -31,7 +31,8 @@ from pipelines.index.approximate import build_approximate
 from attribution_core.index.quarantine import too_many_quarantined
 from pipelines.index.commit import check_exactly_once, dedupe, refuse_if_quarantined, shard_ids
 from pipelines.index.damping import kernel_settings, kernel_stats
-from pipelines.index.scan import choose_base, concat_keys, read_source, scan_keys, shard_keys
+from pipelines.index.listing import CurrentKeys, listing_summary, write_source_keys
+from pipelines.index.scan import choose_base, concat_keys, current_keys, read_source, shard_keys
 from pipelines.index.stages import IndexActor, rewrite_shard
 from pipelines.models import ModelRef
 from pipelines.ray_runtime import cluster_cpus, cluster_gpus, ensure_ray
@@ -141,8 +142,9 @@ class _Featurized:
 
 
 def _featurize(cfg: ProjectConfig, req: IndexRequest, model: dict[str, Any], source, plan: Plan,
-               store: IndexStore, version: str) -> _Featurized:
-    """Featurize ``plan.todo`` on a pool of ``IndexActor``s, one shard per batch."""
+               store: IndexStore, version: str, files: list[str] | None) -> _Featurized:
+    """Featurize ``plan.todo`` on a pool of ``IndexActor``s, one shard per batch (reading only
+    the Parquet ``files`` that hold them, when known)."""
     n_actors, threads, device = _actors(cfg)
     done = _Featurized(n_actors, threads, device)
     if not len(plan.todo):
@@ -151,7 +153,7 @@ def _featurize(cfg: ProjectConfig, req: IndexRequest, model: dict[str, Any], sou
                     "threads": threads, "store_uri": store.uri, "version": version, "dtype": cfg.index.dtype,
                     "limits": {"min_side": cfg.index.min_image_side or model["image_shape"][1] // 2,
                                "max_aspect": cfg.index.max_aspect_ratio}}
-    rows_in = read_source(source, plan.todo).repartition(target_num_rows_per_block=cfg.index.batch_size)
+    rows_in = read_source(source, plan.todo, files).repartition(target_num_rows_per_block=cfg.index.batch_size)
     summaries = rows_in.map_batches(
         IndexActor, fn_constructor_kwargs=actor_kwargs, batch_size=cfg.index.batch_size,
         batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=n_actors),
@@ -218,7 +220,8 @@ def run_index(cfg: ProjectConfig, req: IndexRequest) -> dict[str, Any]:
     ensure_ray(req.ray_address)
     watch.lap("load")
 
-    current = scan_keys(source)
+    found = current_keys(source, store, store.latest())
+    current = found.keys
     if current.num_rows == 0:
         raise InputError(f"dataset {req.dataset!r} holds no examples; nothing to index")
     check_unique(current, f"dataset {req.dataset!r}")
@@ -238,10 +241,12 @@ def run_index(cfg: ProjectConfig, req: IndexRequest) -> dict[str, Any]:
     log.info("plan: %d examples, %d to featurize (%d new, %d changed, %d resumed from an interrupted run), "
              "%d reused, %d removed", plan.n_current, len(plan.todo), plan.n_new, plan.n_changed, plan.n_done,
              plan.n_reused, plan.n_removed)
+    source_keys = write_source_keys(store, version, found)
+    to_open = found.files_holding(plan.todo) if found.files is not None else None
     watch.lap("plan")
     _carry(store, version, plan)
     watch.lap("carry")
-    work = _featurize(cfg, req, model, source, plan, store, version)
+    work = _featurize(cfg, req, model, source, plan, store, version, to_open)
     watch.lap("featurize")
     features, errors = _verify(cfg, store, version, plan, current)
     watch.lap("verify")
@@ -257,14 +262,28 @@ def run_index(cfg: ProjectConfig, req: IndexRequest) -> dict[str, Any]:
              "resumed": plan.n_done, "featurized": work.rows, "quarantined": work.errors,
              "stale_temporaries_removed": removed_tmp, "actors": work.actors, "threads_per_actor": work.threads,
              "device": work.device, "batch_size": cfg.index.batch_size, "actor_busy_seconds": round(work.busy, 3),
-             "steady_rows_per_s": work.steady_rows_per_s(), "stage_seconds": watch.seconds}
-    dataset = {**source.to_dict(), "rows": current.num_rows, "keys_digest": keys_digest(current)}
+             "steady_rows_per_s": work.steady_rows_per_s(), "stage_seconds": watch.seconds,
+             **_source_reads(found, to_open)}
+    dataset = {**source.to_dict(), "rows": current.num_rows, "keys_digest": keys_digest(current),
+               "files": listing_summary(found), "source_keys": source_keys}
     manifest = build_manifest(version, target.sequence, previous["version"] if previous else None,
                               {"path": req.model, **({"base": req.base} if req.base else {}), **model}, spec, layout, dataset, shards, errors, stats, build,
                               approximate)
     store.commit(version, manifest, publish=req.publish)
     watch.lap("commit")
     return _summary(store, manifest, work, watch)
+
+
+def _source_reads(found: CurrentKeys, opened: list[str] | None) -> dict[str, Any]:
+    """What the build read of a listed (Parquet) dataset: files whose keys were kept from the
+    previous version, files read to hash their rows, files opened to featurize, and the bytes
+    of the files read (of the dataset's total)."""
+    if found.files is None:
+        return {}
+    read = sorted(set(found.read_files) | set(opened or []))
+    return {"source_files": len(found.files), "source_files_unchanged": found.reused_files,
+            "source_files_hashed": len(found.read_files), "source_files_featurized": len(opened or []),
+            "source_bytes_read": found.bytes_of(read), "source_bytes": found.bytes_of([f.path for f in found.files])}
 
 
 def _summary(store: IndexStore, manifest: dict[str, Any], work: _Featurized, watch: Stopwatch) -> dict[str, Any]:
@@ -276,6 +295,7 @@ def _summary(store: IndexStore, manifest: dict[str, Any], work: _Featurized, wat
             "featurized": work.rows, "seconds": watch.total(),
             "rows_per_s": round(work.rows / timings["featurize"], 2) if work.rows and timings["featurize"] else 0.0,
             "bytes_per_example": round(total_bytes / rows, 1) if rows else 0.0,
+            **{k: v for k, v in manifest["build"].items() if k.startswith("source_")},
             "mode": manifest["build"]["mode"], "actors": work.actors, "threads_per_actor": work.threads,
             "actor_busy_seconds": round(work.busy, 3), "steady_rows_per_s": work.steady_rows_per_s(),
             "stage_seconds": timings}

@@ -30,6 +30,15 @@ def normalize_batch(batch: pa.Table, spec: dict[str, Any], keep: list | None = N
     return normalize(batch, SourceSpec(**spec), ids)
 
 
+def keys_with_file(batch: pa.Table, spec: dict[str, Any], root: str) -> pa.Table:
+    """Raw Parquet rows read with their file's path -> ``(example_id, content_hash, file)``,
+    ``file`` relative to the dataset root ``root``."""
+    paths = [p[len(root):].lstrip("/") for p in batch.column("path").to_pylist()]
+    rows = normalize(batch.drop_columns(["path"]), SourceSpec(**spec))
+    return pa.table({"example_id": rows.column("example_id"), "content_hash": rows.column("content_hash"),
+                     "file": pa.array(paths, pa.string())})
+
+
 class IndexActor:
     """Holds the model; featurizes a batch of source rows and writes its shard atomically.
 

@@ -26,6 +26,7 @@ from attribution_core.errors import EndpointTimeoutError
 from attribution_core.index.store import IndexStore
 from attribution_core.timing import Stopwatch
 from attribution_core.weights.artifact import artifact_path, find_weights
+from pipelines.index.scan import shard_keys
 from pipelines.reindex.keepalive import KeepAlive
 from pipelines.reindex.lease import Lease, LeaseHeldError
 
@@ -126,22 +127,46 @@ def _weights(cfg: ProjectConfig, req: ReindexRequest, store: IndexStore, root: s
     version = manifest["version"]
     existing = find_weights(store, manifest, name)
     learned_on = existing["index"]["version"] if existing else None
-    learn, reason = relearn_decision(cfg.reindex, version, learned_on, changes["changed_fraction"])
+    since = changes_between(store, store.manifest(learned_on), manifest) if learned_on not in (None, version) else None
+    learn, reason = relearn_decision(cfg.reindex, version, learned_on,
+                                     since["changed_fraction"] if since else changes["changed_fraction"])
     if not learn:
         return {"learned": False, "artifact": f"{store.uri}/{artifact_path(learned_on, name)}",
-                "learned_on": learned_on, "reason": reason}
+                "learned_on": learned_on, "reason": reason, "changed_since_learned": since}
     log.info("learning weights for %s: %s", version, reason)
     _, learning = ensure_weights(cfg, root, version, req.model or cfg.model.path, req.ray_address)
     return {"learned": learning is not None, "artifact": f"{store.uri}/{artifact_path(version, name)}",
             "learned_on": version,
             "reason": reason if learning is not None else f"{reason}; weights with the same settings were there",
-            "seconds": learning.get("seconds") if learning else None}
+            "seconds": learning.get("seconds") if learning else None, "changed_since_learned": since}
+
+
+def version_keys(store: IndexStore, manifest: dict[str, Any]) -> dict[str, str]:
+    """example id -> content hash of every row of a version (indexed or quarantined), read
+    from the key columns of its shards."""
+    paths = [s["path"] for s in manifest["shards"]] + list(manifest["errors"]["shards"])
+    out: dict[str, str] = {}
+    for table in shard_keys(store, paths).values():
+        out.update(zip(table.column("example_id").to_pylist(), table.column("content_hash").to_pylist()))
+    return out
+
+
+def changes_between(store: IndexStore, old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """Rows added / changed / removed from version ``old`` to ``new`` (any number of versions
+    apart), and their share of ``old``'s rows."""
+    before, after = version_keys(store, old), version_keys(store, new)
+    added = len(after.keys() - before.keys())
+    removed = len(before.keys() - after.keys())
+    changed = sum(1 for eid in before.keys() & after.keys() if before[eid] != after[eid])
+    fraction = (added + changed + removed) / len(before) if before else 1.0
+    return {"since": old["version"], "rows_added": added, "rows_changed": changed, "rows_removed": removed,
+            "changed_fraction": round(fraction, 6)}
 
 
 def relearn_decision(rcfg: ReindexConfig, version: str, learned_on: str | None,
                      changed_fraction: float) -> tuple[bool, str]:
     """(learn weights for ``version``?, why) given the version the nearest fitting weights were
-    learned on (None: none fit) and the share of rows changed since the published version."""
+    learned on (None: none fit) and the share of rows changed since that version."""
     if rcfg.relearn == "always":  # (weights already learned for it with the same settings are reused)
         return True, "reindex.relearn is 'always'"
     if learned_on == version:  # an earlier run learned them, then stopped before publishing
@@ -149,9 +174,10 @@ def relearn_decision(rcfg: ReindexConfig, version: str, learned_on: str | None,
     if learned_on is None:
         return True, "no learned weights fit this version (a first build, or the features changed)"
     if changed_fraction > rcfg.relearn_fraction:
-        return True, (f"{changed_fraction:.1%} of the rows changed, more than reindex.relearn_fraction "
+        return True, (f"{changed_fraction:.1%} of the rows changed since {learned_on}, more than reindex.relearn_fraction "
                       f"({rcfg.relearn_fraction:.1%})")
-    return False, (f"{changed_fraction:.1%} of the rows changed, not more than reindex.relearn_fraction "
+    return False, (f"{changed_fraction:.1%} of the rows changed since {learned_on}, not more than "
+                   "reindex.relearn_fraction "
                    f"({rcfg.relearn_fraction:.1%}): the weights learned on {learned_on} still serve")
 
 

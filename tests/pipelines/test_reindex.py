@@ -267,7 +267,7 @@ def test_reindex_learns_weights_again_only_when_asked_or_needed():
     changed = ReindexConfig(relearn="changed", relearn_fraction=0.1)
     assert relearn_decision(changed, "v2", None, 0.0)[0]  # nothing fits: a first build or new features
     assert relearn_decision(changed, "v2", "v1", 0.25) == (
-        True, "25.0% of the rows changed, more than reindex.relearn_fraction (10.0%)")
+        True, "25.0% of the rows changed since v1, more than reindex.relearn_fraction (10.0%)")
     learn, why = relearn_decision(changed, "v2", "v1", 0.1)
     assert not learn and "the weights learned on v1 still serve" in why
     assert relearn_decision(changed, "v2", "v2", 0.9) == (False, "already learned for this version")
