@@ -15,6 +15,7 @@
     attribution bench featurize --json                 featurizer throughput and exactness
     attribution bench model-quality --model DIR        attribute accuracy of generated images
     attribution bench index --json                     index throughput, scaling, bytes/example
+    attribution bench reindex --json                   dataset bytes a reindex reads after a small addition
     attribution bench weights --json                   weight learning time vs N; aspect Recall@10
     attribution bench serve --json                     endpoint latency and throughput vs N and concurrency
     attribution bench search --json                    exact vs approximate search: latency, recall, memory
@@ -140,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     from pipelines.bench.featurize import add_arguments
     from pipelines.bench.index import add_parser as add_index
     from pipelines.bench.quality import add_parser as add_quality
+    from pipelines.bench.reindex import add_parser as add_reindex
     from pipelines.bench.scale import add_parser as add_scale
     from pipelines.bench.search import add_parser as add_search
     from pipelines.bench.serve import add_parser as add_serve
@@ -149,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_bench_featurize)
     add_quality(bench)
     add_index(bench, DEFAULT_CONFIG)
+    add_reindex(bench, DEFAULT_CONFIG)
     add_weights(bench, DEFAULT_CONFIG)
     add_serve(bench, DEFAULT_CONFIG)
     add_search(bench, DEFAULT_CONFIG)
