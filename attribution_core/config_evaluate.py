@@ -1,5 +1,5 @@
 """Typed configuration of the evaluation harness: section ``evaluate`` of a config file
-(``attribution evaluate``, DESIGN 9), validated by field name like every other section."""
+(``attribution evaluate``, ARCHITECTURE §9), validated by field name like every other section."""
 
 from __future__ import annotations
 
@@ -163,7 +163,7 @@ class ExemplarsConfig:
 
 @dataclasses.dataclass(frozen=True)
 class EvaluateConfig:
-    """The evaluation harness (``attribution evaluate``, DESIGN 9): LDS of the attribution
+    """The evaluation harness (``attribution evaluate``, ARCHITECTURE §9): LDS of the attribution
     bases with uniform and learned weights, aspect Recall@K, and the report."""
 
     out: str = "artifacts/demo/eval"

@@ -1,4 +1,4 @@
-"""Attribution quality metrics (DESIGN 9): LDS with a bootstrap interval, aspect Recall@K,
+"""Attribution quality metrics (ARCHITECTURE §9): LDS with a bootstrap interval, aspect Recall@K,
 and the pixel-space nearest-neighbour baseline.
 
 LDS (Park et al. 2023, the D-TRAK protocol): S random subsets of the training set, a model

@@ -1,4 +1,4 @@
-"""Aspect Recall@K side by side (DESIGN 9): for queries with known attributes, the share of
+"""Aspect Recall@K side by side (ARCHITECTURE §9): for queries with known attributes, the share of
 their top-K training examples sharing each attribute, under the aspect's own weights, the
 general weights, uniform weights, and pixel-space nearest neighbours."""
 

@@ -2,7 +2,7 @@
 
 Under the version folder::
 
-    approximate/trained.faiss               the trained, empty IVF-PQ index (FAISS's own format)
+    approximate/trained.faiss               the trained, empty PQ index (FAISS's own format)
     approximate/whitening.npz               the space it codes in (``Whitening``; absent without a kernel)
     approximate/codes-<digest>.parquet      the codes of some feature shards' rows: columns
                                             ``shard`` (its path) and ``code`` (fixed-size bytes),

@@ -2,7 +2,7 @@
 
 With per-group features ``g(q) = [g_1(q) ... g_M(q)]`` and weights ``w`` (one per group),
 the weighted score is (paper eq. for tau_w with K = I, or after the query side has been
-preconditioned, ``q' = K (w (.) g(q))``, DESIGN 6):
+preconditioned, ``q' = K (w (.) g(q))``, ARCHITECTURE §6):
 
     tau_w(q, x) = sum_j w_j <g_j(q), g_j(x)> = <w_expanded (.) g(q), g(x)>
 
@@ -154,7 +154,7 @@ def attribute(queries: torch.Tensor, weights: torch.Tensor, layout: GroupLayout,
 
     ``queries``: ``Tensor[Q, k_total]`` features; ``weights``: ``Tensor[A, M]``; ``kernel``:
     ``(offset, dim, K_b)`` blocks or None (K = I). Scores are ``tau_w(q, x) = q'^T g(x)`` with
-    ``q' = K (w . g(q))`` (DESIGN 6). Returns scores and row indices, ``Tensor[A, Q, k]``.
+    ``q' = K (w . g(q))`` (ARCHITECTURE §6). Returns scores and row indices, ``Tensor[A, Q, k]``.
     """
     wq = preconditioned_queries(queries, weights, layout, kernel)  # [A, Q, k_total]
     a, q, k_total = wq.shape

@@ -7,7 +7,7 @@ coordinates; K symmetric). The loss (Li et al. 2025, eq. for the weight objectiv
 
     L(theta) = mean_q [ - mean(top-k_x tau_w(q, x)) / || tau_w(q, .) ||_2 ] + lambda_w ||w||^2
 
-Both terms need only small per-query tensors (DESIGN 7):
+Both terms need only small per-query tensors (ARCHITECTURE §7):
 
 - noise: ``||tau_w(q, .)||^2 = sum_x (sum_j w_j c_j(q, x))^2 = w^T G_q w`` with the moment
   matrix ``G_q = sum_x c(q, x) c(q, x)^T`` (M x M), accumulated in one scan of the index;

@@ -1,4 +1,4 @@
-"""Candidate pools and moment matrices from scans of the index (DESIGN 7).
+"""Candidate pools and moment matrices from scans of the index (ARCHITECTURE §7).
 
 A scan visits the index in blocks of rows. For Q learning queries and A mining weightings it
 keeps, per (query, weighting), the R best examples with their per-group contributions

@@ -24,11 +24,12 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from attribution_core.config import ProjectConfig
-from attribution_core.data.storage import filesystem_for, s3_listing_filesystem
+from attribution_core.data.storage import filesystem_for
 from attribution_core.data.writers import SYNTH_SCHEMA, synthetic_rows, write_parquet_dataset
 from attribution_core.errors import ConfigError
 from attribution_core.models.tiny import build_tiny_pipeline
 from pipelines.bench.s3_counter import CountingProxy
+from pipelines.index.listing import s3_listing_filesystem
 from pipelines.commands.options import add_config, add_json, positive_int
 from pipelines.output import print_report
 

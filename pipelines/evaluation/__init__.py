@@ -1,1 +1,1 @@
-"""Evaluation on Ray: retrained-subset ground truth for LDS (DESIGN 9)."""
+"""Evaluation on Ray: retrained-subset ground truth for LDS (ARCHITECTURE §9)."""

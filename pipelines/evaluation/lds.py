@@ -1,4 +1,4 @@
-"""LDS of the attribution bases, uniform vs learned weights (DESIGN 9, the D-TRAK protocol).
+"""LDS of the attribution bases, uniform vs learned weights (ARCHITECTURE §9, the D-TRAK protocol).
 
 On the LDS universe (``universe.py``): an index per measurement (``<out>/lds/index-loss``,
 ``index-square``, ``index-das``) with learned 'general' weights per basis (artifacts

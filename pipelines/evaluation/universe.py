@@ -1,4 +1,4 @@
-"""The LDS universe and what is made from it once for every basis (DESIGN 9, the D-TRAK
+"""The LDS universe and what is made from it once for every basis (ARCHITECTURE §9, the D-TRAK
 protocol): the attributed model and the models retrained on subsets share one recipe
 (``subset_train``), so the universe is trained once in full by that recipe and indexed under
 each basis' measurement; every basis then scores the same evaluation queries against it.

@@ -1,4 +1,4 @@
-"""The index job's approximate search stage (``index.approximate``): train the IVF-PQ
+"""The index job's approximate search stage (``index.approximate``): train the product
 quantisers on a seeded sample of the version's rows in one Ray task (in the space its kernel
 whitens, ``Whitening``), then code every feature
 shard on Ray Data, one code file per task (``attribution_core.index.approximate_files``).

@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from typing import Any
+from urllib.parse import urlparse
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import ray
 
-from attribution_core.data.storage import Listed, filesystem_for, list_tree
+from attribution_core.data.storage import filesystem_for
 from attribution_core.index.source import SourceSpec
 from attribution_core.index.store import IndexStore
 
@@ -35,6 +38,58 @@ LISTED_SCHEMA = pa.schema([("file", pa.string()), ("size", pa.int64()), ("mtime_
 #: What must be equal for kept keys to mean the same thing (the manifest's ``dataset`` entries).
 _READ_THE_SAME = ("uri", "layout", "caption_column", "label_column", "has_example_id", "image_column", "id_column",
                   "keep_columns")
+
+
+def s3_listing_filesystem():
+    """An s3fs filesystem from the same environment as ``filesystem_for`` (listings with ETags,
+    which pyarrow's S3 file infos do not carry)."""
+    import s3fs
+
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
+    client = {k: v for k, v in (("endpoint_url", endpoint), ("region_name", region)) if v}
+    return s3fs.S3FileSystem(client_kwargs=client, skip_instance_cache=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Listed:
+    """One file of a listing: its path under the listed root, size, modification time and,
+    on S3, ETag (a content checksum: it changes whenever the object's bytes do)."""
+
+    path: str
+    size: int
+    mtime_ns: int
+    etag: str | None = None
+
+    @property
+    def version(self) -> str:
+        """What tells two states of the file apart: the ETag where there is one, else the time."""
+        return self.etag or str(self.mtime_ns)
+
+
+def list_tree(uri: str) -> list[Listed]:
+    """Every file under ``uri`` (or ``uri`` itself when it is a file, with path ""), one
+    listing call, nothing read; in path order."""
+    fs, root = filesystem_for(uri)
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.File:
+        return [Listed("", int(info.size), int(info.mtime_ns or 0), _etag(uri, root))]
+    if urlparse(uri).scheme == "s3":
+        found = s3_listing_filesystem().find(root, detail=True)
+        files = [Listed(key[len(root):].lstrip("/"), int(d.get("size") or 0),
+                        int(d["LastModified"].timestamp() * 1e9) if d.get("LastModified") else 0,
+                        str(d.get("ETag") or "").strip('"') or None)
+                 for key, d in found.items() if d.get("type") != "directory" and not key.endswith("/")]
+        return sorted((f for f in files if f.path), key=lambda f: f.path)  # not the folder's own marker
+    return sorted((Listed(e.path[len(root):].lstrip("/"), int(e.size), int(e.mtime_ns or 0))
+                   for e in fs.get_file_info(pafs.FileSelector(root, recursive=True)) if e.type == pafs.FileType.File),
+                  key=lambda f: f.path)
+
+
+def _etag(uri: str, root: str) -> str | None:
+    if urlparse(uri).scheme != "s3":
+        return None
+    return str(s3_listing_filesystem().info(root).get("ETag") or "").strip('"') or None
 
 
 @dataclasses.dataclass

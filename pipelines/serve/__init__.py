@@ -1,1 +1,1 @@
-"""The attribution query endpoint on Ray Serve (DESIGN 8): ingress, featurizer, index searchers."""
+"""The attribution query endpoint on Ray Serve (ARCHITECTURE §8): ingress, featurizer, index searchers."""

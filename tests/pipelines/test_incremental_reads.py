@@ -10,7 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from attribution_core.config import ReindexConfig
-from attribution_core.data.storage import filesystem_for, list_tree
+from attribution_core.data.storage import filesystem_for
+from pipelines.index.listing import list_tree
 from attribution_core.data.writers import SYNTH_SCHEMA, synthetic_rows, write_parquet_dataset
 from attribution_core.index.plan import keys_digest
 from attribution_core.index.store import IndexStore
