@@ -19,7 +19,7 @@ from attribution_core.data.synthetic import BACKGROUNDS, STYLES, SUBJECTS, is_he
 from attribution_core.data.writers import read_marker
 from attribution_core.errors import ConfigError
 from attribution_core.evaluation.quality import ATTRIBUTES, model_quality, train_classifier
-from pipelines.commands.options import add_json
+from pipelines.commands.options import add_base, add_json
 from pipelines.models import load_model_dir
 from pipelines.output import print_result
 
@@ -47,7 +47,7 @@ def _run(args: argparse.Namespace) -> int:
     if not data_uri:
         raise ConfigError(f"{args.model} has no training.json naming its data; pass --data URI")
     start = time.perf_counter()
-    adapter = load_model_dir(args.model, args.device)
+    adapter = load_model_dir(args.model, args.device, args.base)
     if adapter.conditioning != "text":
         raise ConfigError("model-quality prompts by caption; this model is not text-conditioned")
     channels, resolution = adapter.image_shape[0], adapter.image_shape[1]
@@ -69,7 +69,8 @@ def _run(args: argparse.Namespace) -> int:
 def add_parser(bench: argparse._SubParsersAction) -> None:
     p = bench.add_parser("model-quality", help="attribute accuracy of generated images",
                          description=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--model", required=True, help="model directory")
+    p.add_argument("--model", required=True, help="model directory: a diffusers pipeline, or a LoRA folder (with --base)")
+    add_base(p, "the base its lora.json names")
     p.add_argument("--data", help="its training dataset (default: the one named in the model's training.json)")
     p.add_argument("--combos", type=int, default=24, help="attribute combinations per set (default 24)")
     p.add_argument("--per-combo", type=int, default=8, help="images per combination (default 8)")

@@ -46,8 +46,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "with their prompt, seed and index: image i of a call is regenerated exactly by the same "
         "(model, prompt, seed, i, guidance, steps, scheduler).",
     )
-    p.add_argument("--model", required=True, help="model directory (diffusers pipeline layout)")
-    add_base(p)
+    p.add_argument("--model", required=True, help="model directory: a diffusers pipeline, or a LoRA folder (with --base)")
+    add_base(p, "the base its lora.json names")
     p.add_argument("--prompt", action="append", default=[], help="prompt (repeatable; images cycle through them)")
     p.add_argument("--label", action="append", type=int, default=[], help="class label for class-conditional models")
     p.add_argument("--n", type=int, default=4, help="number of images (default 4)")

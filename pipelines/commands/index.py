@@ -51,7 +51,7 @@ def add_parser(sub: argparse._SubParsersAction, default_config: str) -> None:
     )
     add_config(p, default_config)
     p.add_argument("--dataset", help="dataset URI (default: data.uri of the config)")
-    p.add_argument("--model", help="diffusers pipeline directory (default: model.path of the config)")
+    p.add_argument("--model", help="model directory: a diffusers pipeline, or a LoRA folder (default: model.path of the config)")
     add_base(p)
     p.add_argument("--out", help="index root, a path or s3://bucket/prefix (default: index.out of the config)")
     mode = p.add_mutually_exclusive_group()

@@ -19,10 +19,10 @@ def add_ray_address(p: argparse.ArgumentParser, in_job: bool = False) -> None:
     p.add_argument("--ray-address", help=f"Ray cluster to join (default: {where})")
 
 
-def add_base(p: argparse.ArgumentParser) -> None:
+def add_base(p: argparse.ArgumentParser, default: str = "model.base of the config") -> None:
     """``--base DIR``: the base pipeline of a LoRA model directory (diffusers' LoRA files)."""
-    p.add_argument("--base", help="base pipeline directory of a LoRA model that has no lora.json, e.g. your "
-                   "Stable Diffusion folder (default: model.base of the config)")
+    p.add_argument("--base", help="base pipeline directory of a LoRA --model that has no lora.json, e.g. your "
+                   f"Stable Diffusion folder (default: {default})")
 
 
 def add_json(p: argparse.ArgumentParser, what: str = "a JSON summary") -> None:

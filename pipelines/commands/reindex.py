@@ -56,7 +56,7 @@ def add_parser(sub: argparse._SubParsersAction, default_config: str) -> None:
     )
     add_config(p, default_config, more="its data:, model:, index:, weights: and reindex: sections apply")
     p.add_argument("--dataset", help="dataset URI (default: data.uri of the config)")
-    p.add_argument("--model", help="diffusers pipeline directory (default: model.path of the config)")
+    p.add_argument("--model", help="model directory: a diffusers pipeline, or a LoRA folder (default: model.path of the config)")
     add_base(p)
     p.add_argument("--index", help="index root, a path or s3://bucket/prefix (default: index.out of the config)")
     p.add_argument("--full", action="store_true",

@@ -55,7 +55,7 @@ def add_parser(sub: argparse._SubParsersAction, default_config: str) -> None:
     p.add_argument("--index", help="index root (default: index.out of the config)")
     p.add_argument("--version", help="index version (default: the latest)")
     p.add_argument("--model", help="model directory (default: the path recorded in the index manifest)")
-    add_base(p)
+    add_base(p, "the base recorded in the index manifest")
     p.add_argument("--aspects", help="comma-separated: general,subject,style,background (default: weights.aspects)")
     add_ray_address(p)
     add_json(p)
