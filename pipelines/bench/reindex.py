@@ -30,7 +30,7 @@ from attribution_core.errors import ConfigError
 from attribution_core.models.tiny import build_tiny_pipeline
 from pipelines.bench.s3_counter import CountingProxy
 from pipelines.index.listing import s3_listing_filesystem
-from pipelines.commands.options import add_config, add_json, positive_int
+from pipelines.commands.options import add_config, add_json, positive_float, positive_int
 from pipelines.output import print_report
 
 
@@ -141,7 +141,8 @@ def add_parser(bench: argparse._SubParsersAction, default_config: str) -> None:
     add_config(p, default_config, "featurize settings (the kernel is fixed block-diagonal: reads are measured)")
     p.add_argument("--n", type=positive_int, default=4000, help="rows of the dataset (default 4000)")
     p.add_argument("--rows-per-file", type=positive_int, default=100, help="rows per Parquet file (default 100)")
-    p.add_argument("--add", type=float, default=0.005, help="share of rows added before the reindex (default 0.005)")
+    p.add_argument("--add", type=positive_float, default=0.005, help="share of rows added before the reindex "
+                   "(default 0.005)")
     p.add_argument("--resolution", type=positive_int, default=16, help="the model's image side (default 16)")
     p.add_argument("--image-size", type=positive_int, default=128, help="side of the stored images (default 128: "
                    "files of megabytes, as real datasets have, so Parquet footer reads are a small part)")

@@ -18,6 +18,7 @@ CONFIG_FIX = "pass --config with a file from configs/"
 CASES = {
     ("demo",): (["--config", MISSING], CONFIG_FIX),
     ("groups",): (["--config", MISSING], CONFIG_FIX),
+    ("config",): (["--config", MISSING], CONFIG_FIX),
     ("model", "build-tiny"): (["--kind", "text", "--out", "{tmp}/m", "--widths", "8,oops"],
                               "argument --widths: expected a whole number, got 'oops'"),
     ("data", "synth"): (["--out", "{tmp}/d", "--n", "4", "--holdout", "subject=nothing"],
@@ -33,6 +34,7 @@ CASES = {
     ("bench", "featurize"): (["--examples", "0"], "argument --examples: must be >= 1, got 0"),
     ("bench", "model-quality"): (["--model", "{tmp}/no-model"], "pass --data URI"),
     ("bench", "index"): (["--config", MISSING], CONFIG_FIX),
+    ("bench", "reindex"): (["--add", "0"], "argument --add: must be > 0, got 0"),
     ("bench", "weights"): (["--config", MISSING], CONFIG_FIX),
     ("bench", "serve"): (["--concurrency", "1", "8", "--requests", "10"], "give one request count per level"),
     ("bench", "scale"): (["--timesteps", "-1"], "argument --timesteps: must be >= 1, got -1"),
