@@ -22,13 +22,13 @@ from attribution_core.errors import ConfigError, InputError
 from attribution_core.features.groups import GroupLayout, build_layout
 from attribution_core.index.manifest import FeatureSpec, build_manifest
 from attribution_core.index.plan import Plan, check_unique, keys_digest, plan_build
+from attribution_core.index.quarantine import too_many_quarantined
 from attribution_core.index.source import resolve_source
 from attribution_core.index.store import IndexStore, shard_name
 from attribution_core.models.fingerprint import model_fingerprint
 from attribution_core.models.recipe import resolve_columns
 from attribution_core.timing import Stopwatch
 from pipelines.index.approximate import build_approximate
-from attribution_core.index.quarantine import too_many_quarantined
 from pipelines.index.commit import check_exactly_once, dedupe, refuse_if_quarantined, shard_ids
 from pipelines.index.damping import kernel_settings, kernel_stats
 from pipelines.index.listing import CurrentKeys, listing_summary, write_source_keys
