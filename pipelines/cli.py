@@ -9,6 +9,7 @@
     attribution learn-weights --config ... --index URI  per-group weights per aspect (Ray Train)
     attribution serve --config ... --index URI         the HTTP query endpoint (Ray Serve), until Ctrl-C
     attribution reindex --config ...                   scheduled update: incremental index, weights, publish
+    attribution plan --rows N --devices G              capacity plan calibrated on this model and machine
     attribution groups --config configs/demo.yaml      tracked layers and parameter groups
     attribution config --reference                     every config key: type, default, what it changes
     attribution model build-tiny --kind text --out DIR a tiny untrained diffusers model
@@ -121,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="weight initialisation seed")
     p.set_defaults(func=_cmd_build_tiny)
 
-    from pipelines.commands import config, data, evaluate, generate, index, reindex, serve, train, weights
+    from pipelines.commands import config, data, evaluate, generate, index, plan, reindex, serve, train, weights
 
     config.add_parser(sub, DEFAULT_CONFIG)
     data.add_parser(sub)
@@ -132,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_parser(sub, DEFAULT_CONFIG)
     evaluate.add_parser(sub, DEFAULT_CONFIG)
     reindex.add_parser(sub, DEFAULT_CONFIG)
+    plan.add_parser(sub, DEFAULT_CONFIG)
 
     bench = sub.add_parser("bench", help="benchmarks that print JSON").add_subparsers(dest="bench_command", required=True)
     p = bench.add_parser("featurize", help="featurizer throughput vs a training step and a dense projection",

@@ -31,6 +31,7 @@ CASES = {
     ("serve",): (["--config", MISSING], CONFIG_FIX),
     ("evaluate",): (["--config", MISSING], CONFIG_FIX),
     ("reindex",): (["--config", MISSING], CONFIG_FIX),
+    ("plan",): (["--config", MISSING, "--rows", "10"], CONFIG_FIX),
     ("bench", "featurize"): (["--examples", "0"], "argument --examples: must be >= 1, got 0"),
     ("bench", "model-quality"): (["--model", "{tmp}/no-model"], "pass --data URI"),
     ("bench", "index"): (["--config", MISSING], CONFIG_FIX),

@@ -42,7 +42,7 @@ def _help(words: tuple[str, ...]) -> str:
 def test_the_commands_are_the_ones_the_readme_lists():
     assert {" ".join(w) for w in COMMANDS} == {
         "demo", "groups", "config", "model build-tiny", "data synth", "train-model", "generate", "index", "learn-weights",
-        "serve", "evaluate", "reindex", "bench featurize", "bench model-quality", "bench index", "bench reindex", "bench weights",
+        "serve", "evaluate", "reindex", "plan", "bench featurize", "bench model-quality", "bench index", "bench reindex", "bench weights",
         "bench serve", "bench search", "bench scale"}
     readme = (ROOT / "README.md").read_text() + (ROOT / "benchmarks" / "README.md").read_text()
     missing = [" ".join(w) for w in COMMANDS if f"attribution {' '.join(w)}" not in readme]
