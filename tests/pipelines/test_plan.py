@@ -1,6 +1,6 @@
-"""`attribution plan` against a real index run on this machine (a 16 px model, 1,024 rows, 2 actors):
-its predicted featurize time
-and bytes per row are within 30 % of what the index job then measures."""
+"""`attribution plan` against a real index run on this machine (a 16 px model, 1,024 rows, 2
+actors): its predicted featurize time and bytes per row are within 30 % of what the index job
+then measures."""
 
 from __future__ import annotations
 
