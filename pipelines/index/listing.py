@@ -51,6 +51,11 @@ def s3_listing_filesystem():
     return s3fs.S3FileSystem(client_kwargs=client, skip_instance_cache=True)
 
 
+def file_version(etag: str | None, mtime_ns: int) -> str:
+    """What tells two states of a file apart: its ETag where there is one, else its time."""
+    return etag or str(mtime_ns)
+
+
 @dataclasses.dataclass(frozen=True)
 class Listed:
     """One file of a listing: its path under the listed root, size, modification time and,
@@ -63,8 +68,7 @@ class Listed:
 
     @property
     def version(self) -> str:
-        """What tells two states of the file apart: the ETag where there is one, else the time."""
-        return self.etag or str(self.mtime_ns)
+        return file_version(self.etag, self.mtime_ns)
 
 
 def list_tree(uri: str) -> list[Listed]:

@@ -15,7 +15,7 @@ from attribution_core.index.manifest import FeatureSpec, check_same_features
 from attribution_core.index.source import SourceSpec, keys_only, read_columns
 from attribution_core.index.store import IndexStore
 from pipelines.index.listing import KEYS_SCHEMA as FILE_KEYS_SCHEMA
-from pipelines.index.listing import CurrentKeys, kept_keys, list_files, read_files_dataset
+from pipelines.index.listing import CurrentKeys, file_version, kept_keys, list_files, read_files_dataset
 from pipelines.index.stages import keys_with_file, normalize_batch
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ def current_keys(spec: SourceSpec, store: IndexStore, previous: dict[str, Any] |
     reused = FILE_KEYS_SCHEMA.empty_table()
     if kept is not None:
         listed = {(f.path, f.size, f.version) for f in files}
-        versions = [e or str(t) for e, t in zip(kept.column("etag").to_pylist(), kept.column("mtime_ns").to_pylist())]
+        versions = map(file_version, kept.column("etag").to_pylist(), kept.column("mtime_ns").to_pylist())
         recorded = set(zip(kept.column("file").to_pylist(), kept.column("size").to_pylist(), versions))
         unchanged = {path for path, _, _ in recorded & listed}
         reused = kept.filter(pc.is_in(kept.column("file"), value_set=pa.array(sorted(unchanged), pa.string())))
