@@ -21,13 +21,14 @@ from attribution_core.config_model import (CONDITIONINGS, DEVICES, PREDICTION_TY
                                            DataConfig, ModelConfig, SyntheticDataConfig, TrainConfig)
 from attribution_core.config_serve import ServeConfig
 from attribution_core.config_evaluate import EvaluateConfig, FrontierConfig, PublishedConfig
-from attribution_core.config_stages import ApproximateConfig, IndexConfig, ReindexConfig, WeightsConfig
+from attribution_core.config_stages import (ApproximateConfig, ClusterConfig, IndexConfig, ReindexConfig,
+                                           WeightsConfig)
 
 __all__ = [  # re-exported: callers find the whole config API here
     "from_mapping", "load_yaml", "to_mapping",
     "CONDITIONINGS", "DEVICES", "PREDICTION_TYPES", "TINY_KINDS", "BaseModelConfig", "DataConfig", "ModelConfig",
     "SyntheticDataConfig", "TrainConfig",
-    "ApproximateConfig", "EvaluateConfig", "FrontierConfig", "IndexConfig", "PublishedConfig", "ReindexConfig",
+    "ApproximateConfig", "ClusterConfig", "EvaluateConfig", "FrontierConfig", "IndexConfig", "PublishedConfig", "ReindexConfig",
     "ServeConfig", "WeightsConfig",
     "MEASUREMENTS", "NORMALIZATIONS", "TIMESTEP_STRATEGIES", "GROUP_PRESETS", "PRECISIONS",
     "TimestepConfig", "ProjectionConfig", "GroupConfig", "FeaturizeConfig", "DemoConfig", "ProjectConfig",
@@ -241,6 +242,8 @@ class ProjectConfig:
     """The evaluation: LDS on retrained subset models, aspect Recall@K, the report."""
     reindex: ReindexConfig = dataclasses.field(default_factory=ReindexConfig)
     """Scheduled updates: when weights are relearned, the lease, the endpoint to wait for."""
+    cluster: ClusterConfig = dataclasses.field(default_factory=ClusterConfig)
+    """A Ray cluster of several nodes: shared storage, node losses, stalled stages."""
     base: BaseModelConfig | None = None
     """The base model of LoRA fine-tunes, trained here when missing (see configs/lora.yaml).
     Unset: a LoRA recipe's ``base`` must already hold a model."""

@@ -64,6 +64,11 @@ class ServeConfig:
     many slices, one thread each (10^6 rows' codes: 90.8 ms in one slice, 49.7 in two)."""
     cpus_per_replica: float = 0.5
     """CPUs reserved per featurizer / searcher replica (fractional on small machines)."""
+    gpus_per_replica: float = 1.0
+    """GPUs reserved per replica that holds the model (the ingress, or ``QueryFeaturizer``
+    under ``featurize_in: replicas``) when the cluster has GPUs. A query featurizer uses a
+    fraction of a GPU: 0.25 lets the endpoint share a GPU with three others or with index
+    actors (``index.gpus_per_actor``); searchers take no GPU."""
     max_batch_size: int = 8
     """Concurrent queries featurized / searched together."""
     batch_wait_ms: float = 0.0
@@ -109,6 +114,8 @@ class ServeConfig:
         _check(self.threads >= 0 and self.searcher_threads >= 0, "serve.threads",
                f"threads and searcher_threads must be >= 0, got {self.threads}, {self.searcher_threads}")
         _check(self.cpus_per_replica > 0, "serve.cpus_per_replica", f"must be > 0, got {self.cpus_per_replica}")
+        _check(0 < self.gpus_per_replica <= 1, "serve.gpus_per_replica",
+               f"must be a fraction of a GPU in (0, 1], got {self.gpus_per_replica}")
         _check(self.batch_wait_ms >= 0, "serve.batch_wait_ms", f"must be >= 0, got {self.batch_wait_ms}")
         _check(self.aspect_query in ASPECT_QUERIES, "serve.aspect_query",
                f"choose one of {', '.join(ASPECT_QUERIES)}, got {self.aspect_query!r}")

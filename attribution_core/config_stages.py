@@ -63,6 +63,11 @@ class IndexConfig:
     1.9x vs 1.4x for two cores with the demo model)."""
     cpus_per_actor: float = 0.5
     """CPUs reserved per actor (fractional on small machines so read tasks still get a CPU)."""
+    gpus_per_actor: float = 1.0
+    """GPUs reserved per actor when the cluster has GPUs. Below 1 several actors share a GPU
+    (e.g. 0.5: two per GPU). With ``actors: 0`` the job starts as many actors as fit in the
+    GPUs free when it starts, so an endpoint holding a fraction of a GPU
+    (``serve.gpus_per_replica``) keeps it and the index job takes the rest."""
     threads_per_actor: int = 0
     """torch threads in each actor; 0 = the cluster's CPUs split evenly over the actors."""
     dtype: str = "float16"
@@ -122,6 +127,8 @@ class IndexConfig:
         for name in ("actors", "threads_per_actor", "min_image_side", "stats_partitions"):
             _check(getattr(self, name) >= 0, f"index.{name}", f"must be >= 0, got {getattr(self, name)}")
         _check(self.cpus_per_actor > 0, "index.cpus_per_actor", f"must be > 0, got {self.cpus_per_actor}")
+        _check(0 < self.gpus_per_actor <= 1 or float(self.gpus_per_actor).is_integer(), "index.gpus_per_actor",
+               f"must be a fraction in (0, 1] or a whole number of GPUs, got {self.gpus_per_actor}")
         _check(self.dtype in FEATURE_DTYPES, "index.dtype", f"choose one of {', '.join(FEATURE_DTYPES)}, got {self.dtype!r}")
         _check(self.kernel in KERNELS, "index.kernel", f"choose one of {', '.join(KERNELS)}, got {self.kernel!r}")
         _check(self.max_aspect_ratio >= 1, "index.max_aspect_ratio", f"must be >= 1, got {self.max_aspect_ratio}")
@@ -270,3 +277,27 @@ class ReindexConfig:
         _check(self.endpoint is None or self.endpoint.startswith(("http://", "https://")), "reindex.endpoint",
                f"must be an http(s):// URL or null, got {self.endpoint!r}")
         _check(self.endpoint_timeout_s > 0, "reindex.endpoint_timeout_s", f"must be > 0, got {self.endpoint_timeout_s}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterConfig:
+    """Running on a Ray cluster of several nodes (``--ray-address``, ``RAY_ADDRESS``)."""
+
+    shared_filesystem: bool = False
+    """Local paths (``data.uri``, ``index.out``) name a filesystem mounted at the same path on
+    every node (NFS, a shared volume). Without it a job on a cluster of several nodes refuses
+    them, since each node would read and write its own disk: use s3:// URIs instead."""
+    node_loss_retries: int = 3
+    """Times a job resumes after a node of the cluster died under it (its raylet, workers and
+    objects lost). The index job resumes its version (shards already written are kept, every
+    example lands exactly once); 0 = fail on the first loss."""
+    stall_timeout_s: float = 900.0
+    """A stage whose work makes no progress this long stops with what it waits for (the
+    resources it asked for, what the cluster has free) instead of waiting forever, e.g. when
+    actors take every CPU and no read task can run. Warnings come every minute before that.
+    0 = wait forever."""
+
+    def __post_init__(self) -> None:
+        _check(self.node_loss_retries >= 0, "cluster.node_loss_retries", f"must be >= 0, got {self.node_loss_retries}")
+        _check(self.stall_timeout_s >= 0, "cluster.stall_timeout_s",
+               f"must be >= 0 (0 = wait forever), got {self.stall_timeout_s}")

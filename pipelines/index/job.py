@@ -13,6 +13,7 @@ import gc
 import hashlib
 import json
 import logging
+import math
 from typing import Any
 
 import ray
@@ -35,10 +36,12 @@ from pipelines.index.listing import CurrentKeys, listing_summary, write_source_k
 from pipelines.index.scan import choose_base, concat_keys, current_keys, read_source, shard_keys
 from pipelines.index.stages import IndexActor, rewrite_shard
 from pipelines.models import ModelRef
-from pipelines.ray_runtime import cluster_cpus, cluster_gpus, ensure_ray
+from pipelines.ray_runtime import (cluster_cpus, cluster_gpus, ensure_ray, require_shared_storage, retry_on_node_loss,
+                                   watched)
 
 log = logging.getLogger(__name__)
 MODES = ("auto", "incremental", "full")
+READ_CPUS = 1  # what Ray Data's read tasks ask for; the actor pool leaves it free
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,11 +60,34 @@ class IndexRequest:
 
 
 def _actors(cfg: ProjectConfig) -> tuple[int, int, str]:
-    """(actors, torch threads per actor, device)."""
+    """(actors, torch threads per actor, device). On GPUs, ``index.actors: 0`` starts as many
+    as fit in the GPUs free now (an endpoint's fraction of a GPU stays its own); on CPUs one
+    per CPU, as many as leave a CPU to the read tasks (fewer would wait forever)."""
     gpus, cpus = cluster_gpus(), cluster_cpus()
-    n = cfg.index.actors or (gpus if gpus else cpus)
+    n = cfg.index.actors or (gpu_actors_that_fit(cfg.index.gpus_per_actor) if gpus else cpus)
+    if gpus and n * cfg.index.gpus_per_actor > gpus:
+        raise ConfigError(f"the index job's {n} actors ask for {n * cfg.index.gpus_per_actor:g} GPU (index.actors x "
+                          f"index.gpus_per_actor), more than the cluster's {gpus}: lower index.actors or "
+                          "index.gpus_per_actor")
+    fit = max(1, math.floor((cpus - READ_CPUS) / cfg.index.cpus_per_actor + 1e-9))
+    if n > fit:  # actors holding every CPU would leave none to the read tasks that feed them: a hang
+        log.warning("%d index actors of %g CPU would leave the cluster's %d CPU no room for read tasks; starting %d "
+                    "(index.actors, index.cpus_per_actor)", n, cfg.index.cpus_per_actor, cpus, fit)
+        n = fit
     threads = cfg.index.threads_per_actor or max(1, cpus // n)
     return n, threads, "cuda" if gpus else "cpu"
+
+
+def gpu_actors_that_fit(per_actor: float) -> int:
+    """Actors of ``per_actor`` GPUs that fit the cluster's free GPUs now (at least one). A
+    GPU that is partly held (by an endpoint's replica) takes no actor of a whole GPU."""
+    total, free = cluster_gpus(), ray.available_resources().get("GPU", 0.0)
+    whole_free = total - math.ceil(total - free - 1e-9)
+    fit = int(whole_free // per_actor) if per_actor >= 1 else int(free / per_actor + 1e-9)
+    if fit < 1:
+        log.warning("no GPU is free for the index job (%g of %d free): starting one actor, which waits for one",
+                    free, total)
+    return max(1, fit)
 
 
 def describe_model(ref: ModelRef, cfg: ProjectConfig) -> tuple[dict[str, Any], GroupLayout]:
@@ -134,6 +160,7 @@ class _Featurized:
     busy: float = 0.0
     warm_rows: int = 0
     warm_busy: float = 0.0
+    by_node: dict[str, int] = dataclasses.field(default_factory=dict)  # rows featurized per Ray node id
 
     def steady_rows_per_s(self) -> float | None:
         """Examples/s of the actors working in parallel, from batches after each actor's first
@@ -157,11 +184,15 @@ def _featurize(cfg: ProjectConfig, req: IndexRequest, model: dict[str, Any], sou
     summaries = rows_in.map_batches(
         IndexActor, fn_constructor_kwargs=actor_kwargs, batch_size=cfg.index.batch_size,
         batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=n_actors),
-        num_cpus=cfg.index.cpus_per_actor, num_gpus=1 if device == "cuda" else 0)
+        num_cpus=cfg.index.cpus_per_actor, num_gpus=cfg.index.gpus_per_actor if device == "cuda" else 0)
     check_at = cfg.index.quarantine_check_rows
-    for row in summaries.iter_rows():
+    asks = (f"{n_actors} actors of {cfg.index.cpus_per_actor:g} CPU"
+            + (f" and {cfg.index.gpus_per_actor:g} GPU" if device == "cuda" else "") + " each, plus read tasks")
+    for row in watched(summaries.iter_rows(), what="the index job's featurize stage", asks=asks,
+                       stall_s=cfg.cluster.stall_timeout_s):
         done.rows += row["rows"]
         done.errors += row["errors"]
+        done.by_node[row["node"]] = done.by_node.get(row["node"], 0) + row["rows"] + row["errors"]
         if check_at and done.rows + done.errors >= check_at and len(plan.todo) > check_at:
             _stop_if_quarantined(cfg, store, version, done, len(plan.todo))
             check_at = 0  # once, on the first rows
@@ -207,6 +238,13 @@ def shards_of(store: IndexStore, features: dict[str, list[str]], base: dict[str,
 
 
 def run_index(cfg: ProjectConfig, req: IndexRequest) -> dict[str, Any]:
+    """Build (or resume) the version for ``req``; resumed again when a node of the cluster
+    dies under it (``cluster.node_loss_retries``): the shards written so far are kept."""
+    return retry_on_node_loss(lambda: _run_index(cfg, req), what="the index job",
+                              retries=cfg.cluster.node_loss_retries)
+
+
+def _run_index(cfg: ProjectConfig, req: IndexRequest) -> dict[str, Any]:
     watch = Stopwatch()
     if req.mode not in MODES:
         raise ConfigError(f"unknown index mode {req.mode!r}; choose one of {', '.join(MODES)}")
@@ -218,6 +256,7 @@ def run_index(cfg: ProjectConfig, req: IndexRequest) -> dict[str, Any]:
     store = IndexStore(req.out)
     spec = FeatureSpec.build(model["fingerprint"], cfg.featurize, layout, cfg.index.dtype)
     ensure_ray(req.ray_address)
+    require_shared_storage(cfg.cluster, data__uri=req.dataset, index__out=req.out)
     watch.lap("load")
 
     found = current_keys(source, store, store.latest())
@@ -262,7 +301,7 @@ def run_index(cfg: ProjectConfig, req: IndexRequest) -> dict[str, Any]:
              "resumed": plan.n_done, "featurized": work.rows, "quarantined": work.errors,
              "stale_temporaries_removed": removed_tmp, "actors": work.actors, "threads_per_actor": work.threads,
              "device": work.device, "batch_size": cfg.index.batch_size, "actor_busy_seconds": round(work.busy, 3),
-             "steady_rows_per_s": work.steady_rows_per_s(), "stage_seconds": watch.seconds,
+             "steady_rows_per_s": work.steady_rows_per_s(), "rows_by_node": work.by_node, "stage_seconds": watch.seconds,
              **_source_reads(found, to_open)}
     dataset = {**source.to_dict(), "rows": current.num_rows, "keys_digest": keys_digest(current),
                "files": listing_summary(found), "source_keys": source_keys}
@@ -298,7 +337,7 @@ def _summary(store: IndexStore, manifest: dict[str, Any], work: _Featurized, wat
             **{k: v for k, v in manifest["build"].items() if k.startswith("source_")},
             "mode": manifest["build"]["mode"], "actors": work.actors, "threads_per_actor": work.threads,
             "actor_busy_seconds": round(work.busy, 3), "steady_rows_per_s": work.steady_rows_per_s(),
-            "stage_seconds": timings}
+            "rows_by_node": work.by_node, "stage_seconds": timings}
 
 
 def _counts(manifest: dict[str, Any]) -> dict[str, Any]:

@@ -17,7 +17,8 @@ from attribution_core.index.store import IndexStore, shard_name
 from pipelines.models import ModelRef
 
 SUMMARY_SCHEMA = pa.schema([("shard", pa.string()), ("rows", pa.int64()), ("errors", pa.int64()),
-                            ("bytes", pa.int64()), ("seconds", pa.float64()), ("call", pa.int64())])
+                            ("bytes", pa.int64()), ("seconds", pa.float64()), ("call", pa.int64()),
+                            ("node", pa.string())])
 
 
 def normalize_batch(batch: pa.Table, spec: dict[str, Any], keep: list | None = None) -> pa.Table:
@@ -48,6 +49,7 @@ class IndexActor:
 
     def __init__(self, model: ModelRef, featurize: dict[str, Any], device: str, threads: int, store_uri: str,
                  version: str, dtype: str, limits: dict[str, Any]) -> None:
+        import ray
         import torch
 
         from pipelines.models import quiet_libraries
@@ -60,6 +62,7 @@ class IndexActor:
         self.dtype = dtype
         self.limits = ImageLimits(**limits)
         self.calls = 0  # batches this actor has done; the first one is its warm-up
+        self.node = ray.get_runtime_context().get_node_id()  # rows per node, in the build summary
 
     def __call__(self, rows: pa.Table) -> pa.Table:
         if rows.num_rows == 0:
@@ -73,7 +76,7 @@ class IndexActor:
         if result.errors.num_rows:
             self.store.write_table(f"{self.folder}/errors/{name}", result.errors)
         summary = {"shard": name, "rows": result.features.num_rows, "errors": result.errors.num_rows,
-                   "bytes": size, "seconds": time.perf_counter() - start, "call": self.calls}
+                   "bytes": size, "seconds": time.perf_counter() - start, "call": self.calls, "node": self.node}
         self.calls += 1
         return pa.Table.from_pylist([summary], schema=SUMMARY_SCHEMA)
 

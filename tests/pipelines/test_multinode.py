@@ -1,0 +1,129 @@
+"""The jobs on a Ray cluster of a head and two worker nodes (``ray start`` on 127.0.0.1, each
+node its own raylet, object store and pid namespace; see ``multinode.py``), the data and the
+index on the S3-protocol test server, and a worker node killed mid-job."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from attribution_core.data.writers import SYNTH_SCHEMA, synthetic_rows
+from attribution_core.index.source import filesystem_for
+from attribution_core.index.store import IndexStore
+from tests.pipelines.conftest import FEATURIZE, write_rows
+from tests.pipelines.multinode import LocalCluster, isolated, start_cluster
+
+pytestmark = pytest.mark.slow
+WORKERS = {"w1": 2, "w2": 2}
+ATTRIBUTION = str(Path(sys.executable).with_name("attribution"))
+
+
+@pytest.fixture(scope="module")
+def cluster(s3_base, tmp_path_factory):
+    if not isolated():
+        pytest.skip("starting and killing Ray nodes needs pid namespaces (unshare -p: root or user namespaces)")
+    started = start_cluster(tmp_path_factory.mktemp("cluster"), WORKERS, head_cpus=1)
+    try:
+        yield started
+    finally:
+        started.stop()
+
+
+def config(tmp_path: Path, **sections: dict) -> str:
+    cfg = {"featurize": FEATURIZE,
+           "index": {"batch_size": 8, "actors": 3, "threads_per_actor": 1, "kernel": "block_diagonal",
+                     "damping_rule": "fixed"},
+           "cluster": {"stall_timeout_s": 240}}
+    for name, values in sections.items():
+        cfg.setdefault(name, {}).update(values)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def attribution(cluster: LocalCluster, *args: str, timeout: float = 400) -> subprocess.CompletedProcess:
+    return subprocess.run([ATTRIBUTION, *args, "--ray-address", cluster.address], env=cluster.env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def add_file(uri: str, name: str, rows: list[dict]) -> None:
+    fs, root = filesystem_for(uri)
+    pq.write_table(pa.Table.from_pylist(rows, schema=SYNTH_SCHEMA), f"{root}/{name}", filesystem=fs)
+
+
+def test_local_paths_are_refused_on_a_cluster(cluster, s3_base, model_dirs, tmp_path):
+    """A local path is not shared between real nodes: refused in one line, before any work."""
+    rows = list(synthetic_rows(8, seed=1, size=16))
+    local, shared = write_rows(str(tmp_path / "data"), rows), write_rows(f"{s3_base}/refused-data", rows)
+    cfg = config(tmp_path)
+    for args, key in ((["--dataset", local, "--out", f"{s3_base}/refused"], "data.uri"),
+                      (["--dataset", shared, "--out", str(tmp_path / "index")], "index.out")):
+        run = attribution(cluster, "index", "--config", cfg, "--model", model_dirs["text"], *args)
+        assert run.returncode == 2, run.stderr[-2000:]
+        errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]  # Ray forwards node logs too
+        assert len(errors) == 1, run.stderr[-2000:]
+        line = errors[0]
+        assert line.startswith("error: the Ray cluster has 3 nodes") and key in line and "s3://" in line, line
+        assert "cluster.shared_filesystem" in line
+
+
+def _wait_for_shards(uri: str, at_least: int, process: subprocess.Popen, timeout: float = 300) -> int:
+    """Wait until an uncommitted version under ``uri`` holds ``at_least`` feature shards."""
+    store = IndexStore(uri)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        building = [v for v in store.list_versions() if not store.is_committed(v)]
+        count = max((len(store.list_shards(v, "features")) for v in building), default=0)
+        if count >= at_least:
+            return count
+        time.sleep(0.5)
+    raise TimeoutError(f"no {at_least} shards after {timeout} s")
+
+
+def test_index_job_on_two_worker_nodes_survives_losing_one(cluster, s3_base, model_dirs, tmp_path):
+    cluster.revive(WORKERS)
+    data, out = f"{s3_base}/multinode-data", f"{s3_base}/multinode-index"
+    first = list(synthetic_rows(96, seed=11, size=16))
+    write_rows(data, first)
+    cfg = config(tmp_path)
+    args = ("index", "--config", cfg, "--model", model_dirs["text"], "--dataset", data, "--out", out, "--json")
+    run = attribution(cluster, *args)
+    assert run.returncode == 0, run.stderr[-3000:]
+    built = json.loads(run.stdout)
+    names = cluster.node_names()
+    by_name = {names.get(node, node): rows for node, rows in built["rows_by_node"].items()}
+    assert {"w1", "w2"} <= set(by_name), by_name  # actors on both worker nodes
+    assert sum(by_name.values()) == 96
+
+    # 320 more rows; worker node w1 dies (raylet, object store, workers) once 4 of their 40 shards are written
+    added = [dict(r, example_id=f"more-{i}") for i, r in enumerate(synthetic_rows(320, seed=12, size=16))]
+    for i in range(0, len(added), 64):
+        add_file(data, f"part-more-{i // 64:02d}.parquet", added[i:i + 64])
+    job = subprocess.Popen([ATTRIBUTION, *args, "--ray-address", cluster.address], env=cluster.env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    written = _wait_for_shards(out, 4, job)
+    cluster.kill("w1")
+    stdout, stderr = job.communicate(timeout=400)
+    assert job.returncode == 0, stderr[-4000:]
+    result = json.loads(stdout)
+    assert written < 40 and result["rows"] == 416 and result["errors"] == 0
+
+    store = IndexStore(out)
+    manifest = store.latest()
+    ids = [i for s in manifest["shards"] for i in store.read_table(s["path"]).column("example_id").to_pylist()]
+    assert len(ids) == len(set(ids)) == 416  # every example exactly once
+    assert set(ids) == {r["example_id"] for r in first + added}
+    assert manifest["rows"] == 416 and sum(s["rows"] for s in manifest["shards"]) == 416
+
+    again = attribution(cluster, *args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads(again.stdout)["up_to_date"] is True
