@@ -205,6 +205,10 @@ class WeightsConfig:
     """Adam learning rate of theta (the weights' softmax logits)."""
     workers: int = 2
     """Ray Train workers (gloo on CPU); queries are split across them."""
+    placement: str = "PACK"
+    """Where Ray Train places its workers: 'PACK' (as few nodes as fit them: the all-reduce
+    stays on one machine) or 'SPREAD' (one node each where possible: a node lost costs one
+    worker's share)."""
     report_every: int = 50
     """Steps between reports (and checkpoints) of the objective."""
     scan_partitions: int = 0
@@ -234,6 +238,8 @@ class WeightsConfig:
         for name in ("queries_per_aspect", "sample_steps", "top_k", "pool_size", "max_rounds", "steps", "workers",
                      "report_every", "check_epochs"):
             _check(getattr(self, name) >= 1, f"weights.{name}", f"must be >= 1, got {getattr(self, name)}")
+        _check(self.placement in ("PACK", "SPREAD"), "weights.placement",
+               f"choose PACK or SPREAD, got {self.placement!r}")
         _check(self.holdout_queries >= 0, "weights.holdout_queries",
                f"must be >= 0 (0: no shrinkage toward uniform), got {self.holdout_queries}")
         _check(self.validation_queries >= 0, "weights.validation_queries",

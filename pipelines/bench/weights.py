@@ -29,7 +29,7 @@ from attribution_core.weights.synthetic import BLOCK, synthetic_layout, syntheti
 from pipelines.commands.options import add_config, add_json, add_ray_address
 from pipelines.ray_runtime import cluster_cpus, ensure_ray
 from pipelines.weights.scan import scan
-from pipelines.weights.train import optimise
+from pipelines.weights.train import TrainStorage, optimise
 from pipelines.output import print_report
 
 
@@ -49,7 +49,7 @@ def scaling(cfg: ProjectConfig, sizes: list[int], queries: int, groups: int, dim
         part = {"contrib": pools.contrib.numpy(), "valid": pools.valid.numpy(), "noise": state.noise.numpy()}
         start = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="bench-weights-") as storage:  # Ray Train's run folder
-            result = optimise([part], np.zeros((1, groups)), wcfg, storage, f"n{n}")
+            result = optimise([part], np.zeros((1, groups)), wcfg, TrainStorage(storage), f"n{n}")
         optimise_s = time.perf_counter() - start
         out.append({"n": n, "queries": queries, "groups": groups, "k_total": layout.k_total,
                     "pool_candidates": int(pools.valid.shape[1]), "steps": wcfg.steps, "workers": wcfg.workers,

@@ -10,8 +10,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import logging
-import shutil
-import tempfile
 from typing import Any
 
 import numpy as np
@@ -31,11 +29,11 @@ from attribution_core.weights.objective import group_queries, weights_from_theta
 from attribution_core.weights.pools import Pools, grow_pools, mining_weightings, pools_from_state
 from attribution_core.weights.shrinkage import shrunk
 from pipelines.models import load_model_dir
-from pipelines.ray_runtime import cluster_cpus, ensure_ray
+from pipelines.ray_runtime import alive_nodes, cluster_cpus, ensure_ray, require_shared_storage, retry_on_node_loss
 from pipelines.weights.holdout import shrink_toward_uniform
 from pipelines.weights.queries import learning_queries, prompts_for, shown_shares
 from pipelines.weights.scan import scan
-from pipelines.weights.train import optimise
+from pipelines.weights.train import TrainStorage, optimise
 from pipelines.weights.validation import validate_aspects
 
 log = logging.getLogger(__name__)
@@ -100,12 +98,12 @@ class _Learned:
     recall_by_round: list[dict[str, float]] = dataclasses.field(default_factory=list)
 
 
-def _optimise_rounds(wcfg, rows: dict[str, slice], pools: Pools, noise: np.ndarray, rescan, watch: Stopwatch) -> _Learned:
+def _optimise_rounds(wcfg, rows: dict[str, slice], pools: Pools, noise: np.ndarray, rescan, watch: Stopwatch,
+                     storage: TrainStorage) -> _Learned:
     """Rounds of: optimise theta on the pools (Ray Train), rescan under the learned weights
     (``rescan(weights [A, M])``), grow every pool that missed a true top-k example; until
     every pool holds its query's top-k or ``weights.max_rounds``."""
     out = _Learned(np.zeros((len(rows), pools.contrib.shape[2])))
-    storage = tempfile.mkdtemp(prefix="learn-weights-")  # Ray Train's run folders: checkpoints of theta
     try:
         for round_ in range(1, wcfg.max_rounds + 1):
             out.rounds = round_
@@ -123,11 +121,19 @@ def _optimise_rounds(wcfg, rows: dict[str, slice], pools: Pools, noise: np.ndarr
             if all(min(r) == 1.0 for r in out.recall.values()):
                 break
     finally:
-        shutil.rmtree(storage, ignore_errors=True)  # theta is returned; the run folders are not kept
+        storage.remove()
     return out
 
 
 def learn_weights(cfg: ProjectConfig, req: WeightsRequest) -> dict[str, Any]:
+    """Learn and write the weights artifact of ``req``; run again when a node of the cluster
+    dies under a stage that cannot resume by itself (``cluster.node_loss_retries``; Ray Train
+    resumes theta from its checkpoint within a run)."""
+    return retry_on_node_loss(lambda: _learn_weights(cfg, req), what="learn-weights",
+                              retries=cfg.cluster.node_loss_retries)
+
+
+def _learn_weights(cfg: ProjectConfig, req: WeightsRequest) -> dict[str, Any]:
     wcfg = cfg.weights
     watch = Stopwatch()
     store = IndexStore(req.index)
@@ -156,13 +162,15 @@ def learn_weights(cfg: ProjectConfig, req: WeightsRequest) -> dict[str, Any]:
     watch.lap("queries")
 
     ensure_ray(req.ray_address)
+    require_shared_storage(cfg.cluster, index__out=req.index)
     source = {"kind": "index", "uri": store.uri, "layout": manifest["layout"]}
     paths = [s["path"] for s in manifest["shards"]]
     partitions = wcfg.scan_partitions or cluster_cpus()
     state = scan(source, paths, grouped, mining_weightings(len(layout.groups)), wcfg.pool_size, True, partitions)
     watch.lap("scan")
+    storage = TrainStorage.open(store.uri, shared=alive_nodes() > 1)
     result = _optimise_rounds(wcfg, rows, pools_from_state(state), state.noise.numpy(),
-                              lambda w: scan(source, paths, grouped, w, wcfg.top_k, False, partitions), watch)
+                              lambda w: scan(source, paths, grouped, w, wcfg.top_k, False, partitions), watch, storage)
 
     learned = dict(zip(aspects, weights_from_theta(torch.from_numpy(result.theta))))
     shrinkage, validation = _shrink_and_validate(featurizer, store, manifest, layout, kernel, learned, wcfg, source,

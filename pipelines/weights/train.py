@@ -9,9 +9,12 @@ gradient of the mean over all queries. Rank 0 checkpoints theta and the trajecto
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shutil
 import tempfile
+import uuid
 from typing import Any
 
 import numpy as np
@@ -20,10 +23,12 @@ from torch import nn
 
 from attribution_core.config import WeightsConfig, from_mapping, to_mapping
 from attribution_core.errors import AttributionError
+from attribution_core.data.storage import filesystem_for
 from attribution_core.weights.objective import check_pools, pooled_objective
 from pipelines.failures import decode_error, encode_error
 
 CHECKPOINT_FILE = "theta.json"
+OPTIMIZER_FILE = "adam.pt"  # the optimiser's moments: a resumed run takes the steps an undisturbed one takes
 
 
 class Theta(nn.Module):
@@ -77,16 +82,19 @@ def _optimise_theta(wcfg: WeightsConfig, aspects: list[dict[str, Any]], theta: l
         rows = slice(rank, None, world)  # query i goes to worker i mod world
         parts.append({key: torch.from_numpy(np.asarray(aspect[key])[rows]) for key in ("contrib", "valid", "noise")})
         totals.append(len(aspect["contrib"]))
-    theta0, start, trajectory = torch.tensor(theta, dtype=torch.float64), 0, []
+    theta0, start, trajectory, moments = torch.tensor(theta, dtype=torch.float64), 0, [], None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
             saved = json.loads(open(os.path.join(d, CHECKPOINT_FILE)).read())
+            moments = torch.load(os.path.join(d, OPTIMIZER_FILE), weights_only=True)
         theta0, start, trajectory = torch.tensor(saved["theta"], dtype=torch.float64), saved["step"], saved["trajectory"]
     module: nn.Module = Theta(theta0)
     if world > 1:
         module = nn.parallel.DistributedDataParallel(module)
     opt = torch.optim.Adam(module.parameters(), lr=wcfg.learning_rate)
+    if moments is not None:
+        opt.load_state_dict(moments)
     steps, every = wcfg.steps, wcfg.report_every
     for step in range(start, steps):
         opt.zero_grad()
@@ -105,11 +113,12 @@ def _optimise_theta(wcfg: WeightsConfig, aspects: list[dict[str, Any]], theta: l
                 if rank == 0:
                     with open(os.path.join(d, CHECKPOINT_FILE), "w") as f:
                         json.dump(state, f)
+                    torch.save(opt.state_dict(), os.path.join(d, OPTIMIZER_FILE))
                 ray.train.report({"step": step + 1, "objective": float(value)},
                                  checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
 
 
-def optimise(aspects: list[dict[str, np.ndarray]], theta: np.ndarray, wcfg: WeightsConfig, storage: str,
+def optimise(aspects: list[dict[str, np.ndarray]], theta: np.ndarray, wcfg: WeightsConfig, storage: TrainStorage,
              name: str) -> dict[str, Any]:
     """Run ``train_loop`` on ``weights.workers`` Ray Train workers (``top_k``, ``lambda_w``,
     ``steps``, ``learning_rate`` and ``report_every`` of ``wcfg``); returns theta and the
@@ -123,9 +132,11 @@ def optimise(aspects: list[dict[str, np.ndarray]], theta: np.ndarray, wcfg: Weig
 
     common = dict(
         train_loop_config={"weights": to_mapping(wcfg), "aspects": aspects, "theta": theta.tolist()},
-        scaling_config=ScalingConfig(num_workers=wcfg.workers, use_gpu=False, resources_per_worker={"CPU": 0.5}),
-        # A failed worker group restarts from the last checkpoint (train_loop reads it back).
-        run_config=RunConfig(storage_path=storage, name=name, failure_config=FailureConfig(max_failures=2)),
+        scaling_config=ScalingConfig(num_workers=wcfg.workers, use_gpu=False, resources_per_worker={"CPU": 0.5},
+                                     placement_strategy=wcfg.placement),
+        # A failed worker group (a node lost) restarts from the last checkpoint (train_loop reads it back).
+        run_config=RunConfig(storage_path=storage.path, storage_filesystem=storage.filesystem, name=name,
+                             failure_config=FailureConfig(max_failures=2)),
     )
     if wcfg.workers > 1:
         from ray.train.torch import TorchConfig, TorchTrainer
@@ -141,3 +152,31 @@ def optimise(aspects: list[dict[str, np.ndarray]], theta: np.ndarray, wcfg: Weig
     with result.checkpoint.as_directory() as d:
         saved = json.loads(open(os.path.join(d, CHECKPOINT_FILE)).read())
     return {"theta": np.asarray(saved["theta"]), "trajectory": saved["trajectory"]}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainStorage:
+    """Where Ray Train keeps its run folders (theta's checkpoints) during learn-weights. Every
+    worker writes there and the controller reads it back, so on a cluster of several nodes it
+    is beside the index (object storage, or ``cluster.shared_filesystem``), on one node a
+    temporary folder."""
+
+    path: str
+    filesystem: Any = None  # pyarrow filesystem of ``path``; None: local
+
+    @classmethod
+    def open(cls, index_uri: str, shared: bool) -> TrainStorage:
+        if not shared:
+            return cls(tempfile.mkdtemp(prefix="learn-weights-"))
+        fs, root = filesystem_for(index_uri)
+        return cls(f"{root}/_train/{uuid.uuid4().hex[:12]}", fs)
+
+    def remove(self) -> None:
+        """theta is returned; the run folders are not kept."""
+        if self.filesystem is None:
+            shutil.rmtree(self.path, ignore_errors=True)
+            return
+        try:
+            self.filesystem.delete_dir(self.path)
+        except OSError:  # nothing was written, or a partial delete: it holds no result
+            pass

@@ -107,6 +107,18 @@ class LocalCluster:
         nodes = json.loads(out.stdout.strip().splitlines()[-1])
         return {node_id: name for node_id, resources in nodes.items() for name in resources if name in self.nodes}
 
+    def actor_nodes(self, class_name: str) -> list[str]:
+        """Names of the nodes where live actors whose class name contains ``class_name`` run."""
+        code = ("import json, ray; from ray._private import state; "
+                "ray.init(address=%r, logging_level='ERROR', log_to_driver=False); "
+                "print(json.dumps([a['Address']['NodeID'] for a in state.actors().values() "
+                "if %r in a['ActorClassName'] and a['State'] == 'ALIVE']))" % (self.address, class_name))
+        out = subprocess.run([sys.executable, "-c", code], env=self.env, capture_output=True, text=True, timeout=120)
+        if out.returncode:
+            return []
+        names = self.node_names()
+        return sorted(names.get(n, n) for n in json.loads(out.stdout.strip().splitlines()[-1]))
+
     def revive(self, cpus: dict[str, float]) -> None:
         """Start again the worker nodes of ``cpus`` (name -> CPUs) that are not alive."""
         alive = self.alive()

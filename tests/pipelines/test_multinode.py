@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -127,3 +128,62 @@ def test_index_job_on_two_worker_nodes_survives_losing_one(cluster, s3_base, mod
     again = attribution(cluster, *args)
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads(again.stdout)["up_to_date"] is True
+
+
+@pytest.fixture(scope="module")
+def cluster_index(cluster, s3_base, model_dirs, tmp_path_factory):
+    """96 examples indexed on the cluster, for the weights and the endpoint."""
+    cluster.revive(WORKERS)
+    data, out = f"{s3_base}/cluster-data", f"{s3_base}/cluster-index"
+    write_rows(data, list(synthetic_rows(96, seed=21, size=16)))
+    cfg = config(tmp_path_factory.mktemp("cluster-index"))
+    run = attribution(cluster, "index", "--config", cfg, "--model", model_dirs["text"], "--dataset", data,
+                      "--out", out, "--json")
+    assert run.returncode == 0, run.stderr[-3000:]
+    return out
+
+
+def _train_checkpoints(index: str) -> int:
+    fs, root = filesystem_for(index)
+    found = fs.get_file_info(pafs.FileSelector(f"{root}/_train", recursive=True, allow_not_found=True))
+    return sum(1 for f in found if f.base_name == "theta.json")
+
+
+def test_weights_learning_survives_losing_a_train_workers_node(cluster, cluster_index, model_dirs, tmp_path):
+    """Two Ray Train workers on two nodes; the node of one dies mid-run: the run resumes from
+    its checkpoint (theta and Adam's moments) and learns the weights an undisturbed run learns."""
+    cluster.revive(WORKERS)
+    weights = {"aspects": ["general"], "queries_per_aspect": 8, "sample_steps": 3, "pool_size": 16, "top_k": 4,
+               "max_rounds": 1, "steps": 4000, "report_every": 100, "workers": 2, "placement": "SPREAD",
+               "check_queries": False, "holdout_queries": 0, "validation_queries": 0}
+
+    def learn(name: str, kill: bool) -> dict:
+        cfg = config(tmp_path / name, weights={**weights, "name": name})
+        job = subprocess.Popen([ATTRIBUTION, "learn-weights", "--config", cfg, "--index", cluster_index, "--model",
+                                model_dirs["text"], "--json", "--ray-address", cluster.address], env=cluster.env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        killed = None
+        if kill:
+            deadline = time.monotonic() + 300
+            while _train_checkpoints(cluster_index) < 2 and time.monotonic() < deadline:
+                assert job.poll() is None, job.communicate()[1][-3000:]
+                time.sleep(0.2)
+            on = [n for n in cluster.actor_nodes("RayTrainWorker") if n != "head"]
+            assert on, "no Ray Train worker on a worker node"
+            killed = on[0]
+            cluster.kill(killed)
+        stdout, stderr = job.communicate(timeout=400)
+        assert job.returncode == 0, stderr[-4000:]
+        return {"summary": json.loads(stdout), "killed": killed, "stderr": stderr}
+
+    (tmp_path / "calm").mkdir()
+    (tmp_path / "disturbed").mkdir()
+    calm = learn("calm", kill=False)
+    disturbed = learn("disturbed", kill=True)
+    assert disturbed["killed"] in WORKERS
+    open("/tmp/mn/disturbed.err", "w").write(disturbed["stderr"])
+    a, b = calm["summary"]["aspects"]["general"]["weights"], disturbed["summary"]["aspects"]["general"]["weights"]
+    assert a.keys() == b.keys()
+    assert max(abs(a[g] - b[g]) for g in a) < 1e-6, (a, b)
+    assert disturbed["summary"]["objective"] == pytest.approx(calm["summary"]["objective"], rel=1e-6)
+    assert _train_checkpoints(cluster_index) == 0  # the run folders are removed

@@ -13,7 +13,7 @@ from attribution_core.weights.objective import group_queries, pooled_objective, 
 from attribution_core.weights.pools import mining_weightings, pools_from_state
 from attribution_core.weights.synthetic import BLOCK, synthetic_layout, synthetic_queries
 from pipelines.weights.scan import scan
-from pipelines.weights.train import optimise
+from pipelines.weights.train import TrainStorage, optimise
 
 LAYOUT = synthetic_layout(groups=6, dim=32)  # signal strong enough to be found among N = 8k
 N, Q, K = 2 * BLOCK + 100, 24, 5
@@ -41,8 +41,8 @@ def test_two_workers_equal_one_and_weights_concentrate_on_the_signal_groups(pool
     aspect = {k: pooled[k] for k in ("contrib", "valid", "noise")}
     theta0 = np.zeros((1, len(LAYOUT.groups)))
     wcfg = WeightsConfig(top_k=K, pool_size=32, lambda_w=0.01, steps=150, learning_rate=0.1, report_every=50)
-    two = optimise([aspect], theta0, dataclasses.replace(wcfg, workers=2), str(tmp_path), "two")
-    one = optimise([aspect], theta0, dataclasses.replace(wcfg, workers=1), str(tmp_path), "one")
+    two = optimise([aspect], theta0, dataclasses.replace(wcfg, workers=2), TrainStorage(str(tmp_path)), "two")
+    one = optimise([aspect], theta0, dataclasses.replace(wcfg, workers=1), TrainStorage(str(tmp_path)), "one")
     np.testing.assert_allclose(two["theta"], one["theta"], rtol=1e-6, atol=1e-9)
     assert [t["step"] for t in two["trajectory"]] == [50, 100, 150]
     w = weights_from_theta(torch.from_numpy(two["theta"][0]))
