@@ -14,6 +14,9 @@ SEARCH_MODES = ("auto", "exact", "approximate")
 FEATURIZE_IN = ("ingress", "replicas")
 
 
+PROXY_LOCATIONS = ("EveryNode", "HeadOnly", "Disabled")
+
+
 @dataclasses.dataclass(frozen=True)
 class ServeConfig:
     """The query endpoint (``attribution serve``, ``deploy/serve_config.yaml``)."""
@@ -69,6 +72,16 @@ class ServeConfig:
     under ``featurize_in: replicas``) when the cluster has GPUs. A query featurizer uses a
     fraction of a GPU: 0.25 lets the endpoint share a GPU with three others or with index
     actors (``index.gpus_per_actor``); searchers take no GPU."""
+    ingress_resources: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Custom Ray resources each ingress replica asks for, to place it on the nodes that offer
+    them (e.g. {edge: 0.01} with those nodes started with ``--resources='{"edge": 1}'``: the
+    machines that take outside traffic). Empty: anywhere."""
+    searcher_resources: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Custom Ray resources each searcher replica asks for (e.g. the nodes with the memory to
+    hold a partition's rows). Empty: anywhere; Serve spreads a deployment's replicas."""
+    proxy_location: str = "EveryNode"
+    """Where Serve runs its HTTP proxies: 'EveryNode' (behind a load balancer over the nodes),
+    'HeadOnly' (one entry point) or 'Disabled' (handles only)."""
     max_batch_size: int = 8
     """Concurrent queries featurized / searched together."""
     batch_wait_ms: float = 0.0
@@ -114,6 +127,13 @@ class ServeConfig:
         _check(self.threads >= 0 and self.searcher_threads >= 0, "serve.threads",
                f"threads and searcher_threads must be >= 0, got {self.threads}, {self.searcher_threads}")
         _check(self.cpus_per_replica > 0, "serve.cpus_per_replica", f"must be > 0, got {self.cpus_per_replica}")
+        _check(self.proxy_location in PROXY_LOCATIONS, "serve.proxy_location",
+               f"choose one of {', '.join(PROXY_LOCATIONS)}, got {self.proxy_location!r}")
+        for name in ("ingress_resources", "searcher_resources"):
+            bad = {k: v for k, v in getattr(self, name).items() if not isinstance(v, (int, float)) or v <= 0
+                   or k in ("CPU", "GPU", "memory")}
+            _check(not bad, f"serve.{name}", f"needs custom resource names with amounts > 0 (CPUs and GPUs have "
+                   f"settings of their own), got {bad}")
         _check(0 < self.gpus_per_replica <= 1, "serve.gpus_per_replica",
                f"must be a fraction of a GPU in (0, 1], got {self.gpus_per_replica}")
         _check(self.batch_wait_ms >= 0, "serve.batch_wait_ms", f"must be >= 0, got {self.batch_wait_ms}")

@@ -69,11 +69,13 @@ def build_app(args: ServeArgs | dict[str, Any]):
     scfg = cfg.serve
     swap = user_config(cfg, args)
     gpu = _gpus_available()
-    featurizer_opts = {"num_cpus": scfg.cpus_per_replica, "num_gpus": 1 if gpu else 0}
+    featurizer_opts = {"num_cpus": scfg.cpus_per_replica, "num_gpus": scfg.gpus_per_replica if gpu else 0}
+    ingress_opts = {"resources": dict(scfg.ingress_resources)} if scfg.ingress_resources else {}
     searchers = [
         IndexSearcher.options(
             name=f"IndexSearcher{part}", num_replicas=scfg.searcher_replicas, user_config=swap,
-            ray_actor_options={"num_cpus": scfg.cpus_per_replica},
+            ray_actor_options={"num_cpus": scfg.cpus_per_replica,
+                               **({"resources": dict(scfg.searcher_resources)} if scfg.searcher_resources else {})},
         ).bind(part, scfg.partitions, scfg.searcher_threads)
         for part in range(scfg.partitions)
     ]
@@ -83,9 +85,9 @@ def build_app(args: ServeArgs | dict[str, Any]):
     ingress = serve.deployment(AttributionAPI, name=INGRESS, max_ongoing_requests=256)
     model = (args.config, args.model, scfg.threads, args.base)
     if scfg.featurize_in == "ingress":  # the ingress's replicas hold the model
-        return ingress.options(num_replicas=scfg.featurizer_replicas, ray_actor_options=featurizer_opts,
+        return ingress.options(num_replicas=scfg.featurizer_replicas, ray_actor_options={**featurizer_opts, **ingress_opts},
                                user_config=swap).bind(None, searchers, serve_settings, model)
     featurizer = QueryFeaturizer.options(
         num_replicas=scfg.featurizer_replicas, ray_actor_options=featurizer_opts, user_config=swap,
     ).bind(*model)
-    return ingress.options(ray_actor_options={"num_cpus": 0}).bind(featurizer, searchers, serve_settings)
+    return ingress.options(ray_actor_options={"num_cpus": 0, **ingress_opts}).bind(featurizer, searchers, serve_settings)

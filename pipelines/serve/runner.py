@@ -52,10 +52,11 @@ def deploy(args: ServeArgs, host: str, port: int, version: str | None = None, we
     from ray.serve._private.api import serve_start
     from ray.serve.schema import ServeDeploySchema
 
-    client = serve_start(http_options={"host": host, "port": port})
+    location = ProjectConfig.load(args.config).serve.proxy_location
+    client = serve_start(http_options={"host": host, "port": port}, proxy_location=location)
     client.deploy_apps(ServeDeploySchema.model_validate(
-        {"http_options": {"host": host, "port": port}, "applications": [application_config(args, version, weights)]}),
-        _blocking=False)
+        {"proxy_location": location, "http_options": {"host": host, "port": port},
+         "applications": [application_config(args, version, weights)]}), _blocking=False)
 
 
 def start(args: ServeArgs, host: str | None = None, port: int | None = None, ray_address: str | None = None,

@@ -72,10 +72,13 @@ class LocalCluster:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def _start(self, name: str, args: list[str]) -> Node:
+    def _start(self, name: str, args: list[str], worker: bool = False) -> Node:
+        """A node with resources ``{name: 1}``, and ``{worker: 100}`` on every worker node (so
+        that work can be placed on worker nodes, whichever)."""
         log = self.root / f"{name}.log"
+        resources = {name: 1, **({"worker": 100} if worker else {})}
         cmd = ["unshare", "-p", "-f", "--mount-proc", "--kill-child", RAY, "start", "--block",
-               "--node-ip-address=127.0.0.1", "--disable-usage-stats", f"--resources={json.dumps({name: 1})}",
+               "--node-ip-address=127.0.0.1", "--disable-usage-stats", f"--resources={json.dumps(resources)}",
                f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
                f"--object-store-memory={256 * 2**20}", *args]
         with open(log, "wb") as out:
@@ -89,7 +92,7 @@ class LocalCluster:
         self.wait_for(["head"])
 
     def add_worker(self, name: str, cpus: float) -> None:
-        self._start(name, [f"--address={self.address}", f"--num-cpus={cpus:g}"])
+        self._start(name, [f"--address={self.address}", f"--num-cpus={cpus:g}"], worker=True)
         self.wait_for([*self.alive(), name])
 
     def alive(self) -> list[str]:

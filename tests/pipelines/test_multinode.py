@@ -5,8 +5,10 @@ index on the S3-protocol test server, and a worker node killed mid-job."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from attribution_core.data.writers import SYNTH_SCHEMA, synthetic_rows
 from attribution_core.index.source import filesystem_for
 from attribution_core.index.store import IndexStore
 from tests.pipelines.conftest import FEATURIZE, write_rows
+from tests.pipelines.http_client import b64, free_port, post, write_config
 from tests.pipelines.multinode import LocalCluster, isolated, start_cluster
 
 pytestmark = pytest.mark.slow
@@ -187,3 +190,71 @@ def test_weights_learning_survives_losing_a_train_workers_node(cluster, cluster_
     assert max(abs(a[g] - b[g]) for g in a) < 1e-6, (a, b)
     assert disturbed["summary"]["objective"] == pytest.approx(calm["summary"]["objective"], rel=1e-6)
     assert _train_checkpoints(cluster_index) == 0  # the run folders are removed
+
+
+def _answer(reply: dict) -> list[tuple[str, float]]:
+    return [(hit["example_id"], round(hit["score"], 4)) for hit in reply["aspects"]["general"]]
+
+
+def test_endpoint_under_load_loses_a_worker_node(cluster, cluster_index, model_dirs, tmp_path):
+    """The ingress on the head, two partitions' searcher replicas on both worker nodes, 8
+    clients asking steadily; a worker node dies. Requests that fail say so (503); every answer
+    given, before, during and after, is whole: equal to the same query's answer before the
+    loss, every partition's rows in it."""
+    cluster.revive(WORKERS)
+    port = free_port()
+    cfg = write_config(tmp_path / "serve.yaml", model_dirs["text"], cluster_index, port, partitions=2,
+                       searcher_replicas=2, ingress_resources={"head": 0.01}, searcher_resources={"worker": 0.01},
+                       proxy_location="HeadOnly", refresh_s=0, batch_wait_ms=0)
+    server = subprocess.Popen([ATTRIBUTION, "serve", "--config", cfg, "--ray-address", cluster.address],
+                              env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert server.stdout.readline().startswith("serving "), server.communicate(timeout=30)[1][-3000:]
+        assert cluster.actor_nodes("AttributionAPI") == ["head"]
+        searchers = set(cluster.actor_nodes("IndexSearcher"))
+        assert searchers == {"w1", "w2"}, searchers
+        images = [r["image"] for r in synthetic_rows(4, seed=99, size=16)]
+        expected = []
+        for image in images:
+            status, reply = post(url, {"image": b64(image), "k": 6})
+            assert status == 200, reply
+            expected.append(_answer(reply))
+
+        log: list[tuple[float, int, bool]] = []  # (time, status, whole)
+        stop = threading.Event()
+
+        def client(i: int) -> None:
+            n = i
+            while not stop.is_set():
+                status, reply = post(url, {"image": b64(images[n % 4]), "k": 6}, timeout=60)
+                log.append((time.monotonic(), status, status == 200 and _answer(reply) == expected[n % 4]))
+                n += 1
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        time.sleep(5)
+        killed_at = time.monotonic()
+        cluster.kill("w1")
+        time.sleep(40)
+        stop.set()
+        for t in threads:
+            t.join(timeout=120)
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.communicate(timeout=120)
+
+    before = [e for e in log if e[0] < killed_at]
+    after = [e for e in log if e[0] >= killed_at]
+    assert before and all(status == 200 for _, status, _ in before)
+    answered = [e for e in log if e[1] == 200]
+    assert all(whole for _, _, whole in answered), "an answer missed a partition's rows"  # none silently partial
+    failed = [e for e in after if e[1] != 200]
+    assert all(status == 503 for _, status, _ in failed), {s for _, s, _ in failed}
+    last_failure = max((t for t, _, _ in failed), default=killed_at)
+    recovered = [e for e in after if e[0] > last_failure]
+    assert len(recovered) >= 16 and last_failure - killed_at < 30  # whole again, and for the last 10+ s
+    report = {"requests": len(log), "after_kill": len(after), "failed": len(failed),
+              "seconds_to_whole": round(last_failure - killed_at, 2), "answered_after_recovery": len(recovered)}
+    print("endpoint node loss:", json.dumps(report))
