@@ -58,9 +58,10 @@ class IndexConfig:
     batch_size: int = 64
     """Examples per actor call; each call writes one feature shard."""
     actors: int = 0
-    """Featurizing actors; 0 = one per GPU when CUDA is present, else one per CPU of the
-    cluster (on CPU, single-threaded actors in parallel outrun one multi-threaded actor:
-    1.9x vs 1.4x for two cores with the demo model)."""
+    """Featurizing actors; 0 = as many as fit in the GPUs free when the job starts
+    (``gpus_per_actor`` each) when the cluster has GPUs, else one per CPU of the cluster (on
+    CPU, single-threaded actors in parallel outrun one multi-threaded actor: 1.9x vs 1.4x for
+    two cores with the demo model). On CPUs, never more than leave one CPU to the read tasks."""
     cpus_per_actor: float = 0.5
     """CPUs reserved per actor (fractional on small machines so read tasks still get a CPU)."""
     gpus_per_actor: float = 1.0

@@ -88,7 +88,7 @@ def require_shared_storage(cluster: ClusterConfig, **uris: str | None) -> None:
 
 _NODE_LOSS = (ray.exceptions.NodeDiedError, ray.exceptions.ActorDiedError, ray.exceptions.ObjectLostError,
               ray.exceptions.OwnerDiedError, ray.exceptions.WorkerCrashedError, ray.exceptions.ActorUnavailableError,
-              ray.exceptions.LocalRayletDiedError, ray.exceptions.RaySystemError)
+              ray.exceptions.LocalRayletDiedError)
 
 
 def lost_to_node_failure(exc: BaseException) -> bool:

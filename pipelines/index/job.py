@@ -64,7 +64,8 @@ def _actors(cfg: ProjectConfig) -> tuple[int, int, str]:
     as fit in the GPUs free now (an endpoint's fraction of a GPU stays its own); on CPUs one
     per CPU, as many as leave a CPU to the read tasks (fewer would wait forever)."""
     gpus, cpus = cluster_gpus(), cluster_cpus()
-    n = cfg.index.actors or (gpu_actors_that_fit(cfg.index.gpus_per_actor) if gpus else cpus)
+    free = ray.available_resources().get("GPU", 0.0)
+    n = cfg.index.actors or (gpu_actors_that_fit(gpus, free, cfg.index.gpus_per_actor) if gpus else cpus)
     if gpus and n * cfg.index.gpus_per_actor > gpus:
         raise ConfigError(f"the index job's {n} actors ask for {n * cfg.index.gpus_per_actor:g} GPU (index.actors x "
                           f"index.gpus_per_actor), more than the cluster's {gpus}: lower index.actors or "
@@ -78,10 +79,10 @@ def _actors(cfg: ProjectConfig) -> tuple[int, int, str]:
     return n, threads, "cuda" if gpus else "cpu"
 
 
-def gpu_actors_that_fit(per_actor: float) -> int:
-    """Actors of ``per_actor`` GPUs that fit the cluster's free GPUs now (at least one). A
-    GPU that is partly held (by an endpoint's replica) takes no actor of a whole GPU."""
-    total, free = cluster_gpus(), ray.available_resources().get("GPU", 0.0)
+def gpu_actors_that_fit(total: int, free: float, per_actor: float) -> int:
+    """Actors of ``per_actor`` GPUs that fit in ``free`` of the cluster's ``total`` GPUs (at
+    least one). An actor of a whole GPU or more takes only GPUs nobody holds a part of (an
+    endpoint's replica of 0.25 GPU keeps its GPU); fractional actors fill what is free."""
     whole_free = total - math.ceil(total - free - 1e-9)
     fit = int(whole_free // per_actor) if per_actor >= 1 else int(free / per_actor + 1e-9)
     if fit < 1:

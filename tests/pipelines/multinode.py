@@ -1,7 +1,7 @@
 """A Ray cluster of several nodes on this machine, started the way a real one is.
 
-A head and worker nodes, each its own ``ray start`` (raylet, object store, workers) on
-127.0.0.1, each with a custom resource named after it (``head``, ``w1``, ``w2`` ...) so that
+A head and worker nodes, each its own ``ray start`` (raylet, object store, workers,
+temporary folder) on 127.0.0.1, each with a custom resource named after it (``head``, ``w1``, ``w2`` ...) so that
 placement can be asserted. Every node runs in its own pid namespace (``unshare -p``): killing
 the namespace's first process ends the node's raylet and every worker on it at once, as a
 machine that dies would, and nothing a node started outlives the tests.
@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,11 +67,18 @@ class LocalCluster:
     root: Path
     env: dict[str, str]
     port: int = field(default_factory=free_port)
+    dashboard_port: int = field(default_factory=free_port)  # the Jobs API (``ray job submit``)
     nodes: dict[str, Node] = field(default_factory=dict)
+    # each node's own temporary folder (sessions, logs, sockets), short: socket paths are limited to 107 bytes
+    temp: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="ray-nodes-", dir="/tmp")))
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def jobs_address(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
 
     def _start(self, name: str, args: list[str], worker: bool = False) -> Node:
         """A node with resources ``{name: 1}``, and ``{worker: 100}`` on every worker node (so
@@ -80,7 +88,7 @@ class LocalCluster:
         cmd = ["unshare", "-p", "-f", "--mount-proc", "--kill-child", RAY, "start", "--block",
                "--node-ip-address=127.0.0.1", "--disable-usage-stats", f"--resources={json.dumps(resources)}",
                f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
-               f"--object-store-memory={256 * 2**20}", *args]
+               f"--object-store-memory={256 * 2**20}", f"--temp-dir={self.temp / name}", *args]
         with open(log, "wb") as out:
             process = subprocess.Popen(cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         node = Node(name, process, log)
@@ -88,7 +96,8 @@ class LocalCluster:
         return node
 
     def start_head(self, cpus: float) -> None:
-        self._start("head", ["--head", f"--port={self.port}", f"--num-cpus={cpus:g}", "--include-dashboard=false"])
+        self._start("head", ["--head", f"--port={self.port}", f"--num-cpus={cpus:g}", "--include-dashboard=true",
+                             "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}"])
         self.wait_for(["head"])
 
     def add_worker(self, name: str, cpus: float) -> None:
@@ -147,6 +156,7 @@ class LocalCluster:
     def stop(self) -> None:
         for node in reversed(list(self.nodes.values())):
             node.kill()
+        shutil.rmtree(self.temp, ignore_errors=True)
 
 
 def start_cluster(root: Path, workers: dict[str, float], head_cpus: float = 1,

@@ -210,3 +210,23 @@ def test_cronjob_creates_the_reindex_rayjob_with_the_rights_it_needs():
     (role,) = [d for _, d in of_kind("Role") if d["metadata"]["name"] == binding["roleRef"]["name"]]
     assert any("ray.io" in r["apiGroups"] and "rayjobs" in r["resources"] and "create" in r["verbs"]
                for r in role["rules"])
+
+
+def test_one_gpu_pool_split_between_the_endpoint_and_the_index_job():
+    """deploy/README.md, "One GPU pool": the endpoint's model replicas take a fraction of the
+    RayService's GPUs, and an index job on that cluster takes the GPUs they leave whole."""
+    from pipelines.index.job import gpu_actors_that_fit
+
+    cfg = ProjectConfig.load(DEPLOY / "cluster.yaml")
+    (_, service), = of_kind("RayService")
+    gpus = sum(g["replicas"] * int(g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0))
+               for g in service["spec"]["rayClusterConfig"]["workerGroupSpecs"])
+    held = cfg.serve.featurizer_replicas * cfg.serve.gpus_per_replica
+    assert 0 < cfg.serve.gpus_per_replica < 1 and held <= gpus
+    assert cfg.index.actors == 0 and cfg.index.gpus_per_actor == 1
+    for pool in (gpus, 8):  # the RayService as shipped, and grown to a pool of 8
+        expected = pool - cfg.serve.featurizer_replicas if pool > cfg.serve.featurizer_replicas else 1
+        assert gpu_actors_that_fit(pool, pool - held, cfg.index.gpus_per_actor) == expected
+    readme = (DEPLOY / "README.md").read_text()
+    for key in ("serve.gpus_per_replica", "serve.featurizer_replicas", "index.gpus_per_actor", "index.actors"):
+        assert f"`{key}`" in readme.split("## One GPU pool")[1].split("\n## ")[0], key

@@ -22,7 +22,7 @@ from attribution_core.data.writers import SYNTH_SCHEMA, synthetic_rows
 from attribution_core.index.source import filesystem_for
 from attribution_core.index.store import IndexStore
 from tests.pipelines.conftest import FEATURIZE, write_rows
-from tests.pipelines.http_client import b64, free_port, post, write_config
+from tests.pipelines.http_client import b64, free_port, get, post, write_config
 from tests.pipelines.multinode import LocalCluster, isolated, start_cluster
 
 pytestmark = pytest.mark.slow
@@ -157,7 +157,7 @@ def test_weights_learning_survives_losing_a_train_workers_node(cluster, cluster_
     its checkpoint (theta and Adam's moments) and learns the weights an undisturbed run learns."""
     cluster.revive(WORKERS)
     weights = {"aspects": ["general"], "queries_per_aspect": 8, "sample_steps": 3, "pool_size": 16, "top_k": 4,
-               "max_rounds": 1, "steps": 4000, "report_every": 100, "workers": 2, "placement": "SPREAD",
+               "max_rounds": 1, "steps": 3000, "report_every": 100, "workers": 2, "placement": "SPREAD",
                "check_queries": False, "holdout_queries": 0, "validation_queries": 0}
 
     def learn(name: str, kill: bool) -> dict:
@@ -184,7 +184,8 @@ def test_weights_learning_survives_losing_a_train_workers_node(cluster, cluster_
     calm = learn("calm", kill=False)
     disturbed = learn("disturbed", kill=True)
     assert disturbed["killed"] in WORKERS
-    open("/tmp/mn/disturbed.err", "w").write(disturbed["stderr"])
+    restarts = disturbed["stderr"].count("[FailurePolicy] RETRY")
+    print(f"learn-weights: killed {disturbed['killed']}; Ray Train worker group restarts: {restarts}")
     a, b = calm["summary"]["aspects"]["general"]["weights"], disturbed["summary"]["aspects"]["general"]["weights"]
     assert a.keys() == b.keys()
     assert max(abs(a[g] - b[g]) for g in a) < 1e-6, (a, b)
@@ -237,7 +238,7 @@ def test_endpoint_under_load_loses_a_worker_node(cluster, cluster_index, model_d
         time.sleep(5)
         killed_at = time.monotonic()
         cluster.kill("w1")
-        time.sleep(40)
+        time.sleep(25)
         stop.set()
         for t in threads:
             t.join(timeout=120)
@@ -254,7 +255,49 @@ def test_endpoint_under_load_loses_a_worker_node(cluster, cluster_index, model_d
     assert all(status == 503 for _, status, _ in failed), {s for _, s, _ in failed}
     last_failure = max((t for t, _, _ in failed), default=killed_at)
     recovered = [e for e in after if e[0] > last_failure]
-    assert len(recovered) >= 16 and last_failure - killed_at < 30  # whole again, and for the last 10+ s
+    assert len(recovered) >= 16 and last_failure - killed_at < 15  # whole again, and for the last 10+ s
     report = {"requests": len(log), "after_kill": len(after), "failed": len(failed),
               "seconds_to_whole": round(last_failure - killed_at, 2), "answered_after_recovery": len(recovered)}
     print("endpoint node loss:", json.dumps(report))
+
+
+def test_reindex_as_a_ray_job_hot_swaps_the_endpoint(cluster, s3_base, model_dirs, tmp_path):
+    """The nightly update as a cluster runs it: ``attribution reindex`` submitted as a Ray Job
+    (``ray job submit``, the entrypoint on the head, as the KubeRay RayJob does), while an
+    endpoint on the cluster follows the index; the job waits until it answers from the new
+    version."""
+    cluster.revive(WORKERS)
+    data, index = f"{s3_base}/nightly-data", f"{s3_base}/nightly-index"
+    write_rows(data, list(synthetic_rows(48, seed=31, size=16)))
+    build = attribution(cluster, "index", "--config", config(tmp_path), "--model", model_dirs["text"], "--dataset", data,
+                        "--out", index, "--json")
+    assert build.returncode == 0, build.stderr[-3000:]
+    first = json.loads(build.stdout)["version"]
+    port = free_port()
+    serve_cfg = write_config(tmp_path / "serve.yaml", model_dirs["text"], index, port, partitions=2, refresh_s=1,
+                             proxy_location="HeadOnly")
+    server = subprocess.Popen([ATTRIBUTION, "serve", "--config", serve_cfg, "--ray-address", cluster.address],
+                              env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert server.stdout.readline().startswith("serving "), server.communicate(timeout=30)[1][-3000:]
+        assert get(url, "/v1/index")[1]["version"] == first
+        add_file(data, "part-night-1.parquet",
+                 [dict(r, example_id=f"night-{i}") for i, r in enumerate(synthetic_rows(16, seed=32, size=16))])
+        cfg = config(tmp_path, reindex={"endpoint": url, "endpoint_timeout_s": 120, "relearn": "changed",
+                                        "relearn_fraction": 1.0})
+        job = subprocess.run(
+            [str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", cluster.jobs_address,
+             "--", ATTRIBUTION, "reindex", "--config", cfg, "--dataset", data, "--index", index, "--model",
+             model_dirs["text"], "--json"], env=cluster.env, capture_output=True, text=True, timeout=400)
+        assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
+        summary = json.loads(job.stdout[job.stdout.index("{\n"):job.stdout.rindex("\n}") + 2])
+        assert summary["status"] == "published" and summary["version_before"] == first
+        assert summary["endpoint"]  # the job waited for the endpoint to answer from the new version
+        served = get(url, "/v1/index")[1]
+        assert served["version"] == summary["version_after"] and served["rows"] == 64
+        status, reply = post(url, {"image": b64(next(synthetic_rows(1, seed=32, size=16))["image"]), "k": 3})
+        assert status == 200 and reply["index"]["version"] == summary["version_after"]
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.communicate(timeout=120)
