@@ -71,6 +71,13 @@ class IndexConfig:
     (``serve.gpus_per_replica``) keeps it and the index job takes the rest."""
     threads_per_actor: int = 0
     """torch threads in each actor; 0 = the cluster's CPUs split evenly over the actors."""
+    placement: str = "DEFAULT"
+    """Where Ray places the actors: 'DEFAULT' (Ray's: fill a node to half before the next) or
+    'SPREAD' (over every node that fits one: a node lost costs the fewest actors)."""
+    actor_resources: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Custom Ray resources each actor asks for, to keep the actors on the nodes that offer
+    them (e.g. {indexer: 0.01} with those nodes started with ``--resources='{"indexer": 1}'``).
+    Empty: any node with the CPUs and GPUs."""
     dtype: str = "float16"
     """Stored feature dtype: 2 bytes per number by default."""
     caption_column: str | None = None
@@ -128,6 +135,12 @@ class IndexConfig:
         for name in ("actors", "threads_per_actor", "min_image_side", "stats_partitions"):
             _check(getattr(self, name) >= 0, f"index.{name}", f"must be >= 0, got {getattr(self, name)}")
         _check(self.cpus_per_actor > 0, "index.cpus_per_actor", f"must be > 0, got {self.cpus_per_actor}")
+        _check(self.placement in ("DEFAULT", "SPREAD"), "index.placement",
+               f"choose DEFAULT or SPREAD, got {self.placement!r}")
+        bad = {k: v for k, v in self.actor_resources.items()
+               if not isinstance(v, (int, float)) or v <= 0 or k in ("CPU", "GPU", "memory")}
+        _check(not bad, "index.actor_resources", "needs custom resource names with amounts > 0 (CPUs and GPUs have "
+               f"settings of their own), got {bad}")
         _check(0 < self.gpus_per_actor <= 1 or float(self.gpus_per_actor).is_integer(), "index.gpus_per_actor",
                f"must be a fraction in (0, 1] or a whole number of GPUs, got {self.gpus_per_actor}")
         _check(self.dtype in FEATURE_DTYPES, "index.dtype", f"choose one of {', '.join(FEATURE_DTYPES)}, got {self.dtype!r}")

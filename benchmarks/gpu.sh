@@ -53,9 +53,9 @@ echo "device: $(cat "$OUT/device.json")" >&2
 step tests-gpu 420 "$PYTHON" -m pytest tests/gpu -q -p no:cacheprovider -o addopts="" --junitxml="$OUT/tests-gpu.xml"
 
 # 2. the plan, on an SD 1.5-shaped base with a LoRA as diffusers' training scripts save one
-if [ "$QUICK" = 1 ]; then ROWS=100000; DEVICES=2; BATCHES=1; TIMESTEPS=2; EXAMPLES=1; else
-  ROWS=2000000; DEVICES=8; BATCHES=3; TIMESTEPS=10; EXAMPLES=4; fi
-"$PYTHON" - "$WORK" "$TIMESTEPS" > "$OUT/models.log" 2>&1 <<'EOF'
+if [ "$QUICK" = 1 ]; then ROWS=100000; DEVICES=2; BATCHES=1; TIMESTEPS=2; EXAMPLES=1; BATCH=2; else
+  ROWS=2000000; DEVICES=8; BATCHES=3; TIMESTEPS=10; EXAMPLES=4; BATCH=64; fi
+"$PYTHON" - "$WORK" "$TIMESTEPS" "$BATCH" > "$OUT/models.log" 2>&1 <<'EOF'
 import sys
 from pathlib import Path
 
@@ -68,7 +68,7 @@ from diffusers.utils import convert_state_dict_to_diffusers
 from attribution_core.models.pipeline_dir import load_adapter
 from attribution_core.models.tiny import build_sd15_pipeline
 
-work, timesteps = Path(sys.argv[1]), int(sys.argv[2])
+work, timesteps, batch = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 base = build_sd15_pipeline(work / "sd15", variant="fp16")
 adapter = load_adapter(str(base))
 layers = {}
@@ -80,7 +80,8 @@ StableDiffusionPipeline.save_lora_weights(work / "lora", **layers)
 cfg = yaml.safe_load(Path("deploy/cluster.yaml").read_text())
 config = {"model": {"path": str(work / "lora"), "base": str(base), "device": "auto"},
           "featurize": {**cfg["featurize"], "timesteps": {**cfg["featurize"]["timesteps"], "count": timesteps}},
-          "index": {k: v for k, v in cfg["index"].items() if k not in ("out", "caption_column")},
+          "index": {**{k: v for k, v in cfg["index"].items() if k not in ("out", "caption_column")},
+                    "batch_size": batch},
           "serve": {"threads": 4}}
 (work / "plan.yaml").write_text(yaml.safe_dump(config))
 print("wrote", work / "plan.yaml")

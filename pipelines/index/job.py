@@ -70,10 +70,11 @@ def _actors(cfg: ProjectConfig) -> tuple[int, int, str]:
         raise ConfigError(f"the index job's {n} actors ask for {n * cfg.index.gpus_per_actor:g} GPU (index.actors x "
                           f"index.gpus_per_actor), more than the cluster's {gpus}: lower index.actors or "
                           "index.gpus_per_actor")
-    fit = max(1, math.floor((cpus - READ_CPUS) / cfg.index.cpus_per_actor + 1e-9))
-    if n > fit:  # actors holding every CPU would leave none to the read tasks that feed them: a hang
-        log.warning("%d index actors of %g CPU would leave the cluster's %d CPU no room for read tasks; starting %d "
-                    "(index.actors, index.cpus_per_actor)", n, cfg.index.cpus_per_actor, cpus, fit)
+    free_cpus = ray.available_resources().get("CPU", 0.0)  # an endpoint on the cluster holds some
+    fit = max(1, math.floor((free_cpus - READ_CPUS) / cfg.index.cpus_per_actor + 1e-9))
+    if n > fit:  # actors holding every free CPU would leave none to the read tasks that feed them: a hang
+        log.warning("%d index actors of %g CPU would leave the %g CPU free in the cluster no room for read tasks; "
+                    "starting %d (index.actors, index.cpus_per_actor)", n, cfg.index.cpus_per_actor, free_cpus, fit)
         n = fit
     threads = cfg.index.threads_per_actor or max(1, cpus // n)
     return n, threads, "cuda" if gpus else "cpu"
@@ -185,7 +186,8 @@ def _featurize(cfg: ProjectConfig, req: IndexRequest, model: dict[str, Any], sou
     summaries = rows_in.map_batches(
         IndexActor, fn_constructor_kwargs=actor_kwargs, batch_size=cfg.index.batch_size,
         batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=n_actors),
-        num_cpus=cfg.index.cpus_per_actor, num_gpus=cfg.index.gpus_per_actor if device == "cuda" else 0)
+        num_cpus=cfg.index.cpus_per_actor, num_gpus=cfg.index.gpus_per_actor if device == "cuda" else 0,
+        **_placement(cfg))
     check_at = cfg.index.quarantine_check_rows
     asks = (f"{n_actors} actors of {cfg.index.cpus_per_actor:g} CPU"
             + (f" and {cfg.index.gpus_per_actor:g} GPU" if device == "cuda" else "") + " each, plus read tasks")
@@ -202,6 +204,16 @@ def _featurize(cfg: ProjectConfig, req: IndexRequest, model: dict[str, Any], sou
             done.warm_rows += row["rows"] + row["errors"]
             done.warm_busy += row["seconds"]
     return done
+
+
+def _placement(cfg: ProjectConfig) -> dict[str, Any]:
+    """Ray's placement options of the actors: ``index.placement`` and ``index.actor_resources``."""
+    options: dict[str, Any] = {}
+    if cfg.index.placement == "SPREAD":
+        options["scheduling_strategy"] = "SPREAD"
+    if cfg.index.actor_resources:
+        options["resources"] = dict(cfg.index.actor_resources)
+    return options
 
 
 def _stop_if_quarantined(cfg: ProjectConfig, store: IndexStore, version: str, done: _Featurized, todo: int) -> None:

@@ -131,6 +131,8 @@ def test_watched_passes_items_and_errors_through(monkeypatch):
     ("serve", {"proxy_location": "Everywhere"}, "serve.proxy_location"),
     ("index", {"gpus_per_actor": 1.5}, "index.gpus_per_actor"),
     ("weights", {"placement": "STRICT"}, "weights.placement"),
+    ("index", {"placement": "PACK"}, "index.placement"),
+    ("index", {"actor_resources": {"CPU": 2}}, "index.actor_resources"),
     ("cluster", {"node_loss_retries": -1}, "cluster.node_loss_retries"),
     ("cluster", {"stall_timeout_s": -5}, "cluster.stall_timeout_s"),
 ])

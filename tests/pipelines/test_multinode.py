@@ -98,7 +98,7 @@ def test_index_job_on_two_worker_nodes_survives_losing_one(cluster, s3_base, mod
     data, out = f"{s3_base}/multinode-data", f"{s3_base}/multinode-index"
     first = list(synthetic_rows(96, seed=11, size=16))
     write_rows(data, first)
-    cfg = config(tmp_path)
+    cfg = config(tmp_path, index={"actors": 2, "placement": "SPREAD", "actor_resources": {"worker": 0.01}})
     args = ("index", "--config", cfg, "--model", model_dirs["text"], "--dataset", data, "--out", out, "--json")
     run = attribution(cluster, *args)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -157,7 +157,7 @@ def test_weights_learning_survives_losing_a_train_workers_node(cluster, cluster_
     its checkpoint (theta and Adam's moments) and learns the weights an undisturbed run learns."""
     cluster.revive(WORKERS)
     weights = {"aspects": ["general"], "queries_per_aspect": 8, "sample_steps": 3, "pool_size": 16, "top_k": 4,
-               "max_rounds": 1, "steps": 3000, "report_every": 100, "workers": 2, "placement": "SPREAD",
+               "max_rounds": 1, "steps": 2000, "report_every": 100, "workers": 2, "placement": "SPREAD",
                "check_queries": False, "holdout_queries": 0, "validation_queries": 0}
 
     def learn(name: str, kill: bool) -> dict:
@@ -197,16 +197,20 @@ def _answer(reply: dict) -> list[tuple[str, float]]:
     return [(hit["example_id"], round(hit["score"], 4)) for hit in reply["aspects"]["general"]]
 
 
-def test_endpoint_under_load_loses_a_worker_node(cluster, cluster_index, model_dirs, tmp_path):
+def test_endpoint_under_load_loses_a_worker_node_then_a_reindex_job_swaps_it(cluster, cluster_index, s3_base,
+                                                                              model_dirs, tmp_path):
     """The ingress on the head, two partitions' searcher replicas on both worker nodes, 8
     clients asking steadily; a worker node dies. Requests that fail say so (503); every answer
     given, before, during and after, is whole: equal to the same query's answer before the
-    loss, every partition's rows in it."""
+    loss, every partition's rows in it. Then the nightly update as a cluster runs it:
+    ``attribution reindex`` submitted as a Ray Job (``ray job submit``, the entrypoint on the
+    head, as the KubeRay RayJob does) on the nodes left; the endpoint follows the index and the
+    job waits until it answers from the new version."""
     cluster.revive(WORKERS)
     port = free_port()
     cfg = write_config(tmp_path / "serve.yaml", model_dirs["text"], cluster_index, port, partitions=2,
                        searcher_replicas=2, ingress_resources={"head": 0.01}, searcher_resources={"worker": 0.01},
-                       proxy_location="HeadOnly", refresh_s=0, batch_wait_ms=0)
+                       proxy_location="HeadOnly", refresh_s=1, batch_wait_ms=0)
     server = subprocess.Popen([ATTRIBUTION, "serve", "--config", cfg, "--ray-address", cluster.address],
                               env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -242,6 +246,7 @@ def test_endpoint_under_load_loses_a_worker_node(cluster, cluster_index, model_d
         stop.set()
         for t in threads:
             t.join(timeout=120)
+        swapped = _reindex_as_a_ray_job(cluster, f"{s3_base}/cluster-data", cluster_index, model_dirs, url, tmp_path)
     finally:
         server.send_signal(signal.SIGINT)
         server.communicate(timeout=120)
@@ -260,44 +265,25 @@ def test_endpoint_under_load_loses_a_worker_node(cluster, cluster_index, model_d
               "seconds_to_whole": round(last_failure - killed_at, 2), "answered_after_recovery": len(recovered)}
     print("endpoint node loss:", json.dumps(report))
 
+    assert swapped["status"] == "published" and swapped["endpoint"]  # it waited for the endpoint
+    assert swapped["served"]["version"] == swapped["version_after"] != swapped["version_before"]
+    assert swapped["served"]["rows"] == 96 + 16 and swapped["answer_version"] == swapped["version_after"]
 
-def test_reindex_as_a_ray_job_hot_swaps_the_endpoint(cluster, s3_base, model_dirs, tmp_path):
-    """The nightly update as a cluster runs it: ``attribution reindex`` submitted as a Ray Job
-    (``ray job submit``, the entrypoint on the head, as the KubeRay RayJob does), while an
-    endpoint on the cluster follows the index; the job waits until it answers from the new
-    version."""
-    cluster.revive(WORKERS)
-    data, index = f"{s3_base}/nightly-data", f"{s3_base}/nightly-index"
-    write_rows(data, list(synthetic_rows(48, seed=31, size=16)))
-    build = attribution(cluster, "index", "--config", config(tmp_path), "--model", model_dirs["text"], "--dataset", data,
-                        "--out", index, "--json")
-    assert build.returncode == 0, build.stderr[-3000:]
-    first = json.loads(build.stdout)["version"]
-    port = free_port()
-    serve_cfg = write_config(tmp_path / "serve.yaml", model_dirs["text"], index, port, partitions=2, refresh_s=1,
-                             proxy_location="HeadOnly")
-    server = subprocess.Popen([ATTRIBUTION, "serve", "--config", serve_cfg, "--ray-address", cluster.address],
-                              env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        assert server.stdout.readline().startswith("serving "), server.communicate(timeout=30)[1][-3000:]
-        assert get(url, "/v1/index")[1]["version"] == first
-        add_file(data, "part-night-1.parquet",
-                 [dict(r, example_id=f"night-{i}") for i, r in enumerate(synthetic_rows(16, seed=32, size=16))])
-        cfg = config(tmp_path, reindex={"endpoint": url, "endpoint_timeout_s": 120, "relearn": "changed",
-                                        "relearn_fraction": 1.0})
-        job = subprocess.run(
-            [str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", cluster.jobs_address,
-             "--", ATTRIBUTION, "reindex", "--config", cfg, "--dataset", data, "--index", index, "--model",
-             model_dirs["text"], "--json"], env=cluster.env, capture_output=True, text=True, timeout=400)
-        assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
-        summary = json.loads(job.stdout[job.stdout.index("{\n"):job.stdout.rindex("\n}") + 2])
-        assert summary["status"] == "published" and summary["version_before"] == first
-        assert summary["endpoint"]  # the job waited for the endpoint to answer from the new version
-        served = get(url, "/v1/index")[1]
-        assert served["version"] == summary["version_after"] and served["rows"] == 64
-        status, reply = post(url, {"image": b64(next(synthetic_rows(1, seed=32, size=16))["image"]), "k": 3})
-        assert status == 200 and reply["index"]["version"] == summary["version_after"]
-    finally:
-        server.send_signal(signal.SIGINT)
-        server.communicate(timeout=120)
+
+def _reindex_as_a_ray_job(cluster: LocalCluster, data: str, index: str, model_dirs, url: str, tmp_path: Path) -> dict:
+    """16 rows added, ``attribution reindex`` submitted with ``ray job submit``; its summary,
+    with what the endpoint then serves."""
+    add_file(data, "part-night-1.parquet",
+             [dict(r, example_id=f"night-{i}") for i, r in enumerate(synthetic_rows(16, seed=32, size=16))])
+    (tmp_path / "nightly").mkdir()
+    cfg = config(tmp_path / "nightly", reindex={"endpoint": url, "endpoint_timeout_s": 120, "relearn": "changed",
+                                                "relearn_fraction": 1.0})
+    job = subprocess.run(
+        [str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", cluster.jobs_address,
+         "--", ATTRIBUTION, "reindex", "--config", cfg, "--dataset", data, "--index", index, "--model",
+         model_dirs["text"], "--json"], env=cluster.env, capture_output=True, text=True, timeout=400)
+    assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
+    summary = json.loads(job.stdout[job.stdout.index("{\n"):job.stdout.rindex("\n}") + 2])
+    status, reply = post(url, {"image": b64(next(synthetic_rows(1, seed=32, size=16))["image"]), "k": 3})
+    assert status == 200, reply
+    return {**summary, "served": get(url, "/v1/index")[1], "answer_version": reply["index"]["version"]}
