@@ -98,6 +98,9 @@ def _import_seconds() -> float:
     return time.perf_counter() - started
 
 
+SEARCH_BYTES = 2**30  # synthetic rows searched by the calibration: 20,000 of the demo's width, fewer of wider ones
+
+
 def calibrate(cfg: ProjectConfig, *, batches: int = 3, search_rows: int = 20_000, searches: int = 20) -> Calibration:
     """Time the index's and the endpoint's unit of work on this machine (see module doc)."""
     imports = _import_seconds()
@@ -129,7 +132,11 @@ def calibrate(cfg: ProjectConfig, *, batches: int = 3, search_rows: int = 20_000
         started = time.perf_counter()
         features = featurizer.flat(query)
         times.append(time.perf_counter() - started)
-    rows = torch.randn(search_rows, layout.k_total, generator=torch.Generator().manual_seed(0)).half()
+    # at most SEARCH_BYTES of rows (time is linear in rows; plan() scales it), drawn in float16 chunks
+    search_rows = max(1_000, min(search_rows, SEARCH_BYTES // (2 * layout.k_total)))
+    g = torch.Generator().manual_seed(0)
+    rows = torch.cat([torch.randn(min(4_096, search_rows - i), layout.k_total, generator=g).half()
+                      for i in range(0, search_rows, 4_096)])
     index = SearchIndex(rows, device=device)
     del rows
     index.topk(features, cfg.serve.default_k)  # warm

@@ -190,7 +190,8 @@ def _featurize(cfg: ProjectConfig, req: IndexRequest, model: dict[str, Any], sou
         **_placement(cfg))
     check_at = cfg.index.quarantine_check_rows
     asks = (f"{n_actors} actors of {cfg.index.cpus_per_actor:g} CPU"
-            + (f" and {cfg.index.gpus_per_actor:g} GPU" if device == "cuda" else "") + " each, plus read tasks")
+            + (f" and {cfg.index.gpus_per_actor:g} GPU" if device == "cuda" else "")
+            + "".join(f" and {v:g} {k}" for k, v in cfg.index.actor_resources.items()) + " each, plus read tasks")
     for row in watched(summaries.iter_rows(), what="the index job's featurize stage", asks=asks,
                        stall_s=cfg.cluster.stall_timeout_s):
         done.rows += row["rows"]

@@ -79,6 +79,22 @@ def test_local_paths_are_refused_on_a_cluster(cluster, s3_base, model_dirs, tmp_
         assert "cluster.shared_filesystem" in line
 
 
+def test_an_index_job_that_cannot_be_placed_stops_and_says_why(cluster, s3_base, model_dirs, tmp_path):
+    """Actors that no node can hold (a resource no node offers): the job neither hangs nor
+    fails silently; it stops after ``cluster.stall_timeout_s`` with what it asked for."""
+    cluster.revive(WORKERS)
+    data = write_rows(f"{s3_base}/unplaceable-data", list(synthetic_rows(16, seed=3, size=16)))
+    cfg = config(tmp_path, index={"actors": 2, "actor_resources": {"gpu-node": 1}}, cluster={"stall_timeout_s": 8})
+    start = time.monotonic()
+    run = attribution(cluster, "index", "--config", cfg, "--model", model_dirs["text"], "--dataset", data,
+                      "--out", f"{s3_base}/unplaceable-index", timeout=300)
+    assert run.returncode == 2, run.stderr[-3000:]
+    (line,) = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert "the index job's featurize stage made no progress in" in line and "cluster.stall_timeout_s" in line, line
+    assert "2 actors of 0.5 CPU and 1 gpu-node each" in line and "free on 3 node(s)" in line, line
+    assert time.monotonic() - start < 120
+
+
 def _wait_for_shards(uri: str, at_least: int, process: subprocess.Popen, timeout: float = 300) -> int:
     """Wait until an uncommitted version under ``uri`` holds ``at_least`` feature shards."""
     store = IndexStore(uri)
