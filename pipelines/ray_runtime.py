@@ -122,9 +122,9 @@ def retry_on_node_loss(run: Callable[[], T], *, what: str, retries: int) -> T:
         except Exception as exc:
             if attempt == retries or not (isinstance(exc, ShrunkStallError) or lost_to_node_failure(exc)):
                 raise
-            log.warning("%s lost a node of the Ray cluster (%s: %s); resuming (retry %d of %d, "
-                        "cluster.node_loss_retries)", what, type(exc).__name__, str(exc).splitlines()[0][:200],
-                        attempt + 1, retries)
+            cause = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            log.warning("%s lost a node of the Ray cluster (%s); resuming (retry %s, cluster.node_loss_retries)",
+                        what, cause, f"{attempt + 1} of {retries}")
             time.sleep(2.0)  # let the cluster see the node dead before placing work again
     raise AssertionError("unreachable")
 
