@@ -103,10 +103,8 @@ def lost_to_node_failure(exc: BaseException) -> bool:
         seen.add(id(e))
         if isinstance(e, _NODE_LOSS):
             return True
-        if isinstance(e, ray.exceptions.RayTaskError) and isinstance(e.cause, _NODE_LOSS):
-            return True
-        stack += [e.__cause__, e.__context__, getattr(e, "cause", None) if isinstance(getattr(e, "cause", None),
-                                                                                     BaseException) else None]
+        cause = getattr(e, "cause", None)  # a RayTaskError's error on the worker
+        stack += [e.__cause__, e.__context__, cause if isinstance(cause, BaseException) else None]
     return False
 
 
