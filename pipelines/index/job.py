@@ -70,11 +70,10 @@ def _actors(cfg: ProjectConfig) -> tuple[int, int, str]:
         raise ConfigError(f"the index job's {n} actors ask for {n * cfg.index.gpus_per_actor:g} GPU (index.actors x "
                           f"index.gpus_per_actor), more than the cluster's {gpus}: lower index.actors or "
                           "index.gpus_per_actor")
-    free_cpus = ray.available_resources().get("CPU", 0.0)  # an endpoint on the cluster holds some
-    fit = max(1, math.floor((free_cpus - READ_CPUS) / cfg.index.cpus_per_actor + 1e-9))
-    if n > fit:  # actors holding every free CPU would leave none to the read tasks that feed them: a hang
-        log.warning("%d index actors of %g CPU would leave the %g CPU free in the cluster no room for read tasks; "
-                    "starting %d (index.actors, index.cpus_per_actor)", n, cfg.index.cpus_per_actor, free_cpus, fit)
+    fit = max(1, math.floor((cpus - READ_CPUS) / cfg.index.cpus_per_actor + 1e-9))
+    if n > fit:  # actors holding every CPU would leave none to the read tasks that feed them: a hang
+        log.warning("%d index actors of %g CPU would leave the cluster's %d CPU no room for read tasks; starting %d "
+                    "(index.actors, index.cpus_per_actor)", n, cfg.index.cpus_per_actor, cpus, fit)
         n = fit
     threads = cfg.index.threads_per_actor or max(1, cpus // n)
     return n, threads, "cuda" if gpus else "cpu"

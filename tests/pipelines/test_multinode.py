@@ -114,7 +114,7 @@ def test_index_job_on_two_worker_nodes_survives_losing_one(cluster, s3_base, mod
     still commits every example exactly once, and a rerun finds the index up to date."""
     cluster.revive(WORKERS)
     data, out = f"{s3_base}/multinode-data", f"{s3_base}/multinode-index"
-    first = list(synthetic_rows(96, seed=11, size=16))
+    first = list(synthetic_rows(64, seed=11, size=16))
     write_rows(data, first)
     cfg = config(tmp_path, index={"actors": 2, "placement": "SPREAD", "actor_resources": {"worker": 0.01}})
     args = ("index", "--config", cfg, "--model", model_dirs["text"], "--dataset", data, "--out", out, "--json")
@@ -124,10 +124,10 @@ def test_index_job_on_two_worker_nodes_survives_losing_one(cluster, s3_base, mod
     names = cluster.node_names()
     by_name = {names.get(node, node): rows for node, rows in built["rows_by_node"].items()}
     assert {"w1", "w2"} <= set(by_name), by_name  # actors on both worker nodes
-    assert sum(by_name.values()) == 96
+    assert sum(by_name.values()) == 64
 
-    # 320 more rows; worker node w1 dies (raylet, object store, workers) once 4 of their 40 shards are written
-    added = [dict(r, example_id=f"more-{i}") for i, r in enumerate(synthetic_rows(320, seed=12, size=16))]
+    # 192 more rows; worker node w1 dies (raylet, object store, workers) once 4 of their 24 shards are written
+    added = [dict(r, example_id=f"more-{i}") for i, r in enumerate(synthetic_rows(192, seed=12, size=16))]
     for i in range(0, len(added), 64):
         add_file(data, f"part-more-{i // 64:02d}.parquet", added[i:i + 64])
     job = subprocess.Popen([ATTRIBUTION, *args, "--ray-address", cluster.address], env=cluster.env,
@@ -137,17 +137,17 @@ def test_index_job_on_two_worker_nodes_survives_losing_one(cluster, s3_base, mod
     stdout, stderr = job.communicate(timeout=400)
     assert job.returncode == 0, stderr[-4000:]
     result = json.loads(stdout)
-    assert written < 40 and result["rows"] == 416 and result["errors"] == 0
+    assert written < 24 and result["rows"] == 256 and result["errors"] == 0
     resumed = sum("lost a node of the Ray cluster" in line for line in stderr.splitlines())
-    print(f"index: w1 killed after {written} of 40 shards; the job resumed {resumed} time(s), "
+    print(f"index: w1 killed after {written} of 24 shards; the job resumed {resumed} time(s), "
           f"featurized {result['featurized']} rows in the run that finished")
 
     store = IndexStore(out)
     manifest = store.latest()
     ids = [i for s in manifest["shards"] for i in store.read_table(s["path"]).column("example_id").to_pylist()]
-    assert len(ids) == len(set(ids)) == 416  # every example exactly once
+    assert len(ids) == len(set(ids)) == 256  # every example exactly once
     assert set(ids) == {r["example_id"] for r in first + added}
-    assert manifest["rows"] == 416 and sum(s["rows"] for s in manifest["shards"]) == 416
+    assert manifest["rows"] == 256 and sum(s["rows"] for s in manifest["shards"]) == 256
 
     again = attribution(cluster, *args)
     assert again.returncode == 0, again.stderr[-3000:]
@@ -156,10 +156,10 @@ def test_index_job_on_two_worker_nodes_survives_losing_one(cluster, s3_base, mod
 
 @pytest.fixture(scope="module")
 def cluster_index(cluster, s3_base, model_dirs, tmp_path_factory):
-    """96 examples indexed on the cluster, for the weights and the endpoint."""
+    """64 examples indexed on the cluster, for the weights and the endpoint."""
     cluster.revive(WORKERS)
     data, out = f"{s3_base}/cluster-data", f"{s3_base}/cluster-index"
-    write_rows(data, list(synthetic_rows(96, seed=21, size=16)))
+    write_rows(data, list(synthetic_rows(64, seed=21, size=16)))
     cfg = config(tmp_path_factory.mktemp("cluster-index"))
     run = attribution(cluster, "index", "--config", cfg, "--model", model_dirs["text"], "--dataset", data,
                       "--out", out, "--json")
@@ -178,7 +178,7 @@ def test_weights_learning_survives_losing_a_train_workers_node(cluster, cluster_
     its checkpoint (theta and Adam's moments) and learns the weights an undisturbed run learns."""
     cluster.revive(WORKERS)
     weights = {"aspects": ["general"], "queries_per_aspect": 8, "sample_steps": 3, "pool_size": 16, "top_k": 4,
-               "max_rounds": 1, "steps": 2000, "report_every": 100, "workers": 2, "placement": "SPREAD",
+               "max_rounds": 1, "steps": 1200, "report_every": 60, "workers": 2, "placement": "SPREAD",
                "check_queries": False, "holdout_queries": 0, "validation_queries": 0}
 
     def learn(name: str, kill: bool) -> dict:
@@ -260,10 +260,10 @@ def test_endpoint_under_load_loses_a_worker_node_then_a_reindex_job_swaps_it(clu
         threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
         for t in threads:
             t.start()
-        time.sleep(5)
+        time.sleep(4)
         killed_at = time.monotonic()
         cluster.kill("w1")
-        time.sleep(25)
+        time.sleep(16)
         stop.set()
         for t in threads:
             t.join(timeout=120)
@@ -281,14 +281,14 @@ def test_endpoint_under_load_loses_a_worker_node_then_a_reindex_job_swaps_it(clu
     assert all(status == 503 for _, status, _ in failed), {s for _, s, _ in failed}
     last_failure = max((t for t, _, _ in failed), default=killed_at)
     recovered = [e for e in after if e[0] > last_failure]
-    assert len(recovered) >= 16 and last_failure - killed_at < 15  # whole again, and for the last 10+ s
+    assert len(recovered) >= 16 and last_failure - killed_at < 10  # whole again, and for the last 6+ s
     report = {"requests": len(log), "after_kill": len(after), "failed": len(failed),
               "seconds_to_whole": round(last_failure - killed_at, 2), "answered_after_recovery": len(recovered)}
     print("endpoint node loss:", json.dumps(report))
 
     assert swapped["status"] == "published" and swapped["endpoint"]  # it waited for the endpoint
     assert swapped["served"]["version"] == swapped["version_after"] != swapped["version_before"]
-    assert swapped["served"]["rows"] == 96 + 16 and swapped["answer_version"] == swapped["version_after"]
+    assert swapped["served"]["rows"] == 64 + 16 and swapped["answer_version"] == swapped["version_after"]
 
 
 def _reindex_as_a_ray_job(cluster: LocalCluster, data: str, index: str, model_dirs, url: str, tmp_path: Path) -> dict:
@@ -297,12 +297,17 @@ def _reindex_as_a_ray_job(cluster: LocalCluster, data: str, index: str, model_di
     add_file(data, "part-night-1.parquet",
              [dict(r, example_id=f"night-{i}") for i, r in enumerate(synthetic_rows(16, seed=32, size=16))])
     (tmp_path / "nightly").mkdir()
-    cfg = config(tmp_path / "nightly", reindex={"endpoint": url, "endpoint_timeout_s": 120, "relearn": "changed",
-                                                "relearn_fraction": 1.0})
-    job = subprocess.run(
-        [str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", cluster.jobs_address,
-         "--", ATTRIBUTION, "reindex", "--config", cfg, "--dataset", data, "--index", index, "--model",
-         model_dirs["text"], "--json"], env=cluster.env, capture_output=True, text=True, timeout=400)
+    # one actor: the endpoint holds 1.25 of the 3 CPUs left, and read tasks need one
+    cfg = config(tmp_path / "nightly", index={"actors": 1},
+                 reindex={"endpoint": url, "endpoint_timeout_s": 120, "relearn": "changed", "relearn_fraction": 1.0})
+    for _ in range(12):  # the Jobs API answers "No available agent" until it has seen the node gone
+        job = subprocess.run(
+            [str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", cluster.jobs_address,
+             "--", ATTRIBUTION, "reindex", "--config", cfg, "--dataset", data, "--index", index, "--model",
+             model_dirs["text"], "--json"], env=cluster.env, capture_output=True, text=True, timeout=400)
+        if "No available agent to submit job" not in job.stderr:
+            break
+        time.sleep(5)
     assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
     summary = json.loads(job.stdout[job.stdout.index("{\n"):job.stdout.rindex("\n}") + 2])
     status, reply = post(url, {"image": b64(next(synthetic_rows(1, seed=32, size=16))["image"]), "k": 3})
