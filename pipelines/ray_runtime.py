@@ -118,7 +118,7 @@ def retry_on_node_loss(run: Callable[[], T], *, what: str, retries: int) -> T:
         try:
             return run()
         except Exception as exc:
-            if attempt == retries or not (isinstance(exc, ShrunkStallError) or lost_to_node_failure(exc)):
+            if attempt == retries or not lost_to_node_failure(exc):
                 raise
             cause = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
             log.warning("%s lost a node of the Ray cluster (%s); resuming (retry %s, cluster.node_loss_retries)",
@@ -134,7 +134,8 @@ class StalledError(AttributionError, RuntimeError):
 class ShrunkStallError(StalledError):
     """A stage stopped making progress after a node of the cluster died: the work Ray moved
     to the nodes left does not fit them (e.g. restarted actors hold the CPUs that read tasks
-    need). Resuming sizes the work to the cluster as it is now."""
+    need). Not resumed in the same process, whose stalled work still holds its resources: the
+    message says to run the command again, which resumes sized to the cluster as it is then."""
 
 
 def free_resources() -> str:
@@ -148,8 +149,8 @@ def watched(items: Iterable[T], *, what: str, asks: str, stall_s: float, warn_s:
     """``items`` as they come, with a watchdog: a warning every ``warn_s`` without a new item
     (what the stage ``asks`` for, what the cluster has free), and ``StalledError`` after
     ``stall_s`` (0 = never); ``ShrunkStallError`` at the first warning when a node died since
-    the start (``retry_on_node_loss`` resumes the stage on the nodes left). The items are drawn on a thread of their own, so a wait that Ray
-    never ends cannot hold the caller."""
+    the start. The items are drawn on a thread of their own, so a wait that Ray never ends
+    cannot hold the caller."""
     box: queue.Queue = queue.Queue(maxsize=256)
     end = object()
 
@@ -171,7 +172,8 @@ def watched(items: Iterable[T], *, what: str, asks: str, stall_s: float, warn_s:
             waited = time.monotonic() - last
             if alive_nodes() < nodes:
                 raise ShrunkStallError(f"{what} made no progress for {waited:.0f} s after a node of the cluster died: "
-                                       f"it asks for {asks}, and {free_resources()}") from None
+                                       f"it asks for {asks}, and {free_resources()}. Run the same command again: it "
+                                       "resumes (what was written is kept), sized to the nodes left") from None
             if stall_s and waited >= stall_s:
                 raise StalledError(f"{what} made no progress in {waited:.0f} s (cluster.stall_timeout_s): it asks for "
                                    f"{asks}, and {free_resources()}. Give the cluster the resources, or lower what "

@@ -314,7 +314,8 @@ def _run_index(cfg: ProjectConfig, req: IndexRequest) -> dict[str, Any]:
              "resumed": plan.n_done, "featurized": work.rows, "quarantined": work.errors,
              "stale_temporaries_removed": removed_tmp, "actors": work.actors, "threads_per_actor": work.threads,
              "device": work.device, "batch_size": cfg.index.batch_size, "actor_busy_seconds": round(work.busy, 3),
-             "steady_rows_per_s": work.steady_rows_per_s(), "rows_by_node": work.by_node, "stage_seconds": watch.seconds,
+             "steady_rows_per_s": work.steady_rows_per_s(), "rows_by_node": work.by_node,
+             "stage_seconds": watch.seconds,
              **_source_reads(found, to_open)}
     dataset = {**source.to_dict(), "rows": current.num_rows, "keys_digest": keys_digest(current),
                "files": listing_summary(found), "source_keys": source_keys}

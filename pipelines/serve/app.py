@@ -85,9 +85,11 @@ def build_app(args: ServeArgs | dict[str, Any]):
     ingress = serve.deployment(AttributionAPI, name=INGRESS, max_ongoing_requests=256)
     model = (args.config, args.model, scfg.threads, args.base)
     if scfg.featurize_in == "ingress":  # the ingress's replicas hold the model
-        return ingress.options(num_replicas=scfg.featurizer_replicas, ray_actor_options={**featurizer_opts, **ingress_opts},
+        return ingress.options(num_replicas=scfg.featurizer_replicas,
+                               ray_actor_options={**featurizer_opts, **ingress_opts},
                                user_config=swap).bind(None, searchers, serve_settings, model)
     featurizer = QueryFeaturizer.options(
         num_replicas=scfg.featurizer_replicas, ray_actor_options=featurizer_opts, user_config=swap,
     ).bind(*model)
-    return ingress.options(ray_actor_options={"num_cpus": 0, **ingress_opts}).bind(featurizer, searchers, serve_settings)
+    return ingress.options(ray_actor_options={"num_cpus": 0, **ingress_opts}).bind(featurizer, searchers,
+                                                                                  serve_settings)

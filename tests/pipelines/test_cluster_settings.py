@@ -101,7 +101,7 @@ def test_a_stage_that_stops_progressing_says_what_it_waits_for(monkeypatch, capl
     assert "no progress for" in caplog.text  # warned before stopping
 
 
-def test_a_stall_after_a_node_died_resumes_the_stage(monkeypatch):
+def test_a_stall_after_a_node_died_stops_at_once_and_says_to_resume(monkeypatch):
     nodes = iter([3, 2])
     monkeypatch.setattr(ray_runtime, "alive_nodes", lambda: next(nodes))
     monkeypatch.setattr(ray_runtime, "free_resources", lambda: "the cluster has 0 of 2 CPU free on 2 node(s)")
@@ -109,7 +109,16 @@ def test_a_stall_after_a_node_died_resumes_the_stage(monkeypatch):
     with pytest.raises(ray_runtime.ShrunkStallError) as caught:
         list(ray_runtime.watched(_never(release), what="a stage", asks="2 actors", stall_s=600, warn_s=0.2))
     release.set()
-    assert "after a node of the cluster died" in str(caught.value)
+    assert "after a node of the cluster died" in str(caught.value) and "Run the same command again" in str(caught.value)
+    calls = []
+
+    def stalled():  # not resumed in-process: its stalled work would still hold the resources
+        calls.append(1)
+        raise caught.value
+
+    with pytest.raises(ray_runtime.ShrunkStallError):
+        ray_runtime.retry_on_node_loss(stalled, what="a job", retries=3)
+    assert len(calls) == 1
 
 
 def test_watched_passes_items_and_errors_through(monkeypatch):

@@ -219,8 +219,9 @@ def test_one_gpu_pool_split_between_the_endpoint_and_the_index_job():
 
     cfg = ProjectConfig.load(DEPLOY / "cluster.yaml")
     (_, service), = of_kind("RayService")
-    gpus = sum(g["replicas"] * int(g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0))
-               for g in service["spec"]["rayClusterConfig"]["workerGroupSpecs"])
+    groups = service["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    limits = [g["template"]["spec"]["containers"][0]["resources"]["limits"] for g in groups]
+    gpus = sum(g["replicas"] * int(lim.get("nvidia.com/gpu", 0)) for g, lim in zip(groups, limits))
     held = cfg.serve.featurizer_replicas * cfg.serve.gpus_per_replica
     assert 0 < cfg.serve.gpus_per_replica < 1 and held <= gpus
     assert cfg.index.actors == 0 and cfg.index.gpus_per_actor == 1
