@@ -27,6 +27,14 @@ def check(condition: bool, field: str, message: str) -> None:
         raise ConfigError(f"{field}: {message}")
 
 
+def check_custom_resources(resources: dict[str, Any], field: str) -> None:
+    """Custom Ray resources of a placement setting: names other than CPU/GPU/memory, amounts > 0."""
+    bad = {k: v for k, v in resources.items()
+           if not isinstance(v, (int, float)) or v <= 0 or k in ("CPU", "GPU", "memory")}
+    check(not bad, field, f"needs custom resource names with amounts > 0 (CPUs and GPUs have settings of their "
+          f"own), got {bad}")
+
+
 def _coerce(tp: Any, value: Any, where: str) -> Any:
     """Convert a YAML value to the annotated type ``tp``, or raise ConfigError at ``where``."""
     origin = typing.get_origin(tp)

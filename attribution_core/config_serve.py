@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 from attribution_core.config_io import check as _check
+from attribution_core.config_io import check_custom_resources
 from attribution_core.config_stages import ASPECTS
 
 QUERY_ASPECTS = (*ASPECTS, "uniform")
@@ -130,10 +131,7 @@ class ServeConfig:
         _check(self.proxy_location in PROXY_LOCATIONS, "serve.proxy_location",
                f"choose one of {', '.join(PROXY_LOCATIONS)}, got {self.proxy_location!r}")
         for name in ("ingress_resources", "searcher_resources"):
-            bad = {k: v for k, v in getattr(self, name).items() if not isinstance(v, (int, float)) or v <= 0
-                   or k in ("CPU", "GPU", "memory")}
-            _check(not bad, f"serve.{name}", f"needs custom resource names with amounts > 0 (CPUs and GPUs have "
-                   f"settings of their own), got {bad}")
+            check_custom_resources(getattr(self, name), f"serve.{name}")
         _check(0 < self.gpus_per_replica <= 1, "serve.gpus_per_replica",
                f"must be a fraction of a GPU in (0, 1], got {self.gpus_per_replica}")
         _check(self.batch_wait_ms >= 0, "serve.batch_wait_ms", f"must be >= 0, got {self.batch_wait_ms}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 
 from attribution_core.config_io import check as _check
+from attribution_core.config_io import check_custom_resources
 
 
 KERNELS = ("auto", "full", "block_diagonal", "layer_block", "objective")
@@ -137,10 +138,7 @@ class IndexConfig:
         _check(self.cpus_per_actor > 0, "index.cpus_per_actor", f"must be > 0, got {self.cpus_per_actor}")
         _check(self.placement in ("DEFAULT", "SPREAD"), "index.placement",
                f"choose DEFAULT or SPREAD, got {self.placement!r}")
-        bad = {k: v for k, v in self.actor_resources.items()
-               if not isinstance(v, (int, float)) or v <= 0 or k in ("CPU", "GPU", "memory")}
-        _check(not bad, "index.actor_resources", "needs custom resource names with amounts > 0 (CPUs and GPUs have "
-               f"settings of their own), got {bad}")
+        check_custom_resources(self.actor_resources, "index.actor_resources")
         _check(0 < self.gpus_per_actor <= 1 or float(self.gpus_per_actor).is_integer(), "index.gpus_per_actor",
                f"must be a fraction in (0, 1] or a whole number of GPUs, got {self.gpus_per_actor}")
         _check(self.dtype in FEATURE_DTYPES, "index.dtype", f"choose one of {', '.join(FEATURE_DTYPES)}, got {self.dtype!r}")
