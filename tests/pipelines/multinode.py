@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.pipelines.http_client import free_port
+from tests.pipelines.http_client import free_port, free_ports
 
 RAY = str(Path(sys.executable).with_name("ray"))
 
@@ -80,10 +80,16 @@ class LocalCluster:
         that work can be placed on worker nodes, whichever)."""
         log = self.root / f"{name}.log"
         resources = {name: 1, **({"worker": 100} if worker else {})}
+        manager, objects, agent, agent_grpc, metrics, runtime_env = free_ports(6)
         cmd = ["unshare", "-p", "-f", "--mount-proc", "--kill-child", RAY, "start", "--block",
                "--node-ip-address=127.0.0.1", "--disable-usage-stats", f"--resources={json.dumps(resources)}",
-               f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
-               f"--object-store-memory={256 * 2**20}", f"--temp-dir={self.temp / name}", *args]
+               f"--node-manager-port={manager}", f"--object-manager-port={objects}",
+               f"--object-store-memory={256 * 2**20}", f"--temp-dir={self.temp / name}",
+               # each node's agent ports its own: on one machine the defaults collide (with each other and with
+               # any other Ray here), and an agent whose HTTP port is taken stays up without it, so the Jobs
+               # API answers "No available agent" for as long as the node lives
+               f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+               f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}", *args]
         with open(log, "wb") as out:
             process = subprocess.Popen(cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         node = Node(name, process, log)
@@ -92,7 +98,8 @@ class LocalCluster:
 
     def start_head(self, cpus: float) -> None:
         self._start("head", ["--head", f"--port={self.port}", f"--num-cpus={cpus:g}", "--include-dashboard=true",
-                             "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}"])
+                             "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
+                             f"--ray-client-server-port={free_port()}"])
         self.wait_for(["head"])
 
     def add_worker(self, name: str, cpus: float) -> None:
