@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 
+from attribution_core.caption_grammar import check_template
 from attribution_core.config_io import check as _check
 
 TINY_KINDS = ("unet", "unet-class", "text", "text-latent")
@@ -117,8 +118,6 @@ class TrainConfig:
         _check(0 <= self.caption_dropout < 1, f"{where}.caption_dropout", "must be in [0, 1)")
         _check(0 <= self.attribute_dropout < 1, f"{where}.attribute_dropout", "must be in [0, 1)")
         if self.caption_template is not None:
-            from attribution_core.data.captions import check_template
-
             check_template(self.caption_template, f"{where}.caption_template")
         _check(self.prediction_type in PREDICTION_TYPES, f"{where}.prediction_type",
                f"choose one of {', '.join(PREDICTION_TYPES)}")

@@ -8,6 +8,7 @@ import dataclasses
 
 from attribution_core.config_io import check as _check
 from attribution_core.config_io import check_custom_resources
+from attribution_core.synthetic_vocabulary import BACKGROUNDS, STYLES, SUBJECTS
 
 
 KERNELS = ("auto", "full", "block_diagonal", "layer_block", "objective")
@@ -176,8 +177,6 @@ class AspectPrompts:
 
 
 def _default_prompts() -> dict[str, AspectPrompts]:
-    from attribution_core.data.synthetic import BACKGROUNDS, STYLES, SUBJECTS
-
     return {"subject": AspectPrompts("a {value}", tuple(SUBJECTS)),
             "style": AspectPrompts("a {value} shape", tuple(STYLES)),
             "background": AspectPrompts("a shape on a {value} background", tuple(BACKGROUNDS))}

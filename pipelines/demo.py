@@ -20,7 +20,7 @@ from typing import Any
 from attribution_core.config import ProjectConfig
 from attribution_core.data.images import encode_png
 from attribution_core.data.synthetic import caption_for
-from attribution_core.features.seeding import stable_seed
+from attribution_core.seeding import stable_seed
 from attribution_core.models.sampling import generate
 from pipelines.evaluation.job import EvaluateRequest, evaluate
 from pipelines.evaluation.summary import summary_text as evaluation_text

@@ -25,29 +25,10 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from attribution_core.errors import ConfigError, InputError
-
-_SLOT = re.compile(r"\{(\w+)(?:\|([^}]*))?\}")
-_OPTIONAL = re.compile(r"\[([^\[\]]*)\]")
-
-
-def template_attributes(template: str) -> list[str]:
-    """The attribute names a template uses, in order of first use."""
-    names: list[str] = []
-    for name, _ in _SLOT.findall(template):
-        if name not in names:
-            names.append(name)
-    return names
-
-
-def check_template(template: str, where: str) -> None:
-    """``ConfigError`` naming ``where`` unless ``template`` has slots and balanced brackets."""
-    if not template_attributes(template):
-        raise ConfigError(f"{where}: the template {template!r} has no {{attribute}} slot")
-    if template.count("[") != template.count("]") or _OPTIONAL.sub("", template).count("[") \
-            or "[" in "".join(_OPTIONAL.findall(template)):
-        raise ConfigError(f"{where}: the template {template!r} has unbalanced or nested [ ]")
-
+from attribution_core.caption_grammar import OPTIONAL as _OPTIONAL
+from attribution_core.caption_grammar import SLOT as _SLOT
+from attribution_core.caption_grammar import template_attributes
+from attribution_core.errors import InputError
 
 def fix_articles(text: str) -> str:
     """One space between words, and "a"/"an" as the next word's first letter asks."""

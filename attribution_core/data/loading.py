@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import numpy as np
@@ -11,9 +12,36 @@ from attribution_core.config import TrainConfig
 from attribution_core.data.images import decode_image
 from attribution_core.data.readers import IMAGE_COLUMN, LABEL_COLUMNS, caption_column_of, label_text, read_examples
 from attribution_core.errors import InputError
-from attribution_core.models.training import TrainingData
 
 log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class TrainingData:
+    """Decoded examples: ``pixels`` ``Tensor[N, C, H, W]`` float32 in [-1, 1] at the recipe's
+    resolution; ``captions`` (text) or ``labels`` ``Tensor[N]`` int64 (class)."""
+
+    example_ids: list[str]
+    pixels: torch.Tensor
+    captions: list[str] | None = None
+    labels: torch.Tensor | None = None
+    label_names: list[str] | None = None
+    attributes: dict[str, list] = dataclasses.field(default_factory=dict)
+    """Other dataset columns per example (e.g. subject, style, background)."""
+    columns: dict[str, str | None] = dataclasses.field(default_factory=dict)
+    """The dataset columns the captions and labels were read from (``caption``, ``label``)."""
+
+    def subset(self, index: torch.Tensor) -> TrainingData:
+        idx = index.tolist()
+        return TrainingData(
+            example_ids=[self.example_ids[i] for i in idx],
+            pixels=self.pixels[index],
+            captions=None if self.captions is None else [self.captions[i] for i in idx],
+            labels=None if self.labels is None else self.labels[index],
+            label_names=self.label_names,
+            attributes={k: [v[i] for i in idx] for k, v in self.attributes.items()},
+            columns=self.columns,
+        )
 
 
 def load_training_data(uri: str, cfg: TrainConfig, *, image_column: str = IMAGE_COLUMN,

@@ -28,7 +28,7 @@ import pyarrow.fs as pafs
 
 from attribution_core.data.storage import exists, filesystem_for, read_bytes
 from attribution_core.errors import InputError
-from attribution_core.features.seeding import content_id
+from attribution_core.seeding import content_id
 
 IMAGE_COLUMN = "image"
 CAPTION_COLUMNS = ("caption", "text", "prompt")

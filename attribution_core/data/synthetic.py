@@ -12,11 +12,9 @@ import dataclasses
 import numpy as np
 
 from attribution_core.errors import ConfigError
-from attribution_core.features.seeding import stable_seed
+from attribution_core.seeding import stable_seed
+from attribution_core.synthetic_vocabulary import BACKGROUNDS, STYLES, SUBJECTS
 
-SUBJECTS = ("circle", "square", "triangle", "diamond", "cross", "ring")
-STYLES = ("filled", "outlined", "striped", "dotted")
-BACKGROUNDS = ("solid", "gradient", "grid", "noise")
 PALETTE = {
     "red": (220, 50, 47), "green": (60, 170, 60), "blue": (38, 110, 210),
     "yellow": (230, 200, 40), "purple": (140, 70, 180), "orange": (240, 130, 30),

@@ -14,7 +14,7 @@ import dataclasses
 
 import numpy as np
 
-from attribution_core.features.seeding import stable_seed
+from attribution_core.seeding import stable_seed
 
 TEXTURES = ("stripes", "checks", "dots", "rings", "waves", "marble")
 

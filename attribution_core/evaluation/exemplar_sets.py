@@ -15,7 +15,7 @@ from pathlib import Path
 
 from attribution_core.config_evaluate import EXEMPLAR_KINDS as KINDS
 from attribution_core.errors import ConfigError, InputError
-from attribution_core.features.seeding import stable_seed
+from attribution_core.seeding import stable_seed
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 

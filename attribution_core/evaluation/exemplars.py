@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from attribution_core.errors import InputError
-from attribution_core.evaluation.metrics import bootstrap_ci
+from attribution_core.statistics import bootstrap_ci
 
 
 def _checked(scores: np.ndarray, is_exemplar: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from attribution_core.errors import InputError
+from attribution_core.statistics import bootstrap_ci
 
 
 def subset_masks(n: int, subsets: int, fraction: float = 0.5, seed: int = 0) -> np.ndarray:
@@ -70,18 +71,6 @@ def lds_per_query(predicted: np.ndarray, actual: np.ndarray) -> np.ndarray:
     if predicted.shape != actual.shape:
         raise InputError(f"predicted {predicted.shape} and actual {actual.shape} outputs differ in shape")
     return np.array([spearman(p, a) for p, a in zip(predicted, actual)])
-
-
-def bootstrap_ci(values: np.ndarray, resamples: int = 2000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of ``values`` (NaNs dropped), resampling queries."""
-    values = np.asarray(values, dtype=np.float64)
-    values = values[~np.isnan(values)]
-    if len(values) == 0:
-        return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), size=(resamples, len(values)))].mean(axis=1)
-    tail = (1 - level) / 2
-    return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
 
 
 def lds(attributions: np.ndarray, masks: np.ndarray, actual: np.ndarray, seed: int = 0,

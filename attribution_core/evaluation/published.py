@@ -29,7 +29,7 @@ import torch
 from attribution_core.config import FeaturizeConfig
 from attribution_core.features.groups import GroupLayout
 from attribution_core.features.reference import per_example_gradients
-from attribution_core.features.seeding import generator_for
+from attribution_core.seeding import generator_for
 from attribution_core.models.adapters import DiffusersAdapter, ExampleBatch
 
 OTHER = "untracked"

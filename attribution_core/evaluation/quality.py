@@ -20,7 +20,7 @@ from torch import nn
 
 from attribution_core.data.images import decode_image, encode_png
 from attribution_core.data.synthetic import caption_for
-from attribution_core.features.seeding import stable_seed
+from attribution_core.seeding import stable_seed
 from attribution_core.models.adapters import DiffusersAdapter
 from attribution_core.models.sampling import generate
 

@@ -30,7 +30,7 @@ from torch import nn
 
 from attribution_core.errors import ConfigError
 from attribution_core.features.groups import GroupLayout, TrackedLayer
-from attribution_core.features.seeding import projection_matrix
+from attribution_core.seeding import projection_matrix
 
 
 class KroneckerCapture:

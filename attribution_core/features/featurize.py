@@ -26,7 +26,7 @@ from attribution_core.config import FeaturizeConfig
 from attribution_core.errors import ConfigError
 from attribution_core.features.groups import GroupLayout, build_layout
 from attribution_core.features.measurement import ROW_SCALED, contrast_measurement, get_measurement, residual_scale
-from attribution_core.features.seeding import generator_for
+from attribution_core.seeding import generator_for
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import torch
 from attribution_core.data.images import decode_image
 from attribution_core.errors import InputError
 from attribution_core.features.featurize import Featurizer
-from attribution_core.features.seeding import content_id
+from attribution_core.seeding import content_id
 from attribution_core.models.adapters import DiffusersAdapter, ExampleBatch
 from attribution_core.models.vocabulary import check_prompts
 

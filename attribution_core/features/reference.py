@@ -23,7 +23,7 @@ from attribution_core.config import FeaturizeConfig
 from attribution_core.features.featurize import build_rows
 from attribution_core.features.groups import GroupLayout
 from attribution_core.features.measurement import contrast_measurement, get_measurement
-from attribution_core.features.seeding import generator_for, projection_matrix
+from attribution_core.seeding import generator_for, projection_matrix
 
 
 def tracked_parameter_names(layout: GroupLayout) -> list[str]:

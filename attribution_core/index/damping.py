@@ -19,8 +19,7 @@ import torch
 
 from attribution_core.features.groups import GroupLayout
 from attribution_core.index.kernel import GramEigen, kernel_from_gram
-from attribution_core.index.scoring import weighted_queries
-from attribution_core.weights.shrinkage import heldout_objective
+from attribution_core.index.scoring import heldout_objective, weighted_queries
 
 
 def kernel_blocks(grams: list[tuple[int, int, np.ndarray]], damping: float) -> list[tuple[int, int, torch.Tensor]]:

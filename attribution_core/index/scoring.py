@@ -160,3 +160,14 @@ def attribute(queries: torch.Tensor, weights: torch.Tensor, layout: GroupLayout,
     a, q, k_total = wq.shape
     scores, idx = streaming_topk(wq.reshape(a * q, k_total), blocks, k)
     return scores.reshape(a, q, -1), idx.reshape(a, q, -1)
+
+
+def heldout_objective(top_scores: torch.Tensor, noise: torch.Tensor, weights: torch.Tensor, lambda_w: float) -> float:
+    """The weight objective (the paper's self-supervised loss, ``weights.objective``) of
+    ``weights [M]`` on queries whose top-k scores under them are ``top_scores [Q, k]`` and
+    whose moment matrices are ``noise [Q, M, M]``:
+    ``mean_q(-mean(top-k) / sqrt(w^T G_q w)) + lambda_w ||w||^2``. Held-out shrinkage and the
+    damping choice both score with it, so it lives below both."""
+    w = weights.double()
+    norm = torch.sqrt(torch.einsum("m,qmn,n->q", w, noise.double(), w).clamp_min(1e-30))
+    return float((-top_scores.double().mean(dim=1) / norm).mean() + lambda_w * (w**2).sum())

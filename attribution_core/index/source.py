@@ -22,7 +22,7 @@ from attribution_core.data.readers import (CAPTION_COLUMNS, IMAGE_COLUMN, LABEL_
                                            detect_layout, label_text)
 from attribution_core.data.storage import filesystem_for, read_bytes
 from attribution_core.errors import InputError
-from attribution_core.features.seeding import content_id
+from attribution_core.seeding import content_id
 from attribution_core.index.schema import SOURCE_SCHEMA
 
 

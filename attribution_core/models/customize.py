@@ -21,10 +21,11 @@ from torch import nn
 
 from attribution_core.config import TrainConfig
 from attribution_core.errors import ConfigError, InputError
-from attribution_core.features.seeding import stable_seed
+from attribution_core.seeding import stable_seed
 from attribution_core.models.adapters import DiffusersAdapter
 from attribution_core.models.lora import LoraSpec, add_lora
-from attribution_core.models.training import TrainingData, train_model
+from attribution_core.data.loading import TrainingData
+from attribution_core.models.training import train_model
 from attribution_core.models.vocabulary import prompt_words
 
 

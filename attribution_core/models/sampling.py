@@ -16,7 +16,7 @@ import torch
 
 from attribution_core.data.images import to_uint8
 from attribution_core.errors import ConfigError, InputError
-from attribution_core.features.seeding import generator_for
+from attribution_core.seeding import generator_for
 from attribution_core.models.adapters import DiffusersAdapter
 
 SCHEDULERS = ("ddim", "ddpm")

@@ -26,42 +26,15 @@ from torch import nn
 
 from attribution_core.config import TrainConfig
 from attribution_core.data.captions import PartialCaptions, template_words
+from attribution_core.data.loading import TrainingData
 from attribution_core.errors import ConfigError, InputError
-from attribution_core.features.seeding import stable_seed
+from attribution_core.seeding import stable_seed
 from attribution_core.models.adapters import DiffusersAdapter
 from attribution_core.models.lora import LoraSpec, add_lora
 from attribution_core.models.tiny import text_encoder_for, unet2d, unet_cond, word_tokenizer
 from attribution_core.models.vocabulary import caption_vocabulary
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class TrainingData:
-    """Decoded examples: ``pixels`` ``Tensor[N, C, H, W]`` float32 in [-1, 1] at the recipe's
-    resolution; ``captions`` (text) or ``labels`` ``Tensor[N]`` int64 (class)."""
-
-    example_ids: list[str]
-    pixels: torch.Tensor
-    captions: list[str] | None = None
-    labels: torch.Tensor | None = None
-    label_names: list[str] | None = None
-    attributes: dict[str, list] = dataclasses.field(default_factory=dict)
-    """Other dataset columns per example (e.g. subject, style, background)."""
-    columns: dict[str, str | None] = dataclasses.field(default_factory=dict)
-    """The dataset columns the captions and labels were read from (``caption``, ``label``)."""
-
-    def subset(self, index: torch.Tensor) -> TrainingData:
-        idx = index.tolist()
-        return TrainingData(
-            example_ids=[self.example_ids[i] for i in idx],
-            pixels=self.pixels[index],
-            captions=None if self.captions is None else [self.captions[i] for i in idx],
-            labels=None if self.labels is None else self.labels[index],
-            label_names=self.label_names,
-            attributes={k: [v[i] for i in idx] for k, v in self.attributes.items()},
-            columns=self.columns,
-        )
 
 
 @dataclasses.dataclass

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from attribution_core.config import TrainConfig, to_mapping
+from attribution_core.data.loading import load_training_data
 from attribution_core.models.checkpoints import checkpoint_dir
 from attribution_core.models.lora import save_lora
 from attribution_core.models.pipeline_dir import save_pipeline
@@ -51,8 +52,6 @@ def train_to_dir(data_uri: str, cfg: TrainConfig, out: Path, checkpoints: int = 
     ``checkpoints > 1`` the EMA weights at the earlier of ``checkpoint_steps`` are saved as
     pipeline directories under ``out/checkpoints/step-NNNNNNN`` too (``model_checkpoints``
     lists them). Returns what ``attribution train-model`` prints."""
-    from attribution_core.data.loading import load_training_data  # it reads TrainingData from here
-
     data = load_training_data(data_uri, cfg, **(read_options or {}))  # read_options: image and id columns
     log.info("training on %d examples: %d steps of %d, %s conditioning", len(data.example_ids), cfg.steps,
              cfg.batch_size, cfg.conditioning)

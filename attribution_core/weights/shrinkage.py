@@ -20,15 +20,6 @@ def shrunk(weights: torch.Tensor, a: float) -> torch.Tensor:
     return (1 - a) * torch.full_like(weights, 1.0 / m) + a * weights
 
 
-def heldout_objective(top_scores: torch.Tensor, noise: torch.Tensor, weights: torch.Tensor, lambda_w: float) -> float:
-    """The weight objective of ``weights [M]`` on queries whose top-k scores under them are
-    ``top_scores [Q, k]`` and whose moment matrices are ``noise [Q, M, M]``:
-    ``mean_q(-mean(top-k) / sqrt(w^T G_q w)) + lambda_w ||w||^2``."""
-    w = weights.double()
-    norm = torch.sqrt(torch.einsum("m,qmn,n->q", w, noise.double(), w).clamp_min(1e-30))
-    return float((-top_scores.double().mean(dim=1) / norm).mean() + lambda_w * (w**2).sum())
-
-
 def choose_shrinkage(objective: dict[float, float]) -> float:
     """The move of the lowest held-out objective; the smallest such move on a tie."""
     return min(sorted(objective), key=lambda a: objective[a])

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import torch
 
 from attribution_core.features.groups import GroupLayout, GroupSpec
-from attribution_core.features.seeding import stable_seed
+from attribution_core.seeding import stable_seed
 
 BLOCK = 4096
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from attribution_core.evaluation.metrics import bootstrap_ci
+from attribution_core.statistics import bootstrap_ci
 from attribution_core.weights.artifact import UNIFORM
 from attribution_core.weights.choice import candidates, choose, record
 

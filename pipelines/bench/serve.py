@@ -146,7 +146,7 @@ def standalone(cfg: ProjectConfig, model_dir: str, index_uri: str, rows: list[di
     from attribution_core.features.query import featurize_images
     from attribution_core.index.approximate import RESCORING_THREADS, set_threads
     from attribution_core.index.opening import open_for_model
-    from attribution_core.index.served import ServedIndex
+    from attribution_core.weights.served import ServedIndex
     from pipelines.models import load_model_dir
     from pipelines.serve.featurize import replica_threads
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from attribution_core.data.synthetic import BACKGROUNDS, STYLES, SUBJECTS
+from attribution_core.synthetic_vocabulary import BACKGROUNDS, STYLES, SUBJECTS
 from attribution_core.data.textures import TEXTURES
 from attribution_core.data.writers import write_synthetic
 from attribution_core.errors import ConfigError

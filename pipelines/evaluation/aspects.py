@@ -26,7 +26,7 @@ from attribution_core.errors import InputError
 from attribution_core.data.captions import without_concept
 from attribution_core.evaluation.metrics import recall_intervals
 from attribution_core.evaluation.recall import aspect_recall_table, contrastive_recall
-from attribution_core.features.seeding import stable_seed
+from attribution_core.seeding import stable_seed
 from attribution_core.index.opening import version_featurizer
 from attribution_core.index.reader import LoadedIndex
 from attribution_core.index.scoring import attribute

@@ -39,7 +39,7 @@ from attribution_core.errors import ConfigError, InputError
 from attribution_core.evaluation.exemplar_sets import ExemplarSet, draw_sets, folder_sets
 from attribution_core.evaluation.exemplars import exemplar_ranks, exemplar_values, summarize
 from attribution_core.features.featurize import Featurizer
-from attribution_core.features.seeding import content_id, stable_seed
+from attribution_core.seeding import content_id, stable_seed
 from attribution_core.index.kernel import damped_kernel
 from attribution_core.index.opening import version_featurizer
 from attribution_core.index.reader import LoadedIndex

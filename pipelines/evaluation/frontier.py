@@ -22,7 +22,7 @@ from attribution_core.evaluation.lds_rows import basis_row, query_halves, select
 from attribution_core.evaluation.metrics import subset_predictions
 from attribution_core.features.groups import build_layout
 from attribution_core.index.kernel import LAYER_BLOCK
-from attribution_core.features.seeding import stable_seed
+from attribution_core.seeding import stable_seed
 from attribution_core.index.opening import version_featurizer
 from attribution_core.index.reader import load_index
 from attribution_core.models.adapters import ExampleBatch

@@ -20,7 +20,8 @@ from attribution_core.evaluation.metrics import ground_truth_key
 from attribution_core.evaluation.outputs import model_outputs
 from attribution_core.models.adapters import ExampleBatch
 from attribution_core.models.recipe import recipe_identity
-from attribution_core.models.training import TrainingData, train_model
+from attribution_core.data.loading import TrainingData
+from attribution_core.models.training import train_model
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from attribution_core.data.loading import load_training_data
 from attribution_core.evaluation.intervals import TwoWayBootstrap
 from attribution_core.evaluation.lds_rows import basis_row, noise_ceiling
 from attribution_core.evaluation.metrics import subset_masks, subset_predictions
-from attribution_core.features.seeding import stable_seed
+from attribution_core.seeding import stable_seed
 from attribution_core.index.opening import version_featurizer
 from attribution_core.index.reader import load_index
 from attribution_core.models.adapters import ExampleBatch

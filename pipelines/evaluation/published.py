@@ -34,7 +34,7 @@ from attribution_core.features.featurize import Featurizer
 from attribution_core.features.groups import build_layout
 from attribution_core.features.query import query_batch
 from attribution_core.data.images import encode_png
-from attribution_core.features.seeding import stable_seed
+from attribution_core.seeding import stable_seed
 from attribution_core.models.adapters import ExampleBatch
 from attribution_core.models.sampling import generate
 from attribution_core.weights.objective import fit_full_cache

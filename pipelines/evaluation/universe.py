@@ -32,7 +32,7 @@ from attribution_core.data.readers import RawExample, label_text, read_examples
 from attribution_core.data.writers import read_marker, write_parquet_dataset
 from attribution_core.errors import ConfigError, InputError
 from attribution_core.features.query import query_batch
-from attribution_core.features.seeding import stable_seed
+from attribution_core.seeding import stable_seed
 from attribution_core.models.adapters import ExampleBatch
 from attribution_core.models.checkpoints import model_checkpoints
 from attribution_core.models.pipeline_dir import is_model_dir

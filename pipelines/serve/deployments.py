@@ -76,7 +76,7 @@ class IndexSearcher:
         import torch
 
         from attribution_core.index.approximate import RESCORING_THREADS
-        from attribution_core.index.served import ServedIndex
+        from attribution_core.weights.served import ServedIndex
 
         async with self._loading:
             loaded = await asyncio.to_thread(
@@ -116,7 +116,7 @@ class IndexSearcher:
     def _search(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         import torch
 
-        from attribution_core.index.served import MissingWeightsError
+        from attribution_core.errors import MissingWeightsError
 
         out: list[dict[str, Any]] = [{} for _ in items]
         by_state: dict[int, tuple[Any, list[int], list[list[str]]]] = {}

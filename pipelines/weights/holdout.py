@@ -20,7 +20,8 @@ from attribution_core.features.featurize import Featurizer
 from attribution_core.features.groups import GroupLayout
 from attribution_core.index.store import IndexStore
 from attribution_core.weights.objective import group_queries
-from attribution_core.weights.shrinkage import SHRINKAGE, choose_shrinkage, heldout_objective, shrunk
+from attribution_core.index.scoring import heldout_objective
+from attribution_core.weights.shrinkage import SHRINKAGE, choose_shrinkage, shrunk
 from pipelines.weights.queries import learning_queries, prompts_for
 from pipelines.weights.scan import scan
 

@@ -16,7 +16,7 @@ from attribution_core.evaluation.quality import train_classifier
 from attribution_core.errors import ConfigError
 from attribution_core.features.featurize import Featurizer
 from attribution_core.features.query import featurize_images
-from attribution_core.features.seeding import stable_seed
+from attribution_core.seeding import stable_seed
 from attribution_core.index.store import IndexStore
 from attribution_core.models.adapters import DiffusersAdapter
 from attribution_core.models.sampling import Generated, generate

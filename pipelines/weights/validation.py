@@ -23,7 +23,7 @@ from attribution_core.config import WeightsConfig
 from attribution_core.data.readers import dataset_read_options, label_text, read_examples
 from attribution_core.features.featurize import Featurizer
 from attribution_core.features.groups import GroupLayout
-from attribution_core.features.seeding import stable_seed
+from attribution_core.seeding import stable_seed
 from attribution_core.models.sampling import generate
 from attribution_core.weights.artifact import UNIFORM
 from attribution_core.weights.objective import group_queries

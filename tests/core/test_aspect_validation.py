@@ -9,7 +9,8 @@ import torch
 
 from attribution_core.evaluation.recall import aspect_recall_table
 from attribution_core.features.groups import GroupLayout, GroupSpec
-from attribution_core.index.served import MissingWeightsError, ServedIndex
+from attribution_core.errors import MissingWeightsError
+from attribution_core.weights.served import ServedIndex
 from attribution_core.weights.artifact import unvalidated_choice
 from attribution_core.weights.choice import candidates, choose
 from attribution_core.weights.validation import validate

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from attribution_core.evaluation.metrics import (bootstrap_ci, ground_truth_key, lds, pixel_knn, rankdata,
-                                                 recall_at_k, spearman, subset_masks)
+from attribution_core.evaluation.metrics import (ground_truth_key, lds, pixel_knn, rankdata, recall_at_k, spearman,
+                                                 subset_masks)
+from attribution_core.statistics import bootstrap_ci
 
 
 def test_subsets_are_deterministic_halves():

@@ -9,7 +9,8 @@ import pytest
 from attribution_core.evaluation.intervals import (TwoWayBootstrap, average_ranks, combined_interval, quantiles,
                                                    spearman_rows)
 from attribution_core.evaluation.lds_rows import basis_row, noise_ceiling, select_setting, served_choice
-from attribution_core.evaluation.metrics import bootstrap_ci, rankdata, spearman
+from attribution_core.evaluation.metrics import rankdata, spearman
+from attribution_core.statistics import bootstrap_ci
 
 
 def test_vectorised_ranks_and_spearman_match_the_scalar_ones_with_ties():

@@ -17,7 +17,8 @@ from attribution_core.features.reference import reference_features
 from attribution_core.models.pipeline_dir import load_adapter
 from attribution_core.models.fingerprint import model_fingerprint
 from attribution_core.models.lora import LoraSpec, add_lora, is_adapter_layer, target_name
-from attribution_core.models.training import TrainingData, train_model
+from attribution_core.data.loading import TrainingData
+from attribution_core.models.training import train_model
 from tests.conftest import KINDS, make_batch, write_diffusers_lora, write_lora
 from tests.core.test_featurize_exact import assert_exact
 

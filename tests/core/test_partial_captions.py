@@ -15,7 +15,8 @@ from attribution_core.data.captions import PartialCaptions, fix_articles, keep_t
 from attribution_core.data.synthetic import BACKGROUNDS, STYLES, SUBJECTS, caption_for
 from attribution_core.errors import ConfigError, InputError
 from attribution_core.features.query import query_batch
-from attribution_core.models.training import TrainingData, build_untrained, train_model
+from attribution_core.data.loading import TrainingData
+from attribution_core.models.training import build_untrained, train_model
 from attribution_core.models.vocabulary import UnknownWordsError, caption_vocabulary, check_prompts
 
 TEMPLATE = "a {style} {subject|shape}[ on a {background} background]"

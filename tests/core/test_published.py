@@ -18,7 +18,7 @@ from attribution_core.evaluation.published import (OTHER, DenseProjection, param
 from attribution_core.features.featurize import build_rows
 from attribution_core.features.groups import build_layout
 from attribution_core.features.measurement import get_measurement
-from attribution_core.features.seeding import generator_for
+from attribution_core.seeding import generator_for
 from attribution_core.weights.objective import fit_full_cache, full_cache_objective
 from tests.conftest import make_batch
 

@@ -7,11 +7,11 @@ import sys
 
 import torch
 
-from attribution_core.features.seeding import generator_for, projection_matrix, stable_seed
+from attribution_core.seeding import generator_for, projection_matrix, stable_seed
 
 
 def test_stable_seed_is_the_same_in_another_process():
-    script = "from attribution_core.features.seeding import stable_seed; print(stable_seed(3, 'img-7', 2))"
+    script = "from attribution_core.seeding import stable_seed; print(stable_seed(3, 'img-7', 2))"
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
                          env={"PYTHONHASHSEED": "999", "PATH": ""})
     assert int(out.stdout) == stable_seed(3, "img-7", 2)

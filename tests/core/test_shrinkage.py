@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from attribution_core.weights.objective import full_cache_objective
-from attribution_core.weights.shrinkage import SHRINKAGE, choose_shrinkage, heldout_objective, shrunk
+from attribution_core.index.scoring import heldout_objective
+from attribution_core.weights.shrinkage import SHRINKAGE, choose_shrinkage, shrunk
 
 
 def test_shrunk_weights_run_from_uniform_to_the_learned_ones():

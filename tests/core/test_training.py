@@ -110,7 +110,7 @@ def test_grayscale_any_size_dataset(tmp_path):
 
 
 def test_text_recipe_needs_captions(tmp_path):
-    from attribution_core.models.training import TrainingData
+    from attribution_core.data.loading import TrainingData
 
     with pytest.raises(InputError, match="no caption column"):
         train_model(TrainingData(["a"], torch.zeros(1, 3, 8, 8)), TrainConfig(**TINY, steps=1))

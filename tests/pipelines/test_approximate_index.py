@@ -10,7 +10,7 @@ import torch
 
 from attribution_core.data.writers import synthetic_rows
 from attribution_core.errors import ConfigError
-from attribution_core.index.served import ServedIndex
+from attribution_core.weights.served import ServedIndex
 from attribution_core.index.store import IndexStore
 from pipelines.index.job import IndexRequest, run_index
 from tests.pipelines.conftest import N, project, write_rows

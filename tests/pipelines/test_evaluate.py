@@ -152,7 +152,7 @@ def _das_index_serves_its_formula(folder: str) -> None:
     from attribution_core.index.opening import version_featurizer
     from attribution_core.index.reader import load_index
     from attribution_core.index.schema import flat_matrix, row_scale
-    from attribution_core.index.served import ServedIndex
+    from attribution_core.weights.served import ServedIndex
     from pipelines.models import load_model_dir
 
     index = load_index(f"{folder}/index-das")

@@ -111,7 +111,7 @@ def _validation_equals_offline_recall(cfg, out: str, manifest: dict, document: d
     Recall table computed offline from the same queries over the index in memory, and the
     weighting that answers the subject (and 'general') is the one the choice rule picks."""
     from attribution_core.evaluation.recall import aspect_recall_table
-    from attribution_core.features.seeding import stable_seed
+    from attribution_core.seeding import stable_seed
     from attribution_core.index.opening import version_featurizer
     from attribution_core.index.reader import load_index
     from attribution_core.models.sampling import generate
