@@ -14,6 +14,7 @@ from attribution_core.models.adapters import DiffusersAdapter
 from attribution_core.models.pipeline_dir import is_model_dir, load_adapter
 from attribution_core.config import ModelConfig
 from attribution_core.errors import ConfigError
+from attribution_core.index.manifest import IndexManifest
 from attribution_core.models.tiny import build_tiny_pipeline
 
 log = logging.getLogger(__name__)
@@ -59,14 +60,13 @@ class ModelRef:
         return load_model_dir(self.path, device, self.base)
 
     @classmethod
-    def of_manifest(cls, manifest: dict, path: str | None = None) -> ModelRef:
+    def of_manifest(cls, manifest: IndexManifest, path: str | None = None) -> ModelRef:
         """The model an index version was built with (``path`` instead of the recorded one,
         keeping the recorded base)."""
-        recorded = manifest["model"]
-        return cls(path or recorded["path"], recorded.get("base"))
+        return cls(path or manifest.model.path, manifest.model.base)
 
 
-def manifest_model(manifest: dict, device: str = "auto", path: str | None = None) -> DiffusersAdapter:
+def manifest_model(manifest: IndexManifest, device: str = "auto", path: str | None = None) -> DiffusersAdapter:
     """The model an index version was built with (``path`` instead of the recorded one; the
     recorded base of a LoRA either way)."""
     return ModelRef.of_manifest(manifest, path).load(device)

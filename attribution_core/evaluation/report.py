@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import html
-import math
 from typing import Any
 
 from attribution_core.evaluation.recall import RECALL_COLUMNS

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -29,6 +29,7 @@ from attribution_core.errors import ManifestMismatchError
 from attribution_core.features.groups import GroupLayout
 from attribution_core.index.approximate import (MAX_TRAIN_ROWS, AnnSettings, ApproximateIndex, Whitening,
                                                 training_sample)
+from attribution_core.index.manifest import Shard
 from attribution_core.index.schema import flat_matrix
 from attribution_core.index.store import IndexStore
 
@@ -53,7 +54,7 @@ def scaled_rows(store: IndexStore, shard: str, layout: GroupLayout, dtype: np.dt
     return flat_matrix(store.read_table(shard), layout, dtype)
 
 
-def training_rows(store: IndexStore, shards: list[dict[str, Any]], layout: GroupLayout, seed: int,
+def training_rows(store: IndexStore, shards: Sequence[Shard], layout: GroupLayout, seed: int,
                   limit: int = MAX_TRAIN_ROWS) -> np.ndarray:
     """A seeded sample of at most ``limit`` rows: whole shards in a seeded order until there
     are enough (shards are batches of the source in no meaningful order), then rows among them."""
@@ -62,7 +63,7 @@ def training_rows(store: IndexStore, shards: list[dict[str, Any]], layout: Group
     for i in order:
         if total >= limit:
             break
-        parts.append(scaled_rows(store, shards[i]["path"], layout))
+        parts.append(scaled_rows(store, shards[i].path, layout))
         total += len(parts[-1])
     return training_sample(np.concatenate(parts), seed, limit)
 
@@ -97,7 +98,7 @@ def read_codes(store: IndexStore, path: str, wanted: set[str]) -> dict[str, np.n
     return out
 
 
-def partition_index(store: IndexStore, entry: dict[str, Any], shards: list[dict[str, Any]], dim: int,
+def partition_index(store: IndexStore, entry: dict[str, Any], shards: Sequence[Shard], dim: int,
                     candidates: int = 0) -> ApproximateIndex:
     """The approximate index over ``shards``: the version's trained index (``entry``) with
     their codes added in their order, so candidate numbers are the partition's row numbers;
@@ -107,7 +108,7 @@ def partition_index(store: IndexStore, entry: dict[str, Any], shards: list[dict[
     if candidates:
         settings = dataclasses.replace(settings, candidates=candidates)
         index = ApproximateIndex(index.index, dim, settings, index.whitening)
-    wanted = {s["path"] for s in shards}
+    wanted = {s.path for s in shards}
     found: dict[str, np.ndarray] = {}
     blocks = [b for b in entry["blocks"] if wanted.intersection(b["shards"])]
     for block in blocks:
@@ -117,9 +118,9 @@ def partition_index(store: IndexStore, entry: dict[str, Any], shards: list[dict[
         raise ManifestMismatchError(f"the approximate index has no codes for {len(missing)} shard(s), e.g. "
                                     f"{missing[0]}; rebuild the version, or serve it with serve.search: exact")
     for shard in shards:
-        codes = found[shard["path"]]
-        if len(codes) != shard["rows"]:
-            raise ManifestMismatchError(f"the approximate index holds {len(codes)} codes for {shard['path']}, "
-                                        f"which has {shard['rows']} rows; rebuild the version")
+        codes = found[shard.path]
+        if len(codes) != shard.rows:
+            raise ManifestMismatchError(f"the approximate index holds {len(codes)} codes for {shard.path}, "
+                                        f"which has {shard.rows} rows; rebuild the version")
         index.add_codes(codes)
     return index

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import torch
 
 from attribution_core.errors import ManifestMismatchError
 from attribution_core.features.groups import GroupLayout
+from attribution_core.index.manifest import IndexManifest, Shard
 from attribution_core.index.opening import open_version
 from attribution_core.index.schema import METADATA, flat_matrix, row_scale
 from attribution_core.index.store import IndexStore
@@ -21,7 +23,7 @@ from attribution_core.index.store import IndexStore
 
 @dataclasses.dataclass
 class LoadedIndex:
-    manifest: dict[str, Any]
+    manifest: IndexManifest
     layout: GroupLayout
     example_ids: list[str]
     captions: list[str | None]
@@ -47,29 +49,30 @@ def metadata_of(metadata: list[str | None] | None, row: int) -> dict[str, Any]:
     return json.loads(value) if value else {}
 
 
-def read_kernel(store: IndexStore, manifest: dict[str, Any]) -> list[tuple[int, int, torch.Tensor]]:
-    """The version's kernel as ``(offset, dim, K_b)`` blocks (float64)."""
+def read_kernel(store: IndexStore, blocks: list[dict[str, Any]]) -> list[tuple[int, int, torch.Tensor]]:
+    """A version's kernel (the ``blocks`` of its manifest's ``stats``) as ``(offset, dim, K_b)``
+    blocks (float64)."""
     return [(b["offset"], b["dim"], torch.from_numpy(np.ascontiguousarray(store.read_array(b["kernel"]))))
-            for b in manifest["stats"]["blocks"]]
+            for b in blocks]
 
 
-def partition_shards(shards: list[dict[str, Any]], parts: int) -> list[list[dict[str, Any]]]:
+def partition_shards(shards: Sequence[Shard], parts: int) -> list[list[Shard]]:
     """Split a version's shards into ``parts`` lists of near-equal row counts (largest shard
     first onto the lightest part; deterministic, so every searcher computes the same split)."""
     if parts < 1:
         raise ManifestMismatchError(f"parts must be >= 1, got {parts}")
-    out: list[list[dict[str, Any]]] = [[] for _ in range(parts)]
+    out: list[list[Shard]] = [[] for _ in range(parts)]
     rows = [0] * parts
-    for shard in sorted(shards, key=lambda s: (-s["rows"], s["path"])):
+    for shard in sorted(shards, key=lambda s: (-s.rows, s.path)):
         lightest = min(range(parts), key=lambda p: (rows[p], p))
         out[lightest].append(shard)
-        rows[lightest] += shard["rows"]
+        rows[lightest] += shard.rows
     return out
 
 
-def version_shards(manifest: dict[str, Any], part: int = 0, parts: int = 1) -> list[dict[str, Any]]:
+def version_shards(manifest: IndexManifest, part: int = 0, parts: int = 1) -> list[Shard]:
     """The shards of partition ``part`` of ``parts`` of a version, in the order its rows are numbered."""
-    return partition_shards(manifest["shards"], parts)[part] if parts > 1 else manifest["shards"]
+    return partition_shards(manifest.shards, parts)[part] if parts > 1 else list(manifest.shards)
 
 
 def _row_buffer(rows: int, dim: int, dtype: np.dtype, rows_dir: str | None) -> np.ndarray:
@@ -98,12 +101,9 @@ def load_index(uri: str, version: str | None = None, part: int = 0, parts: int =
     """
     store = IndexStore(uri)
     manifest = open_version(store, version)
-    layout = GroupLayout.from_manifest(manifest["layout"])
+    layout = manifest.group_layout
     shards = version_shards(manifest, part, parts)
-    expected = sum(s["rows"] for s in shards)
-    if parts == 1 and expected != manifest["rows"]:
-        raise ManifestMismatchError(f"{uri!r} version {manifest['version']}: manifest says {manifest['rows']} rows, "
-                                    f"its shards list {expected}")
+    expected = sum(s.rows for s in shards)
     features = _row_buffer(expected, layout.k_total, np.dtype(dtype), rows_dir)
     ids: list[str] = []
     captions: list[str | None] = []
@@ -111,10 +111,10 @@ def load_index(uri: str, version: str | None = None, part: int = 0, parts: int =
     scales: list[np.ndarray] = []
     metadata: list[str | None] = []
     for shard in shards:  # one shard at a time: no second copy of the features while reading
-        table = store.read_table(shard["path"])
-        if table.num_rows != shard["rows"] or len(ids) + table.num_rows > expected:
-            raise ManifestMismatchError(f"{uri!r} version {manifest['version']}: manifest says {shard['rows']} rows "
-                                        f"for {shard['path']}, the shard holds {table.num_rows}")
+        table = store.read_table(shard.path)
+        if table.num_rows != shard.rows or len(ids) + table.num_rows > expected:
+            raise ManifestMismatchError(f"{uri!r} version {manifest.version}: manifest says {shard.rows} rows "
+                                        f"for {shard.path}, the shard holds {table.num_rows}")
         features[len(ids) : len(ids) + table.num_rows] = flat_matrix(table, layout, dtype)
         ids += table.column("example_id").to_pylist()
         captions += table.column("caption").to_pylist()
@@ -124,6 +124,6 @@ def load_index(uri: str, version: str | None = None, part: int = 0, parts: int =
         if scale is not None:
             scales.append(scale)
     return LoadedIndex(manifest=manifest, layout=layout, example_ids=ids, captions=captions, uris=uris,
-                       features=torch.from_numpy(features), kernel=read_kernel(store, manifest),
+                       features=torch.from_numpy(features), kernel=read_kernel(store, manifest.stats["blocks"]),
                        row_scale=torch.from_numpy(np.concatenate(scales)) if scales else None,
                        metadata=metadata if any(m is not None for m in metadata) else None)

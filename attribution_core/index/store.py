@@ -28,6 +28,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from attribution_core.data.storage import exists, filesystem_for, read_bytes
+from attribution_core.index.manifest import IndexManifest
 
 MANIFEST = "manifest.json"
 LATEST = "latest"
@@ -139,10 +140,13 @@ class IndexStore:
         return len(stale)
 
     # ------------------------------------------------------------------ versions
-    def manifest(self, version: str) -> dict[str, Any] | None:
-        return self.read_json(f"{self.version_dir(version)}/{MANIFEST}")
+    def manifest(self, version: str) -> IndexManifest | None:
+        """The committed manifest of ``version``, or None when it is not committed."""
+        rel = f"{self.version_dir(version)}/{MANIFEST}"
+        doc = self.read_json(rel)
+        return None if doc is None else IndexManifest.from_json(doc, f"{self.uri}/{rel}")
 
-    def latest(self) -> dict[str, Any] | None:
+    def latest(self) -> IndexManifest | None:
         """The committed manifest the ``latest`` pointer names, or None for an empty root."""
         version = self.latest_version()
         return None if version is None else self.manifest(version)
@@ -152,11 +156,11 @@ class IndexStore:
         pointer = self.read_json(LATEST)
         return None if pointer is None else pointer["version"]
 
-    def commit(self, version: str, manifest: dict[str, Any], publish: bool = True) -> None:
+    def commit(self, manifest: IndexManifest, publish: bool = True) -> None:
         """Write the manifest (the commit marker), then (``publish``) move ``latest`` to it."""
-        self.write_json(f"{self.version_dir(version)}/{MANIFEST}", manifest)
+        self.write_json(f"{self.version_dir(manifest.version)}/{MANIFEST}", manifest.to_json())
         if publish:
-            self.publish(version)
+            self.publish(manifest.version)
 
     def publish(self, version: str) -> None:
         """Move ``latest`` to a committed version (one atomic object write)."""
@@ -164,4 +168,4 @@ class IndexStore:
         if manifest is None:
             raise FileNotFoundError(f"{self.uri}: version {version} is not committed; nothing to publish")
         self.write_json(LATEST, {"version": version, "manifest": f"{self.version_dir(version)}/{MANIFEST}",
-                                 "committed_at": manifest.get("created_at")})
+                                 "committed_at": manifest.created_at})

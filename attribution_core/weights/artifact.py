@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from attribution_core.errors import ManifestMismatchError
-from attribution_core.index.manifest import FeatureSpec
+from attribution_core.index.manifest import IndexManifest
 from attribution_core.index.store import IndexStore
 
 KIND = "attribution-weights"
@@ -30,19 +30,18 @@ def artifact_path(version: str, name: str) -> str:
     return f"versions/{version}/weights/{name}.json"
 
 
-def weights_document(index_uri: str, manifest: dict[str, Any], aspects: dict[str, dict[str, Any]],
+def weights_document(index_uri: str, manifest: IndexManifest, aspects: dict[str, dict[str, Any]],
                      settings: dict[str, Any]) -> dict[str, Any]:
-    groups = [g["name"] for g in manifest["layout"]["groups"]]
+    groups = [g["name"] for g in manifest.layout["groups"]]
     return {
         "kind": KIND, "schema_version": SCHEMA_VERSION,
-        "index": {"uri": index_uri, "version": manifest["version"],
-                  "feature_spec": FeatureSpec.from_manifest(manifest).key(),
-                  "model_fingerprint": manifest["model"]["fingerprint"]},
+        "index": {"uri": index_uri, "version": manifest.version, "feature_spec": manifest.spec.key(),
+                  "model_fingerprint": manifest.model.fingerprint},
         "groups": groups, "aspects": aspects, **settings,
     }
 
 
-def check_weights(document: dict[str, Any], manifest: dict[str, Any], same_version: bool = True) -> None:
+def check_weights(document: dict[str, Any], manifest: IndexManifest, same_version: bool = True) -> None:
     """Raise ``ManifestMismatchError`` unless ``document`` fits this index version.
 
     ``same_version``: learned on exactly this version. Otherwise a version with the same
@@ -52,21 +51,21 @@ def check_weights(document: dict[str, Any], manifest: dict[str, Any], same_versi
     if document.get("kind") != KIND:
         raise ManifestMismatchError(f"not a weights artifact (kind {document.get('kind')!r})")
     learned = document["index"]
-    spec = FeatureSpec.from_manifest(manifest).key()
-    if learned["feature_spec"] != spec or (same_version and learned["version"] != manifest["version"]):
+    spec = manifest.spec.key()
+    if learned["feature_spec"] != spec or (same_version and learned["version"] != manifest.version):
         raise ManifestMismatchError(
             f"these weights were learned on index version {learned['version']} (feature spec "
-            f"{learned['feature_spec']}), not on {manifest['version']} (feature spec {spec}); "
+            f"{learned['feature_spec']}), not on {manifest.version} (feature spec {spec}); "
             "learn weights for this version with `attribution learn-weights`")
-    groups = [g["name"] for g in manifest["layout"]["groups"]]
+    groups = [g["name"] for g in manifest.layout["groups"]]
     if document["groups"] != groups:
         raise ManifestMismatchError(f"weights cover groups {document['groups']}, the index has {groups}")
 
 
-def find_weights(store: IndexStore, manifest: dict[str, Any], name: str) -> dict[str, Any] | None:
+def find_weights(store: IndexStore, manifest: IndexManifest, name: str) -> dict[str, Any] | None:
     """The weights ``name`` of this version, else of the nearest earlier version it
     supersedes with the same feature spec; None when there are none."""
-    version: str | None = manifest["version"]
+    version: str | None = manifest.version
     seen = set()
     while version and version not in seen:
         seen.add(version)
@@ -77,8 +76,8 @@ def find_weights(store: IndexStore, manifest: dict[str, Any], name: str) -> dict
             except ManifestMismatchError:
                 return None  # an earlier feature spec: older weights cannot fit either
             return document
-        older = store.manifest(version) if version != manifest["version"] else manifest
-        version = older.get("supersedes") if older else None
+        older = store.manifest(version) if version != manifest.version else manifest
+        version = older.supersedes if older else None
     return None
 
 

@@ -17,7 +17,7 @@ import torch
 from attribution_core.data.storage import filesystem_for
 from attribution_core.errors import ConfigError, ManifestMismatchError, MissingWeightsError
 from attribution_core.features.groups import GroupLayout
-from attribution_core.index.manifest import FeatureSpec
+from attribution_core.index.manifest import IndexManifest
 from attribution_core.index.approximate import RescoredSearch
 from attribution_core.index.approximate_files import partition_index
 from attribution_core.index.opening import open_version
@@ -37,16 +37,16 @@ def read_weights_uri(uri: str) -> dict[str, Any]:
         raise ManifestMismatchError(f"no weights artifact at {uri!r}; write one with `attribution learn-weights`") from exc
 
 
-def search_mode(search: str, manifest: dict[str, Any], uri: str) -> str:
+def search_mode(search: str, manifest: IndexManifest, uri: str) -> str:
     """'exact' or 'approximate' for ``serve.search`` and a version (which may carry an
     approximate index, ``index.approximate``)."""
-    has = manifest.get("approximate") is not None
+    has = manifest.approximate is not None
     if search == "exact" or (search == "auto" and not has):
         return "exact"
     if search in ("auto", "approximate") and has:
         return "approximate"
     if search == "approximate":
-        raise ConfigError(f"index version {manifest['version']} at {uri} has no approximate index (it had fewer "
+        raise ConfigError(f"index version {manifest.version} at {uri} has no approximate index (it had fewer "
                           f"rows than index.approximate.min_rows, or index.approximate.build was 'never'); "
                           "rebuild it with index.approximate.build: always, or serve it with serve.search: exact")
     raise ConfigError(f"serve.search must be auto, exact or approximate, got {search!r}")
@@ -55,7 +55,7 @@ def search_mode(search: str, manifest: dict[str, Any], uri: str) -> str:
 @dataclasses.dataclass
 class ServedIndex:
     uri: str
-    manifest: dict[str, Any]
+    manifest: IndexManifest
     layout: GroupLayout
     kernel: list[tuple[int, int, torch.Tensor]]
     weights: dict[str, Any] | None
@@ -88,12 +88,12 @@ class ServedIndex:
         manifest = open_version(store, version)
         mode = search_mode(search, manifest, uri)
         if mode == "exact":
-            loaded = load_index(uri, manifest["version"], part=part, parts=parts, dtype=np.float16)
+            loaded = load_index(uri, manifest.version, part=part, parts=parts, dtype=np.float16)
             search_index = SearchIndex(loaded.features, device=device)  # float16 rows as stored, packed
         else:
-            loaded = load_index(uri, manifest["version"], part=part, parts=parts, dtype=np.float16,
+            loaded = load_index(uri, manifest.version, part=part, parts=parts, dtype=np.float16,
                                 rows_dir=rows_dir or tempfile.gettempdir())
-            codes = partition_index(store, manifest["approximate"], version_shards(manifest, part, parts),
+            codes = partition_index(store, manifest.approximate, version_shards(manifest, part, parts),
                                     loaded.layout.k_total, candidates)
             search_index = RescoredSearch(codes, loaded.features, threads)
         if weights_uri:
@@ -111,11 +111,11 @@ class ServedIndex:
 
     @property
     def version(self) -> str:
-        return self.manifest["version"]
+        return self.manifest.version
 
     @property
     def feature_spec(self) -> str:
-        return FeatureSpec.from_manifest(self.manifest).key()
+        return self.manifest.spec.key()
 
     @property
     def key(self) -> str:
@@ -174,14 +174,14 @@ class ServedIndex:
 
     def info(self) -> dict[str, Any]:
         return {
-            "uri": self.uri, "version": self.version, "key": self.key, "rows": self.manifest["rows"],
+            "uri": self.uri, "version": self.version, "key": self.key, "rows": self.manifest.rows,
             "partition_rows": len(self.example_ids), "part": self.part, "parts": self.parts,
             "groups": list(self.layout.group_names), "aspects": self.aspects,
             "weights": ({"source": self.weights_source, "learned_on": self.weights["index"]["version"]}
                         if self.weights else None),
             "answered_by": self.choices(),
-            "kernel": self.manifest["stats"]["kernel"], "search": self.search_mode,
+            "kernel": self.manifest.stats["kernel"], "search": self.search_mode,
             "search_kernel": self.search_index.kernel, "search_bytes_per_row": self.search_index.bytes_per_row,
-            "feature_spec": self.feature_spec, "model_fingerprint": self.manifest["model"]["fingerprint"],
-            "created_at": self.manifest.get("created_at"), "load_seconds": self.load_seconds,
+            "feature_spec": self.feature_spec, "model_fingerprint": self.manifest.model.fingerprint,
+            "created_at": self.manifest.created_at, "load_seconds": self.load_seconds,
         }

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 
 from attribution_core.config import ProjectConfig
 from attribution_core.data.writers import SYNTH_SCHEMA, synthetic_rows, write_parquet_dataset, write_synthetic
+from attribution_core.index.store import IndexStore
 from attribution_core.models.tiny import build_tiny_pipeline
 from pipelines.commands.options import add_config, add_json, add_ray_address
 from pipelines.ray_runtime import cluster_cpus, ensure_ray
@@ -69,11 +69,11 @@ def _run(args: argparse.Namespace) -> int:
     inc = run_index(inc_cfg, IndexRequest(dataset=data2, model=model, out=out))
     result["incremental"] = {"changed": changed, "added": changed, "featurized": inc["featurized"], "mode": inc["mode"],
                              "seconds": inc["seconds"], "full_rebuild_seconds": many["seconds"]}
-    manifest = json.loads((Path(out) / "versions" / inc["version"] / "manifest.json").read_text())
-    k_total = manifest["layout"]["k_total"]
+    manifest = IndexStore(out).manifest(inc["version"])
+    k_total = manifest.layout["k_total"]
     result["k_total"] = k_total
     result["bytes_per_example"] = inc["bytes_per_example"]
-    result["bytes_per_example_nominal"] = 2 * k_total if manifest["dtype"] == "float16" else 4 * k_total
+    result["bytes_per_example_nominal"] = 2 * k_total if manifest.dtype == "float16" else 4 * k_total
     result["seconds"] = round(time.perf_counter() - start, 1)
     result["work"] = str(work)
     print_report(result, args.json)

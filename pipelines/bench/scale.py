@@ -215,6 +215,7 @@ def _config(work: Path, model: Path, data: str, examples: int, timesteps: int, p
 
 def run(work: Path, examples: int, timesteps: int, timeout_s: float) -> dict[str, Any]:
     from attribution_core.data.writers import synthetic_rows, write_synthetic
+    from attribution_core.index.store import IndexStore
     from attribution_core.models.tiny import build_sd15_pipeline
     from pipelines.bench.serve import _free_port
 
@@ -237,13 +238,12 @@ def run(work: Path, examples: int, timesteps: int, timeout_s: float) -> dict[str
     stages: dict[str, Any] = {}
     stages["index"] = run_stage("index", ["index", "--config", str(config), "--json"], timeout_s)
     built = stages["index"]["result"]
-    manifest = json.loads(Path(built["uri"], "versions", built["version"], "manifest.json").read_text()) \
-        if "uri" in built and Path(built["uri"]).exists() else {}
-    shard_bytes = sum(s.get("bytes", 0) for s in manifest.get("shards", []))
-    rows = sum(s.get("rows", 0) for s in manifest.get("shards", []))
-    report["index"] = {"k_total": manifest.get("layout", {}).get("k_total"), "rows": rows,
-                       "bytes_per_example": round(shard_bytes / rows) if rows and shard_bytes else None,
-                       "kernel_choice": manifest.get("stats", {}).get("kernel_choice", {}).get("kernel")}
+    manifest = IndexStore(built["uri"]).manifest(built["version"]) if "uri" in built else None
+    if manifest is not None:
+        shard_bytes = sum(s.bytes for s in manifest.shards)
+        report["index"] = {"k_total": manifest.layout["k_total"], "rows": manifest.rows,
+                           "bytes_per_example": round(shard_bytes / manifest.rows) if manifest.rows else None,
+                           "kernel_choice": manifest.stats.get("kernel_choice", {}).get("kernel")}
     stages["learn_weights"] = run_stage("learn-weights", ["learn-weights", "--config", str(config), "--json"], timeout_s)
     query = next(iter(synthetic_rows(1, seed=77, size=512)))
     body = json.dumps({"image": base64.b64encode(query["image"]).decode(), "prompt": query["caption"], "k": 3}).encode()

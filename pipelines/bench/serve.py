@@ -37,6 +37,7 @@ import yaml
 from attribution_core.config import ApproximateConfig, ProjectConfig, to_mapping
 from attribution_core.data.writers import synthetic_rows, write_synthetic
 from attribution_core.errors import ConfigError
+from attribution_core.index.manifest import Quarantine, Shard
 from attribution_core.index.reader import load_index
 from attribution_core.index.schema import features_table
 from attribution_core.index.store import IndexStore, shard_name
@@ -82,25 +83,25 @@ def synthetic_version(base_uri: str, out_uri: str, n: int, seed: int,
         keys = pa.table({"example_id": ids, "content_hash": ids, "uri": [f"synthetic://{i}" for i in ids],
                          "caption": [base.captions[j] for j in a.tolist()]})
         path = f"{store.version_dir(version)}/features/{shard_name(ids)}"
-        size = store.write_table(path, features_table(keys, rows, base.layout, base.manifest["dtype"]))
-        shards.append({"path": path, "rows": b, "bytes": size})
+        size = store.write_table(path, features_table(keys, rows, base.layout, base.manifest.dtype))
+        shards.append(Shard(path, b, size))
     blocks = []
-    for block in base.manifest["stats"]["blocks"]:  # the base's kernel: a preconditioner of the same features
+    for block in base.manifest.stats["blocks"]:  # the base's kernel: a preconditioner of the same features
         rel = f"{store.version_dir(version)}/stats/kernel.{block['offset']}.npy"
         store.write_array(rel, IndexStore(base_uri).read_array(block["kernel"]))
         blocks.append({**block, "kernel": rel, "gram": None})
-    stats = {**base.manifest["stats"], "blocks": blocks}
-    manifest = {**base.manifest, "version": version, "sequence": 1, "supersedes": None, "rows": n, "shards": shards,
-                "errors": {"rows": 0, "shards": []}, "stats": stats,
-                "dataset": {"kind": "synthetic-mixture", "base": base_uri, "base_version": base.manifest["version"],
-                            "seed": seed},
-                "approximate": (build_approximate(approximate, store, version, shards, base.manifest["layout"], stats,
-                                                  None) if approximate else None)}
+    stats = {**base.manifest.stats, "blocks": blocks}
+    approximate_entry = build_approximate(approximate, store=store, version=version, shards=shards,
+                                          layout=base.manifest.layout, stats=stats, base=None) if approximate else None
+    manifest = dataclasses.replace(
+        base.manifest, version=version, sequence=1, supersedes=None, shards=tuple(shards), errors=Quarantine(),
+        stats=stats, build=None, approximate=approximate_entry,
+        dataset={"kind": "synthetic-mixture", "base": base_uri, "base_version": base.manifest.version, "seed": seed})
     base_store = IndexStore(base_uri)
     weights = find_weights(base_store, base_store.latest(), "learned")
     if weights is not None:
         store.write_json(artifact_path(version, "learned"), weights)
-    store.commit(version, manifest)
+    store.commit(manifest)
     return {"version": version, "weights": weights is not None}
 
 
@@ -210,7 +211,7 @@ def _run(args: argparse.Namespace) -> int:
         doc = find_weights(src, src.latest(), cfg.weights.name)
         if doc is not None:
             base_store = IndexStore(base_uri)
-            base_store.write_json(artifact_path(base_store.latest()["version"], "learned"), doc)
+            base_store.write_json(artifact_path(base_store.latest().version, "learned"), doc)
 
     # Query images: examples the index was not built from, with their captions.
     queries = list(synthetic_rows(max(args.requests), seed=77, size=cfg.data.synthetic.size if cfg.data.synthetic else 32))

@@ -68,9 +68,9 @@ def aspect_recall(cfg: ProjectConfig, index_uri: str, queries: int, k: int, seed
 
     index = load_index(index_uri)
     manifest = index.manifest
-    document = IndexStore(index_uri).read_json(artifact_path(manifest["version"], cfg.weights.name))
+    document = IndexStore(index_uri).read_json(artifact_path(manifest.version, cfg.weights.name))
     if document is None:
-        raise FileNotFoundError(f"no weights {cfg.weights.name!r} for {index_uri} {manifest['version']}; "
+        raise FileNotFoundError(f"no weights {cfg.weights.name!r} for {index_uri} {manifest.version}; "
                                 "run `attribution learn-weights` first")
     check_weights(document, manifest)
     ecfg = dataclasses.replace(cfg.evaluate, recall_queries=queries, recall_k=k, seed=seed, gallery=0)

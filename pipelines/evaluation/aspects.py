@@ -47,7 +47,7 @@ def run_recall(cfg: ProjectConfig, index: LoadedIndex, document: dict[str, Any] 
     if adapter.conditioning != "text":
         return {"table": {}, "gallery": [], "skipped": f"the model is {adapter.conditioning}-conditioned; "
                 "queries of known attributes are prompted with captions"}
-    dataset = manifest["dataset"]
+    dataset = manifest.dataset
     raw = {e.example_id: e for e in read_examples(dataset["uri"], dataset.get("caption_column"),
                                                   **dataset_read_options(dataset))}
     rows = [raw[eid] for eid in index.example_ids]
@@ -66,7 +66,7 @@ def run_recall(cfg: ProjectConfig, index: LoadedIndex, document: dict[str, Any] 
     seen = QuerySet([e.caption for e in sources], {a: [e.attributes[a] for e in sources] for a in aspects}, "recall")
     table, intervals, generated, features, contrasts = _recall(cfg, adapter, featurizer, index, kernel, document, seen,
                                                     train_attrs, train_pixels, vocabulary)
-    unseen = heldout_queries(manifest["dataset"]["uri"], aspects, ecfg.recall_queries, ecfg.seed)
+    unseen = heldout_queries(manifest.dataset["uri"], aspects, ecfg.recall_queries, ecfg.seed)
     heldout_table, heldout_intervals = (_recall(cfg, adapter, featurizer, index, kernel, document, unseen, train_attrs,
                                                 train_pixels, vocabulary)[:2] if unseen else ({}, {}))
     gallery = _gallery(ecfg.gallery, ecfg.gallery_k, features, contrasts, generated, sources, rows, aspects, index,

@@ -31,7 +31,7 @@ def checkpoint_members(bcfg: ProjectConfig, *, model_dir: str, final: Member, fo
     to the final one's (``learning_rate_weighted``) or 1."""
     from pipelines.index.job import IndexRequest, run_index
 
-    stats = final.index.manifest["stats"]
+    stats = final.index.manifest.stats
     fixed = dataclasses.replace(bcfg.index, kernel=stats["kernel"], damping_rule="fixed", damping=stats["damping"])
     found = model_checkpoints(model_dir)
     last_rate = found[-1][1]

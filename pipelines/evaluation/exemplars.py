@@ -41,6 +41,7 @@ from attribution_core.evaluation.exemplars import exemplar_ranks, exemplar_value
 from attribution_core.features.featurize import Featurizer
 from attribution_core.seeding import content_id, stable_seed
 from attribution_core.index.kernel import damped_kernel
+from attribution_core.index.manifest import IndexManifest
 from attribution_core.index.opening import version_featurizer
 from attribution_core.index.reader import LoadedIndex
 from attribution_core.index.scoring import preconditioned_queries
@@ -107,7 +108,7 @@ class _Context:
 
     def label(self, row: RawExample) -> int:
         names = self.adapter.label_names or []
-        value = str(row.attributes.get(self.index.manifest["dataset"].get("label_column") or "label"))
+        value = str(row.attributes.get(self.index.manifest.dataset.get("label_column") or "label"))
         return names.index(value) if value in names else int(value)
 
 
@@ -254,12 +255,12 @@ def _without(prompt: str, token: str) -> str:
     return " ".join(w for w in prompt.split() if w != token)
 
 
-def _features(featurizer: Featurizer, batch: ExampleBatch, manifest: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+def _features(featurizer: Featurizer, batch: ExampleBatch, manifest: IndexManifest) -> tuple[torch.Tensor, torch.Tensor]:
     """Training-side features ``[B, k_total]`` as the index would hold them, rounded to its
     storage precision: times the row scale (DAS; what scores are taken against) and without
     it (what a kernel is built from)."""
     stored, scale = featurizer.flat_and_scale(batch)  # it runs the batch in passes of max_rows_per_pass
-    if manifest.get("dtype") == "float16":  # index.dtype: float16 | float32
+    if manifest.dtype == "float16":  # index.dtype: float16 | float32
         stored = stored.half().float()
     return (stored * scale[:, None] if scale is not None else stored), stored
 
@@ -275,7 +276,7 @@ def _basis_scores(ctx: _Context, basis: str, batch: ExampleBatch, queries: list[
         featurizer = Featurizer(served.adapter, dataclasses.replace(served.cfg, measurement=spec.measurement))
         measured[spec.measurement] = (featurizer, *_features(featurizer, batch, ctx.index.manifest))
     featurizer, candidates, stored = measured[spec.measurement]
-    damping = float(ctx.index.manifest["stats"]["damping"])
+    damping = float(ctx.index.manifest.stats["damping"])
     kernel = damped_kernel(stored, ctx.index.kernel, damping) if spec.kernel else None
     wq = preconditioned_queries(featurize_generated(featurizer, queries), weights_matrix(ctx.document, [UNIFORM]),
                                 ctx.index.layout, kernel)

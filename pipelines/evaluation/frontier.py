@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from attribution_core.config import FeaturizeConfig, ProjectConfig
+from attribution_core.config import FeaturizeConfig
 from attribution_core.evaluation.lds_rows import basis_row, query_halves, select_setting
 from attribution_core.evaluation.metrics import subset_predictions
 from attribution_core.features.groups import build_layout
@@ -95,7 +95,7 @@ def _members(ctx, setting: str, fcfg: FeaturizeConfig, *, finals: dict[str, Memb
             index = load_index(bcfg.index.out, built["version"])
             members[measurement] = Member(index, version_featurizer(adapter, index.manifest,
                                                                     fcfg.max_rows_per_pass).flat(ctx.batch))
-        docs[basis], _ = ensure_weights(bcfg, bcfg.index.out, members[measurement].index.manifest["version"],
+        docs[basis], _ = ensure_weights(bcfg, bcfg.index.out, members[measurement].index.manifest.version,
                                         ctx.model_dir, ctx.ray_address)
     return members, docs
 
@@ -173,5 +173,5 @@ def _setting_row(fcfg: FeaturizeConfig, members: dict[str, Member], copies: int)
     k_total = next(iter(members.values())).index.layout.k_total
     return {"featurize": {"projection": [fcfg.projection.k_in, fcfg.projection.k_out],
                           "timesteps": fcfg.timesteps.count, "noise_draws": fcfg.noise_draws},
-            "kernel": {m: {k: x.index.manifest["stats"][k] for k in ("kernel", "damping")} for m, x in members.items()},
+            "kernel": {m: {k: x.index.manifest.stats[k] for k in ("kernel", "damping")} for m, x in members.items()},
             "checkpoints": copies, "k_total": k_total, "bytes_per_row": copies * 2 * k_total}

@@ -68,7 +68,7 @@ def basis_scores(members: list[Member], document: dict[str, Any], with_kernel: b
              for d in (damping_grid if with_kernel and len(members) == 1 else ())}
     per_group = (ensemble_scores(members, torch.eye(len(final.layout.groups)), with_kernel, order)
                  if headroom else None)
-    stats = final.manifest["stats"]
+    stats = final.manifest.stats
     chosen = (stats.get("kernel_choice") or {"rule": "fixed", "kernel": stats["kernel"], "damping": stats["damping"]}
               if with_kernel else None)
     return BasisScores(pair=ensemble_scores(members, weights, with_kernel, order), by_damping=swept,

@@ -23,6 +23,7 @@ from attribution_core.index.approximate import (MAX_TRAIN_ROWS, AnnSettings, App
                                                 default_settings, padded_dim)
 from attribution_core.index.approximate_files import (codes_path, load_trained, scaled_rows, trained_path,
                                                       training_rows, whitening_path, write_codes)
+from attribution_core.index.manifest import IndexManifest, Shard
 from attribution_core.index.reader import read_kernel
 from attribution_core.index.store import IndexStore
 
@@ -41,7 +42,7 @@ def resolve_settings(acfg: ApproximateConfig, rows: int, dim: int) -> AnnSetting
     return settings
 
 
-def _train(store_uri: str, shards: list[dict[str, Any]], layout: dict[str, Any], settings: dict[str, Any],
+def _train(store_uri: str, shards: list[Shard], layout: dict[str, Any], settings: dict[str, Any],
            path: str, whitening: str | None) -> None:
     """Train on a seeded sample (in the space ``whitening`` names) and write the empty trained
     index to ``path``."""
@@ -73,11 +74,11 @@ def code_shards(task: dict[str, Any], store_uri: str, layout: dict[str, Any], en
     return {"path": task["path"], "rows": int(task["rows"]), "shards": shards}
 
 
-def _tasks(version: str, shards: list[dict[str, Any]], rows_per_task: int) -> list[dict[str, Any]]:
+def _tasks(version: str, shards: list[Shard], rows_per_task: int) -> list[dict[str, Any]]:
     tasks, current, rows = [], [], 0
     for shard in shards:
-        current.append(shard["path"])
-        rows += shard["rows"]
+        current.append(shard.path)
+        rows += shard.rows
         if rows >= rows_per_task:
             tasks.append({"path": codes_path(version, current), "rows": rows, "shards": current})
             current, rows = [], 0
@@ -86,25 +87,26 @@ def _tasks(version: str, shards: list[dict[str, Any]], rows_per_task: int) -> li
     return tasks
 
 
-def build_approximate(acfg: ApproximateConfig, store: IndexStore, version: str, shards: list[dict[str, Any]],
-                      layout: dict[str, Any], stats: dict[str, Any], base: dict[str, Any] | None) -> dict[str, Any] | None:
+def build_approximate(acfg: ApproximateConfig, *, store: IndexStore, version: str, shards: list[Shard],
+                      layout: dict[str, Any], stats: dict[str, Any],
+                      base: IndexManifest | None) -> dict[str, Any] | None:
     """The version's ``approximate`` manifest entry, or None when ``index.approximate`` builds
     none for this many rows. A new one codes in the space of this version's kernel (``stats``)."""
-    rows = sum(s["rows"] for s in shards)
+    rows = sum(s.rows for s in shards)
     if not wanted(acfg, rows):
         return None
     started = time.perf_counter()
     dim = GroupLayout.from_manifest(layout).k_total
     settings = resolve_settings(acfg, rows, dim)
-    previous = (base or {}).get("approximate")
+    previous = base.approximate if base else None
     reuse = previous is not None and previous["settings"] == dataclasses.asdict(settings)
-    current = {s["path"] for s in shards}
+    current = {s.path for s in shards}
     if reuse:
         trained, trained_rows, space = previous["trained"], previous["trained_rows"], previous.get("whitening")
         blocks = [b for b in previous["blocks"] if current.intersection(b["shards"])]
     else:
         trained, trained_rows, blocks = trained_path(version), min(rows, MAX_TRAIN_ROWS), []
-        whitening = Whitening.from_kernel(read_kernel(store, {"stats": stats}))
+        whitening = Whitening.from_kernel(read_kernel(store, stats["blocks"]))
         space = whitening_path(version) if whitening else None
         if not store.exists(trained):  # else written by an interrupted run of this version
             if whitening:
@@ -112,18 +114,18 @@ def build_approximate(acfg: ApproximateConfig, store: IndexStore, version: str, 
             log.info("approximate index: training %d-byte codes on %d rows", settings.code_bytes, trained_rows)
             ray.get(ray.remote(_train).remote(store.uri, shards, layout, dataclasses.asdict(settings), trained, space))
     covered = {p for b in blocks for p in b["shards"]}
-    todo = _tasks(version, [s for s in shards if s["path"] not in covered], acfg.rows_per_task)
+    todo = _tasks(version, [s for s in shards if s.path not in covered], acfg.rows_per_task)
     trained_s = time.perf_counter() - started
     entry = {"settings": dataclasses.asdict(settings), "trained": trained, "whitening": space,
              "trained_rows": trained_rows,
              "dim": dim, "padded_dim": padded_dim(dim)}
     if todo:
         log.info("approximate index: coding %d rows in %d task(s)%s", sum(t["rows"] for t in todo), len(todo),
-                 f", keeping {len(covered)} shards' codes of {base['version']}" if reuse else "")
+                 f", keeping {len(covered)} shards' codes of {base.version}" if reuse else "")
         coded = ray.data.from_items(todo).map(code_shards, fn_kwargs={"store_uri": store.uri, "layout": layout,
                                                                       "entry": entry}).take_all()
         blocks += sorted(({"path": c["path"], "rows": c["rows"], "shards": list(c["shards"])} for c in coded),
                          key=lambda b: b["path"])
     return {**entry, "code_width": settings.code_width, "bytes_per_row": settings.code_width,  # no row ids kept
-            "reused_from": base["version"] if reuse else None, "blocks": blocks,
+            "reused_from": base.version if reuse else None, "blocks": blocks,
             "seconds": {"train": round(trained_s, 3), "code": round(time.perf_counter() - started - trained_s, 3)}}

@@ -21,7 +21,7 @@ import ray
 from attribution_core.config import ProjectConfig, to_mapping
 from attribution_core.errors import ConfigError, InputError
 from attribution_core.features.groups import GroupLayout, build_layout
-from attribution_core.index.manifest import FeatureSpec, build_manifest
+from attribution_core.index.manifest import BuildRecord, FeatureSpec, IndexManifest, ModelRecord, Quarantine, Shard
 from attribution_core.index.plan import Plan, check_unique, keys_digest, plan_build
 from attribution_core.index.quarantine import too_many_quarantined
 from attribution_core.index.source import resolve_source
@@ -91,14 +91,14 @@ def gpu_actors_that_fit(total: int, free: float, per_actor: float) -> int:
     return max(1, fit)
 
 
-def describe_model(ref: ModelRef, cfg: ProjectConfig) -> tuple[dict[str, Any], GroupLayout]:
+def describe_model(ref: ModelRef, cfg: ProjectConfig) -> tuple[ModelRecord, GroupLayout]:
     """What the driver needs of the model (fingerprint, class, conditioning, image shape) and
     its group layout. The model itself is dropped before any Ray work: at Stable Diffusion's
     size it is gigabytes the driver would otherwise hold for the whole build."""
     adapter = ref.load("cpu")
     layout = build_layout(adapter.tracked_model(), cfg.featurize.groups, cfg.featurize.projection)
-    model = {"fingerprint": model_fingerprint(adapter), "class": type(adapter.denoiser).__name__,
-             "conditioning": adapter.conditioning, "image_shape": list(adapter.image_shape)}
+    model = ModelRecord(fingerprint=model_fingerprint(adapter), class_name=type(adapter.denoiser).__name__,
+                        conditioning=adapter.conditioning, image_shape=tuple(adapter.image_shape))
     del adapter
     gc.collect()
     return model, layout
@@ -111,15 +111,15 @@ class _Target:
 
     version: str
     sequence: int
-    previous: dict[str, Any] | None
-    base: dict[str, Any] | None
+    previous: IndexManifest | None
+    base: IndexManifest | None
 
 
 def _target(store: IndexStore, spec: FeatureSpec, mode: str, current, settings: dict[str, Any]) -> _Target:
     previous, base = choose_base(store, spec, mode)
-    digest = hashlib.blake2b(f"{spec.key()}|{keys_digest(current)}|{base['version'] if base else ''}|"
+    digest = hashlib.blake2b(f"{spec.key()}|{keys_digest(current)}|{base.version if base else ''}|"
                              f"{json.dumps(settings, sort_keys=True)}".encode(), digest_size=8).hexdigest()
-    sequence = previous["sequence"] + 1 if previous else 1
+    sequence = previous.sequence + 1 if previous else 1
     return _Target(f"v{sequence:05d}-{digest}", sequence, previous, base)
 
 
@@ -127,8 +127,8 @@ def _plan(store: IndexStore, target: _Target, current) -> tuple[Plan, int]:
     """What to featurize, reuse and drop, counting what an interrupted run of this version
     already wrote; and how many stale temporary files were removed."""
     base = target.base
-    base_shards = shard_keys(store, [s["path"] for s in base["shards"]]) if base else None
-    base_errors = shard_keys(store, base["errors"]["shards"]) if base else None
+    base_shards = shard_keys(store, [s.path for s in base.shards]) if base else None
+    base_errors = shard_keys(store, list(base.errors.shards)) if base else None
     stale = [v for v in store.list_versions() if v != target.version and not store.is_committed(v)]
     if stale:
         log.warning("uncommitted builds from runs with other inputs are left in %s: %s (no reader uses them; "
@@ -169,7 +169,7 @@ class _Featurized:
         return round(self.warm_rows / (self.warm_busy / self.actors), 2) if self.warm_busy > 0 else None
 
 
-def _featurize(cfg: ProjectConfig, req: IndexRequest, model: dict[str, Any], source, plan: Plan,
+def _featurize(cfg: ProjectConfig, req: IndexRequest, model: ModelRecord, source, plan: Plan,
                store: IndexStore, version: str, files: list[str] | None) -> _Featurized:
     """Featurize ``plan.todo`` on a pool of ``IndexActor``s, one shard per batch (reading only
     the Parquet ``files`` that hold them, when known)."""
@@ -179,7 +179,7 @@ def _featurize(cfg: ProjectConfig, req: IndexRequest, model: dict[str, Any], sou
         return done
     actor_kwargs = {"model": req.model_ref, "featurize": to_mapping(cfg.featurize), "device": device,
                     "threads": threads, "store_uri": store.uri, "version": version, "dtype": cfg.index.dtype,
-                    "limits": {"min_side": cfg.index.min_image_side or model["image_shape"][1] // 2,
+                    "limits": {"min_side": cfg.index.min_image_side or model.image_shape[1] // 2,
                                "max_aspect": cfg.index.max_aspect_ratio}}
     rows_in = read_source(source, plan.todo, files).repartition(target_num_rows_per_block=cfg.index.batch_size)
     summaries = rows_in.map_batches(
@@ -243,10 +243,10 @@ def _verify(cfg: ProjectConfig, store: IndexStore, version: str, plan: Plan,
     return {**reused_whole, **staged}, {**reused_errors, **staged_errors}
 
 
-def shards_of(store: IndexStore, features: dict[str, list[str]], base: dict[str, Any] | None) -> list[dict[str, Any]]:
+def shards_of(store: IndexStore, features: dict[str, list[str]], base: IndexManifest | None) -> list[Shard]:
     """The manifest's shard list: path, rows and bytes of each feature shard, in path order."""
-    sizes = {s["path"]: s["bytes"] for s in base["shards"]} if base else {}
-    return [{"path": p, "rows": len(ids), "bytes": sizes.get(p) or store.fs.get_file_info(store.path(p)).size}
+    sizes = {s.path: s.bytes for s in base.shards} if base else {}
+    return [Shard(p, len(ids), sizes.get(p) or store.fs.get_file_info(store.path(p)).size)
             for p, ids in sorted(features.items())]
 
 
@@ -263,11 +263,11 @@ def _run_index(cfg: ProjectConfig, req: IndexRequest) -> dict[str, Any]:
         raise ConfigError(f"unknown index mode {req.mode!r}; choose one of {', '.join(MODES)}")
     model, layout = describe_model(req.model_ref, cfg)
     columns = resolve_columns(req.model, cfg.train, cfg.index)  # the columns the model learned from
-    source = resolve_source(req.dataset, columns.caption, columns.label, model["conditioning"],  # fail fast, before Ray
+    source = resolve_source(req.dataset, columns.caption, columns.label, model.conditioning,  # fail fast, before Ray
                             image_column=cfg.data.image_column, id_column=cfg.data.id_column,
                             keep_columns=cfg.index.keep_columns)
     store = IndexStore(req.out)
-    spec = FeatureSpec.build(model["fingerprint"], cfg.featurize, layout, cfg.index.dtype)
+    spec = FeatureSpec.build(model.fingerprint, cfg.featurize, layout, cfg.index.dtype)
     ensure_ray(req.ray_address)
     require_shared_storage(cfg.cluster, data__uri=req.dataset, index__out=req.out)
     watch.lap("load")
@@ -283,13 +283,13 @@ def _run_index(cfg: ProjectConfig, req: IndexRequest) -> dict[str, Any]:
     target = _target(store, spec, req.mode, current, settings)
     version, previous, base = target.version, target.previous, target.base
     if store.is_committed(version):  # built before (a run that stopped before publishing, or a rerun)
-        if req.publish and (previous is None or previous["version"] != version):
+        if req.publish and (previous is None or previous.version != version):
             store.publish(version)
         return {"version": version, "up_to_date": True, "uri": store.uri, **_counts(store.manifest(version))}
     plan, removed_tmp = _plan(store, target, current)
-    if base is not None and plan.is_noop and base["stats"].get("settings") == settings:
-        log.info("index %s is up to date with %s", base["version"], req.dataset)
-        return {"version": base["version"], "up_to_date": True, "uri": store.uri, **_counts(base)}
+    if base is not None and plan.is_noop and base.stats.get("settings") == settings:
+        log.info("index %s is up to date with %s", base.version, req.dataset)
+        return {"version": base.version, "up_to_date": True, "uri": store.uri, **_counts(base)}
     log.info("plan: %d examples, %d to featurize (%d new, %d changed, %d resumed from an interrupted run), "
              "%d reused, %d removed", plan.n_current, len(plan.todo), plan.n_new, plan.n_changed, plan.n_done,
              plan.n_reused, plan.n_removed)
@@ -303,28 +303,31 @@ def _run_index(cfg: ProjectConfig, req: IndexRequest) -> dict[str, Any]:
     features, errors = _verify(cfg, store, version, plan, current)
     watch.lap("verify")
 
-    stats = kernel_stats(cfg, req.model_ref, model["conditioning"], work.device, store, version, sorted(features),
+    stats = kernel_stats(cfg, req.model_ref, model.conditioning, work.device, store, version, sorted(features),
                          layout, watch.lap)
     stats["settings"] = settings
     shards = shards_of(store, features, base)
-    approximate = build_approximate(cfg.index.approximate, store, version, shards, spec.layout, stats, base)
+    approximate = build_approximate(cfg.index.approximate, store=store, version=version, shards=shards,
+                                    layout=spec.layout, stats=stats, base=base)
     watch.lap("approximate")
-    build = {"mode": "incremental" if base else "full", "base": base["version"] if base else None,
-             "new": plan.n_new, "changed": plan.n_changed, "removed": plan.n_removed, "reused": plan.n_reused,
-             "resumed": plan.n_done, "featurized": work.rows, "quarantined": work.errors,
-             "stale_temporaries_removed": removed_tmp, "actors": work.actors, "threads_per_actor": work.threads,
-             "device": work.device, "batch_size": cfg.index.batch_size, "actor_busy_seconds": round(work.busy, 3),
-             "steady_rows_per_s": work.steady_rows_per_s(), "rows_by_node": work.by_node,
-             "stage_seconds": watch.seconds,
-             **_source_reads(found, to_open)}
+    build = BuildRecord(
+        mode="incremental" if base else "full", base=base.version if base else None, new=plan.n_new,
+        changed=plan.n_changed, removed=plan.n_removed, reused=plan.n_reused, resumed=plan.n_done,
+        featurized=work.rows, quarantined=work.errors, stale_temporaries_removed=removed_tmp, actors=work.actors,
+        threads_per_actor=work.threads, device=work.device, batch_size=cfg.index.batch_size,
+        actor_busy_seconds=round(work.busy, 3), steady_rows_per_s=work.steady_rows_per_s(), rows_by_node=work.by_node,
+        stage_seconds=watch.seconds, source=_source_reads(found, to_open))
     dataset = {**source.to_dict(), "rows": current.num_rows, "keys_digest": keys_digest(current),
                "files": listing_summary(found), "source_keys": source_keys}
-    manifest = build_manifest(version, target.sequence, previous["version"] if previous else None,
-                              {"path": req.model, **({"base": req.base} if req.base else {}), **model}, spec, layout, dataset, shards, errors, stats, build,
-                              approximate)
-    store.commit(version, manifest, publish=req.publish)
+    manifest = IndexManifest(
+        version=version, sequence=target.sequence, supersedes=previous.version if previous else None,
+        model=dataclasses.replace(model, path=req.model, base=req.base), featurize=spec.featurize, layout=spec.layout,
+        dtype=spec.dtype, dataset=dataset, shards=tuple(shards),
+        errors=Quarantine(sum(len(ids) for ids in errors.values()), tuple(sorted(errors))), stats=stats, build=build,
+        approximate=approximate)
+    store.commit(manifest, publish=req.publish)
     watch.lap("commit")
-    return _summary(store, manifest, work, watch)
+    return _summary(store, manifest, watch)
 
 
 def _source_reads(found: CurrentKeys, opened: list[str] | None) -> dict[str, Any]:
@@ -339,20 +342,20 @@ def _source_reads(found: CurrentKeys, opened: list[str] | None) -> dict[str, Any
             "source_bytes_read": found.bytes_of(read), "source_bytes": found.bytes_of([f.path for f in found.files])}
 
 
-def _summary(store: IndexStore, manifest: dict[str, Any], work: _Featurized, watch: Stopwatch) -> dict[str, Any]:
-    """What ``attribution index`` prints about a version it built."""
-    timings = watch.seconds
-    rows = manifest["rows"]
-    total_bytes = sum(s["bytes"] for s in manifest["shards"])
-    return {"version": manifest["version"], "up_to_date": False, "uri": store.uri, **_counts(manifest),
-            "featurized": work.rows, "seconds": watch.total(),
-            "rows_per_s": round(work.rows / timings["featurize"], 2) if work.rows and timings["featurize"] else 0.0,
-            "bytes_per_example": round(total_bytes / rows, 1) if rows else 0.0,
-            **{k: v for k, v in manifest["build"].items() if k.startswith("source_")},
-            "mode": manifest["build"]["mode"], "actors": work.actors, "threads_per_actor": work.threads,
-            "actor_busy_seconds": round(work.busy, 3), "steady_rows_per_s": work.steady_rows_per_s(),
-            "rows_by_node": work.by_node, "stage_seconds": timings}
+def _summary(store: IndexStore, manifest: IndexManifest, watch: Stopwatch) -> dict[str, Any]:
+    """What ``attribution index`` prints about a version it built: its counts, throughput and
+    bytes, then the manifest's build record (``stage_seconds`` after every stage, the commit
+    included)."""
+    build, rows = manifest.build, manifest.rows
+    featurize_s = watch.seconds["featurize"]
+    return {"version": manifest.version, "up_to_date": False, "uri": store.uri, **_counts(manifest),
+            "featurized": build.featurized, "seconds": watch.total(),
+            "rows_per_s": round(build.featurized / featurize_s, 2) if build.featurized and featurize_s else 0.0,
+            "bytes_per_example": round(sum(s.bytes for s in manifest.shards) / rows, 1) if rows else 0.0,
+            **build.source, "mode": build.mode, "actors": build.actors, "threads_per_actor": build.threads_per_actor,
+            "actor_busy_seconds": build.actor_busy_seconds, "steady_rows_per_s": build.steady_rows_per_s,
+            "rows_by_node": build.rows_by_node, "stage_seconds": watch.seconds}
 
 
-def _counts(manifest: dict[str, Any]) -> dict[str, Any]:
-    return {"rows": manifest["rows"], "errors": manifest["errors"]["rows"]}
+def _counts(manifest: IndexManifest) -> dict[str, int]:
+    return {"rows": manifest.rows, "errors": manifest.errors.rows}

@@ -26,6 +26,7 @@ import pyarrow.fs as pafs
 import ray
 
 from attribution_core.data.storage import filesystem_for
+from attribution_core.index.manifest import IndexManifest
 from attribution_core.index.source import SourceSpec
 from attribution_core.index.store import IndexStore
 
@@ -131,16 +132,16 @@ def file_uri(spec: SourceSpec, rel: str) -> str:
     return f"{root}/{rel}" if rel else root
 
 
-def kept_keys(store: IndexStore, previous: dict[str, Any] | None, spec: SourceSpec) -> pa.Table | None:
+def kept_keys(store: IndexStore, previous: IndexManifest | None, spec: SourceSpec) -> pa.Table | None:
     """The previous version's source keys with their files' size and time, when it read the
     dataset the same way."""
-    if previous is None or not previous["dataset"].get("source_keys"):
+    if previous is None or not previous.dataset.get("source_keys"):
         return None
-    recorded, now = previous["dataset"], spec.to_dict()
+    recorded, now = previous.dataset, spec.to_dict()
     if any(_plain(recorded.get(k)) != _plain(now.get(k)) for k in _READ_THE_SAME):
-        log.info("the dataset is read differently than for %s: every file is read again", previous["version"])
+        log.info("the dataset is read differently than for %s: every file is read again", previous.version)
         return None
-    return store.read_table(previous["dataset"]["source_keys"])
+    return store.read_table(previous.dataset["source_keys"])
 
 
 def _plain(value: Any) -> Any:

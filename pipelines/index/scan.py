@@ -11,7 +11,7 @@ import ray
 
 from attribution_core.data.readers import FOLDER_LABEL, list_class_folder
 from attribution_core.data.storage import filesystem_for
-from attribution_core.index.manifest import FeatureSpec, check_same_features
+from attribution_core.index.manifest import FeatureSpec, IndexManifest, check_same_features
 from attribution_core.index.source import SourceSpec, keys_only, read_columns
 from attribution_core.index.store import IndexStore
 from pipelines.index.listing import KEYS_SCHEMA as FILE_KEYS_SCHEMA
@@ -70,23 +70,24 @@ def concat_keys(tables: dict[str, pa.Table]) -> pa.Table | None:
     return pa.concat_tables(list(tables.values())) if tables else None
 
 
-def choose_base(store: IndexStore, spec: FeatureSpec, mode: str) -> tuple[dict | None, dict | None]:
+def choose_base(store: IndexStore, spec: FeatureSpec,
+                mode: str) -> tuple[IndexManifest | None, IndexManifest | None]:
     """(previous committed manifest, the one to build on incrementally or None)."""
     previous = store.latest()
     if previous is None or mode == "full":
         return previous, None
-    found = FeatureSpec.from_manifest(previous)
+    found = previous.spec
     if mode == "incremental":
-        check_same_features(spec, found, f"the latest index version {previous['version']}",
+        check_same_features(spec, found, f"the latest index version {previous.version}",
                             "Build a new index with --full (or into another --out); versions never mix features.")
     elif spec.differences(found):
-        log.info("the latest version %s was built differently (%s): full rebuild", previous["version"],
+        log.info("the latest version %s was built differently (%s): full rebuild", previous.version,
                  "; ".join(spec.differences(found)))
         return previous, None
     return previous, previous
 
 
-def current_keys(spec: SourceSpec, store: IndexStore, previous: dict[str, Any] | None) -> CurrentKeys:
+def current_keys(spec: SourceSpec, store: IndexStore, previous: IndexManifest | None) -> CurrentKeys:
     """The keys of every example now, reading only the files that are new or changed since
     the previous version (image-folder layouts: every example)."""
     files = list_files(spec)

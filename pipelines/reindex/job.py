@@ -23,6 +23,7 @@ from typing import Any
 from attribution_core.config import ProjectConfig
 from attribution_core.config_stages import ReindexConfig
 from attribution_core.errors import EndpointTimeoutError
+from attribution_core.index.manifest import IndexManifest
 from attribution_core.index.store import IndexStore
 from attribution_core.timing import Stopwatch
 from attribution_core.weights.artifact import artifact_path, find_weights
@@ -74,7 +75,7 @@ def _update(cfg: ProjectConfig, req: ReindexRequest, store: IndexStore, root: st
     from pipelines.index.job import IndexRequest, run_index
 
     before = store.latest()
-    before_version = before["version"] if before else None
+    before_version = before.version if before else None
     built = run_index(cfg, IndexRequest(dataset=req.dataset or cfg.data.uri, model=req.model or cfg.model.path,
                                         out=root, mode="full" if req.full else "auto", base=req.base or cfg.model.base,
                                         ray_address=req.ray_address, publish=False))
@@ -92,10 +93,10 @@ def _update(cfg: ProjectConfig, req: ReindexRequest, store: IndexStore, root: st
     stages.lap("publish")
     summary: dict[str, Any] = {
         "status": "published" if published else "up_to_date", "index": store.uri,
-        "version_before": before_version, "version_after": version, "rows": manifest["rows"],
-        "errors": manifest["errors"]["rows"], **changes, "weights": weights,
+        "version_before": before_version, "version_after": version, "rows": manifest.rows,
+        "errors": manifest.errors.rows, **changes, "weights": weights,
         "index_stage_seconds": built.get("stage_seconds", {}),
-        "featurized": built.get("featurized", 0), "mode": manifest["build"]["mode"] if published else None,
+        "featurized": built.get("featurized", 0), "mode": manifest.build.mode if published else None,
     }
     if cfg.reindex.endpoint and published:
         summary["endpoint"] = wait_for_endpoint(cfg, version)
@@ -103,28 +104,28 @@ def _update(cfg: ProjectConfig, req: ReindexRequest, store: IndexStore, root: st
     return summary
 
 
-def _changes(before: dict[str, Any] | None, manifest: dict[str, Any]) -> dict[str, Any]:
+def _changes(before: IndexManifest | None, manifest: IndexManifest) -> dict[str, Any]:
     """Rows added / changed / removed between the published version and ``manifest``."""
-    if before is not None and before["version"] == manifest["version"]:
+    if before is not None and before.version == manifest.version:
         return {"rows_added": 0, "rows_changed": 0, "rows_removed": 0, "changed_fraction": 0.0}
-    build = manifest["build"]
-    if build.get("base") is None:  # a full build: everything is new, the old rows are all gone
-        added, changed, removed = manifest["rows"] + manifest["errors"]["rows"], 0, before["rows"] if before else 0
+    build = manifest.build
+    if build is None or build.base is None:  # a full build: everything is new, the old rows are all gone
+        added, changed, removed = manifest.rows + manifest.errors.rows, 0, before.rows if before else 0
     else:
-        added, changed, removed = build["new"], build["changed"], build["removed"]
-    base_rows = (before["rows"] + before["errors"]["rows"]) if before else 0
+        added, changed, removed = build.new, build.changed, build.removed
+    base_rows = (before.rows + before.errors.rows) if before else 0
     fraction = (added + changed + removed) / base_rows if base_rows else 1.0
     return {"rows_added": added, "rows_changed": changed, "rows_removed": removed,
             "changed_fraction": round(fraction, 6)}
 
 
-def _weights(cfg: ProjectConfig, req: ReindexRequest, store: IndexStore, root: str, manifest: dict[str, Any],
+def _weights(cfg: ProjectConfig, req: ReindexRequest, store: IndexStore, root: str, manifest: IndexManifest,
              changes: dict[str, Any]) -> dict[str, Any]:
     """Learn weights for the new version when ``reindex.relearn`` asks for it; say why (not)."""
     from pipelines.steps import ensure_weights
 
     name = cfg.weights.name
-    version = manifest["version"]
+    version = manifest.version
     existing = find_weights(store, manifest, name)
     learned_on = existing["index"]["version"] if existing else None
     since = changes_between(store, store.manifest(learned_on), manifest) if learned_on not in (None, version) else None
@@ -141,17 +142,17 @@ def _weights(cfg: ProjectConfig, req: ReindexRequest, store: IndexStore, root: s
             "seconds": learning.get("seconds") if learning else None, "changed_since_learned": since}
 
 
-def version_keys(store: IndexStore, manifest: dict[str, Any]) -> dict[str, str]:
+def version_keys(store: IndexStore, manifest: IndexManifest) -> dict[str, str]:
     """example id -> content hash of every row of a version (indexed or quarantined), read
     from the key columns of its shards."""
-    paths = [s["path"] for s in manifest["shards"]] + list(manifest["errors"]["shards"])
+    paths = [s.path for s in manifest.shards] + list(manifest.errors.shards)
     out: dict[str, str] = {}
     for table in shard_keys(store, paths).values():
         out.update(zip(table.column("example_id").to_pylist(), table.column("content_hash").to_pylist()))
     return out
 
 
-def changes_between(store: IndexStore, old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+def changes_between(store: IndexStore, old: IndexManifest, new: IndexManifest) -> dict[str, Any]:
     """Rows added / changed / removed from version ``old`` to ``new`` (any number of versions
     apart), and their share of ``old``'s rows."""
     before, after = version_keys(store, old), version_keys(store, new)
@@ -159,7 +160,7 @@ def changes_between(store: IndexStore, old: dict[str, Any], new: dict[str, Any])
     removed = len(before.keys() - after.keys())
     changed = sum(1 for eid in before.keys() & after.keys() if before[eid] != after[eid])
     fraction = (added + changed + removed) / len(before) if before else 1.0
-    return {"since": old["version"], "rows_added": added, "rows_changed": changed, "rows_removed": removed,
+    return {"since": old.version, "rows_added": added, "rows_changed": changed, "rows_removed": removed,
             "changed_fraction": round(fraction, 6)}
 
 

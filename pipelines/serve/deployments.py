@@ -70,7 +70,7 @@ class IndexSearcher:
         batch_settings(self.search, served)
         await self._swap(served)
         self.follow.restart(served, lambda: self.current.version,
-                            lambda: self.current.manifest["model"]["fingerprint"], self._swap)
+                            lambda: self.current.manifest.model.fingerprint, self._swap)
 
     async def _swap(self, served: ServedVersion) -> None:
         import torch

@@ -69,14 +69,13 @@ class QueryFeatures:
         return await asyncio.to_thread(self.featurize, items)
 
     def load(self, served: ServedVersion) -> None:
-        from attribution_core.index.manifest import FeatureSpec
         from attribution_core.index.opening import open_for_model
         from attribution_core.index.store import IndexStore
 
         manifest, _ = open_for_model(IndexStore(served.index), served.version, self.adapter,
                                      self.model_dir, self.cfg.featurize.max_rows_per_pass, self.fingerprint,
                                      self.featurizers)
-        self.spec, self.version = FeatureSpec.from_manifest(manifest).key(), manifest["version"]
+        self.spec, self.version = manifest.spec.key(), manifest.version
 
     def featurize(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Each item: image, prompt, label and, for a contrastive query, ``contrast_aspect``

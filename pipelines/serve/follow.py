@@ -41,11 +41,11 @@ class FollowLatest:
                 if latest is None or latest == current() or latest in refused:
                     continue
                 manifest = await asyncio.to_thread(store.manifest, latest)
-                if manifest["model"]["fingerprint"] != fingerprint():
+                if manifest.model.fingerprint != fingerprint():
                     refused.add(latest)
                     log.error("%s: %s's latest is now %s, built with another model (%s); not following it. "
                               "Redeploy the endpoint with that model.", self.name, store.uri, latest,
-                              manifest["model"].get("path"))
+                              manifest.model.path)
                     continue
                 log.info("%s: %s's latest moved to %s; swapping", self.name, store.uri, latest)
                 await swap(served)

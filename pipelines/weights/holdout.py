@@ -18,6 +18,7 @@ import torch
 from attribution_core.config import WeightsConfig
 from attribution_core.features.featurize import Featurizer
 from attribution_core.features.groups import GroupLayout
+from attribution_core.index.manifest import IndexManifest
 from attribution_core.index.store import IndexStore
 from attribution_core.weights.objective import group_queries
 from attribution_core.index.scoring import heldout_objective
@@ -28,7 +29,7 @@ from pipelines.weights.scan import scan
 log = logging.getLogger(__name__)
 
 
-def shrink_toward_uniform(featurizer: Featurizer, store: IndexStore, manifest: dict[str, Any], layout: GroupLayout,
+def shrink_toward_uniform(featurizer: Featurizer, store: IndexStore, manifest: IndexManifest, layout: GroupLayout,
                           kernel: list[tuple[int, int, torch.Tensor]] | None, weights: dict[str, torch.Tensor],
                           cfg: WeightsConfig, source: dict[str, Any], paths: list[str],
                           partitions: int) -> dict[str, dict[str, Any]]:

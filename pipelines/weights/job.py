@@ -18,6 +18,7 @@ import torch
 from attribution_core.config import ProjectConfig, to_mapping
 from attribution_core.errors import ConfigError
 from attribution_core.features.groups import GroupLayout
+from attribution_core.index.manifest import IndexManifest
 from attribution_core.index.opening import open_for_model, open_version
 from attribution_core.index.reader import read_kernel
 from attribution_core.index.store import IndexStore
@@ -49,19 +50,19 @@ class WeightsRequest:
     ray_address: str | None = None
 
 
-def _queries(featurizer, manifest: dict[str, Any], aspects: list[str], prompts: dict[str, list[str | None]],
+def _queries(featurizer, manifest: IndexManifest, aspects: list[str], prompts: dict[str, list[str | None]],
              wcfg) -> tuple[torch.Tensor, dict[str, float] | None]:
     """Features ``[Q, k_total]`` of every aspect's learning queries, and (``check_queries``)
     the share of each aspect's images that show the prompted value."""
     made = {a: learning_queries(featurizer, a, prompts[a], wcfg) for a in aspects}
-    shown = (shown_shares(manifest["dataset"], featurizer.adapter,
+    shown = (shown_shares(manifest.dataset, featurizer.adapter,
                           {a: made[a][1] for a in aspects}, wcfg) if wcfg.check_queries else None)
     if shown:
         log.info("learning-query images showing the prompted attribute: %s", {a: round(v, 3) for a, v in shown.items()})
     return torch.cat([made[a][0] for a in aspects]), shown
 
 
-def _shrink_and_validate(featurizer, store: IndexStore, manifest: dict[str, Any], layout: GroupLayout, kernel,
+def _shrink_and_validate(featurizer, store: IndexStore, manifest: IndexManifest, layout: GroupLayout, kernel,
                          learned: dict[str, torch.Tensor], wcfg, source: dict[str, Any], paths: list[str],
                          partitions: int) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
     """How far each aspect's weights move from uniform (held-out learning queries), then which
@@ -139,14 +140,14 @@ def _learn_weights(cfg: ProjectConfig, req: WeightsRequest) -> dict[str, Any]:
     store = IndexStore(req.index)
     manifest = open_version(store, req.version)  # refuses an empty version here, not in a Ray Train worker
     aspects = list(req.aspects or wcfg.aspects)
-    if manifest["rows"] < wcfg.top_k:
-        raise ConfigError(f"weights.top_k is {wcfg.top_k} but index version {manifest['version']} has only "
-                          f"{manifest['rows']} rows; lower weights.top_k (and weights.pool_size) or index more examples")
-    model_path = req.model or manifest["model"]["path"]
-    adapter = load_model_dir(model_path, base=req.base or manifest["model"].get("base"))
-    manifest, featurizer = open_for_model(store, manifest["version"], adapter, model_path,
+    if manifest.rows < wcfg.top_k:
+        raise ConfigError(f"weights.top_k is {wcfg.top_k} but index version {manifest.version} has only "
+                          f"{manifest.rows} rows; lower weights.top_k (and weights.pool_size) or index more examples")
+    model_path = req.model or manifest.model.path
+    adapter = load_model_dir(model_path, base=req.base or manifest.model.base)
+    manifest, featurizer = open_for_model(store, manifest.version, adapter, model_path,
                                           cfg.featurize.max_rows_per_pass)
-    layout = GroupLayout.from_manifest(manifest["layout"])
+    layout = manifest.group_layout
     if adapter.conditioning != "text" and aspects != ["general"]:
         raise ConfigError(f"aspect weights need prompts; this model is {adapter.conditioning}-conditioned: "
                           "use --aspects general")
@@ -157,14 +158,14 @@ def _learn_weights(cfg: ProjectConfig, req: WeightsRequest) -> dict[str, Any]:
         check_prompts(prompts[a], adapter.vocabulary, f"weights.prompts.{a}" if a != "general" else "training captions")
     queries, shown = _queries(featurizer, manifest, aspects, prompts, wcfg)
     rows = {a: slice(i * wcfg.queries_per_aspect, (i + 1) * wcfg.queries_per_aspect) for i, a in enumerate(aspects)}
-    kernel = read_kernel(store, manifest) if wcfg.use_kernel else None
+    kernel = read_kernel(store, manifest.stats["blocks"]) if wcfg.use_kernel else None
     grouped = group_queries(queries, layout, kernel)  # [Q, M, k_total]
     watch.lap("queries")
 
     ensure_ray(req.ray_address)
     require_shared_storage(cfg.cluster, index__out=req.index)
-    source = {"kind": "index", "uri": store.uri, "layout": manifest["layout"]}
-    paths = [s["path"] for s in manifest["shards"]]
+    source = {"kind": "index", "uri": store.uri, "layout": manifest.layout}
+    paths = [s.path for s in manifest.shards]
     partitions = wcfg.scan_partitions or cluster_cpus()
     state = scan(source, paths, grouped, mining_weightings(len(layout.groups)), wcfg.pool_size, True, partitions)
     watch.lap("scan")
@@ -185,11 +186,11 @@ def _learn_weights(cfg: ProjectConfig, req: WeightsRequest) -> dict[str, Any]:
         "trajectory": result.trajectory, "settings": to_mapping(wcfg),
         "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "seconds": round(watch.total(), 1), "stage_seconds": watch.seconds})
-    path = artifact_path(manifest["version"], wcfg.name)
+    path = artifact_path(manifest.version, wcfg.name)
     store.write_json(path, document)
     watch.lap("write")
     groups = [g.name for g in layout.groups]
-    return {"index": store.uri, "version": manifest["version"], "artifact": f"{store.uri}/{path}",
+    return {"index": store.uri, "version": manifest.version, "artifact": f"{store.uri}/{path}",
             "rounds": result.rounds, "recall_by_round": result.recall_by_round, "queries": len(queries),
             "aspects": {a: {"weights": dict(zip(groups, entry["weights"])),
                             **{k: entry[k] for k in ("pool_recall", "shown", "answered_by", "choice", "shrinkage",

@@ -17,12 +17,13 @@ from attribution_core.errors import ConfigError
 from attribution_core.features.featurize import Featurizer
 from attribution_core.features.query import featurize_images
 from attribution_core.seeding import stable_seed
+from attribution_core.index.manifest import IndexManifest
 from attribution_core.index.store import IndexStore
 from attribution_core.models.adapters import DiffusersAdapter
 from attribution_core.models.sampling import Generated, generate
 
 
-def prompts_for(aspect: str, cfg: WeightsConfig, store: IndexStore, manifest: dict,
+def prompts_for(aspect: str, cfg: WeightsConfig, store: IndexStore, manifest: IndexManifest,
                 conditioning: str = "text", stream: str = "general-prompts") -> list[str | None]:
     """``cfg.queries_per_aspect`` prompts: training captions for 'general' (sampled with the
     seed of ``stream``), the aspect's template over its values (cycled) otherwise. Models
@@ -31,8 +32,8 @@ def prompts_for(aspect: str, cfg: WeightsConfig, store: IndexStore, manifest: di
     if conditioning != "text":
         return [None] * n
     if aspect == "general":
-        captions = sorted({c for s in manifest["shards"]
-                           for c in store.read_table(s["path"], columns=["caption"]).column("caption").to_pylist() if c})
+        captions = sorted({c for s in manifest.shards
+                           for c in store.read_table(s.path, columns=["caption"]).column("caption").to_pylist() if c})
         if not captions:
             raise ConfigError("general learning queries are prompted with training captions, and this index has none")
         rng = random.Random(stable_seed(stream, cfg.seed))

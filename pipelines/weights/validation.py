@@ -23,6 +23,7 @@ from attribution_core.config import WeightsConfig
 from attribution_core.data.readers import dataset_read_options, label_text, read_examples
 from attribution_core.features.featurize import Featurizer
 from attribution_core.features.groups import GroupLayout
+from attribution_core.index.manifest import IndexManifest
 from attribution_core.seeding import stable_seed
 from attribution_core.models.sampling import generate
 from attribution_core.weights.artifact import UNIFORM
@@ -70,7 +71,7 @@ def validation_set(dataset: dict[str, Any], *, caption_column: str | None, label
             {a: {e.example_id: value(e, a) for e in rows} for a in validated})
 
 
-def validate_aspects(featurizer: Featurizer, manifest: dict[str, Any], layout: GroupLayout,
+def validate_aspects(featurizer: Featurizer, manifest: IndexManifest, layout: GroupLayout,
                      kernel: list[tuple[int, int, torch.Tensor]] | None, weights: dict[str, torch.Tensor],
                      cfg: WeightsConfig, source: dict[str, Any], paths: list[str],
                      partitions: int) -> dict[str, dict[str, Any]]:
@@ -81,7 +82,7 @@ def validate_aspects(featurizer: Featurizer, manifest: dict[str, Any], layout: G
     adapter = featurizer.adapter
     if cfg.validation_queries == 0 or not weights or adapter.conditioning == "none":
         return {}
-    dataset = manifest["dataset"]
+    dataset = manifest.dataset
     found = validation_set(dataset, caption_column=dataset.get("caption_column"),
                            label_column=dataset.get("label_column"), aspects=list(weights), columns=list(cfg.prompts),
                            n=cfg.validation_queries, seed=cfg.seed,

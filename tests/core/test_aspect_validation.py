@@ -10,6 +10,7 @@ import torch
 from attribution_core.evaluation.recall import aspect_recall_table
 from attribution_core.features.groups import GroupLayout, GroupSpec
 from attribution_core.errors import MissingWeightsError
+from attribution_core.index.manifest import IndexManifest, ModelRecord
 from attribution_core.weights.served import ServedIndex
 from attribution_core.weights.artifact import unvalidated_choice
 from attribution_core.weights.choice import candidates, choose
@@ -85,7 +86,9 @@ def test_the_recall_table_repeats_the_validated_column():
 
 def test_searchers_answer_an_aspect_with_its_validated_weighting():
     def served(aspects):
-        return ServedIndex(uri="mem://i", manifest={"version": "v1"}, layout=_layout(), kernel=[],
+        manifest = IndexManifest(version="v1", sequence=1, model=ModelRecord("f"), featurize={},
+                                 layout=_layout().to_manifest(), dtype="float16", dataset={}, shards=())
+        return ServedIndex(uri="mem://i", manifest=manifest, layout=_layout(), kernel=[],
                            weights={"groups": ["a", "b"], "aspects": aspects} if aspects is not None else None,
                            weights_source=None, weights_name="learned", example_ids=[], uris=[], captions=[],
                            search_index=None, part=0, parts=1, load_seconds=0.0)

@@ -15,7 +15,7 @@ from attribution_core.features.featurize import Featurizer
 from attribution_core.features.groups import build_layout
 from attribution_core.index.batch import ImageLimits, index_batch
 from attribution_core.index.kernel import BLOCK_DIAGONAL, FULL, LAYER_BLOCK, kernel_from_gram, partial_gram
-from attribution_core.index.manifest import FeatureSpec, check_same_features
+from attribution_core.index.manifest import FeatureSpec, IndexManifest, ModelRecord, check_same_features
 from attribution_core.errors import InputError, ManifestMismatchError
 from attribution_core.index.plan import check_unique, plan_build
 from attribution_core.index.schema import SOURCE_SCHEMA, features_table, flat_matrix
@@ -90,8 +90,9 @@ def test_feature_spec_names_every_difference(adapters):
     assert any(d.startswith("index.dtype") for d in diffs)
     with pytest.raises(ManifestMismatchError, match="measurement"):
         check_same_features(a, b, "index v1", "rebuild")
-    assert a.key() == FeatureSpec.from_manifest({"model": {"fingerprint": "f1"}, "featurize": a.featurize,
-                                                 "layout": a.layout, "dtype": "float16"}).key()
+    manifest = IndexManifest(version="v1", sequence=1, model=ModelRecord("f1"), featurize=a.featurize,
+                             layout=a.layout, dtype="float16", dataset={}, shards=())
+    assert a.key() == manifest.spec.key()
 
 
 def source_rows(adapter, rows: list[tuple[str, bytes, str | None]]) -> pa.Table:
@@ -148,8 +149,9 @@ def test_store_writes_atomically_and_moves_latest_after_the_manifest(tmp_path):
     (tmp_path / "ix/versions/v1/features/.tmp-dead").write_bytes(b"half")
     assert store.list_shards("v1", "features") == [f"versions/v1/features/{shard_name(['a'])}"]
     assert store.remove_temporaries("v1") == 1 and store.latest() is None and not store.is_committed("v1")
-    store.commit("v1", {"version": "v1", "created_at": "now"})
-    assert store.latest()["version"] == "v1"
+    store.commit(IndexManifest(version="v1", sequence=1, model=ModelRecord("f"), featurize={},
+                               layout={"groups": []}, dtype="float16", dataset={}, shards=()))
+    assert store.latest().version == "v1"
     assert json.loads((tmp_path / "ix/latest").read_text())["version"] == "v1"
     assert shard_name(["b", "a"]) == shard_name(["a", "b"]) != shard_name(["a"])
 

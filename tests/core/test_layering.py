@@ -9,8 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 CORE = Path(__file__).resolve().parents[2] / "attribution_core"
 FORBIDDEN = {"ray", "s3fs", "tqdm"}
 ORDER = ("data", "models", "features", "index", "weights", "evaluation")

@@ -9,6 +9,7 @@ import torch
 from attribution_core.config_serve import ServeConfig
 from attribution_core.features.groups import GroupLayout, GroupSpec
 from attribution_core.index.kernel import precondition
+from attribution_core.index.manifest import Shard
 from attribution_core.index.reader import partition_shards
 from attribution_core.index.scoring import preconditioned_queries, topk_reference, weighted_queries
 from attribution_core.index.search import PACK_ROWS, SearchIndex, fbgemm_available
@@ -69,10 +70,10 @@ def test_preconditioning_all_weightings_at_once_equals_one_at_a_time(kernel_kind
 
 
 def test_partitions_cover_every_shard_once_with_balanced_rows():
-    shards = [{"path": f"s{i}", "rows": r} for i, r in enumerate([64, 64, 64, 30, 12, 64, 5])]
+    shards = [Shard(f"s{i}", r, 0) for i, r in enumerate([64, 64, 64, 30, 12, 64, 5])]
     parts = partition_shards(shards, 3)
-    assert sorted(s["path"] for p in parts for s in p) == sorted(s["path"] for s in shards)
-    totals = [sum(s["rows"] for s in p) for p in parts]
+    assert sorted(s.path for p in parts for s in p) == sorted(s.path for s in shards)
+    totals = [sum(s.rows for s in p) for p in parts]
     assert max(totals) - min(totals) <= 64
     assert partition_shards(shards, 3) == parts  # every searcher computes the same split
 

@@ -15,6 +15,7 @@ from attribution_core.data.images import encode_png
 from attribution_core.data.loading import class_names, load_dataset
 from attribution_core.data.readers import dataset_present, detect_layout, label_text, list_class_folder, read_examples
 from attribution_core.errors import ConfigError, InputError, ManifestMismatchError
+from attribution_core.index.manifest import IndexManifest, ModelRecord, Quarantine
 from attribution_core.index.opening import EmptyIndexError, open_version
 from attribution_core.index.quarantine import QuarantineError, check_quarantine, quarantine_summary
 from attribution_core.index.store import IndexStore
@@ -113,11 +114,11 @@ def test_an_empty_or_missing_version_is_refused_with_its_reason(tmp_path):
     store = IndexStore(str(tmp_path / "index"))
     with pytest.raises(ManifestMismatchError, match="holds no committed version; build one"):
         open_version(store)
-    store.commit("v00001-x", {"kind": "attribution-index", "schema_version": 1, "version": "v00001-x", "rows": 0,
-                              "errors": {"rows": 7}, "created_at": None})
+    store.commit(IndexManifest(version="v00001-x", sequence=1, model=ModelRecord("f"), featurize={},
+                               layout={"groups": []}, dtype="float16", dataset={}, shards=(), errors=Quarantine(7)))
     with pytest.raises(EmptyIndexError, match="has no rows \\(7 examples quarantined"):
         open_version(store)
-    assert open_version(store, need_rows=False)["version"] == "v00001-x"
+    assert open_version(store, need_rows=False).version == "v00001-x"
 
 
 def test_renamed_data_settings_say_where_they_went():

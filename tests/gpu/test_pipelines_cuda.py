@@ -38,9 +38,9 @@ def test_index_actor_takes_a_gpu(tmp_path, ray_cluster, model_dirs):
     out = str(tmp_path / "index")
     run_index(project(index={"actors": 0}), IndexRequest(dataset=data, model=model_dirs["text"], out=out))  # 0: one per GPU
     manifest, rows = features_by_id(out)
-    assert manifest["build"]["device"] == "cuda" and len(rows) == 12
+    assert manifest.build.device == "cuda" and len(rows) == 12
     assert all(np.isfinite(v).all() and np.abs(v).sum() > 0 for v in rows.values())
-    assert manifest["model"]["fingerprint"] == model_fingerprint(load_adapter(model_dirs["text"]))
+    assert manifest.model.fingerprint == model_fingerprint(load_adapter(model_dirs["text"]))
 
 
 def test_serve_featurizer_replica_holds_a_gpu(tmp_path, ray_cluster, model_dirs):

@@ -15,7 +15,6 @@ from attribution_core.data.images import encode_png
 from attribution_core.data.writers import SYNTH_SCHEMA, synthetic_rows, write_parquet_dataset
 from attribution_core.index.schema import flat_matrix
 from attribution_core.index.store import IndexStore
-from attribution_core.features.groups import GroupLayout
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -57,20 +56,20 @@ def read_index(uri: str) -> tuple[dict, pa.Table]:
     store = IndexStore(uri)
     manifest = store.latest()
     assert manifest is not None, f"{uri} has no committed version"
-    tables = [store.read_table(s["path"]) for s in manifest["shards"]]
+    tables = [store.read_table(s.path) for s in manifest.shards]
     return manifest, pa.concat_tables(tables)
 
 
 def features_by_id(uri: str) -> tuple[dict, dict[str, np.ndarray]]:
     manifest, table = read_index(uri)
-    flat = flat_matrix(table, GroupLayout.from_manifest(manifest["layout"]))
+    flat = flat_matrix(table, manifest.group_layout)
     return manifest, dict(zip(table.column("example_id").to_pylist(), flat))
 
 
 def error_ids(uri: str) -> dict[str, str]:
     store = IndexStore(uri)
     manifest = store.latest()
-    rows = [r for p in manifest["errors"]["shards"] for r in store.read_table(p).to_pylist()]
+    rows = [r for p in manifest.errors.shards for r in store.read_table(p).to_pylist()]
     return {r["example_id"]: r["reason"] for r in rows}
 
 

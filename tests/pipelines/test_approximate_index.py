@@ -41,10 +41,10 @@ def test_approximate_index_codes_every_row_and_an_update_codes_only_its_new_shar
     always = project(index={"approximate": {"build": "always"}})
     built = run_index(always, IndexRequest(dataset=full_build["data"], model=model_dirs["text"], out=out))
     manifest = IndexStore(out).latest()
-    entry = manifest["approximate"]
+    entry = manifest.approximate
     assert built["featurized"] == 0 and entry["reused_from"] is None
-    assert sorted(p for b in entry["blocks"] for p in b["shards"]) == sorted(s["path"] for s in manifest["shards"])
-    assert sum(b["rows"] for b in entry["blocks"]) == manifest["rows"] == N
+    assert sorted(p for b in entry["blocks"] for p in b["shards"]) == sorted(s.path for s in manifest.shards)
+    assert sum(b["rows"] for b in entry["blocks"]) == manifest.rows == N
     assert entry["bytes_per_row"] == entry["settings"]["code_bytes"] == entry["padded_dim"] // 8
     for parts in (1, 2):
         _same_answers(out, parts)
@@ -58,10 +58,10 @@ def test_approximate_index_codes_every_row_and_an_update_codes_only_its_new_shar
     rows2 = good_rows[3:] + [dict(r, example_id=f"new-{i}") for i, r in enumerate(synthetic_rows(4, seed=9, size=16))]
     data = write_rows(str(tmp_path / "data-v2"), rows2)
     run_index(always, IndexRequest(dataset=data, model=model_dirs["text"], out=out))
-    updated = IndexStore(out).latest()["approximate"]
-    assert updated["reused_from"] == manifest["version"] and updated["trained"] == entry["trained"]
+    updated = IndexStore(out).latest().approximate
+    assert updated["reused_from"] == manifest.version and updated["trained"] == entry["trained"]
     new_blocks = [b for b in updated["blocks"] if b not in entry["blocks"]]
-    assert new_blocks and all(p.startswith(f"versions/{IndexStore(out).latest()['version']}/")
+    assert new_blocks and all(p.startswith(f"versions/{IndexStore(out).latest().version}/")
                               for b in new_blocks for p in b["shards"])
     _same_answers(out, 2)
     assert run_index(always, IndexRequest(dataset=data, model=model_dirs["text"], out=out))["up_to_date"]

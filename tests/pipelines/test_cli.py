@@ -62,7 +62,7 @@ def test_demo_end_to_end(tmp_path, ray_cluster):
     assert set(info["prepared"]) == {"data", "model"}  # the first run makes both
     built = info["index_build"]
     assert built["rows"] == 48 and built["errors"] == 0 and built["featurized"] == 48 and not built["up_to_date"]
-    assert IndexStore(str(tmp_path / "index")).latest()["version"] == built["version"]
+    assert IndexStore(str(tmp_path / "index")).latest().version == built["version"]
     assert info["weights_learned_now"] and info["aspects_learned"] == ["background", "general", "style", "subject"]
     # The evaluation: every basis with uniform and learned weights, CIs around their means.
     assert set(metrics["lds"]) == {"tracin", "trak", "dtrak"}

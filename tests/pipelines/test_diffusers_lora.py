@@ -61,16 +61,16 @@ def test_a_diffusers_lora_with_text_encoder_adapters_through_every_stage(tmp_pat
     built = json.loads(attribution("index", "--config", str(config), "--json", env=env).stdout)
     assert built["rows"] == 24 and built["errors"] == 0
     manifest = IndexStore(str(tmp_path / "index")).latest()
-    assert manifest["model"]["base"] == base
-    assert manifest["model"]["fingerprint"] == model_fingerprint(load_adapter(lora, base=base))
-    groups = [g["name"] for g in manifest["layout"]["groups"]]
+    assert manifest.model.base == base
+    assert manifest.model.fingerprint == model_fingerprint(load_adapter(lora, base=base))
+    groups = [g["name"] for g in manifest.layout["groups"]]
     assert "text_encoder" in groups and "cross_attn_k" in groups  # the text encoder's adapters, their own group
-    assert manifest["dataset"]["keep_columns"] == ["artist"] and manifest["dataset"]["image_column"] == "picture"
-    rows = IndexStore(str(tmp_path / "index")).read_table(manifest["shards"][0]["path"]).to_pylist()
+    assert manifest.dataset["keep_columns"] == ["artist"] and manifest.dataset["image_column"] == "picture"
+    rows = IndexStore(str(tmp_path / "index")).read_table(manifest.shards[0].path).to_pylist()
     assert all(json.loads(r["metadata"]) == {"artist": artists[r["example_id"]]} for r in rows)
 
     learned = json.loads(attribution("learn-weights", "--config", str(config), "--json", env=env).stdout)
-    assert learned["version"] == manifest["version"]
+    assert learned["version"] == manifest.version
 
     url, _ = start(ServeArgs(config=str(config)), timeout_s=240)
     try:

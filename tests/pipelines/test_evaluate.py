@@ -156,15 +156,15 @@ def _das_index_serves_its_formula(folder: str) -> None:
     from pipelines.models import load_model_dir
 
     index = load_index(f"{folder}/index-das")
-    assert index.manifest["featurize"]["measurement"] == "das" and index.row_scale is not None
-    table = pa.concat_tables([pq_read(f"{folder}/index-das/{s['path']}") for s in index.manifest["shards"]])
+    assert index.manifest.featurize["measurement"] == "das" and index.row_scale is not None
+    table = pa.concat_tables([pq_read(f"{folder}/index-das/{s.path}") for s in index.manifest.shards])
     stored = flat_matrix(table, index.layout, np.float64, scaled=False)  # [N, D]
     scale = row_scale(table).astype(np.float64)  # [N]
     assert np.ptp(scale) > 0 and (scale > 0).all()
     featurizer = version_featurizer(load_model_dir(f"{folder}/model"), index.manifest, 64)
     query = featurize_images(featurizer, _read_images(f"{folder}/data", 1)).double().numpy()[0]  # [D]
     preconditioned = np.zeros_like(query)
-    for block in index.manifest["stats"]["blocks"]:  # K = (G^T G + lambda I)^-1 per block
+    for block in index.manifest.stats["blocks"]:  # K = (G^T G + lambda I)^-1 per block
         sl = slice(block["offset"], block["offset"] + block["dim"])
         gram = stored[:, sl].T @ stored[:, sl]
         preconditioned[sl] = np.linalg.solve(gram + block["lambda"] * np.eye(block["dim"]), query[sl])

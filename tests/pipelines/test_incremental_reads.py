@@ -72,16 +72,16 @@ def test_a_reindex_reads_only_new_and_changed_files(where, tmp_path, s3_base, ra
     store = IndexStore(index)
     manifest = store.latest()
     spec_keys = scan_keys(_spec(manifest))
-    assert manifest["dataset"]["keys_digest"] == keys_digest(spec_keys)
-    assert sum(f["rows"] for f in manifest["dataset"]["files"]) == N
+    assert manifest.dataset["keys_digest"] == keys_digest(spec_keys)
+    assert sum(f["rows"] for f in manifest.dataset["files"]) == N
     if where == "s3":
-        assert all(f.get("etag") for f in manifest["dataset"]["files"])
+        assert all(f.get("etag") for f in manifest.dataset["files"])
 
 
 def _spec(manifest):
     from attribution_core.index.source import SourceSpec
 
-    fields = {k: v for k, v in manifest["dataset"].items() if k in SourceSpec.__dataclass_fields__}
+    fields = {k: v for k, v in manifest.dataset.items() if k in SourceSpec.__dataclass_fields__}
     return SourceSpec(**{**fields, "keep_columns": tuple(fields.get("keep_columns", ()))})
 
 
@@ -102,9 +102,9 @@ def test_relearn_counts_every_change_since_the_weights_version(tmp_path, ray_clu
     last_night = changes_between(store, versions[0], versions[1])
     since_weights = changes_between(store, learned_on, versions[1])
     assert last_night["rows_added"] == 3 and last_night["changed_fraction"] == pytest.approx(3 / 43, abs=1e-6)
-    assert since_weights == {"since": learned_on["version"], "rows_added": 6, "rows_changed": 0, "rows_removed": 0,
+    assert since_weights == {"since": learned_on.version, "rows_added": 6, "rows_changed": 0, "rows_removed": 0,
                              "changed_fraction": 0.15}
     rule = ReindexConfig(relearn="changed", relearn_fraction=0.1)
-    assert not relearn_decision(rule, versions[1]["version"], learned_on["version"], last_night["changed_fraction"])[0]
-    learn, why = relearn_decision(rule, versions[1]["version"], learned_on["version"], since_weights["changed_fraction"])
-    assert learn and f"15.0% of the rows changed since {learned_on['version']}" in why
+    assert not relearn_decision(rule, versions[1].version, learned_on.version, last_night["changed_fraction"])[0]
+    learn, why = relearn_decision(rule, versions[1].version, learned_on.version, since_weights["changed_fraction"])
+    assert learn and f"15.0% of the rows changed since {learned_on.version}" in why

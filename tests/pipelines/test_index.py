@@ -27,14 +27,14 @@ def test_rows_are_the_input_ids_and_bad_rows_are_quarantined(full_build, good_ro
     manifest, table = read_index(full_build["out"])
     ids = table.column("example_id").to_pylist()
     assert sorted(ids) == sorted(r["example_id"] for r in good_rows)
-    assert len(ids) == len(set(ids)) == manifest["rows"] == full_build["result"]["rows"] == N
+    assert len(ids) == len(set(ids)) == manifest.rows == full_build["result"]["rows"] == N
     errors = error_ids(full_build["out"])
     assert set(errors) == {"bad-bytes", "no-caption", "tiny", "elongated"}
     assert "cannot decode" in errors["bad-bytes"]
     assert "missing caption" in errors["no-caption"]
     assert "shorter side" in errors["tiny"] and "elongated" in errors["elongated"]
     assert full_build["result"]["errors"] == 4
-    assert IndexStore(full_build["out"]).latest()["version"] == full_build["result"]["version"]
+    assert IndexStore(full_build["out"]).latest().version == full_build["result"]["version"]
 
 
 def test_features_equal_featurize_on_the_driver(full_build, adapters):
@@ -52,28 +52,28 @@ def test_features_equal_featurize_on_the_driver(full_build, adapters):
     stored = np.stack([by_id[i] for i in ids])
     rel = np.linalg.norm(stored - ref, axis=1) / np.linalg.norm(ref, axis=1)
     assert rel.max() < 2e-3, rel  # float16 storage: ~5e-4 relative per number
-    assert manifest["dtype"] == "float16"
+    assert manifest.dtype == "float16"
 
 
 def test_shards_are_plain_parquet_for_pyarrow_pandas_duckdb(full_build):
     manifest, _ = read_index(full_build["out"])
-    path = f"{full_build['out']}/{manifest['shards'][0]['path']}"
-    group = manifest["layout"]["groups"][0]
-    column = manifest["columns"][group["name"]]
+    path = f"{full_build['out']}/{manifest.shards[0].path}"
+    group = manifest.layout["groups"][0]
+    column = manifest.columns[group["name"]]
     one_group = pq.read_table(path, columns=["example_id", column])  # reading one group decodes one column
     assert one_group.column(column).type.list_size == group["dim"]
     frame = pq.read_table(path).to_pandas()
     assert len(frame[column].iloc[0]) == group["dim"]
     duckdb = pytest.importorskip("duckdb")
     rows = duckdb.sql(f"select example_id, \"{column}\" from '{path}'").fetchall()
-    assert len(rows) == manifest["shards"][0]["rows"] and len(rows[0][1]) == group["dim"]
+    assert len(rows) == manifest.shards[0].rows and len(rows[0][1]) == group["dim"]
 
 
 def test_gram_and_kernel_equal_a_direct_computation(full_build):
     manifest, by_id = features_by_id(full_build["out"])
     store = IndexStore(full_build["out"])
     phi = np.stack(list(by_id.values())).astype(np.float64)  # [N, k_total]
-    stats = manifest["stats"]
+    stats = manifest.stats
     assert stats["kernel"] == "full" and len(stats["blocks"]) == 1  # k_total is small here
     block = stats["blocks"][0]
     gram = store.read_array(block["gram"])
@@ -93,12 +93,12 @@ def test_same_results_with_one_actor_and_another_batch_size(full_build, tmp_path
     assert a.keys() == b.keys()
     for eid in a:
         np.testing.assert_allclose(a[eid], b[eid], rtol=2e-3, atol=1e-6 * np.abs(a[eid]).max())
-    assert manifest["build"]["actors"] == 1 and manifest["build"]["batch_size"] == 5
+    assert manifest.build.actors == 1 and manifest.build.batch_size == 5
     # Block-diagonal stats: one block per group, each the Gram of that group's columns.
     phi = np.stack(list(b.values())).astype(np.float64)
     store = IndexStore(out)
-    blocks = manifest["stats"]["blocks"]
-    assert manifest["stats"]["kernel"] == "block_diagonal" and len(blocks) == len(manifest["layout"]["groups"])
+    blocks = manifest.stats["blocks"]
+    assert manifest.stats["kernel"] == "block_diagonal" and len(blocks) == len(manifest.layout["groups"])
     for blk in blocks:
         x = phi[:, blk["offset"] : blk["offset"] + blk["dim"]]
         np.testing.assert_allclose(store.read_array(blk["gram"]), x.T @ x, rtol=1e-10, atol=1e-12)
@@ -123,18 +123,18 @@ def test_incremental_update_equals_a_full_rebuild(full_build, tmp_path, model_di
 
     manifest, inc = features_by_id(out)
     _, full = features_by_id(rebuild)
-    build = manifest["build"]
-    assert build["mode"] == "incremental" and build["base"] == base["version"] == manifest["supersedes"]
-    assert (build["new"], build["changed"], build["removed"]) == (4, 2, 3 + 3)  # 3 good + 3 bad rows left
-    assert build["featurized"] == 6 and update["featurized"] == 6
+    build = manifest.build
+    assert build.mode == "incremental" and build.base == base.version == manifest.supersedes
+    assert (build.new, build.changed, build.removed) == (4, 2, 3 + 3)  # 3 good + 3 bad rows left
+    assert build.featurized == 6 and update["featurized"] == 6
     assert inc.keys() == full.keys()
     for eid in full:
         np.testing.assert_allclose(inc[eid], full[eid], rtol=2e-3, atol=1e-6 * np.abs(full[eid]).max())
     assert set(error_ids(out)) == set(error_ids(rebuild)) == {"bad-bytes"}
     # Unchanged shards are referenced from the base version, not copied.
-    assert any(s["path"].startswith(f"versions/{base['version']}/") for s in manifest["shards"])
-    gram = IndexStore(out).read_array(manifest["stats"]["blocks"][0]["gram"])
-    rebuilt = IndexStore(rebuild).read_array(IndexStore(rebuild).latest()["stats"]["blocks"][0]["gram"])
+    assert any(s.path.startswith(f"versions/{base.version}/") for s in manifest.shards)
+    gram = IndexStore(out).read_array(manifest.stats["blocks"][0]["gram"])
+    rebuilt = IndexStore(rebuild).read_array(IndexStore(rebuild).latest().stats["blocks"][0]["gram"])
     np.testing.assert_allclose(gram, rebuilt, rtol=0, atol=1e-4 * np.abs(rebuilt).max())  # float16 last bits
     again = run_index(project(), IndexRequest(dataset=data, model=model_dirs["text"], out=out))
     assert again["up_to_date"] and again["version"] == update["version"]
@@ -153,10 +153,10 @@ def test_other_featurize_settings_are_refused_incrementally_and_rebuilt_fully(fu
     rebuilt = run_index(other, IndexRequest(dataset=full_build["data"], model=model_dirs["text"], out=out))
     manifest = IndexStore(out).latest()
     assert rebuilt["mode"] == "full" and rebuilt["featurized"] == N
-    assert manifest["supersedes"] == first["version"] and manifest["sequence"] == 2
-    assert all(s["path"].startswith(f"versions/{rebuilt['version']}/") for s in manifest["shards"])
+    assert manifest.supersedes == first.version and manifest.sequence == 2
+    assert all(s.path.startswith(f"versions/{rebuilt['version']}/") for s in manifest.shards)
     # The superseded version is untouched and still readable.
-    assert IndexStore(out).manifest(first["version"])["rows"] == N
+    assert IndexStore(out).manifest(first.version).rows == N
 
 
 def test_round_trip_on_s3(s3_base, ray_cluster, model_dirs, good_rows):
@@ -164,9 +164,9 @@ def test_round_trip_on_s3(s3_base, ray_cluster, model_dirs, good_rows):
     out = f"{s3_base}/indexes/small"
     result = run_index(project(), IndexRequest(dataset=data, model=model_dirs["text"], out=out))
     manifest, by_id = features_by_id(out)
-    assert result["uri"] == out and manifest["rows"] == 12 == len(by_id)
+    assert result["uri"] == out and manifest.rows == 12 == len(by_id)
     assert set(error_ids(out)) == {"bad-bytes"}
-    assert IndexStore(out).read_array(manifest["stats"]["blocks"][0]["kernel"]).shape[0] == manifest["layout"]["k_total"]
+    assert IndexStore(out).read_array(manifest.stats["blocks"][0]["kernel"]).shape[0] == manifest.layout["k_total"]
     again = run_index(project(), IndexRequest(dataset=data, model=model_dirs["text"], out=out))
     assert again["up_to_date"]
 
@@ -186,7 +186,7 @@ def test_image_folder_dataset_with_a_missing_file(tmp_path, ray_cluster, model_d
     manifest, by_id = features_by_id(out)
     assert sorted(by_id) == sorted(f"{r['example_id']}.png" for r in good_rows[:6])
     assert result["errors"] == 1 and "no image bytes" in error_ids(out)["missing.png"]
-    assert manifest["dataset"]["layout"] == "imagefolder"
+    assert manifest.dataset["layout"] == "imagefolder"
     _, table = read_index(out)
     assert all(u.startswith(str(folder)) for u in table.column("uri").to_pylist())
 
@@ -229,7 +229,6 @@ def test_kernel_chosen_by_the_objective_equals_a_direct_computation(tmp_path, ra
     every stored row (scores against the row-scaled features, K from the unscaled Gram), the
     choice is its argmin, and the kernel written is the chosen one."""
     from attribution_core.config import to_mapping
-    from attribution_core.features.groups import GroupLayout
     from attribution_core.index.damping import kernel_blocks
     from attribution_core.index.kernel import blocks
     from attribution_core.index.schema import flat_matrix
@@ -245,12 +244,12 @@ def test_kernel_chosen_by_the_objective_equals_a_direct_computation(tmp_path, ra
     run_index(cfg, IndexRequest(dataset=data, model=model_dirs["text"], out=out))
     manifest, table = read_index(out)
     store = IndexStore(out)
-    choice = manifest["stats"]["kernel_choice"]
+    choice = manifest.stats["kernel_choice"]
     assert choice["rule"] == "objective" and choice["queries"] == 3
     assert set(choice["objective"]) == {"full", "block_diagonal", "layer_block"}  # k_total fits a full kernel here
     assert all(set(v) == {str(d) for d in grid} for v in choice["objective"].values())
 
-    layout = GroupLayout.from_manifest(manifest["layout"])
+    layout = manifest.group_layout
     stored = flat_matrix(table, layout, np.float64, scaled=False)
     scored = flat_matrix(table, layout, np.float64)
     assert not np.allclose(stored, scored)
@@ -272,8 +271,8 @@ def test_kernel_chosen_by_the_objective_equals_a_direct_computation(tmp_path, ra
             assert choice["objective"][kind][str(d)] == pytest.approx(direct[(kind, d)], rel=1e-3, abs=1e-5)
     best = min(direct, key=direct.get)
     assert (choice["kernel"], choice["damping"]) == best
-    assert (manifest["stats"]["kernel"], manifest["stats"]["damping"]) == best
-    written = manifest["stats"]["blocks"]
+    assert (manifest.stats["kernel"], manifest.stats["damping"]) == best
+    written = manifest.stats["blocks"]
     assert [(b["offset"], b["dim"]) for b in written] == [(o, n) for _, o, n in blocks(layout, best[0])]
     for b in written:
         sl = slice(b["offset"], b["offset"] + b["dim"])
@@ -291,10 +290,10 @@ def test_other_kernel_settings_make_a_new_version_over_the_same_shards(full_buil
     changed = run_index(project(index={"damping": 0.5}), IndexRequest(dataset=full_build["data"],
                                                                        model=model_dirs["text"], out=out))
     after, _ = read_index(out)
-    assert not changed["up_to_date"] and after["version"] != before["version"] and changed["featurized"] == 0
-    assert [s["path"] for s in after["shards"]] == [s["path"] for s in before["shards"]]
-    assert after["stats"]["damping"] == 0.5 and after["stats"]["settings"]["damping"] == 0.5
-    assert after["stats"]["blocks"][0]["lambda"] == pytest.approx(50 * before["stats"]["blocks"][0]["lambda"])
+    assert not changed["up_to_date"] and after.version != before.version and changed["featurized"] == 0
+    assert [s.path for s in after.shards] == [s.path for s in before.shards]
+    assert after.stats["damping"] == 0.5 and after.stats["settings"]["damping"] == 0.5
+    assert after.stats["blocks"][0]["lambda"] == pytest.approx(50 * before.stats["blocks"][0]["lambda"])
     again = run_index(project(index={"damping": 0.5}), IndexRequest(dataset=full_build["data"],
                                                                      model=model_dirs["text"], out=out))
-    assert again["up_to_date"] and again["version"] == after["version"]
+    assert again["up_to_date"] and again["version"] == after.version

@@ -63,8 +63,8 @@ def test_killed_driver_resumes_exactly_once(tmp_path, ray_cluster, model_dirs):
     manifest, table = read_index(out)
     ids = table.column("example_id").to_pylist()
     assert len(ids) == len(set(ids)) == N == result["rows"]
-    assert manifest["build"]["resumed"] >= len(before)
-    assert result["featurized"] == N - manifest["build"]["resumed"]  # committed shards were not redone
+    assert manifest.build.resumed >= len(before)
+    assert result["featurized"] == N - manifest.build.resumed  # committed shards were not redone
     after = staged(out)
     assert all(after.get(name) == mtime for name, mtime in before.items())
     for name in before:  # each pre-kill shard is one example and still whole
@@ -103,4 +103,4 @@ def test_killed_actor_is_replaced_and_the_job_ends_exactly_once(tmp_path, ray_cl
     assert killed, "no index actor process was found to kill"
     manifest, table = read_index(out)
     ids = table.column("example_id").to_pylist()
-    assert len(ids) == len(set(ids)) == 48 == result["rows"] and manifest["errors"]["rows"] == 0
+    assert len(ids) == len(set(ids)) == 48 == result["rows"] and manifest.errors.rows == 0

@@ -58,11 +58,11 @@ def test_lora_models_go_through_every_stage(tmp_path, ray_cluster):
 
     # The index tracks the adapters only, and its manifest carries the LoRA model's fingerprint.
     manifest = IndexStore(str(tmp_path / "index")).latest()
-    names = [layer["name"] for layer in manifest["layout"]["layers"]]
+    names = [layer["name"] for layer in manifest.layout["layers"]]
     assert names and all(is_adapter_layer(n) for n in names)
-    assert {g["name"] for g in manifest["layout"]["groups"]} == {
+    assert {g["name"] for g in manifest.layout["groups"]} == {
         "self_attn_qkv", "self_attn_out", "cross_attn_q", "cross_attn_k", "cross_attn_v", "cross_attn_out"}
-    assert manifest["model"]["fingerprint"] == model_fingerprint(load_adapter(model_dir)) != base_fp
+    assert manifest.model.fingerprint == model_fingerprint(load_adapter(model_dir)) != base_fp
 
     # LDS: the universe model and the 4 subset models are LoRA fine-tunes of the same base.
     metrics = result["evaluation"]

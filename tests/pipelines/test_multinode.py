@@ -144,10 +144,10 @@ def test_index_job_on_two_worker_nodes_survives_losing_one(cluster, s3_base, mod
 
     store = IndexStore(out)
     manifest = store.latest()
-    ids = [i for s in manifest["shards"] for i in store.read_table(s["path"]).column("example_id").to_pylist()]
+    ids = [i for s in manifest.shards for i in store.read_table(s.path).column("example_id").to_pylist()]
     assert len(ids) == len(set(ids)) == 256  # every example exactly once
     assert set(ids) == {r["example_id"] for r in first + added}
-    assert manifest["rows"] == 256 and sum(s["rows"] for s in manifest["shards"]) == 256
+    assert manifest.rows == 256 and sum(s.rows for s in manifest.shards) == 256
 
     again = attribution(cluster, *args)
     assert again.returncode == 0, again.stderr[-3000:]

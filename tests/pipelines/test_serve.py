@@ -51,11 +51,11 @@ def served(tmp_path_factory, ray_cluster, model_dirs):
     built = run_index(cfg, IndexRequest(dataset=data, model=model_dirs["text"], out=index))
     store = IndexStore(index)
     manifest = store.latest()
-    m = len(manifest["layout"]["groups"])
+    m = len(manifest.layout["groups"])
     gen = np.random.default_rng(0)
     aspects = {a: {"weights": list(w / w.sum())} for a, w in (("general", gen.random(m)), ("subject", gen.random(m)))}
     aspects["general"].update(answered_by="general", choice={"by": "validation"})  # measured above uniform
-    store.write_json(artifact_path(manifest["version"], "learned"), weights_document(index, manifest, aspects, {}))
+    store.write_json(artifact_path(manifest.version, "learned"), weights_document(index, manifest, aspects, {}))
     # The next version (6 images added) is built before serving starts: on 2 CPUs the index
     # job and the endpoint's replicas would compete for CPUs. Serving pins the first one.
     added = [dict(r, example_id=f"added-{i}") for i, r in enumerate(synthetic_rows(6, seed=99, size=16))]
@@ -94,10 +94,10 @@ def test_index_info_and_openapi(served):
 def test_answers_equal_offline_scoring_of_the_same_image(served):
     adapter = load_model_dir(served["model"], "cpu")
     loaded = load_index(served["index"], served["version"])
-    fcfg = from_mapping(FeaturizeConfig, loaded.manifest["featurize"])
+    fcfg = from_mapping(FeaturizeConfig, loaded.manifest.featurize)
     featurizer = Featurizer(adapter, fcfg)
     store = IndexStore(served["index"])
-    document = store.read_json(artifact_path(loaded.manifest["version"], "learned"))
+    document = store.read_json(artifact_path(loaded.manifest.version, "learned"))
     aspects = ["general", "subject", "uniform"]
     for row in served["rows"][:2] + [dict(served["rows"][5], image=encode_png(np.full((20, 24, 3), 90, np.uint8)))]:
         status, answer = post(served["url"], {"image": b64(row["image"]), "prompt": row["caption"],
@@ -340,7 +340,7 @@ def test_contrastive_aspect_queries_equal_offline_scoring(served, tmp_path):
     assert answer["aspect_queries"] == {"subject": "contrastive+aspect"}
     assert "QueryFeaturizer" in serve.status().applications[APP_NAME].deployments
     loaded = load_index(served["index"], answer["index"]["version"])
-    featurizer = Featurizer(load_model_dir(served["model"], "cpu"), from_mapping(FeaturizeConfig, loaded.manifest["featurize"]))
+    featurizer = Featurizer(load_model_dir(served["model"], "cpu"), from_mapping(FeaturizeConfig, loaded.manifest.featurize))
     values = {a: list(p.values) for a, p in ProjectConfig().weights.prompts.items()}
     without = without_concept(row["caption"], "subject", values)
     assert without != row["caption"]

@@ -97,8 +97,8 @@ def test_evaluate_on_a_users_class_labelled_parquet_set(tmp_path, ray_cluster):
         "train-0.parquet", "train-1.parquet"], "the user's dataset is read, never written"
     # Every example of the universe indexed, with the label column and class names the model learned.
     universe = IndexStore(str(tmp_path / "eval" / "lds" / "index-square")).latest()
-    assert universe["rows"] == 24 and universe["errors"]["rows"] == 0
-    assert universe["dataset"]["label_column"] == "label"
+    assert universe.rows == 24 and universe.errors.rows == 0
+    assert universe.dataset["label_column"] == "label"
     recipe = json.loads((tmp_path / "eval" / "lds" / "model" / "training.json").read_text())
     assert recipe["label_names"] == ["0", "1", "2"] and recipe["columns"]["label"] == "label"
     # The exemplar check on the user's integer labels: each set learned by the model as a new class.
@@ -132,11 +132,11 @@ def test_evaluate_on_a_class_folder_dataset_with_the_models_class_names(tmp_path
     assert np.isfinite([metrics["lds"]["dtrak"]["uniform"], metrics["lds"]["dtrak"]["learned"]]).all()
     store = IndexStore(str(tmp_path / "index"))
     manifest = store.latest()
-    assert manifest["dataset"]["layout"] == "classfolder" and manifest["dataset"]["label_column"] == "label"
-    errors = [r for p in manifest["errors"]["shards"] for r in store.read_table(p).to_pylist()]
+    assert manifest.dataset["layout"] == "classfolder" and manifest.dataset["label_column"] == "label"
+    errors = [r for p in manifest.errors.shards for r in store.read_table(p).to_pylist()]
     assert [(e["example_id"], e["reason"]) for e in errors] == [("star/000.png", "missing or unknown class label")]
     universe = IndexStore(str(tmp_path / "eval" / "lds" / "index-square")).latest()
-    assert universe["rows"] == 24 and universe["errors"]["rows"] == 0
+    assert universe.rows == 24 and universe.errors.rows == 0
 
 
 def test_too_many_quarantined_is_not_committed(tmp_path, ray_cluster, class_model):

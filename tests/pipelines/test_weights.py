@@ -86,10 +86,10 @@ def test_learn_weights_end_to_end_grows_pools_and_ties_the_artifact_to_its_versi
     monkeypatch.undo()
     store = IndexStore(out)
     manifest = store.latest()
-    document = store.read_json(f"versions/{manifest['version']}/weights/learned.json")
-    assert result["artifact"].endswith(f"versions/{manifest['version']}/weights/learned.json")
+    document = store.read_json(f"versions/{manifest.version}/weights/learned.json")
+    assert result["artifact"].endswith(f"versions/{manifest.version}/weights/learned.json")
     assert set(document["aspects"]) == {"general", "subject"} and document["k"] == 3
-    assert document["groups"] == [g["name"] for g in manifest["layout"]["groups"]]
+    assert document["groups"] == [g["name"] for g in manifest.layout["groups"]]
     for info in document["aspects"].values():
         assert abs(sum(info["weights"]) - 1) < 1e-9 and min(info["weights"]) >= 0 and info["queries"] == 4
     # Pools of k candidates under the mining weightings miss some top-k of the learned
@@ -127,7 +127,7 @@ def _validation_equals_offline_recall(cfg, out: str, manifest: dict, document: d
     assert found["queries"] == 6 and found["k"] == 3 and set(found["recall"]) == {"subject", "general", "uniform"}
     assert document["aspects"]["subject"]["answered_by"] == choose(found["gains"], ["subject", "general", "uniform"])
     wcfg = cfg.weights
-    prompts, asked, values = validation_set(manifest["dataset"], caption_column=None, label_column=None,
+    prompts, asked, values = validation_set(manifest.dataset, caption_column=None, label_column=None,
                                             aspects=["subject"], columns=["subject"], n=6, seed=wcfg.seed)
     adapter = load_model_dir(model)
     images = generate(adapter, prompts=prompts, n=6, seed=stable_seed("validation-queries", wcfg.seed),
