@@ -40,7 +40,7 @@ def content_id(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
-def projection_matrix(seed: int, layer: str, side: str, rows: int, cols: int) -> torch.Tensor:
+def projection_matrix(seed: int, layer: str, side: str, rows: int, *, cols: int) -> torch.Tensor:
     """Gaussian ``Tensor[rows, cols]`` (float32) with entries N(0, 1/rows).
 
     With that scale ``E[P^T P] = I``, so inner products are preserved in expectation:

@@ -40,7 +40,7 @@ def ensure_dataset(data: DataConfig) -> bool:
                           "add a data.synthetic section to have the synthetic set drawn there")
     s = data.synthetic
     log.info("writing the synthetic %s dataset (%d images) to %s", s.kind, s.n, data.uri)
-    write_synthetic(data.uri, s.n, s.seed, s.size, s.holdout, kind=s.kind)
+    write_synthetic(data.uri, s.n, s.seed, size=s.size, holdout=s.holdout, kind=s.kind)
     return True
 
 
@@ -83,7 +83,7 @@ def build_index(cfg: ProjectConfig, ray_address: str | None = None) -> dict[str,
                                        ray_address=ray_address, base=cfg.model.base))
 
 
-def ensure_weights(cfg: ProjectConfig, index: str, version: str, model: str | None = None,
+def ensure_weights(cfg: ProjectConfig, index: str, version: str, *, model: str | None = None,
                    ray_address: str | None = None) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """The weights document ``weights.name`` of an index version, learned first unless one
     learned with the same settings is there. Returns (document, the learning summary or None)."""

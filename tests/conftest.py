@@ -108,7 +108,7 @@ def write_lora(base_dir: str, out_dir, rank: int = 2, seed: int = 0, targets=Non
         for name, p in adapter.denoiser.named_parameters():
             if ".lora_B." in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return str(save_lora(adapter.denoiser, spec, out_dir, base_dir, base_fp))
+    return str(save_lora(adapter.denoiser, spec, out_dir, base_dir, base_fingerprint=base_fp))
 
 
 def write_diffusers_lora(base_dir: str, out_dir, rank: int = 2, seed: int = 0, text_encoder: bool = True) -> str:

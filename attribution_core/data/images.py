@@ -13,7 +13,7 @@ MAX_PIXELS = 64 * 2**20  # a decompression-bomb guard well above any training im
 
 
 def decode_image(data: bytes, example_id: str, resolution: int, channels: int,
-                 min_side: int = 0, max_aspect: float = 0.0) -> np.ndarray:
+                 *, min_side: int = 0, max_aspect: float = 0.0) -> np.ndarray:
     """PNG/JPEG/... bytes -> ``float32 [channels, resolution, resolution]`` in [-1, 1].
 
     Colour images are converted to RGB (``channels=3``) or luminance (``channels=1``);

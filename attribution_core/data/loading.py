@@ -48,7 +48,8 @@ def load_training_data(uri: str, cfg: TrainConfig, *, image_column: str = IMAGE_
                        id_column: str | None = None) -> TrainingData:
     """The dataset at ``uri`` prepared for the recipe ``cfg`` (Parquet: images and ids from
     the named columns)."""
-    return load_dataset(uri, cfg.resolution, cfg.channels, cfg.conditioning, cfg.caption_column, cfg.label_column,
+    return load_dataset(uri, cfg.resolution, cfg.channels, conditioning=cfg.conditioning,
+                        caption_column=cfg.caption_column, label_column=cfg.label_column,
                         image_column=image_column, id_column=id_column)
 
 
@@ -61,8 +62,8 @@ def class_names(labels: list[str]) -> list[str]:
     return sorted(distinct)
 
 
-def load_dataset(uri: str, resolution: int, channels: int, conditioning: str = "none",
-                 caption_column: str | None = None, label_column: str | None = None, *,
+def load_dataset(uri: str, resolution: int, channels: int, *, conditioning: str = "none",
+                 caption_column: str | None = None, label_column: str | None = None,
                  image_column: str = IMAGE_COLUMN, id_column: str | None = None) -> TrainingData:
     """Every example of ``uri`` decoded to ``resolution`` and ``channels``, with captions
     (``conditioning='text'``) or integer labels (``'class'``; the column ``label_column``,

@@ -31,7 +31,7 @@ class SyntheticExample:
     background: str
 
 
-def _subject_mask(subject: str, yy: np.ndarray, xx: np.ndarray, cx: float, cy: float, r: float) -> np.ndarray:
+def _subject_mask(subject: str, yy: np.ndarray, xx: np.ndarray, cx: float, *, cy: float, r: float) -> np.ndarray:
     dx, dy = xx - cx, yy - cy
     if subject == "circle":
         return dx**2 + dy**2 <= r**2
@@ -49,7 +49,7 @@ def _subject_mask(subject: str, yy: np.ndarray, xx: np.ndarray, cx: float, cy: f
     raise ValueError(f"unknown subject {subject!r}")
 
 
-def _style_mask(style: str, mask: np.ndarray, yy: np.ndarray, xx: np.ndarray, size: int) -> np.ndarray:
+def _style_mask(style: str, mask: np.ndarray, yy: np.ndarray, xx: np.ndarray, *, size: int) -> np.ndarray:
     if style == "filled":
         return mask
     if style == "outlined":
@@ -117,7 +117,7 @@ def caption_for(subject: str, style: str, background: str) -> str:
     return f"{article} {style} {subject} on a {background} background"
 
 
-def render(subject: str, style: str, background: str, size: int, rng: np.random.Generator) -> np.ndarray:
+def render(subject: str, style: str, background: str, size: int, *, rng: np.random.Generator) -> np.ndarray:
     """``uint8 [size, size, 3]``: the subject drawn in ``style`` and a random colour, with
     random position and scale, over ``background``."""
     colour = list(PALETTE.values())[rng.integers(len(PALETTE))]
@@ -125,7 +125,7 @@ def render(subject: str, style: str, background: str, size: int, rng: np.random.
     yy, xx = np.mgrid[0:size, 0:size]
     r = size * rng.uniform(0.25, 0.38)
     cx, cy = size / 2 + rng.uniform(-0.12, 0.12) * size, size / 2 + rng.uniform(-0.12, 0.12) * size
-    shape = _style_mask(style, _subject_mask(subject, yy, xx, cx, cy, r), yy, xx, size)
+    shape = _style_mask(style, _subject_mask(subject, yy, xx, cx, cy=cy, r=r), yy, xx, size=size)
     img[shape] = colour
     return np.clip(img, 0, 255).astype(np.uint8)
 
@@ -145,5 +145,5 @@ def draw_example(seed: int, index: int, size: int = 16, holdout: Holdout = ()) -
         }
         if not is_held_out(attrs, holdout):
             break
-    image = render(attrs["subject"], attrs["style"], attrs["background"], size, rng)
+    image = render(attrs["subject"], attrs["style"], attrs["background"], size, rng=rng)
     return SyntheticExample(f"synth-{seed}-{index:07d}", image, caption_for(**attrs), **attrs)

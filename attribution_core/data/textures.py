@@ -33,7 +33,8 @@ def _hsv_to_rgb(h: float, s: float, v: float) -> np.ndarray:
     return np.array([(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)][i])
 
 
-def _pattern(kind: str, u: np.ndarray, v: np.ndarray, freq: float, phase: float, rng: np.random.Generator) -> np.ndarray:
+def _pattern(kind: str, u: np.ndarray, v: np.ndarray, freq: float, *, phase: float,
+             rng: np.random.Generator) -> np.ndarray:
     """``[H, W]`` in [0, 1]: the texture's mixing field over rotated coordinates (u, v)."""
     if kind == "stripes":
         return (np.sin(2 * np.pi * freq * u + phase) > 0).astype(float)
@@ -69,7 +70,7 @@ def draw_texture(seed: int, index: int, size: int = 16) -> TextureExample:
     yy, xx = np.mgrid[0:size, 0:size] / size - 0.5
     u = np.cos(angle) * xx + np.sin(angle) * yy
     v = -np.sin(angle) * xx + np.cos(angle) * yy
-    mix = _pattern(kind, u, v, rng.uniform(2.0, 4.5), rng.uniform(0, 2 * np.pi), rng)[..., None]  # [H, W, 1]
+    mix = _pattern(kind, u, v, rng.uniform(2.0, 4.5), phase=rng.uniform(0, 2 * np.pi), rng=rng)[..., None]  # [H, W, 1]
     hue = rng.uniform()
     light = _hsv_to_rgb(hue, rng.uniform(0.2, 0.8), rng.uniform(0.7, 1.0))
     dark = _hsv_to_rgb((hue + rng.uniform(0.25, 0.75)) % 1, rng.uniform(0.3, 1.0), rng.uniform(0.1, 0.5))

@@ -31,7 +31,7 @@ def read_marker(uri: str) -> dict[str, Any] | None:
 
 
 def write_parquet_dataset(
-    uri: str, rows: Iterable[dict[str, Any]], schema: pa.Schema, metadata: dict[str, Any], rows_per_file: int = 4096
+    uri: str, rows: Iterable[dict[str, Any]], schema: pa.Schema, metadata: dict[str, Any], *, rows_per_file: int = 4096
 ) -> int:
     """Write ``rows`` (dicts matching ``schema``) as part files, then the marker; returns the
     row count. Refuses a folder that already holds anything. A local folder appears only
@@ -105,7 +105,7 @@ def texture_rows(n: int, seed: int, size: int) -> Iterator[dict[str, Any]]:
 SYNTHETIC_KINDS = ("shapes", "textures")
 
 
-def write_synthetic(uri: str, n: int, seed: int, size: int = 32, holdout: Holdout = (), rows_per_file: int = 4096,
+def write_synthetic(uri: str, n: int, seed: int, *, size: int = 32, holdout: Holdout = (), rows_per_file: int = 4096,
                     kind: str = "shapes") -> dict[str, Any]:
     """Write a synthetic set, deterministic from ``seed``: ``shapes`` (subject / style /
     background with captions) or ``textures`` (class-labelled texture photographs)."""
@@ -121,7 +121,9 @@ def write_synthetic(uri: str, n: int, seed: int, size: int = 32, holdout: Holdou
     metadata = {"kind": "synthetic", "set": kind, "n": n, "seed": seed, "size": size,
                 "holdout": [dict(entry) for entry in holdout]}
     if kind == "textures":
-        rows = write_parquet_dataset(uri, texture_rows(n, seed, size), TEXTURE_SCHEMA, metadata, rows_per_file)
+        rows = write_parquet_dataset(uri, texture_rows(n, seed, size), TEXTURE_SCHEMA, metadata,
+                                     rows_per_file=rows_per_file)
     else:
-        rows = write_parquet_dataset(uri, synthetic_rows(n, seed, size, holdout), SYNTH_SCHEMA, metadata, rows_per_file)
+        rows = write_parquet_dataset(uri, synthetic_rows(n, seed, size, holdout), SYNTH_SCHEMA, metadata,
+                                     rows_per_file=rows_per_file)
     return {**metadata, "rows": rows, "uri": uri}

@@ -77,7 +77,7 @@ def fit_shrunk(sums: np.ndarray, actual: np.ndarray, rng: np.random.Generator, s
 
 
 def headroom(contributions: np.ndarray, masks: np.ndarray, actual: np.ndarray, weights: dict[str, np.ndarray],
-             seed: int = 0, resamples: int = 2000, steps: int = 400) -> dict[str, Any]:
+             *, seed: int = 0, resamples: int = 2000, steps: int = 400) -> dict[str, Any]:
     """Two-fold headroom over halves of subsets and queries.
 
     ``contributions [M, Q, N]`` per-group scores of every query and universe example;

@@ -35,7 +35,7 @@ def query_halves(queries: int, seed: int) -> np.ndarray:
 
 
 def served_choice(boot: TwoWayBootstrap, uniform: np.ndarray, learned: np.ndarray, actual: np.ndarray,
-                  seed: int) -> dict[str, Any]:
+                  *, seed: int) -> dict[str, Any]:
     """Which of uniform and learned weights LDS says to serve (``choice.RULE``: learned only
     when its paired interval against uniform lies above 0), with the served row's LDS and its
     paired difference to uniform, and the same rule cross-fitted: each half of the queries
@@ -90,7 +90,7 @@ def noise_ceiling(boot: TwoWayBootstrap, actual: np.ndarray, replica: np.ndarray
     return out
 
 
-def basis_row(pair: np.ndarray, masks: np.ndarray, actual: np.ndarray, boot: TwoWayBootstrap, seed: int,
+def basis_row(pair: np.ndarray, masks: np.ndarray, actual: np.ndarray, boot: TwoWayBootstrap, *, seed: int,
               by_damping: dict[float, np.ndarray] | None = None, per_group: np.ndarray | None = None,
               learned: np.ndarray | None = None, groups: list[str] | None = None,
               headroom_resamples: int = 2000) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -110,7 +110,7 @@ def basis_row(pair: np.ndarray, masks: np.ndarray, actual: np.ndarray, boot: Two
         row[name], row[f"{name}_ci"], detail[name] = cell["lds"], cell["ci"], cell["per_query"]
     difference = boot.paired(learned_pred, uniform, actual)
     row["difference"], row["difference_ci"] = difference[0], difference[1:]
-    row["served"] = served_choice(boot, uniform, learned_pred, actual, seed)
+    row["served"] = served_choice(boot, uniform, learned_pred, actual, seed=seed)
     if learned is not None and groups is not None:
         row["weights"] = dict(zip(groups, np.asarray(learned).tolist()))
     if by_damping:

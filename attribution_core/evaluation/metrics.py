@@ -73,7 +73,7 @@ def lds_per_query(predicted: np.ndarray, actual: np.ndarray) -> np.ndarray:
     return np.array([spearman(p, a) for p, a in zip(predicted, actual)])
 
 
-def lds(attributions: np.ndarray, masks: np.ndarray, actual: np.ndarray, seed: int = 0,
+def lds(attributions: np.ndarray, masks: np.ndarray, actual: np.ndarray, *, seed: int = 0,
         resamples: int = 2000) -> dict[str, Any]:
     """LDS of ``attributions [Q, N]`` against retrained outputs ``actual [Q, S]`` on subsets
     ``masks [S, N]``: mean, bootstrap interval over queries, and the per-query values."""

@@ -73,7 +73,7 @@ def parameter_groups(adapter: DiffusersAdapter, layout: GroupLayout) -> tuple[li
 
 
 def whole_gradients(adapter: DiffusersAdapter, batch: ExampleBatch, cfg: FeaturizeConfig, names: list[str],
-                    unit_rows: bool) -> torch.Tensor:
+                    *, unit_rows: bool) -> torch.Tensor:
     """``Tensor[B, p]`` float32: each example's exact gradient of its mean measurement over
     its rows with respect to the denoiser parameters ``names`` (flattened in that order);
     ``unit_rows``: the mean of its rows' gradients, each scaled to unit norm over all of them."""
@@ -90,7 +90,7 @@ class DenseProjection:
     projector), generated ``block_rows`` parameter rows at a time from ``(seed, name, block)``,
     with each parameter group's share kept apart."""
 
-    def __init__(self, parameters: list[tuple[str, int, int]], groups: int, k: int, seed: int,
+    def __init__(self, parameters: list[tuple[str, int, int]], groups: int, *, k: int, seed: int,
                  block_rows: int = 8192) -> None:
         self.parameters, self.groups, self.k, self.seed, self.block_rows = parameters, groups, k, seed, block_rows
 
@@ -117,7 +117,7 @@ class DenseProjection:
 
 @torch.no_grad()
 def residual_scale(adapter: DiffusersAdapter, batch: ExampleBatch, timesteps: int, seed: int,
-                   rows_per_pass: int = 1000) -> torch.Tensor:
+                   *, rows_per_pass: int = 1000) -> torch.Tensor:
     """``Tensor[B]`` float64: DAS's ``r(x) = mean_t e(t) / ||e||_2`` with ``e(t)`` the RMS of
     the denoising error at ``timesteps`` evenly spaced timesteps (one noise draw each, seeded
     by the example's id)."""

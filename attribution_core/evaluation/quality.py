@@ -105,7 +105,7 @@ def model_quality(
     classifier: AttributeClassifier,
     held_in: list[dict[str, str]],
     held_out: list[dict[str, str]],
-    per_combo: int,
+    *, per_combo: int,
     guidance: float,
     steps: int,
     seed: int,

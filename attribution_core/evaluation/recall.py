@@ -31,7 +31,7 @@ def aspect_recall_table(
     layout: GroupLayout,
     kernel: list[tuple[int, int, torch.Tensor]] | None,
     index_rows: torch.Tensor,
-    weights: dict[str, Any] | None,
+    *, weights: dict[str, Any] | None,
     query_attributes: dict[str, Sequence[Any]],
     train_attributes: dict[str, Sequence[Any]],
     k: int = 10,
@@ -49,7 +49,7 @@ def aspect_recall_table(
     names = sorted({a for a in aspects if a in learned} | ({"general"} & learned) | {UNIFORM})
     doc = weights or {"groups": list(layout.group_names), "aspects": {}}
     blocks = [index_rows[i : i + block] for i in range(0, index_rows.shape[0], block)]
-    _, top = attribute(features, weights_matrix(doc, names), layout, kernel, blocks, k)  # [A, Q, k]
+    _, top = attribute(features, weights_matrix(doc, names), layout, kernel, blocks=blocks, k=k)  # [A, Q, k]
     knn = pixel_knn(query_pixels, train_pixels, k) if query_pixels is not None and train_pixels is not None else None
     table: dict[str, dict[str, float]] = {}
     for aspect in aspects:
@@ -71,7 +71,7 @@ def aspect_recall_table(
 
 
 def contrastive_recall(features: torch.Tensor, layout: GroupLayout, kernel: list[tuple[int, int, torch.Tensor]] | None,
-                       index_rows: torch.Tensor, weights: dict[str, Any] | None, aspect: str,
+                       index_rows: torch.Tensor, *, weights: dict[str, Any] | None, aspect: str,
                        asked: Sequence[Any], truth: Sequence[Any], k: int = 10, block: int = 4096,
                        hits: dict[str, dict[str, np.ndarray]] | None = None) -> dict[str, float]:
     """Recall@k of one aspect's contrastive query features ``[Q, D]``: with uniform weights
@@ -80,7 +80,7 @@ def contrastive_recall(features: torch.Tensor, layout: GroupLayout, kernel: list
     names = [UNIFORM, aspect] if learned else [UNIFORM]
     doc = weights or {"groups": list(layout.group_names), "aspects": {}}
     blocks = [index_rows[i : i + block] for i in range(0, index_rows.shape[0], block)]
-    _, top = attribute(features, weights_matrix(doc, names), layout, kernel, blocks, k)  # [A, Q, k]
+    _, top = attribute(features, weights_matrix(doc, names), layout, kernel, blocks=blocks, k=k)  # [A, Q, k]
     per_query = {"contrastive": recall_hits(top[0].numpy(), list(asked), list(truth))}
     if learned:
         per_query["contrastive_aspect"] = recall_hits(top[1].numpy(), list(asked), list(truth))

@@ -42,11 +42,11 @@ class KroneckerCapture:
         self.layers: list[tuple[TrackedLayer, nn.Module]] = [(ly, modules[ly.name]) for ly in layout.layers]
         # P_in: [k_in, fan_in], P_out: [k_out, fan_out], regenerated from (seed, layer name).
         self.p_in = {
-            ly.name: projection_matrix(seed, ly.name, "in", layout.k_in, ly.fan_in).to(device)
+            ly.name: projection_matrix(seed, ly.name, "in", layout.k_in, cols=ly.fan_in).to(device)
             for ly in layout.layers
         }
         self.p_out = {
-            ly.name: projection_matrix(seed, ly.name, "out", layout.k_out, ly.fan_out).to(device)
+            ly.name: projection_matrix(seed, ly.name, "out", layout.k_out, cols=ly.fan_out).to(device)
             for ly in layout.layers
         }
         self._conv_kernels = {
@@ -77,7 +77,8 @@ class KroneckerCapture:
             padding = 0
         else:
             padding = module.padding
-        out = F.conv2d(a, self._conv_kernels[layer.name], bias, module.stride, padding, module.dilation)
+        out = F.conv2d(a, self._conv_kernels[layer.name], bias, stride=module.stride, padding=padding,
+                       dilation=module.dilation)
         return out.flatten(2)  # [R, k_in, H', W'] -> [R, k_in, P]
 
     def _accumulate(self, layer: TrackedLayer, a_proj: torch.Tensor, grad: torch.Tensor) -> None:

@@ -220,7 +220,8 @@ def build_layout(model: nn.Module, groups: GroupConfig, projection: ProjectionCo
         start = offset
         for name in layer_names:
             kind, fan_in, fan_out, has_bias = _layer_shape(name, candidates[name])
-            layers.append(TrackedLayer(name, kind, fan_in, fan_out, has_bias, group, offset, dim))
+            layers.append(TrackedLayer(name=name, kind=kind, fan_in=fan_in, fan_out=fan_out, has_bias=has_bias,
+                                       group=group, offset=offset, dim=dim))
             offset += dim
         specs.append(GroupSpec(group, start, offset - start, tuple(layer_names)))
     return GroupLayout(tuple(specs), tuple(layers), projection.k_in, projection.k_out)

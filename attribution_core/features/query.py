@@ -32,7 +32,7 @@ def resolve_label(adapter: DiffusersAdapter, label: str | int | None) -> int:
     return label
 
 
-def query_batch(adapter: DiffusersAdapter, images: list[bytes], prompts: list[str | None] | None = None,
+def query_batch(adapter: DiffusersAdapter, images: list[bytes], *, prompts: list[str | None] | None = None,
                 labels: list[str | int | None] | None = None, contrast: list[str] | None = None) -> ExampleBatch:
     """Decode ``images`` (``ImageDecodeError`` names the bad one) into a batch for ``adapter``;
     text models get ``prompts`` (missing -> the empty prompt, i.e. unconditional) and, for
@@ -51,7 +51,7 @@ def query_batch(adapter: DiffusersAdapter, images: list[bytes], prompts: list[st
         contrast_captions=tuple(contrast) if contrast is not None else None)
 
 
-def featurize_images(featurizer: Featurizer, images: list[bytes], prompts: list[str | None] | None = None,
+def featurize_images(featurizer: Featurizer, images: list[bytes], *, prompts: list[str | None] | None = None,
                      labels: list[str | int | None] | None = None, contrast: list[str] | None = None) -> torch.Tensor:
     """``Tensor[len(images), k_total]`` float32 features of encoded images."""
-    return featurizer.flat(query_batch(featurizer.adapter, images, prompts, labels, contrast))
+    return featurizer.flat(query_batch(featurizer.adapter, images, prompts=prompts, labels=labels, contrast=contrast))

@@ -37,7 +37,7 @@ def tracked_parameter_names(layout: GroupLayout) -> list[str]:
 
 def per_example_gradients(
     adapter: DiffusersAdapter, batch: ExampleBatch, cfg: FeaturizeConfig, layout: GroupLayout | None,
-    per_row: bool = False, names: list[str] | None = None,
+    *, per_row: bool = False, names: list[str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Exact gradients ``{param name: Tensor[B, *param.shape]}`` of each example's mean
     measurement over its rows, for every tracked weight and bias of ``layout`` (or the
@@ -100,7 +100,7 @@ def reference_features(
     """``Tensor[B, k_total]`` float32: exact gradients, explicitly projected per layer (with
     ``normalize: timestep``: each row's, scaled to unit norm over all layers, then averaged)."""
     per_row = cfg.normalize == "timestep"
-    grads = per_example_gradients(adapter, batch, cfg, layout, per_row)
+    grads = per_example_gradients(adapter, batch, cfg, layout, per_row=per_row)
     b = len(batch) * (cfg.rows_per_example if per_row else 1)
     flat = torch.zeros(b, layout.k_total, dtype=torch.float32)
     for layer in layout.layers:
@@ -109,8 +109,8 @@ def reference_features(
         if layer.has_bias:
             parts.append(grads[f"{layer.name}.bias"].reshape(b, layer.fan_out, 1))
         g = torch.cat(parts, dim=2).float().cpu()  # [B, fan_out, fan_in]
-        p_in = projection_matrix(cfg.seed, layer.name, "in", layout.k_in, layer.fan_in)
-        p_out = projection_matrix(cfg.seed, layer.name, "out", layout.k_out, layer.fan_out)
+        p_in = projection_matrix(cfg.seed, layer.name, "in", layout.k_in, cols=layer.fan_in)
+        p_out = projection_matrix(cfg.seed, layer.name, "out", layout.k_out, cols=layer.fan_out)
         proj = p_out @ g @ p_in.T  # [B, k_out, k_in]
         flat[:, layer.offset : layer.offset + layer.dim] = proj.reshape(b, -1)
     if per_row:
@@ -138,7 +138,7 @@ def reference_row_scale(adapter: DiffusersAdapter, batch: ExampleBatch, cfg: Fea
 
 
 def dense_projected_gradients(
-    grads: dict[str, torch.Tensor], k: int, seed: int, block_rows: int = 65536, max_blocks: int | None = None
+    grads: dict[str, torch.Tensor], k: int, seed: int, *, block_rows: int = 65536, max_blocks: int | None = None
 ) -> torch.Tensor:
     """``Tensor[B, k]``: flattened per-example gradients times a dense Gaussian
     ``[n_params, k]`` matrix (entries N(0, 1/k)), generated ``block_rows`` rows at a time.

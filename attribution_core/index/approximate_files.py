@@ -55,7 +55,7 @@ def scaled_rows(store: IndexStore, shard: str, layout: GroupLayout, dtype: np.dt
 
 
 def training_rows(store: IndexStore, shards: Sequence[Shard], layout: GroupLayout, seed: int,
-                  limit: int = MAX_TRAIN_ROWS) -> np.ndarray:
+                  *, limit: int = MAX_TRAIN_ROWS) -> np.ndarray:
     """A seeded sample of at most ``limit`` rows: whole shards in a seeded order until there
     are enough (shards are batches of the source in no meaningful order), then rows among them."""
     order = np.random.default_rng(seed).permutation(len(shards))
@@ -99,7 +99,7 @@ def read_codes(store: IndexStore, path: str, wanted: set[str]) -> dict[str, np.n
 
 
 def partition_index(store: IndexStore, entry: dict[str, Any], shards: Sequence[Shard], dim: int,
-                    candidates: int = 0) -> ApproximateIndex:
+                    *, candidates: int = 0) -> ApproximateIndex:
     """The approximate index over ``shards``: the version's trained index (``entry``) with
     their codes added in their order, so candidate numbers are the partition's row numbers;
     ``candidates`` overrides the version's (0 keeps it)."""

@@ -71,7 +71,7 @@ def _prepare(featurizer: Featurizer, rows: pa.Table, limits: ImageLimits) -> tup
             reasons[i] = "missing or unknown class label"
             continue
         try:
-            pixels.append(decode_image(images[i], eid, h, c, limits.min_side, limits.max_aspect))
+            pixels.append(decode_image(images[i], eid, h, c, min_side=limits.min_side, max_aspect=limits.max_aspect))
         except ImageDecodeError as exc:
             reasons[i] = str(exc)
             continue
@@ -79,7 +79,7 @@ def _prepare(featurizer: Featurizer, rows: pa.Table, limits: ImageLimits) -> tup
     return good, pixels, reasons, labels
 
 
-def _batch(rows: pa.Table, good: list[int], pixels: list, adapter_conditioning: str, labels: list) -> ExampleBatch:
+def _batch(rows: pa.Table, good: list[int], pixels: list, adapter_conditioning: str, *, labels: list) -> ExampleBatch:
     ids = rows.column("example_id").to_pylist()
     captions = rows.column("caption").to_pylist()
     return ExampleBatch(
@@ -121,7 +121,7 @@ def index_batch(featurizer: Featurizer, rows: pa.Table, dtype: str = "float16",
     flat = torch.empty(0, featurizer.layout.k_total)
     scale = torch.empty(0) if featurizer.row_scaled else None
     if good:
-        batch = _batch(rows, good, pixels, adapter.conditioning, labels)
+        batch = _batch(rows, good, pixels, adapter.conditioning, labels=labels)
         kept, flat, scale = _featurize_isolating(featurizer, batch, reasons, good)
     finite = ~nonfinite_rows(flat) if len(kept) else torch.ones(0, dtype=torch.bool)
     if scale is not None and len(kept):
@@ -132,7 +132,7 @@ def index_batch(featurizer: Featurizer, rows: pa.Table, dtype: str = "float16",
     final = [i for i, ok in zip(kept, finite.tolist()) if ok]
     keep_rows = torch.tensor([j for j, ok in enumerate(finite.tolist()) if ok], dtype=torch.long)
     features = features_table(rows.take(pa.array(final, type=pa.int64())), flat[keep_rows], featurizer.layout, dtype,
-                              scale[keep_rows] if scale is not None else None)
+                              scale=scale[keep_rows] if scale is not None else None)
     bad = [i for i, r in enumerate(reasons) if r]
     errors = errors_table([
         {"example_id": rows.column("example_id")[i].as_py(), "content_hash": rows.column("content_hash")[i].as_py(),

@@ -184,6 +184,10 @@ class IndexManifest:
         return sum(s.rows for s in self.shards)
 
     @property
+    def shard_paths(self) -> list[str]:
+        return [s.path for s in self.shards]
+
+    @property
     def columns(self) -> dict[str, str]:
         """Group name -> its column in the feature shards."""
         return {g["name"]: group_column(g["name"]) for g in self.layout["groups"]}

@@ -44,7 +44,7 @@ def check_model(fingerprint: str, manifest: IndexManifest, model_path: str) -> N
 
 
 def open_for_model(store: IndexStore, version: str | None, adapter: DiffusersAdapter, model_path: str,
-                   max_rows_per_pass: int, fingerprint: str | None = None,
+                   *, max_rows_per_pass: int, fingerprint: str | None = None,
                    cache: dict[str, Featurizer] | None = None) -> tuple[IndexManifest, Featurizer]:
     """Everything a reader that featurizes queries needs, in one call: the version's manifest
     (``open_version``), ``adapter`` checked to be the model it was built with (pass its

@@ -90,7 +90,7 @@ def _row_buffer(rows: int, dim: int, dtype: np.dtype, rows_dir: str | None) -> n
         os.unlink(path)
 
 
-def load_index(uri: str, version: str | None = None, part: int = 0, parts: int = 1,
+def load_index(uri: str, *, version: str | None = None, part: int = 0, parts: int = 1,
                dtype: np.dtype = np.float32, rows_dir: str | None = None) -> LoadedIndex:
     """The ``latest`` (or a named) committed version of the index at ``uri``.
 

@@ -59,7 +59,7 @@ def feature_schema(layout: GroupLayout, dtype: str, row_scaled: bool = False, me
 
 
 def features_table(keys: pa.Table, flat: torch.Tensor, layout: GroupLayout, dtype: str,
-                   scale: torch.Tensor | None = None) -> pa.Table:
+                   *, scale: torch.Tensor | None = None) -> pa.Table:
     """Key columns of ``keys`` (one row per example) + ``flat`` ``Tensor[B, k_total]`` split
     into one fixed-size-list column per group, cast to ``dtype`` (+ ``row_scale`` from
     ``scale`` ``Tensor[B]``, when given)."""

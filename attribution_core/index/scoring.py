@@ -65,7 +65,7 @@ def weighted_scores(
 
 
 def _merge(
-    best_v: torch.Tensor, best_i: torch.Tensor, v: torch.Tensor, i: torch.Tensor, k: int
+    best_v: torch.Tensor, best_i: torch.Tensor, v: torch.Tensor, i: torch.Tensor, *, k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     # [Q, k] running best + [Q, kk] block candidates -> [Q, k]
     all_v = torch.cat([best_v, v], dim=1)
@@ -89,7 +89,7 @@ def merged_topk(score_blocks: Iterable[torch.Tensor], k: int) -> tuple[torch.Ten
         if n == 0:
             continue
         v, order = torch.topk(scores, min(k, n), dim=1)  # [Q, kk], O(n_b) per query
-        best_v, best_i = _merge(best_v, best_i, v, order + start, k)
+        best_v, best_i = _merge(best_v, best_i, v, order + start, k=k)
         start += n
     return best_v, best_i
 
@@ -148,7 +148,7 @@ def preconditioned_queries(queries: torch.Tensor, weights: torch.Tensor, layout:
 
 
 def attribute(queries: torch.Tensor, weights: torch.Tensor, layout: GroupLayout,
-              kernel: list[tuple[int, int, torch.Tensor]] | None, blocks: Iterable[torch.Tensor], k: int
+              kernel: list[tuple[int, int, torch.Tensor]] | None, *, blocks: Iterable[torch.Tensor], k: int
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k under A weightings at once (general, aspects, uniform): one GEMM per index block.
 

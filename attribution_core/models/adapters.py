@@ -107,6 +107,7 @@ class DiffusersAdapter:
         self,
         denoiser: nn.Module,
         scheduler: Any,
+        *,
         text_encoder: nn.Module | None = None,
         tokenizer: Any | None = None,
         vae: nn.Module | None = None,

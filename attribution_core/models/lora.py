@@ -115,7 +115,7 @@ def adapter_state_dict(denoiser: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_lora(denoiser: nn.Module, spec: LoraSpec, out_dir: str | Path, base_dir: str | Path,
-              base_fingerprint: str) -> Path:
+              *, base_fingerprint: str) -> Path:
     """Write ``pytorch_lora_weights.safetensors`` (diffusers' LoRA file, loadable with
     ``pipeline.load_lora_weights``) and ``lora.json`` (the base, relative to ``out_dir`` when
     both are local paths)."""
@@ -258,7 +258,7 @@ def read_lora_file(lora_dir: str | Path) -> LoraFile:
     return LoraFile(path=file, states=states, alphas=alphas, declared_targets=declared)
 
 
-def attach(module: nn.Module, state: dict[str, torch.Tensor], spec: LoraSpec, what: str, file: Path) -> list[str]:
+def attach(module: nn.Module, state: dict[str, torch.Tensor], spec: LoraSpec, what: str, *, file: Path) -> list[str]:
     """Inject adapters of ``spec`` into ``module`` where ``state`` has weights and load them
     (frozen); returns the wrapped module names."""
     from peft import inject_adapter_in_model, set_peft_model_state_dict
@@ -289,12 +289,12 @@ def load_lora(denoiser: nn.Module, text_encoder: nn.Module | None, lora_dir: str
         if declared.rank != spec.rank:
             raise ModelLoadError(f"{lora.path} has adapters of rank {spec.rank} but {LORA_FILE} says {declared.rank}")
         spec = dataclasses.replace(spec, alpha=declared.alpha, targets=declared.targets)
-    attach(denoiser, lora.states["unet"], spec, "denoiser", lora.path)
+    attach(denoiser, lora.states["unet"], spec, "denoiser", file=lora.path)
     if "text_encoder" in lora.states:
         if text_encoder is None:
             raise ModelLoadError(f"{lora.path} adapts a text encoder but the base model has none: it was trained "
                                  "on another base model")
         text_spec = lora.spec("text_encoder")
-        attach(text_encoder, lora.states["text_encoder"], text_spec, "text encoder", lora.path)
+        attach(text_encoder, lora.states["text_encoder"], text_spec, "text encoder", file=lora.path)
         spec = dataclasses.replace(spec, text_encoder=text_spec)
     return spec

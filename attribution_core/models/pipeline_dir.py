@@ -122,7 +122,7 @@ def _load_pipeline(root: Path) -> DiffusersAdapter:
         tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer")
     if (root / "vae").is_dir():
         vae = AutoencoderKL.from_pretrained(root / "vae", torch_dtype=torch.float32, **weights(root / "vae"))
-    adapter = DiffusersAdapter(unet, scheduler, text_encoder, tokenizer, vae)
+    adapter = DiffusersAdapter(unet, scheduler, text_encoder=text_encoder, tokenizer=tokenizer, vae=vae)
     adapter.variants = variants
     return adapter
 

@@ -45,7 +45,7 @@ def _sampler(adapter: DiffusersAdapter, name: str, steps: int):
 @torch.no_grad()
 def generate(
     adapter: DiffusersAdapter,
-    prompts: list[str] | None = None,
+    *, prompts: list[str] | None = None,
     labels: list[int] | None = None,
     n: int = 1,
     seed: int = 0,

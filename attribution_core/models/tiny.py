@@ -28,7 +28,8 @@ DEFAULT_WORDS = (
 ).split()
 
 
-def unet2d(resolution: int, channels: int, num_class_embeds: int | None, widths: tuple[int, ...], layers_per_block: int = 1):
+def unet2d(resolution: int, channels: int, num_class_embeds: int | None, widths: tuple[int, ...], *,
+           layers_per_block: int = 1):
     """A small pixel-space ``UNet2DModel`` (self-attention at every level but the first)."""
     from diffusers import UNet2DModel
 
@@ -46,7 +47,7 @@ def unet2d(resolution: int, channels: int, num_class_embeds: int | None, widths:
     )
 
 
-def unet_cond(sample_size: int, channels: int, cross_dim: int, widths: tuple[int, ...], layers_per_block: int = 1,
+def unet_cond(sample_size: int, channels: int, cross_dim: int, widths: tuple[int, ...], *, layers_per_block: int = 1,
               text_in_time: bool = False):
     """A small ``UNet2DConditionModel`` (cross-attention at every level but the first).
     ``text_in_time``: a pooled text embedding is added to the time embedding as well

@@ -66,8 +66,9 @@ def build_untrained(data: TrainingData, cfg: TrainConfig) -> DiffusersAdapter:
         words = caption_vocabulary([*data.captions, template_words(cfg.caption_template or "")])
         tokenizer = word_tokenizer(words, max_length=cfg.max_caption_tokens)
         text_encoder = text_encoder_for(tokenizer, cfg.text_width, cfg.text_layers)
-        unet = unet_cond(cfg.resolution, cfg.channels, cfg.text_width, tuple(cfg.widths), cfg.layers_per_block,
-                         cfg.text_in_time)
+        unet = unet_cond(cfg.resolution, cfg.channels, cfg.text_width, tuple(cfg.widths),
+                         layers_per_block=cfg.layers_per_block,
+                         text_in_time=cfg.text_in_time)
         adapter = DiffusersAdapter(unet, scheduler, text_encoder=text_encoder, tokenizer=tokenizer)
     else:
         classes = None
@@ -75,7 +76,7 @@ def build_untrained(data: TrainingData, cfg: TrainConfig) -> DiffusersAdapter:
             if data.labels is None or not data.label_names:
                 raise InputError(f"train.conditioning is 'class' but no labels were read from {cfg.label_column!r}")
             classes = len(data.label_names)
-        unet = unet2d(cfg.resolution, cfg.channels, classes, tuple(cfg.widths), cfg.layers_per_block)
+        unet = unet2d(cfg.resolution, cfg.channels, classes, tuple(cfg.widths), layers_per_block=cfg.layers_per_block)
         adapter = DiffusersAdapter(unet, scheduler)
     adapter.label_names = data.label_names
     if cfg.conditioning == "text":
@@ -216,8 +217,8 @@ def learning_rate_at(cfg: TrainConfig, step: int) -> float:
     return cfg.learning_rate * _lr_lambda(cfg)(step - 1)
 
 
-def train_model(data: TrainingData, cfg: TrainConfig, progress: Callable[[int, float, float], None] | None = None,
-                checkpoint: Callable[[int, TrainedModel], None] | None = None, checkpoints: int = 1, *,
+def train_model(data: TrainingData, cfg: TrainConfig, *, progress: Callable[[int, float, float], None] | None = None,
+                checkpoint: Callable[[int, TrainedModel], None] | None = None, checkpoints: int = 1,
                 start: DiffusersAdapter | None = None) -> TrainedModel:
     """Train ``cfg``'s model on ``data``; ``progress(step, loss, elapsed_s)`` is called every
     1 % of the steps. Deterministic for a given ``cfg.seed`` and thread count (checkpoints
@@ -238,14 +239,14 @@ def train_model(data: TrainingData, cfg: TrainConfig, progress: Callable[[int, f
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
-        return _train(data, cfg, progress, checkpoint, checkpoints, prepared=prepared)
+        return _train(data, cfg, progress=progress, checkpoint=checkpoint, checkpoints=checkpoints, prepared=prepared)
     finally:
         torch.set_num_threads(threads)  # a caller that trains in its own process keeps its threads
         if start is not None:
             start.denoiser.eval()
 
 
-def _train(data: TrainingData, cfg: TrainConfig, progress: Callable[[int, float, float], None] | None,
+def _train(data: TrainingData, cfg: TrainConfig, *, progress: Callable[[int, float, float], None] | None,
            checkpoint: Callable[[int, TrainedModel], None] | None, checkpoints: int,
            prepared: tuple[DiffusersAdapter, list[nn.Parameter], str | None] | None = None) -> TrainedModel:
     adapter, params, base_fingerprint = prepared or _trainable(data, cfg)
@@ -281,7 +282,7 @@ def _train(data: TrainingData, cfg: TrainConfig, progress: Callable[[int, float,
                 pe.lerp_(pm, 1 - decay)
         losses.append(float(per_example.detach().mean()))
         if checkpoint is not None and step + 1 in snapshots:
-            _snapshot(step + 1, params, ema, checkpoint, TrainedModel(
+            _snapshot(step + 1, params, ema, checkpoint, model=TrainedModel(
                 adapter=adapter, losses=list(losses), seconds=time.perf_counter() - start, cfg=cfg,
                 trainable_parameters=sum(p.numel() for p in params), base_fingerprint=base_fingerprint))
         if progress and ((step + 1) % every == 0 or step + 1 == cfg.steps):
@@ -300,7 +301,7 @@ def _train(data: TrainingData, cfg: TrainConfig, progress: Callable[[int, float,
 
 
 def _snapshot(step: int, params: list[nn.Parameter], ema: list[torch.Tensor],
-              checkpoint: Callable[[int, TrainedModel], None], model: TrainedModel) -> None:
+              checkpoint: Callable[[int, TrainedModel], None], *, model: TrainedModel) -> None:
     """Hand ``checkpoint`` the model with its EMA weights in place, then restore the live ones."""
     live = [p.detach().clone() for p in params]
     with torch.no_grad():

@@ -26,7 +26,8 @@ def save_model(model: TrainedModel, out_dir: str | Path, extra: dict[str, Any] |
     """Save as a diffusers pipeline directory (+ ``training.json`` describing how it was made)."""
     adapter = model.adapter
     if adapter.lora is not None:  # the adapters and a pointer to the base
-        out = save_lora(adapter.denoiser, adapter.lora, out_dir, model.cfg.base, model.base_fingerprint)
+        out = save_lora(adapter.denoiser, adapter.lora, out_dir, model.cfg.base,
+                        base_fingerprint=model.base_fingerprint)
     else:
         components: dict[str, Any] = {"unet": adapter.denoiser, "scheduler": adapter.scheduler}
         if adapter.text_encoder is not None:
@@ -45,7 +46,7 @@ def save_model(model: TrainedModel, out_dir: str | Path, extra: dict[str, Any] |
     return out
 
 
-def train_to_dir(data_uri: str, cfg: TrainConfig, out: Path, checkpoints: int = 1,
+def train_to_dir(data_uri: str, cfg: TrainConfig, out: Path, *, checkpoints: int = 1,
                  read_options: dict | None = None) -> dict:
     """Train ``cfg`` on the dataset at ``data_uri`` (logging progress) and save the model to
     ``out`` with its recipe and identity; the directory appears only once complete. With
@@ -58,7 +59,8 @@ def train_to_dir(data_uri: str, cfg: TrainConfig, out: Path, checkpoints: int = 
 
     def progress(step: int, loss: float, elapsed: float) -> None:
         rate = step / elapsed
-        log.info("step %d/%d loss %.4f  %.2f steps/s  eta %.0f s", step, cfg.steps, loss, rate, (cfg.steps - step) / rate)
+        log.info("step %(step)d/%(steps)d loss %(loss).4f  %(rate).2f steps/s  eta %(eta).0f s",
+                 {"step": step, "steps": cfg.steps, "loss": loss, "rate": rate, "eta": (cfg.steps - step) / rate})
 
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -68,7 +70,7 @@ def train_to_dir(data_uri: str, cfg: TrainConfig, out: Path, checkpoints: int = 
                                                          "columns": data.columns, "checkpoint_of": str(out),
                                                          "learning_rate": learning_rate_at(cfg, step)})
 
-    model = train_model(data, cfg, progress, keep, checkpoints)
+    model = train_model(data, cfg, progress=progress, checkpoint=keep, checkpoints=checkpoints)
     save_model(model, tmp, {"data": data_uri, "examples": len(data.example_ids), "columns": data.columns,
                             "identity": recipe_identity(cfg, model.base_fingerprint), "checkpoints": checkpoints,
                             "learning_rate": learning_rate_at(cfg, cfg.steps)})

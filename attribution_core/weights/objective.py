@@ -60,7 +60,7 @@ def check_pools(width: int, k: int) -> None:
 
 
 def pooled_objective(theta: torch.Tensor, pools: torch.Tensor, valid: torch.Tensor, noise: torch.Tensor,
-                     k: int, lambda_w: float) -> torch.Tensor:
+                     *, k: int, lambda_w: float) -> torch.Tensor:
     """The objective from pools (the scalable form).
 
     ``pools``: ``Tensor[Q, R, M]`` contributions of each query's candidates; ``valid``:
@@ -85,7 +85,7 @@ def full_cache_objective(theta: torch.Tensor, cache: torch.Tensor, k: int, lambd
     return (-top / scores.norm(dim=1)).mean() + lambda_w * (w**2).sum()
 
 
-def fit_full_cache(cache: torch.Tensor, k: int, lambda_w: float, steps: int, learning_rate: float) -> torch.Tensor:
+def fit_full_cache(cache: torch.Tensor, k: int, lambda_w: float, steps: int, *, learning_rate: float) -> torch.Tensor:
     """``w [M]`` minimising ``full_cache_objective`` over ``cache [Q, N, M]`` from uniform
     (theta = 0) with Adam: the paper's own optimisation, for a universe small enough to cache."""
     if k > cache.shape[1]:

@@ -42,7 +42,7 @@ def _keep_best(scores: torch.Tensor, contrib: torch.Tensor, ids: np.ndarray, r: 
 
 
 def scan_block(state: ScanState, grouped: torch.Tensor, weightings: torch.Tensor, features: torch.Tensor,
-               ids: list[str], r: int) -> ScanState:
+               *, ids: list[str], r: int) -> ScanState:
     """Fold a block of index rows (``features`` ``[B, k_total]`` with their ids) into ``state``.
 
     ``grouped``: ``Tensor[Q, M, k_total]`` from ``group_queries``; ``weightings``: ``[A, M]``.

@@ -72,8 +72,8 @@ class ServedIndex:
     metadata: list[str | None] | None = None  # kept columns per row (JSON objects), None when none are kept
 
     @classmethod
-    def load(cls, uri: str, version: str | None = None, weights_uri: str | None = None, weights_name: str = "learned",
-             part: int = 0, parts: int = 1, device: str = "cpu", search: str = "auto",
+    def load(cls, uri: str, *, version: str | None = None, weights_uri: str | None = None,
+             weights_name: str = "learned", part: int = 0, parts: int = 1, device: str = "cpu", search: str = "auto",
              candidates: int = 0, rows_dir: str | None = None, threads: int = 1) -> ServedIndex:
         """Version ``version`` (default: latest) of the index at ``uri``, partition ``part`` of
         ``parts``. Weights: ``weights_uri`` if given (same feature spec and groups required),
@@ -88,13 +88,13 @@ class ServedIndex:
         manifest = open_version(store, version)
         mode = search_mode(search, manifest, uri)
         if mode == "exact":
-            loaded = load_index(uri, manifest.version, part=part, parts=parts, dtype=np.float16)
+            loaded = load_index(uri, version=manifest.version, part=part, parts=parts, dtype=np.float16)
             search_index = SearchIndex(loaded.features, device=device)  # float16 rows as stored, packed
         else:
-            loaded = load_index(uri, manifest.version, part=part, parts=parts, dtype=np.float16,
+            loaded = load_index(uri, version=manifest.version, part=part, parts=parts, dtype=np.float16,
                                 rows_dir=rows_dir or tempfile.gettempdir())
             codes = partition_index(store, manifest.approximate, version_shards(manifest, part, parts),
-                                    loaded.layout.k_total, candidates)
+                                    loaded.layout.k_total, candidates=candidates)
             search_index = RescoredSearch(codes, loaded.features, threads)
         if weights_uri:
             weights = read_weights_uri(weights_uri)

@@ -31,7 +31,7 @@ def index_block(seed: int, number: int, n: int, k_total: int) -> torch.Tensor:
     return torch.randn(rows, k_total, generator=g)
 
 
-def index_blocks(n: int, k_total: int, seed: int, first: int = 0, last: int | None = None
+def index_blocks(n: int, k_total: int, seed: int, *, first: int = 0, last: int | None = None
                  ) -> Iterator[tuple[list[str], torch.Tensor]]:
     """``(row ids, rows)`` of blocks ``first .. last - 1`` (default: all)."""
     last = (n + BLOCK - 1) // BLOCK if last is None else last
@@ -40,7 +40,7 @@ def index_blocks(n: int, k_total: int, seed: int, first: int = 0, last: int | No
         yield [str(b * BLOCK + i) for i in range(rows.shape[0])], rows
 
 
-def synthetic_queries(n: int, queries: int, layout: GroupLayout, signal: tuple[int, ...], seed: int = 0,
+def synthetic_queries(n: int, queries: int, layout: GroupLayout, signal: tuple[int, ...], *, seed: int = 0,
                       noise_scale: float = 3.0, copy_noise: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
     """(queries ``[Q, k_total]``, source row of each ``[Q]``; sources among the first 16 blocks)."""
     g = torch.Generator().manual_seed(stable_seed("synthetic-queries", seed))

@@ -34,7 +34,7 @@ def _hit(value: Any, wanted: Any) -> float:
 
 
 def validate(top: np.ndarray, names: list[str], asked: dict[str, Sequence[Any]],
-             values: dict[str, dict[str, Any]], resamples: int = 1000, seed: int = 0) -> dict[str, dict[str, Any]]:
+             values: dict[str, dict[str, Any]], *, resamples: int = 1000, seed: int = 0) -> dict[str, dict[str, Any]]:
     """Per aspect of ``asked``: the choice ``record`` (``answered_by``, ``by``, ``rule``,
     ``gains``) plus ``"recall": {candidate: Recall@k}``, ``"intervals": {candidate: [lo, hi]}``,
     ``"queries"`` and ``"k"``.

@@ -120,7 +120,7 @@ def _max_rel_err(fast: torch.Tensor, ref: torch.Tensor, featurizer: Featurizer) 
     return worst
 
 
-def run(scale: str = "tiny", examples: int = 16, timesteps: int = 10, k: int = 8, repeats: int = 7,
+def run(scale: str = "tiny", *, examples: int = 16, timesteps: int = 10, k: int = 8, repeats: int = 7,
         full_dense: bool = False) -> dict[str, Any]:
     torch.manual_seed(0)
     if scale == "tiny":
@@ -214,6 +214,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     examples = args.examples or (16 if args.scale == "tiny" else 1)  # the parser refuses 0
     timesteps = args.timesteps or (10 if args.scale == "tiny" else 1)
-    result = run(args.scale, examples, timesteps, args.k, args.repeats, args.full_dense)
+    result = run(args.scale, examples=examples, timesteps=timesteps, k=args.k, repeats=args.repeats,
+                 full_dense=args.full_dense)
     print_report(result, args.json)
     return 0

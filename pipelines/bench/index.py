@@ -25,7 +25,7 @@ from pipelines.ray_runtime import cluster_cpus, ensure_ray
 from pipelines.output import print_report
 
 
-def _build(cfg: ProjectConfig, data: str, model: str, out: str, actors: int, threads: int) -> dict[str, Any]:
+def _build(cfg: ProjectConfig, data: str, model: str, out: str, *, actors: int, threads: int) -> dict[str, Any]:
     from pipelines.index.job import IndexRequest, run_index
 
     cfg = dataclasses.replace(cfg, index=dataclasses.replace(cfg.index, out=out, actors=actors, threads_per_actor=threads))
@@ -46,8 +46,8 @@ def _run(args: argparse.Namespace) -> int:
     data = str(work / "data")
     write_synthetic(data, args.n, seed=0, size=args.resolution, rows_per_file=256)
     start = time.perf_counter()
-    one = _build(cfg, data, model, str(work / "index-1"), 1, args.threads)
-    many = _build(cfg, data, model, str(work / f"index-{actors}"), actors, args.threads)
+    one = _build(cfg, data, model, str(work / "index-1"), actors=1, threads=args.threads)
+    many = _build(cfg, data, model, str(work / f"index-{actors}"), actors=actors, threads=args.threads)
     result: dict[str, Any] = {"examples": args.n, "cluster_cpus": cpus, "model_widths": list(widths),
                               "rows_per_example": cfg.featurize.rows_per_example, "runs": [one, many]}
     result["scaling_efficiency"] = round(many["rows_per_s"] / (actors * one["rows_per_s"]), 3)

@@ -55,7 +55,8 @@ def _run(args: argparse.Namespace) -> int:
     held_in, held_out = _combos(data_uri, data.attributes, args.combos, args.seed)
     attrs = {a: [str(v) for v in data.attributes[a]] for a in ATTRIBUTES}
     classifier = train_classifier(data.pixels, attrs, epochs=args.classifier_epochs, seed=args.seed)
-    result = model_quality(adapter, classifier, held_in, held_out, args.per_combo, args.guidance, args.steps, args.seed)
+    result = model_quality(adapter, classifier, held_in, held_out, per_combo=args.per_combo, guidance=args.guidance,
+                           steps=args.steps, seed=args.seed)
     result["seconds"] = round(time.perf_counter() - start, 1)
     result["model"] = str(args.model)
     if args.json:

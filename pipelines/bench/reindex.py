@@ -35,7 +35,7 @@ from pipelines.output import print_report
 
 
 def _builds(cfg: ProjectConfig, root: str, model: str, args: argparse.Namespace,
-            proxy: CountingProxy | None) -> dict[str, Any]:
+            *, proxy: CountingProxy | None) -> dict[str, Any]:
     from pipelines.index.job import IndexRequest, run_index
 
     data, index = f"{root}/data", f"{root}/index"
@@ -126,7 +126,7 @@ def _run(args: argparse.Namespace) -> int:
         ensure_ray(None)  # a local Ray started here, so its workers read S3 through the proxy
         for where in wheres:
             root = str(work / "local") if where == "local" else f"s3://{args.bucket}/bench-reindex-{int(time.time())}"
-            result[where] = _builds(cfg, root, model, args, proxy if where == "s3" else None)
+            result[where] = _builds(cfg, root, model, args, proxy=proxy if where == "s3" else None)
     result["work"] = str(work)
     print_report(result, args.json)
     return 0

@@ -195,7 +195,7 @@ def model_costs(model_dir: Path, timesteps: int) -> dict[str, Any]:
     }
 
 
-def _config(work: Path, model: Path, data: str, examples: int, timesteps: int, port: int) -> Path:
+def _config(work: Path, model: Path, data: str, examples: int, *, timesteps: int, port: int) -> Path:
     cfg = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
     cfg.pop("train"), cfg.pop("subset_train")
     cfg["data"] = {"uri": data}
@@ -234,7 +234,7 @@ def run(work: Path, examples: int, timesteps: int, timeout_s: float) -> dict[str
     if not Path(data).exists():
         write_synthetic(data, examples, seed=0, size=512)
     port = _free_port()
-    config = _config(work, model, data, examples, timesteps, port)
+    config = _config(work, model, data, examples, timesteps=timesteps, port=port)
     stages: dict[str, Any] = {}
     stages["index"] = run_stage("index", ["index", "--config", str(config), "--json"], timeout_s)
     built = stages["index"]["result"]

@@ -65,7 +65,7 @@ def _rows_file(base: LoadedIndex, n: int, path: Path, seed: int) -> torch.Tensor
     return torch.from_numpy(rows)
 
 
-def _queries(base: LoadedIndex, aspects: list[str], weights: dict[str, Any], count: int, seed: int) -> torch.Tensor:
+def _queries(base: LoadedIndex, aspects: list[str], weights: dict[str, Any], *, count: int, seed: int) -> torch.Tensor:
     """``[count, A, D]``: query features (mixtures, as the rows) under each aspect's weights and the kernel."""
     stored = base.stored_features().float()
     g, _ = mixture_rows(stored, stored.std(dim=0), count, torch.Generator().manual_seed(seed))
@@ -91,7 +91,7 @@ def _timing(times: list[float]) -> dict[str, float]:
 
 
 def _timed(search: Any, queries: torch.Tensor, k: int, threads: int,
-           torch_threads: int | None = None) -> tuple[dict[str, Any], torch.Tensor]:
+           *, torch_threads: int | None = None) -> tuple[dict[str, Any], torch.Tensor]:
     """Latency per query with every aspect in one call (a request for all of them) and with
     the first aspect alone (a request for 'general', the default), on ``threads`` threads
     (``torch_threads`` of them torch's, as a searcher of the tier sets them)."""
@@ -125,7 +125,8 @@ def _exact(rows: torch.Tensor, queries: torch.Tensor, k: int, threads: int) -> t
 
 
 def _approximate(rows: torch.Tensor, queries: torch.Tensor, k: int, settings: AnnSettings,
-                 whitening: Whitening | None, threads: int) -> tuple[dict[str, Any], torch.Tensor, ApproximateIndex, bytes]:
+                 *, whitening: Whitening | None, threads: int) -> tuple[dict[str, Any], torch.Tensor, ApproximateIndex,
+                                                                        bytes]:
     """The approximate tier's report and rows found, its index, and its trained quantisers."""
     started = time.perf_counter()
     array = rows.numpy()
@@ -137,14 +138,14 @@ def _approximate(rows: torch.Tensor, queries: torch.Tensor, k: int, settings: An
     coded = time.perf_counter()
     search = RescoredSearch(index, rows, threads)  # packs the codes for scanning
     packed = time.perf_counter()
-    timing, found = _timed(search, queries, k, threads, RESCORING_THREADS)
+    timing, found = _timed(search, queries, k, threads, torch_threads=RESCORING_THREADS)
     return ({"tier": "approximate", "kernel": search.kernel, "build_s": round(packed - started, 2),
              "train_s": round(trained - started, 2), "code_s": round(coded - trained, 2),
              "pack_s": round(packed - coded, 2), "bytes_per_row": index.bytes_per_row, **timing},
             found, index, trained_bytes)
 
 
-def _simulated(index: ApproximateIndex, trained: bytes, rows: torch.Tensor, n: int, queries: torch.Tensor,
+def _simulated(index: ApproximateIndex, trained: bytes, rows: torch.Tensor, n: int, *, queries: torch.Tensor,
                k: int, threads: int) -> dict[str, Any]:
     """``index``'s quantisers over ``n`` rows: its rows' codes, then the codes of its first
     rows repeated; a repeated row is rescored against the stored row it repeats."""
@@ -167,19 +168,19 @@ def _simulated(index: ApproximateIndex, trained: bytes, rows: torch.Tensor, n: i
     started = time.perf_counter()
     search = RescoredSearch(big, Repeated(), threads)
     packed = time.perf_counter() - started
-    timing, _ = _timed(search, queries, k, threads, RESCORING_THREADS)
+    timing, _ = _timed(search, queries, k, threads, torch_threads=RESCORING_THREADS)
     return {"tier": "approximate", "simulated": True, "kernel": search.kernel, "fill_s": round(filled, 2),
             "pack_s": round(packed, 2), "bytes_per_row": big.bytes_per_row, **timing, "recall": None}
 
 
-def run(index_uri: str, sizes: list[int], simulate: int, queries: int, k: int, seed: int, work: Path,
+def run(index_uri: str, sizes: list[int], *, simulate: int, queries: int, k: int, seed: int, work: Path,
         threads: int = 1, **overrides: int) -> dict[str, Any]:
     """The report; ``overrides``: ``AnnSettings`` fields to set instead of the defaults for N rows."""
     base = load_index(index_uri)
     store = IndexStore(index_uri)
     weights = find_weights(store, base.manifest, "learned") or {"groups": list(base.layout.group_names), "aspects": {}}
     aspects = [*weights["aspects"], UNIFORM]
-    q = _queries(base, aspects, weights, queries, seed + 1)
+    q = _queries(base, aspects, weights, count=queries, seed=seed + 1)
     results: list[dict[str, Any]] = []
     last = None
     for n in sizes:
@@ -187,7 +188,8 @@ def run(index_uri: str, sizes: list[int], simulate: int, queries: int, k: int, s
         rows = _rows_file(base, n, work / f"rows-{n}.f16", seed)
         exact, truth = _exact(rows, q, k, threads)
         settings = dataclasses.replace(default_settings(n, rows.shape[1], seed), **overrides)
-        approx, found, index, trained = _approximate(rows, q, k, settings, Whitening.from_kernel(base.kernel), threads)
+        approx, found, index, trained = _approximate(rows, q, k, settings,
+                                                     whitening=Whitening.from_kernel(base.kernel), threads=threads)
         approx["recall"] = _recall(found, truth, aspects)
         approx["recall_min_aspect_mean"] = min(r["mean"] for r in approx["recall"].values())
         results.append({"rows": n, "exact": exact, "approximate": approx, "settings": vars(settings)})
@@ -214,8 +216,8 @@ def _run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-search-", dir=args.work) as work:
         overrides = {name: value for name, value in (("code_bytes", args.code_bytes),
                                                       ("candidates", args.candidates)) if value}
-        report = run(index, args.rows, args.simulate, args.queries, args.k, args.seed, Path(work), args.threads,
-                     **overrides)
+        report = run(index, args.rows, simulate=args.simulate, queries=args.queries, k=args.k, seed=args.seed,
+                     work=Path(work), threads=args.threads, **overrides)
     print_report(report, args.json)
     return 0
 

@@ -62,7 +62,7 @@ def mixture_rows(x: torch.Tensor, spread: torch.Tensor, n: int,
 
 
 def synthetic_version(base_uri: str, out_uri: str, n: int, seed: int,
-                      approximate: ApproximateConfig | None = None) -> dict[str, Any]:
+                      *, approximate: ApproximateConfig | None = None) -> dict[str, Any]:
     """Commit an index version of ``n`` synthetic rows at ``out_uri`` with the base's spec,
     and its approximate index as ``approximate`` (``index.approximate``) builds one (on Ray)."""
     import pyarrow as pa
@@ -141,7 +141,7 @@ def measure(url: str, bodies: list[bytes], concurrency: int, warmup: int = 4) ->
 
 
 def standalone(cfg: ProjectConfig, model_dir: str, index_uri: str, rows: list[dict[str, Any]],
-               aspects: list[str] | None, k: int) -> dict[str, Any]:
+               *, aspects: list[str] | None, k: int) -> dict[str, Any]:
     """The floor under the endpoint: featurizing and searching the same queries in this process,
     with the replicas' threads and search settings, no Serve between them (p50 ms of each)."""
     from attribution_core.features.query import featurize_images
@@ -153,7 +153,8 @@ def standalone(cfg: ProjectConfig, model_dir: str, index_uri: str, rows: list[di
 
     scfg = cfg.serve
     adapter = load_model_dir(model_dir, "cpu")
-    _, featurizer = open_for_model(IndexStore(index_uri), None, adapter, model_dir, cfg.featurize.max_rows_per_pass)
+    _, featurizer = open_for_model(IndexStore(index_uri), None, adapter, model_dir,
+                                   max_rows_per_pass=cfg.featurize.max_rows_per_pass)
     threads = replica_threads(scfg.searcher_threads)
     served = ServedIndex.load(index_uri, weights_name=scfg.weights, search=scfg.search,
                               candidates=scfg.search_candidates, rows_dir=scfg.rows_dir, threads=threads)
@@ -163,7 +164,7 @@ def standalone(cfg: ProjectConfig, model_dir: str, index_uri: str, rows: list[di
     for i, row in enumerate(rows):
         torch.set_num_threads(scfg.threads or torch.get_num_threads())
         started = time.perf_counter()
-        features = featurize_images(featurizer, [row["image"]], [row["caption"]])
+        features = featurize_images(featurizer, [row["image"]], prompts=[row["caption"]])
         featurized = time.perf_counter()
         torch.set_num_threads(RESCORING_THREADS if served.search_mode == "approximate" else threads)
         set_threads(threads)
@@ -241,7 +242,7 @@ def _run(args: argparse.Namespace) -> int:
                 wait_ready(url, 600, version=version["version"])
             info = json.loads(urllib.request.urlopen(f"{url}/v1/index", timeout=30).read())
             floor = standalone(dataclasses.replace(cfg, serve=serve_cfg), str(model_dir), index_uri,
-                               queries[: min(args.requests) + 1], aspects, args.k)
+                               queries[: min(args.requests) + 1], aspects=aspects, k=args.k)
             log.info("standalone featurize + search at %d rows: %s", n, floor)
             for concurrency, count in zip(args.concurrency, args.requests):
                 row = measure(url, bodies[:count], concurrency)

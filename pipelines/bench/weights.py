@@ -33,7 +33,7 @@ from pipelines.weights.train import TrainStorage, optimise
 from pipelines.output import print_report
 
 
-def scaling(cfg: ProjectConfig, sizes: list[int], queries: int, groups: int, dim: int) -> list[dict[str, Any]]:
+def scaling(cfg: ProjectConfig, sizes: list[int], queries: int, groups: int, *, dim: int) -> list[dict[str, Any]]:
     layout = synthetic_layout(groups, dim)
     wcfg = cfg.weights
     out = []
@@ -43,13 +43,13 @@ def scaling(cfg: ProjectConfig, sizes: list[int], queries: int, groups: int, dim
         source = {"kind": "synthetic", "n": n, "k_total": layout.k_total, "seed": 0}
         start = time.perf_counter()
         state = scan(source, list(range((n + BLOCK - 1) // BLOCK)), grouped, mining_weightings(groups),
-                     wcfg.pool_size, True, wcfg.scan_partitions or cluster_cpus())
+                     r=wcfg.pool_size, with_noise=True, partitions=wcfg.scan_partitions or cluster_cpus())
         scan_s = time.perf_counter() - start
         pools = pools_from_state(state)
         part = {"contrib": pools.contrib.numpy(), "valid": pools.valid.numpy(), "noise": state.noise.numpy()}
         start = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="bench-weights-") as storage:  # Ray Train's run folder
-            result = optimise([part], np.zeros((1, groups)), wcfg, TrainStorage(storage), f"n{n}")
+            result = optimise([part], np.zeros((1, groups)), wcfg, TrainStorage(storage), name=f"n{n}")
         optimise_s = time.perf_counter() - start
         out.append({"n": n, "queries": queries, "groups": groups, "k_total": layout.k_total,
                     "pool_candidates": int(pools.valid.shape[1]), "steps": wcfg.steps, "workers": wcfg.workers,
@@ -58,7 +58,7 @@ def scaling(cfg: ProjectConfig, sizes: list[int], queries: int, groups: int, dim
     return out
 
 
-def aspect_recall(cfg: ProjectConfig, index_uri: str, queries: int, k: int, seed: int) -> dict[str, Any]:
+def aspect_recall(cfg: ProjectConfig, index_uri: str, queries: int, k: int, *, seed: int) -> dict[str, Any]:
     """Recall@k of each aspect's attribute: its learned weights vs general vs uniform weights
     vs pixel kNN, for generated queries of known attributes (the evaluation's Recall@K)."""
     from attribution_core.index.reader import load_index
@@ -86,10 +86,10 @@ def _run(args: argparse.Namespace) -> int:
     result: dict[str, Any] = {}
     if not args.skip_scaling:
         sizes = [int(s) for s in args.sizes.split(",")]
-        result["results"] = scaling(cfg, sizes, args.queries, args.groups, args.dim)
+        result["results"] = scaling(cfg, sizes, args.queries, args.groups, dim=args.dim)
     if args.index:
         torch.manual_seed(0)
-        result["recall"] = aspect_recall(cfg, args.index, args.eval_queries, args.k, args.eval_seed)
+        result["recall"] = aspect_recall(cfg, args.index, args.eval_queries, args.k, seed=args.eval_seed)
     print_report(result, args.json)
     return 0
 

@@ -29,7 +29,8 @@ def parse_holdout(specs: list[str]) -> tuple[tuple[tuple[str, str], ...], ...]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    result = write_synthetic(args.out, args.n, args.seed, args.size, parse_holdout(args.holdout), args.rows_per_file,
+    result = write_synthetic(args.out, args.n, args.seed, size=args.size, holdout=parse_holdout(args.holdout),
+                             rows_per_file=args.rows_per_file,
                              kind=args.kind)
     if args.json:
         print_result(json.dumps(result, indent=2))

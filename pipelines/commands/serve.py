@@ -19,7 +19,7 @@ def _run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopping.set())
     try:
-        url, info = start(serve_args, args.host, args.port, args.ray_address)
+        url, info = start(serve_args, host=args.host, port=args.port, ray_address=args.ray_address)
         print(f"serving {info['uri']} version {info['version']} ({info['rows']} rows; aspects "
               f"{', '.join(info['aspects'])}) at {url}\n"
               f"  POST {url}/v1/attributions   GET {url}/v1/index   GET {url}/healthz   docs {url}/docs\n"

@@ -64,13 +64,15 @@ def run_recall(cfg: ProjectConfig, index: LoadedIndex, document: dict[str, Any] 
     train_attrs = {a: [e.attributes[a] for e in rows] for a in aspects}
     vocabulary = {a: list(cfg.weights.prompts[a].values) for a in aspects if a in cfg.weights.prompts}
     seen = QuerySet([e.caption for e in sources], {a: [e.attributes[a] for e in sources] for a in aspects}, "recall")
-    table, intervals, generated, features, contrasts = _recall(cfg, adapter, featurizer, index, kernel, document, seen,
-                                                    train_attrs, train_pixels, vocabulary)
+    table, intervals, generated, features, contrasts = _recall(cfg, adapter, featurizer, index, kernel=kernel,
+                                                               document=document, queries=seen,
+                                                    train_attrs=train_attrs, train_pixels=train_pixels, vocabulary=vocabulary)
     unseen = heldout_queries(manifest.dataset["uri"], aspects, ecfg.recall_queries, ecfg.seed)
-    heldout_table, heldout_intervals = (_recall(cfg, adapter, featurizer, index, kernel, document, unseen, train_attrs,
-                                                train_pixels, vocabulary)[:2] if unseen else ({}, {}))
-    gallery = _gallery(ecfg.gallery, ecfg.gallery_k, features, contrasts, generated, sources, rows, aspects, index,
-                       kernel, document)
+    heldout_table, heldout_intervals = (_recall(cfg, adapter, featurizer, index, kernel=kernel, document=document,
+                                                queries=unseen, train_attrs=train_attrs,
+                                                train_pixels=train_pixels, vocabulary=vocabulary)[:2] if unseen else ({}, {}))
+    gallery = _gallery(ecfg.gallery, ecfg.gallery_k, features, contrasts, generated=generated, sources=sources,
+                       rows=rows, aspects=aspects, index=index, kernel=kernel, document=document)
     return {"table": table, "intervals": intervals, "heldout_table": heldout_table,
             "heldout_intervals": heldout_intervals, "heldout_queries": len(unseen.prompts) if unseen else 0,
             "gallery": gallery, "aspects": aspects, "queries": len(sources), "k": ecfg.recall_k,
@@ -101,7 +103,7 @@ def heldout_queries(dataset_uri: str, aspects: list[str], n: int, seed: int) -> 
                     {a: [c[a] for c in chosen] for a in aspects}, "recall-heldout")
 
 
-def _recall(cfg: ProjectConfig, adapter, featurizer, index: LoadedIndex, kernel, document: dict[str, Any] | None,
+def _recall(cfg: ProjectConfig, adapter, featurizer, index: LoadedIndex, *, kernel, document: dict[str, Any] | None,
             queries: QuerySet, train_attrs: dict[str, list[Any]], train_pixels: np.ndarray,
             vocabulary: dict[str, list[str]]) -> tuple[dict[str, dict[str, float]], dict[str, Any], list, Any, dict]:
     """The Recall@K table of one query set (every weighting, the contrastive rows and pixel
@@ -117,8 +119,9 @@ def _recall(cfg: ProjectConfig, adapter, featurizer, index: LoadedIndex, kernel,
                              for i, g in enumerate(generated)])
     hits: dict[str, dict[str, np.ndarray]] = {}
     contrasts: dict[str, Any] = {}
-    table = aspect_recall_table(features, index.layout, kernel, index.features, document, queries.attributes,
-                                train_attrs, ecfg.recall_k, query_pixels, train_pixels, hits=hits)
+    table = aspect_recall_table(features, index.layout, kernel, index.features, weights=document,
+                                query_attributes=queries.attributes,
+                                train_attributes=train_attrs, k=ecfg.recall_k, query_pixels=query_pixels, train_pixels=train_pixels, hits=hits)
     for a in vocabulary:  # Concept-TRAK: each query's prompt against the prompt without aspect a
         try:
             contrast = [without_concept(g.prompt, a, vocabulary, adapter.caption_template) for g in generated]
@@ -126,12 +129,13 @@ def _recall(cfg: ProjectConfig, adapter, featurizer, index: LoadedIndex, kernel,
             log.warning("no contrastive %s queries: %s (weights.prompts.%s.values name the values)", a, exc, a)
             continue
         contrastive = contrasts[a] = featurize_generated(featurizer, generated, contrast=contrast)
-        table[a].update(contrastive_recall(contrastive, index.layout, kernel, index.features, document, a,
-                                           queries.attributes[a], train_attrs[a], ecfg.recall_k, hits=hits))
+        table[a].update(contrastive_recall(contrastive, index.layout, kernel, index.features, weights=document,
+                                           aspect=a,
+                                           asked=queries.attributes[a], truth=train_attrs[a], k=ecfg.recall_k, hits=hits))
     return table, recall_intervals(hits, ecfg.bootstrap, ecfg.seed), generated, features, contrasts
 
 
-def _gallery(n: int, k: int, features, contrasts: dict[str, Any], generated, sources, rows, aspects,
+def _gallery(n: int, k: int, features, contrasts: dict[str, Any], *, generated, sources, rows, aspects,
              index: LoadedIndex, kernel, document: dict[str, Any] | None) -> list[dict[str, Any]]:
     """The first ``n`` queries with their top-``k`` training examples under each learned
     weighting, uniform weights and each aspect's contrastive query (``subject, contrastive``),
@@ -143,10 +147,11 @@ def _gallery(n: int, k: int, features, contrasts: dict[str, Any], generated, sou
     blocks = [index.features[i : i + 4096] for i in range(0, index.features.shape[0], 4096)]
     rankings: dict[str, tuple[Any, Any]] = {}
     names = [*learned, UNIFORM]
-    scores, top = attribute(features[:n], weights_matrix(doc, names), index.layout, kernel, blocks, k)
+    scores, top = attribute(features[:n], weights_matrix(doc, names), index.layout, kernel, blocks=blocks, k=k)
     rankings.update({name: (scores[i], top[i]) for i, name in enumerate(names)})
     for a, contrastive in contrasts.items():
-        scores, top = attribute(contrastive[:n], weights_matrix(doc, [UNIFORM]), index.layout, kernel, blocks, k)
+        scores, top = attribute(contrastive[:n], weights_matrix(doc, [UNIFORM]), index.layout, kernel, blocks=blocks,
+                                k=k)
         rankings[f"{a}, contrastive"] = (scores[0], top[0])
     out = []
     for q in range(min(n, len(generated))):

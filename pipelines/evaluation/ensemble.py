@@ -40,7 +40,7 @@ def checkpoint_members(bcfg: ProjectConfig, *, model_dir: str, final: Member, fo
         out = str(folder / "checkpoints" / f"step-{step:07d}" / f"index-{bcfg.featurize.measurement}")
         built = run_index(dataclasses.replace(bcfg, index=dataclasses.replace(fixed, out=out)),
                           IndexRequest(dataset=dataset, model=str(path), out=out, ray_address=ray_address))
-        index: LoadedIndex = load_index(out, built["version"])
+        index: LoadedIndex = load_index(out, version=built["version"])
         features = version_featurizer(load_model_dir(str(path)), index.manifest, bcfg.featurize.max_rows_per_pass)
         members.append(Member(index, features.flat(batch), rate / last_rate if learning_rate_weighted else 1.0))
         log.info("checkpoint at step %d indexed (%s): coefficient %.3f", step, out, members[-1].coefficient)

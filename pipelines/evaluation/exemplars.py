@@ -185,9 +185,12 @@ def run_exemplars(cfg: ProjectConfig, index: LoadedIndex, document: dict[str, An
     for n, s in enumerate(sets, 1):
         t0 = time.perf_counter()
         results.append(_check_set(ctx, s))
-        log.info("exemplar set %d/%d %s (%s): Recall@%d served %.2f, control %.2f (%.0f s)", n, len(sets), s.name,
-                 s.kind, xcfg.k, results[-1]["values"][SERVED][0].mean(), results[-1]["values"][CONTROL][0].mean(),
-                 time.perf_counter() - t0)
+        values = results[-1]["values"]
+        log.info("exemplar set %(n)d/%(sets)d %(name)s (%(kind)s): Recall@%(k)d served %(served).2f, control "
+                 "%(control).2f (%(seconds).0f s)", {"n": n, "sets": len(sets), "name": s.name, "kind": s.kind,
+                                                    "k": xcfg.k, "served": values[SERVED][0].mean(),
+                                                    "control": values[CONTROL][0].mean(),
+                                                    "seconds": time.perf_counter() - t0})
     kinds = sorted({s.kind for s in sets})
     return {"k": xcfg.k, "prompt": xcfg.set_prompt if adapter.conditioning == "text" else None,
             "distractors": len(distractors), "queries_per_set": xcfg.queries,
@@ -240,15 +243,15 @@ def _check_set(ctx: _Context, s: ExemplarSet) -> dict[str, Any]:
         columns[CONTRASTIVE] = _scores(ctx, contrast, candidates, [UNIFORM])[UNIFORM]
     columns[SERVED] = columns[served_weighting(ctx.document, s.kind)]
     columns[PIXEL] = _pixel_scores(ctx, queries, torch.cat([pixels, ctx.distractor_pixels]))
-    columns[CONTROL] = _control(ctx, s, control, ids, images)
+    columns[CONTROL] = _control(ctx, s, control, ids, images=images)
     measured = {featurizer.cfg.measurement: (featurizer, candidates, unscaled)}  # each measurement featurized once
     for basis in xcfg.bases:  # each with uniform weights and a kernel of the candidates' own features
-        columns[f"{BASIS_PREFIX}{basis}"] = _basis_scores(ctx, basis, batch, queries, measured)
+        columns[f"{BASIS_PREFIX}{basis}"] = _basis_scores(ctx, basis, batch, queries, measured=measured)
     values = {name: exemplar_values(scores, is_exemplar, xcfg.k) for name, scores in columns.items()}
     info = {"name": s.name, "kind": s.kind, "size": len(ids), "column": s.column, "value": s.value,
             "served_by": served_weighting(ctx.document, s.kind)}
-    return {"set": info, "values": values, "gallery": _gallery(ctx, queries[0], images, columns[SERVED][0],
-                                                               is_exemplar, info)}
+    gallery = _gallery(ctx, queries[0], images, columns[SERVED][0], is_exemplar=is_exemplar, info=info)
+    return {"set": info, "values": values, "gallery": gallery}
 
 
 def _without(prompt: str, token: str) -> str:
@@ -266,7 +269,7 @@ def _features(featurizer: Featurizer, batch: ExampleBatch, manifest: IndexManife
 
 
 def _basis_scores(ctx: _Context, basis: str, batch: ExampleBatch, queries: list[Generated],
-                  measured: dict[str, tuple[Featurizer, torch.Tensor, torch.Tensor]]) -> np.ndarray:
+                  *, measured: dict[str, tuple[Featurizer, torch.Tensor, torch.Tensor]]) -> np.ndarray:
     """Uniform-weight scores ``[Q, C]`` of one attribution basis under the customized model:
     its measurement's features (``measured``, keyed by measurement, filled as needed), its
     kernel (the index's block structure and damping) built from the candidates' rows, or none."""
@@ -299,7 +302,8 @@ def _pixel_scores(ctx: _Context, queries: list[Generated], candidates: torch.Ten
     return -(torch.cdist(q, x) ** 2).numpy()
 
 
-def _control(ctx: _Context, s: ExemplarSet, control: list[Generated], ids: list[str], images: list[bytes]) -> np.ndarray:
+def _control(ctx: _Context, s: ExemplarSet, control: list[Generated], ids: list[str], *,
+             images: list[bytes]) -> np.ndarray:
     """The served answer's scores ``[Q, C]`` without the customization: the uncustomized
     model's images for the set's prompt against the candidates as indexed (a folder set's
     images, never indexed, with the prompt without the token)."""
@@ -316,7 +320,7 @@ def _control(ctx: _Context, s: ExemplarSet, control: list[Generated], ids: list[
     return _scores(ctx, featurize_generated(featurizer, control), candidates, [weighting])[weighting]
 
 
-def _gallery(ctx: _Context, query: Generated, images: list[bytes], scores: np.ndarray,
+def _gallery(ctx: _Context, query: Generated, images: list[bytes], scores: np.ndarray, *,
              is_exemplar: np.ndarray, info: dict[str, Any]) -> dict[str, Any]:
     """One row of the report: the set's first query, its exemplars, and the served answer's
     top-k candidates (each marked exemplar or not)."""

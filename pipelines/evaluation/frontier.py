@@ -92,11 +92,11 @@ def _members(ctx, setting: str, fcfg: FeaturizeConfig, *, finals: dict[str, Memb
         if measurement not in members:
             built = run_index(bcfg, IndexRequest(dataset=ctx.universe_uri, model=ctx.model_dir, out=bcfg.index.out,
                                                  ray_address=ctx.ray_address))
-            index = load_index(bcfg.index.out, built["version"])
+            index = load_index(bcfg.index.out, version=built["version"])
             members[measurement] = Member(index, version_featurizer(adapter, index.manifest,
                                                                     fcfg.max_rows_per_pass).flat(ctx.batch))
         docs[basis], _ = ensure_weights(bcfg, bcfg.index.out, members[measurement].index.manifest.version,
-                                        ctx.model_dir, ctx.ray_address)
+                                        model=ctx.model_dir, ray_address=ctx.ray_address)
     return members, docs
 
 
@@ -106,7 +106,8 @@ def _row(ctx, members: list[Member], document: dict[str, Any], kernel: bool) -> 
     first half, and the second half (and the other benchmark) confirms the choice. Also
     returns the served predictions ``[Q, S]`` (for the paired difference to the default)."""
     scored = basis_scores(members, document, kernel, ctx.order)
-    row, detail = basis_row(scored.pair, ctx.masks, ctx.actual, ctx.boot, stable_seed("frontier", ctx.cfg.evaluate.seed))
+    row, detail = basis_row(scored.pair, ctx.masks, ctx.actual, ctx.boot,
+                            seed=stable_seed("frontier", ctx.cfg.evaluate.seed))
     served = row["served"]
     learned = served["weighting"] == "learned"
     per_query = np.asarray(detail["learned" if learned else "uniform"], dtype=float)

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 
 def retrain_and_measure(data: TrainingData, keep: np.ndarray, recipe: dict[str, Any], queries: ExampleBatch,
-                        featurize: dict[str, Any]) -> np.ndarray:
+                        *, featurize: dict[str, Any]) -> np.ndarray:
     """Train ``recipe`` on ``data`` restricted to ``keep`` (bool [N]) and return its outputs
     on ``queries`` (``model_outputs``), float64 [Q]."""
     cfg = from_mapping(TrainConfig, recipe)
@@ -36,7 +36,7 @@ def retrain_and_measure(data: TrainingData, keep: np.ndarray, recipe: dict[str, 
 
 
 def ground_truth(data: TrainingData, masks: np.ndarray, recipe: TrainConfig, queries: ExampleBatch,
-                 featurize: FeaturizeConfig, cache: str | Path, gpus_per_task: float = 0.0) -> dict[str, Any]:
+                 *, featurize: FeaturizeConfig, cache: str | Path, gpus_per_task: float = 0.0) -> dict[str, Any]:
     """``[Q, S]`` outputs of the models retrained on each subset (``masks [S, N]``), cached."""
     recipe_map, featurize_map = to_mapping(recipe), to_mapping(featurize)
     # Only what changes the outputs keys the cache (not groups or projection of the features).
@@ -54,7 +54,7 @@ def ground_truth(data: TrainingData, masks: np.ndarray, recipe: TrainConfig, que
         task = ray.remote(retrain_and_measure).options(num_cpus=max(1, recipe.threads or 1), num_gpus=gpus_per_task,
                                                        max_retries=2)
         data_ref, queries_ref = ray.put(data), ray.put(queries)
-        pending = {task.remote(data_ref, masks[s], recipe_map, queries_ref, featurize_map): s for s in missing}
+        pending = {task.remote(data_ref, masks[s], recipe_map, queries_ref, featurize=featurize_map): s for s in missing}
         done = 0
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)

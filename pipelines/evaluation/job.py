@@ -82,7 +82,7 @@ def evaluate(cfg: ProjectConfig, req: EvaluateRequest = EvaluateRequest()) -> di
                     index_build={k: built.get(k) for k in ("uri", "version", "mode", "up_to_date", "featurized",
                                                            "rows", "errors", "rows_per_s", "actors")})
     if req.recall:
-        recall = run_recall(cfg, load_index(cfg.index.out, built["version"]), document)
+        recall = run_recall(cfg, load_index(cfg.index.out, version=built["version"]), document)
         metrics[f"recall_at_{ecfg.recall_k}"] = {a: {k: round(v, 4) for k, v in row.items()}
                                                  for a, row in recall["table"].items()}
         metrics[f"recall_heldout_at_{ecfg.recall_k}"] = {a: {k: round(v, 4) for k, v in row.items()}
@@ -109,7 +109,7 @@ def evaluate(cfg: ProjectConfig, req: EvaluateRequest = EvaluateRequest()) -> di
                              table=result["table"], lds_indexes=result["indexes"])
         lap("lds")
     if exemplars:  # after LDS, which may change what answers 'general'
-        check = run_exemplars(cfg, load_index(cfg.index.out, built["version"]), document, plan)
+        check = run_exemplars(cfg, load_index(cfg.index.out, version=built["version"]), document, plan)
         gallery_sets = check.pop("gallery")
         metrics["exemplar_check"] = rounded(check)
         lap("exemplars")

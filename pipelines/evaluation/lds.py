@@ -63,13 +63,13 @@ def _served_predictions(row: dict[str, Any], scored: BasisScores, masks: np.ndar
     return subset_predictions(scored.pair[1 if row["served"]["weighting"] == "learned" else 0], masks)
 
 
-def _ground_truth(cfg: ProjectConfig, data, masks: np.ndarray, batch: ExampleBatch, folder: Path,
+def _ground_truth(cfg: ProjectConfig, data, masks: np.ndarray, batch: ExampleBatch, *, folder: Path,
                   seed_offset: int = 0) -> dict[str, Any]:
     """Outputs of the models retrained on the subsets (``seed_offset``: with other training seeds)."""
     ecfg = cfg.evaluate
     recipe = dataclasses.replace(cfg.subset_train, seed=cfg.subset_train.seed + seed_offset)
     gpus = ecfg.gpus_per_task if ecfg.gpus_per_task >= 0 else (1.0 if cluster_gpus() else 0.0)
-    return ground_truth(data, masks, recipe, batch, output_config(cfg), folder, gpus)
+    return ground_truth(data, masks, recipe, batch, featurize=output_config(cfg), cache=folder, gpus_per_task=gpus)
 
 
 def _bases(ctx: LdsContext, indexes: dict[str, dict[str, Any]], documents: dict[str, dict[str, Any]],
@@ -86,9 +86,10 @@ def _bases(ctx: LdsContext, indexes: dict[str, dict[str, Any]], documents: dict[
                                          dataset=ctx.universe_uri, batch=ctx.batch, learning_rate_weighted=True,
                                          ray_address=ctx.ray_address)
         headroom = ecfg.headroom and ecfg.subsets >= 4 and len(ctx.batch) >= 4
-        scored = basis_scores(members, documents[basis], spec.kernel, ctx.order, ecfg.damping_grid, headroom)
+        scored = basis_scores(members, documents[basis], spec.kernel, ctx.order, damping_grid=ecfg.damping_grid,
+                              headroom=headroom)
         table[basis], detail[basis] = basis_row(
-            scored.pair, ctx.masks, ctx.actual, ctx.boot, stable_seed("lds-headroom", ecfg.seed),
+            scored.pair, ctx.masks, ctx.actual, ctx.boot, seed=stable_seed("lds-headroom", ecfg.seed),
             by_damping=scored.by_damping, per_group=scored.per_group, learned=scored.learned, groups=scored.groups,
             headroom_resamples=ecfg.bootstrap)
         table[basis]["label"] = basis_label(basis, ecfg.checkpoints)
@@ -121,15 +122,15 @@ def run_lds(cfg: ProjectConfig, ray_address: str | None = None) -> dict[str, Any
                                                  ray_address=ray_address))
             indexes[measurement] = {"uri": bcfg.index.out, "version": built["version"]}
             lap("index")
-        documents[basis], _ = ensure_weights(bcfg, bcfg.index.out, indexes[measurement]["version"], model_dir,
-                                             ray_address)
+        documents[basis], _ = ensure_weights(bcfg, bcfg.index.out, indexes[measurement]["version"], model=model_dir,
+                                             ray_address=ray_address)
         lap("weights")
 
     adapter = load_model_dir(model_dir)
     batch, kinds = lds_queries(cfg, adapter, model_dir, universe)
     finals = {}
     for measurement, where in indexes.items():
-        index = load_index(where["uri"], where["version"])
+        index = load_index(where["uri"], version=where["version"])
         finals[measurement] = Member(index, version_featurizer(adapter, index.manifest,
                                                                cfg.featurize.max_rows_per_pass).flat(batch))
     lap("attribute")
@@ -139,7 +140,7 @@ def run_lds(cfg: ProjectConfig, ray_address: str | None = None) -> dict[str, Any
     if data.example_ids != order:
         raise RuntimeError("the universe dataset does not read back in its written order")
     masks = subset_masks(len(order), ecfg.subsets, ecfg.subset_fraction, stable_seed("lds-subsets", ecfg.seed))
-    truth = _ground_truth(cfg, data, masks, batch, folder)
+    truth = _ground_truth(cfg, data, masks, batch, folder=folder)
     lap("ground_truth")
     actual = -truth["outputs"]  # fit = -loss: an example that helps lowers the query's loss
     ctx = LdsContext(cfg=cfg, folder=folder, universe_uri=universe.uri, model_dir=model_dir, batch=batch, order=order,
@@ -156,7 +157,7 @@ def run_lds(cfg: ProjectConfig, ray_address: str | None = None) -> dict[str, Any
         "ground_truth": {k: truth[k] for k in ("key", "trained", "cached", "seconds", "folder")},
     }
     if ecfg.noise_ceiling:
-        replica = _ground_truth(cfg, data, masks, batch, folder, seed_offset=1)
+        replica = _ground_truth(cfg, data, masks, batch, folder=folder, seed_offset=1)
         result["noise_ceiling"] = {**noise_ceiling(ctx.boot, actual, -replica["outputs"], served),
                                    "replica_seed": cfg.subset_train.seed + 1,
                                    "ground_truth": {k: replica[k] for k in ("key", "trained", "cached", "folder")}}

@@ -65,8 +65,8 @@ def learning_batch(cfg: ProjectConfig, adapter, captions: list[str]) -> ExampleB
     images = generate(adapter, prompts=prompts, labels=list(range(adapter.num_classes)) or None, n=n,
                       seed=stable_seed("learning-queries", wcfg.seed, "general"), guidance=wcfg.guidance,
                       steps=wcfg.sample_steps)
-    return query_batch(adapter, [encode_png(g.image) for g in images], [g.prompt for g in images],
-                       [g.label for g in images] if adapter.conditioning == "class" else None)
+    return query_batch(adapter, [encode_png(g.image) for g in images], prompts=[g.prompt for g in images],
+                       labels=[g.label for g in images] if adapter.conditioning == "class" else None)
 
 
 def _in_chunks(fn, batch: ExampleBatch, size: int = 16) -> torch.Tensor:
@@ -82,7 +82,7 @@ def _paper_setting(kernel: DualKernel, *, groups_q: torch.Tensor, groups_l: torc
     learned = {}
     for d in sorted(set(dampings)):
         cache = kernel.scores(pl, d).permute(0, 2, 1)  # [L, N, M]
-        learned[d] = fit_full_cache(cache, wcfg.top_k, wcfg.lambda_w, wcfg.steps, wcfg.learning_rate)
+        learned[d] = fit_full_cache(cache, wcfg.top_k, wcfg.lambda_w, wcfg.steps, learning_rate=wcfg.learning_rate)
     m = groups_q.shape[1]
     uniform = torch.full((m,), 1.0 / m, dtype=torch.float64)
     pred_w = crossed_predictions(kernel, pq, dampings, weights=[learned[d] for d in dampings], halves=halves,
@@ -113,18 +113,20 @@ def published_rows(cfg: ProjectConfig, adapter, inputs: Inputs) -> dict[str, dic
         # The index's timesteps and noise, one draw per timestep as the published code takes.
         fcfg = dataclasses.replace(cfg.featurize, measurement=spec.measurement, normalize="none", noise_draws=1)
         started = time.perf_counter()
-        train = _in_chunks(lambda b: whole_gradients(adapter, b, fcfg, names, spec.unit_rows), inputs.train)
+        train = _in_chunks(lambda b: whole_gradients(adapter, b, fcfg, names, unit_rows=spec.unit_rows), inputs.train)
         gradient_s = time.perf_counter() - started
         started = time.perf_counter()
         scale = residual_scale(adapter, inputs.train, pcfg.residual_timesteps, pcfg.seed) if spec.residual else None
         residual_s = time.perf_counter() - started
-        queries = _in_chunks(lambda b: whole_gradients(adapter, b, fcfg, names, spec.unit_rows), inputs.queries)
-        learning = (_in_chunks(lambda b: whole_gradients(adapter, b, fcfg, names, spec.unit_rows), inputs.learning)
+        queries = _in_chunks(lambda b: whole_gradients(adapter, b, fcfg, names, unit_rows=spec.unit_rows),
+                             inputs.queries)
+        learning = (_in_chunks(lambda b: whole_gradients(adapter, b, fcfg, names, unit_rows=spec.unit_rows),
+                               inputs.learning)
                     if pcfg.paper_setting and inputs.learning is not None else None)
         ours_s = featurize_seconds_per_row(adapter, dataclasses.replace(cfg.featurize, measurement=spec.measurement), inputs.train)
         for k in pcfg.dims:
             log.info("%s at %d dimensions: projecting %d x %d gradients", LABELS[name], k, len(train), train.shape[1])
-            projection = DenseProjection(parameters, len(group_names), k, pcfg.seed)
+            projection = DenseProjection(parameters, len(group_names), k=k, seed=pcfg.seed)
             started = time.perf_counter()
             every = projection.project(torch.cat([train, queries, *([learning] if learning is not None else [])]))
             project_s = (time.perf_counter() - started) * len(train) / len(every)  # the training rows' share

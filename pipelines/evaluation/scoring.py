@@ -28,7 +28,7 @@ class Member:
 
 
 def full_scores(queries: torch.Tensor, weights: torch.Tensor, index: LoadedIndex, kernel,
-                order: list[str]) -> np.ndarray:
+                *, order: list[str]) -> np.ndarray:
     """``[A, Q, N]`` scores of every universe example (dataset order; quarantined rows 0)."""
     wq = preconditioned_queries(queries, weights, index.layout, kernel)  # [A, Q, k_total]
     scores = (wq.reshape(-1, wq.shape[-1]) @ index.features.T).reshape(wq.shape[0], wq.shape[1], -1)
@@ -40,7 +40,8 @@ def full_scores(queries: torch.Tensor, weights: torch.Tensor, index: LoadedIndex
 
 def ensemble_scores(members: list[Member], weights: torch.Tensor, with_kernel: bool, order: list[str]) -> np.ndarray:
     """``[A, Q, N]``: the members' scores, each under its own kernel, summed with their coefficients."""
-    return sum(m.coefficient * full_scores(m.features, weights, m.index, m.index.kernel if with_kernel else None, order)
+    return sum(m.coefficient * full_scores(m.features, weights, m.index, m.index.kernel if with_kernel else None,
+                                           order=order)
                for m in members)
 
 
@@ -58,13 +59,13 @@ class BasisScores:
 
 
 def basis_scores(members: list[Member], document: dict[str, Any], with_kernel: bool, order: list[str],
-                 damping_grid: tuple[float, ...] = (), headroom: bool = False) -> BasisScores:
+                 *, damping_grid: tuple[float, ...] = (), headroom: bool = False) -> BasisScores:
     """A basis's scores; the last member is the final model's index (its kernel choice is
     reported, and a damping sweep is run only for a single-member kernel basis)."""
     weights = weights_matrix(document, [UNIFORM, "general"])
     final = members[-1].index
     swept = {d: full_scores(members[0].features, weights, final, damped_kernel(final.stored_features(), final.kernel, d),
-                            order)
+                            order=order)
              for d in (damping_grid if with_kernel and len(members) == 1 else ())}
     per_group = (ensemble_scores(members, torch.eye(len(final.layout.groups)), with_kernel, order)
                  if headroom else None)

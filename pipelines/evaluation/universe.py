@@ -200,7 +200,7 @@ def lds_queries(cfg: ProjectConfig, adapter, model_dir: str,
         prompts.append(e.caption)
         labels.append(label)
         kinds.append({"kind": "heldout", "example_id": e.example_id, "prompt": e.caption})
-    batch = query_batch(adapter, images, prompts, labels if adapter.conditioning == "class" else None)
+    batch = query_batch(adapter, images, prompts=prompts, labels=labels if adapter.conditioning == "class" else None)
     if len(set(batch.example_ids)) != len(batch.example_ids):
         raise InputError("two evaluation queries are the same image; raise generation steps or change evaluate.seed")
     return batch, kinds

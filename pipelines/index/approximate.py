@@ -42,7 +42,7 @@ def resolve_settings(acfg: ApproximateConfig, rows: int, dim: int) -> AnnSetting
     return settings
 
 
-def _train(store_uri: str, shards: list[Shard], layout: dict[str, Any], settings: dict[str, Any],
+def _train(store_uri: str, shards: list[Shard], layout: dict[str, Any], settings: dict[str, Any], *,
            path: str, whitening: str | None) -> None:
     """Train on a seeded sample (in the space ``whitening`` names) and write the empty trained
     index to ``path``."""
@@ -112,7 +112,8 @@ def build_approximate(acfg: ApproximateConfig, *, store: IndexStore, version: st
             if whitening:
                 store.write_bytes(space, whitening.to_bytes())
             log.info("approximate index: training %d-byte codes on %d rows", settings.code_bytes, trained_rows)
-            ray.get(ray.remote(_train).remote(store.uri, shards, layout, dataclasses.asdict(settings), trained, space))
+            ray.get(ray.remote(_train).remote(store.uri, shards, layout, dataclasses.asdict(settings), path=trained,
+                                              whitening=space))
     covered = {p for b in blocks for p in b["shards"]}
     todo = _tasks(version, [s for s in shards if s.path not in covered], acfg.rows_per_task)
     trained_s = time.perf_counter() - started

@@ -67,7 +67,7 @@ def check_exactly_once(expected: set[str], features: dict[str, list[str]], error
 
 
 def refuse_if_quarantined(store: IndexStore, reused: dict[str, list[str]], staged: dict[str, list[str]],
-                          total: int, max_fraction: float, scope: str = "the dataset") -> None:
+                          total: int, *, max_fraction: float, scope: str = "the dataset") -> None:
     """Raise ``QuarantineError`` (nothing committed) when more than ``max_fraction`` of the
     ``total`` examples are quarantined. This build's own error shards are removed first, so
     that a rerun after the fix looks at those examples again instead of resuming their errors."""
@@ -84,7 +84,7 @@ def refuse_if_quarantined(store: IndexStore, reused: dict[str, list[str]], stage
 
 
 def gram_pass(store: IndexStore, paths: list[str], layout: GroupLayout, kind: str,
-              partitions: int) -> list[tuple[str, int, int, np.ndarray]]:
+              *, partitions: int) -> list[tuple[str, int, int, np.ndarray]]:
     """``(block, offset, dim, C_b)`` Gram blocks of the stored features, summed over
     ``partitions`` Ray Data tasks."""
     total: dict[str, np.ndarray] | None = None
@@ -101,7 +101,7 @@ def gram_pass(store: IndexStore, paths: list[str], layout: GroupLayout, kind: st
 
 
 def write_stats(store: IndexStore, version: str, grams: list[tuple[str, int, int, np.ndarray]], kind: str,
-                damping: float) -> dict[str, Any]:
+                *, damping: float) -> dict[str, Any]:
     """Write each Gram block and its kernel at ``damping``; the manifest's ``stats``."""
     out_blocks = []
     for name, offset, dim, gram in grams:

@@ -42,7 +42,7 @@ def kernel_settings(cfg: ProjectConfig) -> dict[str, Any]:
 
 
 def _featurized_queries(model: ModelRef, device: str, featurize: dict[str, Any], weights: dict[str, Any],
-                        prompts: list[str | None]) -> np.ndarray:
+                        *, prompts: list[str | None]) -> np.ndarray:
     """``[n, k_total]`` query-side features of images the model generates (one per prompt)."""
     from attribution_core.features.featurize import Featurizer
     from pipelines.models import quiet_libraries
@@ -55,7 +55,7 @@ def _featurized_queries(model: ModelRef, device: str, featurize: dict[str, Any],
     return features.numpy()
 
 
-def choose_kernel(cfg: ProjectConfig, model: ModelRef, conditioning: str, device: str, store: IndexStore,
+def choose_kernel(cfg: ProjectConfig, model: ModelRef, conditioning: str, device: str, *, store: IndexStore,
                           paths: list[str], layout: GroupLayout,
                           grams: dict[str, list[tuple[str, int, int, np.ndarray]]], partitions: int) -> dict[str, Any]:
     """``{"rule", "kernel", "damping", "objective": {kernel: {damping: value}}, "queries", "top_k"}``
@@ -63,17 +63,17 @@ def choose_kernel(cfg: ProjectConfig, model: ModelRef, conditioning: str, device
     leaves open (``index.damping_grid``, or ``index.damping`` alone under 'fixed')."""
     icfg = cfg.index
     wcfg = dataclasses.replace(cfg.weights, queries_per_aspect=icfg.damping_queries)
-    prompts = prompts_for("general", wcfg, store, {"shards": [{"path": p} for p in paths]}, conditioning,
+    prompts = prompts_for("general", wcfg, store, paths, conditioning=conditioning,
                           stream="damping-prompts")
     task = ray.remote(_featurized_queries).options(num_cpus=1, num_gpus=1 if device == "cuda" else 0)
     queries = torch.from_numpy(np.array(ray.get(task.remote(model, device, to_mapping(cfg.featurize),
-                                                            to_mapping(wcfg), prompts))))  # a writable copy
+                                                            to_mapping(wcfg), prompts=prompts))))  # a writable copy
     dampings = sorted(icfg.damping_grid) if icfg.damping_rule == "objective" else [icfg.damping]
     candidates = [(kind, d) for kind in grams for d in dampings]
     blocks = {kind: [(offset, dim, gram) for _, offset, dim, gram in found] for kind, found in grams.items()}
     stacked = candidate_queries(queries, layout, blocks, candidates)
     source = {"kind": "index", "uri": store.uri, "layout": layout.to_manifest()}
-    state = scan(source, paths, stacked, torch.ones(1, 1), cfg.weights.top_k, True, partitions)
+    state = scan(source, paths, stacked, torch.ones(1, 1), r=cfg.weights.top_k, with_noise=True, partitions=partitions)
     objective = {c: round(v, 6) for c, v in candidate_objectives(state.scores[:, 0], state.noise, candidates).items()}
     kind, damping = choose_candidate(objective)
     log.info("kernel by the objective on %d generated queries %s -> %s at damping %g", len(prompts),
@@ -85,7 +85,8 @@ def choose_kernel(cfg: ProjectConfig, model: ModelRef, conditioning: str, device
             "queries": len(prompts), "top_k": cfg.weights.top_k}
 
 
-def kernel_stats(cfg: ProjectConfig, model: ModelRef, conditioning: str, device: str, store: IndexStore, version: str,
+def kernel_stats(cfg: ProjectConfig, model: ModelRef, conditioning: str, device: str, *, store: IndexStore,
+                 version: str,
                  paths: list[str], layout: GroupLayout, lap: Callable[[str], None]) -> dict[str, Any]:
     """The manifest's ``stats`` of a build over the shards ``paths``: one Gram pass at the
     coarsest candidate structure (the others' blocks are slices of it), the kernel chosen by
@@ -93,13 +94,14 @@ def kernel_stats(cfg: ProjectConfig, model: ModelRef, conditioning: str, device:
     icfg = cfg.index
     kinds = kernel_candidates(icfg.kernel, layout.k_total, icfg.max_full_kernel_dim)
     partitions = icfg.stats_partitions or cluster_cpus()
-    measured = gram_pass(store, paths, layout, coarsest(kinds), partitions)
+    measured = gram_pass(store, paths, layout, coarsest(kinds), partitions=partitions)
     grams = {kind: sub_grams(measured, layout, kind) for kind in kinds}
     lap("stats")
     choice = {"rule": "fixed", "kernel": kinds[0], "damping": icfg.damping}
     if (icfg.damping_rule == "objective" or len(kinds) > 1) and paths:
-        choice = choose_kernel(cfg, model, conditioning, device, store, paths, layout, grams, partitions)
+        choice = choose_kernel(cfg, model, conditioning, device, store=store, paths=paths, layout=layout, grams=grams,
+                               partitions=partitions)
         lap("damping")
-    stats = write_stats(store, version, grams[choice["kernel"]], choice["kernel"], choice["damping"])
+    stats = write_stats(store, version, grams[choice["kernel"]], choice["kernel"], damping=choice["damping"])
     stats["kernel_choice"] = choice
     return stats

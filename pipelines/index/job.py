@@ -115,7 +115,7 @@ class _Target:
     base: IndexManifest | None
 
 
-def _target(store: IndexStore, spec: FeatureSpec, mode: str, current, settings: dict[str, Any]) -> _Target:
+def _target(store: IndexStore, spec: FeatureSpec, mode: str, current, *, settings: dict[str, Any]) -> _Target:
     previous, base = choose_base(store, spec, mode)
     digest = hashlib.blake2b(f"{spec.key()}|{keys_digest(current)}|{base.version if base else ''}|"
                              f"{json.dumps(settings, sort_keys=True)}".encode(), digest_size=8).hexdigest()
@@ -169,7 +169,7 @@ class _Featurized:
         return round(self.warm_rows / (self.warm_busy / self.actors), 2) if self.warm_busy > 0 else None
 
 
-def _featurize(cfg: ProjectConfig, req: IndexRequest, model: ModelRecord, source, plan: Plan,
+def _featurize(cfg: ProjectConfig, req: IndexRequest, model: ModelRecord, source, *, plan: Plan,
                store: IndexStore, version: str, files: list[str] | None) -> _Featurized:
     """Featurize ``plan.todo`` on a pool of ``IndexActor``s, one shard per batch (reading only
     the Parquet ``files`` that hold them, when known)."""
@@ -197,7 +197,7 @@ def _featurize(cfg: ProjectConfig, req: IndexRequest, model: ModelRecord, source
         done.errors += row["errors"]
         done.by_node[row["node"]] = done.by_node.get(row["node"], 0) + row["rows"] + row["errors"]
         if check_at and done.rows + done.errors >= check_at and len(plan.todo) > check_at:
-            _stop_if_quarantined(cfg, store, version, done, len(plan.todo))
+            _stop_if_quarantined(cfg, store, version, done, todo=len(plan.todo))
             check_at = 0  # once, on the first rows
         done.busy += row["seconds"]
         if row["call"] > 0:
@@ -216,7 +216,7 @@ def _placement(cfg: ProjectConfig) -> dict[str, Any]:
     return options
 
 
-def _stop_if_quarantined(cfg: ProjectConfig, store: IndexStore, version: str, done: _Featurized, todo: int) -> None:
+def _stop_if_quarantined(cfg: ProjectConfig, store: IndexStore, version: str, done: _Featurized, *, todo: int) -> None:
     """After the first ``index.quarantine_check_rows`` examples: stop the build, before the
     rest are featurized, when more than ``index.max_quarantine_fraction`` of them were
     quarantined (the same one-line reasons as the check at the end)."""
@@ -224,13 +224,13 @@ def _stop_if_quarantined(cfg: ProjectConfig, store: IndexStore, version: str, do
     if not too_many_quarantined(done.errors, checked, cfg.index.max_quarantine_fraction):
         return
     staged = shard_ids(store, store.list_shards(version, "errors"))
-    refuse_if_quarantined(store, {}, staged, checked, cfg.index.max_quarantine_fraction,
-                          f"the first {checked:,} of the {todo:,} examples to featurize "
+    refuse_if_quarantined(store, {}, staged, checked, max_fraction=cfg.index.max_quarantine_fraction,
+                          scope=f"the first {checked:,} of the {todo:,} examples to featurize "
                           "(index.quarantine_check_rows); the build stopped there")
 
 
 def _verify(cfg: ProjectConfig, store: IndexStore, version: str, plan: Plan,
-            current) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+            *, current) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
     """Every current example featurized or quarantined exactly once, the quarantine within
     ``index.max_quarantine_fraction``; returns (feature shard -> ids, error shard -> ids)."""
     reused_whole = {r.path: list(r.keep) for r in plan.reuse if r.whole}
@@ -239,7 +239,8 @@ def _verify(cfg: ProjectConfig, store: IndexStore, version: str, plan: Plan,
     reused_errors = {r.path: list(r.keep) for r in plan.reuse_errors if r.whole}
     check_exactly_once(set(current.column("example_id").to_pylist()),
                        {**reused_whole, **staged}, {**reused_errors, **staged_errors})
-    refuse_if_quarantined(store, reused_errors, staged_errors, current.num_rows, cfg.index.max_quarantine_fraction)
+    refuse_if_quarantined(store, reused_errors, staged_errors, current.num_rows,
+                          max_fraction=cfg.index.max_quarantine_fraction)
     return {**reused_whole, **staged}, {**reused_errors, **staged_errors}
 
 
@@ -280,7 +281,7 @@ def _run_index(cfg: ProjectConfig, req: IndexRequest) -> dict[str, Any]:
     watch.lap("scan")
 
     settings = {**kernel_settings(cfg), "approximate": to_mapping(cfg.index.approximate)}
-    target = _target(store, spec, req.mode, current, settings)
+    target = _target(store, spec, req.mode, current, settings=settings)
     version, previous, base = target.version, target.previous, target.base
     if store.is_committed(version):  # built before (a run that stopped before publishing, or a rerun)
         if req.publish and (previous is None or previous.version != version):
@@ -290,21 +291,23 @@ def _run_index(cfg: ProjectConfig, req: IndexRequest) -> dict[str, Any]:
     if base is not None and plan.is_noop and base.stats.get("settings") == settings:
         log.info("index %s is up to date with %s", base.version, req.dataset)
         return {"version": base.version, "up_to_date": True, "uri": store.uri, **_counts(base)}
-    log.info("plan: %d examples, %d to featurize (%d new, %d changed, %d resumed from an interrupted run), "
-             "%d reused, %d removed", plan.n_current, len(plan.todo), plan.n_new, plan.n_changed, plan.n_done,
-             plan.n_reused, plan.n_removed)
+    log.info("plan: %(current)d examples, %(todo)d to featurize (%(new)d new, %(changed)d changed, %(resumed)d "
+             "resumed from an interrupted run), %(reused)d reused, %(removed)d removed",
+             {"current": plan.n_current, "todo": len(plan.todo), "new": plan.n_new, "changed": plan.n_changed,
+              "resumed": plan.n_done, "reused": plan.n_reused, "removed": plan.n_removed})
     source_keys = write_source_keys(store, version, found)
     to_open = found.files_holding(plan.todo) if found.files is not None else None
     watch.lap("plan")
     _carry(store, version, plan)
     watch.lap("carry")
-    work = _featurize(cfg, req, model, source, plan, store, version, to_open)
+    work = _featurize(cfg, req, model, source, plan=plan, store=store, version=version, files=to_open)
     watch.lap("featurize")
-    features, errors = _verify(cfg, store, version, plan, current)
+    features, errors = _verify(cfg, store, version, plan, current=current)
     watch.lap("verify")
 
-    stats = kernel_stats(cfg, req.model_ref, model.conditioning, work.device, store, version, sorted(features),
-                         layout, watch.lap)
+    stats = kernel_stats(cfg, req.model_ref, model.conditioning, work.device, store=store, version=version,
+                         paths=sorted(features),
+                         layout=layout, lap=watch.lap)
     stats["settings"] = settings
     shards = shards_of(store, features, base)
     approximate = build_approximate(cfg.index.approximate, store=store, version=version, shards=shards,

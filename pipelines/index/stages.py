@@ -47,7 +47,7 @@ class IndexActor:
     ids, so a retried batch overwrites its own file instead of adding a second copy.
     """
 
-    def __init__(self, model: ModelRef, featurize: dict[str, Any], device: str, threads: int, store_uri: str,
+    def __init__(self, *, model: ModelRef, featurize: dict[str, Any], device: str, threads: int, store_uri: str,
                  version: str, dtype: str, limits: dict[str, Any]) -> None:
         import ray
         import torch

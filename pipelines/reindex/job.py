@@ -62,7 +62,7 @@ def reindex(cfg: ProjectConfig, req: ReindexRequest) -> dict[str, Any]:
     stages.lap("lease")
     try:
         with KeepAlive(lease) as keepalive:
-            summary = _update(cfg, req, store, root, stages, keepalive)
+            summary = _update(cfg, req, store, root, stages=stages, keepalive=keepalive)
     finally:
         lease.release()
     summary["stage_seconds"] = stages.seconds
@@ -70,7 +70,7 @@ def reindex(cfg: ProjectConfig, req: ReindexRequest) -> dict[str, Any]:
     return summary
 
 
-def _update(cfg: ProjectConfig, req: ReindexRequest, store: IndexStore, root: str, stages: Stopwatch,
+def _update(cfg: ProjectConfig, req: ReindexRequest, store: IndexStore, root: str, *, stages: Stopwatch,
             keepalive: KeepAlive) -> dict[str, Any]:
     from pipelines.index.job import IndexRequest, run_index
 
@@ -83,7 +83,7 @@ def _update(cfg: ProjectConfig, req: ReindexRequest, store: IndexStore, root: st
     manifest = store.manifest(version)
     stages.lap("index")
     changes = _changes(before, manifest)
-    weights = _weights(cfg, req, store, root, manifest, changes)
+    weights = _weights(cfg, req, store, root, manifest=manifest, changes=changes)
     stages.lap("weights")
     keepalive.check()  # never publish after another run has taken the lease over
     published = store.latest_version() != version
@@ -119,7 +119,7 @@ def _changes(before: IndexManifest | None, manifest: IndexManifest) -> dict[str,
             "changed_fraction": round(fraction, 6)}
 
 
-def _weights(cfg: ProjectConfig, req: ReindexRequest, store: IndexStore, root: str, manifest: IndexManifest,
+def _weights(cfg: ProjectConfig, req: ReindexRequest, store: IndexStore, root: str, *, manifest: IndexManifest,
              changes: dict[str, Any]) -> dict[str, Any]:
     """Learn weights for the new version when ``reindex.relearn`` asks for it; say why (not)."""
     from pipelines.steps import ensure_weights
@@ -135,7 +135,7 @@ def _weights(cfg: ProjectConfig, req: ReindexRequest, store: IndexStore, root: s
         return {"learned": False, "artifact": f"{store.uri}/{artifact_path(learned_on, name)}",
                 "learned_on": learned_on, "reason": reason, "changed_since_learned": since}
     log.info("learning weights for %s: %s", version, reason)
-    _, learning = ensure_weights(cfg, root, version, req.model or cfg.model.path, req.ray_address)
+    _, learning = ensure_weights(cfg, root, version, model=req.model or cfg.model.path, ray_address=req.ray_address)
     return {"learned": learning is not None, "artifact": f"{store.uri}/{artifact_path(version, name)}",
             "learned_on": version,
             "reason": reason if learning is not None else f"{reason}; weights with the same settings were there",

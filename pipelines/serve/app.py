@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from attribution_core.config import ProjectConfig, ServeConfig, to_mapping
+from pipelines.serve.featurize import QueryModel
 from pipelines.serve.protocol import ServedVersion
 
 APP_NAME = "attribution"
@@ -83,13 +84,13 @@ def build_app(args: ServeArgs | dict[str, Any]):
     from pipelines.serve.ingress import AttributionAPI
 
     ingress = serve.deployment(AttributionAPI, name=INGRESS, max_ongoing_requests=256)
-    model = (args.config, args.model, scfg.threads, args.base)
+    model = QueryModel(config_path=args.config, model_dir=args.model, threads=scfg.threads, base=args.base)
     if scfg.featurize_in == "ingress":  # the ingress's replicas hold the model
         return ingress.options(num_replicas=scfg.featurizer_replicas,
                                ray_actor_options={**featurizer_opts, **ingress_opts},
                                user_config=swap).bind(None, searchers, serve_settings, model)
     featurizer = QueryFeaturizer.options(
         num_replicas=scfg.featurizer_replicas, ray_actor_options=featurizer_opts, user_config=swap,
-    ).bind(*model)
+    ).bind(model)
     return ingress.options(ray_actor_options={"num_cpus": 0, **ingress_opts}).bind(featurizer, searchers,
                                                                                   serve_settings)

@@ -12,6 +12,7 @@ version pinned, both also follow the index's ``latest`` pointer (``FollowLatest`
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from typing import Any
@@ -21,7 +22,7 @@ from ray import serve
 
 from attribution_core.errors import RequestError
 from pipelines.serve.follow import FollowLatest
-from pipelines.serve.featurize import QueryFeatures, replica_threads
+from pipelines.serve.featurize import QueryFeatures, QueryModel, replica_threads
 from pipelines.serve.protocol import ServedVersion, batch_settings, served_version
 
 log = logging.getLogger("ray.serve")
@@ -35,8 +36,8 @@ class QueryFeaturizer:
     replicas``): featurizes query images with the served index's own featurize settings
     (GPU when the replica has one)."""
 
-    def __init__(self, config_path: str, model_dir: str | None, threads: int, base: str | None = None) -> None:
-        self.features = QueryFeatures(config_path, model_dir, threads, base, "featurizer")
+    def __init__(self, model: QueryModel) -> None:
+        self.features = QueryFeatures(model, "featurizer")
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         await self.features.reconfigure(user_config, self.featurize)
@@ -79,9 +80,10 @@ class IndexSearcher:
         from attribution_core.weights.served import ServedIndex
 
         async with self._loading:
-            loaded = await asyncio.to_thread(
-                ServedIndex.load, served.index, served.version, served.weights, served.weights_name, self.part,
-                self.parts, "cpu", served.search, served.candidates, served.rows_dir, self.threads)
+            loaded = await asyncio.to_thread(functools.partial(
+                ServedIndex.load, served.index, version=served.version, weights_uri=served.weights,
+                weights_name=served.weights_name, part=self.part, parts=self.parts, device="cpu", search=served.search,
+                candidates=served.candidates, rows_dir=served.rows_dir, threads=self.threads))
             if (self.current is not None and loaded.key == self.current.key
                     and loaded.search_index.kernel == self.current.search_index.kernel):
                 return
@@ -90,9 +92,11 @@ class IndexSearcher:
             if self.previous is not None:  # kept while other partitions may still answer from it
                 key = self.previous.key
                 asyncio.get_running_loop().call_later(PREVIOUS_GRACE_S, self._drop_previous, key)
-            log.info("searcher %d/%d now serves %s (%d rows, %s search %s, loaded in %.1f s)", self.part, self.parts,
-                     loaded.key, len(loaded.example_ids), loaded.search_mode, loaded.search_index.kernel,
-                     loaded.load_seconds)
+            log.info("searcher %(part)d/%(parts)d now serves %(key)s (%(rows)d rows, %(mode)s search %(kernel)s, "
+                     "loaded in %(seconds).1f s)", {
+                         "part": self.part, "parts": self.parts, "key": loaded.key, "rows": len(loaded.example_ids),
+                         "mode": loaded.search_mode, "kernel": loaded.search_index.kernel,
+                         "seconds": loaded.load_seconds})
 
     def _drop_previous(self, key: str) -> None:
         if self.previous is not None and self.previous.key == key:

@@ -9,6 +9,7 @@ with the served index's own settings, through the same ``featurize`` code as the
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import time
@@ -28,12 +29,24 @@ def replica_threads(requested: int) -> int:
     return requested or os.cpu_count() or 1
 
 
+@dataclasses.dataclass(frozen=True)
+class QueryModel:
+    """What a replica that featurizes queries loads: the config file (the model's device and
+    base, ``serve`` settings), the model directory (None: the config's ``model.path``), torch
+    threads per replica (``serve.threads``) and the base pipeline of a LoRA."""
+
+    config_path: str
+    model_dir: str | None
+    threads: int
+    base: str | None = None
+
+
 class QueryFeatures:
     """Holds the model (GPU when the process has one) and featurizes query images with the
     served version's feature spec. ``load`` (re)opens a version: the model's fingerprint is
     checked against it, and featurizers for a spec already seen are kept."""
 
-    def __init__(self, config_path: str, model_dir: str | None, threads: int, base: str | None, name: str) -> None:
+    def __init__(self, model: QueryModel, name: str) -> None:
         import torch
 
         from attribution_core.config import ProjectConfig
@@ -41,10 +54,10 @@ class QueryFeatures:
         from pipelines.models import load_model_dir, quiet_libraries
 
         quiet_libraries()
-        torch.set_num_threads(replica_threads(threads))
-        self.cfg = ProjectConfig.load(config_path)
-        self.model_dir = model_dir or self.cfg.model.path
-        self.adapter = load_model_dir(self.model_dir, self.cfg.model.device, base or self.cfg.model.base)
+        torch.set_num_threads(replica_threads(model.threads))
+        self.cfg = ProjectConfig.load(model.config_path)
+        self.model_dir = model.model_dir or self.cfg.model.path
+        self.adapter = load_model_dir(self.model_dir, self.cfg.model.device, model.base or self.cfg.model.base)
         self.fingerprint = model_fingerprint(self.adapter)
         self.featurizers: dict[str, Any] = {}  # feature spec key -> Featurizer
         self.cache = FeatureCache(self.cfg.serve.feature_cache)
@@ -73,8 +86,8 @@ class QueryFeatures:
         from attribution_core.index.store import IndexStore
 
         manifest, _ = open_for_model(IndexStore(served.index), served.version, self.adapter,
-                                     self.model_dir, self.cfg.featurize.max_rows_per_pass, self.fingerprint,
-                                     self.featurizers)
+                                     self.model_dir, max_rows_per_pass=self.cfg.featurize.max_rows_per_pass, fingerprint=self.fingerprint,
+                                     cache=self.featurizers)
         self.spec, self.version = manifest.spec.key(), manifest.version
 
     def featurize(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -101,7 +114,8 @@ class QueryFeatures:
                 aspect = item.get("contrast_aspect")
                 contrast = ([without_concept(item.get("prompt") or "", aspect, vocabulary, self.adapter.caption_template)]
                             if aspect else None)
-                one = query_batch(self.adapter, [item["image"]], [item.get("prompt")], [item.get("label")], contrast)
+                one = query_batch(self.adapter, [item["image"]], prompts=[item.get("prompt")],
+                                  labels=[item.get("label")], contrast=contrast)
             except InputError as exc:
                 out[i] = {"error": RequestError(400 if isinstance(exc, ImageDecodeError) else 422, str(exc)).to_dict()}
                 continue
@@ -109,14 +123,14 @@ class QueryFeatures:
             groups[contrast is not None][1].append(one)
         for good, batches in groups.values():  # plain and contrastive queries featurize apart
             if good:
-                self._featurize_group(featurizer, spec, good, batches, out)
+                self._featurize_group(featurizer, spec, good, batches, out=out)
                 for i in good:
                     if "features" in out[i]:
                         self.cache.put(keys[i], {k: out[i][k] for k in ("features", "spec", "query_id")})
         return out
 
     def _featurize_group(self, featurizer: Any, spec: str, good: list[int], batches: list[Any],
-                         out: list[dict[str, Any]]) -> None:
+                         *, out: list[dict[str, Any]]) -> None:
         import torch
 
         from attribution_core.models.adapters import ExampleBatch

@@ -25,7 +25,7 @@ from ray import serve
 
 from attribution_core.config import ServeConfig, from_mapping
 from attribution_core.errors import ConfigError, RequestError
-from pipelines.serve.featurize import QueryFeatures
+from pipelines.serve.featurize import QueryFeatures, QueryModel
 from pipelines.serve.protocol import UNIFORM, Query, build_query, decode_base64, merge_partitions, plan_queries
 
 log = logging.getLogger("ray.serve")
@@ -125,7 +125,7 @@ async def read_query(request: Request, cfg: ServeConfig) -> tuple[Query, bool]:
         if aspects is not None and not isinstance(aspects, (list, str)):
             raise RequestError(422, f"aspects must be a list of names, got {aspects!r}")
         fields = {"prompt": body.get("prompt"), "label": body.get("label"), "k": body.get("k")}
-    return build_query(data, fields["prompt"], fields["label"], aspects, fields["k"], cfg), not aspects
+    return build_query(data, fields["prompt"], fields["label"], aspects, k=fields["k"], cfg=cfg), not aspects
 
 
 @serve.ingress(app)
@@ -135,12 +135,11 @@ class AttributionAPI:
     merged exactly."""
 
     def __init__(self, featurizer, searchers: list, serve_settings: dict[str, Any],
-                 model: tuple[str, str | None, int] | None = None) -> None:
+                 model: QueryModel | None = None) -> None:
         """``featurizer``: a handle to the ``QueryFeaturizer`` deployment, or None to hold the
-        model here (``model``: config path, model directory, threads; the version then comes
-        in this deployment's ``user_config``)."""
+        model here (``model``; the version then comes in this deployment's ``user_config``)."""
         self.featurizer = featurizer
-        self.features = QueryFeatures(*model, "ingress") if featurizer is None else None
+        self.features = QueryFeatures(model, "ingress") if featurizer is None else None
         self.searchers = searchers
         self.cfg: ServeConfig = from_mapping(ServeConfig, serve_settings, "serve")
         self.api_key = os.environ.get(self.cfg.api_key_env) if self.cfg.api_key_env else None

@@ -199,7 +199,7 @@ def parse_label(raw: Any) -> str | int | None:
     return int(text) if text.lstrip("-").isdigit() else text
 
 
-def build_query(image: bytes, prompt: str | None, label: Any, aspects: Any, k: Any, cfg: ServeConfig) -> Query:
+def build_query(image: bytes, prompt: str | None, label: Any, aspects: Any, *, k: Any, cfg: ServeConfig) -> Query:
     check_image(image, cfg)
     return Query(image=image, prompt=parse_prompt(prompt, cfg), label=parse_label(label),
                  aspects=parse_aspects(aspects, cfg), k=parse_k(k, cfg))

@@ -47,7 +47,7 @@ def application_config(args: ServeArgs, version: str | None = None, weights: str
     return app
 
 
-def deploy(args: ServeArgs, host: str, port: int, version: str | None = None, weights: str | None = None) -> None:
+def deploy(args: ServeArgs, host: str, port: int, *, version: str | None = None, weights: str | None = None) -> None:
     """Submit the application (first deploy, or a hot swap when only version/weights changed)."""
     from ray.serve._private.api import serve_start
     from ray.serve.schema import ServeDeploySchema
@@ -59,7 +59,7 @@ def deploy(args: ServeArgs, host: str, port: int, version: str | None = None, we
          "applications": [application_config(args, version, weights)]}), _blocking=False)
 
 
-def start(args: ServeArgs, host: str | None = None, port: int | None = None, ray_address: str | None = None,
+def start(args: ServeArgs, *, host: str | None = None, port: int | None = None, ray_address: str | None = None,
           timeout_s: float = 300.0) -> tuple[str, dict[str, Any]]:
     """Deploy ``args``; returns the base URL and ``/v1/index`` once the endpoint answers."""
     from pipelines.ray_runtime import ensure_ray
@@ -82,7 +82,7 @@ def app_status() -> tuple[str, str]:
     return (str(app.status.value if hasattr(app.status, "value") else app.status), app.message) if app else ("NONE", "")
 
 
-def wait_ready(url: str, timeout_s: float, version: str | None = None, api_key: str | None = None,
+def wait_ready(url: str, timeout_s: float, *, version: str | None = None, api_key: str | None = None,
                watch_app: bool = True) -> dict[str, Any]:
     """Wait until ``/v1/index`` answers (from ``version`` on every partition when given). With
     ``watch_app`` (this process is connected to the endpoint's Ray), raise with Serve's message

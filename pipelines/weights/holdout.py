@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 
 def shrink_toward_uniform(featurizer: Featurizer, store: IndexStore, manifest: IndexManifest, layout: GroupLayout,
-                          kernel: list[tuple[int, int, torch.Tensor]] | None, weights: dict[str, torch.Tensor],
+                          *, kernel: list[tuple[int, int, torch.Tensor]] | None, weights: dict[str, torch.Tensor],
                           cfg: WeightsConfig, source: dict[str, Any], paths: list[str],
                           partitions: int) -> dict[str, dict[str, Any]]:
     """Per aspect of ``weights`` (learned ``Tensor[M]``): ``{"a", "objective": {a: value},
@@ -41,11 +41,13 @@ def shrink_toward_uniform(featurizer: Featurizer, store: IndexStore, manifest: I
     held = dataclasses.replace(cfg, queries_per_aspect=n)
     conditioning = featurizer.adapter.conditioning
     aspects = list(weights)
-    features = torch.cat([learning_queries(featurizer, a, prompts_for(a, held, store, manifest, conditioning,
+    features = torch.cat([learning_queries(featurizer, a, prompts_for(a, held, store, manifest.shard_paths,
+                                                                      conditioning=conditioning,
                                                                       stream="holdout-prompts"),
                                            held, stream="holdout-queries")[0] for a in aspects])
     candidates = torch.stack([shrunk(weights[a].float(), s) for a in aspects for s in SHRINKAGE])  # [A*S, M]
-    state = scan(source, paths, group_queries(features, layout, kernel), candidates, cfg.top_k, True, partitions)
+    state = scan(source, paths, group_queries(features, layout, kernel), candidates, r=cfg.top_k, with_noise=True,
+                 partitions=partitions)
     out = {}
     for i, a in enumerate(aspects):
         rows = slice(i * n, (i + 1) * n)

@@ -50,7 +50,7 @@ class WeightsRequest:
     ray_address: str | None = None
 
 
-def _queries(featurizer, manifest: IndexManifest, aspects: list[str], prompts: dict[str, list[str | None]],
+def _queries(featurizer, manifest: IndexManifest, aspects: list[str], *, prompts: dict[str, list[str | None]],
              wcfg) -> tuple[torch.Tensor, dict[str, float] | None]:
     """Features ``[Q, k_total]`` of every aspect's learning queries, and (``check_queries``)
     the share of each aspect's images that show the prompted value."""
@@ -62,20 +62,22 @@ def _queries(featurizer, manifest: IndexManifest, aspects: list[str], prompts: d
     return torch.cat([made[a][0] for a in aspects]), shown
 
 
-def _shrink_and_validate(featurizer, store: IndexStore, manifest: IndexManifest, layout: GroupLayout, kernel,
+def _shrink_and_validate(featurizer, store: IndexStore, manifest: IndexManifest, layout: GroupLayout, *, kernel,
                          learned: dict[str, torch.Tensor], wcfg, source: dict[str, Any], paths: list[str],
                          partitions: int) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
     """How far each aspect's weights move from uniform (held-out learning queries), then which
     weighting answers each aspect (validation queries where the data says what they ask for)."""
-    shrinkage = shrink_toward_uniform(featurizer, store, manifest, layout, kernel, learned, wcfg, source, paths,
-                                      partitions)
+    shrinkage = shrink_toward_uniform(featurizer, store, manifest, layout, kernel=kernel, weights=learned, cfg=wcfg,
+                                      source=source, paths=paths,
+                                      partitions=partitions)
     moved = {a: shrunk(w, shrinkage[a]["a"]) if a in shrinkage else w for a, w in learned.items()}
-    validation = validate_aspects(featurizer, manifest, layout, kernel, moved, wcfg, source, paths, partitions)
+    validation = validate_aspects(featurizer, manifest, layout, kernel, weights=moved, cfg=wcfg, source=source,
+                                  paths=paths, partitions=partitions)
     return shrinkage, validation
 
 
 def _aspect_entry(aspect: str, learned: torch.Tensor, shrinkage: dict[str, Any] | None, theta: np.ndarray,
-                  prompts: list[str | None], recall: list[float], shown: dict[str, float] | None,
+                  *, prompts: list[str | None], recall: list[float], shown: dict[str, float] | None,
                   validation: dict[str, dict[str, Any]], wcfg) -> dict[str, Any]:
     """The artifact's record of one aspect: its weights after the shrinkage toward uniform,
     the learned ones, and how they were chosen and checked."""
@@ -99,7 +101,7 @@ class _Learned:
     recall_by_round: list[dict[str, float]] = dataclasses.field(default_factory=list)
 
 
-def _optimise_rounds(wcfg, rows: dict[str, slice], pools: Pools, noise: np.ndarray, rescan, watch: Stopwatch,
+def _optimise_rounds(wcfg, rows: dict[str, slice], pools: Pools, noise: np.ndarray, *, rescan, watch: Stopwatch,
                      storage: TrainStorage) -> _Learned:
     """Rounds of: optimise theta on the pools (Ray Train), rescan under the learned weights
     (``rescan(weights [A, M])``), grow every pool that missed a true top-k example; until
@@ -110,7 +112,7 @@ def _optimise_rounds(wcfg, rows: dict[str, slice], pools: Pools, noise: np.ndarr
             out.rounds = round_
             parts = [{"contrib": pools.contrib[r].numpy(), "valid": pools.valid[r].numpy(), "noise": noise[r]}
                      for r in rows.values()]
-            result = optimise(parts, out.theta, wcfg, storage, f"round-{out.rounds}")
+            result = optimise(parts, out.theta, wcfg, storage, name=f"round-{out.rounds}")
             out.theta = result["theta"]
             out.trajectory += [{"round": out.rounds, **t} for t in result["trajectory"]]
             watch.lap("optimise")
@@ -146,17 +148,17 @@ def _learn_weights(cfg: ProjectConfig, req: WeightsRequest) -> dict[str, Any]:
     model_path = req.model or manifest.model.path
     adapter = load_model_dir(model_path, base=req.base or manifest.model.base)
     manifest, featurizer = open_for_model(store, manifest.version, adapter, model_path,
-                                          cfg.featurize.max_rows_per_pass)
+                                          max_rows_per_pass=cfg.featurize.max_rows_per_pass)
     layout = manifest.group_layout
     if adapter.conditioning != "text" and aspects != ["general"]:
         raise ConfigError(f"aspect weights need prompts; this model is {adapter.conditioning}-conditioned: "
                           "use --aspects general")
     watch.lap("load")
 
-    prompts = {a: prompts_for(a, wcfg, store, manifest, adapter.conditioning) for a in aspects}
+    prompts = {a: prompts_for(a, wcfg, store, manifest.shard_paths, conditioning=adapter.conditioning) for a in aspects}
     for a in aspects:  # before generating anything: a prompt the model cannot read teaches the weights noise
         check_prompts(prompts[a], adapter.vocabulary, f"weights.prompts.{a}" if a != "general" else "training captions")
-    queries, shown = _queries(featurizer, manifest, aspects, prompts, wcfg)
+    queries, shown = _queries(featurizer, manifest, aspects, prompts=prompts, wcfg=wcfg)
     rows = {a: slice(i * wcfg.queries_per_aspect, (i + 1) * wcfg.queries_per_aspect) for i, a in enumerate(aspects)}
     kernel = read_kernel(store, manifest.stats["blocks"]) if wcfg.use_kernel else None
     grouped = group_queries(queries, layout, kernel)  # [Q, M, k_total]
@@ -167,18 +169,22 @@ def _learn_weights(cfg: ProjectConfig, req: WeightsRequest) -> dict[str, Any]:
     source = {"kind": "index", "uri": store.uri, "layout": manifest.layout}
     paths = [s.path for s in manifest.shards]
     partitions = wcfg.scan_partitions or cluster_cpus()
-    state = scan(source, paths, grouped, mining_weightings(len(layout.groups)), wcfg.pool_size, True, partitions)
+    state = scan(source, paths, grouped, mining_weightings(len(layout.groups)), r=wcfg.pool_size, with_noise=True,
+                 partitions=partitions)
     watch.lap("scan")
     storage = TrainStorage.open(store.uri, shared=alive_nodes() > 1)
     result = _optimise_rounds(wcfg, rows, pools_from_state(state), state.noise.numpy(),
-                              lambda w: scan(source, paths, grouped, w, wcfg.top_k, False, partitions), watch, storage)
+                              rescan=lambda w: scan(source, paths, grouped, w, r=wcfg.top_k, with_noise=False,
+                                                    partitions=partitions), watch=watch, storage=storage)
 
     learned = dict(zip(aspects, weights_from_theta(torch.from_numpy(result.theta))))
-    shrinkage, validation = _shrink_and_validate(featurizer, store, manifest, layout, kernel, learned, wcfg, source,
-                                                 paths, partitions)
+    shrinkage, validation = _shrink_and_validate(featurizer, store, manifest, layout, kernel=kernel, learned=learned,
+                                                 wcfg=wcfg, source=source,
+                                                 paths=paths, partitions=partitions)
     watch.lap("shrink_validate")
-    per_aspect = {a: _aspect_entry(a, learned[a], shrinkage.get(a), result.theta[i], prompts[a], result.recall[a],
-                                   shown, validation, wcfg)
+    per_aspect = {a: _aspect_entry(a, learned[a], shrinkage.get(a), result.theta[i], prompts=prompts[a],
+                                   recall=result.recall[a],
+                                   shown=shown, validation=validation, wcfg=wcfg)
                   for i, a in enumerate(aspects)}
     document = weights_document(store.uri, manifest, per_aspect, {
         "k": wcfg.top_k, "lambda_w": wcfg.lambda_w, "kernel": wcfg.use_kernel, "rounds": result.rounds,

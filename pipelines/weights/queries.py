@@ -17,23 +17,23 @@ from attribution_core.errors import ConfigError
 from attribution_core.features.featurize import Featurizer
 from attribution_core.features.query import featurize_images
 from attribution_core.seeding import stable_seed
-from attribution_core.index.manifest import IndexManifest
 from attribution_core.index.store import IndexStore
 from attribution_core.models.adapters import DiffusersAdapter
 from attribution_core.models.sampling import Generated, generate
 
 
-def prompts_for(aspect: str, cfg: WeightsConfig, store: IndexStore, manifest: IndexManifest,
-                conditioning: str = "text", stream: str = "general-prompts") -> list[str | None]:
-    """``cfg.queries_per_aspect`` prompts: training captions for 'general' (sampled with the
-    seed of ``stream``), the aspect's template over its values (cycled) otherwise. Models
-    without text conditioning get no prompts (unconditional or class-conditional samples)."""
+def prompts_for(aspect: str, cfg: WeightsConfig, store: IndexStore, shards: list[str],
+                *, conditioning: str = "text", stream: str = "general-prompts") -> list[str | None]:
+    """``cfg.queries_per_aspect`` prompts: training captions (of the feature ``shards`` of an
+    index version) for 'general', sampled with the seed of ``stream``; the aspect's template
+    over its values (cycled) otherwise. Models without text conditioning get no prompts
+    (unconditional or class-conditional samples)."""
     n = cfg.queries_per_aspect
     if conditioning != "text":
         return [None] * n
     if aspect == "general":
-        captions = sorted({c for s in manifest.shards
-                           for c in store.read_table(s.path, columns=["caption"]).column("caption").to_pylist() if c})
+        captions = sorted({c for path in shards
+                           for c in store.read_table(path, columns=["caption"]).column("caption").to_pylist() if c})
         if not captions:
             raise ConfigError("general learning queries are prompted with training captions, and this index has none")
         rng = random.Random(stable_seed(stream, cfg.seed))
@@ -43,7 +43,7 @@ def prompts_for(aspect: str, cfg: WeightsConfig, store: IndexStore, manifest: In
 
 
 def learning_queries(featurizer: Featurizer, aspect: str, prompts: list[str | None], cfg: WeightsConfig,
-                     batch: int = 16, stream: str = "learning-queries") -> tuple[torch.Tensor, list[Generated]]:
+                     *, batch: int = 16, stream: str = "learning-queries") -> tuple[torch.Tensor, list[Generated]]:
     """Generate one image per prompt (seeds keyed by (``stream``, weights.seed, aspect)) and
     featurize it exactly as index rows are: (``Tensor[len(prompts), k_total]``, the images)."""
     adapter = featurizer.adapter
@@ -94,7 +94,8 @@ def featurize_generated(featurizer: Featurizer, images: list[Generated], batch: 
     parts = []
     for start in range(0, len(images), batch):
         chunk = images[start : start + batch]
-        parts.append(featurize_images(featurizer, [encode_png(g.image) for g in chunk], [g.prompt for g in chunk],
-                                      [g.label for g in chunk] if featurizer.adapter.conditioning == "class" else None,
-                                      contrast[start : start + batch] if contrast is not None else None))
+        parts.append(featurize_images(featurizer, [encode_png(g.image) for g in chunk],
+                                      prompts=[g.prompt for g in chunk],
+                                      labels=[g.label for g in chunk] if featurizer.adapter.conditioning == "class" else None,
+                                      contrast=contrast[start : start + batch] if contrast is not None else None))
     return torch.cat(parts)

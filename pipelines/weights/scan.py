@@ -31,18 +31,18 @@ def _rows(source: dict[str, Any], items: list[Any]):
             yield table.column("example_id").to_pylist(), torch.from_numpy(flat_matrix(table, layout))
     else:
         for number in items:
-            yield from index_blocks(source["n"], source["k_total"], source["seed"], number, number + 1)
+            yield from index_blocks(source["n"], source["k_total"], source["seed"], first=number, last=number + 1)
 
 
-def scan_partition(batch: pa.Table, source: dict[str, Any], refs: list, r: int, with_noise: bool) -> pa.Table:
+def scan_partition(batch: pa.Table, source: dict[str, Any], refs: list, r: int, *, with_noise: bool) -> pa.Table:
     grouped, weightings = ray.get(refs[0]), ray.get(refs[1])
     state = ScanState.empty(grouped.shape[0], weightings.shape[0], grouped.shape[1], with_noise)
     for ids, rows in _rows(source, batch.column("item").to_pylist()):
-        state = scan_block(state, grouped, weightings, rows, ids, r)
+        state = scan_block(state, grouped, weightings, rows, ids=ids, r=r)
     return pa.table({"state": pa.array([pickle.dumps(state)], pa.binary())})
 
 
-def scan(source: dict[str, Any], items: list[Any], grouped: torch.Tensor, weightings: torch.Tensor, r: int,
+def scan(source: dict[str, Any], items: list[Any], grouped: torch.Tensor, weightings: torch.Tensor, *, r: int,
          with_noise: bool, partitions: int) -> ScanState:
     """Scan ``items`` (shard paths or synthetic block numbers) in ``partitions`` tasks."""
     refs = [ray.put(grouped), ray.put(weightings)]

@@ -41,14 +41,14 @@ class Theta(nn.Module):
 
 
 def _local_loss(theta: torch.Tensor, parts: list[dict[str, torch.Tensor]], totals: list[int], world: int,
-                k: int, lambda_w: float) -> torch.Tensor:
+                *, k: int, lambda_w: float) -> torch.Tensor:
     loss = theta.new_zeros(())
     for a, part in enumerate(parts):
         n = part["contrib"].shape[0]
         if n:
             # mean over this worker's queries x (its share of the aspect) x world: DDP's mean of
             # the workers' gradients is then the gradient of the mean over all the aspect's queries.
-            term = pooled_objective(theta[a], part["contrib"], part["valid"], part["noise"], k, 0.0)
+            term = pooled_objective(theta[a], part["contrib"], part["valid"], part["noise"], k=k, lambda_w=0.0)
             loss = loss + term * n / totals[a] * world
         loss = loss + lambda_w * (torch.softmax(theta[a], -1) ** 2).sum()
     return loss
@@ -98,7 +98,7 @@ def _optimise_theta(wcfg: WeightsConfig, aspects: list[dict[str, Any]], theta: l
     steps, every = wcfg.steps, wcfg.report_every
     for step in range(start, steps):
         opt.zero_grad()
-        loss = _local_loss(module(), parts, totals, world, wcfg.top_k, wcfg.lambda_w)
+        loss = _local_loss(module(), parts, totals, world, k=wcfg.top_k, lambda_w=wcfg.lambda_w)
         loss.backward()
         opt.step()
         if (step + 1) % every == 0 or step + 1 == steps:
@@ -119,7 +119,7 @@ def _optimise_theta(wcfg: WeightsConfig, aspects: list[dict[str, Any]], theta: l
 
 
 def optimise(aspects: list[dict[str, np.ndarray]], theta: np.ndarray, wcfg: WeightsConfig, storage: TrainStorage,
-             name: str) -> dict[str, Any]:
+             *, name: str) -> dict[str, Any]:
     """Run ``train_loop`` on ``weights.workers`` Ray Train workers (``top_k``, ``lambda_w``,
     ``steps``, ``learning_rate`` and ``report_every`` of ``wcfg``); returns theta and the
     trajectory.

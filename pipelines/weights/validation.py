@@ -72,7 +72,7 @@ def validation_set(dataset: dict[str, Any], *, caption_column: str | None, label
 
 
 def validate_aspects(featurizer: Featurizer, manifest: IndexManifest, layout: GroupLayout,
-                     kernel: list[tuple[int, int, torch.Tensor]] | None, weights: dict[str, torch.Tensor],
+                     kernel: list[tuple[int, int, torch.Tensor]] | None, *, weights: dict[str, torch.Tensor],
                      cfg: WeightsConfig, source: dict[str, Any], paths: list[str],
                      partitions: int) -> dict[str, dict[str, Any]]:
     """Per validated aspect: the choice (``answered_by``, ``by``, ``rule``, ``gains``) with
@@ -100,9 +100,11 @@ def validate_aspects(featurizer: Featurizer, manifest: IndexManifest, layout: Gr
     names = sorted(weights) + [UNIFORM]
     m = len(layout.groups)
     matrix = torch.stack([weights[name].float() if name != UNIFORM else torch.full((m,), 1.0 / m) for name in names])
-    top = scan(source, paths, grouped, matrix, cfg.top_k, False, partitions).ids  # [Q, C, k] example ids
+    top = scan(source, paths, grouped, matrix, r=cfg.top_k, with_noise=False,
+               partitions=partitions).ids  # [Q, C, k] example ids
     out = validate(top, names, asked, values, seed=cfg.seed)
     for a, found in out.items():
-        log.info("%s validation Recall@%d over %d queries: %s -> answered by %s", a, cfg.top_k, len(conditions),
-                 found["recall"], found["answered_by"])
+        log.info("%(aspect)s validation Recall@%(k)d over %(queries)d queries: %(recall)s -> answered by %(by)s",
+                 {"aspect": a, "k": cfg.top_k, "queries": len(conditions), "recall": found["recall"],
+                  "by": found["answered_by"]})
     return out

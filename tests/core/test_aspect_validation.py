@@ -76,11 +76,13 @@ def test_the_recall_table_repeats_the_validated_column():
     truth, asked = list(rng.integers(0, 3, 40)), list(rng.integers(0, 3, 12))
     aspects = {"general": {"weights": [0.5, 0.5]}, "subject": {"weights": [0.9, 0.1]}}
     weights = {"groups": ["a", "b"], "aspects": aspects}
-    plain = aspect_recall_table(queries, _layout(), None, train, weights, {"subject": asked}, {"subject": truth}, k=5)
+    plain = aspect_recall_table(queries, _layout(), None, train, weights=weights, query_attributes={"subject": asked},
+                                train_attributes={"subject": truth}, k=5)
     assert "validated" not in plain["subject"]  # unvalidated weights: no such column
     for chosen, column in (("general", "general"), ("subject", "aspect"), ("uniform", "uniform")):
         aspects["subject"] |= {"answered_by": chosen, "validation": {"recall": {}}}
-        table = aspect_recall_table(queries, _layout(), None, train, weights, {"subject": asked}, {"subject": truth}, k=5)
+        table = aspect_recall_table(queries, _layout(), None, train, weights=weights,
+                                    query_attributes={"subject": asked}, train_attributes={"subject": truth}, k=5)
         assert table["subject"]["validated"] == table["subject"][column]
 
 

@@ -26,8 +26,8 @@ def test_aspect_weights_on_the_attribute_group_beat_uniform_and_pixels():
                                                        "general": {"weights": [0.5, 0.5]}}}
     pixels_train = rng.normal(size=(n, 3, 4, 4)).astype(np.float32)  # pixels carry no shape information
     pixels_query = rng.normal(size=(q, 3, 4, 4)).astype(np.float32)
-    table = aspect_recall_table(rows(query_shape), layout, None, rows(train_shape), weights,
-                                {"subject": list(query_shape)}, {"subject": list(train_shape), "style": [0] * n},
+    table = aspect_recall_table(rows(query_shape), layout, None, rows(train_shape), weights=weights,
+                                query_attributes={"subject": list(query_shape)}, train_attributes={"subject": list(train_shape), "style": [0] * n},
                                 k=10, query_pixels=pixels_query, train_pixels=pixels_train, block=64)
     assert set(table) == {"subject"}
     row = table["subject"]
@@ -35,8 +35,8 @@ def test_aspect_weights_on_the_attribute_group_beat_uniform_and_pixels():
     assert row["aspect"] > 0.9 and row["aspect"] > row["uniform"] + 0.2
     assert row["pixel_knn"] < 0.5  # chance is about 0.25
     # Without learned weights only uniform (and pixels) are reported.
-    plain = aspect_recall_table(rows(query_shape), layout, None, rows(train_shape), None,
-                                {"subject": list(query_shape)}, {"subject": list(train_shape)}, k=10)
+    plain = aspect_recall_table(rows(query_shape), layout, None, rows(train_shape), weights=None,
+                                query_attributes={"subject": list(query_shape)}, train_attributes={"subject": list(train_shape)}, k=10)
     assert set(plain["subject"]) == {"uniform"}
 
 

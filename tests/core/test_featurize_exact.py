@@ -159,8 +159,8 @@ def test_a_pooled_text_embedding_in_the_time_embedding_is_featurized_exactly():
 
     torch.manual_seed(0)
     tokenizer = word_tokenizer(["a", "striped", "circle", "dotted", "ring", "blue", "square", "red", "star", "cross"])
-    adapter = DiffusersAdapter(unet_cond(8, 3, 16, (8, 16), 1, text_in_time=True), DDPMScheduler(),
-                               text_encoder_for(tokenizer, 16, 1), tokenizer)
+    adapter = DiffusersAdapter(unet_cond(8, 3, 16, (8, 16), layers_per_block=1, text_in_time=True), DDPMScheduler(),
+                               text_encoder=text_encoder_for(tokenizer, 16, 1), tokenizer=tokenizer)
     cfg = FeaturizeConfig(measurement="loss", timesteps=TimestepConfig(count=2), groups=GroupConfig(preset="layer"))
     featurizer = Featurizer(adapter, cfg)
     assert any(ly.name.startswith("add_embedding.pool") for ly in featurizer.layout.layers)

@@ -93,7 +93,7 @@ def test_default_aspect_prompts_are_in_the_trained_vocabulary_and_others_are_ref
     adapter = build_untrained(_data(), TrainConfig(resolution=8, widths=(8, 16), text_width=16,
                                                    attribute_dropout=0.3, caption_template=TEMPLATE))
     image = encode_png(np.zeros((8, 8, 3), dtype=np.uint8))
-    assert query_batch(adapter, [image], ["a striped shape"]).captions == ("a striped shape",)
+    assert query_batch(adapter, [image], prompts=["a striped shape"]).captions == ("a striped shape",)
     with pytest.raises(UnknownWordsError, match="prompt: the model never saw 'pikachu'"):
-        query_batch(adapter, [image], ["a pikachu on a grid background"])
+        query_batch(adapter, [image], prompts=["a pikachu on a grid background"])
     check_prompts(["anything at all"], None, "prompt")  # a model of unknown vocabulary is not checked

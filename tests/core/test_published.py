@@ -59,7 +59,7 @@ def test_whole_gradients_equal_autograd_one_example_at_a_time(adapters, unit_row
     adapter = adapters["text"]
     batch = make_batch(adapter, n=2)
     names = [n for n, _ in adapter.denoiser.named_parameters()]
-    fast = whole_gradients(adapter, batch, CFG, names, unit_rows)
+    fast = whole_gradients(adapter, batch, CFG, names, unit_rows=unit_rows)
     slow = _loop_gradients(adapter, batch, CFG, unit_rows)
     assert fast.shape == slow.shape == (2, sum(p.numel() for p in adapter.denoiser.parameters()))
     torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-6 * float(slow.abs().max()))
@@ -86,7 +86,7 @@ def test_dense_projection_is_one_seeded_matrix_split_by_group(adapters):
     matrix = torch.cat([torch.randn((min(50, n - s), 16), generator=generator_for("dense-projection", 42, name, s))
                         for name, n, _ in parameters for s in range(0, n, 50)])
     torch.testing.assert_close(whole, x @ matrix, rtol=1e-4, atol=1e-3)
-    assert not torch.allclose(DenseProjection(parameters, len(names), 16, seed=7).project(x, by_group=False)[:, 0], whole)
+    assert not torch.allclose(DenseProjection(parameters, len(names), k=16, seed=7).project(x, by_group=False)[:, 0], whole)
 
 
 def test_das_residual_scale_is_scale_free_and_deterministic(adapters):

@@ -104,8 +104,8 @@ def test_request_checks_name_what_to_fix():
         assert e.value.status == 422
     assert parse_k(None, cfg) == 10 and parse_k("3", cfg) == 3
     with pytest.raises(RequestError) as e:
-        build_query(b"\x89PNG" + b"0" * 2000, None, None, None, None, cfg)
+        build_query(b"\x89PNG" + b"0" * 2000, None, None, None, k=None, cfg=cfg)
     assert e.value.status == 413
     with pytest.raises(RequestError) as e:
-        build_query(b"not an image", None, None, None, None, cfg)
+        build_query(b"not an image", None, None, None, k=None, cfg=cfg)
     assert e.value.status == 400 and "PNG or JPEG" in e.value.detail

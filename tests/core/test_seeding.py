@@ -37,9 +37,9 @@ def test_projection_scale_preserves_inner_products_in_expectation():
     x, y = torch.randn(cols), torch.randn(cols)
     estimates = []
     for i in range(400):
-        p = projection_matrix(0, f"layer{i}", "in", rows, cols)
+        p = projection_matrix(0, f"layer{i}", "in", rows, cols=cols)
         estimates.append(float((p @ x) @ (p @ y)))
     mean = sum(estimates) / len(estimates)
     assert abs(mean - float(x @ y)) < 0.1 * float(x.norm() * y.norm())
-    assert torch.equal(projection_matrix(0, "l", "in", 3, 5), projection_matrix(0, "l", "in", 3, 5))
-    assert not torch.equal(projection_matrix(0, "l", "in", 3, 5), projection_matrix(0, "l", "out", 3, 5))
+    assert torch.equal(projection_matrix(0, "l", "in", 3, cols=5), projection_matrix(0, "l", "in", 3, cols=5))
+    assert not torch.equal(projection_matrix(0, "l", "in", 3, cols=5), projection_matrix(0, "l", "out", 3, cols=5))

@@ -41,7 +41,7 @@ def test_class_folders_are_a_layout_with_labels_from_folder_names(tmp_path):
     examples = list(read_examples(str(root)))
     assert [e.attributes for e in examples] == [{"label": "cat"}] * 2 + [{"label": "dog"}] * 2
     assert examples[0].uri == f"{root}/cat/0.png" and examples[0].image == _png(0)
-    data = load_dataset(str(root), 8, 3, "class")  # label column found by name
+    data = load_dataset(str(root), 8, 3, conditioning="class")  # label column found by name
     assert data.label_names == ["cat", "dog"] and data.labels.tolist() == [0, 0, 1, 1]
     assert data.columns == {"caption": None, "label": "label"}
     with pytest.raises(InputError, match="class-folder dataset, which has no caption column 'text'"):

@@ -19,7 +19,8 @@ N, Q, K, R = 300, 12, 5, 40
 def scan(grouped, index, weightings, r, with_noise=True, block=64):
     state = ScanState.empty(grouped.shape[0], weightings.shape[0], len(LAYOUT.groups), with_noise)
     for i in range(0, index.shape[0], block):
-        state = scan_block(state, grouped, weightings, index[i : i + block], [str(j) for j in range(i, min(i + block, index.shape[0]))], r)
+        ids = [str(j) for j in range(i, min(i + block, index.shape[0]))]
+        state = scan_block(state, grouped, weightings, index[i : i + block], ids=ids, r=r)
     return state
 
 
@@ -44,7 +45,7 @@ def test_pooled_objective_and_gradient_equal_the_full_cache():
         np.testing.assert_allclose(state.noise, torch.einsum("qnm,qnk->qmk", cache, cache), rtol=1e-5)
         for seed in range(3):
             theta = torch.randn(len(LAYOUT.groups), generator=torch.Generator().manual_seed(seed), requires_grad=True)
-            pooled = pooled_objective(theta, pools.contrib, pools.valid, state.noise, K, 0.01)
+            pooled = pooled_objective(theta, pools.contrib, pools.valid, state.noise, k=K, lambda_w=0.01)
             (g_pooled,) = torch.autograd.grad(pooled, theta)
             full = full_cache_objective(theta, cache, K, 0.01)
             (g_full,) = torch.autograd.grad(full, theta)
@@ -61,7 +62,7 @@ def test_split_scans_merge_to_the_whole_scan():
     whole = scan(grouped, index, w, R)
     a = scan(grouped, index[:100], w, R)
     b = ScanState.empty(Q, w.shape[0], len(LAYOUT.groups), True)
-    b = scan_block(b, grouped, w, index[100:], [str(j) for j in range(100, N)], R)
+    b = scan_block(b, grouped, w, index[100:], ids=[str(j) for j in range(100, N)], r=R)
     merged = merge(a, b, R)
     torch.testing.assert_close(merged.scores, whole.scores)
     assert (merged.ids == whole.ids).all()
@@ -92,7 +93,7 @@ def test_attribute_scores_are_the_objectives_tau_for_every_weighting_at_once():
             k, _ = kernel_from_gram((x.T @ x).numpy(), 0.05)
             blocks = [(0, LAYOUT.k_total, torch.from_numpy(k))]
         w = torch.stack([torch.full((5,), 0.2), torch.tensor([0.0, 0.5, 0.0, 0.5, 0.0]), torch.eye(5)[2]])
-        scores, idx = attribute(queries, w, LAYOUT, blocks, (index[i : i + 70] for i in range(0, N, 70)), K)
+        scores, idx = attribute(queries, w, LAYOUT, blocks, blocks=(index[i : i + 70] for i in range(0, N, 70)), k=K)
         tau = torch.einsum("qnm,am->aqn", contributions(grouped, index).double(), w.double())  # [A, Q, N]
         ref = torch.topk(tau, K, dim=2)
         torch.testing.assert_close(scores.double(), ref.values, rtol=1e-4, atol=1e-5)

@@ -57,7 +57,7 @@ def test_serve_featurizer_replica_holds_a_gpu(tmp_path, ray_cluster, model_dirs)
     run_index(project(), IndexRequest(dataset=data, model=model_dirs["text"], out=index))
     port = free_port()
     config = write_config(tmp_path / "serve.yaml", model_dirs["text"], index, port, partitions=1)
-    url, _ = start(ServeArgs(config=config), "127.0.0.1", port, timeout_s=600)
+    url, _ = start(ServeArgs(config=config), host="127.0.0.1", port=port, timeout_s=600)
     try:
         from attribution_core.data.readers import read_examples
 

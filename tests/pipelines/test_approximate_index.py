@@ -72,7 +72,7 @@ def test_bench_search_reports_both_tiers(full_build, tmp_path):
     candidates every row is rescored, so recall must be 1.0; the simulated run repeats codes."""
     from pipelines.bench.search import run
 
-    report = run(full_build["out"], [200], 500, queries=3, k=5, seed=0, work=tmp_path)
+    report = run(full_build["out"], [200], simulate=500, queries=3, k=5, seed=0, work=tmp_path)
     real, simulated = report["results"]
     assert real["rows"] == 200 and simulated["rows"] == 500 and simulated["approximate"]["recall"] is None
     assert real["exact"]["bytes_per_row"] == report["float16_bytes_per_row"] == 2 * report["dim"]

@@ -30,7 +30,7 @@ def trained(tmp_path_factory, ray_cluster) -> dict[str, str]:
 
     root = tmp_path_factory.mktemp("exemplar-model")
     data, model, out = str(root / "data"), root / "model", str(root / "index")
-    write_synthetic(data, 96, 0, 16, ())
+    write_synthetic(data, 96, 0, size=16, holdout=())
     train_to_dir(data, TrainConfig(resolution=16, widths=(16, 32), text_width=32, steps=500, batch_size=16,
                                    learning_rate=0.003, warmup_steps=10, ema_decay=0.9, attribute_dropout=0.3,
                                    caption_template="a {style} {subject|shape}[ on a {background} background]",

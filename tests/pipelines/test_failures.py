@@ -49,7 +49,7 @@ def test_an_input_error_in_ray_train_workers_is_raised_once_on_the_driver(ray_cl
     part = {"contrib": np.zeros((4, 3, 2)), "valid": np.ones((4, 3), bool), "noise": np.tile(np.eye(2), (4, 1, 1))}
     with pytest.raises(InputError, match="top-k of 5 needs pools of at least 5 candidates, got 3"):
         optimise([part], np.zeros((1, 2)), WeightsConfig(top_k=5, pool_size=5, lambda_w=0.0, steps=3, learning_rate=0.1,
-                                                          workers=2, report_every=1), TrainStorage(str(tmp_path)), "refused")
+                                                          workers=2, report_every=1), TrainStorage(str(tmp_path)), name="refused")
 
 
 def test_errors_cross_as_data_and_in_traceback_text():

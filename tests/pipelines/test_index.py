@@ -254,9 +254,9 @@ def test_kernel_chosen_by_the_objective_equals_a_direct_computation(tmp_path, ra
     scored = flat_matrix(table, layout, np.float64)
     assert not np.allclose(stored, scored)
     wcfg = dataclasses.replace(cfg.weights, queries_per_aspect=3)
-    prompts = prompts_for("general", wcfg, store, manifest, "text", stream="damping-prompts")
+    prompts = prompts_for("general", wcfg, store, manifest.shard_paths, conditioning="text", stream="damping-prompts")
     queries = torch.from_numpy(_featurized_queries(ModelRef(model_dirs["text"]), "cpu", to_mapping(cfg.featurize),
-                                                   to_mapping(wcfg), prompts)).double() / len(layout.groups)
+                                                   to_mapping(wcfg), prompts=prompts)).double() / len(layout.groups)
     direct = {}
     for kind in choice["objective"]:
         spans = [(offset, dim, stored[:, offset : offset + dim].T @ stored[:, offset : offset + dim])

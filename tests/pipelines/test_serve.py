@@ -93,7 +93,7 @@ def test_index_info_and_openapi(served):
 
 def test_answers_equal_offline_scoring_of_the_same_image(served):
     adapter = load_model_dir(served["model"], "cpu")
-    loaded = load_index(served["index"], served["version"])
+    loaded = load_index(served["index"], version=served["version"])
     fcfg = from_mapping(FeaturizeConfig, loaded.manifest.featurize)
     featurizer = Featurizer(adapter, fcfg)
     store = IndexStore(served["index"])
@@ -103,9 +103,9 @@ def test_answers_equal_offline_scoring_of_the_same_image(served):
         status, answer = post(served["url"], {"image": b64(row["image"]), "prompt": row["caption"],
                                               "aspects": aspects, "k": 6})
         assert status == 200, answer
-        q = featurize_images(featurizer, [row["image"]], [row["caption"]])
+        q = featurize_images(featurizer, [row["image"]], prompts=[row["caption"]])
         blocks = [loaded.features[i : i + 16] for i in range(0, N, 16)]
-        scores, idx = attribute(q, weights_matrix(document, aspects), loaded.layout, loaded.kernel, blocks, 6)
+        scores, idx = attribute(q, weights_matrix(document, aspects), loaded.layout, loaded.kernel, blocks=blocks, k=6)
         for a, aspect in enumerate(aspects):
             got = answer["aspects"][aspect]
             assert [r["example_id"] for r in got] == [loaded.example_ids[j] for j in idx[a, 0].tolist()]
@@ -339,20 +339,21 @@ def test_contrastive_aspect_queries_equal_offline_scoring(served, tmp_path):
             status, answer = 0, {}
     assert answer["aspect_queries"] == {"subject": "contrastive+aspect"}
     assert "QueryFeaturizer" in serve.status().applications[APP_NAME].deployments
-    loaded = load_index(served["index"], answer["index"]["version"])
+    loaded = load_index(served["index"], version=answer["index"]["version"])
     featurizer = Featurizer(load_model_dir(served["model"], "cpu"), from_mapping(FeaturizeConfig, loaded.manifest.featurize))
     values = {a: list(p.values) for a, p in ProjectConfig().weights.prompts.items()}
     without = without_concept(row["caption"], "subject", values)
     assert without != row["caption"]
-    q = featurize_images(featurizer, [row["image"]], [row["caption"]], contrast=[without])
+    q = featurize_images(featurizer, [row["image"]], prompts=[row["caption"]], contrast=[without])
     document = IndexStore(served["index"]).read_json(artifact_path(served["version"], "learned"))
     blocks = [loaded.features[i : i + 16] for i in range(0, loaded.features.shape[0], 16)]
-    scores, idx = attribute(q, weights_matrix(document, ["subject"]), loaded.layout, loaded.kernel, blocks, 5)
+    scores, idx = attribute(q, weights_matrix(document, ["subject"]), loaded.layout, loaded.kernel, blocks=blocks, k=5)
     got = answer["aspects"]["subject"]
     assert [r["example_id"] for r in got] == [loaded.example_ids[j] for j in idx[0, 0].tolist()]
     np.testing.assert_allclose([r["score"] for r in got], scores[0, 0].numpy(), rtol=1e-4, atol=1e-7)
-    plain = featurize_images(featurizer, [row["image"]], [row["caption"]])
-    _, general = attribute(plain, weights_matrix(document, ["general"]), loaded.layout, loaded.kernel, blocks, 5)
+    plain = featurize_images(featurizer, [row["image"]], prompts=[row["caption"]])
+    _, general = attribute(plain, weights_matrix(document, ["general"]), loaded.layout, loaded.kernel, blocks=blocks,
+                           k=5)
     assert [r["example_id"] for r in answer["aspects"]["general"]] == [loaded.example_ids[j] for j in general[0, 0].tolist()]
     # A prompt that names no subject cannot be contrasted: 422 saying so.
     status, refused = post(served["url"], {**body, "prompt": "a striped shape"})

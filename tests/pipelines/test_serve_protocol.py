@@ -45,7 +45,7 @@ def test_wrong_types_are_422_naming_the_field(prompt, label, aspects, k, status)
     buf = io.BytesIO()
     Image.new("RGB", (16, 16)).save(buf, format="PNG")
     with pytest.raises(RequestError) as caught:
-        build_query(buf.getvalue(), prompt, label, aspects, k, ServeConfig())
+        build_query(buf.getvalue(), prompt, label, aspects, k=k, cfg=ServeConfig())
     assert caught.value.status == status
     assert len(str(caught.value)) < 300  # the client's value is quoted, not echoed whole
 

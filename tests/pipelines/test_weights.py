@@ -25,14 +25,15 @@ def pooled(ray_cluster):
     queries, _ = synthetic_queries(N, Q, LAYOUT, SIGNAL, seed=3)
     grouped = group_queries(queries, LAYOUT, None)
     source = {"kind": "synthetic", "n": N, "k_total": LAYOUT.k_total, "seed": 3}
-    state = scan(source, [0, 1, 2], grouped, mining_weightings(len(LAYOUT.groups)), 32, True, partitions=2)
+    state = scan(source, [0, 1, 2], grouped, mining_weightings(len(LAYOUT.groups)), r=32, with_noise=True, partitions=2)
     pools = pools_from_state(state)
     return {"contrib": pools.contrib.numpy(), "valid": pools.valid.numpy(), "noise": state.noise.numpy(),
             "state": state, "grouped": grouped, "source": source}
 
 
 def test_distributed_scan_equals_one_partition(pooled):
-    one = scan(pooled["source"], [0, 1, 2], pooled["grouped"], mining_weightings(len(LAYOUT.groups)), 32, True, 1)
+    one = scan(pooled["source"], [0, 1, 2], pooled["grouped"], mining_weightings(len(LAYOUT.groups)), r=32,
+               with_noise=True, partitions=1)
     torch.testing.assert_close(one.noise, pooled["state"].noise)
     torch.testing.assert_close(one.scores, pooled["state"].scores)
 
@@ -41,17 +42,17 @@ def test_two_workers_equal_one_and_weights_concentrate_on_the_signal_groups(pool
     aspect = {k: pooled[k] for k in ("contrib", "valid", "noise")}
     theta0 = np.zeros((1, len(LAYOUT.groups)))
     wcfg = WeightsConfig(top_k=K, pool_size=32, lambda_w=0.01, steps=150, learning_rate=0.1, report_every=50)
-    two = optimise([aspect], theta0, dataclasses.replace(wcfg, workers=2), TrainStorage(str(tmp_path)), "two")
-    one = optimise([aspect], theta0, dataclasses.replace(wcfg, workers=1), TrainStorage(str(tmp_path)), "one")
+    two = optimise([aspect], theta0, dataclasses.replace(wcfg, workers=2), TrainStorage(str(tmp_path)), name="two")
+    one = optimise([aspect], theta0, dataclasses.replace(wcfg, workers=1), TrainStorage(str(tmp_path)), name="one")
     np.testing.assert_allclose(two["theta"], one["theta"], rtol=1e-6, atol=1e-9)
     assert [t["step"] for t in two["trajectory"]] == [50, 100, 150]
     w = weights_from_theta(torch.from_numpy(two["theta"][0]))
     assert w[list(SIGNAL)].sum() > 0.8, w  # the groups that carry the signal
     # The objective went down, and it is the pooled objective of the returned theta.
     start = pooled_objective(torch.zeros(len(LAYOUT.groups), dtype=torch.float64), torch.from_numpy(aspect["contrib"]),
-                             torch.from_numpy(aspect["valid"]), torch.from_numpy(aspect["noise"]), K, 0.01)
+                             torch.from_numpy(aspect["valid"]), torch.from_numpy(aspect["noise"]), k=K, lambda_w=0.01)
     end = pooled_objective(torch.from_numpy(two["theta"][0]), torch.from_numpy(aspect["contrib"]),
-                           torch.from_numpy(aspect["valid"]), torch.from_numpy(aspect["noise"]), K, 0.01)
+                           torch.from_numpy(aspect["valid"]), torch.from_numpy(aspect["noise"]), k=K, lambda_w=0.01)
     assert end < start
     assert two["trajectory"][-1]["objective"] == pytest.approx(float(end), rel=1e-3)
 
@@ -134,8 +135,9 @@ def _validation_equals_offline_recall(cfg, out: str, manifest: dict, document: d
                       guidance=wcfg.guidance, steps=wcfg.sample_steps)
     index = load_index(out)
     features = featurize_generated(version_featurizer(adapter, manifest, cfg.featurize.max_rows_per_pass), images)
-    table = aspect_recall_table(features, index.layout, index.kernel, index.features, document, asked,
-                                {"subject": [values["subject"][i] for i in index.example_ids]}, k=3)
+    table = aspect_recall_table(features, index.layout, index.kernel, index.features, weights=document,
+                                query_attributes=asked,
+                                train_attributes={"subject": [values["subject"][i] for i in index.example_ids]}, k=3)
     offline = {"subject": table["subject"]["aspect"], "general": table["subject"]["general"],
                "uniform": table["subject"]["uniform"]}
     assert found["recall"] == pytest.approx(offline, abs=1e-4)
@@ -162,7 +164,7 @@ def _shrinkage_is_the_objective_on_held_out_queries(cfg, store, manifest: dict, 
         assert found["queries"] == 3 and found["a"] == choose_shrinkage(objective)
         learned = torch.tensor(info["learned"], dtype=torch.float64)
         torch.testing.assert_close(torch.tensor(info["weights"], dtype=torch.float64), shrunk(learned, found["a"]))
-        prompts = prompts_for(aspect, wcfg, store, manifest, stream="holdout-prompts")
+        prompts = prompts_for(aspect, wcfg, store, manifest.shard_paths, stream="holdout-prompts")
         features, _ = learning_queries(featurizer, aspect, prompts, wcfg, stream="holdout-queries")
         cache = contributions(group_queries(features, index.layout, index.kernel), index.features).double()  # [Q, N, M]
         for a, value in objective.items():
