@@ -20,11 +20,13 @@ from typing import Any
 from attribution_core.config import ProjectConfig
 from attribution_core.data.images import encode_png
 from attribution_core.data.synthetic import caption_for
-from attribution_core.seeding import stable_seed
 from attribution_core.models.sampling import generate
+from attribution_core.seeding import stable_seed
 from pipelines.evaluation.job import EvaluateRequest, evaluate
 from pipelines.evaluation.summary import summary_text as evaluation_text
 from pipelines.models import load_model
+from pipelines.serve.app import ServeArgs
+from pipelines.serve.runner import start, stop
 
 # Query prompts of the demo: (subject, style, background).
 SUBJECT_STYLE_BACKGROUND = (("circle", "filled", "grid"), ("triangle", "outlined", "solid"),
@@ -48,9 +50,6 @@ def _port(host: str, wanted: int) -> int:
 
 def query_endpoint(cfg: ProjectConfig, config_path: str, aspects: list[str]) -> dict[str, Any]:
     """Start the endpoint, send ``demo.queries`` generated images, stop it; the answers."""
-    from pipelines.serve.app import ServeArgs
-    from pipelines.serve.runner import start, stop
-
     adapter = load_model(cfg.model)
     prompts = [caption_for(*SUBJECT_STYLE_BACKGROUND[i % len(SUBJECT_STYLE_BACKGROUND)]) for i in range(cfg.demo.queries)]
     text = adapter.conditioning == "text"

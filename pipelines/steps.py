@@ -14,9 +14,11 @@ from attribution_core.data.writers import read_marker, write_synthetic
 from attribution_core.errors import ConfigError, ManifestMismatchError
 from attribution_core.index.store import IndexStore
 from attribution_core.models.pipeline_dir import is_model_dir
-from attribution_core.weights.artifact import artifact_path, check_weights
 from attribution_core.models.training_dir import train_to_dir
+from attribution_core.weights.artifact import artifact_path, check_weights
+from pipelines.index.job import IndexRequest, run_index
 from pipelines.models import ensure_model
+from pipelines.weights.job import WeightsRequest, learn_weights
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +79,6 @@ def prepare(cfg: ProjectConfig, model: bool = True) -> dict[str, Any]:
 
 def build_index(cfg: ProjectConfig, ray_address: str | None = None) -> dict[str, Any]:
     """The index of ``data.uri`` under ``index.out`` (incremental; "up to date" when nothing changed)."""
-    from pipelines.index.job import IndexRequest, run_index
-
     return run_index(cfg, IndexRequest(dataset=cfg.data.uri, model=str(ensure_model(cfg.model)), out=cfg.index.out,
                                        ray_address=ray_address, base=cfg.model.base))
 
@@ -87,8 +87,6 @@ def ensure_weights(cfg: ProjectConfig, index: str, version: str, *, model: str |
                    ray_address: str | None = None) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """The weights document ``weights.name`` of an index version, learned first unless one
     learned with the same settings is there. Returns (document, the learning summary or None)."""
-    from pipelines.weights.job import WeightsRequest, learn_weights
-
     store = IndexStore(index)
     path = artifact_path(version, cfg.weights.name)
     document = store.read_json(path)

@@ -19,6 +19,7 @@ from torch import nn
 
 from attribution_core.errors import ModelLoadError
 from attribution_core.models.adapters import DiffusersAdapter
+from attribution_core.models.fingerprint import model_fingerprint
 from attribution_core.models.lora import is_lora_dir, load_lora, read_pointer
 
 log = logging.getLogger(__name__)
@@ -146,8 +147,6 @@ def stored_variant(folder: Path) -> str | None:
 
 def _load_lora_model(root: Path, base: Path | None) -> DiffusersAdapter:
     """The base pipeline (``base``, else the one ``lora.json`` names) with the adapters attached."""
-    from attribution_core.models.fingerprint import model_fingerprint
-
     pointer = read_pointer(root)
     chosen = base or pointer.base
     if chosen is None:

@@ -16,9 +16,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from attribution_core.config import TrainConfig, from_mapping
+from attribution_core.config import TrainConfig, from_mapping, to_mapping
 from attribution_core.config_stages import IndexConfig
 from attribution_core.errors import ConfigError, ModelLoadError
+from attribution_core.models.fingerprint import model_fingerprint
+from attribution_core.models.pipeline_dir import load_adapter
 
 RECIPE_FILE = "training.json"
 
@@ -102,10 +104,6 @@ def recipe_identity(train: TrainConfig, base_fingerprint: str | None = None) -> 
     fingerprint instead of its path. A recipe without LoRA reads as it did before the LoRA
     settings existed, so caches keyed by it stay valid. ``base_fingerprint``, when the
     caller already has it, saves loading the base again."""
-    from attribution_core.config import to_mapping
-    from attribution_core.models.pipeline_dir import load_adapter
-    from attribution_core.models.fingerprint import model_fingerprint
-
     mapping = json.loads(json.dumps(to_mapping(train)))
     if not train.lora:
         return {k: v for k, v in mapping.items() if k not in _LORA_FIELDS}

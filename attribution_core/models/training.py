@@ -28,11 +28,13 @@ from attribution_core.config import TrainConfig
 from attribution_core.data.captions import PartialCaptions, template_words
 from attribution_core.data.loading import TrainingData
 from attribution_core.errors import ConfigError, InputError
-from attribution_core.seeding import stable_seed
 from attribution_core.models.adapters import DiffusersAdapter
+from attribution_core.models.fingerprint import model_fingerprint
 from attribution_core.models.lora import LoraSpec, add_lora
+from attribution_core.models.pipeline_dir import load_adapter
 from attribution_core.models.tiny import text_encoder_for, unet2d, unet_cond, word_tokenizer
 from attribution_core.models.vocabulary import caption_vocabulary
+from attribution_core.seeding import stable_seed
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +89,6 @@ def build_untrained(data: TrainingData, cfg: TrainConfig) -> DiffusersAdapter:
 def lora_base(data: TrainingData, cfg: TrainConfig) -> tuple[DiffusersAdapter, str]:
     """The base model of a LoRA recipe with fresh adapters (seeded from ``cfg.seed``) and
     the base's fingerprint; refuses data or settings the base cannot take."""
-    from attribution_core.models.pipeline_dir import load_adapter
-    from attribution_core.models.fingerprint import model_fingerprint
-
     adapter = load_adapter(cfg.base)
     if adapter.lora is not None:
         raise ConfigError(f"train.base: {cfg.base} is itself a LoRA fine-tune; fine-tune its base pipeline instead")

@@ -149,7 +149,7 @@ def standalone(cfg: ProjectConfig, model_dir: str, index_uri: str, rows: list[di
     from attribution_core.index.opening import open_for_model
     from attribution_core.weights.served import ServedIndex
     from pipelines.models import load_model_dir
-    from pipelines.serve.featurize import replica_threads
+    from pipelines.serve.protocol import replica_threads
 
     scfg = cfg.serve
     adapter = load_model_dir(model_dir, "cpu")

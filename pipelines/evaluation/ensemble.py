@@ -17,6 +17,7 @@ from attribution_core.index.reader import LoadedIndex, load_index
 from attribution_core.models.adapters import ExampleBatch
 from attribution_core.models.checkpoints import model_checkpoints
 from pipelines.evaluation.scoring import Member
+from pipelines.index.job import IndexRequest, run_index
 from pipelines.models import load_model_dir
 
 log = logging.getLogger(__name__)
@@ -29,8 +30,6 @@ def checkpoint_members(bcfg: ProjectConfig, *, model_dir: str, final: Member, fo
     every kept checkpoint's index (built here unless up to date) and query features, the
     final model's ``final`` last; coefficients are the checkpoints' learning rates relative
     to the final one's (``learning_rate_weighted``) or 1."""
-    from pipelines.index.job import IndexRequest, run_index
-
     stats = final.index.manifest.stats
     fixed = dataclasses.replace(bcfg.index, kernel=stats["kernel"], damping_rule="fixed", damping=stats["damping"])
     found = model_checkpoints(model_dir)

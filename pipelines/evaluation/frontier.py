@@ -18,19 +18,21 @@ from typing import Any
 import numpy as np
 
 from attribution_core.config import FeaturizeConfig
+from attribution_core.data.loading import load_training_data
 from attribution_core.evaluation.lds_rows import basis_row, query_halves, select_setting
 from attribution_core.evaluation.metrics import subset_predictions
 from attribution_core.features.groups import build_layout
 from attribution_core.index.kernel import LAYER_BLOCK
-from attribution_core.seeding import stable_seed
 from attribution_core.index.opening import version_featurizer
 from attribution_core.index.reader import load_index
 from attribution_core.models.adapters import ExampleBatch
+from attribution_core.seeding import stable_seed
 from pipelines.evaluation.choice import served_basis
 from pipelines.evaluation.ensemble import checkpoint_members
 from pipelines.evaluation.published import featurize_seconds_per_row, matching_basis
 from pipelines.evaluation.scoring import Member, basis_scores
 from pipelines.evaluation.universe import BASES, basis_config
+from pipelines.index.job import IndexRequest, run_index
 from pipelines.models import load_model_dir
 from pipelines.steps import ensure_weights
 
@@ -58,8 +60,6 @@ def settings(base: FeaturizeConfig, fcfg) -> dict[str, FeaturizeConfig]:
 
 
 def _timing_batch(ctx, n: int) -> ExampleBatch:
-    from attribution_core.data.loading import load_training_data
-
     data = load_training_data(ctx.universe_uri, ctx.cfg.subset_train)
     n = min(n, len(data.example_ids))
     return ExampleBatch(tuple(data.example_ids[:n]), data.pixels[:n],
@@ -77,8 +77,6 @@ def _members(ctx, setting: str, fcfg: FeaturizeConfig, *, finals: dict[str, Memb
              documents: dict[str, dict[str, Any]], adapter) -> tuple[dict[str, Member], dict[str, dict[str, Any]]]:
     """The final-model member of each measurement and the learned weights of each basis
     under ``fcfg`` (the main table's own for the default setting)."""
-    from pipelines.index.job import IndexRequest, run_index
-
     if setting == "default":
         return finals, documents
     cfg = dataclasses.replace(ctx.cfg, featurize=fcfg)

@@ -25,16 +25,19 @@ from attribution_core.data.loading import load_training_data
 from attribution_core.evaluation.intervals import TwoWayBootstrap
 from attribution_core.evaluation.lds_rows import basis_row, noise_ceiling
 from attribution_core.evaluation.metrics import subset_masks, subset_predictions
-from attribution_core.seeding import stable_seed
 from attribution_core.index.opening import version_featurizer
 from attribution_core.index.reader import load_index
 from attribution_core.models.adapters import ExampleBatch
+from attribution_core.seeding import stable_seed
 from attribution_core.timing import Stopwatch
 from pipelines.evaluation.ensemble import checkpoint_members
+from pipelines.evaluation.frontier import frontier_rows
 from pipelines.evaluation.groundtruth import ground_truth
+from pipelines.evaluation.published import reference_rows
 from pipelines.evaluation.scoring import BasisScores, Member, basis_scores
 from pipelines.evaluation.universe import (BASES, basis_config, basis_label, lds_queries, lds_recipe, output_config,
                                            split_universe, universe_model)
+from pipelines.index.job import IndexRequest, run_index
 from pipelines.models import load_model_dir
 from pipelines.ray_runtime import cluster_gpus
 from pipelines.steps import ensure_weights
@@ -101,8 +104,6 @@ def _bases(ctx: LdsContext, indexes: dict[str, dict[str, Any]], documents: dict[
 
 
 def run_lds(cfg: ProjectConfig, ray_address: str | None = None) -> dict[str, Any]:
-    from pipelines.index.job import IndexRequest, run_index
-
     cfg = dataclasses.replace(cfg, subset_train=lds_recipe(cfg))
     ecfg = cfg.evaluate
     folder = Path(ecfg.out) / "lds"
@@ -164,13 +165,9 @@ def run_lds(cfg: ProjectConfig, ray_address: str | None = None) -> dict[str, Any
         lap("noise_ceiling")
     references: dict[str, np.ndarray] = {}  # the published rows' predictions, for the frontier to pair with
     if ecfg.published is not None:
-        from pipelines.evaluation.published import reference_rows
-
         result["published"], references = reference_rows(ctx, adapter, data, served)
         lap("published")
     if ecfg.frontier is not None:
-        from pipelines.evaluation.frontier import frontier_rows
-
         result["frontier"] = frontier_rows(ctx, finals, documents, references=references)
         lap("frontier")
     result["stage_seconds"] = watch.seconds

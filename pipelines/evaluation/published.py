@@ -25,18 +25,19 @@ import numpy as np
 import torch
 
 from attribution_core.config import ProjectConfig, to_mapping
+from attribution_core.data.images import encode_png
 from attribution_core.evaluation.dual_kernel import DualKernel, cross_fitted_damping, crossed_predictions, kernel_lds
 from attribution_core.evaluation.intervals import TwoWayBootstrap
 from attribution_core.evaluation.lds_rows import lds_cell, query_halves
-from attribution_core.evaluation.published import (LABELS, PIPELINES, DenseProjection, parameter_groups,
-                                                   residual_scale, whole_gradients)
+from attribution_core.evaluation.published import (LABELS, PIPELINES, DenseProjection, parameter_groups, residual_scale,
+                                                   whole_gradients)
 from attribution_core.features.featurize import Featurizer
 from attribution_core.features.groups import build_layout
 from attribution_core.features.query import query_batch
-from attribution_core.data.images import encode_png
-from attribution_core.seeding import stable_seed
 from attribution_core.models.adapters import ExampleBatch
+from attribution_core.models.fingerprint import model_fingerprint
 from attribution_core.models.sampling import generate
+from attribution_core.seeding import stable_seed
 from attribution_core.weights.objective import fit_full_cache
 
 log = logging.getLogger(__name__)
@@ -182,8 +183,6 @@ def matching_basis(key: str) -> str:
 def _cache_key(ctx, adapter) -> str:
     """What the reference rows depend on: the universe model, the queries, subsets and
     outputs, and every setting they read."""
-    from attribution_core.models.fingerprint import model_fingerprint
-
     ecfg = ctx.cfg.evaluate
     h = hashlib.blake2b(digest_size=12)
     h.update(json.dumps({"model": model_fingerprint(adapter), "published": to_mapping(ecfg.published),

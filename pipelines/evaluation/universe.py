@@ -32,12 +32,13 @@ from attribution_core.data.readers import RawExample, label_text, read_examples
 from attribution_core.data.writers import read_marker, write_parquet_dataset
 from attribution_core.errors import ConfigError, InputError
 from attribution_core.features.query import query_batch
-from attribution_core.seeding import stable_seed
 from attribution_core.models.adapters import ExampleBatch
 from attribution_core.models.checkpoints import model_checkpoints
 from attribution_core.models.pipeline_dir import is_model_dir
 from attribution_core.models.recipe import RECIPE_FILE, read_recipe, same_recipe
 from attribution_core.models.sampling import generate
+from attribution_core.models.training_dir import train_to_dir
+from attribution_core.seeding import stable_seed
 
 log = logging.getLogger(__name__)
 
@@ -139,8 +140,6 @@ def universe_model(cfg: ProjectConfig, universe: Universe, folder: Path) -> tupl
     """The ``subset_train`` model of the whole universe (the attributed model) with its
     ``evaluate.checkpoints`` checkpoints, trained unless there (training is deterministic, so
     a model trained again to keep more checkpoints is the same model)."""
-    from attribution_core.models.training_dir import train_to_dir
-
     path = folder / "model"
     info_file = path / "training.json"
     wanted = cfg.evaluate.checkpoints

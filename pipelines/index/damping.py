@@ -15,14 +15,15 @@ import ray
 import torch
 
 from attribution_core.config import FeaturizeConfig, ProjectConfig, WeightsConfig, from_mapping, to_mapping
+from attribution_core.features.featurize import Featurizer
 from attribution_core.features.groups import GroupLayout
 from attribution_core.index.damping import candidate_objectives, candidate_queries, choose_candidate
 from attribution_core.index.kernel import coarsest, kernel_candidates, sub_grams
 from attribution_core.index.store import IndexStore
 from pipelines.index.commit import gram_pass, write_stats
-from pipelines.models import ModelRef
+from pipelines.models import ModelRef, quiet_libraries
 from pipelines.ray_runtime import cluster_cpus
-from pipelines.weights.queries import prompts_for
+from pipelines.weights.queries import learning_queries, prompts_for
 from pipelines.weights.scan import scan
 
 log = logging.getLogger(__name__)
@@ -44,10 +45,6 @@ def kernel_settings(cfg: ProjectConfig) -> dict[str, Any]:
 def _featurized_queries(model: ModelRef, device: str, featurize: dict[str, Any], weights: dict[str, Any],
                         *, prompts: list[str | None]) -> np.ndarray:
     """``[n, k_total]`` query-side features of images the model generates (one per prompt)."""
-    from attribution_core.features.featurize import Featurizer
-    from pipelines.models import quiet_libraries
-    from pipelines.weights.queries import learning_queries
-
     quiet_libraries()
     featurizer = Featurizer(model.load(device), from_mapping(FeaturizeConfig, featurize))
     features, _ = learning_queries(featurizer, "general", prompts, from_mapping(WeightsConfig, weights),

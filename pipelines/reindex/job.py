@@ -27,9 +27,12 @@ from attribution_core.index.manifest import IndexManifest
 from attribution_core.index.store import IndexStore
 from attribution_core.timing import Stopwatch
 from attribution_core.weights.artifact import artifact_path, find_weights
+from pipelines.index.job import IndexRequest, run_index
 from pipelines.index.scan import shard_keys
 from pipelines.reindex.keepalive import KeepAlive
 from pipelines.reindex.lease import Lease, LeaseHeldError
+from pipelines.serve.runner import wait_ready
+from pipelines.steps import ensure_weights
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +75,6 @@ def reindex(cfg: ProjectConfig, req: ReindexRequest) -> dict[str, Any]:
 
 def _update(cfg: ProjectConfig, req: ReindexRequest, store: IndexStore, root: str, *, stages: Stopwatch,
             keepalive: KeepAlive) -> dict[str, Any]:
-    from pipelines.index.job import IndexRequest, run_index
-
     before = store.latest()
     before_version = before.version if before else None
     built = run_index(cfg, IndexRequest(dataset=req.dataset or cfg.data.uri, model=req.model or cfg.model.path,
@@ -122,8 +123,6 @@ def _changes(before: IndexManifest | None, manifest: IndexManifest) -> dict[str,
 def _weights(cfg: ProjectConfig, req: ReindexRequest, store: IndexStore, root: str, *, manifest: IndexManifest,
              changes: dict[str, Any]) -> dict[str, Any]:
     """Learn weights for the new version when ``reindex.relearn`` asks for it; say why (not)."""
-    from pipelines.steps import ensure_weights
-
     name = cfg.weights.name
     version = manifest.version
     existing = find_weights(store, manifest, name)
@@ -184,8 +183,6 @@ def relearn_decision(rcfg: ReindexConfig, version: str, learned_on: str | None,
 
 def wait_for_endpoint(cfg: ProjectConfig, version: str) -> dict[str, Any]:
     """Wait until ``<reindex.endpoint>/v1/index`` answers from ``version`` on every partition."""
-    from pipelines.serve.runner import wait_ready
-
     url = cfg.reindex.endpoint.rstrip("/")
     key = os.environ.get(cfg.serve.api_key_env) if cfg.serve.api_key_env else None
     started = time.monotonic()

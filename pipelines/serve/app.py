@@ -16,8 +16,9 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from attribution_core.config import ProjectConfig, ServeConfig, to_mapping
-from pipelines.serve.featurize import QueryModel
-from pipelines.serve.protocol import ServedVersion
+from pipelines.serve.deployments import IndexSearcher, QueryFeaturizer
+from pipelines.serve.ingress import AttributionAPI
+from pipelines.serve.protocol import QueryModel, ServedVersion
 
 APP_NAME = "attribution"
 INGRESS = "AttributionAPI"
@@ -62,7 +63,6 @@ def build_app(args: ServeArgs | dict[str, Any]):
     """The Serve application for ``args`` (``serve.run(build_app(...))``)."""
     from ray import serve
 
-    from pipelines.serve.deployments import IndexSearcher, QueryFeaturizer
 
     if isinstance(args, dict):
         args = ServeArgs(**args)
@@ -81,7 +81,6 @@ def build_app(args: ServeArgs | dict[str, Any]):
         for part in range(scfg.partitions)
     ]
     serve_settings = to_mapping(scfg)
-    from pipelines.serve.ingress import AttributionAPI
 
     ingress = serve.deployment(AttributionAPI, name=INGRESS, max_ongoing_requests=256)
     model = QueryModel(config_path=args.config, model_dir=args.model, threads=scfg.threads, base=args.base)

@@ -18,12 +18,15 @@ import time
 from typing import Any
 
 import numpy as np
+import torch
 from ray import serve
 
-from attribution_core.errors import RequestError
+from attribution_core.errors import MissingWeightsError, RequestError
+from attribution_core.index.approximate import RESCORING_THREADS, set_threads
+from attribution_core.weights.served import ServedIndex
+from pipelines.serve.featurize import QueryFeatures
 from pipelines.serve.follow import FollowLatest
-from pipelines.serve.featurize import QueryFeatures, QueryModel, replica_threads
-from pipelines.serve.protocol import ServedVersion, batch_settings, served_version
+from pipelines.serve.protocol import QueryModel, ServedVersion, batch_settings, replica_threads, served_version
 
 log = logging.getLogger("ray.serve")
 
@@ -54,10 +57,6 @@ class IndexSearcher:
     approximate candidates rescored exactly, by ``serve.search``)."""
 
     def __init__(self, part: int, parts: int, threads: int) -> None:
-        import torch
-
-        from attribution_core.index.approximate import set_threads
-
         self.part, self.parts, self.threads = part, parts, replica_threads(threads)
         torch.set_num_threads(self.threads)
         set_threads(self.threads)
@@ -74,11 +73,6 @@ class IndexSearcher:
                             lambda: self.current.manifest.model.fingerprint, self._swap)
 
     async def _swap(self, served: ServedVersion) -> None:
-        import torch
-
-        from attribution_core.index.approximate import RESCORING_THREADS
-        from attribution_core.weights.served import ServedIndex
-
         async with self._loading:
             loaded = await asyncio.to_thread(functools.partial(
                 ServedIndex.load, served.index, version=served.version, weights_uri=served.weights,
@@ -118,10 +112,6 @@ class IndexSearcher:
         return await asyncio.to_thread(self._search, items)
 
     def _search(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        import torch
-
-        from attribution_core.errors import MissingWeightsError
-
         out: list[dict[str, Any]] = [{} for _ in items]
         by_state: dict[int, tuple[Any, list[int], list[list[str]]]] = {}
         held = [s.key for s in (self.current, self.previous) if s is not None]

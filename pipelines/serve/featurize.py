@@ -9,36 +9,28 @@ with the served index's own settings, through the same ``featurize`` code as the
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
-import os
 import time
 from typing import Any
 
 import numpy as np
+import torch
 
-from attribution_core.errors import RequestError
+from attribution_core.config import ProjectConfig
+from attribution_core.data.captions import without_concept
+from attribution_core.data.images import ImageDecodeError
+from attribution_core.errors import InputError, RequestError
+from attribution_core.features.query import query_batch
+from attribution_core.index.opening import open_for_model
+from attribution_core.index.store import IndexStore
+from attribution_core.models.adapters import ExampleBatch
+from attribution_core.models.fingerprint import model_fingerprint
+from pipelines.models import load_model_dir, quiet_libraries
 from pipelines.serve.follow import FollowLatest
-from pipelines.serve.protocol import FeatureCache, ServedVersion, batch_settings, served_version
+from pipelines.serve.protocol import (FeatureCache, QueryModel, ServedVersion, batch_settings, replica_threads,
+                                      served_version)
 
 log = logging.getLogger("ray.serve")
-
-
-def replica_threads(requested: int) -> int:
-    """torch / FAISS threads of a replica: ``requested``, 0 = the machine's CPUs."""
-    return requested or os.cpu_count() or 1
-
-
-@dataclasses.dataclass(frozen=True)
-class QueryModel:
-    """What a replica that featurizes queries loads: the config file (the model's device and
-    base, ``serve`` settings), the model directory (None: the config's ``model.path``), torch
-    threads per replica (``serve.threads``) and the base pipeline of a LoRA."""
-
-    config_path: str
-    model_dir: str | None
-    threads: int
-    base: str | None = None
 
 
 class QueryFeatures:
@@ -47,12 +39,6 @@ class QueryFeatures:
     checked against it, and featurizers for a spec already seen are kept."""
 
     def __init__(self, model: QueryModel, name: str) -> None:
-        import torch
-
-        from attribution_core.config import ProjectConfig
-        from attribution_core.models.fingerprint import model_fingerprint
-        from pipelines.models import load_model_dir, quiet_libraries
-
         quiet_libraries()
         torch.set_num_threads(replica_threads(model.threads))
         self.cfg = ProjectConfig.load(model.config_path)
@@ -82,9 +68,6 @@ class QueryFeatures:
         return await asyncio.to_thread(self.featurize, items)
 
     def load(self, served: ServedVersion) -> None:
-        from attribution_core.index.opening import open_for_model
-        from attribution_core.index.store import IndexStore
-
         manifest, _ = open_for_model(IndexStore(served.index), served.version, self.adapter,
                                      self.model_dir, max_rows_per_pass=self.cfg.featurize.max_rows_per_pass, fingerprint=self.fingerprint,
                                      cache=self.featurizers)
@@ -94,11 +77,6 @@ class QueryFeatures:
         """Each item: image, prompt, label and, for a contrastive query, ``contrast_aspect``
         (its prompt is then contrasted with the prompt without that aspect). Each answer:
         features, spec, query_id, featurize_ms, batch (and ``cached``), or an ``error``."""
-        from attribution_core.data.captions import without_concept
-        from attribution_core.data.images import ImageDecodeError
-        from attribution_core.errors import InputError
-        from attribution_core.features.query import query_batch
-
         spec = self.spec
         featurizer = self.featurizers[spec]
         vocabulary = {a: list(p.values) for a, p in self.cfg.weights.prompts.items()}
@@ -131,10 +109,6 @@ class QueryFeatures:
 
     def _featurize_group(self, featurizer: Any, spec: str, good: list[int], batches: list[Any],
                          *, out: list[dict[str, Any]]) -> None:
-        import torch
-
-        from attribution_core.models.adapters import ExampleBatch
-
         first = batches[0]
         batch = ExampleBatch(
             example_ids=tuple(i for b in batches for i in b.example_ids),

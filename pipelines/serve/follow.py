@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from attribution_core.index.store import IndexStore
 from pipelines.serve.protocol import ServedVersion
 
 log = logging.getLogger("ray.serve")
@@ -29,8 +30,6 @@ class FollowLatest:
             self._task = asyncio.get_running_loop().create_task(self._loop(served, current, fingerprint, swap))
 
     async def _loop(self, served: ServedVersion, current, fingerprint, swap) -> None:
-        from attribution_core.index.store import IndexStore
-
         store = IndexStore(served.index)
         period = served.refresh_s
         refused: set[str] = set()

@@ -25,8 +25,8 @@ from ray import serve
 
 from attribution_core.config import ServeConfig, from_mapping
 from attribution_core.errors import ConfigError, RequestError
-from pipelines.serve.featurize import QueryFeatures, QueryModel
-from pipelines.serve.protocol import UNIFORM, Query, build_query, decode_base64, merge_partitions, plan_queries
+from pipelines.serve.protocol import (UNIFORM, Query, QueryModel, build_query, decode_base64, merge_partitions,
+                                      plan_queries)
 
 log = logging.getLogger("ray.serve")
 
@@ -139,7 +139,12 @@ class AttributionAPI:
         """``featurizer``: a handle to the ``QueryFeaturizer`` deployment, or None to hold the
         model here (``model``; the version then comes in this deployment's ``user_config``)."""
         self.featurizer = featurizer
-        self.features = QueryFeatures(model, "ingress") if featurizer is None else None
+        self.features = None
+        if featurizer is None:
+            # Imported here, once: an ingress that does not hold the model never loads torch or diffusers.
+            from pipelines.serve.featurize import QueryFeatures
+
+            self.features = QueryFeatures(model, "ingress")
         self.searchers = searchers
         self.cfg: ServeConfig = from_mapping(ServeConfig, serve_settings, "serve")
         self.api_key = os.environ.get(self.cfg.api_key_env) if self.cfg.api_key_env else None

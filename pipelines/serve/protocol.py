@@ -9,6 +9,7 @@ import collections
 import dataclasses
 import hashlib
 import io
+import os
 import threading
 from typing import Any
 
@@ -236,3 +237,20 @@ def merge_partitions(answers: list[dict[str, Any]], aspects: tuple[str, ...], k:
                            "uri": r["uri"], "caption": r["caption"], "metadata": r.get("metadata") or {}}
                           for i, r in enumerate(top)]
     return merged
+
+
+def replica_threads(requested: int) -> int:
+    """torch / FAISS threads of a replica: ``requested``, 0 = the machine's CPUs."""
+    return requested or os.cpu_count() or 1
+
+
+@dataclasses.dataclass(frozen=True)
+class QueryModel:
+    """What a replica that featurizes queries loads: the config file (the model's device and
+    base, ``serve`` settings), the model directory (None: the config's ``model.path``), torch
+    threads per replica (``serve.threads``) and the base pipeline of a LoRA."""
+
+    config_path: str
+    model_dir: str | None
+    threads: int
+    base: str | None = None

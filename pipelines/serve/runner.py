@@ -15,6 +15,7 @@ from attribution_core.config import ProjectConfig
 from attribution_core.index.opening import open_version
 from attribution_core.index.store import IndexStore
 from pipelines.failures import error_in_traceback
+from pipelines.ray_runtime import ensure_ray
 from pipelines.serve.app import APP_NAME, IMPORT_PATH, ServeArgs, featurizer_deployment, user_config
 
 log = logging.getLogger(__name__)
@@ -62,8 +63,6 @@ def deploy(args: ServeArgs, host: str, port: int, *, version: str | None = None,
 def start(args: ServeArgs, *, host: str | None = None, port: int | None = None, ray_address: str | None = None,
           timeout_s: float = 300.0) -> tuple[str, dict[str, Any]]:
     """Deploy ``args``; returns the base URL and ``/v1/index`` once the endpoint answers."""
-    from pipelines.ray_runtime import ensure_ray
-
     cfg = ProjectConfig.load(args.config)
     host = host or cfg.serve.host
     port = port or cfg.serve.port
