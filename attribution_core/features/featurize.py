@@ -1,10 +1,14 @@
-"""``featurize``: per-example, per-group projected gradient features of a diffusion model.
+"""``Featurizer``: per-example, per-group projected gradient features of a diffusion model.
 
-Every stage featurizes through a ``Featurizer`` built from the model and the index's
-featurize settings (index job, learning queries, evaluation, query service), so
+Every stage featurizes through a ``Featurizer`` built from the model and the index
+version's featurize settings (the index job's actors, learning and damping queries, the
+evaluation, the endpoint's featurizer; ``index.opening.version_featurizer``), so
 training-side and query-side features match by construction:
 
     features = Featurizer(adapter, cfg)(batch)     # {group: Tensor[B, k_group]} float32
+
+``featurize(adapter, batch, cfg)`` is the same for one-off calls (tests, notebooks): it keeps
+the featurizer on the adapter.
 
 An example is measured on ``T x noise_draws`` rows (timesteps and noise from its own seeded
 generator, see ``seeding``); its feature is the projected gradient of the mean measurement

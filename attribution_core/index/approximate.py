@@ -9,23 +9,10 @@ rows per query; each is then scored exactly against its stored row, in float32 o
 stored values as the exact scan does, so every returned score is exact and only recall
 (whether a true top-k row was proposed) is approximate.
 
-Chosen by measurement on rows synthesised from the demo index's features (5,312
-coordinates, 2 CPUs), under the queries the endpoint sends (the kernel applied, every
-aspect's learned weights; 16 queries x 5 aspects, one call per query):
-- 4-bit fast-scan codes of 664 bytes (1/16 of the float16 row), every row scanned, 1,000
-  candidates: recall@10 1.0 for every aspect and query at 20,000 rows, 0.94 ms per query
-  against 5.7 ms for the exact float16 scan; 332 bytes lost recall (0.93).
-- 8-bit codes (IVF-PQ, FAISS's usual layout) were as accurate but 50x slower to scan.
-- Inverted lists (scanning only the lists nearest the query) lost recall whatever the
-  candidates: 0.83 probing 64 of 512 lists, 0.88 probing 128. Over whitened rows (below)
-  they came closer but stayed short: at 10^5 rows in 256 lists, 4-bit fast-scan codes,
-  32 queries, recall@10 of the lowest aspect 0.959 probing 16 lists, 0.969 probing 32 and
-  0.978 probing 64 (a quarter of the rows), with 1,000 or 4,000 candidates alike. These
-  rows' clusters do not follow the preconditioned queries, so the search is a scan of 1/16
-  of the bytes of the exact one, linear in the rows, not a sub-linear one; a query's scan
-  is split over the searcher's threads (``prepare``).
-- The inner-product metric is used directly: the usual reduction to L2 (one more coordinate,
-  ``sqrt(max|x|^2 - |x|^2)``) gave recall@10 0.105 against 0.998 (20,000 rows, 512 lists).
+The layout was chosen by measurement (4-bit fast-scan codes over every row against 8-bit
+IVF-PQ codes and inverted lists, inner product against the L2 reduction); the numbers are in
+``benchmarks/README.md`` ("Approximate search: how the layout was chosen"), and
+``attribution bench search`` measures recall and latency on an index's own rows.
 
 Rows are padded with zeros to a multiple of ``DIM_PER_BYTE`` coordinates, which leaves every
 inner product unchanged.

@@ -7,7 +7,7 @@ nothing on another.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 
@@ -17,7 +17,56 @@ from attribution_core.index.store import IndexStore
 
 KIND = "attribution-weights"
 SCHEMA_VERSION = 1
+READABLE_SCHEMAS = (SCHEMA_VERSION,)  # artifacts of these schemas load; a new schema adds its reader here
 UNIFORM = "uniform"
+
+
+class IndexRef(TypedDict):
+    """The index version weights were learned on, and what its features were."""
+
+    uri: str
+    version: str
+    feature_spec: str  # ``FeatureSpec.key()``
+    model_fingerprint: str
+
+
+class Choice(TypedDict, total=False):
+    """Which weighting answers an aspect, and the evidence (``weights.choice.record``)."""
+
+    answered_by: str  # the aspect's own weights, 'general', or 'uniform'
+    by: str  # validation, lds, unvalidated
+    rule: str
+    gains: dict[str, list[float]]  # weighting -> paired gain over uniform [mean, low, high]
+
+
+class AspectWeights(TypedDict, total=False):
+    """One aspect of the artifact: the weights served (after shrinkage toward uniform), the
+    learned ones, and how they were chosen and checked."""
+
+    weights: list[float]  # one per group, in ``groups`` order
+    learned: list[float]
+    shrinkage: dict[str, Any] | None  # the held-out move from uniform (``weights.shrinkage``)
+    theta: list[float]
+    queries: int
+    prompts: list[str]
+    pool_recall: dict[str, float]
+    shown: float | None
+    answered_by: str
+    choice: Choice
+    validation: dict[str, Any] | None
+
+
+class WeightsDocument(TypedDict, total=False):
+    """``versions/<version>/weights/<name>.json``. Besides these, the learning run's settings
+    and measurements: ``k``, ``lambda_w``, ``kernel``, ``rounds``, ``recall_by_round``,
+    ``pool_size``, ``query_seed``, ``trajectory``, ``settings``, ``created_at``, ``seconds``,
+    ``stage_seconds``."""
+
+    kind: str
+    schema_version: int
+    index: IndexRef
+    groups: list[str]
+    aspects: dict[str, AspectWeights]
 
 
 def unvalidated_choice(aspect: str) -> str:
@@ -30,8 +79,8 @@ def artifact_path(version: str, name: str) -> str:
     return f"versions/{version}/weights/{name}.json"
 
 
-def weights_document(index_uri: str, manifest: IndexManifest, aspects: dict[str, dict[str, Any]],
-                     settings: dict[str, Any]) -> dict[str, Any]:
+def weights_document(index_uri: str, manifest: IndexManifest, aspects: dict[str, AspectWeights],
+                     settings: dict[str, Any]) -> WeightsDocument:
     groups = [g["name"] for g in manifest.layout["groups"]]
     return {
         "kind": KIND, "schema_version": SCHEMA_VERSION,
@@ -41,15 +90,25 @@ def weights_document(index_uri: str, manifest: IndexManifest, aspects: dict[str,
     }
 
 
-def check_weights(document: dict[str, Any], manifest: IndexManifest, same_version: bool = True) -> None:
+def check_schema(document: WeightsDocument) -> None:
+    """Refuse a document that is not a weights artifact of a schema this code reads."""
+    if document.get("kind") != KIND:
+        raise ManifestMismatchError(f"not a weights artifact (kind {document.get('kind')!r})")
+    if document.get("schema_version") not in READABLE_SCHEMAS:
+        raise ManifestMismatchError(
+            f"a weights artifact of schema {document.get('schema_version')}; this version of attribution reads "
+            f"{KIND} schema {', '.join(map(str, READABLE_SCHEMAS))}: learn the weights again with "
+            "`attribution learn-weights`")
+
+
+def check_weights(document: WeightsDocument, manifest: IndexManifest, same_version: bool = True) -> None:
     """Raise ``ManifestMismatchError`` unless ``document`` fits this index version.
 
     ``same_version``: learned on exactly this version. Otherwise a version with the same
     feature spec and groups is enough (weights of an earlier version serving an index that
     grew incrementally, until they are re-learned).
     """
-    if document.get("kind") != KIND:
-        raise ManifestMismatchError(f"not a weights artifact (kind {document.get('kind')!r})")
+    check_schema(document)
     learned = document["index"]
     spec = manifest.spec.key()
     if learned["feature_spec"] != spec or (same_version and learned["version"] != manifest.version):
@@ -62,7 +121,7 @@ def check_weights(document: dict[str, Any], manifest: IndexManifest, same_versio
         raise ManifestMismatchError(f"weights cover groups {document['groups']}, the index has {groups}")
 
 
-def find_weights(store: IndexStore, manifest: IndexManifest, name: str) -> dict[str, Any] | None:
+def find_weights(store: IndexStore, manifest: IndexManifest, name: str) -> WeightsDocument | None:
     """The weights ``name`` of this version, else of the nearest earlier version it
     supersedes with the same feature spec; None when there are none."""
     version: str | None = manifest.version
@@ -71,6 +130,7 @@ def find_weights(store: IndexStore, manifest: IndexManifest, name: str) -> dict[
         seen.add(version)
         document = store.read_json(artifact_path(version, name))
         if document is not None:
+            check_schema(document)  # an artifact this code cannot read is an error, never "no weights"
             try:
                 check_weights(document, manifest, same_version=False)
             except ManifestMismatchError:
@@ -81,7 +141,7 @@ def find_weights(store: IndexStore, manifest: IndexManifest, name: str) -> dict[
     return None
 
 
-def weights_matrix(document: dict[str, Any], aspects: list[str]) -> torch.Tensor:
+def weights_matrix(document: WeightsDocument, aspects: list[str]) -> torch.Tensor:
     """``Tensor[A, M]`` weights of ``aspects`` (``'uniform'`` = 1/M for every group)."""
     m = len(document["groups"])
     rows = []

@@ -25,10 +25,11 @@ from attribution_core.index.reader import load_index, metadata_of, version_shard
 from attribution_core.index.scoring import preconditioned_queries
 from attribution_core.index.search import SearchIndex
 from attribution_core.index.store import IndexStore
-from attribution_core.weights.artifact import UNIFORM, check_weights, find_weights, unvalidated_choice, weights_matrix
+from attribution_core.weights.artifact import (UNIFORM, WeightsDocument, check_weights, find_weights, unvalidated_choice,
+                                               weights_matrix)
 
 
-def read_weights_uri(uri: str) -> dict[str, Any]:
+def read_weights_uri(uri: str) -> WeightsDocument:
     fs, path = filesystem_for(uri)
     try:
         with fs.open_input_stream(path) as f:
@@ -58,7 +59,7 @@ class ServedIndex:
     manifest: IndexManifest
     layout: GroupLayout
     kernel: list[tuple[int, int, torch.Tensor]]
-    weights: dict[str, Any] | None
+    weights: WeightsDocument | None
     weights_source: str | None
     weights_name: str
     example_ids: list[str]

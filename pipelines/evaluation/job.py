@@ -95,18 +95,18 @@ def evaluate(cfg: ProjectConfig, req: EvaluateRequest = EvaluateRequest()) -> di
     per_query: dict[str, Any] = {}
     if req.lds:
         result = run_lds(cfg, req.ray_address)
-        per_query = {"queries": result["queries"], "lds": result["per_query"]}
+        per_query = {"queries": result.queries, "lds": result.per_query}
         metrics.update(lds_metrics(result, per_query))
-        metrics.update(n_subsets=result["n_subsets"], n_queries=result["n_queries"])
-        kinds = [q["kind"] for q in result["queries"]]
-        info.update(n_train=result["n_train"], output=result["output"], recipe=result["recipe"],
+        metrics.update(n_subsets=result.n_subsets, n_queries=result.n_queries)
+        kinds = [q["kind"] for q in result.queries]
+        info.update(n_train=result.n_train, output=result.output, recipe=result.recipe,
                     query_mix=f"{kinds.count('generated')} generated, {kinds.count('heldout')} held-out real",
-                    lds_indexes=result["indexes"], universe_model=result["universe_model"],
-                    universe_model_trained_now=result["trained_universe_model"],
-                    ground_truth=result["ground_truth"], lds_stage_seconds=result["stage_seconds"])
+                    lds_indexes=result.indexes, universe_model=result.universe_model,
+                    universe_model_trained_now=result.trained_universe_model,
+                    ground_truth=result.ground_truth, lds_stage_seconds=result.stage_seconds)
         if served:  # the served index's general aspect follows LDS's verdict for its basis
             apply_lds_choice(cfg, index=built["uri"], version=built["version"], document=document,
-                             table=result["table"], lds_indexes=result["indexes"])
+                             table=result.table, lds_indexes=result.indexes)
         lap("lds")
     if exemplars:  # after LDS, which may change what answers 'general'
         check = run_exemplars(cfg, load_index(cfg.index.out, version=built["version"]), document, plan)

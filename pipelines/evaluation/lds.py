@@ -103,7 +103,34 @@ def _bases(ctx: LdsContext, indexes: dict[str, dict[str, Any]], documents: dict[
     return table, detail, served
 
 
-def run_lds(cfg: ProjectConfig, ray_address: str | None = None) -> dict[str, Any]:
+@dataclasses.dataclass
+class LdsResult:
+    """What ``run_lds`` measured, read by ``evaluate`` (``metrics.json``, ``lds_per_query.json``).
+
+    ``table``: basis -> its LDS row (uniform, learned, their paired difference, the served
+    weighting; ``lds_rows.basis_row``); ``per_query``: basis -> per-query values; ``queries``:
+    each query's kind and prompt. ``noise_ceiling``, ``published`` and ``frontier`` are the
+    optional rows (``evaluate.noise_ceiling``, ``.published``, ``.frontier``)."""
+
+    table: dict[str, dict[str, Any]]
+    per_query: dict[str, Any]
+    queries: list[dict[str, Any]]
+    n_subsets: int
+    n_queries: int
+    n_train: int
+    universe_model: str
+    trained_universe_model: bool
+    indexes: dict[str, dict[str, str]]
+    recipe: dict[str, Any]
+    output: str
+    ground_truth: dict[str, Any]
+    stage_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+    noise_ceiling: dict[str, Any] | None = None
+    published: dict[str, Any] | None = None
+    frontier: dict[str, Any] | None = None
+
+
+def run_lds(cfg: ProjectConfig, ray_address: str | None = None) -> LdsResult:
     cfg = dataclasses.replace(cfg, subset_train=lds_recipe(cfg))
     ecfg = cfg.evaluate
     folder = Path(ecfg.out) / "lds"
@@ -149,26 +176,24 @@ def run_lds(cfg: ProjectConfig, ray_address: str | None = None) -> dict[str, Any
                      ray_address=ray_address)
     table, detail, served = _bases(ctx, indexes, documents, finals)
     lap("lds")
-    result: dict[str, Any] = {
-        "table": table, "per_query": detail, "queries": kinds,
-        "n_subsets": int(ecfg.subsets), "n_queries": len(batch), "n_train": len(order),
-        "universe_model": model_dir, "trained_universe_model": trained is not None,
-        "indexes": indexes, "recipe": to_mapping(cfg.subset_train),
-        "output": f"negative loss averaged over {ecfg.output_timesteps} timesteps x {ecfg.output_noise_draws} noise draws",
-        "ground_truth": {k: truth[k] for k in ("key", "trained", "cached", "seconds", "folder")},
-    }
+    result = LdsResult(
+        table=table, per_query=detail, queries=kinds, n_subsets=int(ecfg.subsets), n_queries=len(batch),
+        n_train=len(order), universe_model=model_dir, trained_universe_model=trained is not None, indexes=indexes,
+        recipe=to_mapping(cfg.subset_train),
+        output=f"negative loss averaged over {ecfg.output_timesteps} timesteps x {ecfg.output_noise_draws} noise draws",
+        ground_truth={k: truth[k] for k in ("key", "trained", "cached", "seconds", "folder")})
     if ecfg.noise_ceiling:
         replica = _ground_truth(cfg, data, masks, batch, folder=folder, seed_offset=1)
-        result["noise_ceiling"] = {**noise_ceiling(ctx.boot, actual, -replica["outputs"], served),
+        result.noise_ceiling = {**noise_ceiling(ctx.boot, actual, -replica["outputs"], served),
                                    "replica_seed": cfg.subset_train.seed + 1,
                                    "ground_truth": {k: replica[k] for k in ("key", "trained", "cached", "folder")}}
         lap("noise_ceiling")
     references: dict[str, np.ndarray] = {}  # the published rows' predictions, for the frontier to pair with
     if ecfg.published is not None:
-        result["published"], references = reference_rows(ctx, adapter, data, served)
+        result.published, references = reference_rows(ctx, adapter, data, served)
         lap("published")
     if ecfg.frontier is not None:
-        result["frontier"] = frontier_rows(ctx, finals, documents, references=references)
+        result.frontier = frontier_rows(ctx, finals, documents, references=references)
         lap("frontier")
-    result["stage_seconds"] = watch.seconds
+    result.stage_seconds = watch.seconds
     return result

@@ -8,32 +8,33 @@ from typing import Any
 from attribution_core.evaluation.lds_rows import rounded
 from attribution_core.evaluation.recall import RECALL_COLUMNS
 from attribution_core.evaluation.report_exemplars import exemplar_lines
+from pipelines.evaluation.lds import LdsResult
 
 
 def _without(row: dict[str, Any], *keys: str) -> dict[str, Any]:
     return {k: v for k, v in row.items() if k not in keys}
 
 
-def lds_metrics(result: dict[str, Any], per_query: dict[str, Any]) -> dict[str, Any]:
+def lds_metrics(result: LdsResult, per_query: dict[str, Any]) -> dict[str, Any]:
     """The LDS sections of ``metrics.json`` (``lds``, ``lds_served`` and, when measured,
     ``lds_noise_ceiling``, ``lds_published``, ``lds_frontier``); per-query values go to
     ``per_query`` (``lds_per_query.json``)."""
-    out: dict[str, Any] = {"lds": {b: rounded(r) for b, r in result["table"].items()},
-                           "lds_served": {b: rounded(r["served"]) for b, r in result["table"].items()}}
-    if "noise_ceiling" in result:
-        out["lds_noise_ceiling"] = rounded(_without(result["noise_ceiling"], "per_query"))
-        per_query["noise_ceiling"] = result["noise_ceiling"]["per_query"]
-    if "published" in result:
+    out: dict[str, Any] = {"lds": {b: rounded(r) for b, r in result.table.items()},
+                           "lds_served": {b: rounded(r["served"]) for b, r in result.table.items()}}
+    if result.noise_ceiling is not None:
+        out["lds_noise_ceiling"] = rounded(_without(result.noise_ceiling, "per_query"))
+        per_query["noise_ceiling"] = result.noise_ceiling["per_query"]
+    if result.published is not None:
         out["lds_published"] = {}
-        for key, row in result["published"].items():
+        for key, row in result.published.items():
             entry = _without(row, "per_query")
             if "paper_setting" in entry:
                 entry["paper_setting"] = _without(entry["paper_setting"], "per_query")
                 per_query.setdefault("paper_setting", {})[key] = row["paper_setting"]["per_query"]
             out["lds_published"][key] = rounded(entry)
             per_query.setdefault("published", {})[key] = row["per_query"]
-    if "frontier" in result:
-        out["lds_frontier"] = rounded(result["frontier"], 6)
+    if result.frontier is not None:
+        out["lds_frontier"] = rounded(result.frontier, 6)
     return out
 
 
