@@ -16,7 +16,7 @@ from attribution_core.index.store import IndexStore
 from attribution_core.models.pipeline_dir import is_model_dir
 from attribution_core.models.training_dir import train_to_dir
 from attribution_core.weights.artifact import artifact_path, check_weights
-from pipelines.index.job import IndexRequest, run_index
+from pipelines.index.job import IndexRequest, IndexSummary, run_index
 from pipelines.models import ensure_model
 from pipelines.weights.job import WeightsRequest, learn_weights
 
@@ -77,7 +77,7 @@ def prepare(cfg: ProjectConfig, model: bool = True) -> dict[str, Any]:
     return done
 
 
-def build_index(cfg: ProjectConfig, ray_address: str | None = None) -> dict[str, Any]:
+def build_index(cfg: ProjectConfig, ray_address: str | None = None) -> IndexSummary:
     """The index of ``data.uri`` under ``index.out`` (incremental; "up to date" when nothing changed)."""
     return run_index(cfg, IndexRequest(dataset=cfg.data.uri, model=str(ensure_model(cfg.model)), out=cfg.index.out,
                                        ray_address=ray_address, base=cfg.model.base))

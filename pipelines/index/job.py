@@ -14,7 +14,7 @@ import hashlib
 import json
 import logging
 import math
-from typing import Any
+from typing import Any, TypedDict
 
 import ray
 
@@ -42,6 +42,36 @@ from pipelines.ray_runtime import (cluster_cpus, cluster_gpus, ensure_ray, requi
 log = logging.getLogger(__name__)
 MODES = ("auto", "incremental", "full")
 READ_CPUS = 1  # what Ray Data's read tasks ask for; the actor pool leaves it free
+
+
+class IndexSummary(TypedDict, total=False):
+    """What ``run_index`` returns and ``attribution index --json`` prints. Always ``version``,
+    ``up_to_date``, ``uri``, ``rows`` and ``errors`` (quarantined); for a version built now,
+    how the build ran (the manifest's ``BuildRecord``, with ``source_*`` for a listed
+    Parquet dataset) and its throughput."""
+
+    version: str
+    up_to_date: bool
+    uri: str
+    rows: int
+    errors: int
+    featurized: int
+    seconds: float
+    rows_per_s: float
+    bytes_per_example: float
+    mode: str
+    actors: int
+    threads_per_actor: int
+    actor_busy_seconds: float
+    steady_rows_per_s: float | None
+    rows_by_node: dict[str, int]
+    stage_seconds: dict[str, float]
+    source_files: int
+    source_files_unchanged: int
+    source_files_hashed: int
+    source_files_featurized: int
+    source_bytes_read: int
+    source_bytes: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,14 +281,14 @@ def shards_of(store: IndexStore, features: dict[str, list[str]], base: IndexMani
             for p, ids in sorted(features.items())]
 
 
-def run_index(cfg: ProjectConfig, req: IndexRequest) -> dict[str, Any]:
+def run_index(cfg: ProjectConfig, req: IndexRequest) -> IndexSummary:
     """Build (or resume) the version for ``req``; resumed again when a node of the cluster
     dies under it (``cluster.node_loss_retries``): the shards written so far are kept."""
     return retry_on_node_loss(lambda: _run_index(cfg, req), what="the index job",
                               retries=cfg.cluster.node_loss_retries)
 
 
-def _run_index(cfg: ProjectConfig, req: IndexRequest) -> dict[str, Any]:
+def _run_index(cfg: ProjectConfig, req: IndexRequest) -> IndexSummary:
     watch = Stopwatch()
     if req.mode not in MODES:
         raise ConfigError(f"unknown index mode {req.mode!r}; choose one of {', '.join(MODES)}")
@@ -333,7 +363,7 @@ def _run_index(cfg: ProjectConfig, req: IndexRequest) -> dict[str, Any]:
     return _summary(store, manifest, watch)
 
 
-def _source_reads(found: CurrentKeys, opened: list[str] | None) -> dict[str, Any]:
+def _source_reads(found: CurrentKeys, opened: list[str] | None) -> dict[str, int]:
     """What the build read of a listed (Parquet) dataset: files whose keys were kept from the
     previous version, files read to hash their rows, files opened to featurize, and the bytes
     of the files read (of the dataset's total)."""
@@ -345,7 +375,7 @@ def _source_reads(found: CurrentKeys, opened: list[str] | None) -> dict[str, Any
             "source_bytes_read": found.bytes_of(read), "source_bytes": found.bytes_of([f.path for f in found.files])}
 
 
-def _summary(store: IndexStore, manifest: IndexManifest, watch: Stopwatch) -> dict[str, Any]:
+def _summary(store: IndexStore, manifest: IndexManifest, watch: Stopwatch) -> IndexSummary:
     """What ``attribution index`` prints about a version it built: its counts, throughput and
     bytes, then the manifest's build record (``stage_seconds`` after every stage, the commit
     included)."""

@@ -18,7 +18,7 @@ import dataclasses
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, TypedDict
 
 from attribution_core.config import ProjectConfig
 from attribution_core.config_stages import ReindexConfig
@@ -48,7 +48,35 @@ class ReindexRequest:
     owner: str | None = None  # names this run in the lease (default: host, pid, a random token)
 
 
-def reindex(cfg: ProjectConfig, req: ReindexRequest) -> dict[str, Any]:
+class ReindexSummary(TypedDict, total=False):
+    """What ``reindex`` returns and ``attribution reindex --json`` prints. ``status``:
+    published, up_to_date, or skipped (another run holds the lease: ``reason``, ``holder``).
+    Otherwise the versions before and after, the rows and the changes between them, the
+    weights decision (``weights``), the index job's stage seconds and what it featurized, and
+    (``reindex.endpoint``) when the endpoint answered from the new version (``endpoint``)."""
+
+    status: str
+    index: str
+    reason: str
+    holder: dict[str, Any] | None
+    version_before: str | None
+    version_after: str
+    rows: int
+    errors: int
+    rows_added: int
+    rows_changed: int
+    rows_removed: int
+    changed_fraction: float
+    weights: dict[str, Any]
+    index_stage_seconds: dict[str, float]
+    featurized: int
+    mode: str | None
+    endpoint: dict[str, Any]
+    stage_seconds: dict[str, float]
+    seconds: float
+
+
+def reindex(cfg: ProjectConfig, req: ReindexRequest) -> ReindexSummary:
     """Run one scheduled update; returns the summary (``status``: published, up_to_date or
     skipped when another run holds the lease)."""
     started = time.perf_counter()
@@ -74,7 +102,7 @@ def reindex(cfg: ProjectConfig, req: ReindexRequest) -> dict[str, Any]:
 
 
 def _update(cfg: ProjectConfig, req: ReindexRequest, store: IndexStore, root: str, *, stages: Stopwatch,
-            keepalive: KeepAlive) -> dict[str, Any]:
+            keepalive: KeepAlive) -> ReindexSummary:
     before = store.latest()
     before_version = before.version if before else None
     built = run_index(cfg, IndexRequest(dataset=req.dataset or cfg.data.uri, model=req.model or cfg.model.path,
@@ -92,7 +120,7 @@ def _update(cfg: ProjectConfig, req: ReindexRequest, store: IndexStore, root: st
         store.publish(version)
         log.info("published %s: `latest` moved from %s", version, before_version)
     stages.lap("publish")
-    summary: dict[str, Any] = {
+    summary: ReindexSummary = {
         "status": "published" if published else "up_to_date", "index": store.uri,
         "version_before": before_version, "version_after": version, "rows": manifest.rows,
         "errors": manifest.errors.rows, **changes, "weights": weights,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import logging
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
@@ -128,7 +128,24 @@ def _optimise_rounds(wcfg, rows: dict[str, slice], pools: Pools, noise: np.ndarr
     return out
 
 
-def learn_weights(cfg: ProjectConfig, req: WeightsRequest) -> dict[str, Any]:
+class WeightsSummary(TypedDict):
+    """What ``learn_weights`` returns and ``attribution learn-weights --json`` prints: the
+    artifact written, the rounds and pool recall of the optimisation, each aspect's weights
+    by group with how they were chosen, the final objective and the stage seconds."""
+
+    index: str
+    version: str
+    artifact: str
+    rounds: int
+    recall_by_round: list[dict[str, float]]
+    queries: int
+    aspects: dict[str, dict[str, Any]]
+    objective: float | None
+    seconds: float
+    stage_seconds: dict[str, float]
+
+
+def learn_weights(cfg: ProjectConfig, req: WeightsRequest) -> WeightsSummary:
     """Learn and write the weights artifact of ``req``; run again when a node of the cluster
     dies under a stage that cannot resume by itself (``cluster.node_loss_retries``; Ray Train
     resumes theta from its checkpoint within a run)."""
@@ -136,7 +153,7 @@ def learn_weights(cfg: ProjectConfig, req: WeightsRequest) -> dict[str, Any]:
                               retries=cfg.cluster.node_loss_retries)
 
 
-def _learn_weights(cfg: ProjectConfig, req: WeightsRequest) -> dict[str, Any]:
+def _learn_weights(cfg: ProjectConfig, req: WeightsRequest) -> WeightsSummary:
     wcfg = cfg.weights
     watch = Stopwatch()
     store = IndexStore(req.index)
