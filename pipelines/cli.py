@@ -36,31 +36,21 @@ from collections.abc import Sequence
 
 from attribution_core.config import TINY_KINDS, ProjectConfig
 from attribution_core.errors import AttributionError
-from attribution_core.features.groups import build_layout
-from attribution_core.models.tiny import build_tiny_pipeline
-from pipelines import demo
-from pipelines.bench import featurize
-from pipelines.bench.index import add_parser as add_index
-from pipelines.bench.quality import add_parser as add_quality
-from pipelines.bench.reindex import add_parser as add_reindex
-from pipelines.bench.scale import add_parser as add_scale
-from pipelines.bench.search import add_parser as add_search
-from pipelines.bench.serve import add_parser as add_serve
-from pipelines.bench.weights import add_parser as add_weights
-from pipelines.commands import config, data, evaluate, generate, index, plan, reindex, serve, train, weights
 from pipelines.commands.options import DEFAULT_CONFIG, add_base, add_config, add_json, int_list, positive_int
-from pipelines.failures import error_in_traceback, user_error
-from pipelines.models import load_model, quiet_libraries
 from pipelines.output import print_result, stdout_for_result
 
-
 def _cmd_demo(args: argparse.Namespace) -> int:
+    from pipelines import demo
+
     result = demo.run(ProjectConfig.load(args.config), args.config)
     print_result(json.dumps(result, indent=2) if args.json else demo.summary_text(result))
     return 0
 
 
 def _cmd_groups(args: argparse.Namespace) -> int:
+    from attribution_core.features.groups import build_layout
+    from pipelines.models import load_model
+
     cfg = ProjectConfig.load(args.config)
     if args.model:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=args.model, build=None))
@@ -78,12 +68,16 @@ def _cmd_groups(args: argparse.Namespace) -> int:
 
 
 def _cmd_build_tiny(args: argparse.Namespace) -> int:
+    from attribution_core.models.tiny import build_tiny_pipeline
+
     path = build_tiny_pipeline(args.kind, args.out, resolution=args.resolution, widths=args.widths, seed=args.seed)
     print(f"saved a tiny {args.kind!r} model to {path}")
     return 0
 
 
 def _cmd_bench_featurize(args: argparse.Namespace) -> int:
+    from pipelines.bench import featurize
+
     return featurize.main(args)
 
 
@@ -128,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="weight initialisation seed")
     p.set_defaults(func=_cmd_build_tiny)
 
+    from pipelines.commands import config, data, evaluate, generate, index, plan, reindex, serve, train, weights
 
     config.add_parser(sub, DEFAULT_CONFIG)
     data.add_parser(sub)
@@ -145,8 +140,16 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Time the Kronecker-factored featurizer against a plain training "
                          "step and exact per-example gradients with a dense projection, and check "
                          "it against the vmap reference.")
+    from pipelines.bench.featurize import add_arguments
+    from pipelines.bench.index import add_parser as add_index
+    from pipelines.bench.quality import add_parser as add_quality
+    from pipelines.bench.reindex import add_parser as add_reindex
+    from pipelines.bench.scale import add_parser as add_scale
+    from pipelines.bench.search import add_parser as add_search
+    from pipelines.bench.serve import add_parser as add_serve
+    from pipelines.bench.weights import add_parser as add_weights
 
-    featurize.add_arguments(p)
+    add_arguments(p)
     p.set_defaults(func=_cmd_bench_featurize)
     add_quality(bench)
     add_index(bench, DEFAULT_CONFIG)
@@ -162,6 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
+    from pipelines.models import quiet_libraries
 
     quiet_libraries()
     try:
@@ -173,6 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # one of ours, wrapped by Ray on its way from a worker?
+        from pipelines.failures import error_in_traceback, user_error
 
         found = user_error(exc) or error_in_traceback(str(exc))
         if found is None:

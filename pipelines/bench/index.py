@@ -21,12 +21,13 @@ from attribution_core.data.writers import SYNTH_SCHEMA, synthetic_rows, write_pa
 from attribution_core.index.store import IndexStore
 from attribution_core.models.tiny import build_tiny_pipeline
 from pipelines.commands.options import add_config, add_json, add_ray_address
-from pipelines.index.job import IndexRequest, run_index
-from pipelines.output import print_report
 from pipelines.ray_runtime import cluster_cpus, ensure_ray
+from pipelines.output import print_report
 
 
 def _build(cfg: ProjectConfig, data: str, model: str, out: str, *, actors: int, threads: int) -> dict[str, Any]:
+    from pipelines.index.job import IndexRequest, run_index
+
     cfg = dataclasses.replace(cfg, index=dataclasses.replace(cfg.index, out=out, actors=actors, threads_per_actor=threads))
     result = run_index(cfg, IndexRequest(dataset=data, model=model, out=out, mode="full"))
     return {"actors": actors, "threads_per_actor": threads, "rows": result["rows"],
@@ -61,6 +62,7 @@ def _run(args: argparse.Namespace) -> int:
     rows += [dict(r, example_id=f"added-{r['example_id']}") for r in synthetic_rows(changed, seed=1, size=args.resolution)]
     data2 = str(work / "data-v2")
     write_parquet_dataset(data2, rows, SYNTH_SCHEMA, {"kind": "synthetic"}, rows_per_file=256)
+    from pipelines.index.job import IndexRequest, run_index
 
     out = str(work / f"index-{actors}")
     inc_cfg = dataclasses.replace(cfg, index=dataclasses.replace(cfg.index, actors=actors, threads_per_actor=args.threads))

@@ -29,15 +29,15 @@ from attribution_core.data.writers import SYNTH_SCHEMA, synthetic_rows, write_pa
 from attribution_core.errors import ConfigError
 from attribution_core.models.tiny import build_tiny_pipeline
 from pipelines.bench.s3_counter import CountingProxy
-from pipelines.commands.options import add_config, add_json, positive_float, positive_int
-from pipelines.index.job import IndexRequest, run_index
 from pipelines.index.listing import s3_listing_filesystem
+from pipelines.commands.options import add_config, add_json, positive_float, positive_int
 from pipelines.output import print_report
-from pipelines.ray_runtime import ensure_ray
 
 
 def _builds(cfg: ProjectConfig, root: str, model: str, args: argparse.Namespace,
             *, proxy: CountingProxy | None) -> dict[str, Any]:
+    from pipelines.index.job import IndexRequest, run_index
+
     data, index = f"{root}/data", f"{root}/index"
     write_parquet_dataset(data, synthetic_rows(args.n, seed=0, size=args.image_size), SYNTH_SCHEMA,
                           {"kind": "synthetic"}, rows_per_file=args.rows_per_file)
@@ -110,6 +110,8 @@ def _s3(bucket: str):
 
 
 def _run(args: argparse.Namespace) -> int:
+    from pipelines.ray_runtime import ensure_ray
+
     cfg = ProjectConfig.load(args.config)
     cfg = dataclasses.replace(cfg, index=dataclasses.replace(cfg.index, kernel="block_diagonal", damping_rule="fixed",
                                                              approximate=dataclasses.replace(cfg.index.approximate,

@@ -32,15 +32,6 @@ from typing import Any
 
 import yaml
 
-from attribution_core.config import FeaturizeConfig, ProjectionConfig, TimestepConfig
-from attribution_core.data.writers import synthetic_rows, write_synthetic
-from attribution_core.features.featurize import Featurizer
-from attribution_core.index.store import IndexStore
-from attribution_core.models.fingerprint import model_fingerprint
-from attribution_core.models.pipeline_dir import load_adapter
-from attribution_core.models.tiny import build_sd15_pipeline
-from pipelines.bench.featurize import _batch, _timed, _train_step
-from pipelines.bench.serve import _free_port
 from pipelines.commands.options import add_json, positive_float, positive_int
 from pipelines.output import print_result
 
@@ -174,6 +165,12 @@ def serve_one_query(config: Path, url: str, body: bytes, timeout_s: float) -> di
 
 def model_costs(model_dir: Path, timesteps: int) -> dict[str, Any]:
     """Load and fingerprint time of the model, and featurize / training-step seconds on one example."""
+    from attribution_core.config import FeaturizeConfig, ProjectionConfig, TimestepConfig
+    from attribution_core.features.featurize import Featurizer
+    from attribution_core.models.pipeline_dir import load_adapter
+    from attribution_core.models.fingerprint import model_fingerprint
+    from pipelines.bench.featurize import _batch, _timed, _train_step
+
     started = time.perf_counter()
     adapter = load_adapter(model_dir)
     load_s = time.perf_counter() - started
@@ -217,6 +214,11 @@ def _config(work: Path, model: Path, data: str, examples: int, *, timesteps: int
 
 
 def run(work: Path, examples: int, timesteps: int, timeout_s: float) -> dict[str, Any]:
+    from attribution_core.data.writers import synthetic_rows, write_synthetic
+    from attribution_core.index.store import IndexStore
+    from attribution_core.models.tiny import build_sd15_pipeline
+    from pipelines.bench.serve import _free_port
+
     report: dict[str, Any] = {"examples": examples, "timesteps": timesteps, "resolution": 512, "latents": 64,
                               "work": str(work)}
     started = time.perf_counter()

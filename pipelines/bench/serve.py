@@ -37,26 +37,14 @@ import yaml
 from attribution_core.config import ApproximateConfig, ProjectConfig, to_mapping
 from attribution_core.data.writers import synthetic_rows, write_synthetic
 from attribution_core.errors import ConfigError
-from attribution_core.features.query import featurize_images
-from attribution_core.index.approximate import RESCORING_THREADS, set_threads
 from attribution_core.index.manifest import Quarantine, Shard
-from attribution_core.index.opening import open_for_model
 from attribution_core.index.reader import load_index
 from attribution_core.index.schema import features_table
 from attribution_core.index.store import IndexStore, shard_name
 from attribution_core.models.pipeline_dir import is_model_dir
-from attribution_core.models.tiny import build_tiny_pipeline
 from attribution_core.weights.artifact import artifact_path, find_weights
-from attribution_core.weights.served import ServedIndex
 from pipelines.commands.options import add_config, add_json, add_ray_address, positive_int
-from pipelines.index.approximate import build_approximate
-from pipelines.index.job import IndexRequest, run_index
-from pipelines.models import load_model_dir
 from pipelines.output import print_report
-from pipelines.ray_runtime import ensure_ray
-from pipelines.serve.app import ServeArgs
-from pipelines.serve.protocol import replica_threads
-from pipelines.serve.runner import deploy, start, stop, wait_ready
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +67,7 @@ def synthetic_version(base_uri: str, out_uri: str, n: int, seed: int,
     and its approximate index as ``approximate`` (``index.approximate``) builds one (on Ray)."""
     import pyarrow as pa
 
+    from pipelines.index.approximate import build_approximate
 
     base = load_index(base_uri)
     store = IndexStore(out_uri)
@@ -87,10 +76,10 @@ def synthetic_version(base_uri: str, out_uri: str, n: int, seed: int,
     x = base.features
     spread = x.std(dim=0)
     shards = []
-    for first in range(0, n, SHARD_ROWS):
-        b = min(SHARD_ROWS, n - first)
+    for start in range(0, n, SHARD_ROWS):
+        b = min(SHARD_ROWS, n - start)
         rows, a = mixture_rows(x, spread, b, gen)
-        ids = [f"synthetic-{i:08d}" for i in range(first, first + b)]
+        ids = [f"synthetic-{i:08d}" for i in range(start, start + b)]
         keys = pa.table({"example_id": ids, "content_hash": ids, "uri": [f"synthetic://{i}" for i in ids],
                          "caption": [base.captions[j] for j in a.tolist()]})
         path = f"{store.version_dir(version)}/features/{shard_name(ids)}"
@@ -155,6 +144,13 @@ def standalone(cfg: ProjectConfig, model_dir: str, index_uri: str, rows: list[di
                *, aspects: list[str] | None, k: int) -> dict[str, Any]:
     """The floor under the endpoint: featurizing and searching the same queries in this process,
     with the replicas' threads and search settings, no Serve between them (p50 ms of each)."""
+    from attribution_core.features.query import featurize_images
+    from attribution_core.index.approximate import RESCORING_THREADS, set_threads
+    from attribution_core.index.opening import open_for_model
+    from attribution_core.weights.served import ServedIndex
+    from pipelines.models import load_model_dir
+    from pipelines.serve.protocol import replica_threads
+
     scfg = cfg.serve
     adapter = load_model_dir(model_dir, "cpu")
     _, featurizer = open_for_model(IndexStore(index_uri), None, adapter, model_dir,
@@ -188,6 +184,11 @@ def _free_port() -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from pipelines.index.job import IndexRequest, run_index
+    from pipelines.ray_runtime import ensure_ray
+    from pipelines.serve.app import ServeArgs
+    from pipelines.serve.runner import deploy, start, stop, wait_ready
+
     if len(args.requests) != len(args.concurrency):
         raise ConfigError(f"--requests gives {len(args.requests)} counts for {len(args.concurrency)} --concurrency "
                           "levels; give one request count per level")
@@ -197,6 +198,8 @@ def _run(args: argparse.Namespace) -> int:
     model_dir = Path(cfg.model.path)
     trained = is_model_dir(model_dir)
     if not trained:
+        from attribution_core.models.tiny import build_tiny_pipeline
+
         t = cfg.train
         model_dir = build_tiny_pipeline("text", work / "model", resolution=t.resolution, widths=tuple(t.widths))
     data = str(work / "data")

@@ -23,18 +23,14 @@ import numpy as np
 import torch
 
 from attribution_core.config import ProjectConfig
-from attribution_core.index.reader import load_index
-from attribution_core.index.store import IndexStore
-from attribution_core.weights.artifact import artifact_path, check_weights
 from attribution_core.weights.objective import group_queries
 from attribution_core.weights.pools import mining_weightings, pools_from_state
 from attribution_core.weights.synthetic import BLOCK, synthetic_layout, synthetic_queries
 from pipelines.commands.options import add_config, add_json, add_ray_address
-from pipelines.evaluation.aspects import run_recall
-from pipelines.output import print_report
 from pipelines.ray_runtime import cluster_cpus, ensure_ray
 from pipelines.weights.scan import scan
 from pipelines.weights.train import TrainStorage, optimise
+from pipelines.output import print_report
 
 
 def scaling(cfg: ProjectConfig, sizes: list[int], queries: int, groups: int, *, dim: int) -> list[dict[str, Any]]:
@@ -65,6 +61,11 @@ def scaling(cfg: ProjectConfig, sizes: list[int], queries: int, groups: int, *, 
 def aspect_recall(cfg: ProjectConfig, index_uri: str, queries: int, k: int, *, seed: int) -> dict[str, Any]:
     """Recall@k of each aspect's attribute: its learned weights vs general vs uniform weights
     vs pixel kNN, for generated queries of known attributes (the evaluation's Recall@K)."""
+    from attribution_core.index.reader import load_index
+    from attribution_core.index.store import IndexStore
+    from attribution_core.weights.artifact import artifact_path, check_weights
+    from pipelines.evaluation.aspects import run_recall
+
     index = load_index(index_uri)
     manifest = index.manifest
     document = IndexStore(index_uri).read_json(artifact_path(manifest.version, cfg.weights.name))

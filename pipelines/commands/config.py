@@ -6,13 +6,14 @@ import argparse
 import json
 from pathlib import Path
 
-from attribution_core.config import ProjectConfig, to_mapping
-from attribution_core.config_reference import reference_markdown
 from pipelines.commands.options import add_config, add_json
 from pipelines.output import print_result
 
 
 def _run(args: argparse.Namespace) -> int:
+    from attribution_core.config import ProjectConfig, to_mapping
+    from attribution_core.config_reference import reference_markdown
+
     if args.reference:
         text = reference_markdown()
     else:

@@ -8,12 +8,13 @@ import json
 from attribution_core.config import ProjectConfig
 from attribution_core.errors import ConfigError
 from pipelines.commands.options import add_config, add_json, add_ray_address
-from pipelines.evaluation.job import EvaluateRequest, evaluate
-from pipelines.evaluation.summary import summary_text
 from pipelines.output import print_result
 
 
 def _run(args: argparse.Namespace) -> int:
+    from pipelines.evaluation.job import EvaluateRequest, evaluate
+    from pipelines.evaluation.summary import summary_text
+
     cfg = ProjectConfig.load(args.config)
     parts = {"lds": not args.skip_lds, "recall": not args.skip_recall, "exemplars": not args.skip_exemplars}
     if args.only:

@@ -8,11 +8,12 @@ import json
 
 from attribution_core.config import ProjectConfig
 from pipelines.commands.options import add_base, add_config, add_json, add_ray_address
-from pipelines.index.job import IndexRequest, run_index
 from pipelines.output import print_result
 
 
 def _run(args: argparse.Namespace) -> int:
+    from pipelines.index.job import IndexRequest, run_index
+
     cfg = ProjectConfig.load(args.config)
     overrides = {k: v for k, v in (("actors", args.actors), ("batch_size", args.batch_size)) if v is not None}
     if overrides:

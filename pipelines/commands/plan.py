@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 
-from attribution_core.config import ProjectConfig
-from pipelines.capacity import ENDPOINT_OVERHEAD_MS, calibrate, plan, plan_text
 from pipelines.commands.options import add_config, add_json, positive_float, positive_int
 from pipelines.output import print_result
 
 
 def _run(args: argparse.Namespace) -> int:
+    from attribution_core.config import ProjectConfig
+    from pipelines.capacity import calibrate, plan, plan_text
+
     cfg = ProjectConfig.load(args.config)
     result = plan(calibrate(cfg, batches=args.batches, search_rows=args.search_rows), args.rows, args.devices,
                   searcher_memory_gb=args.searcher_memory_gb, overhead_ms=args.overhead_ms)
@@ -20,6 +21,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction, default_config: str) -> None:
+    from pipelines.capacity import ENDPOINT_OVERHEAD_MS
+
     p = sub.add_parser(
         "plan", help="capacity plan: index hours, storage, searchers and query latency for N rows on G devices",
         description="Calibrate on the config's model and this machine's device (featurize a few batches of "

@@ -9,10 +9,11 @@ import json
 from attribution_core.config import ProjectConfig
 from pipelines.commands.options import add_base, add_config, add_json, add_ray_address
 from pipelines.output import print_result
-from pipelines.reindex.job import ReindexRequest, reindex
 
 
 def _run(args: argparse.Namespace) -> int:
+    from pipelines.reindex.job import ReindexRequest, reindex
+
     cfg = ProjectConfig.load(args.config)
     overrides = {k: v for k, v in (("relearn", args.relearn), ("relearn_fraction", args.relearn_fraction),
                                    ("endpoint", args.endpoint), ("lease_ttl_s", args.lease_ttl)) if v is not None}

@@ -7,11 +7,12 @@ import signal
 import threading
 
 from pipelines.commands.options import add_base, add_config, add_ray_address
-from pipelines.serve.app import ServeArgs
-from pipelines.serve.runner import start, stop
 
 
 def _run(args: argparse.Namespace) -> int:
+    from pipelines.serve.app import ServeArgs
+    from pipelines.serve.runner import start, stop
+
     serve_args = ServeArgs(config=args.config, index=args.index, version=args.version, weights=args.weights,
                            model=args.model, base=args.base)
     stopping = threading.Event()

@@ -13,7 +13,6 @@ from attribution_core.errors import ConfigError
 from attribution_core.models.training_dir import train_to_dir
 from pipelines.commands.options import add_config, add_json
 from pipelines.output import print_result
-from pipelines.steps import ensure_base
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -34,6 +33,8 @@ def _run(args: argparse.Namespace) -> int:
             raise ConfigError("--lora-targets needs --base and --lora (or base and lora_rank in the recipe)")
         cfg = dataclasses.replace(cfg, lora_targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()))
     if cfg.lora:
+        from pipelines.steps import ensure_base
+
         ensure_base(project)  # the config's base section, trained first when missing
     out = Path(args.out or project.model.path)
     if out.exists():

@@ -8,10 +8,11 @@ import json
 from attribution_core.config import ProjectConfig
 from pipelines.commands.options import add_base, add_config, add_json, add_ray_address
 from pipelines.output import print_result
-from pipelines.weights.job import WeightsRequest, learn_weights
 
 
 def _run(args: argparse.Namespace) -> int:
+    from pipelines.weights.job import WeightsRequest, learn_weights
+
     cfg = ProjectConfig.load(args.config)
     aspects = tuple(a.strip() for a in args.aspects.split(",")) if args.aspects else None
     req = WeightsRequest(index=args.index or cfg.index.out, version=args.version, model=args.model,
