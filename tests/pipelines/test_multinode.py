@@ -126,8 +126,8 @@ def test_index_job_on_two_worker_nodes_survives_losing_one(cluster, s3_base, mod
     assert {"w1", "w2"} <= set(by_name), by_name  # actors on both worker nodes
     assert sum(by_name.values()) == 64
 
-    # 192 more rows; worker node w1 dies (raylet, object store, workers) once 4 of their 24 shards are written
-    added = [dict(r, example_id=f"more-{i}") for i, r in enumerate(synthetic_rows(192, seed=12, size=16))]
+    # 128 more rows; worker node w1 dies (raylet, object store, workers) once 4 of their 16 shards are written
+    added = [dict(r, example_id=f"more-{i}") for i, r in enumerate(synthetic_rows(128, seed=12, size=16))]
     for i in range(0, len(added), 64):
         add_file(data, f"part-more-{i // 64:02d}.parquet", added[i:i + 64])
     job = subprocess.Popen([ATTRIBUTION, *args, "--ray-address", cluster.address], env=cluster.env,
@@ -137,17 +137,17 @@ def test_index_job_on_two_worker_nodes_survives_losing_one(cluster, s3_base, mod
     stdout, stderr = job.communicate(timeout=400)
     assert job.returncode == 0, stderr[-4000:]
     result = json.loads(stdout)
-    assert written < 24 and result["rows"] == 256 and result["errors"] == 0
+    assert written < 16 and result["rows"] == 192 and result["errors"] == 0
     resumed = sum("lost a node of the Ray cluster" in line for line in stderr.splitlines())
-    print(f"index: w1 killed after {written} of 24 shards; the job resumed {resumed} time(s), "
+    print(f"index: w1 killed after {written} of 16 shards; the job resumed {resumed} time(s), "
           f"featurized {result['featurized']} rows in the run that finished")
 
     store = IndexStore(out)
     manifest = store.latest()
     ids = [i for s in manifest.shards for i in store.read_table(s.path).column("example_id").to_pylist()]
-    assert len(ids) == len(set(ids)) == 256  # every example exactly once
+    assert len(ids) == len(set(ids)) == 192  # every example exactly once
     assert set(ids) == {r["example_id"] for r in first + added}
-    assert manifest.rows == 256 and sum(s.rows for s in manifest.shards) == 256
+    assert manifest.rows == 192 and sum(s.rows for s in manifest.shards) == 192
 
     again = attribution(cluster, *args)
     assert again.returncode == 0, again.stderr[-3000:]
@@ -260,10 +260,10 @@ def test_endpoint_under_load_loses_a_worker_node_then_a_reindex_job_swaps_it(clu
         threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
         for t in threads:
             t.start()
-        time.sleep(4)
+        time.sleep(3)
         killed_at = time.monotonic()
         cluster.kill("w1")
-        time.sleep(16)
+        time.sleep(12)
         stop.set()
         for t in threads:
             t.join(timeout=120)
@@ -281,7 +281,7 @@ def test_endpoint_under_load_loses_a_worker_node_then_a_reindex_job_swaps_it(clu
     assert all(status == 503 for _, status, _ in failed), {s for _, s, _ in failed}
     last_failure = max((t for t, _, _ in failed), default=killed_at)
     recovered = [e for e in after if e[0] > last_failure]
-    assert len(recovered) >= 16 and last_failure - killed_at < 10  # whole again, and for the last 6+ s
+    assert len(recovered) >= 16 and last_failure - killed_at < 10  # whole again within 10 s, and answering after
     report = {"requests": len(log), "after_kill": len(after), "failed": len(failed),
               "seconds_to_whole": round(last_failure - killed_at, 2), "answered_after_recovery": len(recovered)}
     print("endpoint node loss:", json.dumps(report))
