@@ -198,7 +198,7 @@ def run(index_uri: str, sizes: list[int], *, simulate: int, queries: int, k: int
     if simulate:
         if last is None:
             raise InputError("--simulate repeats the codes of the largest --rows run: give at least one --rows")
-        results.append({"rows": simulate, "approximate": _simulated(*last, simulate, q, k, threads)})
+        results.append({"rows": simulate, "approximate": _simulated(*last, simulate, queries=q, k=k, threads=threads)})
     return {"index": index_uri, "index_version": base.manifest.version, "dim": base.layout.k_total,
             "float16_bytes_per_row": 2 * base.layout.k_total, "aspects": aspects, "queries": queries, "k": k,
             "threads": threads, "results": results}
