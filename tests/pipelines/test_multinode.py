@@ -53,8 +53,9 @@ def config(tmp_path: Path, **sections: dict) -> str:
     return str(path)
 
 
-def attribution(cluster: LocalCluster, *args: str, timeout: float = 400) -> subprocess.CompletedProcess:
-    return subprocess.run([ATTRIBUTION, *args, "--ray-address", cluster.address], env=cluster.env,
+def attribution(cluster: LocalCluster, *args: str, timeout: float = 400,
+                env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([ATTRIBUTION, *args, "--ray-address", cluster.address], env={**cluster.env, **(env or {})},
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -118,7 +119,9 @@ def test_index_job_on_two_worker_nodes_survives_losing_one(cluster, s3_base, mod
     write_rows(data, first)
     cfg = config(tmp_path, index={"actors": 2, "placement": "SPREAD", "actor_resources": {"worker": 0.01}})
     args = ("index", "--config", cfg, "--model", model_dirs["text"], "--dataset", data, "--out", out, "--json")
-    run = attribution(cluster, *args)
+    # Ray Data hands batches to the actors that are ready: wait for both before any work, or on a
+    # slow machine the first actor can take every batch before the second starts
+    run = attribution(cluster, *args, env={"RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S": "120"})
     assert run.returncode == 0, run.stderr[-3000:]
     built = json.loads(run.stdout)
     names = cluster.node_names()
