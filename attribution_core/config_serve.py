@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 
-from attribution_core.config_io import check as _check
-from attribution_core.config_io import check_custom_resources
+from attribution_core.answers import UNIFORM
+from attribution_core.config_io import check as _check, check_custom_resources
 from attribution_core.config_stages import ASPECTS
 
-QUERY_ASPECTS = (*ASPECTS, "uniform")
+QUERY_ASPECTS = (*ASPECTS, UNIFORM)
 ASPECT_QUERIES = ("weighted", "contrastive", "both")
 SEARCH_MODES = ("auto", "exact", "approximate")
 FEATURIZE_IN = ("ingress", "replicas")

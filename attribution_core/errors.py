@@ -71,9 +71,6 @@ class RequestError(AttributionError):
         self.status = status
         self.detail = detail
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"status": self.status, "detail": self.detail}
-
 
 class IncompleteBuildError(AttributionError, RuntimeError):
     """A build ended without every example either featurized or quarantined exactly once."""

@@ -10,10 +10,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from attribution_core.answers import UNIFORM
 from attribution_core.evaluation.metrics import pixel_knn, recall_hits
 from attribution_core.features.groups import GroupLayout
 from attribution_core.index.scoring import attribute
-from attribution_core.weights.artifact import UNIFORM, weights_matrix
+from attribution_core.weights.artifact import weights_matrix
 
 RECALL_COLUMNS = (("aspect", "aspect weights"), ("validated", "validated choice"), ("general", "general weights"),
                   ("uniform", "uniform weights"),

@@ -9,23 +9,24 @@ import hashlib
 import json
 import tempfile
 import time
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
 
+from attribution_core.answers import UNIFORM, Hit
 from attribution_core.data.storage import filesystem_for
 from attribution_core.errors import ConfigError, ManifestMismatchError, MissingWeightsError
 from attribution_core.features.groups import GroupLayout
-from attribution_core.index.manifest import IndexManifest
 from attribution_core.index.approximate import RescoredSearch
 from attribution_core.index.approximate_files import partition_index
+from attribution_core.index.manifest import IndexManifest
 from attribution_core.index.opening import open_version
 from attribution_core.index.reader import load_index, metadata_of, version_shards
 from attribution_core.index.scoring import preconditioned_queries
 from attribution_core.index.search import SearchIndex
 from attribution_core.index.store import IndexStore
-from attribution_core.weights.artifact import (UNIFORM, WeightsDocument, check_weights, find_weights, unvalidated_choice,
+from attribution_core.weights.artifact import (WeightsDocument, check_weights, find_weights, unvalidated_choice,
                                                weights_matrix)
 
 
@@ -51,6 +52,31 @@ def search_mode(search: str, manifest: IndexManifest, uri: str) -> str:
                           f"rows than index.approximate.min_rows, or index.approximate.build was 'never'); "
                           "rebuild it with index.approximate.build: always, or serve it with serve.search: exact")
     raise ConfigError(f"serve.search must be auto, exact or approximate, got {search!r}")
+
+
+class PartitionInfo(TypedDict):
+    """What a searcher partition says of the state it serves (``GET /v1/index`` is made from it)."""
+
+    uri: str
+    version: str
+    key: str
+    """The state's key: the version and its weights (``v<seq>-...``)."""
+    rows: int
+    partition_rows: int
+    part: int
+    parts: int
+    groups: list[str]
+    aspects: list[str]
+    weights: dict[str, Any] | None
+    answered_by: dict[str, dict[str, Any]]
+    kernel: str
+    search: str
+    search_kernel: str
+    search_bytes_per_row: float
+    feature_spec: str
+    model_fingerprint: str
+    created_at: str
+    load_seconds: float
 
 
 @dataclasses.dataclass
@@ -155,7 +181,7 @@ class ServedIndex:
         return {a: {"answered_by": self.answered_by(a), "by": (w.get("choice") or {}).get("by", "unvalidated")}
                 for a, w in ((self.weights or {}).get("aspects") or {}).items()}
 
-    def search(self, features: torch.Tensor, weightings: list[list[str]], ks: list[int]) -> list[dict[str, list[dict]]]:
+    def search(self, features: torch.Tensor, weightings: list[list[str]], ks: list[int]) -> list[dict[str, list[Hit]]]:
         """Top-k rows of this partition for each query ``features[i]`` under each weighting
         in ``weightings[i]`` (names from ``resolve_aspects``), ``ks[i]`` rows each."""
         names = sorted({w for ws in weightings for w in ws})
@@ -165,15 +191,15 @@ class ServedIndex:
         rows = torch.stack([wq[a, q] for a, q in pairs]) if pairs else torch.empty(0, self.layout.k_total)
         k_max = max(ks) if ks else 1
         scores, idx = self.search_index.topk(rows, k_max)  # [P, k]
-        out: list[dict[str, list[dict]]] = [{} for _ in weightings]
+        out: list[dict[str, list[Hit]]] = [{} for _ in weightings]
         for p, (a, q) in enumerate(pairs):
             k = min(ks[q], scores.shape[1])
-            out[q][names[a]] = [{"example_id": self.example_ids[j], "score": float(s), "uri": self.uris[j],
-                                 "caption": self.captions[j] or "", "metadata": metadata_of(self.metadata, j)}
+            out[q][names[a]] = [Hit(example_id=self.example_ids[j], score=float(s), uri=self.uris[j],
+                                    caption=self.captions[j] or "", metadata=metadata_of(self.metadata, j))
                                 for s, j in zip(scores[p, :k].tolist(), idx[p, :k].tolist())]
         return out
 
-    def info(self) -> dict[str, Any]:
+    def info(self) -> PartitionInfo:
         return {
             "uri": self.uri, "version": self.version, "key": self.key, "rows": self.manifest.rows,
             "partition_rows": len(self.example_ids), "part": self.part, "parts": self.parts,

@@ -12,9 +12,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from attribution_core.answers import UNIFORM
 from attribution_core.config import ProjectConfig
 from attribution_core.index.store import IndexStore
-from attribution_core.weights.artifact import UNIFORM, artifact_path
+from attribution_core.weights.artifact import artifact_path
 from attribution_core.weights.choice import record
 
 log = logging.getLogger(__name__)

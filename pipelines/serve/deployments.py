@@ -21,16 +21,22 @@ import numpy as np
 import torch
 from ray import serve
 
-from attribution_core.errors import MissingWeightsError, RequestError
+from attribution_core.errors import MissingWeightsError
 from attribution_core.index.approximate import RESCORING_THREADS, set_threads
-from attribution_core.weights.served import ServedIndex
+from attribution_core.weights.served import PartitionInfo, ServedIndex
 from pipelines.serve.featurize import QueryFeatures
 from pipelines.serve.follow import FollowLatest
-from pipelines.serve.protocol import QueryModel, ServedVersion, batch_settings, replica_threads, served_version
+from pipelines.serve.protocol import (FeaturizeItem, PartitionAnswer, QueryFeature, QueryModel, Refusal, SearchItem,
+                                      ServedVersion, batch_settings, replica_threads, served_version)
 
 log = logging.getLogger("ray.serve")
 
 PREVIOUS_GRACE_S = 120.0  # how long a searcher keeps the state it swapped out
+
+
+class SearcherInfo(PartitionInfo):
+    held: list[str]
+    """The states the searcher holds: its current one, and the one it swapped out while kept."""
 
 
 @serve.deployment(max_ongoing_requests=64, graceful_shutdown_timeout_s=30)
@@ -46,7 +52,7 @@ class QueryFeaturizer:
         await self.features.reconfigure(user_config, self.featurize)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
-    async def featurize(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    async def featurize(self, items: list[FeaturizeItem]) -> list[QueryFeature | Refusal]:
         return await self.features.featurize_async(items)
 
 
@@ -96,60 +102,58 @@ class IndexSearcher:
         if self.previous is not None and self.previous.key == key:
             self.previous = None  # frees its rows
 
-    def info(self) -> dict[str, Any]:
-        info = self.current.info()
-        info["held"] = [s.key for s in (self.current, self.previous) if s is not None]
-        return info
+    def info(self) -> SearcherInfo:
+        return SearcherInfo(**self.current.info(), held=list(self._held()))
 
-    def _state(self, key: str | None):
+    def _held(self) -> tuple[str, ...]:
+        return tuple(s.key for s in (self.current, self.previous) if s is not None)
+
+    def _state(self, key: str | None) -> ServedIndex | None:
         for state in (self.current, self.previous):
             if state is not None and (key is None or state.key == key):
                 return state
         return None
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
-    async def search(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    async def search(self, items: list[SearchItem]) -> list[PartitionAnswer | Refusal]:
         return await asyncio.to_thread(self._search, items)
 
-    def _search(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = [{} for _ in items]
-        by_state: dict[int, tuple[Any, list[int], list[list[str]]]] = {}
-        held = [s.key for s in (self.current, self.previous) if s is not None]
+    def _search(self, items: list[SearchItem]) -> list[PartitionAnswer | Refusal]:
+        out: list[PartitionAnswer | Refusal | None] = [None] * len(items)
+        resolved: dict[int, dict[str, str]] = {}
+        by_state: dict[int, tuple[ServedIndex, list[int], list[list[str]]]] = {}
+        held = self._held()
         for i, item in enumerate(items):
-            state = self._state(item.get("key"))
+            state = self._state(item.key)
             if state is None:
-                out[i] = {"error": RequestError(503, f"index state {item.get('key')} is no longer held; retry").to_dict(),
-                          "held": held}
+                out[i] = Refusal(503, f"index state {item.key} is no longer held; retry", held)
                 continue
-            if state.feature_spec != item["spec"]:
-                out[i] = {"error": RequestError(503, (
-                    f"the featurizer's feature spec ({item['spec']}) differs from index version {state.version}'s "
-                    f"({state.feature_spec}): model and index are being swapped, or were deployed apart; retry")).to_dict(),
-                    "held": held}
+            if state.feature_spec != item.spec:
+                out[i] = Refusal(503, (
+                    f"the featurizer's feature spec ({item.spec}) differs from index version {state.version}'s "
+                    f"({state.feature_spec}): model and index are being swapped, or were deployed apart; retry"), held)
                 continue
             try:
-                resolved = state.resolve_aspects(tuple(item["aspects"]), item.get("fallback", False))
+                resolved[i] = state.resolve_aspects(item.aspects, item.fallback)
             except MissingWeightsError as exc:
-                out[i] = {"error": RequestError(409, str(exc)).to_dict(), "held": held}
+                out[i] = Refusal(409, str(exc), held)
                 continue
             entry = by_state.setdefault(id(state), (state, [], []))
             entry[1].append(i)
-            entry[2].append(sorted(set(resolved.values())))
-            out[i] = {"resolved": resolved}
+            entry[2].append(sorted(set(resolved[i].values())))
         for state, rows, weightings in by_state.values():
             started = time.perf_counter()
             try:
-                features = torch.from_numpy(np.stack([items[i]["features"] for i in rows]))
-                found = state.search(features, weightings, [items[i]["k"] for i in rows])
+                features = torch.from_numpy(np.stack([items[i].features for i in rows]))
+                found = state.search(features, weightings, [items[i].k for i in rows])
             except Exception as exc:  # keep the replica serving whatever one batch did
                 log.exception("search of a batch of %d failed", len(rows))
                 for i in rows:
-                    out[i] = {"error": RequestError(500, f"search failed: {exc}").to_dict(), "held": held}
+                    out[i] = Refusal(500, f"search failed: {exc}", held)
                 continue
             elapsed = (time.perf_counter() - started) * 1000
             for i, result in zip(rows, found):
-                resolved = out[i]["resolved"]
-                out[i] = {"key": state.key, "version": state.version, "held": held, "search_ms": elapsed,
-                          "batch": len(rows), "resolved": resolved,
-                          "results": {asked: result[used] for asked, used in resolved.items()}}
+                out[i] = PartitionAnswer(key=state.key, version=state.version, held=held, search_ms=elapsed,
+                                         batch=len(rows), resolved=resolved[i],
+                                         results={asked: result[used] for asked, used in resolved[i].items()})
         return out

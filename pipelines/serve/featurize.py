@@ -9,6 +9,7 @@ with the served index's own settings, through the same ``featurize`` code as the
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from typing import Any
@@ -19,7 +20,7 @@ import torch
 from attribution_core.config import ProjectConfig
 from attribution_core.data.captions import without_concept
 from attribution_core.data.images import ImageDecodeError
-from attribution_core.errors import InputError, RequestError
+from attribution_core.errors import InputError
 from attribution_core.features.query import query_batch
 from attribution_core.index.opening import open_for_model
 from attribution_core.index.store import IndexStore
@@ -27,8 +28,8 @@ from attribution_core.models.adapters import ExampleBatch
 from attribution_core.models.fingerprint import model_fingerprint
 from pipelines.models import load_model_dir, quiet_libraries
 from pipelines.serve.follow import FollowLatest
-from pipelines.serve.protocol import (FeatureCache, QueryModel, ServedVersion, batch_settings, replica_threads,
-                                      served_version)
+from pipelines.serve.protocol import (FeatureCache, FeaturizeItem, QueryFeature, QueryModel, Refusal, ServedVersion,
+                                      batch_settings, replica_threads, served_version)
 
 log = logging.getLogger("ray.serve")
 
@@ -63,7 +64,7 @@ class QueryFeatures:
     async def _swap(self, served: ServedVersion) -> None:
         await asyncio.to_thread(self.load, served)
 
-    async def featurize_async(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    async def featurize_async(self, items: list[FeaturizeItem]) -> list[QueryFeature | Refusal]:
         """``featurize`` in a thread, so the replica's event loop keeps answering."""
         return await asyncio.to_thread(self.featurize, items)
 
@@ -73,29 +74,28 @@ class QueryFeatures:
                                      cache=self.featurizers)
         self.spec, self.version = manifest.spec.key(), manifest.version
 
-    def featurize(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Each item: image, prompt, label and, for a contrastive query, ``contrast_aspect``
-        (its prompt is then contrasted with the prompt without that aspect). Each answer:
-        features, spec, query_id, featurize_ms, batch (and ``cached``), or an ``error``."""
+    def featurize(self, items: list[FeaturizeItem]) -> list[QueryFeature | Refusal]:
+        """Each item's features, from the cache or computed (plain and contrastive queries in
+        their own batches), or its ``Refusal``: a bad image fails only its own item."""
         spec = self.spec
         featurizer = self.featurizers[spec]
         vocabulary = {a: list(p.values) for a, p in self.cfg.weights.prompts.items()}
-        out: list[dict[str, Any]] = [{} for _ in items]
+        out: list[QueryFeature | Refusal | None] = [None] * len(items)
         groups: dict[bool, tuple[list[int], list[Any]]] = {False: ([], []), True: ([], [])}  # contrastive?
         keys = [FeatureCache.key(spec, item) for item in items]
         for i, item in enumerate(items):  # decode one by one: a bad image fails only its own request
             cached = self.cache.get(keys[i])
             if cached is not None:
-                out[i] = {**cached, "featurize_ms": 0.0, "batch": 0, "cached": True}
+                out[i] = dataclasses.replace(cached, featurize_ms=0.0, batch=0, cached=True)
                 continue
             try:
-                aspect = item.get("contrast_aspect")
-                contrast = ([without_concept(item.get("prompt") or "", aspect, vocabulary, self.adapter.caption_template)]
+                aspect = item.contrast_aspect
+                contrast = ([without_concept(item.prompt or "", aspect, vocabulary, self.adapter.caption_template)]
                             if aspect else None)
-                one = query_batch(self.adapter, [item["image"]], prompts=[item.get("prompt")],
-                                  labels=[item.get("label")], contrast=contrast)
+                one = query_batch(self.adapter, [item.image], prompts=[item.prompt], labels=[item.label],
+                                  contrast=contrast)
             except InputError as exc:
-                out[i] = {"error": RequestError(400 if isinstance(exc, ImageDecodeError) else 422, str(exc)).to_dict()}
+                out[i] = Refusal(400 if isinstance(exc, ImageDecodeError) else 422, str(exc))
                 continue
             groups[contrast is not None][0].append(i)
             groups[contrast is not None][1].append(one)
@@ -103,12 +103,12 @@ class QueryFeatures:
             if good:
                 self._featurize_group(featurizer, spec, good, batches, out=out)
                 for i in good:
-                    if "features" in out[i]:
-                        self.cache.put(keys[i], {k: out[i][k] for k in ("features", "spec", "query_id")})
+                    if isinstance(out[i], QueryFeature):
+                        self.cache.put(keys[i], out[i])
         return out
 
     def _featurize_group(self, featurizer: Any, spec: str, good: list[int], batches: list[Any],
-                         *, out: list[dict[str, Any]]) -> None:
+                         *, out: list[QueryFeature | Refusal | None]) -> None:
         first = batches[0]
         batch = ExampleBatch(
             example_ids=tuple(i for b in batches for i in b.example_ids),
@@ -123,9 +123,9 @@ class QueryFeatures:
         except Exception as exc:  # a model failure must not take the replica down
             log.exception("featurizing a batch of %d failed", len(good))
             for i in good:
-                out[i] = {"error": RequestError(500, f"featurizing failed: {exc}").to_dict()}
+                out[i] = Refusal(500, f"featurizing failed: {exc}")
             return
         elapsed = (time.perf_counter() - started) * 1000
         for row, i in enumerate(good):
-            out[i] = {"features": features[row].numpy().astype(np.float32), "spec": spec, "query_id": batch.example_ids[row],
-                      "featurize_ms": elapsed, "batch": len(good)}
+            out[i] = QueryFeature(features=features[row].numpy().astype(np.float32), spec=spec,
+                                  query_id=batch.example_ids[row], featurize_ms=elapsed, batch=len(good))

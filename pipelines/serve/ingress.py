@@ -11,6 +11,7 @@ the featurizer and searcher deployments (``pipelines.serve.deployments``).
 # (``request: Request``) as objects; as strings, Serve's ingress could not resolve them and would
 # take ``request`` for a query parameter (every request a 422).
 import asyncio
+import dataclasses
 import hmac
 import json
 import logging
@@ -20,12 +21,14 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
 from ray import serve
+from ray.serve.handle import DeploymentHandle
 
 from attribution_core.config import ServeConfig, from_mapping
 from attribution_core.errors import ConfigError, RequestError
-from pipelines.serve.protocol import (UNIFORM, Query, QueryModel, build_query, decode_base64, merge_partitions,
+from pipelines.serve.protocol import (UNIFORM, AnsweredFrom, AttributionRequest, AttributionResponse, FeaturizeItem,
+                                      IndexDescription, PartitionAnswer, PartitionDescription, QueryEcho, QueryFeature,
+                                      QueryModel, Refusal, SearchItem, Timing, merge_partitions, multipart_schema,
                                       plan_queries)
 
 log = logging.getLogger("ray.serve")
@@ -33,53 +36,9 @@ log = logging.getLogger("ray.serve")
 API_KEY_HEADER = "X-API-Key"
 
 
-class AttributionRequest(BaseModel):
-    """JSON body of POST /v1/attributions (multipart/form-data takes the same fields, the image as a file)."""
-
-    image: str = Field(description="PNG or JPEG bytes, base64-encoded (a data: URL is accepted).")
-    prompt: str | None = Field(None, description="The prompt the image was generated from (text-to-image models).")
-    label: str | int | None = Field(None, description="Class name or index (class-conditional models).")
-    aspects: list[str] | None = Field(None, description="Any of general, subject, style, background, uniform.")
-    k: int | None = Field(None, description="Training examples per aspect.")
-
-
-class Attribution(BaseModel):
-    rank: int
-    example_id: str
-    score: float
-    share: float = Field(description="max(score, 0) / the sum of max(score, 0) over the k returned: this "
-                         "example's part of the positive score mass among these k, not a share of the whole "
-                         "training set's influence.")
-    uri: str
-    caption: str
-    metadata: dict[str, Any] = Field(default_factory=dict, description=(
-        "The dataset columns the index keeps (index.keep_columns), e.g. artist, license, source_url."))
-
-
-class AttributionResponse(BaseModel):
-    index: dict[str, Any]
-    query: dict[str, Any]
-    k: int
-    aspects: dict[str, list[Attribution]]
-    answered_by: dict[str, str] = Field(default_factory=dict, description=(
-        "The weighting that answered each aspect searched with the query's own feature: the one measured best "
-        "for this index version (see /v1/index answered_by for the evidence)."))
-    substituted: dict[str, str] = Field(default_factory=dict, description=(
-        "Aspects answered by another weighting than their own: the one measured best for this index version "
-        "(uniform unless learned weights were measured better: evaluate's LDS, else validation queries; see "
-        "/v1/index answered_by), or uniform where none are learned."))
-    aspect_queries: dict[str, str] = Field(default_factory=dict, description=(
-        "Aspects answered from Concept-TRAK's contrastive query feature (serve.aspect_query): 'contrastive' "
-        "(uniform weights) or 'contrastive+aspect' (the aspect's weights)."))
-    timing_ms: dict[str, float]
-
-
 REFUSALS = {400: {"description": "not an image / undecodable"}, 401: {"description": "API key"},
             409: {"description": "no learned weights for an aspect"}, 413: {"description": "image too large"},
             422: {"description": "bad aspect or k"}, 503: {"description": "index or model being swapped; retry"}}
-MULTIPART_SCHEMA = {"type": "object", "required": ["image"], "properties": {
-    "image": {"type": "string", "format": "binary"}, "prompt": {"type": "string"}, "label": {"type": "string"},
-    "aspects": {"type": "string", "description": "comma-separated"}, "k": {"type": "integer"}}}
 
 app = FastAPI(title="Training-data attribution for diffusion models",
               description="Which training images did a generated image draw on: overall (general) and for "
@@ -87,14 +46,27 @@ app = FastAPI(title="Training-data attribution for diffusion models",
               version="1")
 
 
+def describe(infos: list[dict[str, Any]]) -> IndexDescription:
+    """``GET /v1/index`` from every searcher partition's ``info``."""
+    first = infos[0]
+    return IndexDescription(
+        uri=first["uri"], version=first["version"], rows=first["rows"], groups=first["groups"],
+        aspects=first["aspects"], weights=first["weights"], answered_by=first["answered_by"], kernel=first["kernel"],
+        search=first["search"], search_kernel=first["search_kernel"], model_fingerprint=first["model_fingerprint"],
+        created_at=first["created_at"],
+        partitions=[PartitionDescription(part=i["part"], rows=i["partition_rows"], version=i["version"],
+                                         search=i["search"], search_bytes_per_row=i["search_bytes_per_row"])
+                    for i in infos])
+
+
 def error(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": {"status": status, "detail": detail}}, status_code=status, headers=headers)
 
 
-async def read_query(request: Request, cfg: ServeConfig) -> tuple[Query, bool]:
+async def read_query(request: Request, cfg: ServeConfig) -> tuple[AttributionRequest, bool]:
     """The query a request carries (JSON with a base64 image, or multipart with an image
     file), and whether it named no aspects (the defaults then apply); ``RequestError`` when
-    it cannot be read."""
+    it cannot be read. Both bodies become the same ``AttributionRequest``."""
     limit = cfg.max_image_bytes * 4 // 3 + 65536  # base64 or multipart overhead
     length = request.headers.get("content-length")
     if length and length.isdigit() and int(length) > limit:
@@ -109,9 +81,8 @@ async def read_query(request: Request, cfg: ServeConfig) -> tuple[Query, bool]:
         upload = form.get("image")
         if upload is None or isinstance(upload, str):
             raise RequestError(400, "multipart requests need the image as a file field named 'image'")
-        data = await upload.read()
-        aspects = form.getlist("aspects") or None
-        fields = {"prompt": form.get("prompt"), "label": form.get("label"), "k": form.get("k")}
+        fields = {"image": await upload.read(), "prompt": form.get("prompt"), "label": form.get("label"),
+                  "aspects": form.getlist("aspects") or None, "k": form.get("k")}
     else:
         try:
             body = await request.json()
@@ -120,12 +91,8 @@ async def read_query(request: Request, cfg: ServeConfig) -> tuple[Query, bool]:
                                     "multipart/form-data with an 'image' file") from exc
         if not isinstance(body, dict) or not isinstance(body.get("image"), str):
             raise RequestError(400, "the JSON body needs 'image': the PNG/JPEG bytes base64-encoded")
-        data = decode_base64(body["image"])
-        aspects = body.get("aspects")
-        if aspects is not None and not isinstance(aspects, (list, str)):
-            raise RequestError(422, f"aspects must be a list of names, got {aspects!r}")
-        fields = {"prompt": body.get("prompt"), "label": body.get("label"), "k": body.get("k")}
-    return build_query(data, fields["prompt"], fields["label"], aspects, k=fields["k"], cfg=cfg), not aspects
+        fields = body
+    return AttributionRequest.checked(fields, cfg), not fields.get("aspects")
 
 
 @serve.ingress(app)
@@ -134,7 +101,7 @@ class AttributionAPI:
     featurized once per query kind, searched on every partition, and the partitions' top-k
     merged exactly."""
 
-    def __init__(self, featurizer, searchers: list, serve_settings: dict[str, Any],
+    def __init__(self, featurizer: DeploymentHandle | None, searchers: list[DeploymentHandle], serve_settings: dict[str, Any],
                  model: QueryModel | None = None) -> None:
         """``featurizer``: a handle to the ``QueryFeaturizer`` deployment, or None to hold the
         model here (``model``; the version then comes in this deployment's ``user_config``)."""
@@ -158,7 +125,7 @@ class AttributionAPI:
             await self.features.reconfigure(user_config, self._featurize_here)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0)
-    async def _featurize_here(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    async def _featurize_here(self, items: list[FeaturizeItem]) -> list[QueryFeature | Refusal]:
         return await self.features.featurize_async(items)
 
     def _authorized(self, request: Request) -> bool:
@@ -179,22 +146,13 @@ class AttributionAPI:
     async def index_info(self, request: Request):
         if not self._authorized(request):
             return error(401, f"send the API key in the {API_KEY_HEADER} header")
-        infos = await asyncio.gather(*(s.info.remote() for s in self.searchers))
-        first = infos[0]
-        return {"uri": first["uri"], "version": first["version"], "rows": first["rows"],
-                "groups": first["groups"], "aspects": first["aspects"], "weights": first["weights"],
-                "answered_by": first["answered_by"],
-                "kernel": first["kernel"], "search": first["search"], "search_kernel": first["search_kernel"],
-                "model_fingerprint": first["model_fingerprint"], "created_at": first["created_at"],
-                "partitions": [{"part": i["part"], "rows": i["partition_rows"], "version": i["version"],
-                                "search": i["search"], "search_bytes_per_row": i["search_bytes_per_row"]}
-                               for i in infos]}
+        return describe(await asyncio.gather(*(s.info.remote() for s in self.searchers)))
 
     @app.post("/v1/attributions", response_model=AttributionResponse,
               summary="Attribute a generated image to training examples", responses=REFUSALS,
               openapi_extra={"requestBody": {"required": True, "content": {
                   "application/json": {"schema": AttributionRequest.model_json_schema()},
-                  "multipart/form-data": {"schema": MULTIPART_SCHEMA}}}})
+                  "multipart/form-data": {"schema": multipart_schema()}}}})
     async def attributions(self, request: Request):
         started = time.perf_counter()
         if not self._authorized(request):
@@ -209,7 +167,7 @@ class AttributionAPI:
             headers = {"Retry-After": "1"} if exc.status == 503 else None
             return error(exc.status, exc.detail, headers)
 
-    async def _featurize(self, item: dict[str, Any]) -> dict[str, Any]:
+    async def _featurize(self, item: FeaturizeItem) -> QueryFeature:
         try:
             if self.features is not None:
                 feat = await self._featurize_here(item)
@@ -218,43 +176,41 @@ class AttributionAPI:
         except Exception as exc:
             log.exception("featurizer call failed")
             raise RequestError(503, f"the featurizer is unavailable ({type(exc).__name__}); retry") from exc
-        if "error" in feat:
-            raise RequestError(**feat["error"])
+        if isinstance(feat, Refusal):
+            raise feat.error()
         return feat
 
-    async def _answer(self, query: Query, defaulted: bool, started: float) -> dict[str, Any]:
+    async def _answer(self, query: AttributionRequest, defaulted: bool, started: float) -> AttributionResponse:
         plain, contrast = plan_queries(query.aspects, query.prompt, self.cfg.aspect_query)
-        request = {"image": query.image, "prompt": query.prompt, "label": query.label}
-        asks = ([request] if plain else []) + [{**request, "contrast_aspect": a} for a in contrast]
+        image = FeaturizeItem(image=query.image, prompt=query.prompt, label=query.label)
+        asks = ([image] if plain else []) + [dataclasses.replace(image, contrast_aspect=a) for a in contrast]
         feats = await asyncio.gather(*(self._featurize(r) for r in asks))
         searches = ([(feats[0], plain, plain)] if plain else []) + [
             (f, (weighting,), (a,)) for f, (a, weighting) in zip(feats[len(feats) - len(contrast):], contrast.items())]
-        merged: dict[str, Any] = {}
+        merged = {}
         resolved: dict[str, str] = {}
         search_ms, answers = 0.0, []
         for feat, weightings, names in searches:
-            item = {"features": feat["features"], "spec": feat["spec"], "aspects": list(weightings), "k": query.k,
-                    "fallback": defaulted, "key": None}
+            item = SearchItem(features=feat.features, spec=feat.spec, aspects=tuple(weightings), k=query.k,
+                              fallback=defaulted)
             answers = await self._search(item)
             for name, part in zip(names, merge_partitions(answers, weightings, query.k).values()):
                 merged[name] = part
             if names == weightings:
-                resolved.update(answers[0]["resolved"])
-            search_ms += max(a["search_ms"] for a in answers)
-        return {
-            "index": {"version": answers[0]["version"], "state": answers[0]["key"]},
-            "query": {"id": feats[0]["query_id"], "prompt": query.prompt, "label": query.label,
-                      "features_cached": all(f.get("cached", False) for f in feats)},
-            "k": query.k, "aspects": {a: merged[a] for a in query.aspects},
-            "answered_by": resolved,
-            "substituted": {a: used for a, used in resolved.items() if used != a},
-            "aspect_queries": {a: "contrastive" if w == UNIFORM else "contrastive+aspect" for a, w in contrast.items()},
-            "timing_ms": {"featurize": round(max(f["featurize_ms"] for f in feats), 2), "search": round(search_ms, 2),
-                          "total": round((time.perf_counter() - started) * 1000, 2),
-                          "featurize_batch": feats[0]["batch"]},
-        }
+                resolved.update(answers[0].resolved)
+            search_ms += max(a.search_ms for a in answers)
+        return AttributionResponse(
+            index=AnsweredFrom(version=answers[0].version, state=answers[0].key),
+            query=QueryEcho(id=feats[0].query_id, prompt=query.prompt, label=query.label,
+                            features_cached=all(f.cached for f in feats)),
+            k=query.k, aspects={a: merged[a] for a in query.aspects},
+            answered_by=resolved,
+            substituted={a: used for a, used in resolved.items() if used != a},
+            aspect_queries={a: "contrastive" if w == UNIFORM else "contrastive+aspect" for a, w in contrast.items()},
+            timing_ms=Timing(featurize=round(max(f.featurize_ms for f in feats), 2), search=round(search_ms, 2),
+                             total=round((time.perf_counter() - started) * 1000, 2), featurize_batch=feats[0].batch))
 
-    async def _search(self, item: dict[str, Any]) -> list[dict[str, Any]]:
+    async def _search(self, item: SearchItem) -> list[PartitionAnswer]:
         """Ask every partition; if they answered from different states (a swap is in
         progress), ask again pinned to the newest state all of them hold."""
         for _ in range(3):
@@ -263,15 +219,15 @@ class AttributionAPI:
             except Exception as exc:
                 log.exception("searcher call failed")
                 raise RequestError(503, f"an index searcher is unavailable ({type(exc).__name__}); retry") from exc
-            errors = [a["error"] for a in answers if "error" in a]
-            if errors and any(e["status"] != 503 for e in errors):
-                raise RequestError(**next(e for e in errors if e["status"] != 503))
-            keys = {a.get("key") for a in answers}
-            if not errors and len(keys) == 1:
+            refusals = [a for a in answers if isinstance(a, Refusal)]
+            if any(r.status != 503 for r in refusals):
+                raise next(r for r in refusals if r.status != 503).error()
+            keys = {a.key for a in answers if isinstance(a, PartitionAnswer)}
+            if not refusals and len(keys) == 1:
                 return answers
-            common = set.intersection(*(set(a["held"]) for a in answers))
+            common = set.intersection(*(set(a.held) for a in answers))
             if not common:
                 break
-            item = {**item, "key": max(common)}  # keys start with the version: v<seq>-...
-        detail = errors[0]["detail"] if errors else "the index is being swapped to a new version"
+            item = dataclasses.replace(item, key=max(common))  # keys start with the version: v<seq>-...
+        detail = refusals[0].detail if refusals else "the index is being swapped to a new version"
         raise RequestError(503, f"{detail}; retry")

@@ -1,5 +1,9 @@
-"""What travels over HTTP and between deployments: request checks, errors with a status,
-the merged answer. No Ray or FastAPI here, so all of it is testable in-process."""
+"""What travels over HTTP and between deployments, each declared once here: the request
+(``AttributionRequest``: its OpenAPI schema for JSON and multipart, and its checks) and the
+response (``AttributionResponse``), the messages the ingress, the featurizer and the
+searchers pass (``FeaturizeItem`` -> ``QueryFeature``, ``SearchItem`` -> ``PartitionAnswer``,
+or a ``Refusal`` with the HTTP status), and the merged answer. No Ray or FastAPI here, so all
+of it is testable in-process."""
 
 from __future__ import annotations
 
@@ -11,27 +15,17 @@ import hashlib
 import io
 import os
 import threading
-from typing import Any
+from typing import Annotated, Any, TypedDict
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, WithJsonSchema, field_validator
 
+from attribution_core.answers import UNIFORM, Hit
 from attribution_core.config_io import check, from_mapping
 from attribution_core.config_serve import QUERY_ASPECTS, SEARCH_MODES, ServeConfig
 from attribution_core.config_stages import ASPECTS
 from attribution_core.errors import RequestError
-
-UNIFORM = "uniform"
-
-
-@dataclasses.dataclass(frozen=True)
-class Query:
-    """One checked request: image bytes, optional prompt / label, aspects, k."""
-
-    image: bytes
-    prompt: str | None
-    label: str | int | None
-    aspects: tuple[str, ...]
-    k: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,18 +83,18 @@ class FeatureCache:
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self.entries: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
+        self.entries: collections.OrderedDict[str, QueryFeature] = collections.OrderedDict()
         self.lock = threading.Lock()
         self.hits = self.misses = 0
 
     @staticmethod
-    def key(spec: str, item: dict[str, Any]) -> str:
-        digest = hashlib.blake2b(item["image"], digest_size=16)
-        for part in (item.get("prompt"), item.get("label"), item.get("contrast_aspect")):
+    def key(spec: str, item: FeaturizeItem) -> str:
+        digest = hashlib.blake2b(item.image, digest_size=16)
+        for part in (item.prompt, item.label, item.contrast_aspect):
             digest.update(b"\x00" + repr(part).encode())
         return f"{spec}:{digest.hexdigest()}"
 
-    def get(self, key: str) -> dict[str, Any] | None:
+    def get(self, key: str) -> QueryFeature | None:
         with self.lock:
             found = self.entries.get(key)
             if found is None:
@@ -110,7 +104,7 @@ class FeatureCache:
             self.hits += 1
             return found
 
-    def put(self, key: str, value: dict[str, Any]) -> None:
+    def put(self, key: str, value: QueryFeature) -> None:
         if self.size < 1:
             return
         with self.lock:
@@ -200,10 +194,90 @@ def parse_label(raw: Any) -> str | int | None:
     return int(text) if text.lstrip("-").isdigit() else text
 
 
-def build_query(image: bytes, prompt: str | None, label: Any, aspects: Any, *, k: Any, cfg: ServeConfig) -> Query:
-    check_image(image, cfg)
-    return Query(image=image, prompt=parse_prompt(prompt, cfg), label=parse_label(label),
-                 aspects=parse_aspects(aspects, cfg), k=parse_k(k, cfg))
+def _limits(info: ValidationInfo) -> ServeConfig:
+    cfg = (info.context or {}).get("cfg")
+    if not isinstance(cfg, ServeConfig):
+        raise TypeError("AttributionRequest is validated with context={'cfg': <the endpoint's ServeConfig>}")
+    return cfg
+
+
+IMAGE_DOC = "PNG or JPEG bytes: base64-encoded in JSON (a data: URL is accepted), a file in multipart/form-data."
+
+
+class AttributionRequest(BaseModel):
+    """A query to ``POST /v1/attributions``, checked: the one declaration of the request.
+
+    JSON carries the image base64-encoded; multipart/form-data the same fields with the image
+    as a file (``multipart_schema``). Validation needs the endpoint's limits as context
+    (``checked``); a refused value raises ``RequestError`` with the status and what to change,
+    checked in field order (the image first)."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    image: Annotated[bytes, WithJsonSchema({"type": "string", "contentEncoding": "base64", "description": IMAGE_DOC})]
+    prompt: str | None = Field(None, description="The prompt the image was generated from (text-to-image models).")
+    label: str | int | None = Field(None, description="Class name or index (class-conditional models).")
+    aspects: Annotated[tuple[str, ...], WithJsonSchema({"anyOf": [
+        {"type": "array", "items": {"type": "string"}}, {"type": "string"}, {"type": "null"}]})] = Field(
+        None, validate_default=True, description="Any of general, subject, style, background, uniform: a list, or "
+                                                 "names separated by commas (none: serve.default_aspects).")
+    k: Annotated[int, WithJsonSchema({"anyOf": [{"type": "integer"}, {"type": "null"}]})] = Field(
+        None, validate_default=True, description="Training examples per aspect, at most serve.max_k "
+                                                 "(none: serve.default_k).")
+
+    @field_validator("image", mode="before")
+    @classmethod
+    def _image(cls, raw: Any, info: ValidationInfo) -> bytes:
+        data = decode_base64(raw) if isinstance(raw, str) else raw
+        if not isinstance(data, bytes):
+            raise RequestError(400, "'image' must be the PNG/JPEG bytes: base64-encoded in JSON, a file in multipart")
+        check_image(data, _limits(info))
+        return data
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt(cls, raw: Any, info: ValidationInfo) -> str | None:
+        return parse_prompt(raw, _limits(info))
+
+    @field_validator("label", mode="before")
+    @classmethod
+    def _label(cls, raw: Any) -> str | int | None:
+        return parse_label(raw)
+
+    @field_validator("aspects", mode="before")
+    @classmethod
+    def _aspects(cls, raw: Any, info: ValidationInfo) -> tuple[str, ...]:
+        if raw is not None and not isinstance(raw, (list, tuple, str)):
+            raise RequestError(422, f"aspects must be a list of names, got {_shown(raw)}")
+        return parse_aspects(raw, _limits(info))
+
+    @field_validator("k", mode="before")
+    @classmethod
+    def _k(cls, raw: Any, info: ValidationInfo) -> int:
+        return parse_k(raw, _limits(info))
+
+    @classmethod
+    def checked(cls, fields: dict[str, Any], cfg: ServeConfig) -> AttributionRequest:
+        """The request these raw ``fields`` make under the endpoint's limits ``cfg``."""
+        try:
+            return cls.model_validate(fields, context={"cfg": cfg})
+        except ValidationError as exc:  # a shape no check above foresaw: still the client's to fix
+            first = exc.errors()[0]
+            where = ".".join(str(x) for x in first["loc"]) or "the body"
+            raise RequestError(422, f"{where}: {first['msg']}") from exc
+
+
+def multipart_schema() -> dict[str, Any]:
+    """The OpenAPI schema of the multipart/form-data body: the request's own fields, the image a file."""
+    schema = AttributionRequest.model_json_schema()
+    schema["properties"]["image"] = {"type": "string", "format": "binary", "description": IMAGE_DOC}
+    return schema
+
+
+def build_query(image: bytes, prompt: str | None, label: Any, aspects: Any, *, k: Any,
+                cfg: ServeConfig) -> AttributionRequest:
+    return AttributionRequest.checked({"image": image, "prompt": prompt, "label": label, "aspects": aspects, "k": k},
+                                      cfg)
 
 
 def _shown(raw: Any) -> str:
@@ -222,21 +296,175 @@ def plan_queries(aspects: tuple[str, ...], prompt: str | None, mode: str) -> tup
     return tuple(a for a in aspects if a not in contrast), contrast
 
 
-def merge_partitions(answers: list[dict[str, Any]], aspects: tuple[str, ...], k: int) -> dict[str, list[dict[str, Any]]]:
+def merge_partitions(answers: list[PartitionAnswer], aspects: tuple[str, ...], k: int) -> dict[str, list[Attribution]]:
     """Exact top-k per aspect over the partitions' own top-k lists (each partition's top-k
     holds every one of its rows that can be in the global top-k), with each result's share
     of the top-k score mass: ``max(score, 0) / sum of max(score, 0)`` over the k returned."""
-    merged: dict[str, list[dict[str, Any]]] = {}
+    merged: dict[str, list[Attribution]] = {}
     for aspect in aspects:
-        rows = [r for answer in answers for r in answer["results"][aspect]]
+        rows = [r for answer in answers for r in answer.results[aspect]]
         rows.sort(key=lambda r: (-r["score"], r["example_id"]))
         top = rows[:k]
         mass = sum(max(r["score"], 0.0) for r in top)
-        merged[aspect] = [{"rank": i + 1, "example_id": r["example_id"], "score": r["score"],
-                           "share": (max(r["score"], 0.0) / mass) if mass > 0 else 0.0,
-                           "uri": r["uri"], "caption": r["caption"], "metadata": r.get("metadata") or {}}
+        merged[aspect] = [Attribution(rank=i + 1, example_id=r["example_id"], score=r["score"],
+                                      share=(max(r["score"], 0.0) / mass) if mass > 0 else 0.0, uri=r["uri"],
+                                      caption=r["caption"], metadata=r.get("metadata") or {})
                           for i, r in enumerate(top)]
     return merged
+
+
+class Attribution(BaseModel):
+    """One training example of an aspect's answer."""
+
+    rank: int
+    example_id: str
+    score: float
+    share: float = Field(description="max(score, 0) / the sum of max(score, 0) over the k returned: this "
+                         "example's part of the positive score mass among these k, not a share of the whole "
+                         "training set's influence.")
+    uri: str
+    caption: str
+    metadata: dict[str, Any] = Field(default_factory=dict, description=(
+        "The dataset columns the index keeps (index.keep_columns), e.g. artist, license, source_url."))
+
+
+class AnsweredFrom(BaseModel):
+    version: str = Field(description="The index version that answered.")
+    state: str = Field(description="The searchers' state key: the version and its weights.")
+
+
+class QueryEcho(BaseModel):
+    id: str = Field(description="The query's content id.")
+    prompt: str | None
+    label: str | int | None
+    features_cached: bool = Field(description="Every feature of this query came from the featurizer's cache.")
+
+
+class Timing(BaseModel):
+    featurize: float
+    search: float
+    total: float
+    featurize_batch: int = Field(description="Queries featurized together with this one (0: from the cache).")
+
+
+class AttributionResponse(BaseModel):
+    """The answer to ``POST /v1/attributions``."""
+
+    index: AnsweredFrom
+    query: QueryEcho
+    k: int
+    aspects: dict[str, list[Attribution]]
+    answered_by: dict[str, str] = Field(default_factory=dict, description=(
+        "The weighting that answered each aspect searched with the query's own feature: the one measured best "
+        "for this index version (see /v1/index answered_by for the evidence)."))
+    substituted: dict[str, str] = Field(default_factory=dict, description=(
+        "Aspects answered by another weighting than their own: the one measured best for this index version "
+        "(uniform unless learned weights were measured better: evaluate's LDS, else validation queries; see "
+        "/v1/index answered_by), or uniform where none are learned."))
+    aspect_queries: dict[str, str] = Field(default_factory=dict, description=(
+        "Aspects answered from Concept-TRAK's contrastive query feature (serve.aspect_query): 'contrastive' "
+        "(uniform weights) or 'contrastive+aspect' (the aspect's weights)."))
+    timing_ms: Timing
+
+
+class PartitionDescription(TypedDict):
+    part: int
+    rows: int
+    version: str
+    search: str
+    search_bytes_per_row: float
+
+
+class IndexDescription(TypedDict):
+    """``GET /v1/index``: the served version, its groups and weighted aspects, which weighting
+    answers each aspect and why, the kernel and search, and every searcher partition."""
+
+    uri: str
+    version: str
+    rows: int
+    groups: list[str]
+    aspects: list[str]
+    weights: dict[str, Any] | None
+    answered_by: dict[str, dict[str, Any]]
+    kernel: str
+    search: str
+    search_kernel: str
+    model_fingerprint: str
+    created_at: str
+    partitions: list[PartitionDescription]
+
+
+@dataclasses.dataclass(frozen=True)
+class Refusal:
+    """A request a deployment refuses, sent back as a value so one item of a batch fails
+    alone: the HTTP status and what to change (``error()`` raises it at the ingress).
+    ``held``: the index states the refusing searcher holds (empty from the featurizer)."""
+
+    status: int
+    detail: str
+    held: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, exc: RequestError, held: tuple[str, ...] = ()) -> Refusal:
+        return cls(exc.status, exc.detail, held)
+
+    def error(self) -> RequestError:
+        return RequestError(self.status, self.detail)
+
+
+@dataclasses.dataclass(frozen=True)
+class FeaturizeItem:
+    """Ingress -> featurizer: a checked query image to featurize (``contrast_aspect``: its
+    prompt is contrasted with the prompt without that aspect, Concept-TRAK's query)."""
+
+    image: bytes
+    prompt: str | None
+    label: str | int | None
+    contrast_aspect: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class QueryFeature:
+    """Featurizer -> ingress: a query's features under the served version's feature spec."""
+
+    features: np.ndarray
+    """``[k_total]`` float32, the index's feature layout."""
+    spec: str
+    """``FeatureSpec.key()`` the features were computed under (searchers refuse another)."""
+    query_id: str
+    featurize_ms: float
+    batch: int
+    """Queries featurized together with this one; 0 when it came from the cache."""
+    cached: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchItem:
+    """Ingress -> every searcher partition: a query feature, the weightings to search it
+    under, and the state to answer from (None: the current one)."""
+
+    features: np.ndarray
+    spec: str
+    aspects: tuple[str, ...]
+    k: int
+    fallback: bool
+    """The client named no aspects: an aspect without learned weights falls back to uniform."""
+    key: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class PartitionAnswer:
+    """A searcher partition -> ingress: its own top-k per asked aspect, and which state and
+    weighting answered."""
+
+    key: str
+    version: str
+    held: tuple[str, ...]
+    search_ms: float
+    batch: int
+    resolved: dict[str, str]
+    """Asked aspect -> the weighting that answered it."""
+    results: dict[str, list[Hit]]
 
 
 def replica_threads(requested: int) -> int:

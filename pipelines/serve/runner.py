@@ -17,6 +17,7 @@ from attribution_core.index.store import IndexStore
 from pipelines.failures import error_in_traceback
 from pipelines.ray_runtime import ensure_ray
 from pipelines.serve.app import APP_NAME, IMPORT_PATH, ServeArgs, featurizer_deployment, user_config
+from pipelines.serve.protocol import IndexDescription
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ def deploy(args: ServeArgs, host: str, port: int, *, version: str | None = None,
 
 
 def start(args: ServeArgs, *, host: str | None = None, port: int | None = None, ray_address: str | None = None,
-          timeout_s: float = 300.0) -> tuple[str, dict[str, Any]]:
+          timeout_s: float = 300.0) -> tuple[str, IndexDescription]:
     """Deploy ``args``; returns the base URL and ``/v1/index`` once the endpoint answers."""
     cfg = ProjectConfig.load(args.config)
     host = host or cfg.serve.host
@@ -82,7 +83,7 @@ def app_status() -> tuple[str, str]:
 
 
 def wait_ready(url: str, timeout_s: float, *, version: str | None = None, api_key: str | None = None,
-               watch_app: bool = True) -> dict[str, Any]:
+               watch_app: bool = True) -> IndexDescription:
     """Wait until ``/v1/index`` answers (from ``version`` on every partition when given). With
     ``watch_app`` (this process is connected to the endpoint's Ray), raise with Serve's message
     if the application fails to deploy; without it, only HTTP is used."""

@@ -19,14 +19,14 @@ from typing import Any
 
 import torch
 
+from attribution_core.answers import UNIFORM
 from attribution_core.config import WeightsConfig
 from attribution_core.data.readers import dataset_read_options, label_text, read_examples
 from attribution_core.features.featurize import Featurizer
 from attribution_core.features.groups import GroupLayout
 from attribution_core.index.manifest import IndexManifest
-from attribution_core.seeding import stable_seed
 from attribution_core.models.sampling import generate
-from attribution_core.weights.artifact import UNIFORM
+from attribution_core.seeding import stable_seed
 from attribution_core.weights.objective import group_queries
 from attribution_core.weights.validation import validate
 from pipelines.weights.queries import featurize_generated

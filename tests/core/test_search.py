@@ -13,7 +13,8 @@ from attribution_core.index.manifest import Shard
 from attribution_core.index.reader import partition_shards
 from attribution_core.index.scoring import preconditioned_queries, topk_reference, weighted_queries
 from attribution_core.index.search import PACK_ROWS, SearchIndex, fbgemm_available
-from pipelines.serve.protocol import RequestError, build_query, merge_partitions, parse_aspects, parse_k
+from pipelines.serve.protocol import (PartitionAnswer, RequestError, build_query, merge_partitions, parse_aspects,
+                                      parse_k)
 
 
 def layout(dims=(24, 40, 16)) -> GroupLayout:
@@ -83,13 +84,15 @@ def test_merging_partition_top_k_equals_top_k_of_all_rows():
     scores = gen.normal(size=40)
     rows = [{"example_id": f"e{i}", "score": float(s), "uri": f"u{i}", "caption": ""} for i, s in enumerate(scores)]
     parts = [rows[:13], rows[13:30], rows[30:]]
-    answers = [{"results": {"general": sorted(p, key=lambda r: -r["score"])[:5]}} for p in parts]
+    answers = [PartitionAnswer(key="v1-a", version="v1", held=("v1-a",), search_ms=1.0, batch=1,
+                               resolved={"general": "general"},
+                               results={"general": sorted(p, key=lambda r: -r["score"])[:5]}) for p in parts]
     merged = merge_partitions(answers, ("general",), 5)["general"]
     best = sorted(rows, key=lambda r: -r["score"])[:5]
-    assert [m["example_id"] for m in merged] == [b["example_id"] for b in best]
+    assert [m.example_id for m in merged] == [b["example_id"] for b in best]
     positive = [max(b["score"], 0) for b in best]
-    assert [m["share"] for m in merged] == pytest.approx([p / sum(positive) for p in positive])
-    assert [m["rank"] for m in merged] == [1, 2, 3, 4, 5]
+    assert [m.share for m in merged] == pytest.approx([p / sum(positive) for p in positive])
+    assert [m.rank for m in merged] == [1, 2, 3, 4, 5] and all(m.metadata == {} for m in merged)
 
 
 def test_request_checks_name_what_to_fix():
