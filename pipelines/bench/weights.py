@@ -17,7 +17,7 @@ import argparse
 import dataclasses
 import tempfile
 import time
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
@@ -27,10 +27,10 @@ from attribution_core.weights.objective import group_queries
 from attribution_core.weights.pools import mining_weightings, pools_from_state
 from attribution_core.weights.synthetic import BLOCK, synthetic_layout, synthetic_queries
 from pipelines.commands.options import add_config, add_json, add_ray_address
+from pipelines.output import print_report
 from pipelines.ray_runtime import cluster_cpus, ensure_ray
 from pipelines.weights.scan import scan
-from pipelines.weights.train import TrainStorage, optimise
-from pipelines.output import print_report
+from pipelines.weights.train import AspectPools, TrainStorage, optimise
 
 
 def scaling(cfg: ProjectConfig, sizes: list[int], queries: int, groups: int, *, dim: int) -> list[dict[str, Any]]:
@@ -46,7 +46,7 @@ def scaling(cfg: ProjectConfig, sizes: list[int], queries: int, groups: int, *, 
                      r=wcfg.pool_size, with_noise=True, partitions=wcfg.scan_partitions or cluster_cpus())
         scan_s = time.perf_counter() - start
         pools = pools_from_state(state)
-        part = {"contrib": pools.contrib.numpy(), "valid": pools.valid.numpy(), "noise": state.noise.numpy()}
+        part = AspectPools(contrib=pools.contrib.numpy(), valid=pools.valid.numpy(), noise=state.noise.numpy())
         start = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="bench-weights-") as storage:  # Ray Train's run folder
             result = optimise([part], np.zeros((1, groups)), wcfg, TrainStorage(storage), name=f"n{n}")
@@ -54,11 +54,19 @@ def scaling(cfg: ProjectConfig, sizes: list[int], queries: int, groups: int, *, 
         out.append({"n": n, "queries": queries, "groups": groups, "k_total": layout.k_total,
                     "pool_candidates": int(pools.valid.shape[1]), "steps": wcfg.steps, "workers": wcfg.workers,
                     "scan_s": round(scan_s, 2), "optimise_s": round(optimise_s, 2),
-                    "objective": result["trajectory"][-1]["objective"]})
+                    "objective": result.trajectory[-1]["objective"]})
     return out
 
 
-def aspect_recall(cfg: ProjectConfig, index_uri: str, queries: int, k: int, *, seed: int) -> dict[str, Any]:
+class AspectRecall(TypedDict):
+    queries: int
+    k: int
+    seed: int
+    table: dict[str, dict[str, float]]
+    """Aspect -> column (its own weights, general, uniform, contrastive, pixel kNN) -> Recall@k."""
+
+
+def aspect_recall(cfg: ProjectConfig, index_uri: str, queries: int, k: int, *, seed: int) -> AspectRecall:
     """Recall@k of each aspect's attribute: its learned weights vs general vs uniform weights
     vs pixel kNN, for generated queries of known attributes (the evaluation's Recall@K)."""
     from attribution_core.index.reader import load_index
@@ -75,9 +83,8 @@ def aspect_recall(cfg: ProjectConfig, index_uri: str, queries: int, k: int, *, s
     check_weights(document, manifest)
     ecfg = dataclasses.replace(cfg.evaluate, recall_queries=queries, recall_k=k, seed=seed, gallery=0)
     result = run_recall(dataclasses.replace(cfg, evaluate=ecfg), index, document)
-    out: dict[str, Any] = {"queries": queries, "k": k, "seed": seed}
-    out.update({a: {name: round(v, 4) for name, v in row.items()} for a, row in result["table"].items()})
-    return out
+    return AspectRecall(queries=queries, k=k, seed=seed,
+                        table={a: {name: round(v, 4) for name, v in row.items()} for a, row in result.table.items()})
 
 
 def _run(args: argparse.Namespace) -> int:

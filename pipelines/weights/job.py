@@ -10,31 +10,34 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import logging
+from collections.abc import Callable
 from typing import Any, TypedDict
 
 import numpy as np
 import torch
 
-from attribution_core.config import ProjectConfig, to_mapping
+from attribution_core.config import ProjectConfig, WeightsConfig, to_mapping
 from attribution_core.errors import ConfigError
+from attribution_core.features.featurize import Featurizer
 from attribution_core.features.groups import GroupLayout
+from attribution_core.index.kernel import Kernel
 from attribution_core.index.manifest import IndexManifest
 from attribution_core.index.opening import open_for_model, open_version
 from attribution_core.index.reader import read_kernel
 from attribution_core.index.store import IndexStore
 from attribution_core.models.vocabulary import check_prompts
 from attribution_core.timing import Stopwatch
-from attribution_core.weights.artifact import artifact_path, weights_document
+from attribution_core.weights.artifact import AspectWeights, Choice, artifact_path, weights_document
 from attribution_core.weights.choice import served_choice
 from attribution_core.weights.objective import group_queries, weights_from_theta
-from attribution_core.weights.pools import Pools, grow_pools, mining_weightings, pools_from_state
+from attribution_core.weights.pools import Pools, ScanState, grow_pools, mining_weightings, pools_from_state
 from attribution_core.weights.shrinkage import shrunk
 from pipelines.models import load_model_dir
 from pipelines.ray_runtime import alive_nodes, cluster_cpus, ensure_ray, require_shared_storage, retry_on_node_loss
 from pipelines.weights.holdout import shrink_toward_uniform
 from pipelines.weights.queries import learning_queries, prompts_for, shown_shares
 from pipelines.weights.scan import scan
-from pipelines.weights.train import TrainStorage, optimise
+from pipelines.weights.train import AspectPools, TrainStorage, optimise
 from pipelines.weights.validation import validate_aspects
 
 log = logging.getLogger(__name__)
@@ -50,8 +53,8 @@ class WeightsRequest:
     ray_address: str | None = None
 
 
-def _queries(featurizer, manifest: IndexManifest, aspects: list[str], *, prompts: dict[str, list[str | None]],
-             wcfg) -> tuple[torch.Tensor, dict[str, float] | None]:
+def _queries(featurizer: Featurizer, manifest: IndexManifest, aspects: list[str], *,
+             prompts: dict[str, list[str | None]], wcfg: WeightsConfig) -> tuple[torch.Tensor, dict[str, float] | None]:
     """Features ``[Q, k_total]`` of every aspect's learning queries, and (``check_queries``)
     the share of each aspect's images that show the prompted value."""
     made = {a: learning_queries(featurizer, a, prompts[a], wcfg) for a in aspects}
@@ -62,8 +65,8 @@ def _queries(featurizer, manifest: IndexManifest, aspects: list[str], *, prompts
     return torch.cat([made[a][0] for a in aspects]), shown
 
 
-def _shrink_and_validate(featurizer, store: IndexStore, manifest: IndexManifest, layout: GroupLayout, *, kernel,
-                         learned: dict[str, torch.Tensor], wcfg, source: dict[str, Any], paths: list[str],
+def _shrink_and_validate(featurizer: Featurizer, store: IndexStore, manifest: IndexManifest, layout: GroupLayout, *,
+                         kernel: Kernel, learned: dict[str, torch.Tensor], wcfg: WeightsConfig, source: dict[str, Any], paths: list[str],
                          partitions: int) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
     """How far each aspect's weights move from uniform (held-out learning queries), then which
     weighting answers each aspect (validation queries where the data says what they ask for)."""
@@ -78,15 +81,15 @@ def _shrink_and_validate(featurizer, store: IndexStore, manifest: IndexManifest,
 
 def _aspect_entry(aspect: str, learned: torch.Tensor, shrinkage: dict[str, Any] | None, theta: np.ndarray,
                   *, prompts: list[str | None], recall: list[float], shown: dict[str, float] | None,
-                  validation: dict[str, dict[str, Any]], wcfg) -> dict[str, Any]:
+                  validation: dict[str, Choice], wcfg: WeightsConfig) -> AspectWeights:
     """The artifact's record of one aspect: its weights after the shrinkage toward uniform,
     the learned ones, and how they were chosen and checked."""
     weights = shrunk(learned, shrinkage["a"]) if shrinkage else learned
-    return {"weights": weights.tolist(), "learned": learned.tolist(), "shrinkage": shrinkage, "theta": theta.tolist(),
-            "queries": wcfg.queries_per_aspect, "prompts": sorted({p for p in prompts if p})[:20],
-            "pool_recall": {"mean": float(np.mean(recall)), "min": float(min(recall))},
-            "shown": (shown or {}).get(aspect), **served_choice(aspect, validation.get(aspect)),
-            "validation": validation.get(aspect)}
+    return AspectWeights(weights=weights.tolist(), learned=learned.tolist(), shrinkage=shrinkage, theta=theta.tolist(),
+                         queries=wcfg.queries_per_aspect, prompts=sorted({p for p in prompts if p})[:20],
+                         pool_recall={"mean": float(np.mean(recall)), "min": float(min(recall))},
+                         shown=(shown or {}).get(aspect), **served_choice(aspect, validation.get(aspect)),
+                         validation=validation.get(aspect))
 
 
 @dataclasses.dataclass
@@ -101,7 +104,8 @@ class _Learned:
     recall_by_round: list[dict[str, float]] = dataclasses.field(default_factory=list)
 
 
-def _optimise_rounds(wcfg, rows: dict[str, slice], pools: Pools, noise: np.ndarray, *, rescan, watch: Stopwatch,
+def _optimise_rounds(wcfg: WeightsConfig, rows: dict[str, slice], pools: Pools, noise: np.ndarray, *,
+                     rescan: Callable[[torch.Tensor], ScanState], watch: Stopwatch,
                      storage: TrainStorage) -> _Learned:
     """Rounds of: optimise theta on the pools (Ray Train), rescan under the learned weights
     (``rescan(weights [A, M])``), grow every pool that missed a true top-k example; until
@@ -110,11 +114,11 @@ def _optimise_rounds(wcfg, rows: dict[str, slice], pools: Pools, noise: np.ndarr
     try:
         for round_ in range(1, wcfg.max_rounds + 1):
             out.rounds = round_
-            parts = [{"contrib": pools.contrib[r].numpy(), "valid": pools.valid[r].numpy(), "noise": noise[r]}
+            parts = [AspectPools(contrib=pools.contrib[r].numpy(), valid=pools.valid[r].numpy(), noise=noise[r])
                      for r in rows.values()]
             result = optimise(parts, out.theta, wcfg, storage, name=f"round-{out.rounds}")
-            out.theta = result["theta"]
-            out.trajectory += [{"round": out.rounds, **t} for t in result["trajectory"]]
+            out.theta = result.theta
+            out.trajectory += [{"round": out.rounds, **t} for t in result.trajectory]
             watch.lap("optimise")
             pools, out.recall = grow_pools(pools, rescan(weights_from_theta(torch.from_numpy(out.theta)).float()), rows)
             watch.lap("rescan")

@@ -21,14 +21,58 @@ import numpy as np
 import torch
 from torch import nn
 
-from attribution_core.config import WeightsConfig, from_mapping, to_mapping
-from attribution_core.errors import AttributionError
+from attribution_core.config import WeightsConfig
 from attribution_core.data.storage import filesystem_for
+from attribution_core.errors import AttributionError
 from attribution_core.weights.objective import check_pools, pooled_objective
 from pipelines.failures import decode_error, encode_error
 
 CHECKPOINT_FILE = "theta.json"
 OPTIMIZER_FILE = "adam.pt"  # the optimiser's moments: a resumed run takes the steps an undisturbed one takes
+
+
+@dataclasses.dataclass(frozen=True)
+class AspectPools:
+    """One aspect's queries as the objective reads them (``weights.objective``): ``contrib``
+    ``[Q, P, M]``, each pooled candidate's score contribution per parameter group; ``valid``
+    ``[Q, P]``, which pool slots hold a candidate; ``noise`` ``[Q, M, M]``, the moments of the
+    query's per-group scores over the training set."""
+
+    contrib: np.ndarray
+    valid: np.ndarray
+    noise: np.ndarray
+
+    def rows(self, rank: int, world: int) -> dict[str, torch.Tensor]:
+        """This worker's queries (query i goes to worker i mod world) as tensors."""
+        take = slice(rank, None, world)
+        return {"contrib": torch.from_numpy(np.asarray(self.contrib)[take]),
+                "valid": torch.from_numpy(np.asarray(self.valid)[take]),
+                "noise": torch.from_numpy(np.asarray(self.noise)[take])}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+    """What every Ray Train worker of ``train_loop`` gets: the weight-learning settings, each
+    aspect's pools, and theta ``[A, M]`` to start from (one row per aspect)."""
+
+    weights: WeightsConfig
+    aspects: tuple[AspectPools, ...]
+    theta: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopRefusal:
+    """``train_loop``'s answer when the input is refused (``encode_error``'s form of the error)."""
+
+    error: dict[str, str]
+
+
+@dataclasses.dataclass(frozen=True)
+class Optimised:
+    """theta ``[A, M]`` after the last step, and the objective every ``report_every`` steps."""
+
+    theta: np.ndarray
+    trajectory: list[dict[str, float]]
 
 
 class Theta(nn.Module):
@@ -54,35 +98,32 @@ def _local_loss(theta: torch.Tensor, parts: list[dict[str, torch.Tensor]], total
     return loss
 
 
-def train_loop(config: dict[str, Any]) -> dict[str, Any] | None:
-    """Ray Train's training function. ``config``: ``weights`` (the ``WeightsConfig`` as a
-    mapping, rebuilt and validated here), ``aspects`` (each aspect's pools and noise moments)
-    and ``theta`` (the start). An ``AttributionError`` (bad input, the same on every worker
-    since every worker checks the whole config first) is returned, not raised: Ray Train
-    would retry the run, which cannot help; ``optimise`` raises it on the driver."""
+def train_loop(config: dict[str, LoopConfig]) -> LoopRefusal | None:
+    """Ray Train's training function; ``config["loop"]`` is its ``LoopConfig`` (Ray Train
+    hands a training function a mapping). An ``AttributionError`` (bad input, the same on
+    every worker since every worker checks the whole input first) is returned, not raised:
+    Ray Train would retry the run, which cannot help; ``optimise`` raises it on the driver."""
+    loop = config["loop"]
     try:
-        wcfg = from_mapping(WeightsConfig, config["weights"], "weights")
-        for aspect in config["aspects"]:
-            check_pools(np.asarray(aspect["contrib"]).shape[1], wcfg.top_k)
-        _optimise_theta(wcfg, config["aspects"], config["theta"])
+        for aspect in loop.aspects:
+            check_pools(np.asarray(aspect.contrib).shape[1], loop.weights.top_k)
+        _optimise_theta(loop)
     except AttributionError as exc:
-        return {"error": encode_error(exc)}
+        return LoopRefusal(encode_error(exc))
     return None
 
 
-def _optimise_theta(wcfg: WeightsConfig, aspects: list[dict[str, Any]], theta: list[list[float]]) -> None:
+def _optimise_theta(loop: LoopConfig) -> None:
     import ray.train
     import torch.distributed as dist
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(1)
-    parts, totals = [], []
-    for aspect in aspects:
-        rows = slice(rank, None, world)  # query i goes to worker i mod world
-        parts.append({key: torch.from_numpy(np.asarray(aspect[key])[rows]) for key in ("contrib", "valid", "noise")})
-        totals.append(len(aspect["contrib"]))
-    theta0, start, trajectory, moments = torch.tensor(theta, dtype=torch.float64), 0, [], None
+    wcfg = loop.weights
+    parts = [aspect.rows(rank, world) for aspect in loop.aspects]
+    totals = [len(aspect.contrib) for aspect in loop.aspects]
+    theta0, start, trajectory, moments = torch.tensor(np.asarray(loop.theta), dtype=torch.float64), 0, [], None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
@@ -118,8 +159,8 @@ def _optimise_theta(wcfg: WeightsConfig, aspects: list[dict[str, Any]], theta: l
                                  checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
 
 
-def optimise(aspects: list[dict[str, np.ndarray]], theta: np.ndarray, wcfg: WeightsConfig, storage: TrainStorage,
-             *, name: str) -> dict[str, Any]:
+def optimise(aspects: list[AspectPools], theta: np.ndarray, wcfg: WeightsConfig, storage: TrainStorage,
+             *, name: str) -> Optimised:
     """Run ``train_loop`` on ``weights.workers`` Ray Train workers (``top_k``, ``lambda_w``,
     ``steps``, ``learning_rate`` and ``report_every`` of ``wcfg``); returns theta and the
     trajectory.
@@ -131,7 +172,7 @@ def optimise(aspects: list[dict[str, np.ndarray]], theta: np.ndarray, wcfg: Weig
     from ray.train import FailureConfig, RunConfig, ScalingConfig
 
     common = dict(
-        train_loop_config={"weights": to_mapping(wcfg), "aspects": aspects, "theta": theta.tolist()},
+        train_loop_config={"loop": LoopConfig(weights=wcfg, aspects=tuple(aspects), theta=np.asarray(theta))},
         scaling_config=ScalingConfig(num_workers=wcfg.workers, use_gpu=False, resources_per_worker={"CPU": 0.5},
                                      placement_strategy=wcfg.placement),
         # A failed worker group (a node lost) restarts from the last checkpoint (train_loop reads it back).
@@ -147,11 +188,11 @@ def optimise(aspects: list[dict[str, np.ndarray]], theta: np.ndarray, wcfg: Weig
 
         trainer = DataParallelTrainer(train_loop, **common)
     result = trainer.fit()
-    if isinstance(result.return_value, dict) and "error" in result.return_value:
-        raise decode_error(result.return_value["error"])
+    if isinstance(result.return_value, LoopRefusal):
+        raise decode_error(result.return_value.error)
     with result.checkpoint.as_directory() as d:
         saved = json.loads(open(os.path.join(d, CHECKPOINT_FILE)).read())
-    return {"theta": np.asarray(saved["theta"]), "trajectory": saved["trajectory"]}
+    return Optimised(theta=np.asarray(saved["theta"]), trajectory=saved["trajectory"])
 
 
 @dataclasses.dataclass(frozen=True)

@@ -44,9 +44,9 @@ def test_an_input_error_in_ray_train_workers_is_raised_once_on_the_driver(ray_cl
     """Pools narrower than k: every worker refuses before any collective, the run is not
     retried (max_failures=2 would restart it twice) and the driver raises InputError itself."""
     from attribution_core.config import WeightsConfig
-    from pipelines.weights.train import TrainStorage, optimise
+    from pipelines.weights.train import AspectPools, TrainStorage, optimise
 
-    part = {"contrib": np.zeros((4, 3, 2)), "valid": np.ones((4, 3), bool), "noise": np.tile(np.eye(2), (4, 1, 1))}
+    part = AspectPools(contrib=np.zeros((4, 3, 2)), valid=np.ones((4, 3), bool), noise=np.tile(np.eye(2), (4, 1, 1)))
     with pytest.raises(InputError, match="top-k of 5 needs pools of at least 5 candidates, got 3"):
         optimise([part], np.zeros((1, 2)), WeightsConfig(top_k=5, pool_size=5, lambda_w=0.0, steps=3, learning_rate=0.1,
                                                           workers=2, report_every=1), TrainStorage(str(tmp_path)), name="refused")

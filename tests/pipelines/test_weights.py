@@ -13,7 +13,7 @@ from attribution_core.weights.objective import group_queries, pooled_objective, 
 from attribution_core.weights.pools import mining_weightings, pools_from_state
 from attribution_core.weights.synthetic import BLOCK, synthetic_layout, synthetic_queries
 from pipelines.weights.scan import scan
-from pipelines.weights.train import TrainStorage, optimise
+from pipelines.weights.train import AspectPools, TrainStorage, optimise
 
 LAYOUT = synthetic_layout(groups=6, dim=32)  # signal strong enough to be found among N = 8k
 N, Q, K = 2 * BLOCK + 100, 24, 5
@@ -39,22 +39,22 @@ def test_distributed_scan_equals_one_partition(pooled):
 
 
 def test_two_workers_equal_one_and_weights_concentrate_on_the_signal_groups(pooled, tmp_path):
-    aspect = {k: pooled[k] for k in ("contrib", "valid", "noise")}
+    aspect = AspectPools(contrib=pooled["contrib"], valid=pooled["valid"], noise=pooled["noise"])
     theta0 = np.zeros((1, len(LAYOUT.groups)))
     wcfg = WeightsConfig(top_k=K, pool_size=32, lambda_w=0.01, steps=150, learning_rate=0.1, report_every=50)
     two = optimise([aspect], theta0, dataclasses.replace(wcfg, workers=2), TrainStorage(str(tmp_path)), name="two")
     one = optimise([aspect], theta0, dataclasses.replace(wcfg, workers=1), TrainStorage(str(tmp_path)), name="one")
-    np.testing.assert_allclose(two["theta"], one["theta"], rtol=1e-6, atol=1e-9)
-    assert [t["step"] for t in two["trajectory"]] == [50, 100, 150]
-    w = weights_from_theta(torch.from_numpy(two["theta"][0]))
+    np.testing.assert_allclose(two.theta, one.theta, rtol=1e-6, atol=1e-9)
+    assert [t["step"] for t in two.trajectory] == [50, 100, 150]
+    w = weights_from_theta(torch.from_numpy(two.theta[0]))
     assert w[list(SIGNAL)].sum() > 0.8, w  # the groups that carry the signal
     # The objective went down, and it is the pooled objective of the returned theta.
-    start = pooled_objective(torch.zeros(len(LAYOUT.groups), dtype=torch.float64), torch.from_numpy(aspect["contrib"]),
-                             torch.from_numpy(aspect["valid"]), torch.from_numpy(aspect["noise"]), k=K, lambda_w=0.01)
-    end = pooled_objective(torch.from_numpy(two["theta"][0]), torch.from_numpy(aspect["contrib"]),
-                           torch.from_numpy(aspect["valid"]), torch.from_numpy(aspect["noise"]), k=K, lambda_w=0.01)
+    start = pooled_objective(torch.zeros(len(LAYOUT.groups), dtype=torch.float64), torch.from_numpy(aspect.contrib),
+                             torch.from_numpy(aspect.valid), torch.from_numpy(aspect.noise), k=K, lambda_w=0.01)
+    end = pooled_objective(torch.from_numpy(two.theta[0]), torch.from_numpy(aspect.contrib),
+                           torch.from_numpy(aspect.valid), torch.from_numpy(aspect.noise), k=K, lambda_w=0.01)
     assert end < start
-    assert two["trajectory"][-1]["objective"] == pytest.approx(float(end), rel=1e-3)
+    assert two.trajectory[-1]["objective"] == pytest.approx(float(end), rel=1e-3)
 
 
 def test_learn_weights_end_to_end_grows_pools_and_ties_the_artifact_to_its_version(tmp_path, ray_cluster, model_dirs,
@@ -112,10 +112,10 @@ def _validation_equals_offline_recall(cfg, out: str, manifest: dict, document: d
     Recall table computed offline from the same queries over the index in memory, and the
     weighting that answers the subject (and 'general') is the one the choice rule picks."""
     from attribution_core.evaluation.recall import aspect_recall_table
-    from attribution_core.seeding import stable_seed
     from attribution_core.index.opening import version_featurizer
     from attribution_core.index.reader import load_index
     from attribution_core.models.sampling import generate
+    from attribution_core.seeding import stable_seed
     from attribution_core.weights.choice import choose
     from pipelines.models import load_model_dir
     from pipelines.weights.queries import featurize_generated
