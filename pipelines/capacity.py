@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import pyarrow as pa
@@ -37,11 +37,12 @@ import torch
 from attribution_core.config import ProjectConfig
 from attribution_core.data.images import encode_png
 from attribution_core.features.featurize import Featurizer
+from attribution_core.features.groups import GroupLayout
 from attribution_core.index.batch import ImageLimits, index_batch
 from attribution_core.index.schema import SOURCE_SCHEMA
 from attribution_core.index.search import SearchIndex
 from attribution_core.index.store import IndexStore
-from attribution_core.models.adapters import ExampleBatch
+from attribution_core.models.adapters import DiffusersAdapter, ExampleBatch
 from pipelines.models import ensure_model, load_model_dir
 
 #: The endpoint's own share of a query's latency, on top of featurize + search: p50 over the
@@ -69,7 +70,7 @@ class Calibration:
     query_featurize_ms: float
 
 
-def _source_rows(adapter, n: int, seed: int) -> pa.Table:
+def _source_rows(adapter: DiffusersAdapter, n: int, seed: int) -> pa.Table:
     """``n`` source rows of random PNG images at the model's resolution (+ captions or labels)."""
     c, h, w = adapter.image_shape
     rng = np.random.default_rng(seed)
@@ -81,7 +82,7 @@ def _source_rows(adapter, n: int, seed: int) -> pa.Table:
                      "caption": [caption] * n, "label": [label] * n, "metadata": [None] * n}, schema=SOURCE_SCHEMA)
 
 
-def _kernel_bytes(layout, kernel: str, max_full: int) -> int:
+def _kernel_bytes(layout: GroupLayout, kernel: str, max_full: int) -> int:
     """Bytes of the Gram and kernel blocks a version stores (float64)."""
     if kernel == "full" or (kernel in ("auto", "objective") and layout.k_total <= max_full):
         return 2 * 8 * layout.k_total ** 2
@@ -154,8 +155,50 @@ def calibrate(cfg: ProjectConfig, *, batches: int = 3, search_rows: int = 20_000
         query_featurize_ms=1000 * float(np.median(times)))
 
 
+class IndexTime(TypedDict):
+    rows_per_s_per_device: float
+    featurize_seconds: float
+    hours: float
+    device_hours: float
+
+
+class Storage(TypedDict):
+    bytes_per_row: float
+    bytes_per_million_rows: int
+    feature_bytes: int
+    kernel_bytes: int
+
+
+class Searchers(TypedDict):
+    partitions: int
+    rows_per_partition: int
+    searcher_memory_bytes: int
+    searcher_memory_gb_limit: float
+
+
+class QueryLatency(TypedDict):
+    featurize: float
+    search: float
+    endpoint_overhead: float
+    total: float
+
+
+class Plan(TypedDict):
+    """``attribution plan``: what ``rows`` examples on ``devices`` devices like the calibrated
+    one take to index and store, the searchers they need, and a query's latency."""
+
+    rows: int
+    devices: int
+    calibration: dict[str, Any]
+    """``Calibration``'s fields: what was measured, on which device."""
+    index: IndexTime
+    storage: Storage
+    search: Searchers
+    query_ms: QueryLatency
+
+
 def plan(cal: Calibration, rows: int, devices: int, *, searcher_memory_gb: float = 32.0,
-         overhead_ms: float = ENDPOINT_OVERHEAD_MS) -> dict[str, Any]:
+         overhead_ms: float = ENDPOINT_OVERHEAD_MS) -> Plan:
     """The plan for ``rows`` examples on ``devices`` devices like the calibrated one."""
     featurize_s = rows / (cal.rows_per_s * devices)
     row_bytes_in_memory = 2 * cal.k_total  # float16 rows, packed as stored
@@ -163,26 +206,23 @@ def plan(cal: Calibration, rows: int, devices: int, *, searcher_memory_gb: float
     partitions = max(1, math.ceil(2 * rows * row_bytes_in_memory / budget))  # twice: old + new version in a swap
     partition_rows = math.ceil(rows / partitions)
     search_ms = cal.search_ms * partition_rows / cal.search_rows
-    return {
-        "rows": rows, "devices": devices,
-        "calibration": dataclasses.asdict(cal),
-        "index": {"rows_per_s_per_device": round(cal.rows_per_s, 2),
-                  "featurize_seconds": round(featurize_s + cal.startup_seconds, 1),
-                  "hours": round((featurize_s + cal.startup_seconds) / 3600, 3),
-                  "device_hours": round(rows / cal.rows_per_s / 3600, 3)},
-        "storage": {"bytes_per_row": round(cal.bytes_per_row, 1),
-                    "bytes_per_million_rows": round(cal.bytes_per_row * 1e6),
-                    "feature_bytes": round(cal.bytes_per_row * rows), "kernel_bytes": cal.kernel_bytes},
-        "search": {"partitions": partitions, "rows_per_partition": partition_rows,
-                   "searcher_memory_bytes": 2 * partition_rows * row_bytes_in_memory,
-                   "searcher_memory_gb_limit": searcher_memory_gb},
-        "query_ms": {"featurize": round(cal.query_featurize_ms, 1), "search": round(search_ms, 1),
-                     "endpoint_overhead": overhead_ms,
-                     "total": round(cal.query_featurize_ms + search_ms + overhead_ms, 1)},
-    }
+    return Plan(
+        rows=rows, devices=devices, calibration=dataclasses.asdict(cal),
+        index=IndexTime(rows_per_s_per_device=round(cal.rows_per_s, 2),
+                        featurize_seconds=round(featurize_s + cal.startup_seconds, 1),
+                        hours=round((featurize_s + cal.startup_seconds) / 3600, 3),
+                        device_hours=round(rows / cal.rows_per_s / 3600, 3)),
+        storage=Storage(bytes_per_row=round(cal.bytes_per_row, 1), bytes_per_million_rows=round(cal.bytes_per_row * 1e6),
+                        feature_bytes=round(cal.bytes_per_row * rows), kernel_bytes=cal.kernel_bytes),
+        search=Searchers(partitions=partitions, rows_per_partition=partition_rows,
+                         searcher_memory_bytes=2 * partition_rows * row_bytes_in_memory,
+                         searcher_memory_gb_limit=searcher_memory_gb),
+        query_ms=QueryLatency(featurize=round(cal.query_featurize_ms, 1), search=round(search_ms, 1),
+                              endpoint_overhead=overhead_ms,
+                              total=round(cal.query_featurize_ms + search_ms + overhead_ms, 1)))
 
 
-def plan_text(p: dict[str, Any]) -> str:
+def plan_text(p: Plan) -> str:
     c, ix, st, se, q = p["calibration"], p["index"], p["storage"], p["search"], p["query_ms"]
     gb = 2 ** 30
     return "\n".join([

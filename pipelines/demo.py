@@ -15,7 +15,7 @@ import logging
 import socket
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from attribution_core.config import ProjectConfig
 from attribution_core.data.images import encode_png
@@ -48,7 +48,28 @@ def _port(host: str, wanted: int) -> int:
     return port
 
 
-def query_endpoint(cfg: ProjectConfig, config_path: str, aspects: list[str]) -> dict[str, Any]:
+class DemoAnswer(TypedDict):
+    prompt: str | None
+    answer: dict[str, Any]
+    """The endpoint's JSON answer (``AttributionResponse``)."""
+
+
+class DemoQueries(TypedDict):
+    """The endpoint the demo started, the version it served, and its answers."""
+
+    url: str
+    version: str
+    rows: int
+    answers: list[DemoAnswer]
+
+
+class DemoResult(TypedDict):
+    evaluation: dict[str, Any]
+    """``metrics.json``."""
+    served: DemoQueries
+
+
+def query_endpoint(cfg: ProjectConfig, config_path: str, aspects: list[str]) -> DemoQueries:
     """Start the endpoint, send ``demo.queries`` generated images, stop it; the answers."""
     adapter = load_model(cfg.model)
     prompts = [caption_for(*SUBJECT_STYLE_BACKGROUND[i % len(SUBJECT_STYLE_BACKGROUND)]) for i in range(cfg.demo.queries)]
@@ -58,7 +79,7 @@ def query_endpoint(cfg: ProjectConfig, config_path: str, aspects: list[str]) -> 
                       seed=stable_seed("demo-queries", cfg.demo.seed))
     host = cfg.serve.host if cfg.serve.host not in ("0.0.0.0", "::") else "127.0.0.1"
     url, info = start(ServeArgs(config=config_path), host=host, port=_port(host, cfg.serve.port))
-    answers = []
+    answers: list[DemoAnswer] = []
     try:
         for g in images:
             body: dict[str, Any] = {"image": base64.b64encode(encode_png(g.image)).decode(), "aspects": aspects,
@@ -71,21 +92,21 @@ def query_endpoint(cfg: ProjectConfig, config_path: str, aspects: list[str]) -> 
                                              headers={"Content-Type": "application/json"})
             with urllib.request.urlopen(request, timeout=120) as r:
                 answer = json.loads(r.read())
-            answers.append({"prompt": g.prompt, "answer": answer})
+            answers.append(DemoAnswer(prompt=g.prompt, answer=answer))
     finally:
         stop()
-    return {"url": url, "version": info["version"], "rows": info["rows"], "answers": answers}
+    return DemoQueries(url=url, version=info["version"], rows=info["rows"], answers=answers)
 
 
-def run(cfg: ProjectConfig, config_path: str) -> dict[str, Any]:
+def run(cfg: ProjectConfig, config_path: str) -> DemoResult:
     metrics = evaluate(cfg, EvaluateRequest(lds=cfg.demo.lds))
     learned = metrics["info"].get("aspects_learned", [])
     aspects = [a for a in ("general", "subject", "style", "background") if a in learned] or ["uniform"]
     served = query_endpoint(cfg, str(Path(config_path).resolve()), aspects)
-    return {"evaluation": metrics, "served": served}
+    return DemoResult(evaluation=metrics, served=served)
 
 
-def summary_text(result: dict[str, Any]) -> str:
+def summary_text(result: DemoResult) -> str:
     metrics, served = result["evaluation"], result["served"]
     info = metrics["info"]
     built = info["index_build"]

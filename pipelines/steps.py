@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from attribution_core.config import DataConfig, ProjectConfig, to_mapping
 from attribution_core.data.readers import dataset_present
@@ -14,7 +14,7 @@ from attribution_core.data.writers import read_marker, write_synthetic
 from attribution_core.errors import ConfigError, ManifestMismatchError
 from attribution_core.index.store import IndexStore
 from attribution_core.models.pipeline_dir import is_model_dir
-from attribution_core.models.training_dir import train_to_dir
+from attribution_core.models.training_dir import TrainingSummary, train_to_dir
 from attribution_core.weights.artifact import artifact_path, check_weights
 from pipelines.index.job import IndexRequest, IndexSummary, run_index
 from pipelines.models import ensure_model
@@ -46,7 +46,7 @@ def ensure_dataset(data: DataConfig) -> bool:
     return True
 
 
-def ensure_base(cfg: ProjectConfig) -> dict[str, Any] | None:
+def ensure_base(cfg: ProjectConfig) -> TrainingSummary | None:
     """Train the base model of the LoRA recipes (the ``base`` section) unless it is there;
     the training summary, or None when nothing was trained."""
     if cfg.base is None or is_model_dir(cfg.base.path):
@@ -56,10 +56,19 @@ def ensure_base(cfg: ProjectConfig) -> dict[str, Any] | None:
     return train_to_dir(cfg.base.data.uri, cfg.base.train, Path(cfg.base.path))
 
 
-def prepare(cfg: ProjectConfig, model: bool = True) -> dict[str, Any]:
+class Prepared(TypedDict, total=False):
+    """What ``prepare`` did: the base model trained, the dataset ``"written"``, the model
+    trained (its summary) or ``"built untrained (...)"``."""
+
+    base: TrainingSummary
+    data: str
+    model: TrainingSummary | str
+
+
+def prepare(cfg: ProjectConfig, model: bool = True) -> Prepared:
     """Write the synthetic dataset (when asked for and absent) and (``model``) train the model
     when it is not there yet; say what was done."""
-    done: dict[str, Any] = {}
+    done: Prepared = {}
     base = ensure_base(cfg)
     if base is not None:
         done["base"] = base

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, TypedDict
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -105,8 +105,21 @@ def texture_rows(n: int, seed: int, size: int) -> Iterator[dict[str, Any]]:
 SYNTHETIC_KINDS = ("shapes", "textures")
 
 
+class SyntheticSet(TypedDict):
+    """The marker a synthetic set is written with (``read_marker``), plus its rows and URI."""
+
+    kind: str
+    set: str
+    n: int
+    seed: int
+    size: int
+    holdout: list[dict[str, str]]
+    rows: int
+    uri: str
+
+
 def write_synthetic(uri: str, n: int, seed: int, *, size: int = 32, holdout: Holdout = (), rows_per_file: int = 4096,
-                    kind: str = "shapes") -> dict[str, Any]:
+                    kind: str = "shapes") -> SyntheticSet:
     """Write a synthetic set, deterministic from ``seed``: ``shapes`` (subject / style /
     background with captions) or ``textures`` (class-labelled texture photographs)."""
     if kind not in SYNTHETIC_KINDS:
@@ -126,4 +139,4 @@ def write_synthetic(uri: str, n: int, seed: int, *, size: int = 32, holdout: Hol
     else:
         rows = write_parquet_dataset(uri, synthetic_rows(n, seed, size, holdout), SYNTH_SCHEMA, metadata,
                                      rows_per_file=rows_per_file)
-    return {**metadata, "rows": rows, "uri": uri}
+    return SyntheticSet(**metadata, rows=rows, uri=uri)

@@ -20,7 +20,7 @@ held-out queries and subsets (``intervals.combined_interval``).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TypedDict
 
 import numpy as np
 import torch
@@ -76,14 +76,31 @@ def fit_shrunk(sums: np.ndarray, actual: np.ndarray, rng: np.random.Generator, s
     return (1 - a) * uniform + a * fit_weights(sums, actual, steps=steps), a
 
 
+class HeldOut(TypedDict):
+    lds: float
+    ci: list[float]
+    per_query: list[float]
+
+
+class Headroom(TypedDict):
+    """The fitted weights' held-out LDS (``headroom``) and each given weighting's on the same
+    halves (``scored``), the weights fitted per fold and how far each moved from uniform."""
+
+    headroom: HeldOut
+    scored: dict[str, HeldOut]
+    weights: list[list[float]]
+    shrinkage: list[float]
+    queries: int
+    subsets_per_half: int
+
+
 def headroom(contributions: np.ndarray, masks: np.ndarray, actual: np.ndarray, weights: dict[str, np.ndarray],
-             *, seed: int = 0, resamples: int = 2000, steps: int = 400) -> dict[str, Any]:
+             *, seed: int = 0, resamples: int = 2000, steps: int = 400) -> Headroom:
     """Two-fold headroom over halves of subsets and queries.
 
     ``contributions [M, Q, N]`` per-group scores of every query and universe example;
     ``masks [S, N]``; ``actual [Q, S]`` retrained outputs; ``weights``: named ``[M]`` vectors
-    (uniform, learned) scored on the same held-out halves. Returns ``{"headroom": {"lds",
-    "ci", "per_query"}, name: {...}, ..., "weights": [w of fold 1, w of fold 2]}``.
+    (uniform, learned) scored on the same held-out halves.
     """
     m, q, _ = contributions.shape
     s = masks.shape[0]
@@ -106,9 +123,10 @@ def headroom(contributions: np.ndarray, masks: np.ndarray, actual: np.ndarray, w
             predicted = np.einsum("m,mqs->qs", vector, sums[:, test_q][:, :, test_s])
             per_query[name][test_q] = lds_per_query(predicted, actual[test_q][:, test_s])
             blocks[name].append((boot, predicted, actual[test_q][:, test_s]))
-    out: dict[str, Any] = {"weights": fitted, "shrinkage": moves, "queries": q, "subsets_per_half": int(s // 2)}
+    held: dict[str, HeldOut] = {}
     for name, values in per_query.items():
         valid = values[~np.isnan(values)]
-        out[name] = {"lds": float(valid.mean()) if len(valid) else float("nan"),
-                     "ci": combined_interval(blocks[name]), "per_query": values.tolist()}
-    return out
+        held[name] = HeldOut(lds=float(valid.mean()) if len(valid) else float("nan"),
+                             ci=combined_interval(blocks[name]), per_query=values.tolist())
+    return Headroom(headroom=held.pop("headroom"), scored=held, weights=fitted, shrinkage=moves, queries=q,
+                    subsets_per_half=int(s // 2))

@@ -7,15 +7,77 @@ score matrix) and the retrained outputs ``actual [Q, S]``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 
+from attribution_core.answers import UNIFORM
 from attribution_core.evaluation.headroom import headroom
 from attribution_core.evaluation.intervals import TwoWayBootstrap, spearman_rows
 from attribution_core.evaluation.metrics import subset_predictions
-from attribution_core.weights.artifact import UNIFORM
 from attribution_core.weights.choice import RULE, choose
+
+
+class LdsCell(TypedDict):
+    """One weighting's LDS: the mean Spearman over queries, its two-way 95 % interval, and
+    the per-query values."""
+
+    lds: float
+    ci: list[float]
+    per_query: list[float]
+
+
+class Scored(TypedDict):
+    """A served row's LDS and its paired difference to uniform weights, with intervals."""
+
+    lds: float
+    ci: list[float]
+    difference: float
+    difference_ci: list[float]
+
+
+class CrossFitted(Scored):
+    choices: list[str]
+    """The weighting each half of the queries chose (and the other half was served)."""
+
+
+class ServedLds(Scored):
+    """Which of uniform and learned weights LDS says to serve (``served_choice``)."""
+
+    weighting: str
+    by: str
+    rule: str
+    gain: list[float]
+    """``[mean, lo, hi]`` of LDS(learned) - LDS(uniform)."""
+    cross_fitted: CrossFitted
+
+
+class _Ceiling(TypedDict):
+    agreement: float
+    ci: list[float]
+    ceiling: float
+    ceiling_of_mean: float
+    per_query: list[float]
+
+
+class NoiseCeiling(_Ceiling, total=False):
+    """How far LDS can rise against one retraining seed's outputs (``noise_ceiling``), and
+    (set by the evaluation) the second ground truth's seed and cache."""
+
+    against_mean: dict[str, dict[str, Any]]
+    replica_seed: int
+    ground_truth: dict[str, Any]
+
+
+class SettingSelection(TypedDict, total=False):
+    """The featurize setting a shipped default would take (``select_setting``), or why none."""
+
+    basis: str | None
+    chosen: str | None
+    why: str
+    max_bytes_per_row: float
+    first_half: dict[str, float]
+    second_half: dict[str, float]
 
 
 def _mean(values: np.ndarray) -> float:
@@ -23,7 +85,7 @@ def _mean(values: np.ndarray) -> float:
     return float(finite.mean()) if len(finite) else float("nan")
 
 
-def lds_cell(boot: TwoWayBootstrap, predicted: np.ndarray, actual: np.ndarray) -> dict[str, Any]:
+def lds_cell(boot: TwoWayBootstrap, predicted: np.ndarray, actual: np.ndarray) -> LdsCell:
     """``{"lds", "ci", "per_query"}``: the mean Spearman over queries, its two-way interval."""
     per_query = spearman_rows(predicted, actual)
     return {"lds": _mean(per_query), "ci": boot.interval(predicted, actual), "per_query": per_query.tolist()}
@@ -35,7 +97,7 @@ def query_halves(queries: int, seed: int) -> np.ndarray:
 
 
 def served_choice(boot: TwoWayBootstrap, uniform: np.ndarray, learned: np.ndarray, actual: np.ndarray,
-                  *, seed: int) -> dict[str, Any]:
+                  *, seed: int) -> ServedLds:
     """Which of uniform and learned weights LDS says to serve (``choice.RULE``: learned only
     when its paired interval against uniform lies above 0), with the served row's LDS and its
     paired difference to uniform, and the same rule cross-fitted: each half of the queries
@@ -55,21 +117,18 @@ def served_choice(boot: TwoWayBootstrap, uniform: np.ndarray, learned: np.ndarra
         picks.append("learned" if pick == "general" else UNIFORM)
         if pick == "general":
             crossed[~fit] = learned[~fit]
-    return {
-        "weighting": weighting, "by": "lds", "rule": RULE, "gain": gain,
-        **_scored(boot, served, uniform, actual),
-        "cross_fitted": {"choices": picks, **_scored(boot, crossed, uniform, actual)},
-    }
+    return ServedLds(weighting=weighting, by="lds", rule=RULE, gain=gain, **_scored(boot, served, uniform, actual),
+                     cross_fitted=CrossFitted(choices=picks, **_scored(boot, crossed, uniform, actual)))
 
 
-def _scored(boot: TwoWayBootstrap, served: np.ndarray, uniform: np.ndarray, actual: np.ndarray) -> dict[str, Any]:
+def _scored(boot: TwoWayBootstrap, served: np.ndarray, uniform: np.ndarray, actual: np.ndarray) -> Scored:
     cell = lds_cell(boot, served, actual)
     difference = boot.paired(served, uniform, actual)
     return {"lds": cell["lds"], "ci": cell["ci"], "difference": difference[0], "difference_ci": difference[1:]}
 
 
 def noise_ceiling(boot: TwoWayBootstrap, actual: np.ndarray, replica: np.ndarray,
-                  served: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+                  served: dict[str, np.ndarray] | None = None) -> NoiseCeiling:
     """How far LDS can rise against outputs measured with one retraining seed: ``agreement``
     is the LDS of a second ground truth (the same subsets retrained with other seeds) as if it
     were an attribution, with its two-way interval; with truth = signal + independent seed
@@ -80,9 +139,10 @@ def noise_ceiling(boot: TwoWayBootstrap, actual: np.ndarray, replica: np.ndarray
     seed noise is averaged away."""
     per_query = spearman_rows(replica, actual)
     agreement = np.clip(per_query, 0, None)
-    out = {"agreement": _mean(per_query), "ci": boot.interval(replica, actual),
-           "ceiling": _mean(np.sqrt(agreement)), "ceiling_of_mean": _mean(np.sqrt(2 * agreement / (1 + agreement))),
-           "per_query": per_query.tolist()}
+    out: NoiseCeiling = {"agreement": _mean(per_query), "ci": boot.interval(replica, actual),
+                         "ceiling": _mean(np.sqrt(agreement)),
+                         "ceiling_of_mean": _mean(np.sqrt(2 * agreement / (1 + agreement))),
+                         "per_query": per_query.tolist()}
     if served:
         mean = (actual + replica) / 2
         out["against_mean"] = {b: {k: v for k, v in lds_cell(boot, p, mean).items() if k != "per_query"}
@@ -125,16 +185,19 @@ def basis_row(pair: np.ndarray, masks: np.ndarray, actual: np.ndarray, boot: Two
         m = per_group.shape[0]
         found = headroom(per_group, masks, actual, {"uniform": np.full(m, 1.0 / m), "learned": np.asarray(learned)},
                          seed=seed, resamples=headroom_resamples)
+        scored = found["scored"]
         row["headroom"] = {"lds": found["headroom"]["lds"], "ci": found["headroom"]["ci"],
-                           "uniform": found["uniform"]["lds"], "uniform_ci": found["uniform"]["ci"],
-                           "learned": found["learned"]["lds"], "learned_ci": found["learned"]["ci"],
+                           "uniform": scored["uniform"]["lds"], "uniform_ci": scored["uniform"]["ci"],
+                           "learned": scored["learned"]["lds"], "learned_ci": scored["learned"]["ci"],
                            "weights": dict(zip(groups or [], np.mean(found["weights"], axis=0).tolist())),
                            "shrinkage": found["shrinkage"]}
-        detail["headroom"] = {name: found[name]["per_query"] for name in ("headroom", "uniform", "learned")}
+        detail["headroom"] = {"headroom": found["headroom"]["per_query"],
+                              **{name: scored[name]["per_query"] for name in ("uniform", "learned")}}
     return row, detail
 
 
-def select_setting(settings: dict[str, dict[str, Any]], basis: str | None, max_bytes_ratio: float = 2.0) -> dict[str, Any]:
+def select_setting(settings: dict[str, dict[str, Any]], basis: str | None,
+                   max_bytes_ratio: float = 2.0) -> SettingSelection:
     """The setting a shipped default would take: among those the index can serve (one
     checkpoint) within ``max_bytes_ratio`` of the default's bytes per row, the highest served
     LDS of the served index's ``basis`` on the first half of the queries; the second half

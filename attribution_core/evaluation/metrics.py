@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 
@@ -73,8 +73,17 @@ def lds_per_query(predicted: np.ndarray, actual: np.ndarray) -> np.ndarray:
     return np.array([spearman(p, a) for p, a in zip(predicted, actual)])
 
 
+class Lds(TypedDict):
+    """LDS with a bootstrap interval over queries, the queries scored, the per-query values."""
+
+    lds: float
+    ci: list[float]
+    queries: int
+    per_query: list[float]
+
+
 def lds(attributions: np.ndarray, masks: np.ndarray, actual: np.ndarray, *, seed: int = 0,
-        resamples: int = 2000) -> dict[str, Any]:
+        resamples: int = 2000) -> Lds:
     """LDS of ``attributions [Q, N]`` against retrained outputs ``actual [Q, S]`` on subsets
     ``masks [S, N]``: mean, bootstrap interval over queries, and the per-query values."""
     per_query = lds_per_query(subset_predictions(attributions, masks), actual)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from typing import Any
+from typing import TypedDict
 
 import numpy as np
 import torch
@@ -20,9 +20,9 @@ from torch import nn
 
 from attribution_core.data.images import decode_image, encode_png
 from attribution_core.data.synthetic import caption_for
-from attribution_core.seeding import stable_seed
 from attribution_core.models.adapters import DiffusersAdapter
 from attribution_core.models.sampling import generate
+from attribution_core.seeding import stable_seed
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +100,24 @@ def train_classifier(pixels: torch.Tensor, attributes: dict[str, list[str]], epo
     return clf
 
 
+class ModelQuality(TypedDict, total=False):
+    """Attribute accuracy of generated images, per attribute (``ATTRIBUTES``), over prompts
+    the training set had (``held_in``) and held-out combinations (``held_out``); and what
+    ``bench model-quality`` adds (``seconds``, ``model``)."""
+
+    subject: float
+    style: float
+    background: float
+    n: int
+    held_in: dict[str, float]
+    held_out: dict[str, float]
+    classifier_real_accuracy: dict[str, float]
+    guidance: float
+    steps: int
+    seconds: float
+    model: str
+
+
 def model_quality(
     adapter: DiffusersAdapter,
     classifier: AttributeClassifier,
@@ -109,10 +127,10 @@ def model_quality(
     guidance: float,
     steps: int,
     seed: int,
-) -> dict[str, Any]:
+) -> ModelQuality:
     """Generate ``per_combo`` images per attribute combination and score them."""
 
-    def score(combos: list[dict[str, str]], first: int) -> dict[str, Any]:
+    def score(combos: list[dict[str, str]], first: int) -> dict[str, float]:
         if not combos:
             return {"n": 0}
         prompts = [caption_for(c["subject"], c["style"], c["background"]) for c in combos]
@@ -123,7 +141,7 @@ def model_quality(
         pixels = torch.from_numpy(np.stack([  # generated images enter like any image: PNG bytes, decoded
             decode_image(encode_png(im.image), f"generated-{im.index}", size, channels) for im in images]))
         pred = classifier.predict(pixels)
-        out: dict[str, Any] = {"n": len(wanted)}
+        out: dict[str, float] = {"n": len(wanted)}
         for a in classifier.values:
             out[a] = sum(p == w[a] for p, w in zip(pred[a], wanted)) / len(wanted)
         return out
@@ -131,7 +149,7 @@ def model_quality(
     inside = score(held_in, 0)
     outside = score(held_out, 10**6)
     total = inside["n"] + outside["n"]
-    result: dict[str, Any] = {}
+    result: ModelQuality = {}
     for a in classifier.values:
         result[a] = (inside.get(a, 0) * inside["n"] + outside.get(a, 0) * outside["n"]) / total
     result.update(n=total, held_in=inside, held_out=outside, classifier_real_accuracy=classifier.real_accuracy,

@@ -19,6 +19,9 @@ import torch
 from attribution_core.features.groups import GroupLayout
 from attribution_core.index.schema import flat_matrix, group_matrix
 
+Kernel = list[tuple[int, int, torch.Tensor]]
+"""A version's kernel as ``(offset, dim, K_b)`` blocks (float64) along the feature columns."""
+
 FULL = "full"
 BLOCK_DIAGONAL = "block_diagonal"  # one block per parameter group
 LAYER_BLOCK = "layer_block"  # one block per tracked layer, whatever the grouping

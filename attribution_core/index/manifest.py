@@ -13,7 +13,7 @@ import dataclasses
 import datetime
 import hashlib
 import json
-from typing import Any
+from typing import Any, TypedDict
 
 from attribution_core.config import FeaturizeConfig, to_mapping
 from attribution_core.errors import ManifestMismatchError
@@ -154,6 +154,37 @@ class BuildRecord:
                    source={k: v for k, v in doc.items() if k.startswith("source_")})
 
 
+KernelBlock = TypedDict("KernelBlock", {  # ``lambda`` is a keyword: the functional form
+    "name": str, "offset": int, "dim": int, "lambda": float, "gram": str, "kernel": str})
+"""One block of the kernel: its columns (``offset``, ``dim``), the damping it was inverted
+with (``lambda``), and where its Gram and kernel arrays are (relative to the index root)."""
+
+
+class KernelChoice(TypedDict, total=False):
+    """How the kernel was chosen: 'fixed' (the settings), or by the objective on generated
+    queries (``objective``: kernel -> damping -> value, on ``queries`` queries at ``top_k``)."""
+
+    rule: str
+    kernel: str
+    damping: float
+    objective: dict[str, dict[str, float]]
+    queries: int
+    top_k: int
+
+
+class _KernelStats(TypedDict):
+    kernel: str
+    damping: float
+    dtype: str
+    blocks: list[KernelBlock]
+
+
+class KernelStats(_KernelStats, total=False):
+    """A version's ``stats``: the kernel's structure and damping, and its blocks."""
+
+    kernel_choice: KernelChoice
+
+
 @dataclasses.dataclass(frozen=True)
 class IndexManifest:
     """The manifest of an index version (``versions/<version>/manifest.json``, written last:
@@ -173,7 +204,7 @@ class IndexManifest:
     dataset: dict[str, Any]
     shards: tuple[Shard, ...]
     errors: Quarantine = Quarantine()
-    stats: dict[str, Any] = dataclasses.field(default_factory=dict)
+    stats: KernelStats = dataclasses.field(default_factory=dict)
     build: BuildRecord | None = None
     approximate: dict[str, Any] | None = None
     supersedes: str | None = None

@@ -101,7 +101,7 @@ def _load_pipeline(root: Path) -> DiffusersAdapter:
         )
     variants: dict[str, str] = {}
 
-    def weights(folder: Path) -> dict[str, Any]:
+    def weights(folder: Path) -> dict[str, str | None]:
         """from_pretrained arguments: the stored variant (fp16 / bf16 copies as users keep
         them) where there is no plain file, upcast to float32 so every sum accumulates in it."""
         variant = stored_variant(folder)

@@ -19,7 +19,6 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import torch
 from torch import nn
@@ -175,7 +174,7 @@ class _Conditioning:
                 self.partial = PartialCaptions(data.captions, data.attributes, cfg.caption_template,
                                                cfg.attribute_dropout)
 
-    def __call__(self, idx: torch.Tensor, g: torch.Generator) -> dict[str, Any]:
+    def __call__(self, idx: torch.Tensor, g: torch.Generator) -> dict[str, torch.Tensor]:
         if self.ids is not None:
             batch_ids = (self.ids[idx].clone() if self.partial is None
                          else _token_ids(self.tok, self.partial.draw(idx.tolist(), g), self.token_cache))

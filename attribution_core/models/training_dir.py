@@ -9,7 +9,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from attribution_core.config import TrainConfig, to_mapping
 from attribution_core.data.loading import load_training_data
@@ -46,8 +46,22 @@ def save_model(model: TrainedModel, out_dir: str | Path, extra: dict[str, Any] |
     return out
 
 
+class TrainingSummary(TypedDict):
+    """What ``attribution train-model`` prints: where the model is and how training went."""
+
+    out: str
+    examples: int
+    steps: int
+    seconds: float
+    checkpoints: int
+    lora_rank: int | None
+    trainable_parameters: int
+    steps_per_s: float
+    final_loss: float
+
+
 def train_to_dir(data_uri: str, cfg: TrainConfig, out: Path, *, checkpoints: int = 1,
-                 read_options: dict | None = None) -> dict:
+                 read_options: dict[str, Any] | None = None) -> TrainingSummary:
     """Train ``cfg`` on the dataset at ``data_uri`` (logging progress) and save the model to
     ``out`` with its recipe and identity; the directory appears only once complete. With
     ``checkpoints > 1`` the EMA weights at the earlier of ``checkpoint_steps`` are saved as
@@ -76,9 +90,9 @@ def train_to_dir(data_uri: str, cfg: TrainConfig, out: Path, *, checkpoints: int
                             "learning_rate": learning_rate_at(cfg, cfg.steps)})
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp.rename(out)
-    return {"out": str(out), "examples": len(data.example_ids), "steps": cfg.steps, "seconds": round(model.seconds, 1),
-            "checkpoints": checkpoints,
-            "lora_rank": cfg.lora_rank or None, "trainable_parameters": model.trainable_parameters,
-            "steps_per_s": round(cfg.steps / model.seconds, 2),
-            "final_loss": round(sum(model.losses[-50:]) / len(model.losses[-50:]), 5)}
+    return TrainingSummary(out=str(out), examples=len(data.example_ids), steps=cfg.steps,
+                           seconds=round(model.seconds, 1), checkpoints=checkpoints, lora_rank=cfg.lora_rank or None,
+                           trainable_parameters=model.trainable_parameters,
+                           steps_per_s=round(cfg.steps / model.seconds, 2),
+                           final_loss=round(sum(model.losses[-50:]) / len(model.losses[-50:]), 5))
 

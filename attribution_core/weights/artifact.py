@@ -11,6 +11,7 @@ from typing import Any, TypedDict
 
 import torch
 
+from attribution_core.answers import UNIFORM
 from attribution_core.errors import ManifestMismatchError
 from attribution_core.index.manifest import IndexManifest
 from attribution_core.index.store import IndexStore
@@ -18,7 +19,6 @@ from attribution_core.index.store import IndexStore
 KIND = "attribution-weights"
 SCHEMA_VERSION = 1
 READABLE_SCHEMAS = (SCHEMA_VERSION,)  # artifacts of these schemas load; a new schema adds its reader here
-UNIFORM = "uniform"
 
 
 class IndexRef(TypedDict):
@@ -31,12 +31,29 @@ class IndexRef(TypedDict):
 
 
 class Choice(TypedDict, total=False):
-    """Which weighting answers an aspect, and the evidence (``weights.choice.record``)."""
+    """Which weighting answers an aspect, and the evidence (``weights.choice.record``): under
+    ``validation`` also the queries, ``k``, each weighting's Recall and its interval; under
+    ``lds`` the basis, the served LDS, the checkpoints and the index it was measured on."""
 
     answered_by: str  # the aspect's own weights, 'general', or 'uniform'
     by: str  # validation, lds, unvalidated
     rule: str
     gains: dict[str, list[float]]  # weighting -> paired gain over uniform [mean, low, high]
+    queries: int
+    k: int
+    recall: dict[str, float]
+    intervals: dict[str, list[float]]
+    basis: str
+    lds: dict[str, Any]
+    checkpoints: int
+    measured_on: dict[str, Any]
+
+
+class ServedAnswer(TypedDict):
+    """An aspect's answer as the artifact records it: the weighting and its evidence."""
+
+    answered_by: str
+    choice: Choice
 
 
 class AspectWeights(TypedDict, total=False):
@@ -53,7 +70,7 @@ class AspectWeights(TypedDict, total=False):
     shown: float | None
     answered_by: str
     choice: Choice
-    validation: dict[str, Any] | None
+    validation: Choice | None
 
 
 class WeightsDocument(TypedDict, total=False):

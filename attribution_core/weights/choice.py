@@ -22,7 +22,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from attribution_core.weights.artifact import UNIFORM, unvalidated_choice
+from attribution_core.answers import UNIFORM
+from attribution_core.weights.artifact import Choice, ServedAnswer, unvalidated_choice
 
 RULE = "uniform unless a learned weighting's paired 95% interval against uniform lies above 0"
 EVIDENCE = ("lds", "validation", "unvalidated")
@@ -42,18 +43,19 @@ def choose(gains: dict[str, Sequence[float]], order: Sequence[str]) -> str:
     return max(cleared, key=lambda name: (gains[name][0], -list(order).index(name)))
 
 
-def served_choice(aspect: str, validation: dict[str, Any] | None) -> dict[str, Any]:
+def served_choice(aspect: str, validation: Choice | None) -> ServedAnswer:
     """The weights artifact's fields for an aspect's choice: ``answered_by`` and ``choice``
     (its evidence), from the aspect's validation, or without one the aspect's own weights
     (uniform for 'general')."""
     if validation:
-        chosen = {k: validation[k] for k in ("answered_by", "by", "rule", "gains")}
+        chosen = Choice(answered_by=validation["answered_by"], by=validation["by"], rule=validation["rule"],
+                        gains=validation["gains"])
     else:
-        chosen = {"answered_by": unvalidated_choice(aspect), "by": "unvalidated", "rule": RULE, "gains": {}}
-    return {"answered_by": chosen["answered_by"], "choice": chosen}
+        chosen = Choice(answered_by=unvalidated_choice(aspect), by="unvalidated", rule=RULE, gains={})
+    return ServedAnswer(answered_by=chosen["answered_by"], choice=chosen)
 
 
-def record(answered_by: str, by: str, gains: dict[str, Sequence[float]], **detail: Any) -> dict[str, Any]:
+def record(answered_by: str, by: str, gains: dict[str, Sequence[float]], **detail: Any) -> Choice:
     """The artifact's record of a choice: what answers, from which evidence, the paired
     gains over uniform it saw, and whatever says where the evidence came from."""
     if by not in EVIDENCE:

@@ -20,8 +20,9 @@ from typing import Any
 
 import numpy as np
 
+from attribution_core.answers import UNIFORM
 from attribution_core.statistics import bootstrap_ci
-from attribution_core.weights.artifact import UNIFORM
+from attribution_core.weights.artifact import Choice
 from attribution_core.weights.choice import candidates, choose, record
 
 
@@ -34,7 +35,7 @@ def _hit(value: Any, wanted: Any) -> float:
 
 
 def validate(top: np.ndarray, names: list[str], asked: dict[str, Sequence[Any]],
-             values: dict[str, dict[str, Any]], *, resamples: int = 1000, seed: int = 0) -> dict[str, dict[str, Any]]:
+             values: dict[str, dict[str, Any]], *, resamples: int = 1000, seed: int = 0) -> dict[str, Choice]:
     """Per aspect of ``asked``: the choice ``record`` (``answered_by``, ``by``, ``rule``,
     ``gains``) plus ``"recall": {candidate: Recall@k}``, ``"intervals": {candidate: [lo, hi]}``,
     ``"queries"`` and ``"k"``.
@@ -44,7 +45,7 @@ def validate(top: np.ndarray, names: list[str], asked: dict[str, Sequence[Any]],
     the value (or tuple of values) each query asks for; ``values``: every training example's
     value (or tuple) per aspect.
     """
-    out = {}
+    out: dict[str, Choice] = {}
     for aspect, wanted in asked.items():
         if len(wanted) != top.shape[0]:
             raise ValueError(f"{top.shape[0]} validation queries but {len(wanted)} {aspect} values")

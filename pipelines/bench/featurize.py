@@ -23,15 +23,15 @@ import resource
 import tempfile
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 
-from attribution_core.models.adapters import DiffusersAdapter, ExampleBatch
-from attribution_core.models.pipeline_dir import load_adapter
 from attribution_core.config import FeaturizeConfig, ProjectionConfig, TimestepConfig
 from attribution_core.features.featurize import Featurizer, build_rows
 from attribution_core.features.reference import dense_projected_gradients, per_example_gradients, reference_features
+from attribution_core.models.adapters import DiffusersAdapter, ExampleBatch
+from attribution_core.models.pipeline_dir import load_adapter
 from attribution_core.models.tiny import build_tiny_pipeline, sd15_unet, text_encoder_for, word_tokenizer
 from pipelines.commands.options import add_json, positive_int
 from pipelines.output import print_report
@@ -120,8 +120,43 @@ def _max_rel_err(fast: torch.Tensor, ref: torch.Tensor, featurizer: Featurizer) 
     return worst
 
 
+class _FeaturizeTimes(TypedDict):
+    model: str
+    scale: str
+    n_params: int
+    tracked_layers: int
+    groups: int
+    k_total: int
+    examples: int
+    timesteps: int
+    rows: int
+    threads: int
+    device: str
+    featurize_s: float
+    featurize_rows_per_s: float
+    train_step_s: float
+    train_step_rows_per_s: float
+    forward_s: float
+    ratio_vs_train_step: float
+    forward_ratio_vs_train_step: float
+    dense_rows_per_s: float | None
+    speedup_vs_dense: float | None
+    dense_projection_timed_fraction: float | None
+    reference_max_rel_err: float | None
+
+
+class FeaturizeBench(_FeaturizeTimes, total=False):
+    """``bench featurize``: featurize time against a training step (and, on the tiny model,
+    against exact per-example gradients with a dense projection, and the reference's error)."""
+
+    peak_rss_mb_fast_and_train: float
+    dense_grad_s: float
+    dense_projection_s: float
+    peak_rss_mb: float
+
+
 def run(scale: str = "tiny", *, examples: int = 16, timesteps: int = 10, k: int = 8, repeats: int = 7,
-        full_dense: bool = False) -> dict[str, Any]:
+        full_dense: bool = False) -> FeaturizeBench:
     torch.manual_seed(0)
     if scale == "tiny":
         with tempfile.TemporaryDirectory(prefix="bench-featurize-") as tmp:  # loaded into memory, then removed
@@ -148,7 +183,7 @@ def run(scale: str = "tiny", *, examples: int = 16, timesteps: int = 10, k: int 
         bench_repeats,
     )
     featurize_s, train_s, forward_s = timed["featurize"], timed["train"], timed["forward"]
-    result: dict[str, Any] = {
+    result: FeaturizeBench = {
         "model": model_desc,
         "scale": scale,
         "n_params": n_params,

@@ -14,25 +14,35 @@ import dataclasses
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from attribution_core.config import ProjectConfig
 from attribution_core.data.writers import SYNTH_SCHEMA, synthetic_rows, write_parquet_dataset, write_synthetic
 from attribution_core.index.store import IndexStore
 from attribution_core.models.tiny import build_tiny_pipeline
 from pipelines.commands.options import add_config, add_json, add_ray_address
-from pipelines.ray_runtime import cluster_cpus, ensure_ray
 from pipelines.output import print_report
+from pipelines.ray_runtime import cluster_cpus, ensure_ray
 
 
-def _build(cfg: ProjectConfig, data: str, model: str, out: str, *, actors: int, threads: int) -> dict[str, Any]:
+class BuildRun(TypedDict):
+    actors: int
+    threads_per_actor: int
+    rows: int
+    rows_per_s: float
+    steady_rows_per_s: float | None
+    seconds: float
+    stage_seconds: dict[str, float]
+
+
+def _build(cfg: ProjectConfig, data: str, model: str, out: str, *, actors: int, threads: int) -> BuildRun:
     from pipelines.index.job import IndexRequest, run_index
 
     cfg = dataclasses.replace(cfg, index=dataclasses.replace(cfg.index, out=out, actors=actors, threads_per_actor=threads))
     result = run_index(cfg, IndexRequest(dataset=data, model=model, out=out, mode="full"))
-    return {"actors": actors, "threads_per_actor": threads, "rows": result["rows"],
-            "rows_per_s": result["rows_per_s"], "steady_rows_per_s": result["steady_rows_per_s"],
-            "seconds": result["seconds"], "stage_seconds": result["stage_seconds"]}
+    return BuildRun(actors=actors, threads_per_actor=threads, rows=result["rows"], rows_per_s=result["rows_per_s"],
+                    steady_rows_per_s=result["steady_rows_per_s"], seconds=result["seconds"],
+                    stage_seconds=result["stage_seconds"])
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -16,7 +16,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 from urllib.parse import urlparse
 
 import pyarrow as pa
@@ -29,19 +29,42 @@ from attribution_core.data.writers import SYNTH_SCHEMA, synthetic_rows, write_pa
 from attribution_core.errors import ConfigError
 from attribution_core.models.tiny import build_tiny_pipeline
 from pipelines.bench.s3_counter import CountingProxy
-from pipelines.index.listing import s3_listing_filesystem
 from pipelines.commands.options import add_config, add_json, positive_float, positive_int
+from pipelines.index.listing import s3_listing_filesystem
 from pipelines.output import print_report
 
 
+class ReadRun(TypedDict, total=False):
+    """One index run over the dataset: what it featurized, and the source bytes it read
+    (and, through the counting proxy, what S3 served)."""
+
+    seconds: float
+    rows: int
+    featurized: int
+    files: int
+    files_read: int
+    bytes_read: int
+    dataset_bytes: int
+    read_fraction: float
+    bytes_served_by_s3: int
+    served_fraction: float
+
+
+class Builds(TypedDict, total=False):
+    first_build: ReadRun
+    reindex: ReadRun
+    rows_added: int
+    added_fraction: float
+
+
 def _builds(cfg: ProjectConfig, root: str, model: str, args: argparse.Namespace,
-            *, proxy: CountingProxy | None) -> dict[str, Any]:
+            *, proxy: CountingProxy | None) -> Builds:
     from pipelines.index.job import IndexRequest, run_index
 
     data, index = f"{root}/data", f"{root}/index"
     write_parquet_dataset(data, synthetic_rows(args.n, seed=0, size=args.image_size), SYNTH_SCHEMA,
                           {"kind": "synthetic"}, rows_per_file=args.rows_per_file)
-    out: dict[str, Any] = {}
+    out: Builds = {}
     added = max(1, round(args.n * args.add))
     for name in ("first_build", "reindex"):
         if name == "reindex":
@@ -54,7 +77,7 @@ def _builds(cfg: ProjectConfig, root: str, model: str, args: argparse.Namespace,
         started = time.perf_counter()
         built = run_index(cfg, IndexRequest(dataset=data, model=model, out=index))
         seconds = time.perf_counter() - started
-        run = {"seconds": round(seconds, 2), "rows": built["rows"], "featurized": built["featurized"],
+        run: ReadRun = {"seconds": round(seconds, 2), "rows": built["rows"], "featurized": built["featurized"],
                "files": built["source_files"], "files_read": built["source_files_hashed"],
                "bytes_read": built["source_bytes_read"], "dataset_bytes": built["source_bytes"],
                "read_fraction": round(built["source_bytes_read"] / built["source_bytes"], 5)}

@@ -28,7 +28,7 @@ import time
 import urllib.request
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import yaml
 
@@ -102,7 +102,57 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
 
 
-def run_stage(name: str, args: list[str], timeout_s: float) -> dict[str, Any]:
+class Stage(TypedDict):
+    """One real command run to completion: its time, its process tree's peak memory, its JSON."""
+
+    seconds: float
+    peak_rss_mb: float
+    result: dict[str, Any]
+
+
+class ServeStage(TypedDict, total=False):
+    """``attribution serve`` started, one query answered, stopped."""
+
+    ready_s: float
+    query_ms: float
+    server_timing_ms: dict[str, float] | None
+    answered_aspects: list[str]
+    seconds: float
+    peak_rss_mb: float
+
+
+class ModelCosts(TypedDict):
+    model_load_s: float
+    fingerprint_s: float
+    unet_parameters: int
+    text_encoder_parameters: int
+    vae_parameters: int
+    variants: dict[str, str]
+    k_total: int
+    tracked_layers: int
+    featurize_s_per_example: float
+    train_step_s: float
+    featurize_vs_train_step: float
+    peak_rss_mb: float
+
+
+class ScaleReport(TypedDict, total=False):
+    """``bench scale``: the SD-1.5-sized pipeline, its costs, and every stage run on it."""
+
+    examples: int
+    timesteps: int
+    resolution: int
+    latents: int
+    work: str
+    build_s: float
+    model_bytes_on_disk: int
+    model: ModelCosts
+    index: dict[str, Any]
+    stages: dict[str, Stage | ServeStage]
+    total_s: float
+
+
+def run_stage(name: str, args: list[str], timeout_s: float) -> Stage:
     """Run one real command to completion, its JSON result and its memory by role."""
     started = time.perf_counter()
     proc = subprocess.Popen(_command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
@@ -120,15 +170,15 @@ def run_stage(name: str, args: list[str], timeout_s: float) -> dict[str, Any]:
         result = json.loads(out)
     except json.JSONDecodeError:
         result = {"stdout": out.strip()[-2000:]}
-    return {"seconds": seconds, "peak_rss_mb": memory.peak_mb, "result": result}
+    return Stage(seconds=seconds, peak_rss_mb=memory.peak_mb, result=result)
 
 
-def serve_one_query(config: Path, url: str, body: bytes, timeout_s: float) -> dict[str, Any]:
+def serve_one_query(config: Path, url: str, body: bytes, timeout_s: float) -> ServeStage:
     """Start `attribution serve`, wait until it answers, send one query, stop it."""
     started = time.perf_counter()
     proc = subprocess.Popen(_command("serve", "--config", str(config)), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=_env(), start_new_session=True)
-    out: dict[str, Any] = {}
+    out: ServeStage = {}
     with TreeMemory(proc.pid) as memory:
         try:
             deadline = time.monotonic() + timeout_s
@@ -163,12 +213,12 @@ def serve_one_query(config: Path, url: str, body: bytes, timeout_s: float) -> di
     return out
 
 
-def model_costs(model_dir: Path, timesteps: int) -> dict[str, Any]:
+def model_costs(model_dir: Path, timesteps: int) -> ModelCosts:
     """Load and fingerprint time of the model, and featurize / training-step seconds on one example."""
     from attribution_core.config import FeaturizeConfig, ProjectionConfig, TimestepConfig
     from attribution_core.features.featurize import Featurizer
-    from attribution_core.models.pipeline_dir import load_adapter
     from attribution_core.models.fingerprint import model_fingerprint
+    from attribution_core.models.pipeline_dir import load_adapter
     from pipelines.bench.featurize import _batch, _timed, _train_step
 
     started = time.perf_counter()
@@ -182,17 +232,15 @@ def model_costs(model_dir: Path, timesteps: int) -> dict[str, Any]:
     featurizer = Featurizer(adapter, cfg)
     batch = _batch(adapter, 1)
     timed = _timed({"featurize": lambda: featurizer.flat(batch), "train": _train_step(adapter, featurizer, batch)}, 1)
-    return {
-        "model_load_s": round(load_s, 1), "fingerprint_s": round(fingerprint_s, 1),
-        "unet_parameters": sum(p.numel() for p in adapter.denoiser.parameters()),
-        "text_encoder_parameters": sum(p.numel() for p in adapter.text_encoder.parameters()),
-        "vae_parameters": sum(p.numel() for p in adapter.vae.parameters()),
-        "variants": adapter.variants, "k_total": featurizer.layout.k_total,
-        "tracked_layers": len(featurizer.layout.layers),
-        "featurize_s_per_example": round(timed["featurize"], 2), "train_step_s": round(timed["train"], 2),
-        "featurize_vs_train_step": round(timed["featurize"] / timed["train"], 3),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-    }
+    return ModelCosts(
+        model_load_s=round(load_s, 1), fingerprint_s=round(fingerprint_s, 1),
+        unet_parameters=sum(p.numel() for p in adapter.denoiser.parameters()),
+        text_encoder_parameters=sum(p.numel() for p in adapter.text_encoder.parameters()),
+        vae_parameters=sum(p.numel() for p in adapter.vae.parameters()),
+        variants=adapter.variants, k_total=featurizer.layout.k_total, tracked_layers=len(featurizer.layout.layers),
+        featurize_s_per_example=round(timed["featurize"], 2), train_step_s=round(timed["train"], 2),
+        featurize_vs_train_step=round(timed["featurize"] / timed["train"], 3),
+        peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
 
 
 def _config(work: Path, model: Path, data: str, examples: int, *, timesteps: int, port: int) -> Path:
@@ -213,14 +261,14 @@ def _config(work: Path, model: Path, data: str, examples: int, *, timesteps: int
     return path
 
 
-def run(work: Path, examples: int, timesteps: int, timeout_s: float) -> dict[str, Any]:
+def run(work: Path, examples: int, timesteps: int, timeout_s: float) -> ScaleReport:
     from attribution_core.data.writers import synthetic_rows, write_synthetic
     from attribution_core.index.store import IndexStore
     from attribution_core.models.tiny import build_sd15_pipeline
     from pipelines.bench.serve import _free_port
 
-    report: dict[str, Any] = {"examples": examples, "timesteps": timesteps, "resolution": 512, "latents": 64,
-                              "work": str(work)}
+    report: ScaleReport = {"examples": examples, "timesteps": timesteps, "resolution": 512, "latents": 64,
+                           "work": str(work)}
     started = time.perf_counter()
     model = work / "model"
     if not (model / "model_index.json").is_file():
@@ -235,7 +283,7 @@ def run(work: Path, examples: int, timesteps: int, timeout_s: float) -> dict[str
         write_synthetic(data, examples, seed=0, size=512)
     port = _free_port()
     config = _config(work, model, data, examples, timesteps=timesteps, port=port)
-    stages: dict[str, Any] = {}
+    stages: dict[str, Stage | ServeStage] = {}
     stages["index"] = run_stage("index", ["index", "--config", str(config), "--json"], timeout_s)
     built = stages["index"]["result"]
     manifest = IndexStore(built["uri"]).manifest(built["version"]) if "uri" in built else None
@@ -261,7 +309,7 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def summary(report: dict[str, Any]) -> str:
+def summary(report: ScaleReport) -> str:
     """The report as lines a person reads."""
     m, ix = report["model"], report["index"]
     lines = [

@@ -28,20 +28,22 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
 
+from attribution_core.answers import UNIFORM
 from attribution_core.config import ProjectConfig
 from attribution_core.errors import InputError
-from attribution_core.index.approximate import (ADD_ROWS, MIN_TRAIN_ROWS, RESCORING_THREADS, AnnSettings, ApproximateIndex,
-                                                RescoredSearch, Whitening, default_settings, set_threads, training_sample)
+from attribution_core.index.approximate import (ADD_ROWS, MIN_TRAIN_ROWS, RESCORING_THREADS, AnnSettings,
+                                                ApproximateIndex, RescoredSearch, Whitening, default_settings,
+                                                set_threads, training_sample)
 from attribution_core.index.reader import LoadedIndex, load_index
 from attribution_core.index.scoring import preconditioned_queries
 from attribution_core.index.search import SearchIndex
 from attribution_core.index.store import IndexStore
-from attribution_core.weights.artifact import UNIFORM, find_weights, weights_matrix
+from attribution_core.weights.artifact import find_weights, weights_matrix
 from pipelines.bench.serve import mixture_rows
 from pipelines.commands.options import add_config, add_json, int_list, positive_int
 from pipelines.output import print_report
@@ -85,13 +87,41 @@ def _latencies(search: Any, queries: torch.Tensor, k: int) -> tuple[list[float],
     return times, torch.stack(found)
 
 
-def _timing(times: list[float]) -> dict[str, float]:
+class Latency(TypedDict):
+    p50_ms: float
+    p99_ms: float
+    mean_ms: float
+
+
+class Timed(Latency):
+    one_aspect: Latency
+    """The same queries asking for the first aspect alone (a request for 'general')."""
+
+
+class Tier(Timed, total=False):
+    """One search tier at one row count: how it was built, its latency, bytes per row and
+    (approximate) its recall against the exact scan."""
+
+    tier: str
+    simulated: bool
+    kernel: str
+    build_s: float
+    train_s: float
+    code_s: float
+    fill_s: float
+    pack_s: float
+    bytes_per_row: float
+    recall: dict[str, dict[str, float]] | None
+    recall_min_aspect_mean: float
+
+
+def _timing(times: list[float]) -> Latency:
     return {"p50_ms": round(statistics.median(times), 2), "p99_ms": round(float(np.percentile(times, 99)), 2),
             "mean_ms": round(statistics.fmean(times), 2)}
 
 
 def _timed(search: Any, queries: torch.Tensor, k: int, threads: int,
-           *, torch_threads: int | None = None) -> tuple[dict[str, Any], torch.Tensor]:
+           *, torch_threads: int | None = None) -> tuple[Timed, torch.Tensor]:
     """Latency per query with every aspect in one call (a request for all of them) and with
     the first aspect alone (a request for 'general', the default), on ``threads`` threads
     (``torch_threads`` of them torch's, as a searcher of the tier sets them)."""
@@ -113,19 +143,19 @@ def _recall(found: torch.Tensor, truth: torch.Tensor, aspects: list[str]) -> dic
     return out
 
 
-def _exact(rows: torch.Tensor, queries: torch.Tensor, k: int, threads: int) -> tuple[dict[str, Any], torch.Tensor]:
+def _exact(rows: torch.Tensor, queries: torch.Tensor, k: int, threads: int) -> tuple[Tier, torch.Tensor]:
     started = time.perf_counter()
     index = SearchIndex(rows)
     build = time.perf_counter() - started
     timing, found = _timed(index, queries, k, threads)
-    result = {"tier": "exact", "kernel": index.kernel, "build_s": round(build, 2),
-              "bytes_per_row": index.bytes_per_row, **timing}
+    result: Tier = {"tier": "exact", "kernel": index.kernel, "build_s": round(build, 2),
+                    "bytes_per_row": index.bytes_per_row, **timing}
     del index
     return result, found
 
 
 def _approximate(rows: torch.Tensor, queries: torch.Tensor, k: int, settings: AnnSettings,
-                 *, whitening: Whitening | None, threads: int) -> tuple[dict[str, Any], torch.Tensor, ApproximateIndex,
+                 *, whitening: Whitening | None, threads: int) -> tuple[Tier, torch.Tensor, ApproximateIndex,
                                                                         bytes]:
     """The approximate tier's report and rows found, its index, and its trained quantisers."""
     started = time.perf_counter()
@@ -145,8 +175,30 @@ def _approximate(rows: torch.Tensor, queries: torch.Tensor, k: int, settings: An
             found, index, trained_bytes)
 
 
+class SearchRun(TypedDict, total=False):
+    """One row count of ``bench search``: the exact scan, the approximate search with its
+    recall against it, and the approximate layout's settings (a simulated run: approximate only)."""
+
+    rows: int
+    exact: Tier
+    approximate: Tier
+    settings: dict[str, Any]
+
+
+class SearchBench(TypedDict):
+    index: str
+    index_version: str
+    dim: int
+    float16_bytes_per_row: int
+    aspects: list[str]
+    queries: int
+    k: int
+    threads: int
+    results: list[SearchRun]
+
+
 def _simulated(index: ApproximateIndex, trained: bytes, rows: torch.Tensor, n: int, *, queries: torch.Tensor,
-               k: int, threads: int) -> dict[str, Any]:
+               k: int, threads: int) -> Tier:
     """``index``'s quantisers over ``n`` rows: its rows' codes, then the codes of its first
     rows repeated; a repeated row is rescored against the stored row it repeats."""
     real = index.rows
@@ -174,14 +226,14 @@ def _simulated(index: ApproximateIndex, trained: bytes, rows: torch.Tensor, n: i
 
 
 def run(index_uri: str, sizes: list[int], *, simulate: int, queries: int, k: int, seed: int, work: Path,
-        threads: int = 1, **overrides: int) -> dict[str, Any]:
+        threads: int = 1, **overrides: int) -> SearchBench:
     """The report; ``overrides``: ``AnnSettings`` fields to set instead of the defaults for N rows."""
     base = load_index(index_uri)
     store = IndexStore(index_uri)
     weights = find_weights(store, base.manifest, "learned") or {"groups": list(base.layout.group_names), "aspects": {}}
     aspects = [*weights["aspects"], UNIFORM]
     q = _queries(base, aspects, weights, count=queries, seed=seed + 1)
-    results: list[dict[str, Any]] = []
+    results: list[SearchRun] = []
     last = None
     for n in sizes:
         log.info("search bench: %d rows", n)
@@ -199,9 +251,9 @@ def run(index_uri: str, sizes: list[int], *, simulate: int, queries: int, k: int
         if last is None:
             raise InputError("--simulate repeats the codes of the largest --rows run: give at least one --rows")
         results.append({"rows": simulate, "approximate": _simulated(*last, simulate, queries=q, k=k, threads=threads)})
-    return {"index": index_uri, "index_version": base.manifest.version, "dim": base.layout.k_total,
-            "float16_bytes_per_row": 2 * base.layout.k_total, "aspects": aspects, "queries": queries, "k": k,
-            "threads": threads, "results": results}
+    return SearchBench(index=index_uri, index_version=base.manifest.version, dim=base.layout.k_total,
+                       float16_bytes_per_row=2 * base.layout.k_total, aspects=aspects, queries=queries, k=k,
+                       threads=threads, results=results)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -28,7 +28,7 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
@@ -61,8 +61,14 @@ def mixture_rows(x: torch.Tensor, spread: torch.Tensor, n: int,
     return lam * x[a] + (1 - lam) * x[c] + 0.3 * spread * torch.randn(n, x.shape[1], generator=gen), a
 
 
+class SyntheticVersion(TypedDict):
+    version: str
+    weights: bool
+    """Whether the base's learned weights were copied beside it."""
+
+
 def synthetic_version(base_uri: str, out_uri: str, n: int, seed: int,
-                      *, approximate: ApproximateConfig | None = None) -> dict[str, Any]:
+                      *, approximate: ApproximateConfig | None = None) -> SyntheticVersion:
     """Commit an index version of ``n`` synthetic rows at ``out_uri`` with the base's spec,
     and its approximate index as ``approximate`` (``index.approximate``) builds one (on Ray)."""
     import pyarrow as pa
@@ -117,7 +123,24 @@ def _post(url: str, body: bytes) -> tuple[int, float, dict]:
     return status, (time.perf_counter() - started) * 1000, answer
 
 
-def measure(url: str, bodies: list[bytes], concurrency: int, warmup: int = 4) -> dict[str, Any]:
+class LoadRun(TypedDict):
+    """One load level against the endpoint: latency percentiles, throughput, and where the
+    replicas say the time went."""
+
+    concurrency: int
+    requests: int
+    errors: int
+    p50_ms: float
+    p99_ms: float
+    rps: float
+    featurize_share: float | None
+    featurize_ms_mean: float
+    search_ms_mean: float
+    server_ms_mean: float
+    featurize_batch_mean: float
+
+
+def measure(url: str, bodies: list[bytes], concurrency: int, warmup: int = 4) -> LoadRun:
     for body in bodies[:warmup]:
         _post(url, body)
     started = time.perf_counter()
@@ -128,20 +151,28 @@ def measure(url: str, bodies: list[bytes], concurrency: int, warmup: int = 4) ->
     latencies = sorted(ms for ms, _ in ok)
     featurize = sum(a["timing_ms"]["featurize"] for _, a in ok)
     search = sum(a["timing_ms"]["search"] for _, a in ok)
-    return {
-        "concurrency": concurrency, "requests": len(bodies), "errors": len(results) - len(ok),
-        "p50_ms": round(statistics.median(latencies), 1),
-        "p99_ms": round(float(np.percentile(latencies, 99)), 1),
-        "rps": round(len(ok) / wall, 2),
-        "featurize_share": round(featurize / (featurize + search), 3) if featurize + search else None,
-        "featurize_ms_mean": round(featurize / len(ok), 1), "search_ms_mean": round(search / len(ok), 1),
-        "server_ms_mean": round(statistics.fmean(a["timing_ms"]["total"] for _, a in ok), 1),
-        "featurize_batch_mean": round(statistics.fmean(a["timing_ms"]["featurize_batch"] for _, a in ok), 2),
-    }
+    return LoadRun(
+        concurrency=concurrency, requests=len(bodies), errors=len(results) - len(ok),
+        p50_ms=round(statistics.median(latencies), 1), p99_ms=round(float(np.percentile(latencies, 99)), 1),
+        rps=round(len(ok) / wall, 2),
+        featurize_share=round(featurize / (featurize + search), 3) if featurize + search else None,
+        featurize_ms_mean=round(featurize / len(ok), 1), search_ms_mean=round(search / len(ok), 1),
+        server_ms_mean=round(statistics.fmean(a["timing_ms"]["total"] for _, a in ok), 1),
+        featurize_batch_mean=round(statistics.fmean(a["timing_ms"]["featurize_batch"] for _, a in ok), 2))
+
+
+class Floor(TypedDict):
+    """Featurize and search p50 in one process, no Serve between them."""
+
+    featurize_p50_ms: float
+    search_p50_ms: float
+    sum_p50_ms: float
+    search: str
+    queries: int
 
 
 def standalone(cfg: ProjectConfig, model_dir: str, index_uri: str, rows: list[dict[str, Any]],
-               *, aspects: list[str] | None, k: int) -> dict[str, Any]:
+               *, aspects: list[str] | None, k: int) -> Floor:
     """The floor under the endpoint: featurizing and searching the same queries in this process,
     with the replicas' threads and search settings, no Serve between them (p50 ms of each)."""
     from attribution_core.features.query import featurize_images

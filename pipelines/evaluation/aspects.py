@@ -16,45 +16,71 @@ from typing import Any
 
 import numpy as np
 
+from attribution_core.answers import UNIFORM
 from attribution_core.config import ProjectConfig
 from attribution_core.config_stages import ASPECTS
+from attribution_core.data.captions import without_concept
 from attribution_core.data.images import decode_image, encode_png
 from attribution_core.data.readers import dataset_read_options, read_examples
 from attribution_core.data.synthetic import BACKGROUNDS, STYLES, SUBJECTS, caption_for, is_held_out
 from attribution_core.data.writers import read_marker
 from attribution_core.errors import InputError
-from attribution_core.data.captions import without_concept
 from attribution_core.evaluation.metrics import recall_intervals
 from attribution_core.evaluation.recall import aspect_recall_table, contrastive_recall
-from attribution_core.seeding import stable_seed
+from attribution_core.features.featurize import Featurizer
+from attribution_core.index.kernel import Kernel
 from attribution_core.index.opening import version_featurizer
 from attribution_core.index.reader import LoadedIndex
 from attribution_core.index.scoring import attribute
+from attribution_core.models.adapters import DiffusersAdapter
 from attribution_core.models.sampling import generate
-from attribution_core.weights.artifact import UNIFORM, weights_matrix
+from attribution_core.seeding import stable_seed
+from attribution_core.weights.artifact import weights_matrix
 from pipelines.models import manifest_model
 from pipelines.weights.queries import featurize_generated
 
 log = logging.getLogger(__name__)
 
 
-def run_recall(cfg: ProjectConfig, index: LoadedIndex, document: dict[str, Any] | None) -> dict[str, Any]:
-    """``{"table": {aspect: {...}}, "gallery": [...], ...}``; ``skipped`` says why when the
+@dataclasses.dataclass(frozen=True)
+class RecallResult:
+    """Recall@K of generated queries of known attributes (``metrics.json``'s
+    ``recall_at_<k>`` and its intervals), on prompts the training set had (``table``) and on
+    held-out attribute combinations (``heldout_table``), with the report's gallery;
+    ``skipped`` says why nothing was measured."""
+
+    table: dict[str, dict[str, float]]
+    """Aspect -> column (aspect / general / uniform weights, contrastive, pixel kNN) -> Recall@K."""
+    gallery: list[dict[str, Any]]
+    skipped: str | None = None
+    intervals: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    heldout_table: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+    heldout_intervals: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    heldout_queries: int = 0
+    aspects: list[str] = dataclasses.field(default_factory=list)
+    queries: int = 0
+    k: int = 0
+    weights: list[str] = dataclasses.field(default_factory=list)
+    """The aspects with learned weights."""
+
+
+def run_recall(cfg: ProjectConfig, index: LoadedIndex, document: dict[str, Any] | None) -> RecallResult:
+    """Recall@K of every aspect the dataset has a column for; ``skipped`` says why when the
     model or the dataset cannot give queries of known attributes."""
     ecfg = cfg.evaluate
     manifest = index.manifest
     adapter = manifest_model(manifest)
     if adapter.conditioning != "text":
-        return {"table": {}, "gallery": [], "skipped": f"the model is {adapter.conditioning}-conditioned; "
-                "queries of known attributes are prompted with captions"}
+        return RecallResult(table={}, gallery=[], skipped=f"the model is {adapter.conditioning}-conditioned; "
+                            "queries of known attributes are prompted with captions")
     dataset = manifest.dataset
     raw = {e.example_id: e for e in read_examples(dataset["uri"], dataset.get("caption_column"),
                                                   **dataset_read_options(dataset))}
     rows = [raw[eid] for eid in index.example_ids]
     aspects = [a for a in ASPECTS if a != "general" and all(e.attributes.get(a) is not None for e in rows)]
     if not aspects or ecfg.recall_queries == 0:
-        return {"table": {}, "gallery": [], "skipped": "the dataset has no subject, style or background column"
-                if not aspects else "evaluate.recall_queries is 0"}
+        return RecallResult(table={}, gallery=[], skipped="the dataset has no subject, style or background column"
+                            if not aspects else "evaluate.recall_queries is 0")
     rng = random.Random(stable_seed("recall-query-prompts", ecfg.seed))
     sources = [rng.choice([e for e in rows if e.caption]) for _ in range(ecfg.recall_queries)]
     featurizer = version_featurizer(adapter, manifest, cfg.featurize.max_rows_per_pass)
@@ -73,10 +99,10 @@ def run_recall(cfg: ProjectConfig, index: LoadedIndex, document: dict[str, Any] 
                                                 train_pixels=train_pixels, vocabulary=vocabulary)[:2] if unseen else ({}, {}))
     gallery = _gallery(ecfg.gallery, ecfg.gallery_k, features, contrasts, generated=generated, sources=sources,
                        rows=rows, aspects=aspects, index=index, kernel=kernel, document=document)
-    return {"table": table, "intervals": intervals, "heldout_table": heldout_table,
-            "heldout_intervals": heldout_intervals, "heldout_queries": len(unseen.prompts) if unseen else 0,
-            "gallery": gallery, "aspects": aspects, "queries": len(sources), "k": ecfg.recall_k,
-            "weights": sorted(document["aspects"]) if document else []}
+    return RecallResult(table=table, intervals=intervals, heldout_table=heldout_table,
+                        heldout_intervals=heldout_intervals, heldout_queries=len(unseen.prompts) if unseen else 0,
+                        gallery=gallery, aspects=aspects, queries=len(sources), k=ecfg.recall_k,
+                        weights=sorted(document["aspects"]) if document else [])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +129,8 @@ def heldout_queries(dataset_uri: str, aspects: list[str], n: int, seed: int) -> 
                     {a: [c[a] for c in chosen] for a in aspects}, "recall-heldout")
 
 
-def _recall(cfg: ProjectConfig, adapter, featurizer, index: LoadedIndex, *, kernel, document: dict[str, Any] | None,
+def _recall(cfg: ProjectConfig, adapter: DiffusersAdapter, featurizer: Featurizer, index: LoadedIndex, *, kernel: Kernel,
+            document: dict[str, Any] | None,
             queries: QuerySet, train_attrs: dict[str, list[Any]], train_pixels: np.ndarray,
             vocabulary: dict[str, list[str]]) -> tuple[dict[str, dict[str, float]], dict[str, Any], list, Any, dict]:
     """The Recall@K table of one query set (every weighting, the contrastive rows and pixel
@@ -136,7 +163,7 @@ def _recall(cfg: ProjectConfig, adapter, featurizer, index: LoadedIndex, *, kern
 
 
 def _gallery(n: int, k: int, features, contrasts: dict[str, Any], *, generated, sources, rows, aspects,
-             index: LoadedIndex, kernel, document: dict[str, Any] | None) -> list[dict[str, Any]]:
+             index: LoadedIndex, kernel: Kernel, document: dict[str, Any] | None) -> list[dict[str, Any]]:
     """The first ``n`` queries with their top-``k`` training examples under each learned
     weighting, uniform weights and each aspect's contrastive query (``subject, contrastive``),
     each example marked with the attributes it shares with the query."""

@@ -26,11 +26,12 @@ import logging
 import random
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
 
+from attribution_core.answers import UNIFORM
 from attribution_core.config import ProjectConfig
 from attribution_core.config_evaluate import ExemplarsConfig
 from attribution_core.data.images import decode_image, encode_png
@@ -39,7 +40,6 @@ from attribution_core.errors import ConfigError, InputError
 from attribution_core.evaluation.exemplar_sets import ExemplarSet, draw_sets, folder_sets
 from attribution_core.evaluation.exemplars import exemplar_ranks, exemplar_values, summarize
 from attribution_core.features.featurize import Featurizer
-from attribution_core.seeding import content_id, stable_seed
 from attribution_core.index.kernel import damped_kernel
 from attribution_core.index.manifest import IndexManifest
 from attribution_core.index.opening import version_featurizer
@@ -49,7 +49,8 @@ from attribution_core.models.adapters import DiffusersAdapter, ExampleBatch
 from attribution_core.models.customize import Customization, customize
 from attribution_core.models.sampling import Generated, generate
 from attribution_core.models.vocabulary import prompt_words
-from attribution_core.weights.artifact import UNIFORM, unvalidated_choice, weights_matrix
+from attribution_core.seeding import content_id, stable_seed
+from attribution_core.weights.artifact import unvalidated_choice, weights_matrix
 from pipelines.evaluation.universe import BASES
 from pipelines.models import manifest_model
 from pipelines.weights.queries import featurize_generated
@@ -159,8 +160,50 @@ def _on_index(plan: ExemplarPlan, index: LoadedIndex) -> tuple[list[RawExample],
     return rows, sets
 
 
+class SetInfo(TypedDict):
+    """One exemplar set as the check reports it: where it came from and what answers its kind."""
+
+    name: str
+    kind: str
+    size: int
+    column: str | None
+    value: Any
+    served_by: str
+
+
+class SetGallery(SetInfo):
+    """The report's row of a set: its first query, its exemplars and the served top-k."""
+
+    prompt: str | None
+    image: bytes
+    exemplars: list[bytes]
+    first_exemplar_rank: int
+    top: list[dict[str, Any]]
+
+
+class SetCheck(TypedDict):
+    set: SetInfo
+    values: dict[str, Any]
+    """Column -> ``exemplar_values`` (Recall@K and average precision per query)."""
+    gallery: SetGallery
+
+
+class ExemplarCheck(TypedDict):
+    """``metrics.json``'s ``exemplar_check`` (the gallery goes to the report)."""
+
+    k: int
+    prompt: str | None
+    distractors: int
+    queries_per_set: int
+    sets: list[SetInfo]
+    table: dict[str, dict[str, Any]]
+    served_by: dict[str, str]
+    gallery: list[SetGallery]
+    seconds: float
+
+
 def run_exemplars(cfg: ProjectConfig, index: LoadedIndex, document: dict[str, Any] | None,
-                  plan: ExemplarPlan | None = None) -> dict[str, Any]:
+                  plan: ExemplarPlan | None = None) -> ExemplarCheck:
     """The check's tables per set kind and over all sets, its sets and gallery (``plan``:
     drawn here when not given)."""
     xcfg, ecfg = cfg.evaluate.exemplars, cfg.evaluate
@@ -192,12 +235,12 @@ def run_exemplars(cfg: ProjectConfig, index: LoadedIndex, document: dict[str, An
                                                     "control": values[CONTROL][0].mean(),
                                                     "seconds": time.perf_counter() - t0})
     kinds = sorted({s.kind for s in sets})
-    return {"k": xcfg.k, "prompt": xcfg.set_prompt if adapter.conditioning == "text" else None,
-            "distractors": len(distractors), "queries_per_set": xcfg.queries,
-            "sets": [r["set"] for r in results], "table": _tables(results, ecfg.bootstrap, ecfg.seed),
-            "served_by": {kind: served_weighting(doc, kind) for kind in kinds},
-            "gallery": [r["gallery"] for r in results][: max(ecfg.gallery, len(kinds))],
-            "seconds": round(time.perf_counter() - started, 1)}
+    return ExemplarCheck(k=xcfg.k, prompt=xcfg.set_prompt if adapter.conditioning == "text" else None,
+                         distractors=len(distractors), queries_per_set=xcfg.queries,
+                         sets=[r["set"] for r in results], table=_tables(results, ecfg.bootstrap, ecfg.seed),
+                         served_by={kind: served_weighting(doc, kind) for kind in kinds},
+                         gallery=[r["gallery"] for r in results][: max(ecfg.gallery, len(kinds))],
+                         seconds=round(time.perf_counter() - started, 1))
 
 
 def _exemplars(ctx: _Context, s: ExemplarSet) -> tuple[list[bytes], list[str], list[int] | None]:
@@ -210,7 +253,7 @@ def _exemplars(ctx: _Context, s: ExemplarSet) -> tuple[list[bytes], list[str], l
     return images, [content_id(data) for data in images], None
 
 
-def _check_set(ctx: _Context, s: ExemplarSet) -> dict[str, Any]:
+def _check_set(ctx: _Context, s: ExemplarSet) -> SetCheck:
     xcfg, ecfg, adapter = ctx.xcfg, ctx.cfg.evaluate, ctx.adapter
     text = adapter.conditioning == "text"
     prompt = xcfg.set_prompt
@@ -248,10 +291,10 @@ def _check_set(ctx: _Context, s: ExemplarSet) -> dict[str, Any]:
     for basis in xcfg.bases:  # each with uniform weights and a kernel of the candidates' own features
         columns[f"{BASIS_PREFIX}{basis}"] = _basis_scores(ctx, basis, batch, queries, measured=measured)
     values = {name: exemplar_values(scores, is_exemplar, xcfg.k) for name, scores in columns.items()}
-    info = {"name": s.name, "kind": s.kind, "size": len(ids), "column": s.column, "value": s.value,
-            "served_by": served_weighting(ctx.document, s.kind)}
+    info = SetInfo(name=s.name, kind=s.kind, size=len(ids), column=s.column, value=s.value,
+                   served_by=served_weighting(ctx.document, s.kind))
     gallery = _gallery(ctx, queries[0], images, columns[SERVED][0], is_exemplar=is_exemplar, info=info)
-    return {"set": info, "values": values, "gallery": gallery}
+    return SetCheck(set=info, values=values, gallery=gallery)
 
 
 def _without(prompt: str, token: str) -> str:
@@ -321,24 +364,25 @@ def _control(ctx: _Context, s: ExemplarSet, control: list[Generated], ids: list[
 
 
 def _gallery(ctx: _Context, query: Generated, images: list[bytes], scores: np.ndarray, *,
-             is_exemplar: np.ndarray, info: dict[str, Any]) -> dict[str, Any]:
+             is_exemplar: np.ndarray, info: SetInfo) -> SetGallery:
     """One row of the report: the set's first query, its exemplars, and the served answer's
     top-k candidates (each marked exemplar or not)."""
     k = ctx.cfg.evaluate.gallery_k
     top = np.argsort(-scores, kind="stable")[:k]
     n = int(is_exemplar.sum())
     rank = int(exemplar_ranks(scores[None], is_exemplar)[0, 0])
-    return {**info, "prompt": query.prompt, "image": encode_png(query.image), "exemplars": images,
-            "first_exemplar_rank": rank,
-            "top": [{"image": images[j] if j < n else ctx.rows[ctx.distractors[j - n]].image,
-                     "exemplar": bool(j < n), "score": float(scores[j]),
-                     "caption": None if j < n else ctx.rows[ctx.distractors[j - n]].caption} for j in top.tolist()]}
+    return SetGallery(**info, prompt=query.prompt, image=encode_png(query.image), exemplars=images,
+                      first_exemplar_rank=rank,
+                      top=[{"image": images[j] if j < n else ctx.rows[ctx.distractors[j - n]].image,
+                            "exemplar": bool(j < n), "score": float(scores[j]),
+                            "caption": None if j < n else ctx.rows[ctx.distractors[j - n]].caption}
+                           for j in top.tolist()])
 
 
-def _tables(results: list[dict[str, Any]], resamples: int, seed: int) -> dict[str, dict[str, Any]]:
+def _tables(results: list[SetCheck], resamples: int, seed: int) -> dict[str, dict[str, Any]]:
     """Per set kind and, with several kinds, over all sets (``all``): every column's Recall@K
     and mAP, intervals over the queries, paired differences to uniform."""
-    groups: dict[str, list[dict[str, Any]]] = {}
+    groups: dict[str, list[SetCheck]] = {}
     for r in results:
         groups.setdefault(r["set"]["kind"], []).append(r)
     if len(groups) > 1:

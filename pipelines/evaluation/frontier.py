@@ -13,19 +13,20 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 
 from attribution_core.config import FeaturizeConfig
+from attribution_core.config_evaluate import FrontierConfig
 from attribution_core.data.loading import load_training_data
-from attribution_core.evaluation.lds_rows import basis_row, query_halves, select_setting
+from attribution_core.evaluation.lds_rows import SettingSelection, basis_row, query_halves, select_setting
 from attribution_core.evaluation.metrics import subset_predictions
 from attribution_core.features.groups import build_layout
 from attribution_core.index.kernel import LAYER_BLOCK
 from attribution_core.index.opening import version_featurizer
 from attribution_core.index.reader import load_index
-from attribution_core.models.adapters import ExampleBatch
+from attribution_core.models.adapters import DiffusersAdapter, ExampleBatch
 from attribution_core.seeding import stable_seed
 from pipelines.evaluation.choice import served_basis
 from pipelines.evaluation.ensemble import checkpoint_members
@@ -42,7 +43,7 @@ SELECTION = "frontier-selection"
 """Seed stream of the query halves: the first chooses settings, the second confirms them."""
 
 
-def settings(base: FeaturizeConfig, fcfg) -> dict[str, FeaturizeConfig]:
+def settings(base: FeaturizeConfig, fcfg: FrontierConfig) -> dict[str, FeaturizeConfig]:
     """``{name: featurize settings}``: the base ('default') and each single change of it."""
     out = {"default": base}
     for width in fcfg.projection:
@@ -67,7 +68,7 @@ def _timing_batch(ctx, n: int) -> ExampleBatch:
                         data.labels[:n] if data.labels is not None else None)
 
 
-def _seconds_per_row(adapter, fcfg: FeaturizeConfig, batch: ExampleBatch) -> float:
+def _seconds_per_row(adapter: DiffusersAdapter, fcfg: FeaturizeConfig, batch: ExampleBatch) -> float:
     """Median of 3 of D-TRAK's featurize seconds per row under ``fcfg`` (the measurement
     changes nothing of the cost that matters here)."""
     return featurize_seconds_per_row(adapter, dataclasses.replace(fcfg, measurement="square"), batch, repeats=3)
@@ -117,18 +118,36 @@ def _row(ctx, members: list[Member], document: dict[str, Any], kernel: bool) -> 
             subset_predictions(scored.pair[1 if learned else 0], ctx.masks))
 
 
+class SettingRow(TypedDict, total=False):
+    """One featurize setting of the frontier: its settings, cost and every basis's row."""
+
+    featurize: dict[str, Any]
+    kernel: dict[str, dict[str, Any]]
+    checkpoints: int
+    k_total: int
+    bytes_per_row: int
+    featurize_s_per_row: float
+    bases: dict[str, dict[str, Any]]
+
+
+class Frontier(TypedDict):
+    """``metrics.json``'s ``lds_frontier``: every setting's row, and the one a default would take."""
+
+    settings: dict[str, SettingRow]
+    selection: SettingSelection
+
+
 def frontier_rows(ctx, finals: dict[str, Member], documents: dict[str, dict[str, Any]], *,
-                  references: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
-    """``{"settings": {setting: {"featurize", "kernel", "bytes_per_row", "featurize_s_per_row",
-    "k_total", "checkpoints", "bases": {basis: row}}}, "selection": select_setting(...)}`` for every
-    setting of ``evaluate.frontier``; each basis row also holds ``versus_default``, the paired
+                  references: dict[str, np.ndarray] | None = None) -> Frontier:
+    """Every setting of ``evaluate.frontier`` (``SettingRow``) and the selection among them
+    (``select_setting``); each basis row also holds ``versus_default``, the paired
     difference of its served LDS to the default setting's, and ``versus_published``, the
     paired difference to each published reference row on the same output (``references``:
     their predictions by row key), so any setting -- a new default among them -- is compared
     with the published pipelines on the same queries, subsets and resamples."""
     ecfg = ctx.cfg.evaluate
     adapter = load_model_dir(ctx.model_dir)
-    out: dict[str, dict[str, Any]] = {}
+    out: dict[str, SettingRow] = {}
     predictions: dict[str, dict[str, np.ndarray]] = {}
     costs: dict[str, tuple[FeaturizeConfig, int]] = {}
     for setting, fcfg in settings(ctx.cfg.featurize, ecfg.frontier).items():
@@ -161,11 +180,11 @@ def frontier_rows(ctx, finals: dict[str, Member], documents: dict[str, dict[str,
     timing = _timing_batch(ctx, ecfg.frontier.timing_examples)
     for setting, (fcfg, copies) in costs.items():
         out[setting]["featurize_s_per_row"] = copies * _seconds_per_row(adapter, fcfg, timing)
-    return {"settings": out, "selection": select_setting(out, served_basis(ctx.cfg.featurize.measurement,
-                                                                            ctx.cfg.weights.use_kernel))}
+    return Frontier(settings=out, selection=select_setting(out, served_basis(ctx.cfg.featurize.measurement,
+                                                                             ctx.cfg.weights.use_kernel)))
 
 
-def _setting_row(fcfg: FeaturizeConfig, members: dict[str, Member], copies: int) -> dict[str, Any]:
+def _setting_row(fcfg: FeaturizeConfig, members: dict[str, Member], copies: int) -> SettingRow:
     """A setting's cost in bytes per stored row (float16 features), times ``copies``
     checkpoints, and the kernel each of its indexes chose; featurize seconds per row are
     added once every setting's indexes are built."""

@@ -9,18 +9,18 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import ray
 import torch
 
 from attribution_core.config import FeaturizeConfig, TrainConfig, from_mapping, to_mapping
+from attribution_core.data.loading import TrainingData
 from attribution_core.evaluation.metrics import ground_truth_key
 from attribution_core.evaluation.outputs import model_outputs
 from attribution_core.models.adapters import ExampleBatch
 from attribution_core.models.recipe import recipe_identity
-from attribution_core.data.loading import TrainingData
 from attribution_core.models.training import train_model
 
 log = logging.getLogger(__name__)
@@ -35,8 +35,23 @@ def retrain_and_measure(data: TrainingData, keep: np.ndarray, recipe: dict[str, 
     return model_outputs(model.adapter, queries, from_mapping(FeaturizeConfig, featurize)).numpy()
 
 
+class CachedRuns(TypedDict):
+    """Where the retrained models' outputs are cached, under which key, and how many were trained now."""
+
+    key: str
+    trained: int
+    cached: int
+    seconds: float
+    folder: str
+
+
+class GroundTruth(CachedRuns):
+    outputs: np.ndarray
+    """``[Q, S]``: each query's output under the model retrained on each subset."""
+
+
 def ground_truth(data: TrainingData, masks: np.ndarray, recipe: TrainConfig, queries: ExampleBatch,
-                 *, featurize: FeaturizeConfig, cache: str | Path, gpus_per_task: float = 0.0) -> dict[str, Any]:
+                 *, featurize: FeaturizeConfig, cache: str | Path, gpus_per_task: float = 0.0) -> GroundTruth:
     """``[Q, S]`` outputs of the models retrained on each subset (``masks [S, N]``), cached."""
     recipe_map, featurize_map = to_mapping(recipe), to_mapping(featurize)
     # Only what changes the outputs keys the cache (not groups or projection of the features).
@@ -67,5 +82,5 @@ def ground_truth(data: TrainingData, masks: np.ndarray, recipe: TrainConfig, que
             done += 1
             log.info("subset %d done (%d/%d, %.0f s)", s, done, len(missing), time.perf_counter() - started)
     outputs = np.stack([np.load(folder / f"subset-{s:04d}.npy") for s in range(masks.shape[0])], axis=1)
-    return {"outputs": outputs, "key": key, "trained": len(missing), "cached": masks.shape[0] - len(missing),
-            "seconds": round(time.perf_counter() - started, 1), "folder": str(folder)}
+    return GroundTruth(outputs=outputs, key=key, trained=len(missing), cached=masks.shape[0] - len(missing),
+                       seconds=round(time.perf_counter() - started, 1), folder=str(folder))

@@ -27,8 +27,8 @@ from pipelines.evaluation.aspects import run_recall
 from pipelines.evaluation.choice import apply_lds_choice
 from pipelines.evaluation.exemplars import plan_exemplars, run_exemplars
 from pipelines.evaluation.lds import run_lds
-from pipelines.evaluation.universe import lds_recipe
 from pipelines.evaluation.summary import lds_metrics
+from pipelines.evaluation.universe import lds_recipe
 from pipelines.ray_runtime import ensure_ray
 from pipelines.steps import build_index, ensure_weights, prepare
 
@@ -84,13 +84,13 @@ def evaluate(cfg: ProjectConfig, req: EvaluateRequest = EvaluateRequest()) -> di
     if req.recall:
         recall = run_recall(cfg, load_index(cfg.index.out, version=built["version"]), document)
         metrics[f"recall_at_{ecfg.recall_k}"] = {a: {k: round(v, 4) for k, v in row.items()}
-                                                 for a, row in recall["table"].items()}
+                                                 for a, row in recall.table.items()}
         metrics[f"recall_heldout_at_{ecfg.recall_k}"] = {a: {k: round(v, 4) for k, v in row.items()}
-                                                         for a, row in recall.get("heldout_table", {}).items()}
-        metrics["recall_intervals"] = {"seen": recall.get("intervals", {}), "heldout": recall.get("heldout_intervals", {})}
-        gallery = recall["gallery"]
-        info.update(recall_queries=recall.get("queries", 0), recall_skipped=recall.get("skipped"),
-                    recall_heldout_queries=recall.get("heldout_queries", 0))
+                                                         for a, row in recall.heldout_table.items()}
+        metrics["recall_intervals"] = {"seen": recall.intervals, "heldout": recall.heldout_intervals}
+        gallery = recall.gallery
+        info.update(recall_queries=recall.queries, recall_skipped=recall.skipped,
+                    recall_heldout_queries=recall.heldout_queries)
         lap("recall")
     per_query: dict[str, Any] = {}
     if req.lds:
@@ -110,8 +110,8 @@ def evaluate(cfg: ProjectConfig, req: EvaluateRequest = EvaluateRequest()) -> di
         lap("lds")
     if exemplars:  # after LDS, which may change what answers 'general'
         check = run_exemplars(cfg, load_index(cfg.index.out, version=built["version"]), document, plan)
-        gallery_sets = check.pop("gallery")
-        metrics["exemplar_check"] = rounded(check)
+        gallery_sets = check["gallery"]  # to the report; metrics.json keeps the numbers
+        metrics["exemplar_check"] = rounded({k: v for k, v in check.items() if k != "gallery"})
         lap("exemplars")
     if served:  # what the endpoint answers each aspect with, and the evidence it was chosen by
         info.update(answered_by={a: w.get("answered_by", unvalidated_choice(a)) for a, w in document["aspects"].items()},

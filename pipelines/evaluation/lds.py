@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 
 from attribution_core.config import ProjectConfig, to_mapping
-from attribution_core.data.loading import load_training_data
+from attribution_core.data.loading import TrainingData, load_training_data
 from attribution_core.evaluation.intervals import TwoWayBootstrap
-from attribution_core.evaluation.lds_rows import basis_row, noise_ceiling
+from attribution_core.evaluation.lds_rows import NoiseCeiling, basis_row, noise_ceiling
 from attribution_core.evaluation.metrics import subset_masks, subset_predictions
 from attribution_core.index.opening import version_featurizer
 from attribution_core.index.reader import load_index
@@ -31,8 +31,8 @@ from attribution_core.models.adapters import ExampleBatch
 from attribution_core.seeding import stable_seed
 from attribution_core.timing import Stopwatch
 from pipelines.evaluation.ensemble import checkpoint_members
-from pipelines.evaluation.frontier import frontier_rows
-from pipelines.evaluation.groundtruth import ground_truth
+from pipelines.evaluation.frontier import Frontier, frontier_rows
+from pipelines.evaluation.groundtruth import CachedRuns, GroundTruth, ground_truth
 from pipelines.evaluation.published import reference_rows
 from pipelines.evaluation.scoring import BasisScores, Member, basis_scores
 from pipelines.evaluation.universe import (BASES, basis_config, basis_label, lds_queries, lds_recipe, output_config,
@@ -66,8 +66,8 @@ def _served_predictions(row: dict[str, Any], scored: BasisScores, masks: np.ndar
     return subset_predictions(scored.pair[1 if row["served"]["weighting"] == "learned" else 0], masks)
 
 
-def _ground_truth(cfg: ProjectConfig, data, masks: np.ndarray, batch: ExampleBatch, *, folder: Path,
-                  seed_offset: int = 0) -> dict[str, Any]:
+def _ground_truth(cfg: ProjectConfig, data: TrainingData, masks: np.ndarray, batch: ExampleBatch, *, folder: Path,
+                  seed_offset: int = 0) -> GroundTruth:
     """Outputs of the models retrained on the subsets (``seed_offset``: with other training seeds)."""
     ecfg = cfg.evaluate
     recipe = dataclasses.replace(cfg.subset_train, seed=cfg.subset_train.seed + seed_offset)
@@ -123,11 +123,11 @@ class LdsResult:
     indexes: dict[str, dict[str, str]]
     recipe: dict[str, Any]
     output: str
-    ground_truth: dict[str, Any]
+    ground_truth: CachedRuns
     stage_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
-    noise_ceiling: dict[str, Any] | None = None
+    noise_ceiling: NoiseCeiling | None = None
     published: dict[str, Any] | None = None
-    frontier: dict[str, Any] | None = None
+    frontier: Frontier | None = None
 
 
 def run_lds(cfg: ProjectConfig, ray_address: str | None = None) -> LdsResult:

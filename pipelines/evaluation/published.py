@@ -19,12 +19,12 @@ import json
 import logging
 import random
 import time
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
 
-from attribution_core.config import ProjectConfig, to_mapping
+from attribution_core.config import FeaturizeConfig, ProjectConfig, to_mapping
 from attribution_core.data.images import encode_png
 from attribution_core.evaluation.dual_kernel import DualKernel, cross_fitted_damping, crossed_predictions, kernel_lds
 from attribution_core.evaluation.intervals import TwoWayBootstrap
@@ -34,7 +34,7 @@ from attribution_core.evaluation.published import (LABELS, PIPELINES, DenseProje
 from attribution_core.features.featurize import Featurizer
 from attribution_core.features.groups import build_layout
 from attribution_core.features.query import query_batch
-from attribution_core.models.adapters import ExampleBatch
+from attribution_core.models.adapters import DiffusersAdapter, ExampleBatch
 from attribution_core.models.fingerprint import model_fingerprint
 from attribution_core.models.sampling import generate
 from attribution_core.seeding import stable_seed
@@ -74,8 +74,22 @@ def _in_chunks(fn, batch: ExampleBatch, size: int = 16) -> torch.Tensor:
     return torch.cat([fn(batch.select(i, i + size)) for i in range(0, len(batch), size)])
 
 
+class PaperSetting(TypedDict):
+    """The paper's own weight learning on the published pipeline's kernel, against uniform."""
+
+    uniform: float
+    uniform_ci: list[float]
+    learned: float
+    learned_ci: list[float]
+    difference: float
+    difference_ci: list[float]
+    weights: dict[str, dict[str, float]]
+    """Damping -> group -> learned weight."""
+    per_query: dict[str, list[float]]
+
+
 def _paper_setting(kernel: DualKernel, *, groups_q: torch.Tensor, groups_l: torch.Tensor, dampings: list[float],
-                   halves: np.ndarray, inputs: Inputs, cfg: ProjectConfig, names: list[str]) -> dict[str, Any]:
+                   halves: np.ndarray, inputs: Inputs, cfg: ProjectConfig, names: list[str]) -> PaperSetting:
     """Per-group weights learned with the paper's objective on the learning queries (one-sided:
     ``tau_w = sum_m w_m g_m(q)^T K g(x)``), against uniform on the same kernel and halves."""
     wcfg = cfg.weights
@@ -91,11 +105,11 @@ def _paper_setting(kernel: DualKernel, *, groups_q: torch.Tensor, groups_l: torc
     pred_u = crossed_predictions(kernel, pq, dampings, weights=[uniform, uniform], halves=halves, masks=inputs.masks)
     cells = {name: lds_cell(inputs.boot, pred, inputs.actual) for name, pred in (("uniform", pred_u), ("learned", pred_w))}
     difference = inputs.boot.paired(pred_w, pred_u, inputs.actual)
-    return {"uniform": cells["uniform"]["lds"], "uniform_ci": cells["uniform"]["ci"],
-            "learned": cells["learned"]["lds"], "learned_ci": cells["learned"]["ci"],
-            "difference": difference[0], "difference_ci": difference[1:],
-            "weights": {str(d): dict(zip(names, w.tolist())) for d, w in learned.items()},
-            "per_query": {k: v["per_query"] for k, v in cells.items()}}
+    return PaperSetting(uniform=cells["uniform"]["lds"], uniform_ci=cells["uniform"]["ci"],
+                        learned=cells["learned"]["lds"], learned_ci=cells["learned"]["ci"],
+                        difference=difference[0], difference_ci=difference[1:],
+                        weights={str(d): dict(zip(names, w.tolist())) for d, w in learned.items()},
+                        per_query={k: v["per_query"] for k, v in cells.items()})
 
 
 def published_rows(cfg: ProjectConfig, adapter, inputs: Inputs) -> dict[str, dict[str, Any]]:
@@ -158,7 +172,7 @@ def published_rows(cfg: ProjectConfig, adapter, inputs: Inputs) -> dict[str, dic
     return rows
 
 
-def featurize_seconds_per_row(adapter, fcfg, batch: ExampleBatch, repeats: int = 1) -> float:
+def featurize_seconds_per_row(adapter: DiffusersAdapter, fcfg: FeaturizeConfig, batch: ExampleBatch, repeats: int = 1) -> float:
     """Seconds per row of this project's featurizer under ``fcfg`` on ``batch``, in this
     process, after a warm-up (projections built, kernels loaded): the median of ``repeats``."""
     featurizer = Featurizer(adapter, fcfg)

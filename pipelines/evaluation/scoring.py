@@ -11,10 +11,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from attribution_core.index.kernel import damped_kernel
+from attribution_core.answers import UNIFORM
+from attribution_core.index.kernel import Kernel, damped_kernel
 from attribution_core.index.reader import LoadedIndex
 from attribution_core.index.scoring import preconditioned_queries
-from attribution_core.weights.artifact import UNIFORM, weights_matrix
+from attribution_core.weights.artifact import weights_matrix
 
 
 @dataclasses.dataclass
@@ -27,7 +28,7 @@ class Member:
     coefficient: float = 1.0
 
 
-def full_scores(queries: torch.Tensor, weights: torch.Tensor, index: LoadedIndex, kernel,
+def full_scores(queries: torch.Tensor, weights: torch.Tensor, index: LoadedIndex, kernel: Kernel,
                 *, order: list[str]) -> np.ndarray:
     """``[A, Q, N]`` scores of every universe example (dataset order; quarantined rows 0)."""
     wq = preconditioned_queries(queries, weights, index.layout, kernel)  # [A, Q, k_total]

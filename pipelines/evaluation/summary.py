@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypedDict
 
 from attribution_core.evaluation.lds_rows import rounded
 from attribution_core.evaluation.recall import RECALL_COLUMNS
@@ -11,25 +11,31 @@ from attribution_core.evaluation.report_exemplars import exemplar_lines
 from pipelines.evaluation.lds import LdsResult
 
 
-def _without(row: dict[str, Any], *keys: str) -> dict[str, Any]:
-    return {k: v for k, v in row.items() if k not in keys}
+class LdsSections(TypedDict, total=False):
+    """``metrics.json``'s LDS sections (rounded; per-query values are in ``lds_per_query.json``)."""
+
+    lds: dict[str, dict[str, Any]]
+    lds_served: dict[str, dict[str, Any]]
+    lds_noise_ceiling: dict[str, Any]
+    lds_published: dict[str, dict[str, Any]]
+    lds_frontier: dict[str, Any]
 
 
-def lds_metrics(result: LdsResult, per_query: dict[str, Any]) -> dict[str, Any]:
+def lds_metrics(result: LdsResult, per_query: dict[str, Any]) -> LdsSections:
     """The LDS sections of ``metrics.json`` (``lds``, ``lds_served`` and, when measured,
     ``lds_noise_ceiling``, ``lds_published``, ``lds_frontier``); per-query values go to
     ``per_query`` (``lds_per_query.json``)."""
-    out: dict[str, Any] = {"lds": {b: rounded(r) for b, r in result.table.items()},
-                           "lds_served": {b: rounded(r["served"]) for b, r in result.table.items()}}
+    out = LdsSections(lds={b: rounded(r) for b, r in result.table.items()},
+                      lds_served={b: rounded(r["served"]) for b, r in result.table.items()})
     if result.noise_ceiling is not None:
-        out["lds_noise_ceiling"] = rounded(_without(result.noise_ceiling, "per_query"))
+        out["lds_noise_ceiling"] = rounded({k: v for k, v in result.noise_ceiling.items() if k != "per_query"})
         per_query["noise_ceiling"] = result.noise_ceiling["per_query"]
     if result.published is not None:
         out["lds_published"] = {}
         for key, row in result.published.items():
-            entry = _without(row, "per_query")
+            entry = {k: v for k, v in row.items() if k != "per_query"}
             if "paper_setting" in entry:
-                entry["paper_setting"] = _without(entry["paper_setting"], "per_query")
+                entry["paper_setting"] = {k: v for k, v in entry["paper_setting"].items() if k != "per_query"}
                 per_query.setdefault("paper_setting", {})[key] = row["paper_setting"]["per_query"]
             out["lds_published"][key] = rounded(entry)
             per_query.setdefault("published", {})[key] = row["per_query"]

@@ -13,7 +13,7 @@ import dataclasses
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, TypedDict
 
 import ray
 
@@ -58,7 +58,15 @@ def _train(store_uri: str, shards: list[Shard], layout: dict[str, Any], settings
     store.write_bytes(path, index.to_bytes())
 
 
-def code_shards(task: dict[str, Any], store_uri: str, layout: dict[str, Any], entry: dict[str, Any]) -> dict[str, Any]:
+class CodedFile(TypedDict):
+    """A Ray Data row of the coding pass: one codes file and the shards whose rows it holds."""
+
+    path: str
+    rows: int
+    shards: list[str]
+
+
+def code_shards(task: dict[str, Any], store_uri: str, layout: dict[str, Any], entry: dict[str, Any]) -> CodedFile:
     """Ray Data: code the rows of ``task['shards']`` into ``task['path']`` (kept when a crashed
     run already wrote it)."""
     import faiss
@@ -71,7 +79,7 @@ def code_shards(task: dict[str, Any], store_uri: str, layout: dict[str, Any], en
         index = load_trained(store, entry, group_layout.k_total)
         coded = [(s, index.encode(scaled_rows(store, s, group_layout))) for s in shards]
         write_codes(store, task["path"], coded, index.code_width)
-    return {"path": task["path"], "rows": int(task["rows"]), "shards": shards}
+    return CodedFile(path=task["path"], rows=int(task["rows"]), shards=shards)
 
 
 def _tasks(version: str, shards: list[Shard], rows_per_task: int) -> list[dict[str, Any]]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import logging
 from collections import Counter
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -15,6 +14,7 @@ import ray
 from attribution_core.errors import IncompleteBuildError
 from attribution_core.features.groups import GroupLayout
 from attribution_core.index.kernel import add_grams, blocks, kernel_from_gram
+from attribution_core.index.manifest import KernelBlock, KernelStats
 from attribution_core.index.quarantine import check_quarantine, too_many_quarantined
 from attribution_core.index.store import IndexStore, shard_name
 from pipelines.index.stages import gram_partition
@@ -101,9 +101,9 @@ def gram_pass(store: IndexStore, paths: list[str], layout: GroupLayout, kind: st
 
 
 def write_stats(store: IndexStore, version: str, grams: list[tuple[str, int, int, np.ndarray]], kind: str,
-                *, damping: float) -> dict[str, Any]:
+                *, damping: float) -> KernelStats:
     """Write each Gram block and its kernel at ``damping``; the manifest's ``stats``."""
-    out_blocks = []
+    out_blocks: list[KernelBlock] = []
     for name, offset, dim, gram in grams:
         kernel, lam = kernel_from_gram(gram, damping)
         safe = name.replace("/", "_")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import ray
@@ -19,6 +19,7 @@ from attribution_core.features.featurize import Featurizer
 from attribution_core.features.groups import GroupLayout
 from attribution_core.index.damping import candidate_objectives, candidate_queries, choose_candidate
 from attribution_core.index.kernel import coarsest, kernel_candidates, sub_grams
+from attribution_core.index.manifest import KernelChoice, KernelStats
 from attribution_core.index.store import IndexStore
 from pipelines.index.commit import gram_pass, write_stats
 from pipelines.models import ModelRef, quiet_libraries
@@ -29,11 +30,23 @@ from pipelines.weights.scan import scan
 log = logging.getLogger(__name__)
 
 
-def kernel_settings(cfg: ProjectConfig) -> dict[str, Any]:
+class KernelSettings(TypedDict, total=False):
+    """What a version's kernel depends on beyond its features (kept in its build record)."""
+
+    kernel: str
+    max_full_kernel_dim: int
+    rule: str
+    damping: float
+    grid: list[float]
+    queries: int
+    query_settings: dict[str, Any]
+
+
+def kernel_settings(cfg: ProjectConfig) -> KernelSettings:
     """What the kernel of a build depends on beyond the features: a version built under other
     settings is not up to date even when no example changed."""
     icfg, wcfg = cfg.index, cfg.weights
-    out: dict[str, Any] = {"kernel": icfg.kernel, "max_full_kernel_dim": icfg.max_full_kernel_dim,
+    out: KernelSettings = {"kernel": icfg.kernel, "max_full_kernel_dim": icfg.max_full_kernel_dim,
                            "rule": icfg.damping_rule}
     if icfg.damping_rule == "fixed":
         return {**out, "damping": icfg.damping}
@@ -54,7 +67,7 @@ def _featurized_queries(model: ModelRef, device: str, featurize: dict[str, Any],
 
 def choose_kernel(cfg: ProjectConfig, model: ModelRef, conditioning: str, device: str, *, store: IndexStore,
                           paths: list[str], layout: GroupLayout,
-                          grams: dict[str, list[tuple[str, int, int, np.ndarray]]], partitions: int) -> dict[str, Any]:
+                          grams: dict[str, list[tuple[str, int, int, np.ndarray]]], partitions: int) -> KernelChoice:
     """``{"rule", "kernel", "damping", "objective": {kernel: {damping: value}}, "queries", "top_k"}``
     for the shards ``paths``: every kernel structure of ``grams`` at every damping the rule
     leaves open (``index.damping_grid``, or ``index.damping`` alone under 'fixed')."""
@@ -84,7 +97,7 @@ def choose_kernel(cfg: ProjectConfig, model: ModelRef, conditioning: str, device
 
 def kernel_stats(cfg: ProjectConfig, model: ModelRef, conditioning: str, device: str, *, store: IndexStore,
                  version: str,
-                 paths: list[str], layout: GroupLayout, lap: Callable[[str], None]) -> dict[str, Any]:
+                 paths: list[str], layout: GroupLayout, lap: Callable[[str], None]) -> KernelStats:
     """The manifest's ``stats`` of a build over the shards ``paths``: one Gram pass at the
     coarsest candidate structure (the others' blocks are slices of it), the kernel chosen by
     the objective when the settings leave a choice, the chosen Gram and kernel written."""
@@ -94,7 +107,7 @@ def kernel_stats(cfg: ProjectConfig, model: ModelRef, conditioning: str, device:
     measured = gram_pass(store, paths, layout, coarsest(kinds), partitions=partitions)
     grams = {kind: sub_grams(measured, layout, kind) for kind in kinds}
     lap("stats")
-    choice = {"rule": "fixed", "kernel": kinds[0], "damping": icfg.damping}
+    choice: KernelChoice = {"rule": "fixed", "kernel": kinds[0], "damping": icfg.damping}
     if (icfg.damping_rule == "objective" or len(kinds) > 1) and paths:
         choice = choose_kernel(cfg, model, conditioning, device, store=store, paths=paths, layout=layout, grams=grams,
                                partitions=partitions)

@@ -236,9 +236,16 @@ def _featurize(cfg: ProjectConfig, req: IndexRequest, model: ModelRecord, source
     return done
 
 
-def _placement(cfg: ProjectConfig) -> dict[str, Any]:
+class ActorPlacement(TypedDict, total=False):
+    """Ray's placement options of the index actors (``index.placement``, ``index.actor_resources``)."""
+
+    scheduling_strategy: str
+    resources: dict[str, float]
+
+
+def _placement(cfg: ProjectConfig) -> ActorPlacement:
     """Ray's placement options of the actors: ``index.placement`` and ``index.actor_resources``."""
-    options: dict[str, Any] = {}
+    options: ActorPlacement = {}
     if cfg.index.placement == "SPREAD":
         options["scheduling_strategy"] = "SPREAD"
     if cfg.index.actor_resources:

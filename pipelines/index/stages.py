@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, TypedDict
 
 import pyarrow as pa
 
@@ -80,7 +80,14 @@ class IndexActor:
         return pa.Table.from_pylist([summary], schema=SUMMARY_SCHEMA)
 
 
-def rewrite_shard(row: dict[str, Any], store_uri: str) -> dict[str, Any]:
+class RewrittenShard(TypedDict):
+    """A Ray Data row of the rewrite pass: the shard written and the rows it kept."""
+
+    dst: str
+    rows: int
+
+
+def rewrite_shard(row: dict[str, Any], store_uri: str) -> RewrittenShard:
     """Copy the rows of ``row['src']`` whose id is in ``row['keep']`` to ``row['dst']``
     (skipped when ``dst`` is already committed: a resumed run)."""
     import pyarrow.compute as pc
@@ -90,7 +97,7 @@ def rewrite_shard(row: dict[str, Any], store_uri: str) -> dict[str, Any]:
         table = store.read_table(row["src"])
         keep = pa.array(list(row["keep"]), type=pa.string())
         store.write_table(row["dst"], table.filter(pc.is_in(table.column("example_id"), value_set=keep)))
-    return {"dst": row["dst"], "rows": len(row["keep"])}
+    return RewrittenShard(dst=row["dst"], rows=len(row["keep"]))
 
 
 def gram_partition(batch: pa.Table, store_uri: str, layout: dict[str, Any], kind: str) -> pa.Table:

@@ -48,6 +48,37 @@ class ReindexRequest:
     owner: str | None = None  # names this run in the lease (default: host, pid, a random token)
 
 
+class Changes(TypedDict):
+    """Rows added / changed / removed between two versions, and their share of the older one's."""
+
+    rows_added: int
+    rows_changed: int
+    rows_removed: int
+    changed_fraction: float
+
+
+class ChangesSince(Changes):
+    since: str
+    """The older version."""
+
+
+class WeightsDecision(TypedDict, total=False):
+    """Whether this run learned weights for the new version, where they are, and why."""
+
+    learned: bool
+    artifact: str
+    learned_on: str | None
+    reason: str
+    seconds: float | None
+    changed_since_learned: ChangesSince | None
+
+
+class EndpointSwap(TypedDict):
+    url: str
+    serving: str
+    swapped_after_s: float
+
+
 class ReindexSummary(TypedDict, total=False):
     """What ``reindex`` returns and ``attribution reindex --json`` prints. ``status``:
     published, up_to_date, or skipped (another run holds the lease: ``reason``, ``holder``).
@@ -67,11 +98,11 @@ class ReindexSummary(TypedDict, total=False):
     rows_changed: int
     rows_removed: int
     changed_fraction: float
-    weights: dict[str, Any]
+    weights: WeightsDecision
     index_stage_seconds: dict[str, float]
     featurized: int
     mode: str | None
-    endpoint: dict[str, Any]
+    endpoint: EndpointSwap
     stage_seconds: dict[str, float]
     seconds: float
 
@@ -133,7 +164,7 @@ def _update(cfg: ProjectConfig, req: ReindexRequest, store: IndexStore, root: st
     return summary
 
 
-def _changes(before: IndexManifest | None, manifest: IndexManifest) -> dict[str, Any]:
+def _changes(before: IndexManifest | None, manifest: IndexManifest) -> Changes:
     """Rows added / changed / removed between the published version and ``manifest``."""
     if before is not None and before.version == manifest.version:
         return {"rows_added": 0, "rows_changed": 0, "rows_removed": 0, "changed_fraction": 0.0}
@@ -149,7 +180,7 @@ def _changes(before: IndexManifest | None, manifest: IndexManifest) -> dict[str,
 
 
 def _weights(cfg: ProjectConfig, req: ReindexRequest, store: IndexStore, root: str, *, manifest: IndexManifest,
-             changes: dict[str, Any]) -> dict[str, Any]:
+             changes: Changes) -> WeightsDecision:
     """Learn weights for the new version when ``reindex.relearn`` asks for it; say why (not)."""
     name = cfg.weights.name
     version = manifest.version
@@ -179,7 +210,7 @@ def version_keys(store: IndexStore, manifest: IndexManifest) -> dict[str, str]:
     return out
 
 
-def changes_between(store: IndexStore, old: IndexManifest, new: IndexManifest) -> dict[str, Any]:
+def changes_between(store: IndexStore, old: IndexManifest, new: IndexManifest) -> ChangesSince:
     """Rows added / changed / removed from version ``old`` to ``new`` (any number of versions
     apart), and their share of ``old``'s rows."""
     before, after = version_keys(store, old), version_keys(store, new)
@@ -209,7 +240,7 @@ def relearn_decision(rcfg: ReindexConfig, version: str, learned_on: str | None,
                    f"({rcfg.relearn_fraction:.1%}): the weights learned on {learned_on} still serve")
 
 
-def wait_for_endpoint(cfg: ProjectConfig, version: str) -> dict[str, Any]:
+def wait_for_endpoint(cfg: ProjectConfig, version: str) -> EndpointSwap:
     """Wait until ``<reindex.endpoint>/v1/index`` answers from ``version`` on every partition."""
     url = cfg.reindex.endpoint.rstrip("/")
     key = os.environ.get(cfg.serve.api_key_env) if cfg.serve.api_key_env else None

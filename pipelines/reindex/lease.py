@@ -24,7 +24,7 @@ import socket
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TypedDict
 from urllib.parse import urlparse
 
 from attribution_core.errors import LeaseHeldError, LeaseLostError
@@ -32,9 +32,20 @@ from attribution_core.errors import LeaseHeldError, LeaseLostError
 LEASE_NAME = "reindex.lease"
 
 
+class LeaseRecord(TypedDict):
+    """The lease object's JSON: who holds the lease, from where, until when."""
+
+    owner: str
+    host: str
+    pid: int
+    acquired_at: float
+    expires_at: float
+    token: str
+
+
 @dataclasses.dataclass
 class _Stored:
-    record: dict[str, Any] | None
+    record: LeaseRecord | None
     version: str | None  # S3 ETag, or the record's token for a local file
 
 
@@ -43,7 +54,7 @@ class _LocalBackend:
         self.path = Path(path)
         self.guard = self.path.with_name(f".{self.path.name}.guard")
 
-    def swap(self, expected: str | None, record: dict[str, Any] | None, must_exist: bool) -> str | None:
+    def swap(self, expected: str | None, record: LeaseRecord | None, must_exist: bool) -> str | None:
         """Write ``record`` (or delete when None) if the stored version is ``expected``
         (None: absent); returns the new version, or raises ``_Conflict``."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -80,7 +91,7 @@ class _S3Backend:
         self.client = botocore.session.get_session().create_client(
             "s3", endpoint_url=endpoint or None, region_name=region, config=Config(retries={"max_attempts": 3}))
 
-    def swap(self, expected: str | None, record: dict[str, Any] | None, must_exist: bool) -> str | None:
+    def swap(self, expected: str | None, record: LeaseRecord | None, must_exist: bool) -> str | None:
         from botocore.exceptions import ClientError
 
         try:
@@ -127,9 +138,9 @@ class Lease:
         self.owner = owner or f"reindex-{uuid.uuid4().hex[:8]}"
         self._backend = _S3Backend(self.uri) if self.uri.startswith("s3://") else _LocalBackend(self.uri)
         self._version: str | None = None
-        self._record: dict[str, Any] | None = None
+        self._record: LeaseRecord | None = None
 
-    def _new_record(self) -> dict[str, Any]:
+    def _new_record(self) -> LeaseRecord:
         now = time.time()
         return {"owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(), "acquired_at": now,
                 "expires_at": now + self.ttl_s, "token": uuid.uuid4().hex}
@@ -138,7 +149,7 @@ class Lease:
     def held(self) -> bool:
         return self._record is not None
 
-    def holder(self) -> dict[str, Any] | None:
+    def holder(self) -> LeaseRecord | None:
         """The stored record, live or not (None when there is none)."""
         return self._backend.read().record
 

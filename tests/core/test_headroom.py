@@ -33,7 +33,7 @@ def test_fitted_weights_find_the_group_that_predicts_retraining_and_beat_uniform
     assert w[0] > 0.9 and abs(w.sum() - 1) < 1e-9
     found = headroom(contributions, masks, actual, {"uniform": np.full(m, 1 / m), "learned": np.array([0.0, 0.5, 0.5])},
                      resamples=200)
-    assert found["headroom"]["lds"] > found["uniform"]["lds"] + 0.2 > found["learned"]["lds"] + 0.2
+    assert found["headroom"]["lds"] > found["scored"]["uniform"]["lds"] + 0.2 > found["scored"]["learned"]["lds"] + 0.2
     assert found["subsets_per_half"] == 12 and len(found["weights"]) == 2
     assert found["shrinkage"] == [1.0, 1.0]  # a signal this clear generalises: no pull back toward uniform
     assert not np.isnan(found["headroom"]["per_query"]).any()  # every query scored by the fold that held it out
@@ -43,14 +43,14 @@ def test_fitted_weights_find_the_group_that_predicts_retraining_and_beat_uniform
     q = int(np.flatnonzero(query_half == 1)[0])  # held out by fold 0, scored on fold 0's other subsets
     held = subset_half == 1
     predicted = (np.full(m, 1 / m) @ contributions[:, q]) @ masks[held].T.astype(float)
-    assert found["uniform"]["per_query"][q] == pytest.approx(lds_per_query(predicted[None], actual[q][held][None])[0])
+    assert found["scored"]["uniform"]["per_query"][q] == pytest.approx(lds_per_query(predicted[None], actual[q][held][None])[0])
 
 
 def test_no_room_when_every_group_is_the_same():
     contributions, masks, actual = _benchmark(m=1)
     same = np.repeat(contributions, 3, axis=0)
     found = headroom(same, masks, actual, {"uniform": np.full(3, 1 / 3)}, resamples=100)
-    assert found["headroom"]["lds"] == pytest.approx(found["uniform"]["lds"])
+    assert found["headroom"]["lds"] == pytest.approx(found["scored"]["uniform"]["lds"])
 
 
 def test_too_few_subsets_or_queries():
