@@ -45,11 +45,6 @@ from attribution_core.index.store import IndexStore
 from attribution_core.models.adapters import DiffusersAdapter, ExampleBatch
 from pipelines.models import ensure_model, load_model_dir
 
-#: The endpoint's own share of a query's latency, on top of featurize + search: p50 over the
-#: standalone floor measured by `attribution bench serve` (10^5 rows, 2 partitions, 2 CPUs:
-#: 169.7 ms against 124.3 ms). Measure your own with that benchmark and pass --overhead-ms.
-ENDPOINT_OVERHEAD_MS = 45.4
-
 
 @dataclasses.dataclass(frozen=True)
 class Calibration:
@@ -197,9 +192,9 @@ class Plan(TypedDict):
     query_ms: QueryLatency
 
 
-def plan(cal: Calibration, rows: int, devices: int, *, searcher_memory_gb: float = 32.0,
-         overhead_ms: float = ENDPOINT_OVERHEAD_MS) -> Plan:
-    """The plan for ``rows`` examples on ``devices`` devices like the calibrated one."""
+def plan(cal: Calibration, rows: int, devices: int, *, searcher_memory_gb: float = 32.0, overhead_ms: float) -> Plan:
+    """The plan for ``rows`` examples on ``devices`` devices like the calibrated one;
+    ``overhead_ms``: the endpoint's own latency beyond featurize and search."""
     featurize_s = rows / (cal.rows_per_s * devices)
     row_bytes_in_memory = 2 * cal.k_total  # float16 rows, packed as stored
     budget = searcher_memory_gb * 2 ** 30

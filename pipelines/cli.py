@@ -36,8 +36,12 @@ from collections.abc import Sequence
 
 from attribution_core.config import TINY_KINDS, ProjectConfig
 from attribution_core.errors import AttributionError
+from attribution_core.features.groups import build_layout
+from pipelines.commands import bench, config, data, evaluate, generate, index, plan, reindex, serve, train, weights
 from pipelines.commands.options import DEFAULT_CONFIG, add_base, add_config, add_json, int_list, positive_int
+from pipelines.failures import error_in_traceback, user_error
 from pipelines.output import print_result, stdout_for_result
+
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from pipelines import demo
@@ -48,7 +52,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_groups(args: argparse.Namespace) -> int:
-    from attribution_core.features.groups import build_layout
     from pipelines.models import load_model
 
     cfg = ProjectConfig.load(args.config)
@@ -73,12 +76,6 @@ def _cmd_build_tiny(args: argparse.Namespace) -> int:
     path = build_tiny_pipeline(args.kind, args.out, resolution=args.resolution, widths=args.widths, seed=args.seed)
     print(f"saved a tiny {args.kind!r} model to {path}")
     return 0
-
-
-def _cmd_bench_featurize(args: argparse.Namespace) -> int:
-    from pipelines.bench import featurize
-
-    return featurize.main(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,8 +119,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="weight initialisation seed")
     p.set_defaults(func=_cmd_build_tiny)
 
-    from pipelines.commands import config, data, evaluate, generate, index, plan, reindex, serve, train, weights
-
     config.add_parser(sub, DEFAULT_CONFIG)
     data.add_parser(sub)
     train.add_parser(sub, DEFAULT_CONFIG)
@@ -135,29 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     reindex.add_parser(sub, DEFAULT_CONFIG)
     plan.add_parser(sub, DEFAULT_CONFIG)
 
-    bench = sub.add_parser("bench", help="benchmarks that print JSON").add_subparsers(dest="bench_command", required=True)
-    p = bench.add_parser("featurize", help="featurizer throughput vs a training step and a dense projection",
-                         description="Time the Kronecker-factored featurizer against a plain training "
-                         "step and exact per-example gradients with a dense projection, and check "
-                         "it against the vmap reference.")
-    from pipelines.bench.featurize import add_arguments
-    from pipelines.bench.index import add_parser as add_index
-    from pipelines.bench.quality import add_parser as add_quality
-    from pipelines.bench.reindex import add_parser as add_reindex
-    from pipelines.bench.scale import add_parser as add_scale
-    from pipelines.bench.search import add_parser as add_search
-    from pipelines.bench.serve import add_parser as add_serve
-    from pipelines.bench.weights import add_parser as add_weights
-
-    add_arguments(p)
-    p.set_defaults(func=_cmd_bench_featurize)
-    add_quality(bench)
-    add_index(bench, DEFAULT_CONFIG)
-    add_reindex(bench, DEFAULT_CONFIG)
-    add_weights(bench, DEFAULT_CONFIG)
-    add_serve(bench, DEFAULT_CONFIG)
-    add_search(bench, DEFAULT_CONFIG)
-    add_scale(bench)
+    bench.add_parser(sub, DEFAULT_CONFIG)
     return parser
 
 
@@ -177,8 +150,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # one of ours, wrapped by Ray on its way from a worker?
-        from pipelines.failures import error_in_traceback, user_error
-
         found = user_error(exc) or error_in_traceback(str(exc))
         if found is None:
             raise

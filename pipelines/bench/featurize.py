@@ -33,7 +33,6 @@ from attribution_core.features.reference import dense_projected_gradients, per_e
 from attribution_core.models.adapters import DiffusersAdapter, ExampleBatch
 from attribution_core.models.pipeline_dir import load_adapter
 from attribution_core.models.tiny import build_tiny_pipeline, sd15_unet, text_encoder_for, word_tokenizer
-from pipelines.commands.options import add_json, positive_int
 from pipelines.output import print_report
 
 
@@ -227,23 +226,6 @@ def run(scale: str = "tiny", *, examples: int = 16, timesteps: int = 10, k: int 
         )
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return result
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--scale", choices=("tiny", "sd15"), default="tiny",
-                        help="'tiny': the demo-sized UNet (default, < 60 s on 2 CPUs); 'sd15': a "
-                             "denoiser with Stable Diffusion 1.5's shapes and random weights, 64x64 "
-                             "latents (minutes on CPU; dense and reference checks skipped)")
-    parser.add_argument("--examples", type=positive_int, default=None,
-                        help="examples per batch (tiny: 16, as configs/demo.yaml; sd15: 1)")
-    parser.add_argument("--timesteps", type=positive_int, default=None,
-                        help="timesteps per example (tiny: 10, as configs/demo.yaml; sd15: 1)")
-    parser.add_argument("--k", type=positive_int, default=8, help="k_in = k_out per layer (default 8)")
-    parser.add_argument("--repeats", type=positive_int, default=7,
-                        help="timed rounds after a warm-up, median reported (tiny; sd15 uses 1)")
-    parser.add_argument("--full-dense", action="store_true",
-                        help="time the whole dense projection instead of extrapolating from its first blocks")
-    add_json(parser, "one JSON object")
 
 
 def main(args: argparse.Namespace) -> int:

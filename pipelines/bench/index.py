@@ -20,7 +20,7 @@ from attribution_core.config import ProjectConfig
 from attribution_core.data.writers import SYNTH_SCHEMA, synthetic_rows, write_parquet_dataset, write_synthetic
 from attribution_core.index.store import IndexStore
 from attribution_core.models.tiny import build_tiny_pipeline
-from pipelines.commands.options import add_config, add_json, add_ray_address
+from pipelines.index.job import IndexRequest, run_index
 from pipelines.output import print_report
 from pipelines.ray_runtime import cluster_cpus, ensure_ray
 
@@ -36,7 +36,6 @@ class BuildRun(TypedDict):
 
 
 def _build(cfg: ProjectConfig, data: str, model: str, out: str, *, actors: int, threads: int) -> BuildRun:
-    from pipelines.index.job import IndexRequest, run_index
 
     cfg = dataclasses.replace(cfg, index=dataclasses.replace(cfg.index, out=out, actors=actors, threads_per_actor=threads))
     result = run_index(cfg, IndexRequest(dataset=data, model=model, out=out, mode="full"))
@@ -45,7 +44,7 @@ def _build(cfg: ProjectConfig, data: str, model: str, out: str, *, actors: int, 
                     stage_seconds=result["stage_seconds"])
 
 
-def _run(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
     cfg = ProjectConfig.load(args.config)
     ensure_ray(args.ray_address)
     cpus = cluster_cpus()
@@ -72,7 +71,6 @@ def _run(args: argparse.Namespace) -> int:
     rows += [dict(r, example_id=f"added-{r['example_id']}") for r in synthetic_rows(changed, seed=1, size=args.resolution)]
     data2 = str(work / "data-v2")
     write_parquet_dataset(data2, rows, SYNTH_SCHEMA, {"kind": "synthetic"}, rows_per_file=256)
-    from pipelines.index.job import IndexRequest, run_index
 
     out = str(work / f"index-{actors}")
     inc_cfg = dataclasses.replace(cfg, index=dataclasses.replace(cfg.index, actors=actors, threads_per_actor=args.threads))
@@ -88,22 +86,3 @@ def _run(args: argparse.Namespace) -> int:
     result["work"] = str(work)
     print_report(result, args.json)
     return 0
-
-
-def add_parser(bench: argparse._SubParsersAction, default_config: str) -> None:
-    p = bench.add_parser("index", help="index job throughput with 1 and N actors, bytes/example, stage times",
-                         description="Build the index of a synthetic dataset with 1 actor and with N actors "
-                         "(featurize settings from the config) and print rows/s, scaling efficiency, bytes per "
-                         "example, seconds per stage and an incremental update (as JSON with --json).")
-    add_config(p, default_config, "featurize and index settings")
-    p.add_argument("--n", type=int, default=1024, help="examples in the synthetic dataset (default 1024)")
-    p.add_argument("--resolution", type=int, default=16, help="image side of the model (default 16)")
-    p.add_argument("--widths", default="32,64", help="UNet widths of the model (default 32,64: the demo's)")
-    p.add_argument("--actors", type=int, default=0, help="actors of the parallel run (default: the cluster's CPUs)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per actor in both runs (default 1)")
-    p.add_argument("--change", type=float, default=0.05, help="share of examples changed (and added) for the "
-                   "incremental run (default 0.05)")
-    p.add_argument("--work", help="folder for the dataset, model and indexes (default: a new temporary folder)")
-    add_ray_address(p)
-    add_json(p, "the result as one JSON object")
-    p.set_defaults(func=_run)

@@ -19,7 +19,6 @@ from attribution_core.data.synthetic import BACKGROUNDS, STYLES, SUBJECTS, is_he
 from attribution_core.data.writers import read_marker
 from attribution_core.errors import ConfigError
 from attribution_core.evaluation.quality import ATTRIBUTES, model_quality, train_classifier
-from pipelines.commands.options import add_base, add_json
 from pipelines.models import load_model_dir
 from pipelines.output import print_result
 
@@ -40,7 +39,7 @@ def _combos(uri: str, attrs: dict[str, list], max_combos: int, seed: int) -> tup
     return held_in, held_out
 
 
-def _run(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
     info_path = Path(args.model) / "training.json"
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
     data_uri = args.data or info.get("data")
@@ -65,20 +64,3 @@ def _run(args: argparse.Namespace) -> int:
         print(f"n={result['n']}  " + "  ".join(f"{a}={result[a]:.3f}" for a in ATTRIBUTES)
               + f"  (classifier on real images: {result['classifier_real_accuracy']})")
     return 0
-
-
-def add_parser(bench: argparse._SubParsersAction) -> None:
-    p = bench.add_parser("model-quality", help="attribute accuracy of generated images",
-                         description=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--model", required=True, help="model directory: a diffusers pipeline, or a LoRA folder (with --base)")
-    add_base(p, "the base its lora.json names")
-    p.add_argument("--data", help="its training dataset (default: the one named in the model's training.json)")
-    p.add_argument("--combos", type=int, default=24, help="attribute combinations per set (default 24)")
-    p.add_argument("--per-combo", type=int, default=8, help="images per combination (default 8)")
-    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance (default 3)")
-    p.add_argument("--steps", type=int, default=30, help="DDIM steps (default 30)")
-    p.add_argument("--classifier-epochs", type=int, default=15, help="epochs of the attribute classifier")
-    p.add_argument("--seed", type=int, default=0, help="seed of combinations, classifier and sampling")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    add_json(p, "one JSON object")
-    p.set_defaults(func=_run)

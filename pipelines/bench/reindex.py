@@ -29,9 +29,10 @@ from attribution_core.data.writers import SYNTH_SCHEMA, synthetic_rows, write_pa
 from attribution_core.errors import ConfigError
 from attribution_core.models.tiny import build_tiny_pipeline
 from pipelines.bench.s3_counter import CountingProxy
-from pipelines.commands.options import add_config, add_json, positive_float, positive_int
+from pipelines.index.job import IndexRequest, run_index
 from pipelines.index.listing import s3_listing_filesystem
 from pipelines.output import print_report
+from pipelines.ray_runtime import ensure_ray
 
 
 class ReadRun(TypedDict, total=False):
@@ -59,7 +60,6 @@ class Builds(TypedDict, total=False):
 
 def _builds(cfg: ProjectConfig, root: str, model: str, args: argparse.Namespace,
             *, proxy: CountingProxy | None) -> Builds:
-    from pipelines.index.job import IndexRequest, run_index
 
     data, index = f"{root}/data", f"{root}/index"
     write_parquet_dataset(data, synthetic_rows(args.n, seed=0, size=args.image_size), SYNTH_SCHEMA,
@@ -132,8 +132,7 @@ def _s3(bucket: str):
             server.stop()
 
 
-def _run(args: argparse.Namespace) -> int:
-    from pipelines.ray_runtime import ensure_ray
+def main(args: argparse.Namespace) -> int:
 
     cfg = ProjectConfig.load(args.config)
     cfg = dataclasses.replace(cfg, index=dataclasses.replace(cfg.index, kernel="block_diagonal", damping_rule="fixed",
@@ -153,24 +152,3 @@ def _run(args: argparse.Namespace) -> int:
     result["work"] = str(work)
     print_report(result, args.json)
     return 0
-
-
-def add_parser(bench: argparse._SubParsersAction, default_config: str) -> None:
-    p = bench.add_parser("reindex", help="bytes of the dataset a reindex reads after a small addition",
-                         description="Build the index of a Parquet dataset, add a share of new rows as one new "
-                         "file and reindex; print seconds and dataset bytes read by each build, on a local folder "
-                         "and on an S3-protocol server (moto's on 127.0.0.1 unless AWS_ENDPOINT_URL names one), "
-                         "where a counting proxy measures the bytes served. Runs its own local Ray.")
-    add_config(p, default_config, "featurize settings (the kernel is fixed block-diagonal: reads are measured)")
-    p.add_argument("--n", type=positive_int, default=4000, help="rows of the dataset (default 4000)")
-    p.add_argument("--rows-per-file", type=positive_int, default=100, help="rows per Parquet file (default 100)")
-    p.add_argument("--add", type=positive_float, default=0.005, help="share of rows added before the reindex "
-                   "(default 0.005)")
-    p.add_argument("--resolution", type=positive_int, default=16, help="the model's image side (default 16)")
-    p.add_argument("--image-size", type=positive_int, default=128, help="side of the stored images (default 128: "
-                   "files of megabytes, as real datasets have, so Parquet footer reads are a small part)")
-    p.add_argument("--where", choices=("local", "s3", "both"), default="both", help="storage to measure (default both)")
-    p.add_argument("--bucket", default="attribution-bench", help="S3 bucket (default attribution-bench)")
-    p.add_argument("--work", help="folder for the model, local dataset and index (default: a new temporary folder)")
-    add_json(p, "the result as one JSON object")
-    p.set_defaults(func=_run)

@@ -32,7 +32,15 @@ from typing import Any, TypedDict
 
 import yaml
 
-from pipelines.commands.options import add_json, positive_float, positive_int
+from attribution_core.config import FeaturizeConfig, ProjectionConfig, TimestepConfig
+from attribution_core.data.writers import synthetic_rows, write_synthetic
+from attribution_core.features.featurize import Featurizer
+from attribution_core.index.store import IndexStore
+from attribution_core.models.fingerprint import model_fingerprint
+from attribution_core.models.pipeline_dir import load_adapter
+from attribution_core.models.tiny import build_sd15_pipeline
+from pipelines.bench.featurize import _batch, _timed, _train_step
+from pipelines.bench.serve import _free_port
 from pipelines.output import print_result
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -215,11 +223,6 @@ def serve_one_query(config: Path, url: str, body: bytes, timeout_s: float) -> Se
 
 def model_costs(model_dir: Path, timesteps: int) -> ModelCosts:
     """Load and fingerprint time of the model, and featurize / training-step seconds on one example."""
-    from attribution_core.config import FeaturizeConfig, ProjectionConfig, TimestepConfig
-    from attribution_core.features.featurize import Featurizer
-    from attribution_core.models.fingerprint import model_fingerprint
-    from attribution_core.models.pipeline_dir import load_adapter
-    from pipelines.bench.featurize import _batch, _timed, _train_step
 
     started = time.perf_counter()
     adapter = load_adapter(model_dir)
@@ -262,10 +265,6 @@ def _config(work: Path, model: Path, data: str, examples: int, *, timesteps: int
 
 
 def run(work: Path, examples: int, timesteps: int, timeout_s: float) -> ScaleReport:
-    from attribution_core.data.writers import synthetic_rows, write_synthetic
-    from attribution_core.index.store import IndexStore
-    from attribution_core.models.tiny import build_sd15_pipeline
-    from pipelines.bench.serve import _free_port
 
     report: ScaleReport = {"examples": examples, "timesteps": timesteps, "resolution": 512, "latents": 64,
                            "work": str(work)}
@@ -301,7 +300,7 @@ def run(work: Path, examples: int, timesteps: int, timeout_s: float) -> ScaleRep
     return report
 
 
-def _run(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-scale-"))
     work.mkdir(parents=True, exist_ok=True)
     report = run(work, args.examples, args.timesteps, args.timeout)
@@ -325,15 +324,3 @@ def summary(report: ScaleReport) -> str:
         memory = ", ".join(f"{role} {mb / 1024:.1f} GiB" for role, mb in sorted(stage["peak_rss_mb"].items()))
         lines.append(f"  {name:<14} {stage['seconds']:>7} s   peak memory: {memory}")
     return "\n".join(lines)
-
-
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("scale", help="index -> learn-weights -> serve on a Stable Diffusion 1.5-sized pipeline",
-                       description=__doc__.split("\n\n")[1].replace("\n", " "))
-    p.add_argument("--examples", type=positive_int, default=4, help="512x512 training images to index (default 4)")
-    p.add_argument("--timesteps", type=positive_int, default=2, help="timesteps per example (default 2)")
-    p.add_argument("--work", help="folder for the model, data and index (default: a new temporary folder; "
-                                  "a folder from an earlier run reuses its model and data)")
-    p.add_argument("--timeout", type=positive_float, default=3600, help="seconds allowed per stage (default 3600)")
-    add_json(p, "the whole report as JSON")
-    p.set_defaults(func=_run)

@@ -45,7 +45,6 @@ from attribution_core.index.search import SearchIndex
 from attribution_core.index.store import IndexStore
 from attribution_core.weights.artifact import find_weights, weights_matrix
 from pipelines.bench.serve import mixture_rows
-from pipelines.commands.options import add_config, add_json, int_list, positive_int
 from pipelines.output import print_report
 
 log = logging.getLogger(__name__)
@@ -256,7 +255,7 @@ def run(index_uri: str, sizes: list[int], *, simulate: int, queries: int, k: int
                        threads=threads, results=results)
 
 
-def _run(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
     if min(args.rows) < MIN_TRAIN_ROWS or (args.simulate and args.simulate <= max(args.rows)):
         raise InputError(f"--rows must each be at least {MIN_TRAIN_ROWS} and --simulate 0 or more than the largest "
                          f"--rows; got {args.rows} and {args.simulate}")
@@ -272,25 +271,3 @@ def _run(args: argparse.Namespace) -> int:
                      work=Path(work), threads=args.threads, **overrides)
     print_report(report, args.json)
     return 0
-
-
-def add_parser(sub: argparse._SubParsersAction, default_config: str) -> None:
-    p = sub.add_parser("search", help="exact vs approximate search: latency, recall@k, build time, memory",
-                       description=__doc__.split("\n\n")[1].replace("\n", " "))
-    add_config(p, default_config)
-    p.add_argument("--index", help="index whose features the rows are drawn from (default: the config's index.out)")
-    p.add_argument("--rows", type=int_list, default=[100_000, 1_000_000],
-                   help="rows per run, comma-separated (default 100000,1000000; 10^6 rows of 5,312 "
-                        "coordinates take 10.6 GB of disk and as much memory for the exact tier)")
-    p.add_argument("--simulate", type=int, default=10_000_000,
-                   help="rows of the simulated run (the largest run's codes repeated; 0 = none; default 10000000)")
-    p.add_argument("--queries", type=positive_int, default=64, help="queries per run (default 64)")
-    p.add_argument("--k", type=positive_int, default=10, help="rows per aspect; recall is recall@k (default 10)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the rows, the queries and the quantisers (default 0)")
-    p.add_argument("--code-bytes", type=int, default=0, help="bytes per row's code (default: one per 8 coordinates)")
-    p.add_argument("--candidates", type=int, default=0, help="rows rescored per query (default: 1000)")
-    p.add_argument("--threads", type=positive_int, default=1,
-                   help="torch and FAISS threads, as in a searcher replica (serve.searcher_threads; default 1)")
-    p.add_argument("--work", help="folder for the row files (default: the system's temporary directory)")
-    add_json(p, "the result as one JSON object")
-    p.set_defaults(func=_run)

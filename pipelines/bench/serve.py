@@ -37,14 +37,25 @@ import yaml
 from attribution_core.config import ApproximateConfig, ProjectConfig, to_mapping
 from attribution_core.data.writers import synthetic_rows, write_synthetic
 from attribution_core.errors import ConfigError
+from attribution_core.features.query import featurize_images
+from attribution_core.index.approximate import RESCORING_THREADS, set_threads
 from attribution_core.index.manifest import Quarantine, Shard
+from attribution_core.index.opening import open_for_model
 from attribution_core.index.reader import load_index
 from attribution_core.index.schema import features_table
 from attribution_core.index.store import IndexStore, shard_name
 from attribution_core.models.pipeline_dir import is_model_dir
+from attribution_core.models.tiny import build_tiny_pipeline
 from attribution_core.weights.artifact import artifact_path, find_weights
-from pipelines.commands.options import add_config, add_json, add_ray_address, positive_int
+from attribution_core.weights.served import ServedIndex
+from pipelines.index.approximate import build_approximate
+from pipelines.index.job import IndexRequest, run_index
+from pipelines.models import load_model_dir
 from pipelines.output import print_report
+from pipelines.ray_runtime import ensure_ray
+from pipelines.serve.app import ServeArgs
+from pipelines.serve.protocol import replica_threads
+from pipelines.serve.runner import deploy, start, stop, wait_ready
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +84,6 @@ def synthetic_version(base_uri: str, out_uri: str, n: int, seed: int,
     and its approximate index as ``approximate`` (``index.approximate``) builds one (on Ray)."""
     import pyarrow as pa
 
-    from pipelines.index.approximate import build_approximate
 
     base = load_index(base_uri)
     store = IndexStore(out_uri)
@@ -82,10 +92,10 @@ def synthetic_version(base_uri: str, out_uri: str, n: int, seed: int,
     x = base.features
     spread = x.std(dim=0)
     shards = []
-    for start in range(0, n, SHARD_ROWS):
-        b = min(SHARD_ROWS, n - start)
+    for first in range(0, n, SHARD_ROWS):
+        b = min(SHARD_ROWS, n - first)
         rows, a = mixture_rows(x, spread, b, gen)
-        ids = [f"synthetic-{i:08d}" for i in range(start, start + b)]
+        ids = [f"synthetic-{i:08d}" for i in range(first, first + b)]
         keys = pa.table({"example_id": ids, "content_hash": ids, "uri": [f"synthetic://{i}" for i in ids],
                          "caption": [base.captions[j] for j in a.tolist()]})
         path = f"{store.version_dir(version)}/features/{shard_name(ids)}"
@@ -175,12 +185,6 @@ def standalone(cfg: ProjectConfig, model_dir: str, index_uri: str, rows: list[di
                *, aspects: list[str] | None, k: int) -> Floor:
     """The floor under the endpoint: featurizing and searching the same queries in this process,
     with the replicas' threads and search settings, no Serve between them (p50 ms of each)."""
-    from attribution_core.features.query import featurize_images
-    from attribution_core.index.approximate import RESCORING_THREADS, set_threads
-    from attribution_core.index.opening import open_for_model
-    from attribution_core.weights.served import ServedIndex
-    from pipelines.models import load_model_dir
-    from pipelines.serve.protocol import replica_threads
 
     scfg = cfg.serve
     adapter = load_model_dir(model_dir, "cpu")
@@ -214,11 +218,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(args: argparse.Namespace) -> int:
-    from pipelines.index.job import IndexRequest, run_index
-    from pipelines.ray_runtime import ensure_ray
-    from pipelines.serve.app import ServeArgs
-    from pipelines.serve.runner import deploy, start, stop, wait_ready
+def main(args: argparse.Namespace) -> int:
 
     if len(args.requests) != len(args.concurrency):
         raise ConfigError(f"--requests gives {len(args.requests)} counts for {len(args.concurrency)} --concurrency "
@@ -229,7 +229,6 @@ def _run(args: argparse.Namespace) -> int:
     model_dir = Path(cfg.model.path)
     trained = is_model_dir(model_dir)
     if not trained:
-        from attribution_core.models.tiny import build_tiny_pipeline
 
         t = cfg.train
         model_dir = build_tiny_pipeline("text", work / "model", resolution=t.resolution, widths=tuple(t.widths))
@@ -290,26 +289,3 @@ def _run(args: argparse.Namespace) -> int:
            "work": str(work)}
     print_report(out, args.json)
     return 0
-
-
-def add_parser(sub: argparse._SubParsersAction, default_config: str) -> None:
-    p = sub.add_parser("serve", help="query endpoint latency and throughput vs N and concurrency",
-                       description=__doc__.split("\n\n")[1].replace("\n", " "))
-    add_config(p, default_config)
-    p.add_argument("--n", type=positive_int, nargs="+", default=[10_000, 100_000],
-                   help="indexed rows per run (default 10000 100000)")
-    p.add_argument("--concurrency", type=positive_int, nargs="+", default=[1, 8],
-                   help="client concurrency levels (default 1 8)")
-    p.add_argument("--requests", type=positive_int, nargs="+", default=[60, 160],
-                   help="requests per concurrency level, one number per --concurrency (default 60 160)")
-    p.add_argument("--base", type=positive_int, default=256,
-                   help="real examples indexed to draw synthetic rows from (default 256)")
-    p.add_argument("--aspects", help="comma-separated aspects per request (default: serve.default_aspects)")
-    p.add_argument("--k", type=positive_int, default=10, help="training examples per aspect asked for (default 10)")
-    p.add_argument("--threads", type=int, help="torch threads of the featurizer (default: serve.threads; 0 = all CPUs)")
-    p.add_argument("--weights-from", help="index whose learned weights to serve with (same features), "
-                                          "e.g. artifacts/demo/index")
-    p.add_argument("--work", help="folder for the indexes (default: a temporary one)")
-    add_ray_address(p)
-    add_json(p, "the result as one JSON object")
-    p.set_defaults(func=_run)

@@ -23,10 +23,13 @@ import numpy as np
 import torch
 
 from attribution_core.config import ProjectConfig
+from attribution_core.index.reader import load_index
+from attribution_core.index.store import IndexStore
+from attribution_core.weights.artifact import artifact_path, check_weights
 from attribution_core.weights.objective import group_queries
 from attribution_core.weights.pools import mining_weightings, pools_from_state
 from attribution_core.weights.synthetic import BLOCK, synthetic_layout, synthetic_queries
-from pipelines.commands.options import add_config, add_json, add_ray_address
+from pipelines.evaluation.aspects import run_recall
 from pipelines.output import print_report
 from pipelines.ray_runtime import cluster_cpus, ensure_ray
 from pipelines.weights.scan import scan
@@ -69,10 +72,6 @@ class AspectRecall(TypedDict):
 def aspect_recall(cfg: ProjectConfig, index_uri: str, queries: int, k: int, *, seed: int) -> AspectRecall:
     """Recall@k of each aspect's attribute: its learned weights vs general vs uniform weights
     vs pixel kNN, for generated queries of known attributes (the evaluation's Recall@K)."""
-    from attribution_core.index.reader import load_index
-    from attribution_core.index.store import IndexStore
-    from attribution_core.weights.artifact import artifact_path, check_weights
-    from pipelines.evaluation.aspects import run_recall
 
     index = load_index(index_uri)
     manifest = index.manifest
@@ -87,7 +86,7 @@ def aspect_recall(cfg: ProjectConfig, index_uri: str, queries: int, k: int, *, s
                         table={a: {name: round(v, 4) for name, v in row.items()} for a, row in result.table.items()})
 
 
-def _run(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
     cfg = ProjectConfig.load(args.config)
     ensure_ray(args.ray_address)
     result: dict[str, Any] = {}
@@ -99,23 +98,3 @@ def _run(args: argparse.Namespace) -> int:
         result["recall"] = aspect_recall(cfg, args.index, args.eval_queries, args.k, seed=args.eval_seed)
     print_report(result, args.json)
     return 0
-
-
-def add_parser(bench: argparse._SubParsersAction, default_config: str) -> None:
-    p = bench.add_parser("weights", help="weight learning: scan and optimisation time against N; aspect recall",
-                         description="Time one mining scan (Ray Data) and one optimisation (Ray Train) for "
-                         "--queries synthetic queries at each N in --sizes; with --index, measure Recall@k of each "
-                         "aspect's attribute under learned aspect weights vs uniform (as JSON with --json).")
-    add_config(p, default_config, "weights settings")
-    p.add_argument("--sizes", default="10000,100000,1000000", help="index sizes N (default 10000,100000,1000000)")
-    p.add_argument("--queries", type=int, default=1000, help="learning queries (default 1000)")
-    p.add_argument("--groups", type=int, default=8, help="parameter groups of the synthetic features (default 8)")
-    p.add_argument("--dim", type=int, default=32, help="features per group (default 32)")
-    p.add_argument("--skip-scaling", action="store_true", help="only the recall measurement")
-    p.add_argument("--index", help="index with learned weights (e.g. artifacts/demo/index) for Recall@k")
-    p.add_argument("--eval-queries", type=int, default=96, help="evaluation queries for Recall@k (default 96)")
-    p.add_argument("--eval-seed", type=int, default=424242, help="their generation seed (apart from weights.seed)")
-    p.add_argument("--k", type=int, default=10, help="k of Recall@k (default 10)")
-    add_ray_address(p)
-    add_json(p, "the result as one JSON object")
-    p.set_defaults(func=_run)

@@ -6,19 +6,18 @@ import argparse
 import json
 from pathlib import Path
 
+import yaml
+
+from attribution_core.config import ProjectConfig, to_mapping
+from attribution_core.config_reference import reference_markdown
 from pipelines.commands.options import add_config, add_json
 from pipelines.output import print_result
 
 
 def _run(args: argparse.Namespace) -> int:
-    from attribution_core.config import ProjectConfig, to_mapping
-    from attribution_core.config_reference import reference_markdown
-
     if args.reference:
         text = reference_markdown()
     else:
-        import yaml
-
         resolved = to_mapping(ProjectConfig.load(args.config))
         text = (json.dumps(resolved, indent=2) if args.json else yaml.safe_dump(resolved, sort_keys=False)) + "\n"
     if args.out:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 
-from attribution_core.synthetic_vocabulary import BACKGROUNDS, STYLES, SUBJECTS
 from attribution_core.data.textures import TEXTURES
 from attribution_core.data.writers import write_synthetic
 from attribution_core.errors import ConfigError
+from attribution_core.synthetic_vocabulary import BACKGROUNDS, STYLES, SUBJECTS
 from pipelines.commands.options import add_json
 from pipelines.output import print_result
 

@@ -9,10 +9,10 @@ import pyarrow as pa
 
 from attribution_core.data.images import encode_png
 from attribution_core.data.writers import write_parquet_dataset
-from attribution_core.seeding import content_id
 from attribution_core.models.sampling import SCHEDULERS, generate
-from pipelines.models import load_model_dir
+from attribution_core.seeding import content_id
 from pipelines.commands.options import add_base, add_json
+from pipelines.models import load_model_dir
 from pipelines.output import print_result
 
 SCHEMA = pa.schema([

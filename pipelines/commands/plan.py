@@ -5,12 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 
+from attribution_core.config import ProjectConfig
 from pipelines.commands.options import add_config, add_json, positive_float, positive_int
 from pipelines.output import print_result
 
+#: The endpoint's own latency beyond featurize + search: the p50 of `attribution bench serve`
+#: over its standalone floor (README, "How large a cluster").
+ENDPOINT_OVERHEAD_MS = 45.4
+
 
 def _run(args: argparse.Namespace) -> int:
-    from attribution_core.config import ProjectConfig
     from pipelines.capacity import calibrate, plan, plan_text
 
     cfg = ProjectConfig.load(args.config)
@@ -21,8 +25,6 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction, default_config: str) -> None:
-    from pipelines.capacity import ENDPOINT_OVERHEAD_MS
-
     p = sub.add_parser(
         "plan", help="capacity plan: index hours, storage, searchers and query latency for N rows on G devices",
         description="Calibrate on the config's model and this machine's device (featurize a few batches of "
