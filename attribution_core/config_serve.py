@@ -58,14 +58,13 @@ class ServeConfig:
     GPU when CUDA is present."""
     threads: int = 1
     """torch threads per featurizer replica; 0 = the machine's CPU count. On CPU one thread
-    featurized a demo query in 96 ms inside a replica, two threads in 120 ms (the tiny ops of
-    one image do not split well and the second thread competes with the other replicas)."""
+    was faster than two for a demo query (the small ops of one image do not split well and a
+    second thread competes with the other replicas; benchmarks/README.md, "Thread settings")."""
     searcher_threads: int = 1
     """Threads per searcher replica. Exact: torch's, for the float16 scan, which is
     memory-bound: one thread per partition, partitions scanning in parallel, beats one
-    partition on several threads (10^5 rows x 5,312: 2 x 50k on one thread each ~20 ms, 100k
-    on two threads ~35 ms). Approximate: each query's scan of the codes is split into this
-    many slices, one thread each (10^6 rows' codes: 90.8 ms in one slice, 49.7 in two)."""
+    partition on several threads. Approximate: each query's scan of the codes is split into
+    this many slices, one thread each (benchmarks/README.md, "Thread settings")."""
     cpus_per_replica: float = 0.5
     """CPUs reserved per featurizer / searcher replica (fractional on small machines)."""
     gpus_per_replica: float = 1.0

@@ -37,8 +37,8 @@ ADD_ROWS = 16_384  # rows coded at a time: bounds the float32 copy
 MIN_SLICE_ROWS = 32_768  # fewer rows per slice are scanned faster by one thread than split
 # torch threads of a process that searches approximately. The slices of a query's scan run on
 # threads of their own (``prepare``), and torch's OpenMP threads keep spinning after a product,
-# taking the cores the slices scan on (10^6 rows in 2 slices: 49.7 ms a query alone, 82.9 ms
-# after a product on 2 torch threads); rescoring 1,000 candidates takes a few ms on one.
+# taking the cores the slices scan on; rescoring 1,000 candidates takes a few ms on one
+# (benchmarks/README.md, "Thread settings").
 RESCORING_THREADS = 1
 
 RowReader = Callable[[np.ndarray], torch.Tensor]  # row numbers -> the stored rows, [len, D]
@@ -71,8 +71,8 @@ class AnnSettings:
 def set_threads(threads: int) -> None:
     """Threads of FAISS's scans (process-wide). Keep it at torch's count for the searcher:
     FAISS and torch each bring an OpenMP runtime whose idle threads spin after a parallel
-    region, so two of them on few cores slow each other (measured at 10^5 rows on 2 CPUs:
-    25 ms for 5 queries' candidates with 2 FAISS threads next to torch, 12 ms with 1)."""
+    region, so two of them on few cores slow each other (benchmarks/README.md, "Thread
+    settings")."""
     import faiss
 
     faiss.omp_set_num_threads(max(1, threads))
