@@ -44,10 +44,10 @@ class AspectPools:
 
     def rows(self, rank: int, world: int) -> dict[str, torch.Tensor]:
         """This worker's queries (query i goes to worker i mod world) as tensors."""
-        take = slice(rank, None, world)
-        return {"contrib": torch.from_numpy(np.asarray(self.contrib)[take]),
-                "valid": torch.from_numpy(np.asarray(self.valid)[take]),
-                "noise": torch.from_numpy(np.asarray(self.noise)[take])}
+        take = slice(rank, None, world)  # copied: arrays from Ray's object store are read-only
+        return {"contrib": torch.tensor(np.asarray(self.contrib)[take]),
+                "valid": torch.tensor(np.asarray(self.valid)[take]),
+                "noise": torch.tensor(np.asarray(self.noise)[take])}
 
 
 @dataclasses.dataclass(frozen=True)
