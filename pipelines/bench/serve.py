@@ -54,7 +54,7 @@ from pipelines.models import load_model_dir
 from pipelines.output import print_report
 from pipelines.ray_runtime import ensure_ray
 from pipelines.serve.app import ServeArgs
-from pipelines.serve.protocol import replica_threads
+from pipelines.serve.messages import replica_threads
 from pipelines.serve.runner import deploy, start, stop, wait_ready
 
 log = logging.getLogger(__name__)

@@ -238,7 +238,6 @@ def _featurize(cfg: ProjectConfig, req: IndexRequest, model: ModelRecord, source
 
 class ActorPlacement(TypedDict, total=False):
     """Ray's placement options of the index actors (``index.placement``, ``index.actor_resources``)."""
-
     scheduling_strategy: str
     resources: dict[str, float]
 

@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field
 from attribution_core.config import ProjectConfig, ServeConfig, to_mapping
 from pipelines.serve.deployments import IndexSearcher, QueryFeaturizer
 from pipelines.serve.ingress import AttributionAPI
-from pipelines.serve.protocol import QueryModel, ServedVersion
+from pipelines.serve.messages import QueryModel, ServedVersion
 
 APP_NAME = "attribution"
 INGRESS = "AttributionAPI"

@@ -26,7 +26,7 @@ from attribution_core.index.approximate import RESCORING_THREADS, set_threads
 from attribution_core.weights.served import PartitionInfo, ServedIndex
 from pipelines.serve.featurize import QueryFeatures
 from pipelines.serve.follow import FollowLatest
-from pipelines.serve.protocol import (FeaturizeItem, PartitionAnswer, QueryFeature, QueryModel, Refusal, SearchItem,
+from pipelines.serve.messages import (FeaturizeItem, PartitionAnswer, QueryFeature, QueryModel, Refusal, SearchItem,
                                       ServedVersion, batch_settings, replica_threads, served_version)
 
 log = logging.getLogger("ray.serve")

@@ -28,7 +28,7 @@ from attribution_core.models.adapters import ExampleBatch
 from attribution_core.models.fingerprint import model_fingerprint
 from pipelines.models import load_model_dir, quiet_libraries
 from pipelines.serve.follow import FollowLatest
-from pipelines.serve.protocol import (FeatureCache, FeaturizeItem, QueryFeature, QueryModel, Refusal, ServedVersion,
+from pipelines.serve.messages import (FeatureCache, FeaturizeItem, QueryFeature, QueryModel, Refusal, ServedVersion,
                                       batch_settings, replica_threads, served_version)
 
 log = logging.getLogger("ray.serve")

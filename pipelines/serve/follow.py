@@ -6,7 +6,7 @@ import asyncio
 import logging
 
 from attribution_core.index.store import IndexStore
-from pipelines.serve.protocol import ServedVersion
+from pipelines.serve.messages import ServedVersion
 
 log = logging.getLogger("ray.serve")
 

@@ -24,11 +24,12 @@ from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from attribution_core.answers import UNIFORM
 from attribution_core.config import ServeConfig, from_mapping
 from attribution_core.errors import ConfigError, RequestError
-from pipelines.serve.protocol import (UNIFORM, AnsweredFrom, AttributionRequest, AttributionResponse, FeaturizeItem,
-                                      IndexDescription, PartitionAnswer, PartitionDescription, QueryEcho, QueryFeature,
-                                      QueryModel, Refusal, SearchItem, Timing, merge_partitions, multipart_schema,
+from pipelines.serve.messages import FeaturizeItem, PartitionAnswer, QueryFeature, QueryModel, Refusal, SearchItem
+from pipelines.serve.protocol import (AnsweredFrom, AttributionRequest, AttributionResponse, IndexDescription,
+                                      PartitionDescription, QueryEcho, Timing, merge_partitions, multipart_schema,
                                       plan_queries)
 
 log = logging.getLogger("ray.serve")

@@ -13,8 +13,8 @@ from attribution_core.index.manifest import Shard
 from attribution_core.index.reader import partition_shards
 from attribution_core.index.scoring import preconditioned_queries, topk_reference, weighted_queries
 from attribution_core.index.search import PACK_ROWS, SearchIndex, fbgemm_available
-from pipelines.serve.protocol import (PartitionAnswer, RequestError, build_query, merge_partitions, parse_aspects,
-                                      parse_k)
+from pipelines.serve.messages import PartitionAnswer
+from pipelines.serve.protocol import RequestError, build_query, merge_partitions, parse_aspects, parse_k
 
 
 def layout(dims=(24, 40, 16)) -> GroupLayout:

@@ -14,7 +14,7 @@ import yaml
 
 from attribution_core.config import ProjectConfig, from_mapping
 from pipelines.serve.app import IMPORT_PATH, ServeArgs
-from pipelines.serve.protocol import ServedVersion
+from pipelines.serve.messages import ServedVersion
 from pipelines.serve.runner import application_config
 
 ROOT = Path(__file__).resolve().parents[2]

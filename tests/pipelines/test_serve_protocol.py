@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from attribution_core.config_serve import ServeConfig
-from pipelines.serve.protocol import (AttributionRequest, FeatureCache, FeaturizeItem, QueryFeature, RequestError,
-                                      build_query, check_image, multipart_schema)
+from pipelines.serve.messages import FeatureCache, FeaturizeItem, QueryFeature
+from pipelines.serve.protocol import AttributionRequest, RequestError, build_query, check_image, multipart_schema
 
 
 def png_header(width: int, height: int) -> bytes:
