@@ -40,7 +40,7 @@ from attribution_core.features.groups import build_layout
 from pipelines.commands import bench, config, data, evaluate, generate, index, plan, reindex, serve, train, weights
 from pipelines.commands.options import DEFAULT_CONFIG, add_base, add_config, add_json, int_list, positive_int
 from pipelines.failures import error_in_traceback, user_error
-from pipelines.output import print_result, stdout_for_result
+from pipelines.output import print_result, quiet_libraries, stdout_for_result
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -138,8 +138,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
-    from pipelines.models import quiet_libraries
-
     quiet_libraries()
     try:
         if getattr(args, "json", False):  # the result alone on stdout, even when Ray forwards cluster logs

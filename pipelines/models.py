@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import warnings
 from pathlib import Path
 
 import torch
 
-from attribution_core.models.adapters import DiffusersAdapter
-from attribution_core.models.pipeline_dir import is_model_dir, load_adapter
 from attribution_core.config import ModelConfig
 from attribution_core.errors import ConfigError
 from attribution_core.index.manifest import IndexManifest
+from attribution_core.models.adapters import DiffusersAdapter
+from attribution_core.models.pipeline_dir import is_model_dir, load_adapter
 from attribution_core.models.tiny import build_tiny_pipeline
 
 log = logging.getLogger(__name__)
@@ -70,17 +68,3 @@ def manifest_model(manifest: IndexManifest, device: str = "auto", path: str | No
     """The model an index version was built with (``path`` instead of the recorded one; the
     recorded base of a LoRA either way)."""
     return ModelRef.of_manifest(manifest, path).load(device)
-
-
-def quiet_libraries() -> None:
-    """Silence third-party progress bars and advice that would bury our own output."""
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    warnings.filterwarnings("ignore", message=".*batching rule.*")
-    from diffusers.utils import logging as dlog
-    from transformers.utils import logging as tlog
-
-    dlog.set_verbosity_error()
-    tlog.set_verbosity_error()
-    tlog.disable_progress_bar()

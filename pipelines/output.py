@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
+import warnings
 from collections.abc import Iterator
 from typing import Any, TextIO
 
@@ -74,3 +76,24 @@ def _table(rows: list[dict[str, Any]]) -> list[str]:
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
     return ["  " + "  ".join(c.rjust(w) for c, w in zip(columns, widths))] + [
         "  " + "  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells]
+
+
+def quiet_libraries() -> None:
+    """Silence third-party progress bars and advice that would bury our own output.
+
+    diffusers, transformers and the hub read these settings from the environment when they are
+    imported, so a command that stops before loading a model (a config error) does not pay for
+    importing them; a library already imported in this process is told directly."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore", message=".*batching rule.*")
+    if "diffusers" in sys.modules:
+        from diffusers.utils import logging as dlog
+
+        dlog.set_verbosity_error()
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as tlog
+
+        tlog.set_verbosity_error()
+        tlog.disable_progress_bar()

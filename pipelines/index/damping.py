@@ -22,7 +22,8 @@ from attribution_core.index.kernel import coarsest, kernel_candidates, sub_grams
 from attribution_core.index.manifest import KernelChoice, KernelStats
 from attribution_core.index.store import IndexStore
 from pipelines.index.commit import gram_pass, write_stats
-from pipelines.models import ModelRef, quiet_libraries
+from pipelines.models import ModelRef
+from pipelines.output import quiet_libraries
 from pipelines.ray_runtime import cluster_cpus
 from pipelines.weights.queries import learning_queries, prompts_for
 from pipelines.weights.scan import scan

@@ -14,7 +14,8 @@ from attribution_core.index.batch import ImageLimits, index_batch
 from attribution_core.index.kernel import partial_gram
 from attribution_core.index.source import SourceSpec, normalize
 from attribution_core.index.store import IndexStore, shard_name
-from pipelines.models import ModelRef, quiet_libraries
+from pipelines.models import ModelRef
+from pipelines.output import quiet_libraries
 
 SUMMARY_SCHEMA = pa.schema([("shard", pa.string()), ("rows", pa.int64()), ("errors", pa.int64()),
                             ("bytes", pa.int64()), ("seconds", pa.float64()), ("call", pa.int64()),

@@ -26,7 +26,8 @@ from attribution_core.index.opening import open_for_model
 from attribution_core.index.store import IndexStore
 from attribution_core.models.adapters import ExampleBatch
 from attribution_core.models.fingerprint import model_fingerprint
-from pipelines.models import load_model_dir, quiet_libraries
+from pipelines.models import load_model_dir
+from pipelines.output import quiet_libraries
 from pipelines.serve.follow import FollowLatest
 from pipelines.serve.messages import (FeatureCache, FeaturizeItem, QueryFeature, QueryModel, Refusal, ServedVersion,
                                       batch_settings, replica_threads, served_version)
