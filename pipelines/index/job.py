@@ -89,10 +89,12 @@ class IndexRequest:
         return ModelRef(self.model, self.base)
 
 
-def _actors(cfg: ProjectConfig) -> tuple[int, int, str]:
+def _actors(cfg: ProjectConfig, batches: int) -> tuple[int, int, str]:
     """(actors, torch threads per actor, device). On GPUs, ``index.actors: 0`` starts as many
     as fit in the GPUs free now (an endpoint's fraction of a GPU stays its own); on CPUs one
-    per CPU, as many as leave a CPU to the read tasks (fewer would wait forever)."""
+    per CPU, as many as leave a CPU to the read tasks (fewer would wait forever). Never more
+    than the ``batches`` to featurize: an update of a few rows starts one actor (one model
+    load), not the pool a full build uses."""
     gpus, cpus = cluster_gpus(), cluster_cpus()
     free = ray.available_resources().get("GPU", 0.0)
     n = cfg.index.actors or (gpu_actors_that_fit(gpus, free, cfg.index.gpus_per_actor) if gpus else cpus)
@@ -105,6 +107,9 @@ def _actors(cfg: ProjectConfig) -> tuple[int, int, str]:
         log.warning("%d index actors of %g CPU would leave the cluster's %d CPU no room for read tasks; starting %d "
                     "(index.actors, index.cpus_per_actor)", n, cfg.index.cpus_per_actor, cpus, fit)
         n = fit
+    if batches < n:
+        log.info("%d batch(es) to featurize: starting %d of %d index actors", batches, max(1, batches), n)
+        n = max(1, batches)
     threads = cfg.index.threads_per_actor or max(1, cpus // n)
     return n, threads, "cuda" if gpus else "cpu"
 
@@ -203,7 +208,7 @@ def _featurize(cfg: ProjectConfig, req: IndexRequest, model: ModelRecord, source
                store: IndexStore, version: str, files: list[str] | None) -> _Featurized:
     """Featurize ``plan.todo`` on a pool of ``IndexActor``s, one shard per batch (reading only
     the Parquet ``files`` that hold them, when known)."""
-    n_actors, threads, device = _actors(cfg)
+    n_actors, threads, device = _actors(cfg, batches=math.ceil(len(plan.todo) / cfg.index.batch_size))
     done = _Featurized(n_actors, threads, device)
     if not len(plan.todo):
         return done

@@ -50,6 +50,7 @@ def test_a_reindex_reads_only_new_and_changed_files(where, tmp_path, s3_base, ra
     _write_file(data, "part-zz-added.parquet", added)
     grown = run_index(cfg, IndexRequest(dataset=data, model=model, out=index))
     assert grown["featurized"] == 3 and grown["rows"] == N + 3
+    assert first["actors"] == 2 and grown["actors"] == 1  # one batch to featurize: one actor, one model load
     assert (grown["source_files_unchanged"], grown["source_files_hashed"], grown["source_files_featurized"]) == (5, 1, 1)
     assert grown["source_bytes_read"] == _sizes(data)["part-zz-added.parquet"]
 
