@@ -85,7 +85,7 @@ def test_an_index_job_that_cannot_be_placed_stops_and_says_why(cluster, s3_base,
     fails silently; it stops after ``cluster.stall_timeout_s`` with what it asked for."""
     cluster.revive(WORKERS)
     data = write_rows(f"{s3_base}/unplaceable-data", list(synthetic_rows(16, seed=3, size=16)))
-    cfg = config(tmp_path, index={"actors": 2, "actor_resources": {"gpu-node": 1}}, cluster={"stall_timeout_s": 8})
+    cfg = config(tmp_path, index={"actors": 2, "actor_resources": {"gpu-node": 1}}, cluster={"stall_timeout_s": 4})
     start = time.monotonic()
     run = attribution(cluster, "index", "--config", cfg, "--model", model_dirs["text"], "--dataset", data,
                       "--out", f"{s3_base}/unplaceable-index", timeout=300)
