@@ -63,7 +63,8 @@ class IndexConfig:
     """Featurizing actors; 0 = as many as fit in the GPUs free when the job starts
     (``gpus_per_actor`` each) when the cluster has GPUs, else one per CPU of the cluster (on
     CPU, single-threaded actors in parallel outrun one multi-threaded actor: 1.9x vs 1.4x for
-    two cores with the demo model). On CPUs, never more than leave one CPU to the read tasks."""
+    two cores with the demo model). On CPUs, never more than leave one CPU to the read tasks;
+    never more than the batches to featurize (an update of a few rows starts one)."""
     cpus_per_actor: float = 0.5
     """CPUs reserved per actor (fractional on small machines so read tasks still get a CPU)."""
     gpus_per_actor: float = 1.0
