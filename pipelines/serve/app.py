@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from attribution_core.config import ProjectConfig, ServeConfig, to_mapping
-from pipelines.serve.deployments import IndexSearcher, QueryFeaturizer
+from pipelines.serve.deployments import DRAIN_CHECK_S, IndexSearcher, QueryFeaturizer
 from pipelines.serve.ingress import AttributionAPI
 from pipelines.serve.messages import QueryModel, ServedVersion
 
@@ -82,7 +82,8 @@ def build_app(args: ServeArgs | dict[str, Any]):
     ]
     serve_settings = to_mapping(scfg)
 
-    ingress = serve.deployment(AttributionAPI, name=INGRESS, max_ongoing_requests=256)
+    ingress = serve.deployment(AttributionAPI, name=INGRESS, max_ongoing_requests=256,
+                               graceful_shutdown_wait_loop_s=DRAIN_CHECK_S)
     model = QueryModel(config_path=args.config, model_dir=args.model, threads=scfg.threads, base=args.base)
     if scfg.featurize_in == "ingress":  # the ingress's replicas hold the model
         return ingress.options(num_replicas=scfg.featurizer_replicas,
