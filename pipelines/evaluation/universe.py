@@ -32,6 +32,7 @@ from attribution_core.data.readers import RawExample, label_text, read_examples
 from attribution_core.data.writers import read_marker, write_parquet_dataset
 from attribution_core.errors import ConfigError, InputError
 from attribution_core.features.query import query_batch
+from attribution_core.index.kernel import LAYER_BLOCK
 from attribution_core.models.adapters import ExampleBatch
 from attribution_core.models.checkpoints import model_checkpoints
 from attribution_core.models.pipeline_dir import is_model_dir
@@ -155,12 +156,18 @@ def universe_model(cfg: ProjectConfig, universe: Universe, folder: Path) -> tupl
 
 
 def basis_config(cfg: ProjectConfig, basis: str, index_out: str) -> ProjectConfig:
-    """The config a basis is indexed and learned with: its measurement, kernel and weights name."""
+    """The config a basis is indexed and learned with: its measurement, kernel and weights name.
+
+    An index that no evaluated basis scores through the kernel of (the loss gradients of
+    TracIn without TRAK) keeps the Gram and a per-layer kernel (the smallest blocks) at the
+    fixed damping: choosing one by the objective would generate and score queries for nothing."""
     measurement, kernel = BASES[basis].measurement, BASES[basis].kernel
     ecfg = cfg.evaluate
+    index = dataclasses.replace(cfg.index, out=index_out)
+    if not any(BASES[b].kernel for b in ecfg.bases if BASES[b].measurement == measurement):
+        index = dataclasses.replace(index, kernel=LAYER_BLOCK, damping_rule="fixed")
     return dataclasses.replace(
-        cfg, featurize=dataclasses.replace(cfg.featurize, measurement=measurement),
-        index=dataclasses.replace(cfg.index, out=index_out),
+        cfg, featurize=dataclasses.replace(cfg.featurize, measurement=measurement), index=index,
         weights=dataclasses.replace(cfg.weights, name=basis, use_kernel=kernel, aspects=("general",),
                                     queries_per_aspect=ecfg.weights_queries))
 
