@@ -18,7 +18,7 @@ from attribution_core.index.store import IndexStore
 from tests.pipelines.conftest import FEATURIZE, read_index
 
 ROOT = Path(__file__).resolve().parents[2]
-N = 96
+N = 48
 
 
 def index_command(config: Path, data: str, model: str, out: str, address: str) -> list[str]:
