@@ -159,11 +159,12 @@ def test_index_job_on_two_worker_nodes_survives_losing_one(cluster, s3_base, mod
 
 @pytest.fixture(scope="module")
 def cluster_index(cluster, s3_base, model_dirs, tmp_path_factory):
-    """64 examples indexed on the cluster, for the weights and the endpoint."""
+    """64 examples indexed on the cluster, for the weights and the endpoint: by one actor (the
+    index test spreads actors over the nodes; with the cluster's start, 67 s with three, 43 s with one)."""
     cluster.revive(WORKERS)
     data, out = f"{s3_base}/cluster-data", f"{s3_base}/cluster-index"
     write_rows(data, list(synthetic_rows(64, seed=21, size=16)))
-    cfg = config(tmp_path_factory.mktemp("cluster-index"))
+    cfg = config(tmp_path_factory.mktemp("cluster-index"), index={"actors": 1, "batch_size": 16})
     run = attribution(cluster, "index", "--config", cfg, "--model", model_dirs["text"], "--dataset", data,
                       "--out", out, "--json")
     assert run.returncode == 0, run.stderr[-3000:]
