@@ -11,11 +11,11 @@ import pytest
 
 from attribution_core.config import ReindexConfig
 from attribution_core.data.storage import filesystem_for
-from pipelines.index.listing import list_tree
 from attribution_core.data.writers import SYNTH_SCHEMA, synthetic_rows, write_parquet_dataset
 from attribution_core.index.plan import keys_digest
 from attribution_core.index.store import IndexStore
 from pipelines.index.job import IndexRequest, run_index
+from pipelines.index.listing import list_tree
 from pipelines.index.scan import scan_keys
 from pipelines.reindex.job import changes_between, relearn_decision
 from tests.pipelines.conftest import project
