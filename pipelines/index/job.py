@@ -29,6 +29,7 @@ from attribution_core.index.store import IndexStore, shard_name
 from attribution_core.models.fingerprint import model_fingerprint
 from attribution_core.models.recipe import resolve_columns
 from attribution_core.timing import Stopwatch
+from pipelines.index.actors import actor_placement, actor_pool
 from pipelines.index.approximate import build_approximate
 from pipelines.index.commit import check_exactly_once, dedupe, refuse_if_quarantined, shard_ids
 from pipelines.index.damping import kernel_settings, kernel_stats
@@ -36,12 +37,10 @@ from pipelines.index.listing import CurrentKeys, listing_summary, write_source_k
 from pipelines.index.scan import choose_base, concat_keys, current_keys, read_source, shard_keys
 from pipelines.index.stages import IndexActor, rewrite_shard
 from pipelines.models import ModelRef
-from pipelines.ray_runtime import (cluster_cpus, cluster_gpus, ensure_ray, require_shared_storage, retry_on_node_loss,
-                                   watched)
+from pipelines.ray_runtime import ensure_ray, require_shared_storage, retry_on_node_loss, watched
 
 log = logging.getLogger(__name__)
 MODES = ("auto", "incremental", "full")
-READ_CPUS = 1  # what Ray Data's read tasks ask for; the actor pool leaves it free
 
 
 class IndexSummary(TypedDict, total=False):
@@ -87,43 +86,6 @@ class IndexRequest:
     @property
     def model_ref(self) -> ModelRef:
         return ModelRef(self.model, self.base)
-
-
-def _actors(cfg: ProjectConfig, batches: int) -> tuple[int, int, str]:
-    """(actors, torch threads per actor, device). On GPUs, ``index.actors: 0`` starts as many
-    as fit in the GPUs free now (an endpoint's fraction of a GPU stays its own); on CPUs one
-    per CPU, as many as leave a CPU to the read tasks (fewer would wait forever). Never more
-    than the ``batches`` to featurize: an update of a few rows starts one actor (one model
-    load), not the pool a full build uses."""
-    gpus, cpus = cluster_gpus(), cluster_cpus()
-    free = ray.available_resources().get("GPU", 0.0)
-    n = cfg.index.actors or (gpu_actors_that_fit(gpus, free, cfg.index.gpus_per_actor) if gpus else cpus)
-    if gpus and n * cfg.index.gpus_per_actor > gpus:
-        raise ConfigError(f"the index job's {n} actors ask for {n * cfg.index.gpus_per_actor:g} GPU (index.actors x "
-                          f"index.gpus_per_actor), more than the cluster's {gpus}: lower index.actors or "
-                          "index.gpus_per_actor")
-    fit = max(1, math.floor((cpus - READ_CPUS) / cfg.index.cpus_per_actor + 1e-9))
-    if n > fit:  # actors holding every CPU would leave none to the read tasks that feed them: a hang
-        log.warning("%d index actors of %g CPU would leave the cluster's %d CPU no room for read tasks; starting %d "
-                    "(index.actors, index.cpus_per_actor)", n, cfg.index.cpus_per_actor, cpus, fit)
-        n = fit
-    if batches < n:
-        log.info("%d batch(es) to featurize: starting %d of %d index actors", batches, max(1, batches), n)
-        n = max(1, batches)
-    threads = cfg.index.threads_per_actor or max(1, cpus // n)
-    return n, threads, "cuda" if gpus else "cpu"
-
-
-def gpu_actors_that_fit(total: int, free: float, per_actor: float) -> int:
-    """Actors of ``per_actor`` GPUs that fit in ``free`` of the cluster's ``total`` GPUs (at
-    least one). An actor of a whole GPU or more takes only GPUs nobody holds a part of (an
-    endpoint's replica of 0.25 GPU keeps its GPU); fractional actors fill what is free."""
-    whole_free = total - math.ceil(total - free - 1e-9)
-    fit = int(whole_free // per_actor) if per_actor >= 1 else int(free / per_actor + 1e-9)
-    if fit < 1:
-        log.warning("no GPU is free for the index job (%g of %d free): starting one actor, which waits for one",
-                    free, total)
-    return max(1, fit)
 
 
 def describe_model(ref: ModelRef, cfg: ProjectConfig) -> tuple[ModelRecord, GroupLayout]:
@@ -208,7 +170,7 @@ def _featurize(cfg: ProjectConfig, req: IndexRequest, model: ModelRecord, source
                store: IndexStore, version: str, files: list[str] | None) -> _Featurized:
     """Featurize ``plan.todo`` on a pool of ``IndexActor``s, one shard per batch (reading only
     the Parquet ``files`` that hold them, when known)."""
-    n_actors, threads, device = _actors(cfg, batches=math.ceil(len(plan.todo) / cfg.index.batch_size))
+    n_actors, threads, device = actor_pool(cfg, batches=math.ceil(len(plan.todo) / cfg.index.batch_size))
     done = _Featurized(n_actors, threads, device)
     if not len(plan.todo):
         return done
@@ -221,7 +183,7 @@ def _featurize(cfg: ProjectConfig, req: IndexRequest, model: ModelRecord, source
         IndexActor, fn_constructor_kwargs=actor_kwargs, batch_size=cfg.index.batch_size,
         batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=n_actors),
         num_cpus=cfg.index.cpus_per_actor, num_gpus=cfg.index.gpus_per_actor if device == "cuda" else 0,
-        **_placement(cfg))
+        **actor_placement(cfg))
     check_at = cfg.index.quarantine_check_rows
     asks = (f"{n_actors} actors of {cfg.index.cpus_per_actor:g} CPU"
             + (f" and {cfg.index.gpus_per_actor:g} GPU" if device == "cuda" else "")
@@ -239,22 +201,6 @@ def _featurize(cfg: ProjectConfig, req: IndexRequest, model: ModelRecord, source
             done.warm_rows += row["rows"] + row["errors"]
             done.warm_busy += row["seconds"]
     return done
-
-
-class ActorPlacement(TypedDict, total=False):
-    """Ray's placement options of the index actors (``index.placement``, ``index.actor_resources``)."""
-    scheduling_strategy: str
-    resources: dict[str, float]
-
-
-def _placement(cfg: ProjectConfig) -> ActorPlacement:
-    """Ray's placement options of the actors: ``index.placement`` and ``index.actor_resources``."""
-    options: ActorPlacement = {}
-    if cfg.index.placement == "SPREAD":
-        options["scheduling_strategy"] = "SPREAD"
-    if cfg.index.actor_resources:
-        options["resources"] = dict(cfg.index.actor_resources)
-    return options
 
 
 def _stop_if_quarantined(cfg: ProjectConfig, store: IndexStore, version: str, done: _Featurized, *, todo: int) -> None:

@@ -12,7 +12,7 @@ import ray
 from attribution_core.config import ClusterConfig, ProjectConfig, from_mapping
 from attribution_core.errors import ConfigError
 from pipelines import ray_runtime
-from pipelines.index.job import gpu_actors_that_fit
+from pipelines.index.actors import gpu_actors_that_fit
 
 
 @pytest.mark.parametrize("total, free, per_actor, expected", [

@@ -215,7 +215,7 @@ def test_cronjob_creates_the_reindex_rayjob_with_the_rights_it_needs():
 def test_one_gpu_pool_split_between_the_endpoint_and_the_index_job():
     """deploy/README.md, "One GPU pool": the endpoint's model replicas take a fraction of the
     RayService's GPUs, and an index job on that cluster takes the GPUs they leave whole."""
-    from pipelines.index.job import gpu_actors_that_fit
+    from pipelines.index.actors import gpu_actors_that_fit
 
     cfg = ProjectConfig.load(DEPLOY / "cluster.yaml")
     (_, service), = of_kind("RayService")
