@@ -54,6 +54,8 @@ def test_unconditional_dataset_without_captions_or_attributes(tmp_path, ray_clus
     values = [v for by_damping in chosen["objective"].values() for v in by_damping.values()]
     assert min(values) == chosen["objective"][chosen["kernel"]][str(chosen["damping"])]
     assert "kernel_choice" not in metrics["lds"]["tracin"]
+    loss_index = IndexStore(str(tmp_path / "eval" / "lds" / "index-loss")).latest()  # no basis here uses its kernel
+    assert loss_index.stats["kernel_choice"]["rule"] == "fixed" and loss_index.stats["kernel"] == "layer_block"
     assert metrics["recall_at_10"] == {} and "none-conditioned" in metrics["info"]["recall_skipped"]
     assert metrics["info"]["query_mix"] == "3 generated, 2 held-out real"
     report = (tmp_path / "eval" / "report.html").read_text()
