@@ -36,9 +36,9 @@ def actor_pool(cfg: ProjectConfig, batches: int) -> tuple[int, int, str]:
         log.warning("%d index actors of %g CPU would leave the cluster's %d CPU no room for read tasks; starting %d "
                     "(index.actors, index.cpus_per_actor)", n, cfg.index.cpus_per_actor, cpus, fit)
         n = fit
-    if batches < n:
-        log.info("%d batch(es) to featurize: starting %d of %d index actors", batches, max(1, batches), n)
-        n = max(1, batches)
+    if 0 < batches < n:
+        log.info("%d batch(es) to featurize: starting %d of %d index actors", batches, batches, n)
+        n = batches
     threads = cfg.index.threads_per_actor or max(1, cpus // n)
     return n, threads, "cuda" if gpus else "cpu"
 
